@@ -1,0 +1,284 @@
+"""SLA2 attention in plain PyTorch: the CPU path and the oracle for the Triton kernels.
+
+Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.ops` adapts the
+(B, N, H, D) layout that diffusers hands its processors.  The math is DESIGN.md section 1:
+
+* router: ``S_c = (meanpool_bq(Q) W_q)(meanpool_bk(K - mean(K)) W_k)^T / sqrt(d)``, per head;
+* mask: hard top-k per query-block row (``n_k`` key blocks, at least one), or SoftTop-k;
+* ``O_s``: softmax over the selected key blocks only (renormalised);
+* ``O_l``: linear attention with ``phi = softmax over the head dim`` over exactly the complement;
+* ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head.
+
+Memory stays bounded: queries are processed a chunk of query blocks at a time, so the largest
+temporary is ``(B, H, chunk * b_q, N)``, never a whole ``N x N`` map per head.  A soft block mask
+``m`` in [0, 1] weights the sparse branch's exponentials by ``m`` and the linear branch's kernel
+entries by ``1 - m``; at ``m in {0, 1}`` this is exactly the hard form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+FP8_E4M3_MAX = 448.0
+INT8_MAX = 127.0
+QUANT_MODES = ("none", "int8", "int8-fp8")
+LINEAR_EPS = 1e-6
+
+__all__ = [
+    "QUANT_MODES",
+    "block_count",
+    "block_mean",
+    "topk_count",
+    "router_scores",
+    "hard_topk_mask",
+    "soft_topk_mask",
+    "mask_to_lut",
+    "feature_map",
+    "fake_quant_int8_blocks",
+    "fake_quant_fp8",
+    "sla2_attention_reference",
+    "full_attention_reference",
+    "initial_alpha",
+]
+
+
+def block_count(n: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens covering ``n`` tokens (the last one may be ragged)."""
+    return -(-n // block)
+
+
+def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over consecutive blocks of tokens, (B, H, N, D) -> (B, H, ceil(N/block), D), in fp32.
+
+    A ragged last block is averaged over its true token count.
+    """
+    b, h, n, d = x.shape
+    nb = block_count(n, block)
+    pad = nb * block - n
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    sums = xf.view(b, h, nb, block, d).sum(dim=3)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return sums / counts.view(1, 1, nb, 1)
+
+
+def topk_count(topk: float, n_kblocks: int) -> int:
+    """Key blocks kept per query-block row: ``clamp(round(topk * n_kblocks), 1, n_kblocks)``."""
+    return int(min(max(round(topk * n_kblocks), 1), n_kblocks))
+
+
+def router_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    router_q: torch.Tensor,
+    router_k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+) -> torch.Tensor:
+    """Block scores ``(Qbar W_q)(Kbar W_k)^T / sqrt(d)`` in fp32, shape (B, H, n_qblocks, n_kblocks).
+
+    ``router_q`` and ``router_k`` are (H, d, d); K is smoothed (its token mean removed) before
+    pooling.  With identity projections this is SLA's pooled heuristic router.
+    """
+    d = q.shape[-1]
+    k_smooth = k.float() - k.float().mean(dim=2, keepdim=True)
+    q_bar = block_mean(q, block_q)
+    k_bar = block_mean(k_smooth, block_k)
+    q_proj = torch.einsum("bhnd,hde->bhne", q_bar, router_q.float())
+    k_proj = torch.einsum("bhnd,hde->bhne", k_bar, router_k.float())
+    return torch.einsum("bhqe,bhke->bhqk", q_proj, k_proj) / math.sqrt(d)
+
+
+def hard_topk_mask(scores: torch.Tensor, n_select: int) -> torch.Tensor:
+    """Boolean mask selecting the ``n_select`` highest-scoring key blocks of every row."""
+    idx = torch.topk(scores, n_select, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, idx, True)
+
+
+def soft_topk_mask(scores: torch.Tensor, n_select: int, tau: float = 0.1, iters: int = 48) -> torch.Tensor:
+    """SoftTop-k: ``sigmoid(S / tau + lambda_i)`` with ``lambda_i`` found by bisection.
+
+    Each row then sums to ``n_select`` (to fp32 precision).  ``lambda`` is detached: gradients
+    reach the scores only through the sigmoid, as in the SMART pruner's reparameterisation.
+    """
+    z = scores.float() / tau
+    with torch.no_grad():
+        lo = -z.amax(dim=-1, keepdim=True) - 40.0
+        hi = -z.amin(dim=-1, keepdim=True) + 40.0
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            too_many = torch.sigmoid(z + mid).sum(dim=-1, keepdim=True) > n_select
+            hi = torch.where(too_many, mid, hi)
+            lo = torch.where(too_many, lo, mid)
+        lam = 0.5 * (lo + hi)
+    return torch.sigmoid(z + lam)
+
+
+def mask_to_lut(mask: torch.Tensor) -> torch.Tensor:
+    """Hard mask (B, H, nq, nk) with the same count per row -> sorted int32 key-block ids (B, H, nq, n)."""
+    n = int(mask[0, 0, 0].sum()) if mask.numel() else 0
+    idx = torch.topk(mask.to(torch.int8), n, dim=-1).indices
+    return idx.sort(dim=-1).values.to(torch.int32)
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi for the linear branch: softmax over the head dimension, in fp32."""
+    return torch.softmax(x.float(), dim=-1)
+
+
+def _straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return x + (xq - x).detach()
+
+
+def fake_quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric INT8 quantise-dequantise with one scale per (B, H, token block); straight-through."""
+    b, h, n, d = x.shape
+    nb = block_count(n, block)
+    pad = nb * block - n
+    xf = x.float()
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, pad)) if pad else xf
+    xb = xp.view(b, h, nb, block, d)
+    scale = xb.detach().abs().amax(dim=(3, 4), keepdim=True).clamp_min(1e-8) / INT8_MAX
+    xq = (torch.round(xb / scale).clamp(-INT8_MAX, INT8_MAX) * scale).view(b, h, nb * block, d)[:, :, :n]
+    return _straight_through(xf, xq)
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3 quantise-dequantise of ``x / scale`` (scale broadcast); straight-through."""
+    xf = x.float()
+    xq = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    return _straight_through(xf, xq)
+
+
+def _expand_blocks(m: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """(..., n_blocks) block values -> (..., n) token values."""
+    return m.repeat_interleave(block, dim=-1)[..., :n]
+
+
+def sla2_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_q: torch.Tensor,
+    router_k: torch.Tensor,
+    alpha_logit: torch.Tensor,
+    *,
+    topk: float,
+    block_q: int = 128,
+    block_k: int = 64,
+    quant: str = "none",
+    soft_tau: float | None = None,
+    q_blocks: torch.Tensor | None = None,
+    chunk_q_blocks: int = 8,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
+
+    Args:
+        topk: fraction of key blocks each query block attends to exactly (the rest go linear).
+        quant: ``none`` | ``int8`` (INT8 Q/K) | ``int8-fp8`` (INT8 Q/K, FP8 P/V), emulated by
+            straight-through fake quantisation of the sparse branch.
+        soft_tau: if set, use SoftTop-k with this temperature instead of the hard mask (stage 1).
+        q_blocks: optional 1-D tensor of query-block ids; only those rows are computed and the
+            result is (B, H, len(q_blocks) * block_q clipped to N, D) in that order.  Used by
+            stage-1 calibration to bound memory.
+        mask: optional precomputed block mask (bool or float in [0, 1]), overriding the router.
+    """
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    b, h, n, d = q.shape
+    nq, nk = block_count(n, block_q), block_count(n, block_k)
+    if mask is None:
+        scores = router_scores(q, k, router_q, router_k, block_q, block_k)
+        n_sel = topk_count(topk, nk)
+        if soft_tau is not None:
+            mask = soft_topk_mask(scores, n_sel, soft_tau)
+        else:
+            mask = hard_topk_mask(scores, n_sel)
+    weights = mask.float()
+    if q_blocks is None:
+        q_blocks = torch.arange(nq, device=q.device)
+    sm_scale = 1.0 / math.sqrt(d)
+
+    kf, vf = k.float(), v.float()
+    if quant != "none":
+        # Softmax is invariant to shifting K by its token mean; quantise the smoothed K.
+        k_for_scores = fake_quant_int8_blocks(kf - kf.mean(dim=2, keepdim=True).detach(), block_k)
+        q_for_scores = fake_quant_int8_blocks(q.float() * (sm_scale * LOG2E), block_q)
+    else:
+        k_for_scores = kf
+        q_for_scores = q.float() * (sm_scale * LOG2E)
+    if quant == "int8-fp8":
+        v_scale = vf.detach().abs().amax(dim=2, keepdim=True).clamp_min(1e-8) / FP8_E4M3_MAX
+        v_sparse = fake_quant_fp8(vf, v_scale)
+    else:
+        v_sparse = vf
+    phi_k = feature_map(k)
+    alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
+
+    outs = []
+    for start in range(0, len(q_blocks), chunk_q_blocks):
+        blocks = q_blocks[start : start + chunk_q_blocks]
+        rows = (blocks.view(-1, 1) * block_q + torch.arange(block_q, device=q.device).view(1, -1)).view(-1)
+        rows = rows[rows < n]
+        row_block = rows // block_q
+        w = _expand_blocks(weights[:, :, row_block], block_k, n)  # (B, H, r, N)
+
+        s2 = q_for_scores[:, :, rows] @ k_for_scores.transpose(-1, -2)  # log2-domain logits
+        log_w = torch.log(w.clamp_min(1e-30)).masked_fill(w <= 0, float("-inf"))
+        s2 = s2 + log_w * LOG2E
+        row_max = s2.amax(dim=-1, keepdim=True).detach()
+        p = torch.exp2(s2 - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        if quant == "int8-fp8":
+            p = fake_quant_fp8(p, torch.tensor(1.0 / FP8_E4M3_MAX, device=q.device))
+        o_s = (p @ v_sparse) / denom
+
+        phi_q = feature_map(q[:, :, rows])
+        kern = (phi_q @ phi_k.transpose(-1, -2)) * (1.0 - w)
+        o_l = (kern @ vf) / (kern.sum(dim=-1, keepdim=True) + LINEAR_EPS)
+        outs.append(alpha * o_s + (1.0 - alpha) * o_l)
+    return torch.cat(outs, dim=2).to(q.dtype)
+
+
+def full_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor | None = None, chunk: int = 1024
+) -> torch.Tensor:
+    """Dense softmax attention on (B, H, N, D), chunked over query rows; optional row subset."""
+    d = q.shape[-1]
+    if q_rows is None:
+        q_rows = torch.arange(q.shape[2], device=q.device)
+    outs = []
+    for start in range(0, len(q_rows), chunk):
+        rows = q_rows[start : start + chunk]
+        s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+        outs.append(torch.softmax(s, dim=-1) @ v.float())
+    return torch.cat(outs, dim=2).to(q.dtype)
+
+
+@torch.no_grad()
+def initial_alpha(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    max_rows: int = 1024,
+) -> torch.Tensor:
+    """Mean full-attention probability mass that ``mask`` selects, per head: (H,) in fp32.
+
+    This is SLA2's alpha = P*M summed over a row, averaged over (a sample of) rows and the batch.
+    """
+    b, h, n, d = q.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows = torch.randperm(n, generator=gen)[:max_rows].sort().values.to(q.device)
+    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+    p = torch.softmax(s, dim=-1)
+    w = _expand_blocks(mask.float()[:, :, rows // block_q], block_k, n)
+    return (p * w).sum(dim=-1).mean(dim=(0, 2))

@@ -1,0 +1,429 @@
+"""``slaconv calibrate``: stage 1 (router + alpha) then stage 2 (end-to-end QAT fine-tune).
+
+Stage 1 streams: the frozen model runs on calibration inputs at sampled noise levels with dense
+attention, and every target layer, as the forward reaches it, computes its own loss -- the MSE
+between full attention and SLA2 with SoftTop-k on a random subset of query blocks -- and back-
+propagates it into its router and alpha at once.  Nothing is stored across layers, so memory is
+one layer's worth whatever the model depth.  Stage 1 runs the bf16/fp32 math, not the low-bit
+forward: the router learns a ranking, which quantisation noise would only blur.
+
+Stage 2 fine-tunes every model weight and alpha with the router frozen and hard top-k, the
+sparse branch in the recipe's low-bit mode (fake-quantised forward, straight-through backward on
+the reference path; the fused kernel on GPU), against either the dense teacher's velocity
+(``distill``) or the flow-matching target (``diffusion``).
+
+Every step's randomness is a function of (seed, step), so a resumed run replays exactly the
+batches, noise and timesteps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import flow
+from .errors import DivergedError, InputError, OutOfMemoryError
+from .install import set_mode, sla2_processors
+from .kernels import reference
+from .progress import progress
+from .recipe import recipe_hash, save_recipe
+from .source import load_model, resolve_model
+from .statefile import load_state, save_state
+from .workdir import (
+    RECIPE_NAME,
+    STATE_NAME,
+    atomic_dir,
+    load_workdir,
+    read_sla2_config,
+    save_model_files,
+    write_json,
+)
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
+
+
+class StepSampler:
+    """Deterministic batches: step -> inputs, noise and noise level, from (seed, step) alone."""
+
+    def __init__(self, family, model_config, recipe, batch_size, data_dir=None, rank=0):
+        self.family, self.model_config, self.recipe = family, model_config, recipe
+        self.batch_size, self.seed, self.rank = batch_size, recipe["calibration"]["seed"], rank
+        self.dataset = None
+        if data_dir is not None:
+            from .data import CalibrationDataset
+
+            self.dataset = CalibrationDataset(data_dir, expected_channels=family.latent_channels(model_config),
+                                              expected_text_dim=family.text_dim(model_config))
+
+    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt * 104_729 + self.rank) % (2**63))
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        gen = self.generator(step)
+        if self.dataset is None:
+            from .inputs import synthetic_batch
+
+            out = synthetic_batch(self.family, self.model_config, self.recipe["data"], self.batch_size, gen)
+        else:
+            from .data import collate
+
+            n = len(self.dataset)
+            first = (step * self.batch_size) + self.rank * 7
+            epoch = first // n
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * epoch)).tolist()
+            out = collate([self.dataset[order[(first + j) % n]] for j in range(self.batch_size)])
+        b = out["latents"].shape[0]
+        out["noise"] = torch.randn(out["latents"].shape, generator=gen)
+        out["sigma"] = flow.sample_sigmas(b, self.recipe["calibration"]["stage2"]["timestep_shift"], gen, "cpu")
+        return out
+
+
+def _forward(model, family, batch, x_t, sigma, device, dtype):
+    image = batch["image_embeds"].to(device, dtype) if "image_embeds" in batch else None
+    kwargs = family.make_inputs(model, x_t.to(device, dtype), (sigma * 1000).to(device),
+                                batch["prompt_embeds"].to(device, dtype), image)
+    return model(**kwargs)[0]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / "COMPLETE").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(root: Path, step: int, state: dict, limit: int) -> Path:
+    """Write ``checkpoint-<step>/`` atomically (a ``COMPLETE`` marker last), then prune old ones."""
+    final = root / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        save_state(tmp, state)
+        (tmp / "COMPLETE").write_text(f"{step}\n")
+    for _, old in list_checkpoints(root)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
+    if resume == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            return None
+        step, path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            raise InputError(f"{path} is not a complete checkpoint")
+        step = int(CHECKPOINT_RE.match(path.name).group(1)) if CHECKPOINT_RE.match(path.name) else 0
+    return step, load_state(path)
+
+
+def _rng_free_state(model_state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model_state.items()}
+
+
+# ---------------------------------------------------------------- saving results
+
+
+def save_results(model, family, workdir: Path, update: dict) -> None:
+    """Replace the work dir's weights, then its config (written last: it marks completion)."""
+    workdir = Path(workdir)
+    staging = workdir / f".staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        save_model_files(model, family, staging)
+        new_files = {p.name for p in staging.iterdir()}
+        for old in workdir.glob("diffusion_pytorch_model*"):
+            if old.name not in new_files:
+                old.unlink()
+        for p in staging.iterdir():
+            if p.name != "config.json":
+                os.replace(p, workdir / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    config = read_sla2_config(workdir)
+    calibration = config.get("calibration") or {}
+    calibration.update(update)
+    config["calibration"] = calibration
+    write_json(workdir / "sla2_config.json", config)
+
+
+def _append_log(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _check_finite(value: float, what: str, ckpt_root: Path) -> None:
+    if not math.isfinite(value):
+        found = list_checkpoints(ckpt_root)
+        kept = f"; last good checkpoint: {found[-1][1]}" if found else "; no checkpoint was written yet"
+        raise DivergedError(f"{what} became {value}{kept} (lower the learning rate)")
+
+
+def _oom(stage: str) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"out of memory in stage {stage}: lower calibration.{'stage1.query_blocks_per_step' if stage == '1' else 'stage2.batch_size'}"
+        ", enable calibration.stage2.gradient_checkpointing, or use a smaller data resolution"
+    )
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+    cfg = recipe["calibration"]["stage1"]
+    model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
+    model.requires_grad_(False)
+    procs = sla2_processors(model)
+    params = []
+    for proc in procs.values():
+        for p in proc.sla2_state().values():
+            p.requires_grad_(True)
+            params.append(p)
+    optimizer = torch.optim.Adam(params, lr=cfg["lr"])
+    model_config = json.loads((Path(workdir) / "config.json").read_text())
+    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir)
+    ckpt_root = Path(workdir) / "checkpoints" / "stage1"
+    log_path = Path(workdir) / "logs" / "stage1.jsonl"
+    start = 0
+    if resume:
+        loaded = load_checkpoint(ckpt_root, resume)
+        if loaded is not None:
+            start, state = loaded
+            with torch.no_grad():
+                for key, value in state["sla2"].items():
+                    name, tensor = key.rsplit(".", 1)
+                    getattr(procs[name], tensor).copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    else:
+        _truncate_log(log_path, start)
+
+    tau, n_qb = cfg["tau"], cfg["query_blocks_per_step"]
+    losses: dict[str, float] = {}
+    step_gen = {"gen": None}
+
+    def observe(proc, q, k, v):
+        qh, kh, vh = (t.detach().transpose(1, 2) for t in (q, k, v))
+        nq = reference.block_count(qh.shape[2], proc.block_q)
+        blocks = torch.randperm(nq, generator=step_gen["gen"])[:n_qb].sort().values.to(qh.device)
+        rows = (blocks.view(-1, 1) * proc.block_q + torch.arange(proc.block_q, device=qh.device)).view(-1)
+        rows = rows[rows < qh.shape[2]]
+        with torch.enable_grad():
+            target = reference.full_attention_reference(qh.float(), kh.float(), vh.float(), rows)
+            pred = reference.sla2_attention_reference(
+                qh.float(), kh.float(), vh.float(), proc.router_q, proc.router_k, proc.alpha_logit,
+                topk=proc.topk, block_q=proc.block_q, block_k=proc.block_k, soft_tau=tau, q_blocks=blocks)
+            loss = torch.mean((pred - target) ** 2)
+            loss.backward()
+        losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
+        return proc.dense_attention(q, k, v)
+
+    for proc in procs.values():
+        proc.observer = observe
+    dtype = next(model.parameters()).dtype
+    bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress, initial=start, total=cfg["steps"])
+    t0 = time.time()
+    try:
+        for step in bar:
+            batch = sampler.batch(step)
+            step_gen["gen"] = sampler.generator(step, salt=1)
+            x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+            losses.clear()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                _forward(model, family, batch, x_t, batch["sigma"], device, dtype)
+            mean_loss = sum(losses.values()) / len(losses)
+            _check_finite(mean_loss, "stage-1 loss", ckpt_root)
+            optimizer.step()
+            _append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
+                                   "layers": {k: round(v, 6) for k, v in losses.items()}})
+            bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
+            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+                save_checkpoint(ckpt_root, step + 1, {
+                    "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
+                    "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
+    except torch.OutOfMemoryError:
+        raise _oom("1") from None
+    finally:
+        for proc in procs.values():
+            proc.observer = None
+    first_last = _first_last(log_path)
+    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": round(time.time() - t0, 2),
+                          "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
+                          "data": str(data_dir) if data_dir else "synthetic"}}
+    for p in params:
+        p.requires_grad_(False)
+    save_results(model, family, workdir, summary)
+    return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _first_last(log_path: Path) -> tuple[float | None, float | None]:
+    """Mean loss over the first and the last tenth of the logged steps (single steps are noisy)."""
+    if not log_path.exists():
+        return None, None
+    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x]
+    if not lines:
+        return None, None
+    key = "loss_rel_mse_mean" if "loss_rel_mse_mean" in lines[0] else "loss"
+    values = [x[key] for x in lines]
+    w = max(1, len(values) // 10)
+    return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def _load_teacher(sla2_cfg: dict, workdir: Path, dtype: str, device) -> torch.nn.Module:
+    base = sla2_cfg.get("base_model") or {}
+    candidates = [base.get("path"), base.get("id")]
+    for cand in candidates:
+        if not cand:
+            continue
+        try:
+            src = resolve_model(cand, subfolder=None if cand == base.get("path") else base.get("subfolder"),
+                                revision=None if cand == base.get("path") else base.get("revision"))
+        except InputError:
+            continue
+        teacher = load_model(src, dtype=dtype, device=device)
+        return teacher.requires_grad_(False)
+    raise InputError("stage 2 with objective 'distill' needs the base model, which is no longer at "
+                     f"{base.get('path')!r} and not loadable as {base.get('id')!r}")
+
+
+def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+    from accelerate import Accelerator
+
+    cfg = recipe["calibration"]["stage2"]
+    accelerator = Accelerator(gradient_accumulation_steps=cfg["grad_accum"],
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                              cpu=(str(device) == "cpu"))
+    device = accelerator.device
+    model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device,
+                                           quant=cfg["quant"] or recipe["sla2"]["quant"])
+    if cfg["objective"] == "diffusion" and data_dir is None:
+        raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
+    teacher = _load_teacher(sla2_cfg, workdir, recipe["model"]["dtype"], device) if cfg["objective"] == "distill" else None
+    model.train()
+    model.requires_grad_(True)
+    for proc in sla2_processors(model).values():
+        proc.router_q.requires_grad_(False)
+        proc.router_k.requires_grad_(False)
+    if cfg["gradient_checkpointing"] and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    warmup = max(cfg["warmup_steps"], 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model_config = json.loads((Path(workdir) / "config.json").read_text())
+    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir, rank=accelerator.process_index)
+    ckpt_root = Path(workdir) / "checkpoints" / "stage2"
+    log_path = Path(workdir) / "logs" / "stage2.jsonl"
+    start = 0
+    if resume:
+        loaded = load_checkpoint(ckpt_root, resume)
+        if loaded is not None:
+            start, state = loaded
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+    if accelerator.is_main_process:
+        if start == 0 and log_path.exists():
+            log_path.unlink()
+        else:
+            _truncate_log(log_path, start)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    dtype = torch.float32 if recipe["model"]["dtype"] == "float32" else next(accelerator.unwrap_model(model).parameters()).dtype
+    bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
+                   initial=start, total=cfg["steps"])
+    t0 = time.time()
+    try:
+        for step in bar:
+            step_loss = 0.0
+            for micro in range(cfg["grad_accum"]):
+                batch = sampler.batch(step * cfg["grad_accum"] + micro)
+                x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = _forward(teacher, family, batch, x_t, batch["sigma"], device, dtype).float()
+                else:
+                    target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+                with accelerator.accumulate(model), accelerator.autocast():
+                    pred = _forward(model, family, batch, x_t, batch["sigma"], device, dtype).float()
+                    loss = torch.mean((pred - target) ** 2)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg["grad_clip"]:
+                        accelerator.clip_grad_norm_(trainable, cfg["grad_clip"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += float(loss.detach()) / cfg["grad_accum"]
+            scheduler.step()
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
+            _check_finite(step_loss, "stage-2 loss", ckpt_root)
+            if accelerator.is_main_process:
+                _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{step_loss:.5f}")
+            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_root, step + 1, {
+                        "stage": 2, "model": _rng_free_state(accelerator.unwrap_model(model).state_dict()),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                        recipe["calibration"]["checkpoints_total_limit"])
+    except torch.OutOfMemoryError:
+        raise _oom("2") from None
+    accelerator.wait_for_everyone()
+    net = accelerator.unwrap_model(model)
+    net.eval().requires_grad_(False)
+    if hasattr(net, "disable_gradient_checkpointing") and cfg["gradient_checkpointing"]:
+        net.disable_gradient_checkpointing()
+    first_last = _first_last(log_path)
+    summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
+                          "quant": cfg["quant"] or recipe["sla2"]["quant"], "batch_size": cfg["batch_size"],
+                          "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
+                          "seconds": round(time.time() - t0, 2), "loss_first": first_last[0],
+                          "loss_last": first_last[1], "data": str(data_dir) if data_dir else "synthetic"}}
+    if accelerator.is_main_process:
+        save_results(net, family, workdir, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None, resume=None, device="cpu",
+              show_progress=True) -> dict:
+    """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries."""
+    workdir = Path(workdir)
+    read_sla2_config(workdir)
+    out = {"work_dir": str(workdir), "recipe_hash": recipe_hash(recipe)}
+    save_recipe(recipe, workdir / RECIPE_NAME)
+    if stage in ("1", "all"):
+        out.update(run_stage1(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
+                              show_progress=show_progress))
+    if stage in ("2", "all"):
+        out.update(run_stage2(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
+                              show_progress=show_progress))
+    return out

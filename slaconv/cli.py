@@ -1,0 +1,318 @@
+"""The ``slaconv`` command line: one Click group, one verb per pipeline stage.
+
+Every verb works on a work directory that the previous verb wrote, so Makefiles can chain them:
+``convert`` -> ``calibrate`` -> ``validate`` -> ``push``.  User mistakes end with one line on
+stderr (``error: ...``) and a documented exit code; see ``slaconv --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_CODES, EXIT_USAGE, InputError, SlaconvError
+
+EPILOG = "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+class SlaconvGroup(click.Group):
+    """Turns :class:`SlaconvError` into ``error: <message>`` and its exit code, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SlaconvError as exc:
+            message = str(exc).replace("\n", " ")
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _emit(ctx: click.Context, data: dict, human: str) -> None:
+    if ctx.obj.get("json"):
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(human)
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA GPU is available")
+    return requested
+
+
+def _recipe(recipe_path, workdir: Path | None, overrides: dict) -> dict:
+    from .recipe import load_recipe
+
+    if recipe_path is None and workdir is not None and (workdir / "recipe.yaml").is_file():
+        recipe_path = workdir / "recipe.yaml"
+    return load_recipe(recipe_path, overrides)
+
+
+def _workdir(path: str) -> Path:
+    from .workdir import is_workdir
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"work dir not found: {p}")
+    if not is_workdir(p):
+        raise InputError(f"{p} is not a slaconv work dir (no sla2_config.json); run 'slaconv convert' first")
+    return p
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout (for scripts).")
+recipe_option = click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Resolve everything and report the plan; change nothing.")
+
+
+def _common(ctx, as_json):
+    ctx.obj["json"] = ctx.obj.get("json") or as_json
+
+
+@click.group(cls=SlaconvGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slaconv")
+@click.option("--offline", is_flag=True, help="Never touch the network (Hub cache and local paths only).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main(ctx, offline, quiet):
+    """Convert diffusers Diffusion Transformers to SLA2 sparse-linear attention."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(offline=offline, quiet=quiet)
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Work dir to write.")
+@click.option("--subfolder", help="Folder inside MODEL holding the transformer (e.g. 'transformer').")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
+@click.option("--topk", type=float, help="Fraction of key blocks kept per query block (sla2.topk).")
+@click.option("--block-q", type=int, help="Query block size, 64 or 128.")
+@click.option("--block-k", type=int, help="Key block size, 64 or 128.")
+@click.option("--quant", type=click.Choice(["none", "int8", "int8-fp8"]), help="Low-bit mode of the sparse branch.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data for the alpha pass.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing work dir at OUTPUT.")
+@click.option("--seed", type=int, help="Seed (calibration.seed).")
+@recipe_option
+@device_option
+@dry_run_option
+@json_option
+@click.pass_context
+def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, quant, data_dir, overwrite, seed,
+            recipe, device, dry_run, as_json):
+    """Install SLA2 on MODEL (Hub id or local folder) and write a work dir."""
+    from . import convert as stage
+
+    _common(ctx, as_json)
+    rec = _recipe(recipe, None, {"sla2.topk": topk, "sla2.block_q": block_q, "sla2.block_k": block_k,
+                                 "sla2.quant": quant, "calibration.seed": seed})
+    if dry_run:
+        plan = stage.plan(model, rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"])
+        _emit(ctx, {"dry_run": True, **plan},
+              f"would convert {plan['num_layers']} {plan['family']} layers of {model} "
+              f"(topk {rec['sla2']['topk']}, blocks {rec['sla2']['block_q']}x{rec['sla2']['block_k']}, "
+              f"quant {rec['sla2']['quant']}):\n  " + "\n  ".join(plan["layers"]))
+        return
+    out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],
+                        overwrite=overwrite, data_dir=data_dir, device=_device(device))
+    _emit(ctx, out, f"converted {len(out['layers'])} layers of {model} ({out['family']}) -> {output}")
+
+
+@main.command()
+@click.argument("workdir")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data folder (else data-free).")
+@click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all", show_default=True)
+@click.option("--steps", type=int, help="Steps of the selected stage(s).")
+@click.option("--lr", type=float, help="Learning rate of the selected stage(s).")
+@click.option("--objective", type=click.Choice(["diffusion", "distill"]), help="Stage-2 objective.")
+@click.option("--batch-size", type=int, help="Batch size of the selected stage(s).")
+@click.option("--seed", type=int, help="Seed (calibration.seed).")
+@click.option("--resume", help="'latest' or a checkpoint folder.")
+@recipe_option
+@device_option
+@dry_run_option
+@json_option
+@click.pass_context
+def calibrate(ctx, workdir, data_dir, stage, steps, lr, objective, batch_size, seed, resume, recipe, device, dry_run,
+              as_json):
+    """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir."""
+    from . import calibrate as stages
+
+    _common(ctx, as_json)
+    wd = _workdir(workdir)
+    overrides = {"calibration.seed": seed, "calibration.stage2.objective": objective}
+    for s in (["stage1", "stage2"] if stage == "all" else [f"stage{stage}"]):
+        overrides.update({f"calibration.{s}.steps": steps, f"calibration.{s}.lr": lr,
+                          f"calibration.{s}.batch_size": batch_size})
+    rec = _recipe(recipe, wd, overrides)
+    if data_dir is not None:
+        from .data import CalibrationDataset
+
+        CalibrationDataset(data_dir)  # checks the whole folder up front
+    if dry_run:
+        _emit(ctx, {"dry_run": True, "work_dir": str(wd), "stage": stage, "recipe": rec["calibration"]},
+              f"would run stage {stage} on {wd}:\n" + json.dumps(rec["calibration"], indent=2))
+        return
+    out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
+                           show_progress=not ctx.obj["quiet"])
+    lines = [f"calibrated {wd}"]
+    if "stage1" in out:
+        lines.append(f"  stage 1: {out['stage1']['steps']} steps, rel. MSE {out['stage1']['rel_mse_first']} -> {out['stage1']['rel_mse_last']}")
+    if "stage2" in out:
+        lines.append(f"  stage 2: {out['stage2']['steps']} steps ({out['stage2']['objective']}), loss {out['stage2']['loss_first']} -> {out['stage2']['loss_last']}")
+    _emit(ctx, out, "\n".join(lines))
+
+
+@main.command()
+@click.argument("workdir")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Inputs from a data folder (else synthetic).")
+@click.option("--base", help="The original model (default: the one recorded at convert time).")
+@click.option("--num-samples", type=int)
+@click.option("--seed", type=int, help="Seed (validation.seed).")
+@click.option("--quant", type=click.Choice(["none", "int8", "int8-fp8"]), help="Validate in this low-bit mode.")
+@recipe_option
+@device_option
+@json_option
+@click.pass_context
+def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, device, as_json):
+    """Compare the SLA2 model with the original; non-zero exit when a quality gate fails."""
+    from . import validate as stage
+    from .errors import QualityGateError
+
+    _common(ctx, as_json)
+    wd = _workdir(workdir)
+    rec = _recipe(recipe, wd, {"validation.num_samples": num_samples, "validation.seed": seed})
+    try:
+        report = stage.validate(wd, rec, data_dir=data_dir, base=base, device=_device(device), quant=quant)
+    except QualityGateError:
+        report = json.loads((wd / "reports" / "validation.json").read_text())
+        _emit(ctx, report, (wd / "reports" / "validation.md").read_text())
+        raise
+    _emit(ctx, report, (wd / "reports" / "validation.md").read_text())
+
+
+@main.command()
+@click.argument("workdir")
+@click.option("--repo-id", required=True, help="ORG/NAME on the Hub.")
+@click.option("--private", is_flag=True)
+@click.option("--revision", help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--commit-message")
+@click.option("--token", envvar="HF_TOKEN", help="Hub token (default: HF_TOKEN or the cached login).")
+@dry_run_option
+@json_option
+@click.pass_context
+def push(ctx, workdir, repo_id, private, revision, create_pr, commit_message, token, dry_run, as_json):
+    """Package WORKDIR (model card, checksums) and upload it to the Hub."""
+    from .push import push as do_push
+
+    _common(ctx, as_json)
+    wd = _workdir(workdir)
+    if ctx.obj["offline"] and not dry_run:
+        from .errors import HubError
+
+        raise HubError("push needs the network; drop --offline (or use --dry-run)")
+    out = do_push(wd, repo_id, private=private, revision=revision, create_pr=create_pr,
+                  commit_message=commit_message, token=token, dry_run=dry_run)
+    out.pop("card", None) if not ctx.obj.get("json") else None
+    files = out.get("files", [])
+    if dry_run:
+        human = f"dry run: would upload {len(files)} files to {repo_id}:\n  " + "\n  ".join(map(str, files))
+    else:
+        human = f"pushed {len(files)} files to {repo_id}: {out.get('pr_url') or out.get('commit_url')}"
+    _emit(ctx, out, human)
+
+
+@main.command("inspect")
+@click.argument("target")
+@click.option("--revision", help="Hub revision when TARGET is a repo id.")
+@json_option
+@click.pass_context
+def inspect_cmd(ctx, target, revision, as_json):
+    """What a work dir or Hub repo holds: layers, sparsity, alpha per head, summaries."""
+    from .inspect import inspect_target, render
+
+    _common(ctx, as_json)
+    info = inspect_target(target, revision=revision)
+    _emit(ctx, info, render(info))
+
+
+@main.command("synth-data")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--model", "model", required=True, help="Work dir or model folder whose config sets channels/text dim.")
+@click.option("--num-samples", default=8, show_default=True)
+@click.option("--frames", type=int, help="Latent frames (default: recipe data.frames).")
+@click.option("--height", type=int, help="Latent height.")
+@click.option("--width", type=int, help="Latent width.")
+@click.option("--text-len", type=int, help="Text tokens.")
+@click.option("--seed", default=0, show_default=True)
+@recipe_option
+@json_option
+@click.pass_context
+def synth_data(ctx, output, model, num_samples, frames, height, width, text_len, seed, recipe, as_json):
+    """Write a small synthetic calibration set in the --data format."""
+    from .data import write_synthetic_dataset
+    from .families import detect_family
+    from .source import resolve_model
+
+    _common(ctx, as_json)
+    src = resolve_model(model)
+    family = detect_family(src.config)
+    wd = Path(model) if (Path(model) / "recipe.yaml").is_file() else None
+    rec = _recipe(recipe, wd, {"data.frames": frames, "data.height": height, "data.width": width,
+                               "data.text_len": text_len})
+    d = rec["data"]
+    path = write_synthetic_dataset(output, num_samples=num_samples, channels=family.latent_channels(src.config),
+                                   frames=d["frames"], height=d["height"], width=d["width"],
+                                   text_len=d["text_len"], text_dim=family.text_dim(src.config), seed=seed)
+    _emit(ctx, {"data_dir": str(path), "num_samples": num_samples},
+          f"wrote {num_samples} synthetic samples to {path}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--fresh", is_flag=True, help="Delete OUT first.")
+@json_option
+@click.pass_context
+def demo(ctx, out_dir, fresh, as_json):
+    """The whole pipeline on a built-in tiny Wan model: convert, calibrate, validate, push (dry run)."""
+    from .demo import run_demo
+
+    _common(ctx, as_json)
+    result = run_demo(Path(out_dir), fresh=fresh, show_progress=not ctx.obj["quiet"],
+                      log=(lambda m: click.echo(m, err=True)) if ctx.obj.get("json") else click.echo)
+    _emit(ctx, result, result["table"])
+
+
+@main.command()
+@click.option("--seq-len", default=32760, show_default=True)
+@click.option("--heads", default=12, show_default=True)
+@click.option("--head-dim", default=128, show_default=True)
+@click.option("--topk", "topks", multiple=True, type=float, default=(0.10, 0.05, 0.03), show_default=True)
+@click.option("--quant", "quants", multiple=True, default=("none", "int8", "int8-fp8"), show_default=True)
+@json_option
+@click.pass_context
+def bench(ctx, seq_len, heads, head_dim, topks, quants, as_json):
+    """SLA2 attention speed against dense SDPA (cuDNN and FlashAttention) on this GPU."""
+    from .bench import bench_attention, render_table
+
+    _common(ctx, as_json)
+    rows = bench_attention(seq_len=seq_len, heads=heads, head_dim=head_dim, topks=topks, quants=quants)
+    _emit(ctx, {"rows": rows}, render_table(rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Errors a user can cause, each mapped to a documented exit code.
+
+The CLI catches :class:`SlaconvError` and prints ``error: <message>`` on one line, then exits
+with the error's ``exit_code``; anything else is a bug and keeps its traceback (exit 1).
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_GATE = 4
+EXIT_HUB = 5
+EXIT_DIVERGED = 6
+EXIT_OUTPUT = 7
+EXIT_OOM = 8
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (a bug: please report it with the traceback)",
+    EXIT_USAGE: "bad command line or recipe (unknown option or key, value out of range)",
+    EXIT_INPUT: "input not found or not usable (model, work dir, data, safetensors file)",
+    EXIT_GATE: "validation ran but a quality gate failed",
+    EXIT_HUB: "Hugging Face Hub error (network, authentication, offline mode)",
+    EXIT_DIVERGED: "training diverged (NaN/inf); the last good checkpoint is kept",
+    EXIT_OUTPUT: "output directory already holds something else",
+    EXIT_OOM: "out of memory (the message says what to change)",
+}
+
+
+class SlaconvError(Exception):
+    """Base class: a user-facing failure with a one-line message."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(SlaconvError):
+    exit_code = EXIT_USAGE
+
+
+class RecipeError(UsageError):
+    """A recipe has unknown keys or values out of range."""
+
+
+class InputError(SlaconvError):
+    exit_code = EXIT_INPUT
+
+
+class UnsupportedModelError(InputError):
+    """The model loads but is not a DiT family slaconv knows how to convert."""
+
+
+class QualityGateError(SlaconvError):
+    exit_code = EXIT_GATE
+
+
+class HubError(SlaconvError):
+    exit_code = EXIT_HUB
+
+
+class DivergedError(SlaconvError):
+    exit_code = EXIT_DIVERGED
+
+
+class OutputExistsError(SlaconvError):
+    exit_code = EXIT_OUTPUT
+
+
+class OutOfMemoryError(SlaconvError):
+    exit_code = EXIT_OOM

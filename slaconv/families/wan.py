@@ -1,0 +1,99 @@
+"""Wan2.1 / Wan2.2 (``WanTransformer3DModel``): SLA2 on the self-attention layers (``attn1``).
+
+The processor reproduces diffusers' ``WanAttnProcessor`` Q/K/V path (fused or separate
+projections, RMS QK-norm across heads, interleaved RoPE) and replaces only the attention call.
+Cross-attention (``attn2``, text and I2V image keys) keeps the stock processor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..processor import SLA2Processor
+from . import Family, register
+
+
+def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic, in the same order, as diffusers' WanAttnProcessor.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class SLA2WanAttnProcessor(SLA2Processor):
+    """SLA2 processor for a ``WanAttention`` self-attention module."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attn.is_cross_attention:
+            raise ValueError(f"{self.layer_name or 'SLA2 processor'}: SLA2 applies to self-attention only")
+        if attention_mask is not None:
+            raise ValueError(f"{self.layer_name or 'SLA2 processor'}: SLA2 does not take an attention mask")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary(query, *rotary_emb)
+            key = _apply_rotary(key, *rotary_emb)
+        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _load_class():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel
+
+
+def _stock_processor():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    return WanAttnProcessor()
+
+
+def _head_shape(attn) -> tuple[int, int]:
+    return attn.heads, attn.inner_dim // attn.heads
+
+
+def _make_processor(attn) -> SLA2WanAttnProcessor:
+    if getattr(attn, "is_cross_attention", False):
+        raise InputError("SLA2 targets must be self-attention modules (attn1), not cross-attention")
+    heads, head_dim = _head_shape(attn)
+    return SLA2WanAttnProcessor(heads, head_dim)
+
+
+def _make_inputs(model, latents, timestep, prompt_embeds, image_embeds=None) -> dict:
+    kwargs = {
+        "hidden_states": latents,
+        "timestep": timestep,
+        "encoder_hidden_states": prompt_embeds,
+        "return_dict": False,
+    }
+    if image_embeds is not None:
+        kwargs["encoder_hidden_states_image"] = image_embeds
+    return kwargs
+
+
+WAN = register(
+    Family(
+        name="wan",
+        class_names=("WanTransformer3DModel",),
+        load_class=_load_class,
+        default_targets=(r"re:blocks\.\d+\.attn1",),
+        make_processor=_make_processor,
+        stock_processor=_stock_processor,
+        head_shape=_head_shape,
+        make_inputs=_make_inputs,
+        latent_channels=lambda cfg: cfg["in_channels"],
+        text_dim=lambda cfg: cfg["text_dim"],
+        patch_size=lambda cfg: tuple(cfg["patch_size"]),
+    )
+)

@@ -1,0 +1,41 @@
+"""Model inputs for calibration and validation: from a data folder or synthetic (data-free)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .families import Family
+
+
+def synthetic_batch(family: Family, model_config: dict, data_cfg: dict, batch: int,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random latents at the recipe resolution and random text embeddings (seeded)."""
+    c = family.latent_channels(model_config)
+    latents = torch.randn(batch, c, data_cfg["frames"], data_cfg["height"], data_cfg["width"], generator=generator)
+    embeds = torch.randn(batch, data_cfg["text_len"], family.text_dim(model_config), generator=generator)
+    return {"latents": latents, "prompt_embeds": embeds}
+
+
+def batches(family: Family, model_config: dict, data_cfg: dict, batch: int, generator: torch.Generator,
+            data_dir=None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches: shuffled passes over ``data_dir`` (seeded), or synthetic ones."""
+    if data_dir is None:
+        while True:
+            yield synthetic_batch(family, model_config, data_cfg, batch, generator)
+    from .data import CalibrationDataset, collate
+
+    dataset = CalibrationDataset(data_dir, expected_channels=family.latent_channels(model_config),
+                                 expected_text_dim=family.text_dim(model_config))
+    n = len(dataset)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch):
+            yield collate([dataset[order[(start + j) % n]] for j in range(batch)])
+
+
+def tokens_per_sample(family: Family, model_config: dict, batch: dict) -> int:
+    pt, ph, pw = family.patch_size(model_config)
+    _, _, f, h, w = batch["latents"].shape
+    return (f // pt) * (h // ph) * (w // pw)

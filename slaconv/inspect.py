@@ -1,0 +1,81 @@
+"""``slaconv inspect``: what an SLA2 work dir or Hub repo holds, without loading the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import HubError, InputError
+from .workdir import CONFIG_NAME, STATE_NAME, load_sla2_state, read_sla2_config
+
+
+def _fetch_small_files(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[CONFIG_NAME, STATE_NAME, "config.json", "reports/validation.json"]))
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise InputError(f"'{repo_id}' is neither a local folder nor an accessible Hub repo") from None
+    except Exception as exc:
+        raise HubError(f"could not reach the Hub for '{repo_id}': {type(exc).__name__}") from None
+
+
+def inspect_target(target: str, revision: str | None = None) -> dict:
+    """Layers, top-k, real sparsity (if validated), alpha per head, and stage summaries."""
+    path = Path(target)
+    if not path.exists():
+        path = _fetch_small_files(target, revision)
+    config = read_sla2_config(path)
+    state = load_sla2_state(path)
+    validation = {}
+    report_path = path / "reports" / "validation.json"
+    if report_path.is_file():
+        validation = {x["layer"]: x for x in json.loads(report_path.read_text()).get("layers", [])}
+    layers = []
+    for name in config["layers"]:
+        logit = state.get(f"{name}.alpha_logit")
+        rq = state.get(f"{name}.router_q")
+        eye = torch.eye(rq.shape[-1]).expand_as(rq) if rq is not None else None
+        layers.append({
+            "layer": name,
+            "topk": (config.get("topk_per_layer") or {}).get(name, config["topk"]),
+            "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
+            "router_moved": None if rq is None else round(float((rq - eye).norm() / eye.norm()), 4),
+            "sparsity": validation.get(name, {}).get("sparsity"),
+            "attention_rel_l2": validation.get(name, {}).get("attention_rel_l2"),
+        })
+    return {
+        "target": target,
+        "format": f"{config['format']} v{config.get('format_version')}",
+        "family": config.get("family"),
+        "base_model": config.get("base_model"),
+        "block_q": config["block_q"], "block_k": config["block_k"], "topk": config["topk"],
+        "quant": config["quant"],
+        "layers": layers,
+        "calibration": config.get("calibration"),
+        "validation": config.get("validation"),
+    }
+
+
+def render(info: dict) -> str:
+    base = info.get("base_model") or {}
+    lines = [
+        f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id')}",
+        f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
+        f"{len(info['layers'])} SLA2 layers",
+        "",
+        f"{'layer':<28} {'topk':>6} {'sparsity':>9} {'rel.L2':>8} {'router moved':>13}  alpha per head",
+    ]
+    for x in info["layers"]:
+        sp = f"{x['sparsity']:.3f}" if x["sparsity"] is not None else "-"
+        err = f"{x['attention_rel_l2']:.4f}" if x["attention_rel_l2"] is not None else "-"
+        alpha = " ".join(f"{a:.2f}" for a in (x["alpha"] or []))
+        lines.append(f"{x['layer']:<28} {x['topk']:>6} {sp:>9} {err:>8} {x['router_moved']!s:>13}  {alpha}")
+    for key in ("calibration", "validation"):
+        if info.get(key):
+            lines += ["", f"{key}: " + json.dumps(info[key], default=str)]
+    return "\n".join(lines)

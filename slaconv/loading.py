@@ -1,0 +1,47 @@
+"""``slaconv.from_pretrained``: an SLA2 package (Hub repo or folder) -> diffusers model with SLA2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import HubError, InputError
+from .workdir import CONFIG_NAME, load_workdir
+
+
+def _fetch(repo_id: str, revision: str | None, token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token))
+    except RepositoryNotFoundError:
+        raise InputError(f"'{repo_id}' is neither a local folder nor a Hub repo you can access") from None
+    except (RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise InputError(f"'{repo_id}': {type(exc).__name__}") from None
+    except Exception as exc:
+        raise HubError(f"could not download '{repo_id}': {type(exc).__name__}") from None
+
+
+def from_pretrained(id_or_dir: str | Path, *, revision: str | None = None, torch_dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", quant: str | None = None, token: str | None = None):
+    """Load an SLA2 model saved by slaconv.
+
+    Returns the diffusers transformer (e.g. ``WanTransformer3DModel``) with SLA2 processors
+    installed and their router/alpha tensors loaded; it drops into the stock pipeline
+    (``WanPipeline.from_pretrained(base, transformer=model)``).  Raises
+    :class:`slaconv.errors.InputError` when the SLA2 tensors are missing, extra or mis-shaped.
+    ``quant`` overrides the stored low-bit mode (``none``, ``int8``, ``int8-fp8``).
+    """
+    path = Path(id_or_dir).expanduser()
+    if not (path / CONFIG_NAME).is_file():
+        if path.exists():
+            raise InputError(f"{path} is not an SLA2 model folder: no {CONFIG_NAME}")
+        path = _fetch(str(id_or_dir), revision, token)
+    dtype_name = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16",
+                  torch.float16: "float16"}.get(torch_dtype)
+    if dtype_name is None:
+        raise ValueError(f"unsupported torch_dtype {torch_dtype}")
+    model, _, _ = load_workdir(path, dtype=dtype_name, device=device, quant=quant)
+    return model

@@ -1,0 +1,74 @@
+"""The family-independent half of an SLA2 attention processor.
+
+An :class:`SLA2Processor` is an ``nn.Module`` so its parameters (``router_q``, ``router_k``
+[H, d, d], ``alpha_logit`` [H], all fp32) live in the model's state and follow ``.to()``,
+``requires_grad_`` and wrappers such as FSDP.  A family subclass computes Q, K, V exactly as the
+stock processor does and calls :meth:`attend`, which runs SLA2 (or dense attention while the
+processor is in ``dense`` mode) and lets an optional observer see the tensors first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.ops import sla2_attention
+
+MODES = ("sla2", "dense")
+Observer = Callable[["SLA2Processor", torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
+
+class SLA2Processor(torch.nn.Module):
+    """SLA2 state and dispatch for one self-attention layer (tensors in (B, N, H, D) layout)."""
+
+    # Keep diffusers' set_attention_backend()/context-parallel plumbing working.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, heads: int, head_dim: int, *, topk: float = 0.05, block_q: int = 128,
+                 block_k: int = 64, quant: str = "none", alpha: float = 0.5):
+        super().__init__()
+        eye = torch.eye(head_dim, dtype=torch.float32).expand(heads, head_dim, head_dim).clone()
+        self.router_q = torch.nn.Parameter(eye.clone())
+        self.router_k = torch.nn.Parameter(eye)
+        self.alpha_logit = torch.nn.Parameter(torch.full((heads,), math.log(alpha / (1 - alpha))))
+        self.heads, self.head_dim = heads, head_dim
+        self.topk, self.block_q, self.block_k, self.quant = topk, block_q, block_k, quant
+        self.mode = "sla2"
+        self.soft_tau: float | None = None
+        self.observer: Observer | None = None
+        self.layer_name = ""
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, head_dim={self.head_dim}, topk={self.topk}, "
+                f"blocks=({self.block_q}, {self.block_k}), quant={self.quant}, mode={self.mode}")
+
+    def sla2_state(self) -> dict[str, torch.Tensor]:
+        return {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
+
+    def sparse_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        """SLA2 with this layer's parameters and settings on (B, N, H, D) tensors."""
+        kwargs.setdefault("quant", self.quant)
+        kwargs.setdefault("soft_tau", self.soft_tau)
+        return sla2_attention(
+            q, k, v, self.router_q, self.router_k, self.alpha_logit,
+            topk=self.topk, block_q=self.block_q, block_k=self.block_k, layout="bnhd", **kwargs,
+        )
+
+    @staticmethod
+    def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Full softmax attention on (B, N, H, D) tensors (torch SDPA)."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            out = self.observer(self, q, k, v)
+            if out is not None:
+                return out
+        if self.mode == "dense":
+            return self.dense_attention(q, k, v)
+        return self.sparse_attention(q, k, v)

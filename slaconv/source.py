@@ -1,0 +1,112 @@
+"""Finding and loading a diffusers transformer from a local directory or a Hub repo.
+
+Only safetensors weights are read (``use_safetensors=True``): a checkpoint that ships only
+pickled ``.bin`` files is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import HubError, InputError
+from .families import Family, detect_family
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: the local folder holding ``config.json`` and where it came from."""
+
+    path: Path
+    model_id: str
+    revision: str | None
+    subfolder: str | None
+    config: dict
+
+
+def _looks_local(model: str) -> bool:
+    # A Hub id is "name" or "org/name"; anything else that is not an existing path is a path too.
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def resolve_model(model: str, *, subfolder: str | None = None, revision: str | None = None,
+                  offline: bool = False) -> ModelSource:
+    """Local path or Hub id (+subfolder, revision) -> :class:`ModelSource`, with one-line errors."""
+    if _looks_local(model):
+        root = Path(model).expanduser()
+        if not root.exists():
+            raise InputError(f"model path does not exist: {model}")
+        folder = root / subfolder if subfolder else root
+        revision_used = None
+    else:
+        folder, revision_used = _download(model, subfolder=subfolder, revision=revision, offline=offline)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        hint = " (a pipeline folder? pass --subfolder transformer)" if (folder / "transformer").is_dir() else ""
+        raise InputError(f"{folder} is not a diffusers model folder: no config.json{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{config_path} is not valid JSON") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise InputError(f"{config_path} is not a diffusers model config (no _class_name)")
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{folder} holds no .safetensors weights (pickled checkpoints are not read)")
+    return ModelSource(folder, model, revision_used or revision, subfolder, config)
+
+
+def _download(model: str, *, subfolder: str | None, revision: str | None, offline: bool) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    patterns = [f"{prefix}config.json", f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json"]
+    try:
+        snapshot = snapshot_download(model, revision=revision, allow_patterns=patterns,
+                                     local_files_only=offline or os.environ.get("HF_HUB_OFFLINE") == "1")
+    except RepositoryNotFoundError:
+        raise InputError(f"model '{model}' not found (no such local path or Hub repo, or no access)") from None
+    except RevisionNotFoundError:
+        raise InputError(f"revision '{revision}' not found in '{model}'") from None
+    except LocalEntryNotFoundError:
+        raise InputError(f"model '{model}' is not a local path and not in the Hub cache (offline)") from None
+    except Exception as exc:  # network failures of every flavour
+        raise HubError(f"could not download '{model}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    path = Path(snapshot)
+    return (path / subfolder if subfolder else path), path.name
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the folder's config.json and safetensors files (names and bytes), streamed."""
+    digest = hashlib.sha256()
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def load_model(source: ModelSource, family: Family | None = None, *, dtype: str = "float32",
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Instantiate the diffusers model of ``source`` from its safetensors weights."""
+    family = family or detect_family(source.config)
+    cls = family.load_class()
+    try:
+        model = cls.from_pretrained(source.path, torch_dtype=DTYPES[dtype], use_safetensors=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"could not load {source.path} as {cls.__name__}: {first}") from None
+    return model.to(device).eval()
