@@ -1,0 +1,151 @@
+"""Bad input: one clear line on stderr, a documented exit code, nothing written where it must not be."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import dir_snapshot, make_wan
+from safetensors.torch import save_file
+from test_cli import run, write_recipe
+
+from slaconv.cli import main
+
+
+def fails(code, *args, match):
+    res = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_local_model(tmp_path):
+    fails(3, "convert", tmp_path / "nope", "-o", tmp_path / "w", match="does not exist")
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_hub_id_offline(tmp_path):
+    fails(3, "--offline", "convert", "no-such-org/no-such-model", "-o", tmp_path / "w", match="not in the Hub cache")
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails(3, "convert", tmp_path / "empty", "-o", tmp_path / "w", match="no config.json")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"hidden_size": 3}')
+    fails(3, "convert", bad, "-o", tmp_path / "w", match="no _class_name")
+    (bad / "config.json").write_text("{not json")
+    fails(3, "convert", bad, "-o", tmp_path / "w", match="not valid JSON")
+
+
+def test_unsupported_family(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    DiTTransformer2DModel(in_channels=4, out_channels=8, num_attention_heads=2, attention_head_dim=4, num_layers=1,
+                          patch_size=2, sample_size=8, norm_type="ada_norm_zero", num_embeds_ada_norm=8,
+                          activation_fn="gelu-approximate", attention_bias=True).save_pretrained(tmp_path / "dit")
+    fails(3, "convert", tmp_path / "dit", "-o", tmp_path / "w", match="not a supported DiT family")
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_wan_dir):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_wan_dir / "config.json", folder / "config.json")
+    torch.save({"w": torch.ones(1)}, folder / "diffusion_pytorch_model.bin")
+    fails(3, "convert", folder, "-o", tmp_path / "w", match="no .safetensors")
+
+
+def test_truncated_weights(tmp_path, tiny_wan_dir):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_wan_dir, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    fails(3, "convert", folder, "-o", tmp_path / "w", match="could not load")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sla2.topk", 0, "sla2.topk"), ("sla2.topk", 1.5, "sla2.topk"), ("sla2.block_q", 96, "block_q"),
+    ("sla2.quant", "fp4", "sla2.quant"),
+])
+def test_recipe_out_of_range(tmp_path, tiny_wan_dir, key, value, match):
+    recipe = write_recipe(tmp_path / "r.yaml", **{key: value})
+    fails(2, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--recipe", recipe, match=match)
+
+
+def test_recipe_unknown_key(tmp_path, tiny_wan_dir):
+    (tmp_path / "r.yaml").write_text("sla2:\n  topk: 0.1\n  sparsity_magic: 3\n")
+    fails(2, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--recipe", tmp_path / "r.yaml",
+          match="unknown recipe key 'sla2.sparsity_magic'")
+
+
+def test_output_dir_with_other_content(tmp_path, tiny_wan_dir):
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    fails(7, "convert", tiny_wan_dir, "-o", out, match="not a slaconv work dir")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def _workdir(tmp_path, tiny_wan_dir, **overrides) -> Path:
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", write_recipe(tmp_path / "r.yaml", **overrides))
+    return work
+
+
+def test_data_with_wrong_shapes_or_dtypes(tmp_path, tiny_wan_dir):
+    work = _workdir(tmp_path, tiny_wan_dir)
+    data = tmp_path / "data"
+    run("synth-data", data, "--model", work, "--num-samples", 2)
+    manifest = json.loads((data / "dataset.json").read_text())
+    sample = data / manifest["samples"][0]
+    save_file({"latents": torch.randn(5, 2, 18, 22), "prompt_embeds": torch.randn(6, 16)}, str(sample))
+    fails(3, "calibrate", work, "--data", data, match=sample.name)
+    save_file({"latents": torch.randn(4, 2, 18, 22).to(torch.int32), "prompt_embeds": torch.randn(6, 16)}, str(sample))
+    fails(3, "calibrate", work, "--data", data, match=sample.name)
+    assert not (work / "checkpoints").exists()
+
+
+def test_corrupt_sla2_tensors(tmp_path, tiny_wan_dir):
+    work = _workdir(tmp_path, tiny_wan_dir)
+    (work / "sla2.safetensors").write_bytes(b"\x00garbage")
+    fails(3, "validate", work, match="sla2.safetensors")
+
+
+def test_not_a_workdir(tmp_path, tiny_wan_dir):
+    fails(3, "calibrate", tiny_wan_dir, match="not a slaconv work dir")
+    fails(3, "validate", tmp_path / "missing", match="work dir not found")
+
+
+def test_cuda_requested_without_gpu(tmp_path, tiny_wan_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    fails(3, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--device", "cuda", match="no CUDA GPU")
+
+
+def test_nan_during_calibration_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_wan_dir):
+    work = _workdir(tmp_path, tiny_wan_dir, **{"calibration.stage2.steps": 6, "calibration.stage2.grad_clip": 0.0})
+    weights_before = dir_snapshot(work)["diffusion_pytorch_model.safetensors"]
+    line = fails(6, "calibrate", work, "--stage", "2", "--lr", 1e30, match="stage-2 loss became")
+    assert "last good checkpoint" in line
+    ckpts = sorted((work / "checkpoints" / "stage2").iterdir())
+    assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)
+    assert dir_snapshot(work)["diffusion_pytorch_model.safetensors"] == weights_before
+
+
+def test_no_traceback_in_a_real_process(tmp_path):
+    """The installed console script, as a user runs it: one line on stderr, exit 3."""
+    res = subprocess.run([sys.executable, "-m", "slaconv", "convert", str(tmp_path / "nope"), "-o", str(tmp_path / "w")],
+                         capture_output=True, text=True)
+    assert res.returncode == 3
+    assert res.stderr.strip().startswith("error: ") and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,128 @@
+"""Every CLI verb end to end on tiny Wan models, at sequence lengths on and off the block sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import dir_snapshot, make_wan, tiny_recipe_overrides
+
+from slaconv.cli import main
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def write_recipe(path: Path, **overrides) -> Path:
+    """A recipe file with the fast test settings (dotted keys -> nested YAML)."""
+    tree: dict = {}
+    for key, value in tiny_recipe_overrides(**overrides).items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize("frames,height,width,bq,bk", [
+    (2, 16, 16, 64, 64),    # 128 tokens: exact blocks
+    (2, 18, 22, 64, 64),    # 198 tokens: ragged last block
+    (3, 14, 18, 128, 64),   # 189 tokens: ragged, b_q != b_k
+])
+def test_full_chain(tmp_path, tiny_wan_dir, frames, height, width, bq, bk):
+    before = dir_snapshot(tiny_wan_dir)
+    recipe = write_recipe(tmp_path / "r.yaml", **{"data.frames": frames, "data.height": height, "data.width": width,
+                                                 "sla2.block_q": bq, "sla2.block_k": bk})
+    work, data = tmp_path / "work", tmp_path / "data"
+    out = json.loads(run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--topk", 0.5, "--json").stdout)
+    assert out["layers"] == ["blocks.0.attn1", "blocks.1.attn1"]
+    saved = yaml.safe_load((work / "recipe.yaml").read_text())
+    assert saved["sla2"]["topk"] == 0.5 and saved["sla2"]["block_q"] == bq  # flag overrides recipe, saved resolved
+
+    run("synth-data", data, "--model", work, "--num-samples", 3)
+    cal = json.loads(run("calibrate", work, "--data", data, "--json").stdout)
+    assert cal["stage1"]["steps"] == 3 and cal["stage2"]["steps"] == 3
+    assert len((work / "logs" / "stage1.jsonl").read_text().splitlines()) == 3
+
+    report = json.loads(run("validate", work, "--data", data, "--json").stdout)
+    assert report["passed"] is True
+    assert len(report["layers"]) == 2
+    for layer in report["layers"]:
+        assert 0 < layer["sparsity"] < 1 and 0 <= layer["attention_rel_l2"] < 1 and len(layer["alpha"]) == 2
+    for name in ("validation.json", "validation.md", "layer_error.png", "router_mask.png"):
+        assert (work / "reports" / name).is_file()
+    assert (work / "reports" / "router_mask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    info = json.loads(run("inspect", work, "--json").stdout)
+    assert [x["layer"] for x in info["layers"]] == out["layers"]
+    assert info["validation"]["passed"] is True
+    assert "stage1" in info["calibration"] and "stage2" in info["calibration"]
+    assert any(x["router_moved"] > 0 for x in info["layers"])  # stage 1 trained the router
+
+    dry = json.loads(run("push", work, "--repo-id", "me/tiny", "--dry-run", "--json").stdout)
+    assert "sla2.safetensors" in dry["files"] and not any(f.startswith("checkpoints") for f in dry["files"])
+    assert dir_snapshot(tiny_wan_dir) == before  # the source checkpoint is never modified
+
+
+def test_convert_dry_run_writes_nothing(tmp_path, tiny_wan_dir):
+    res = run("convert", tiny_wan_dir, "-o", tmp_path / "w", "--dry-run", "--json")
+    plan = json.loads(res.stdout)
+    assert plan["dry_run"] and plan["family"] == "wan" and plan["num_layers"] == 2
+    assert not (tmp_path / "w").exists()
+
+
+def test_stages_separately_and_resume_latest(tmp_path, tiny_wan_dir):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
+    run("calibrate", work, "--stage", "1", "--steps", 2)
+    cfg = json.loads((work / "sla2_config.json").read_text())
+    assert cfg["calibration"]["stage1"]["steps"] == 2 and "stage2" not in cfg["calibration"]
+    run("calibrate", work, "--stage", "2", "--steps", 2, "--resume", "latest")
+    cfg = json.loads((work / "sla2_config.json").read_text())
+    assert cfg["calibration"]["stage2"]["steps"] == 2
+
+
+def test_human_output_and_help(tmp_path, tiny_wan_dir):
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "Exit codes" in res.output and "quality gate" in res.output
+    work = tmp_path / "w"
+    out = run("convert", tiny_wan_dir, "-o", work, "--recipe", write_recipe(tmp_path / "r.yaml")).stdout
+    assert "converted 2 layers" in out
+
+
+def test_validate_gate_failure_exits_4_after_writing_reports(tmp_path, tiny_wan_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", **{"validation.gates": {"attention_rel_l2_max": 1e-9,
+                                                                        "velocity_rel_l2_max": 1.0,
+                                                                        "sample_psnr_min_db": 0.0}})
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--topk", 0.3)
+    res = run("validate", work, code=4)
+    assert "quality gate failed" in res.stderr and "attention_rel_l2_max" in res.stderr
+    assert json.loads((work / "reports" / "validation.json").read_text())["passed"] is False
+
+
+def test_overwrite_requires_flag(tmp_path, tiny_wan_dir):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
+    res = run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, code=7)
+    assert "--overwrite" in res.stderr
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--overwrite")
+
+
+def test_pipeline_folder_with_subfolder(tmp_path):
+    root = tmp_path / "pipe"
+    make_wan().save_pretrained(root / "transformer")
+    res = run("convert", root, "-o", tmp_path / "w", code=3)
+    assert "--subfolder transformer" in res.stderr
+    run("convert", root, "--subfolder", "transformer", "-o", tmp_path / "w",
+        "--recipe", write_recipe(tmp_path / "r.yaml"))

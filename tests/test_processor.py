@@ -1,0 +1,128 @@
+"""The SLA2 Wan processor reproduces the stock processor's Q/K/V path exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_wan
+
+from slaconv.families import detect_family, get_family
+from slaconv.install import install_sla2, resolve_targets, set_mode, sla2_processors
+from slaconv.errors import RecipeError, UnsupportedModelError
+
+
+def _inputs(model, frames=2, height=16, width=16, text=12, image=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    kwargs = {
+        "hidden_states": torch.randn(1, cfg.in_channels, frames, height, width, generator=g),
+        "timestep": torch.tensor([437.0]),
+        "encoder_hidden_states": torch.randn(1, text, cfg.text_dim, generator=g),
+        "return_dict": False,
+    }
+    if image is not None:
+        kwargs["encoder_hidden_states_image"] = torch.randn(1, image, cfg.image_dim, generator=g)
+    return kwargs
+
+
+def _install(model, **kw):
+    fam = get_family("wan")
+    layers = resolve_targets(model, fam, [], [])
+    settings = {"topk": 0.5, "block_q": 64, "block_k": 64, "quant": "none", **kw}
+    return install_sla2(model, fam, layers, **settings)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_mode_is_bit_identical_to_stock(fused):
+    model = make_wan()
+    if fused:
+        model.fuse_qkv_projections()
+    kwargs = _inputs(model)
+    with torch.no_grad():
+        stock = model(**kwargs)[0]
+        _install(model)
+        set_mode(model, "dense")
+        ours = model(**kwargs)[0]
+    assert torch.equal(stock, ours)
+
+
+def test_i2v_model_only_self_attention_is_converted():
+    # Wan I2V: attn2 has add_k_proj/add_v_proj and reads image tokens ahead of 512 text tokens.
+    model = make_wan(added_kv_proj_dim=48, image_dim=16)
+    kwargs = _inputs(model, text=512, image=5)
+    with torch.no_grad():
+        stock = model(**kwargs)[0]
+        procs = _install(model)
+        assert sorted(procs) == ["blocks.0.attn1", "blocks.1.attn1"]
+        assert all(type(b.attn2.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
+        set_mode(model, "dense")
+        assert torch.equal(stock, model(**kwargs)[0])
+
+
+def test_all_blocks_and_alpha_one_recovers_full_attention():
+    model = make_wan()
+    kwargs = _inputs(model, height=18, width=22)  # 198 tokens: ragged 64-blocks
+    with torch.no_grad():
+        stock = model(**kwargs)[0]
+        for proc in _install(model, topk=1.0).values():
+            proc.alpha_logit.fill_(40.0)
+        ours = model(**kwargs)[0]
+    assert (ours - stock).norm() / stock.norm() < 1e-5
+
+
+def test_sparse_mode_changes_output_and_trains_alpha():
+    model = make_wan()
+    kwargs = _inputs(model)
+    stock = model(**kwargs)[0].detach()
+    procs = _install(model, topk=0.25)
+    out = model(**kwargs)[0]
+    assert not torch.allclose(out, stock)
+    out.square().mean().backward()
+    assert all(p.alpha_logit.grad is not None and p.alpha_logit.grad.abs().sum() > 0 for p in procs.values())
+
+
+def test_processor_parameters_are_in_state_dict_fp32():
+    model = make_wan()
+    _install(model)
+    keys = [k for k in model.state_dict() if ".processor." in k]
+    assert sorted(keys) == sorted(f"blocks.{i}.attn1.processor.{t}" for i in range(2)
+                                  for t in ("router_q", "router_k", "alpha_logit"))
+    proc = sla2_processors(model)["blocks.0.attn1"]
+    assert proc.router_q.dtype == torch.float32 and proc.router_q.shape == (2, 24, 24)
+    assert torch.equal(proc.router_q[0], torch.eye(24))
+
+
+def test_targets_and_ignore_patterns():
+    model = make_wan()
+    fam = get_family("wan")
+    assert resolve_targets(model, fam, [], ["blocks.1.attn1"]) == ["blocks.0.attn1"]
+    assert resolve_targets(model, fam, ["re:blocks\\.1\\.attn1"], []) == ["blocks.1.attn1"]
+    with pytest.raises(RecipeError, match="matches no attention module"):
+        resolve_targets(model, fam, ["blocks.7.attn1"], [])
+
+
+def test_cross_attention_target_is_refused():
+    model = make_wan()
+    fam = get_family("wan")
+    with pytest.raises(Exception, match="self-attention"):
+        install_sla2(model, fam, ["blocks.0.attn2"], topk=0.5, block_q=64, block_k=64, quant="none")
+
+
+def test_family_detection():
+    assert detect_family({"_class_name": "WanTransformer3DModel"}).name == "wan"
+    with pytest.raises(UnsupportedModelError, match="UNet2DConditionModel"):
+        detect_family({"_class_name": "UNet2DConditionModel"})
+
+
+def test_kernels_package_does_not_shadow_hub_kernels(tmp_path):
+    """`import kernels` must mean the Hub's package or nothing, never this repo's folder."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, slaconv.kernels as ours; spec = importlib.util.find_spec('kernels'); "
+            "print('OURS' if spec and spec.origin and spec.origin.startswith(ours.__path__[0]) else 'OK')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "OK", res.stdout + res.stderr
+    import slaconv.kernels
+
+    assert slaconv.kernels.__name__ == "slaconv.kernels"

@@ -1,0 +1,162 @@
+"""The reference SLA2 attention against an independent fp64 implementation of DESIGN.md section 1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slaconv.kernels import reference as R
+
+
+def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None):
+    """Straightforward dense fp64 SLA2: explicit block loops for pooling, N x N masked maps.
+
+    Returns (output, block mask).  Written from DESIGN.md independently of kernels/reference.py.
+    """
+    q, k, v, wq, wk = (t.double() for t in (q, k, v, wq, wk))
+    b, h, n, d = q.shape
+    nq, nk = math.ceil(n / bq), math.ceil(n / bk)
+    ks = k - k.mean(dim=2, keepdim=True)
+    qbar = torch.stack([q[:, :, i * bq:min(n, (i + 1) * bq)].mean(dim=2) for i in range(nq)], dim=2)
+    kbar = torch.stack([ks[:, :, j * bk:min(n, (j + 1) * bk)].mean(dim=2) for j in range(nk)], dim=2)
+    scores = (qbar @ wq) @ (kbar @ wk).transpose(-1, -2) / math.sqrt(d)
+    n_sel = min(max(round(topk * nk), 1), nk)
+    if soft_mask is None:
+        order = scores.argsort(dim=-1, descending=True)
+        mask = torch.zeros_like(scores)
+        mask.scatter_(-1, order[..., :n_sel], 1.0)
+    else:
+        mask = soft_mask.double()
+    tok = torch.zeros(b, h, n, n, dtype=torch.float64)
+    for i in range(nq):
+        for j in range(nk):
+            tok[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk] = mask[:, :, i, j, None, None]
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True)) * tok
+    o_s = (p / p.sum(dim=-1, keepdim=True)) @ v
+    phi_q, phi_k = torch.softmax(q, dim=-1), torch.softmax(k, dim=-1)
+    a = (phi_q @ phi_k.transpose(-1, -2)) * (1 - tok)
+    o_l = (a @ v) / (a.sum(dim=-1, keepdim=True) + R.LINEAR_EPS)
+    alpha = torch.sigmoid(alpha_logit.double()).view(1, h, 1, 1)
+    return alpha * o_s + (1 - alpha) * o_l, mask, scores
+
+
+def _inputs(b, h, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    k = k + 0.5 * torch.randn(1, 1, 1, d, generator=g)  # a non-zero key mean, as real models have
+    wq = torch.eye(d) + 0.3 * torch.randn(h, d, d, generator=g)
+    wk = torch.eye(d) + 0.3 * torch.randn(h, d, d, generator=g)
+    alpha = torch.randn(h, generator=g)
+    return q, k, v, wq, wk, alpha
+
+
+@pytest.mark.parametrize("n,bq,bk,topk", [(256, 64, 64, 0.25), (200, 64, 64, 0.5), (333, 128, 64, 0.3),
+                                         (100, 128, 128, 1.0), (130, 64, 128, 0.01)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_matches_fp64(n, bq, bk, topk, seed):
+    q, k, v, wq, wk, alpha = _inputs(2, 3, n, 32, seed)
+    expected, mask, scores = fp64_sla2(q, k, v, wq, wk, alpha, topk, bq, bk)
+    got_scores = R.router_scores(q, k, wq, wk, bq, bk)
+    assert torch.allclose(got_scores.double(), scores, rtol=1e-4, atol=1e-4)
+    got_mask = R.hard_topk_mask(got_scores, R.topk_count(topk, math.ceil(n / bk)))
+    assert torch.equal(got_mask.double(), mask)
+    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=topk, block_q=bq, block_k=bk)
+    err = (out.double() - expected).norm() / expected.norm()
+    assert err < 1e-5, err
+
+
+def test_soft_mask_at_zero_one_equals_hard():
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 200, 32, 3)
+    scores = R.router_scores(q, k, wq, wk, 64, 64)
+    hard = R.hard_topk_mask(scores, 2)
+    as_float = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.5, block_q=64, block_k=64, mask=hard.float())
+    as_bool = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.5, block_q=64, block_k=64, mask=hard)
+    assert torch.equal(as_float, as_bool)
+    # A very sharp SoftTop-k converges to the hard mask, and so does the output.
+    soft = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.5, block_q=64, block_k=64, soft_tau=1e-6)
+    assert (soft - as_bool).norm() / as_bool.norm() < 1e-4
+
+
+def test_soft_mask_output_matches_fp64_with_fractional_mask():
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 150, 32, 4)
+    scores = R.router_scores(q, k, wq, wk, 64, 64)
+    soft = R.soft_topk_mask(scores, 2, tau=0.5)
+    assert torch.allclose(soft.sum(-1), torch.full_like(soft.sum(-1), 2.0), atol=1e-4)
+    assert ((soft > 0.01) & (soft < 0.99)).any(), "the test needs genuinely fractional mask entries"
+    expected, _, _ = fp64_sla2(q, k, v, wq, wk, alpha, 0.5, 64, 64, soft_mask=soft)
+    got = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.5, block_q=64, block_k=64, mask=soft)
+    assert (got.double() - expected).norm() / expected.norm() < 1e-5
+
+
+def test_soft_topk_gradients_reach_router():
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 192, 32, 5)
+    wq.requires_grad_(True)
+    alpha.requires_grad_(True)
+    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.34, block_q=64, block_k=64, soft_tau=0.1)
+    out.square().mean().backward()
+    assert wq.grad is not None and wq.grad.abs().sum() > 0
+    assert alpha.grad is not None and torch.isfinite(alpha.grad).all()
+
+
+def test_all_blocks_selected_gives_pure_sparse_branch():
+    q, k, v, wq, wk, _ = _inputs(1, 2, 150, 32, 6)
+    alpha = torch.tensor([0.3, -1.2])
+    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=1.0, block_q=64, block_k=64)
+    full = R.full_attention_reference(q, k, v)
+    a = torch.sigmoid(alpha).view(1, 2, 1, 1)
+    assert torch.allclose(out, a * full, atol=1e-5)
+
+
+def test_topk_count_rounds_and_keeps_at_least_one_block():
+    assert R.topk_count(0.03, 512) == 15
+    assert R.topk_count(0.001, 10) == 1
+    assert R.topk_count(1.0, 7) == 7
+    assert R.topk_count(0.5, 3) == 2
+
+
+def test_ragged_block_mean_uses_true_count():
+    x = torch.arange(10.0).view(1, 1, 10, 1)
+    means = R.block_mean(x, 4)
+    assert means.flatten().tolist() == [1.5, 5.5, 8.5]
+
+
+def test_query_block_subset_equals_rows_of_full_output():
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 333, 32, 7)
+    full = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.3, block_q=64, block_k=64)
+    blocks = torch.tensor([1, 5])  # block 5 is the ragged last one (rows 320..332)
+    part = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.3, block_q=64, block_k=64, q_blocks=blocks)
+    rows = torch.cat([torch.arange(64, 128), torch.arange(320, 333)])
+    assert torch.allclose(part, full[:, :, rows], atol=1e-6)
+
+
+def test_chunking_does_not_change_the_result():
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 400, 32, 8)
+    a = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.3, block_q=64, block_k=64, chunk_q_blocks=1)
+    b = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.3, block_q=64, block_k=64, chunk_q_blocks=16)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
+def test_fake_quantised_forward_is_close_and_differentiable(quant):
+    q, k, v, wq, wk, alpha = _inputs(1, 2, 256, 64, 9)
+    exact = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.25, block_q=64, block_k=64)
+    qq = q.clone().requires_grad_(True)
+    low = R.sla2_attention_reference(qq, k, v, wq, wk, alpha, topk=0.25, block_q=64, block_k=64, quant=quant)
+    err = (low - exact).norm() / exact.norm()
+    cos = torch.nn.functional.cosine_similarity(low.flatten(), exact.flatten(), dim=0)
+    assert 0 < err < 5e-2 and cos > 0.999, (err, cos)
+    low.sum().backward()
+    assert torch.isfinite(qq.grad).all() and qq.grad.abs().sum() > 0
+
+
+def test_initial_alpha_is_selected_mass():
+    q, k, v, wq, wk, _ = _inputs(1, 2, 128, 32, 10)
+    mask = R.hard_topk_mask(R.router_scores(q, k, wq, wk, 64, 64), 1)
+    alpha = R.initial_alpha(q, k, mask, 64, 64)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32), dim=-1)
+    tok = mask.float().repeat_interleave(64, 2).repeat_interleave(64, 3)
+    expected = (p * tok).sum(-1).mean(dim=(0, 2))
+    assert torch.allclose(alpha, expected, atol=1e-5)
