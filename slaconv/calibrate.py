@@ -34,7 +34,7 @@ from .install import set_mode, sla2_processors
 from .kernels import reference
 from .progress import progress
 from .recipe import recipe_hash, save_recipe
-from .source import load_model, resolve_model
+from .source import load_base_model
 from .statefile import load_state, save_state
 from .workdir import (
     RECIPE_NAME,
@@ -50,11 +50,18 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
 class StepSampler:
-    """Deterministic batches: step -> inputs, noise and noise level, from (seed, step) alone."""
+    """Deterministic batches: every sample, its noise and its noise level are functions of
+    (seed, global sample index) alone.
 
-    def __init__(self, family, model_config, recipe, batch_size, data_dir=None, rank=0):
+    Process ``rank`` of ``world`` takes samples ``step * B * world + rank * B + j``, so a run on N
+    processes with per-process batch B sees exactly the samples of a one-process run with batch
+    N * B, and a resumed run sees exactly those of an uninterrupted one.
+    """
+
+    def __init__(self, family, model_config, recipe, batch_size, data_dir=None, rank=0, world=1):
         self.family, self.model_config, self.recipe = family, model_config, recipe
-        self.batch_size, self.seed, self.rank = batch_size, recipe["calibration"]["seed"], rank
+        self.batch_size, self.seed, self.rank, self.world = batch_size, recipe["calibration"]["seed"], rank, world
+        self.shift = recipe["calibration"]["stage2"]["timestep_shift"]
         self.dataset = None
         if data_dir is not None:
             from .data import CalibrationDataset
@@ -63,26 +70,27 @@ class StepSampler:
                                               expected_text_dim=family.text_dim(model_config))
 
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt * 104_729 + self.rank) % (2**63))
+        """A generator for per-step choices shared by all processes (e.g. stage-1 query blocks)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**63))
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        gen = self.generator(step)
+    def _sample(self, index: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed((self.seed * 2_654_435_761 + index * 40_503 + 17) % (2**63))
         if self.dataset is None:
             from .inputs import synthetic_batch
 
-            out = synthetic_batch(self.family, self.model_config, self.recipe["data"], self.batch_size, gen)
+            item = {k: v[0] for k, v in synthetic_batch(self.family, self.model_config, self.recipe["data"], 1, gen).items()}
         else:
-            from .data import collate
-
             n = len(self.dataset)
-            first = (step * self.batch_size) + self.rank * 7
-            epoch = first // n
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * epoch)).tolist()
-            out = collate([self.dataset[order[(first + j) % n]] for j in range(self.batch_size)])
-        b = out["latents"].shape[0]
-        out["noise"] = torch.randn(out["latents"].shape, generator=gen)
-        out["sigma"] = flow.sample_sigmas(b, self.recipe["calibration"]["stage2"]["timestep_shift"], gen, "cpu")
-        return out
+            epoch_order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * (index // n)))
+            item = dict(self.dataset[int(epoch_order[index % n])])
+        item["noise"] = torch.randn(item["latents"].shape, generator=gen)
+        item["sigma"] = flow.sample_sigmas(1, self.shift, gen, "cpu")[0]
+        return item
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        first = (step * self.world + self.rank) * self.batch_size
+        items = [self._sample(first + j) for j in range(self.batch_size)]
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
 def _forward(model, family, batch, x_t, sigma, device, dtype):
@@ -188,6 +196,8 @@ def _oom(stage: str) -> OutOfMemoryError:
 
 def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     cfg = recipe["calibration"]["stage1"]
+    accelerator = _accelerator(device)
+    device = accelerator.device
     model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
     model.requires_grad_(False)
     procs = sla2_processors(model)
@@ -198,7 +208,8 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             params.append(p)
     optimizer = torch.optim.Adam(params, lr=cfg["lr"])
     model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir)
+    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
     ckpt_root = Path(workdir) / "checkpoints" / "stage1"
     log_path = Path(workdir) / "logs" / "stage1.jsonl"
     start = 0
@@ -211,10 +222,11 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                     name, tensor = key.rsplit(".", 1)
                     getattr(procs[name], tensor).copy_(value)
             optimizer.load_state_dict(state["optimizer"])
-    if start == 0 and log_path.exists():
-        log_path.unlink()
-    else:
-        _truncate_log(log_path, start)
+    if accelerator.is_main_process:
+        if start == 0 and log_path.exists():
+            log_path.unlink()
+        else:
+            _truncate_log(log_path, start)
 
     tau, n_qb = cfg["tau"], cfg["query_blocks_per_step"]
     losses: dict[str, float] = {}
@@ -239,7 +251,8 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     for proc in procs.values():
         proc.observer = observe
     dtype = next(model.parameters()).dtype
-    bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress, initial=start, total=cfg["steps"])
+    bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
+                   initial=start, total=cfg["steps"])
     t0 = time.time()
     try:
         for step in bar:
@@ -250,13 +263,19 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 _forward(model, family, batch, x_t, batch["sigma"], device, dtype)
-            mean_loss = sum(losses.values()) / len(losses)
+            layer_losses = _mean_over_processes(accelerator, losses)
+            mean_loss = sum(layer_losses.values()) / len(layer_losses)
             _check_finite(mean_loss, "stage-1 loss", ckpt_root)
+            if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
+                for p in params:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
-            _append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
-                                   "layers": {k: round(v, 6) for k, v in losses.items()}})
+            if accelerator.is_main_process:
+                _append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
+                                       "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
             bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
-            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
+                    and accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {
                     "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
                     "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
@@ -268,11 +287,36 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     first_last = _first_last(log_path)
     summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": round(time.time() - t0, 2),
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
-                          "data": str(data_dir) if data_dir else "synthetic"}}
+                          "data": _data_name(data_dir)}}
     for p in params:
         p.requires_grad_(False)
-    save_results(model, family, workdir, summary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_results(model, family, workdir, summary)
+    accelerator.wait_for_everyone()
     return summary
+
+
+def _accelerator(device, grad_accum: int = 1):
+    from accelerate import Accelerator
+
+    return Accelerator(gradient_accumulation_steps=grad_accum,
+                       mixed_precision="bf16" if torch.cuda.is_available() and str(device) != "cpu" else "no",
+                       cpu=(str(device) == "cpu"))
+
+
+def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def _data_name(data_dir) -> str:
+    """What a summary records about the data: the folder's name (no local paths get published)."""
+    return Path(data_dir).name if data_dir else "synthetic"
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -298,36 +342,17 @@ def _first_last(log_path: Path) -> tuple[float | None, float | None]:
 # ---------------------------------------------------------------- stage 2
 
 
-def _load_teacher(sla2_cfg: dict, workdir: Path, dtype: str, device) -> torch.nn.Module:
-    base = sla2_cfg.get("base_model") or {}
-    candidates = [base.get("path"), base.get("id")]
-    for cand in candidates:
-        if not cand:
-            continue
-        try:
-            src = resolve_model(cand, subfolder=None if cand == base.get("path") else base.get("subfolder"),
-                                revision=None if cand == base.get("path") else base.get("revision"))
-        except InputError:
-            continue
-        teacher = load_model(src, dtype=dtype, device=device)
-        return teacher.requires_grad_(False)
-    raise InputError("stage 2 with objective 'distill' needs the base model, which is no longer at "
-                     f"{base.get('path')!r} and not loadable as {base.get('id')!r}")
-
-
 def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
-    from accelerate import Accelerator
-
     cfg = recipe["calibration"]["stage2"]
-    accelerator = Accelerator(gradient_accumulation_steps=cfg["grad_accum"],
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                              cpu=(str(device) == "cpu"))
+    accelerator = _accelerator(device, cfg["grad_accum"])
     device = accelerator.device
     model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device,
                                            quant=cfg["quant"] or recipe["sla2"]["quant"])
     if cfg["objective"] == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
-    teacher = _load_teacher(sla2_cfg, workdir, recipe["model"]["dtype"], device) if cfg["objective"] == "distill" else None
+    teacher = None
+    if cfg["objective"] == "distill":
+        teacher = load_base_model(workdir, sla2_cfg, dtype=recipe["model"]["dtype"], device=device).requires_grad_(False)
     model.train()
     model.requires_grad_(True)
     for proc in sla2_processors(model).values():
@@ -340,7 +365,8 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     warmup = max(cfg["warmup_steps"], 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir, rank=accelerator.process_index)
+    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
     ckpt_root = Path(workdir) / "checkpoints" / "stage2"
     log_path = Path(workdir) / "logs" / "stage2.jsonl"
     start = 0
@@ -406,7 +432,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                           "quant": cfg["quant"] or recipe["sla2"]["quant"], "batch_size": cfg["batch_size"],
                           "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
                           "seconds": round(time.time() - t0, 2), "loss_first": first_last[0],
-                          "loss_last": first_last[1], "data": str(data_dir) if data_dir else "synthetic"}}
+                          "loss_last": first_last[1], "data": _data_name(data_dir)}}
     if accelerator.is_main_process:
         save_results(net, family, workdir, summary)
     accelerator.wait_for_everyone()

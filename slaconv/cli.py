@@ -36,6 +36,8 @@ class SlaconvGroup(click.Group):
 
 
 def _emit(ctx: click.Context, data: dict, human: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 reports
+        return
     if ctx.obj.get("json"):
         click.echo(json.dumps(data, indent=2, default=str))
     else:

@@ -19,6 +19,7 @@ from .kernels import reference
 from .recipe import recipe_hash, save_recipe
 from .source import content_hash, load_model, resolve_model
 from .workdir import (
+    LOCAL_NAME,
     RECIPE_NAME,
     atomic_dir,
     check_output_dir,
@@ -81,8 +82,9 @@ def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision
     check_output_dir(out_dir, overwrite)
     source = resolve_model(model, subfolder=subfolder, revision=revision, offline=offline)
     family = detect_family(source.config, recipe["model"]["family"])
-    base = {"id": model, "revision": source.revision, "subfolder": subfolder,
-            "path": str(source.path.resolve()), "content_hash": content_hash(source.path)}
+    is_local = model == str(source.path) or Path(model).expanduser().exists()
+    base = {"id": None if is_local else model, "name": source.path.name if subfolder is None else Path(model).name,
+            "revision": source.revision, "subfolder": subfolder, "content_hash": content_hash(source.path)}
     net = load_model(source, family, dtype=recipe["model"]["dtype"], device=device)
     s = recipe["sla2"]
     layers = resolve_targets(net, family, s["targets"], s["ignore"])
@@ -100,6 +102,7 @@ def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision
     with atomic_dir(out_dir) as tmp:
         save_model_files(net, family, tmp)
         write_json(tmp / "sla2_config.json", config)
+        write_json(tmp / LOCAL_NAME, {"base_path": str(source.path.resolve())})
         save_recipe(recipe, tmp / RECIPE_NAME)
     return {"work_dir": str(out_dir), "family": family.name, "layers": layers, "alpha": alphas,
             "base_model": base}

@@ -140,6 +140,14 @@ def validate(recipe: dict) -> dict:
     _check(isinstance(c["stage1"]["query_blocks_per_step"], int) and c["stage1"]["query_blocks_per_step"] >= 1,
            "calibration.stage1.query_blocks_per_step must be >= 1")
     st2 = c["stage2"]
+    for key in ("weight_decay", "grad_clip"):
+        _check(_is_number(st2[key]) and st2[key] >= 0, f"calibration.stage2.{key} must be a number >= 0")
+    _check(isinstance(st2["warmup_steps"], int) and st2["warmup_steps"] >= 0,
+           "calibration.stage2.warmup_steps must be an integer >= 0")
+    _check(isinstance(st2["gradient_checkpointing"], bool), "calibration.stage2.gradient_checkpointing must be true/false")
+    _check(isinstance(c["seed"], int), "calibration.seed must be an integer")
+    _check(isinstance(c["checkpoints_total_limit"], int) and c["checkpoints_total_limit"] >= 1,
+           "calibration.checkpoints_total_limit must be >= 1")
     _check(st2["objective"] in OBJECTIVES, f"calibration.stage2.objective must be one of {OBJECTIVES}")
     _check(st2["quant"] is None or st2["quant"] in QUANT_MODES, f"calibration.stage2.quant must be one of {QUANT_MODES}")
     _check(isinstance(st2["grad_accum"], int) and st2["grad_accum"] >= 1, "calibration.stage2.grad_accum must be >= 1")
@@ -147,7 +155,14 @@ def validate(recipe: dict) -> dict:
     v = recipe["validation"]
     _check(isinstance(v["num_samples"], int) and v["num_samples"] >= 1, "validation.num_samples must be >= 1")
     _check(isinstance(v["sample_steps"], int) and v["sample_steps"] >= 1, "validation.sample_steps must be >= 1")
-    _check(all(_is_number(t) and 0 <= t < 1000 for t in v["timesteps"]), "validation.timesteps must be in [0, 1000)")
+    _check(isinstance(v["timesteps"], list) and len(v["timesteps"]) > 0
+           and all(_is_number(t) and 0 <= t < 1000 for t in v["timesteps"]),
+           "validation.timesteps must be a non-empty list of numbers in [0, 1000)")
+    _check(isinstance(v["seed"], int), "validation.seed must be an integer")
+    for where, shift in (("calibration.stage2", st2["timestep_shift"]), ("validation", v["timestep_shift"])):
+        _check(_is_number(shift) and shift > 0, f"{where}.timestep_shift must be > 0")
+    for key, value in v["gates"].items():
+        _check(_is_number(value), f"validation.gates.{key} must be a number, got {value!r}")
     return recipe
 
 

@@ -110,3 +110,27 @@ def load_model(source: ModelSource, family: Family | None = None, *, dtype: str 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"could not load {source.path} as {cls.__name__}: {first}") from None
     return model.to(device).eval()
+
+
+def load_base_model(workdir: Path, sla2_cfg: dict, *, dtype: str, device, base: str | None = None) -> torch.nn.Module:
+    """The original model a work dir was converted from.
+
+    Tried in order: ``base`` if given; the local folder recorded at convert time (checked against
+    the recorded content hash, so a changed checkpoint is not silently used); the Hub id and
+    revision recorded in ``sla2_config.json``.
+    """
+    from .workdir import read_local
+
+    info = sla2_cfg.get("base_model") or {}
+    if base:
+        return load_model(resolve_model(base), dtype=dtype, device=device)
+    local = read_local(workdir).get("base_path")
+    if local and Path(local).is_dir():
+        source = resolve_model(local)
+        if info.get("content_hash") and content_hash(source.path) != info["content_hash"]:
+            raise InputError(f"the base model at {local} changed since convert (content hash differs); pass --base")
+        return load_model(source, dtype=dtype, device=device)
+    if info.get("id"):
+        return load_model(resolve_model(info["id"], subfolder=info.get("subfolder"), revision=info.get("revision")),
+                          dtype=dtype, device=device)
+    raise InputError(f"the original model is no longer at {local!r} and has no Hub id; pass --base")

@@ -17,11 +17,11 @@ import torch
 
 from . import flow
 from .calibrate import StepSampler, _forward
-from .errors import InputError, QualityGateError
+from .errors import QualityGateError
 from .install import set_mode, sla2_processors
 from .kernels import reference
 from .plots import bar_chart, mask_image
-from .source import load_model, resolve_model
+from .source import load_base_model
 from .workdir import load_workdir, read_sla2_config, write_json
 
 MAX_ROWS_PER_LAYER = 4096  # query rows compared per layer and sample (full attention is O(rows * N))
@@ -33,22 +33,6 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
-
-
-def load_original(sla2_cfg: dict, dtype: str, device, base: str | None = None) -> torch.nn.Module:
-    """The base model the work dir was converted from (or ``base`` if given)."""
-    info = sla2_cfg.get("base_model") or {}
-    tries = [(base, None, None)] if base else [(info.get("path"), None, None),
-                                              (info.get("id"), info.get("subfolder"), info.get("revision"))]
-    for model, subfolder, revision in tries:
-        if not model:
-            continue
-        try:
-            return load_model(resolve_model(model, subfolder=subfolder, revision=revision), dtype=dtype, device=device)
-        except InputError:
-            if base:
-                raise
-    raise InputError(f"the original model is not available at {info.get('path')!r} or as {info.get('id')!r}; pass --base")
 
 
 def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
@@ -97,7 +81,7 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
     v = recipe["validation"]
     dtype_name = recipe["model"]["dtype"]
     model, family, _ = load_workdir(workdir, dtype=dtype_name, device=device, quant=quant)
-    original = load_original(sla2_cfg, dtype_name, device, base)
+    original = load_base_model(workdir, sla2_cfg, dtype=dtype_name, device=device, base=base)
     dtype = next(model.parameters()).dtype
     model_config = json.loads((workdir / "config.json").read_text())
     rec = json.loads(json.dumps(recipe))
@@ -169,7 +153,7 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
         "velocity_rel_l2_by_timestep": {t: sum(x) / len(x) for t, x in velocity.items()},
         "layers": layers,
         "settings": {"num_samples": v["num_samples"], "seed": v["seed"], "timesteps": v["timesteps"],
-                     "sample_steps": v["sample_steps"], "data": str(data_dir) if data_dir else "synthetic"},
+                     "sample_steps": v["sample_steps"], "data": Path(data_dir).name if data_dir else "synthetic"},
     }
     _write_reports(workdir, report, first_masks)
     sla2_cfg = read_sla2_config(workdir)

@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "sla2_config.json"
 STATE_NAME = "sla2.safetensors"
 RECIPE_NAME = "recipe.yaml"
+# Machine-local facts (absolute paths) that must not be published with the model; push skips it.
+LOCAL_NAME = "local.json"
 SLA2_TENSORS = ("router_q", "router_k", "alpha_logit")
 
 
@@ -87,6 +89,14 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
+
+
+def read_local(folder: Path) -> dict:
+    path = Path(folder) / LOCAL_NAME
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def sla2_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
