@@ -34,7 +34,7 @@ from .install import set_mode, sla2_processors
 from .kernels import reference
 from .progress import progress
 from .recipe import recipe_hash, save_recipe
-from .source import load_base_model
+from .source import DTYPES, load_base_model
 from .statefile import load_state, save_state
 from .workdir import (
     RECIPE_NAME,
@@ -139,7 +139,7 @@ def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
     return step, load_state(path)
 
 
-def _rng_free_state(model_state: dict) -> dict:
+def _cpu_copy(model_state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model_state.items()}
 
 
@@ -196,6 +196,7 @@ def _oom(stage: str) -> OutOfMemoryError:
 
 def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     cfg = recipe["calibration"]["stage1"]
+    _reset_peak_memory()
     accelerator = _accelerator(device)
     device = accelerator.device
     model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
@@ -287,7 +288,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     first_last = _first_last(log_path)
     summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": round(time.time() - t0, 2),
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
-                          "data": _data_name(data_dir)}}
+                          "data": _data_name(data_dir), **_peak_memory()}}
     for p in params:
         p.requires_grad_(False)
     accelerator.wait_for_everyone()
@@ -295,6 +296,25 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         save_results(model, family, workdir, summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _load_full_state(net, state: dict, dtype: torch.dtype) -> None:
+    """Load the gathered weights into the unwrapped model; model weights to ``dtype`` (SLA2 stays fp32)."""
+    net.load_state_dict({k: v.to(net.state_dict()[k].device) for k, v in state.items()})
+    for name, param in net.named_parameters():
+        if ".processor." not in name:
+            param.data = param.data.to(dtype)
 
 
 def _accelerator(device, grad_accum: int = 1):
@@ -344,9 +364,11 @@ def _first_last(log_path: Path) -> tuple[float | None, float | None]:
 
 def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     cfg = recipe["calibration"]["stage2"]
+    _reset_peak_memory()
     accelerator = _accelerator(device, cfg["grad_accum"])
     device = accelerator.device
-    model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device,
+    # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.
+    model, family, sla2_cfg = load_workdir(workdir, dtype="float32", device=device,
                                            quant=cfg["quant"] or recipe["sla2"]["quant"])
     if cfg["objective"] == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
@@ -417,22 +439,25 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(ckpt_root, step + 1, {
-                        "stage": 2, "model": _rng_free_state(accelerator.unwrap_model(model).state_dict()),
+                        "stage": 2, "model": _cpu_copy(accelerator.get_state_dict(model)),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                         recipe["calibration"]["checkpoints_total_limit"])
     except torch.OutOfMemoryError:
         raise _oom("2") from None
     accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
     net = accelerator.unwrap_model(model)
     net.eval().requires_grad_(False)
     if hasattr(net, "disable_gradient_checkpointing") and cfg["gradient_checkpointing"]:
         net.disable_gradient_checkpointing()
+    if accelerator.is_main_process:
+        _load_full_state(net, full_state, DTYPES[recipe["model"]["dtype"]])
     first_last = _first_last(log_path)
     summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
                           "quant": cfg["quant"] or recipe["sla2"]["quant"], "batch_size": cfg["batch_size"],
                           "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
                           "seconds": round(time.time() - t0, 2), "loss_first": first_last[0],
-                          "loss_last": first_last[1], "data": _data_name(data_dir)}}
+                          "loss_last": first_last[1], "data": _data_name(data_dir), **_peak_memory()}}
     if accelerator.is_main_process:
         save_results(net, family, workdir, summary)
     accelerator.wait_for_everyone()
