@@ -1,0 +1,321 @@
+"""SLA2 Triton attention vs torch SDPA (cuDNN and FlashAttention backends), same run, same card.
+
+    python benchmarks/bench_attention.py [--quick] [--out DIR]
+
+Prints one table (ms = triton.testing.do_bench median; speed-up vs each SDPA backend; dense-equivalent
+TFLOPS = 4*B*H*N^2*D / t, x2.5 for the backward; peak memory above the inputs) and writes JSON +
+markdown to --out (default $OUT or ./bench_out).  The whole SLA2 op is timed: router, LUT, quantisation
+pre-passes, kernels and mix.  Before timing it checks the kernel against the reference on a subset of
+query blocks at the realistic size.  Works with the package installed (slaconv.kernels) or from a bare
+checkout (the kernels folder is loaded as ``slaconv.kernels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_kernels():
+    try:
+        from slaconv.kernels import reference, sla2_triton  # noqa: F401
+
+        return reference, sla2_triton
+    except Exception:
+        pass
+    for name in [m for m in sys.modules if m == "slaconv" or m.startswith("slaconv.")]:
+        del sys.modules[name]
+    pkg = types.ModuleType("slaconv")
+    pkg.__path__ = []
+    sys.modules["slaconv"] = pkg
+    spec = importlib.util.spec_from_file_location(
+        "slaconv.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["slaconv.kernels"] = mod
+    spec.loader.exec_module(mod)
+    from slaconv.kernels import reference, sla2_triton
+
+    return reference, sla2_triton
+
+
+reference, S = _import_kernels()
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+
+def rel_l2(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_inputs(b, h, n, d, seed=0, layout="bnhd"):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
+    q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    eye = torch.eye(d, device="cuda").repeat(h, 1, 1)
+    al = torch.randn(h, generator=g, device="cuda")
+    return q, k, v, eye.clone(), eye.clone(), al
+
+
+def bench(fn, rep_ms):
+    return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def peak_mem(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def check_correctness(results, n=32760, h=12, d=128):
+    """Kernel vs reference at the realistic size on a subset of query blocks, every precision, both layouts."""
+    for layout in ("bnhd", "bhnd"):
+        q, k, v, rq, rk, al = make_inputs(1, h, n, d, seed=1, layout=layout)
+        qb = torch.tensor([0, 37, 128, reference.block_count(n, 128) - 1], device="cuda")
+        for quant in ("none", "int8", "int8-fp8"):
+            for topk in (0.03, 0.1):
+                out = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout=layout)
+                qh, kh, vh = ((t.transpose(1, 2) if layout == "bnhd" else t) for t in (q, k, v))
+                oh = out.transpose(1, 2) if layout == "bnhd" else out
+                rows = (qb.view(-1, 1) * 128 + torch.arange(128, device="cuda")).view(-1)
+                rows = rows[rows < n]
+                ref = reference.sla2_attention_reference(
+                    qh, kh, vh, rq, rk, al, topk=topk, quant=quant, q_blocks=qb, chunk_q_blocks=2
+                )
+                r = rel_l2(oh[:, :, rows], ref)
+                cos = torch.nn.functional.cosine_similarity(
+                    oh[:, :, rows].double().flatten(), ref.double().flatten(), dim=0
+                ).item()
+                tol = 1e-2 if quant == "none" else 5e-2
+                ok = r <= tol and (quant == "none" or cos >= 0.999)
+                results["correctness"].append(
+                    dict(layout=layout, quant=quant, topk=topk, rel_l2=r, cos=cos, ok=bool(ok))
+                )
+                print(f"check {layout} {quant:9s} topk={topk}: rel_l2={r:.2e} cos={cos:.6f} {'OK' if ok else 'FAIL'}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def run_shape(results, b, h, n, d, topks, rep_small):
+    flops_fwd = 4.0 * b * h * n * n * d
+    rep = rep_small if n < 50000 else max(rep_small, 400)
+    q, k, v, rq, rk, al = make_inputs(b, h, n, d, seed=2, layout="bnhd")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, N, D): a view, as diffusers does
+    go = torch.randn_like(q)
+    rows = []
+
+    def row(name, ms, flops, mem, base=None):
+        rows.append(dict(shape=f"({b},{h},{n},{d})", name=name, ms=ms, tflops=flops / ms / 1e9, mem_gib=mem, **(base or {})))
+
+    # baselines
+    base = {}
+    for bname, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+                ms = bench(f, rep)
+                mem = peak_mem(f)
+                qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (qt, kt, vt))
+
+                def fb():
+                    o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                    o.backward(go.transpose(1, 2))
+
+                ms_fb = triton.testing.do_bench(fb, warmup=max(10, rep // 4), rep=rep * 2, grad_to_none=[qg, kg, vg], return_mode="median")
+                mem_fb = peak_mem(fb)
+                del qg, kg, vg
+        except Exception as e:  # noqa: BLE001
+            print(f"SDPA {bname} failed: {e}")
+            continue
+        base[bname] = dict(fwd=ms, fb=ms_fb, bwd=ms_fb - ms)
+        row(f"sdpa-{bname} fwd", ms, flops_fwd, mem)
+        row(f"sdpa-{bname} bwd", ms_fb - ms, 2.5 * flops_fwd, mem_fb)
+        torch.cuda.empty_cache()
+
+    def speedups(ms, kind):
+        return {f"x_{bn}": base[bn][kind] / ms for bn in base}
+
+    for topk in topks:
+        for quant in ("none", "int8", "int8-fp8"):
+            f = lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd")  # noqa: E731
+            ms = bench(f, rep)
+            row(f"sla2 {quant} fwd top{topk}", ms, flops_fwd, peak_mem(f), speedups(ms, "fwd"))
+        qg, kg, vg, ag = (t.detach().clone().requires_grad_(True) for t in (q, k, v, al))
+
+        def fb():
+            o = S.sla2_attention_triton(qg, kg, vg, rq, rk, ag, topk=topk, quant="none", layout="bnhd")
+            o.backward(go)
+
+        f_ms = [r for r in rows if r["name"] == f"sla2 none fwd top{topk}"][-1]["ms"]
+        ms_fb = triton.testing.do_bench(fb, warmup=max(10, rep // 4), rep=rep * 2, grad_to_none=[qg, kg, vg, ag], return_mode="median")
+        row(f"sla2 bwd top{topk}", ms_fb - f_ms, 2.5 * flops_fwd, peak_mem(fb), speedups(ms_fb - f_ms, "bwd"))
+        row(f"sla2 fwd+bwd top{topk}", ms_fb, 3.5 * flops_fwd, float("nan"), speedups(ms_fb, "fb"))
+        del qg, kg, vg, ag
+        torch.cuda.empty_cache()
+    results["rows"].extend(rows)
+    del q, k, v, qt, kt, vt, go
+    torch.cuda.empty_cache()
+
+
+def kernel_resources():
+    """Registers / spills of every compiled SLA2 kernel variant (Triton 3.6 device_caches layout)."""
+    out = {}
+    from slaconv.kernels import sla2_triton_kernels as K
+
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_kv_prepass", "_bwd_prepass"):
+        fn = getattr(K, name)
+        try:
+            for cache in fn.device_caches.values():
+                for key, ck in cache[0].items():
+                    ck._init_handles()
+                    out.setdefault(name, []).append(
+                        dict(warps=ck.metadata.num_warps, stages=ck.metadata.num_stages, regs=ck.n_regs,
+                             spills=ck.n_spills, smem=ck.metadata.shared)
+                    )
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"unavailable: {e}"
+    return out
+
+
+def sweep(results, n=32760, h=12, d=128, topk=0.03):
+    """Per-kernel GPU time breakdown (torch.profiler) and a launch-config sweep at one size."""
+    q, k, v, rq, rk, al = make_inputs(1, h, n, d, seed=3)
+    go = torch.randn_like(q)
+    qg, kg, vg, ag = (t.detach().clone().requires_grad_(True) for t in (q, k, v, al))
+
+    def fb(quant="none"):
+        o = S.sla2_attention_triton(qg, kg, vg, rq, rk, ag, topk=topk, quant=quant, layout="bnhd")
+        o.backward(go)
+
+    for quant in ("none",):
+        fb(quant)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                fb(quant)
+            torch.cuda.synchronize()
+        tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+        print(f"--- profile fwd({quant})+bwd x3, topk={topk}")
+        print(tab)
+        results.setdefault("profile", {})[quant] = tab
+    base_cfg = dict(S.CONFIG)
+    variants = [
+        dict(tile_m_fwd=64, num_warps=4, num_stages=2, tile_m_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
+        dict(tile_m_fwd=64, num_warps=8, num_stages=2, tile_m_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
+        dict(tile_m_fwd=128, num_warps=8, num_stages=2, tile_m_bwd=64, num_warps_bwd=4, num_stages_bwd=3),
+        dict(tile_m_fwd=128, num_warps=8, num_stages=3, tile_m_bwd=64, num_warps_bwd=8, num_stages_bwd=1),
+    ]
+    for var in variants:
+        S.CONFIG.clear()
+        S.CONFIG.update(base_cfg)
+        S.CONFIG.update(var)
+        rec = dict(var)
+        for quant in ("none", "int8-fp8"):
+            try:
+                f = lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd")  # noqa: E731
+                rec[f"fwd_{quant}"] = bench(f, 100)
+            except Exception as e:  # noqa: BLE001
+                rec[f"fwd_{quant}"] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+        try:
+            rec["fwd+bwd"] = triton.testing.do_bench(fb, warmup=25, rep=200, grad_to_none=[qg, kg, vg, ag], return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            rec["fwd+bwd"] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+        print("sweep", json.dumps(rec))
+        results.setdefault("sweep", []).append(rec)
+    # best forward and best backward settings, combined
+    def num(x):
+        return x if isinstance(x, float) else float("inf")
+
+    sw = results["sweep"]
+    bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
+    bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
+    best = {k: bf[k] for k in ("tile_m_fwd", "num_warps", "num_stages")}
+    best.update({k: bb[k] for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd")})
+    results["best_config"] = best
+    print("best", json.dumps(best))
+    S.CONFIG.clear()
+    S.CONFIG.update(base_cfg)
+    res = kernel_resources()
+    print("resources", json.dumps(res))
+    results["resources"] = res
+
+
+def fmt_table(rows, card):
+    lines = [
+        f"card: {card}",
+        "| shape | op | ms | x cuDNN | x Flash | dense-eq TFLOPS | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        xc = f"{r['x_cudnn']:.1f}" if "x_cudnn" in r else ""
+        xf = f"{r['x_flash']:.1f}" if "x_flash" in r else ""
+        mem = "" if r["mem_gib"] != r["mem_gib"] else f"{r['mem_gib']:.2f}"
+        lines.append(f"| {r['shape']} | {r['name']} | {r['ms']:.3f} | {xc} | {xf} | {r['tflops']:.0f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--config", default="", help="JSON overrides of sla2_triton.CONFIG")
+    ap.add_argument("--sweep", action="store_true", help="profile + launch-config sweep at (1,12,32760,128), no table")
+    ap.add_argument("--auto", action="store_true", help="sweep first, then the table with the best launch config")
+    args = ap.parse_args()
+    if args.config:
+        S.CONFIG.update(json.loads(args.config))
+    card = torch.cuda.get_device_name()
+    results = dict(
+        card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), config=dict(S.CONFIG),
+        correctness=[], rows=[],
+    )
+    if args.auto:
+        sweep(results)
+        S.CONFIG.update(results["best_config"])
+        results["config"] = dict(S.CONFIG)
+    elif args.sweep:
+        sweep(results)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(results, indent=1))
+        return
+    if not args.no_check:
+        check_correctness(results)
+    shapes = [(1, 12, 32760, 128)] + ([] if args.quick else [(1, 40, 75600, 128)])
+    for shp in shapes:
+        run_shape(results, *shp, topks=(0.10, 0.05, 0.03), rep_small=args.rep)
+        print(fmt_table([r for r in results["rows"] if r["shape"] == f"({shp[0]},{shp[1]},{shp[2]},{shp[3]})"], card))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_attention.json").write_text(json.dumps(results, indent=1))
+    table = fmt_table(results["rows"], card)
+    (out / "bench_attention.md").write_text(
+        f"{results['date']} {card} torch {results['torch']} triton {results['triton']}\n"
+        f"command: {results['command']}\nconfig: {results['config']}\n\n{table}\n"
+    )
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""SLA2 attention on Triton: router + LUT in PyTorch, fused forward, fused backward (DESIGN.md section 2).
+
+Entry point: :func:`sla2_attention_triton` (called by :mod:`slaconv.kernels.ops`).  The work is
+registered as two ``torch.library`` custom ops, ``slaconv::sla2_fwd`` and ``slaconv::sla2_bwd``, with
+fake implementations and an autograd formula, so ``torch.compile`` traces a module that calls it
+without a graph break.
+
+Extra memory (beside the output): O_s and O_l (B*H*N*D each, input dtype), four fp32 per-row vectors,
+the LUT (B*H*nq*n_sel int32), the inverted index (same size), D x D and D totals per (b, h), and for the
+low-bit modes INT8/FP8 copies of Q, K, V.  Nothing O(N^2), no per-block D x D state.
+
+The kernels live in ``sla2_triton_kernels.py``; they are looked up through that module object at call
+time so the test suite can reload it under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from . import sla2_triton_kernels as _K
+
+__all__ = ["sla2_attention_triton", "router_lut", "inverted_index", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+LAYOUTS = ("bnhd", "bhnd")
+TILE_M = 64  # query rows per program (a 128-row routing block is two programs sharing one LUT row)
+# Tuning knobs (module globals so the benchmark can compare variants; defaults are the measured best).
+CONFIG = {
+    # best of the H100 sweep 2026-11-27 (benchmarks/KERNELS.md): fwd 128 rows / 8 warps / 3 stages,
+    # bwd 64 rows / 4 warps / 3 stages
+    "tile_m_fwd": 128,  # query rows per forward program (capped at block_q)
+    "tile_m_bwd": 64,  # query rows per dq program / per inverted-index entry
+    "num_warps": 8,  # forward; None: 4 for D=64, 8 for D=128
+    "num_stages": 3,
+    "num_warps_bwd": 4,
+    "num_stages_bwd": 3,
+    "lin_fp8": True,  # int8-fp8: the linear branch's subtracted (selected) share also in FP8
+    "split": True,  # linear and sparse branches in two launches (one accumulator each: no spills)
+}
+
+
+def _phases():
+    """(SPARSE, LIN) flag pairs, in launch order."""
+    return [(False, True), (True, False)] if CONFIG["split"] else [(True, True)]
+_QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dims(x: torch.Tensor, layout: str):
+    """(B, H, N, D) and the (batch, head, token) strides of a tensor in ``layout``."""
+    if layout == "bnhd":
+        b, n, h, d = x.shape
+        return (b, h, n, d), (x.stride(0), x.stride(2), x.stride(1))
+    b, h, n, d = x.shape
+    return (b, h, n, d), (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    # Kernels need a unit head-dim stride; every layout diffusers hands us has one.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _nsplit(bh: int, nblocks: int) -> int:
+    """Programs per (b, h) for the reduction pre-passes: enough to fill the GPU, at most one per block."""
+    target = 16 if _interpreting() else 264
+    return max(1, min(nblocks, -(-target // bh)))
+
+
+def _launch_cfg(d: int, bwd: bool = False):
+    if _interpreting():
+        return {}
+    nw = CONFIG["num_warps_bwd" if bwd else "num_warps"] or (4 if d == 64 else 8)
+    return {"num_warps": nw, "num_stages": CONFIG["num_stages_bwd" if bwd else "num_stages"]}
+
+
+def _prepass_cfg(d: int):
+    # the reduction pre-passes hold a D x D fp32 accumulator: spread it over 8 warps for D = 128
+    return {} if _interpreting() else {"num_warps": 4 if d == 64 else 8, "num_stages": 2}
+
+
+def _check(q, k, v, layout, quant, block_q, block_k):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if quant not in _QUANT_ID:
+        raise ValueError(f"quant must be one of {tuple(_QUANT_ID)}, got {quant!r}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be 4-D with equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"SLA2 Triton kernel supports head dims {SUPPORTED_HEAD_DIMS}, got {d}")
+    if block_q not in (64, 128) or block_k not in (64, 128):
+        raise ValueError(f"block sizes must be 64 or 128, got block_q={block_q}, block_k={block_k}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# router, LUT and the inverted index (PyTorch on small tensors)
+# --------------------------------------------------------------------------------------------------
+
+
+def router_lut(q_bar, k_bar, counts_k, n, router_q, router_k, n_sel):
+    """Pooled router -> sorted int32 LUT (B, H, nq, n_sel) and the token mean of K (B, H, D)."""
+    mean_k = (k_bar * counts_k.view(1, 1, -1, 1)).sum(dim=2) / n
+    d = q_bar.shape[-1]
+    qp = torch.einsum("bhnd,hde->bhne", q_bar, router_q.float())
+    kp = torch.einsum("bhnd,hde->bhne", k_bar - mean_k.unsqueeze(2), router_k.float())
+    scores = torch.einsum("bhqe,bhke->bhqk", qp, kp) / math.sqrt(d)
+    idx = torch.topk(scores, n_sel, dim=-1).indices
+    return idx.sort(dim=-1).values.to(torch.int32), mean_k
+
+
+def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int):
+    """Key block -> query tiles (of ``tile_m`` rows) that selected it, CSR per (b, h).
+
+    Returns ``offsets`` (B*H*nk + 1,) int32 into ``tiles`` (B*H*nt*n_sel,) int32, grouped by
+    (b*H + h)*nk + key block.  Built with sort/bincount, no dense map.
+    """
+    b, h, nq, n_sel = lut.shape
+    nt = -(-n // tile_m)
+    dev = lut.device
+    tile_blk = (torch.arange(nt, device=dev) * tile_m) // block_q  # routing block of each tile
+    keys = lut.view(b * h, nq, n_sel).long()[:, tile_blk, :]  # (BH, nt, n_sel)
+    bh_off = (torch.arange(b * h, device=dev) * nk).view(-1, 1, 1)
+    flat_key = (keys + bh_off).reshape(-1)
+    tile_id = torch.arange(nt, device=dev).view(1, nt, 1).expand_as(keys).reshape(-1)
+    order = torch.sort(flat_key * nt + tile_id).values
+    tiles = (order % nt).to(torch.int32)
+    counts = torch.bincount(flat_key, minlength=b * h * nk)
+    offsets = torch.zeros(b * h * nk + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), tiles
+
+
+# --------------------------------------------------------------------------------------------------
+# forward / backward drivers
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout):
+    _check(q, k, v, layout, quant, block_q, block_k)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    (B, H, N, D), sq = _dims(q, layout)
+    _, sk = _dims(k, layout)
+    _, sv = _dims(v, layout)
+    dev = q.device
+    BH = B * H
+    tm = min(CONFIG["tile_m_fwd"], block_q)
+    nq, nk, nt = -(-N // block_q), -(-N // block_k), -(-N // tm)
+    n_sel = reference.topk_count(topk, nk)
+    qid = _QUANT_ID[quant]
+    sm_scale = 1.0 / math.sqrt(D)
+    qk_scale = sm_scale * reference.LOG2E
+    cfg = _launch_cfg(D)
+    f32 = torch.float32
+
+    # pass over Q: block means (+ INT8 Q)
+    q_bar = torch.empty(BH, nq, D, device=dev, dtype=f32)
+    if qid:
+        qq = torch.empty(BH, N, D, device=dev, dtype=torch.int8)
+        qs = torch.empty(BH, nq, device=dev, dtype=f32)
+    else:
+        qq = qs = q_bar  # unused
+    phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    _K._q_prepass[(nq, BH)](q, q_bar, qq, qs, phiq, *sq, N, H, nq, qk_scale, D=D, BLOCK=block_q, QUANT=qid)
+
+    # pass over K, V: key-block means, linear-branch totals, max|V|
+    ns = _nsplit(BH, nk)
+    k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
+    zp = torch.empty(BH, ns, D, device=dev, dtype=f32)
+    vmp = torch.empty(BH, ns, D, device=dev, dtype=f32) if qid == 2 else zp
+    _K._kv_prepass[(ns, BH)](
+        k, v, k_bar, hp, zp, vmp, phik, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, **_prepass_cfg(D)
+    )
+    h_all = hp.sum(dim=1)
+    z_all = zp.sum(dim=1)
+
+    counts_k = torch.full((nk,), float(block_k), device=dev)
+    counts_k[-1] = N - (nk - 1) * block_k
+    lut, mean_k = router_lut(q_bar.view(B, H, nq, D), k_bar.view(B, H, nk, D), counts_k, N, router_q, router_k, n_sel)
+    mean_k = mean_k.reshape(BH, D).contiguous()
+
+    if qid:
+        kq = torch.empty(BH, N, D, device=dev, dtype=torch.int8)
+        ks = torch.empty(BH, nk, device=dev, dtype=f32)
+        if qid == 2:
+            vscale = (vmp.amax(dim=1).clamp_min(1e-8) / reference.FP8_E4M3_MAX).contiguous()
+            vq = torch.empty(BH, D, N, device=dev, dtype=torch.float8_e4m3fn)
+        else:
+            vscale = vq = mean_k
+        _K._kv_quant[(nk, BH)](k, v, mean_k, vscale, kq, ks, vq, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, QUANT=qid, FP8_EMU=_interpreting())
+    else:
+        kq = ks = vq = vscale = mean_k  # unused
+
+    alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
+    o = torch.empty(q.shape, device=dev, dtype=q.dtype)
+    _, so = _dims(o, layout)
+    o_s = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    lse = torch.empty(BH, N, device=dev, dtype=f32)
+    rden = torch.empty(BH, N, device=dev, dtype=f32)
+    has_lin = int(n_sel < nk)
+    for sparse, lin in _phases():
+        _K._fwd_kernel[(nt, BH)](
+            q, k, v, qq, qs, kq, ks, vq, vscale, mean_k, lut, h_all, z_all, alpha, phiq, phik,
+            o, o_s, o_l, lse, rden,
+            *sq, *sk, *sv, *so,
+            N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
+            D=D, BLOCK_M=tm, BLOCK_N=block_k, QUANT=qid, HI_PREC=not _interpreting(), FP8_EMU=_interpreting(),
+            LIN_FP8=bool(qid == 2 and CONFIG["lin_fp8"]), SPARSE=sparse, LIN=lin, **cfg,
+        )
+    return o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik
+
+
+def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout):
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    (B, H, N, D), sq = _dims(q, layout)
+    _, sk = _dims(k, layout)
+    _, sv = _dims(v, layout)
+    _, sd = _dims(do, layout)
+    dev = q.device
+    BH = B * H
+    tm = min(CONFIG["tile_m_bwd"], block_q)
+    nq, nk, nt = -(-N // block_q), -(-N // block_k), -(-N // tm)
+    n_sel = lut.shape[-1]
+    sm_scale = 1.0 / math.sqrt(D)
+    qk_scale = sm_scale * reference.LOG2E
+    cfg = _launch_cfg(D, bwd=True)
+    f32 = torch.float32
+    alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
+
+    delta = torch.empty(BH, N, device=dev, dtype=f32)
+    cc = torch.empty(BH, N, device=dev, dtype=f32)
+    ns = _nsplit(BH, nt)
+    ap = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
+    bp = torch.empty(BH, ns, D, device=dev, dtype=f32)
+    dap = torch.empty(BH, ns, device=dev, dtype=f32)
+    _K._bwd_prepass[(ns, BH)](phiq, do, o_s, o_l, rden, alpha, delta, cc, ap, bp, dap, *sq, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
+    a_all = ap.sum(dim=1)
+    b_all = bp.sum(dim=1)
+    a = alpha
+    dalpha = (dap.sum(dim=1).view(B, H).sum(dim=0) * a * (1 - a)).to(alpha_logit.dtype)
+
+    dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
+    _, sdq = _dims(dq, layout)
+    _, sdk = _dims(dk, layout)
+    _, sdv = _dims(dv, layout)
+    hi = not _interpreting()
+    koff, kqt = inverted_index(lut, N, block_q, nk, tm)
+    for sparse, lin in _phases():
+        _K._bwd_dq_kernel[(nt, BH)](
+            q, k, v, do, dq, lut, lse, delta, cc, rden, h_all, z_all, alpha, phiq, phik,
+            *sq, *sk, *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
+            D=D, BLOCK_M=tm, BLOCK_N=block_k, HI_PREC=hi, SPARSE=sparse, LIN=lin, **cfg,
+        )
+        _K._bwd_dkdv_kernel[(nk, BH)](
+            q, k, v, do, dk, dv, koff, kqt, lse, delta, cc, rden, a_all, b_all, alpha, phiq, phik,
+            *sq, *sk, *sv, *sd, *sdk, *sdv, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale, nt,
+            D=D, BLOCK_M=tm, BLOCK_N=block_k, HI_PREC=hi, SPARSE=sparse, LIN=lin, **cfg,
+        )
+    return dq, dk, dv, dalpha
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops + autograd
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slaconv::sla2_fwd", mutates_args=())
+def sla2_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
+    alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (O, LUT, O_s, O_l, LSE, 1/den, H_all, z_all, phi(Q), phi(K)); all but O are saved for the backward."""
+    return _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout)
+
+
+@sla2_fwd.register_fake
+def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout):
+    _check(q, k, v, layout, quant, block_q, block_k)
+    if layout == "bnhd":
+        B, N, H, D = q.shape
+    else:
+        B, H, N, D = q.shape
+    nq, nk = -(-N // block_q), -(-N // block_k)
+    n_sel = reference.topk_count(topk, nk)
+    BH = B * H
+    f32 = torch.float32
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((B, H, nq, n_sel), dtype=torch.int32),
+        q.new_empty((BH, N, D)),
+        q.new_empty((BH, N, D)),
+        q.new_empty((BH, N), dtype=f32),
+        q.new_empty((BH, N), dtype=f32),
+        q.new_empty((BH, D, D), dtype=f32),
+        q.new_empty((BH, D), dtype=f32),
+        q.new_empty((BH, N, D)),
+        q.new_empty((BH, N, D)),
+    )
+
+
+@torch.library.custom_op("slaconv::sla2_bwd", mutates_args=())
+def sla2_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha_logit: torch.Tensor,
+    lut: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor, lse: torch.Tensor, rden: torch.Tensor,
+    h_all: torch.Tensor, z_all: torch.Tensor, phiq: torch.Tensor, phik: torch.Tensor, block_q: int, block_k: int,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV, d alpha_logit); bf16/fp16 on the original Q, K, V (straight-through for low-bit)."""
+    return _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout)
+
+
+@sla2_bwd.register_fake
+def _(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout = inputs
+    _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik = output
+    ctx.save_for_backward(q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik)
+    ctx.cfg = (block_q, block_k, layout)
+
+
+def _autograd_backward(ctx, do, *_unused):
+    q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik = ctx.saved_tensors
+    block_q, block_k, layout = ctx.cfg
+    dq, dk, dv, dalpha = sla2_bwd(
+        do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout
+    )
+    return dq, dk, dv, None, None, dalpha, None, None, None, None, None
+
+
+sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def sla2_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_q: torch.Tensor,
+    router_k: torch.Tensor,
+    alpha_logit: torch.Tensor,
+    *,
+    topk: float,
+    block_q: int = 128,
+    block_k: int = 64,
+    quant: str = "none",
+    layout: str = "bnhd",
+) -> torch.Tensor:
+    """SLA2 attention (DESIGN.md section 1) on q, k, v in ``layout`` ("bnhd" or "bhnd"); returns the
+    output in that layout and dtype.  Differentiable w.r.t. q, k, v and alpha_logit (the hard top-k
+    router gets no gradient)."""
+    _check(q, k, v, layout, quant, block_q, block_k)
+    return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(topk), int(block_q), int(block_k), quant, layout)[0]

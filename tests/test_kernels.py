@@ -1,0 +1,312 @@
+"""SLA2 Triton kernels against the PyTorch reference (and an independent dense fp64 oracle).
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before
+anything imports Triton) on small shapes; with CUDA the same tests run on the GPU at larger sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from slaconv.kernels import reference  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover
+    pytest.skip("triton not installed", allow_module_level=True)
+
+from slaconv.kernels import sla2_triton_kernels as _K  # noqa: E402
+
+
+def _ensure_kernel_mode():
+    """If another test imported the kernels before TRITON_INTERPRET was set, re-create them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    want_interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if isinstance(_K._fwd_kernel, InterpretedFunction) != want_interp:
+        importlib.reload(_K)
+
+
+_ensure_kernel_mode()
+from slaconv.kernels import sla2_triton as S  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA and TRITON_INTERPRET disabled", allow_module_level=True)
+
+# CPU/interpreter: fp32 (exact interpreter dots) small shapes; GPU: bf16 at larger N.
+if HAS_CUDA:
+    DTYPE = torch.bfloat16
+    SIZES = [(1, 3, 2000), (2, 2, 1333)]
+    TOL = 1e-2
+else:
+    DTYPE = torch.float32
+    SIZES = [(1, 2, 200), (1, 2, 333)]
+    TOL = 1e-4
+
+
+def rel_l2(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(b, h, n, d, layout, dtype=DTYPE, seed=0, router_noise=0.1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
+    q, k, v = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(3))
+    k = k + 0.5  # a non-zero key mean exercises the smoothing / LSE correction
+    eye = torch.eye(d).repeat(h, 1, 1)
+    rq = (eye + router_noise * torch.randn(h, d, d, generator=g)).to(DEVICE)
+    rk = (eye + router_noise * torch.randn(h, d, d, generator=g)).to(DEVICE)
+    al = torch.randn(h, generator=g).to(DEVICE)
+    return q, k, v, rq, rk, al
+
+
+def _to_bhnd(x, layout):
+    return x.transpose(1, 2) if layout == "bnhd" else x
+
+
+def _run_kernel(q, k, v, rq, rk, al, layout, **kw):
+    return S.sla2_attention_triton(q, k, v, rq, rk, al, layout=layout, **kw)
+
+
+def _run_reference(q, k, v, rq, rk, al, layout, **kw):
+    qh, kh, vh = (_to_bhnd(t, layout) for t in (q, k, v))
+    out = reference.sla2_attention_reference(qh, kh, vh, rq, rk, al, **kw)
+    return _to_bhnd(out, layout)
+
+
+def _leaf(*ts, dtype=None):
+    return [t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in ts]
+
+
+# --------------------------------------------------------------------------------------------------
+# forward + backward, quant none, against the reference
+# --------------------------------------------------------------------------------------------------
+
+CASES = [
+    # (size idx, D, block_q, block_k, topk, layout)
+    (0, 64, 128, 64, 0.3, "bnhd"),
+    (1, 64, 64, 64, 0.5, "bhnd"),
+    (1, 128, 128, 64, 0.2, "bnhd"),
+    (0, 128, 64, 64, 1.0, "bhnd"),  # every block selected: O_l == 0
+    (1, 64, 128, 64, 0.01, "bhnd"),  # one block per row
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{SIZES[c[0]][2]}-d{c[1]}-bq{c[2]}-top{c[4]}-{c[5]}")
+def test_forward_backward_matches_reference(case):
+    si, d, bq, bk, topk, layout = case
+    b, h, n = SIZES[si]
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, seed=si * 7 + d)
+    kw = dict(topk=topk, block_q=bq, block_k=bk, quant="none")
+    qk, kk, vk, ak = _leaf(q, k, v, al)
+    out = _run_kernel(qk, kk, vk, rq, rk, ak, layout, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    qr, kr, vr, ar = _leaf(q, k, v, al, dtype=torch.float32)
+    ref = _run_reference(qr, kr, vr, rq, rk, ar, layout, **kw)
+    assert rel_l2(out, ref) <= TOL, rel_l2(out, ref)
+
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
+    grads = torch.autograd.grad(out, (qk, kk, vk, ak), go)
+    grads_ref = torch.autograd.grad(ref, (qr, kr, vr, ar), go.float())
+    for name, g, gr in zip("q k v alpha".split(), grads, grads_ref):
+        assert g.shape == gr.shape
+        assert torch.isfinite(g).all(), name
+        assert rel_l2(g, gr) <= max(TOL, 1e-2 if DTYPE != torch.float32 else 1e-4), (name, rel_l2(g, gr))
+
+
+def test_all_blocks_selected_linear_branch_is_zero():
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=3)
+    _, lut, o_s, o_l, _, rden, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 1.0, 64, 64, "none", "bhnd")
+    assert lut.shape[-1] == -(-n // 64)
+    assert o_l.abs().max().item() == 0.0 and rden.abs().max().item() == 0.0
+
+
+def test_router_lut_matches_reference_router():
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=5)
+    _, lut, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.3, 128, 64, "none", "bhnd")
+    scores = reference.router_scores(q, k, rq, rk, 128, 64)
+    n_sel = reference.topk_count(0.3, reference.block_count(n, 64))
+    want = reference.mask_to_lut(reference.hard_topk_mask(scores, n_sel))
+    assert torch.equal(lut.cpu(), want.cpu())
+
+
+def test_inverted_index():
+    g = torch.Generator().manual_seed(0)
+    b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
+    n = (nq - 1) * bq + 70
+    lut = torch.stack([torch.randperm(nk, generator=g)[:n_sel].sort().values for _ in range(b * h * nq)])
+    lut = lut.view(b, h, nq, n_sel).to(torch.int32)
+    offsets, tiles = S.inverted_index(lut, n, bq, nk, 64)
+    nt = -(-n // 64)
+    for bh in range(b * h):
+        for j in range(nk):
+            got = tiles[offsets[bh * nk + j] : offsets[bh * nk + j + 1]].tolist()
+            want = [t for t in range(nt) if j in lut.view(b * h, nq, n_sel)[bh, (t * 64) // bq].tolist()]
+            assert got == want
+
+
+# --------------------------------------------------------------------------------------------------
+# independent dense fp64 oracle (explicit N x N masked softmax + masked linear attention)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_fp64(q, k, v, mask_tok, alpha_logit):
+    """DESIGN section 1 on (B, H, N, D) with a token-level boolean mask (B, H, N, N), in fp64."""
+    q, k, v = q.double(), k.double(), v.double()
+    d = q.shape[-1]
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    s = s.masked_fill(~mask_tok, float("-inf"))
+    o_s = torch.softmax(s, dim=-1) @ v
+    pq, pk = torch.softmax(q, dim=-1), torch.softmax(k, dim=-1)
+    kern = (pq @ pk.transpose(-1, -2)) * (~mask_tok)
+    o_l = (kern @ v) / (kern.sum(-1, keepdim=True) + 1e-6)
+    a = torch.sigmoid(alpha_logit.double()).view(1, -1, 1, 1)
+    return a * o_s + (1 - a) * o_l
+
+
+@pytest.mark.parametrize("topk,bq", [(0.25, 128), (0.6, 64)])
+def test_forward_against_dense_fp64(topk, bq):
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=11)
+    out, lut, *_ = S.sla2_fwd(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd")
+    nk = reference.block_count(n, 64)
+    blk = torch.zeros(b, h, lut.shape[2], nk, dtype=torch.bool, device=lut.device)
+    blk.scatter_(-1, lut.long(), True)
+    mask_tok = blk.repeat_interleave(bq, dim=2)[:, :, :n].repeat_interleave(64, dim=3)[..., :n]
+    want = _dense_fp64(q, k, v, mask_tok, al)
+    assert rel_l2(out, want) <= (1e-5 if DTYPE == torch.float32 else 1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# low-bit forwards
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
+@pytest.mark.parametrize("layout,d", [("bnhd", 64), ("bhnd", 128)])
+def test_lowbit_forward(quant, layout, d):
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, seed=17 + d)
+    kw = dict(topk=0.3, block_q=128, block_k=64, quant=quant)
+    out = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
+    ref = _run_reference(*(t.float() for t in (q, k, v)), rq, rk, al, layout, **kw)
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0).item()
+    assert rel_l2(out, ref) <= 5e-2 and cos >= 0.999, (rel_l2(out, ref), cos)
+
+
+def test_lowbit_lse_is_valid_for_bf16_backward():
+    """The quantised forward corrects its LSE for the K shift: P recomputed from the original Q, K with
+    that LSE must sum to ~1 over the selected keys."""
+    b, h, n = SIZES[0]
+    d = 64
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, "bhnd", seed=23)
+    _, lut, _, _, lse, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.5, 64, 64, "int8-fp8", "bhnd")
+    _, _, _, _, lse_ref, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.5, 64, 64, "none", "bhnd")
+    # int8 logits move the LSE by a few thousandths of a log2 unit, not by q . mean(K)
+    assert (lse - lse_ref).abs().max().item() < 0.1
+
+
+def test_lowbit_backward_runs_straight_through():
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=29)
+    qk, kk, vk, ak = _leaf(q, k, v, al)
+    out = _run_kernel(qk, kk, vk, rq, rk, ak, "bnhd", topk=0.3, quant="int8-fp8")
+    out.float().square().sum().backward()
+    qn, kn, vn, an = _leaf(q, k, v, al)
+    out_n = _run_kernel(qn, kn, vn, rq, rk, an, "bnhd", topk=0.3, quant="none")
+    out_n.float().square().sum().backward()
+    for a, bb in ((qk, qn), (kk, kn), (vk, vn)):
+        assert torch.isfinite(a.grad).all()
+        assert rel_l2(a.grad, bb.grad) < 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# API: errors, layouts through strides, compile, recompiles
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_head_dim_and_args():
+    q = torch.randn(1, 2, 100, 96, device=DEVICE, dtype=DTYPE)
+    rq = torch.eye(96).repeat(2, 1, 1).to(DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2, device=DEVICE), topk=0.1, layout="bhnd")
+    q = torch.randn(1, 2, 100, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="quant"):
+        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2), topk=0.1, quant="fp4", layout="bhnd")
+    with pytest.raises(ValueError, match="layout"):
+        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2), topk=0.1, layout="nhd")
+
+
+def test_strided_views_of_fused_qkv():
+    """q, k, v as non-contiguous views of one fused (B, N, 3, H, D) projection, as diffusers may hand them."""
+    b, h, n = SIZES[0]
+    d = 64
+    g = torch.Generator().manual_seed(31)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(DEVICE, DTYPE)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _, _, _, rq, rk, al = _inputs(b, h, n, d, "bnhd", seed=31)
+    out = _run_kernel(q, k, v, rq, rk, al, "bnhd", topk=0.4, block_q=64)
+    ref = _run_reference(q.float(), k.float(), v.float(), rq, rk, al, "bnhd", topk=0.4, block_q=64)
+    assert rel_l2(out, ref) <= TOL
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    b, h, n = SIZES[0]
+    d = 64
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, "bnhd", seed=37)
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha_logit = torch.nn.Parameter(al.clone())
+
+        def forward(self, q, k, v):
+            return S.sla2_attention_triton(q, k, v, rq, rk, self.alpha_logit, topk=0.3, layout="bnhd") * 2.0
+
+    torch._dynamo.reset()
+    mod = Attn()
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    qk, kk, vk = _leaf(q, k, v)
+    out = compiled(qk, kk, vk)
+    out.float().sum().backward()
+    eager = mod(q, k, v)
+    assert rel_l2(out, eager) < 1e-6
+    assert qk.grad is not None and mod.alpha_logit.grad is not None
+    explain = torch._dynamo.explain(Attn())(q, k, v)
+    assert explain.graph_break_count == 0
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the interpreter has no compile cache to count; checked on the GPU run")
+def test_no_recompile_when_n_or_topk_changes():
+    def n_variants():
+        total = 0
+        for fn in (_K._fwd_kernel, _K._bwd_dq_kernel, _K._bwd_dkdv_kernel):
+            for cache in fn.device_caches.values():
+                total += len(cache[0])
+        return total
+
+    counts = []
+    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5)]:
+        q, k, v, rq, rk, al = _inputs(1, 2, n, 128, "bnhd", seed=n)
+        qk, kk, vk, ak = _leaf(q, k, v, al)
+        out = _run_kernel(qk, kk, vk, rq, rk, ak, "bnhd", topk=topk)
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+        counts.append(n_variants())
+    assert counts[0] > 0 and len(set(counts)) == 1, counts
