@@ -17,7 +17,7 @@ from .install import install_sla2, resolve_targets, sla2_processors
 from .inputs import batches
 from .kernels import reference
 from .recipe import recipe_hash, save_recipe
-from .source import content_hash, load_model, resolve_model
+from .source import content_hash, load_model, resolve_model, sla_checkpoint_info
 from .workdir import (
     LOCAL_NAME,
     RECIPE_NAME,
@@ -84,7 +84,8 @@ def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision
     family = detect_family(source.config, recipe["model"]["family"])
     is_local = model == str(source.path) or Path(model).expanduser().exists()
     base = {"id": None if is_local else model, "name": source.path.name if subfolder is None else Path(model).name,
-            "revision": source.revision, "subfolder": subfolder, "content_hash": content_hash(source.path)}
+            "revision": source.revision, "subfolder": subfolder, "content_hash": content_hash(source.path),
+            "sla_checkpoint": sla_checkpoint_info(source.path)}
     net = load_model(source, family, dtype=recipe["model"]["dtype"], device=device)
     s = recipe["sla2"]
     layers = resolve_targets(net, family, s["targets"], s["ignore"])
