@@ -191,6 +191,72 @@ def _oom(stage: str) -> OutOfMemoryError:
     )
 
 
+# ---------------------------------------------------------------- held-out scores
+
+
+def _eval_sampler(family, model_config, recipe, data_dir) -> StepSampler:
+    held = json.loads(json.dumps(recipe))
+    held["calibration"]["seed"] = recipe["calibration"]["seed"] + 7_777
+    return StepSampler(family, model_config, held, 1, data_dir)
+
+
+@torch.no_grad()
+def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query_blocks: int, device, dtype) -> float | None:
+    """Mean over layers of the relative MSE of hard-top-k SLA2 (as run at inference, bf16 math)
+    against full attention, on ``n`` fixed held-out samples and evenly spaced query blocks."""
+    if n == 0:
+        return None
+    err: dict[str, list[float]] = {}
+
+    def observe(proc, q, k, v):
+        qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+        nq = reference.block_count(qh.shape[2], proc.block_q)
+        blocks = torch.linspace(0, nq - 1, min(n_query_blocks, nq)).round().long().unique().to(qh.device)
+        rows = (blocks.view(-1, 1) * proc.block_q + torch.arange(proc.block_q, device=qh.device)).view(-1)
+        rows = rows[rows < qh.shape[2]]
+        target = reference.full_attention_reference(qh, kh, vh, rows)
+        pred = reference.sla2_attention_reference(qh, kh, vh, proc.router_q, proc.router_k, proc.alpha_logit,
+                                                  topk=proc.topk, block_q=proc.block_q, block_k=proc.block_k,
+                                                  q_blocks=blocks)
+        e = err.setdefault(proc.layer_name, [0.0, 0.0])
+        e[0] += float(((pred - target) ** 2).sum())
+        e[1] += float((target ** 2).sum())
+        return proc.dense_attention(q, k, v)
+
+    procs = sla2_processors(model)
+    for proc in procs.values():
+        proc.observer = observe
+    try:
+        for i in range(n):
+            batch = sampler.batch(i)
+            x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+            _forward(model, family, batch, x_t, batch["sigma"], device, dtype)
+    finally:
+        for proc in procs.values():
+            proc.observer = None
+    return sum(a / max(b, 1e-30) for a, b in err.values()) / len(err)
+
+
+@torch.no_grad()
+def heldout_loss(forward, model, teacher, sampler: StepSampler, n: int, device, autocast) -> float | None:
+    """Stage-2 objective on ``n`` fixed held-out samples (distillation if ``teacher`` else flow
+    matching); ``forward(net, batch, x_t, sigma)`` runs one network."""
+    if n == 0:
+        return None
+    total = 0.0
+    for i in range(n):
+        batch = sampler.batch(i)
+        x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+        with autocast():
+            pred = forward(model, batch, x_t, batch["sigma"]).float()
+            if teacher is not None:
+                target = forward(teacher, batch, x_t, batch["sigma"]).float()
+            else:
+                target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+        total += float(torch.mean((pred - target) ** 2))
+    return total / n
+
+
 # ---------------------------------------------------------------- stage 1
 
 
@@ -249,9 +315,12 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
         return proc.dense_attention(q, k, v)
 
+    dtype = next(model.parameters()).dtype
+    n_eval = recipe["calibration"]["eval_samples"]
+    eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
+    heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     for proc in procs.values():
         proc.observer = observe
-    dtype = next(model.parameters()).dtype
     bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
                    initial=start, total=cfg["steps"])
     t0 = time.time()
@@ -285,9 +354,13 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     finally:
         for proc in procs.values():
             proc.observer = None
+    seconds = round(time.time() - t0, 2)
+    heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     first_last = _first_last(log_path)
-    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": round(time.time() - t0, 2),
+    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": seconds,
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
+                          "heldout_attention_rel_mse_before": heldout_before,
+                          "heldout_attention_rel_mse_after": heldout_after,
                           "data": _data_name(data_dir), **_peak_memory()}}
     for p in params:
         p.requires_grad_(False)
@@ -404,8 +477,19 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             log_path.unlink()
         else:
             _truncate_log(log_path, start)
+    dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
+    teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else dtype
+    n_eval = recipe["calibration"]["eval_samples"]
+    eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
+
+    def forward(net, batch, x_t, sigma):
+        return _forward(net, family, batch, x_t, sigma, device, teacher_dtype if net is teacher else dtype)
+
+    def score(net):
+        return heldout_loss(forward, net, teacher, eval_sampler, n_eval, device, accelerator.autocast)
+
+    heldout_before = score(model) if start == 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
-    dtype = torch.float32 if recipe["model"]["dtype"] == "float32" else next(accelerator.unwrap_model(model).parameters()).dtype
     bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
                    initial=start, total=cfg["steps"])
     t0 = time.time()
@@ -416,12 +500,12 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 batch = sampler.batch(step * cfg["grad_accum"] + micro)
                 x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
                 if teacher is not None:
-                    with torch.no_grad():
-                        target = _forward(teacher, family, batch, x_t, batch["sigma"], device, dtype).float()
+                    with torch.no_grad(), accelerator.autocast():
+                        target = forward(teacher, batch, x_t, batch["sigma"]).float()
                 else:
                     target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
                 with accelerator.accumulate(model), accelerator.autocast():
-                    pred = _forward(model, family, batch, x_t, batch["sigma"], device, dtype).float()
+                    pred = forward(model, batch, x_t, batch["sigma"]).float()
                     loss = torch.mean((pred - target) ** 2)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg["grad_clip"]:
@@ -452,11 +536,14 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         net.disable_gradient_checkpointing()
     if accelerator.is_main_process:
         _load_full_state(net, full_state, DTYPES[recipe["model"]["dtype"]])
+    seconds = round(time.time() - t0, 2)
+    heldout_after = score(net)
     first_last = _first_last(log_path)
     summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
+                          "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
                           "quant": cfg["quant"] or recipe["sla2"]["quant"], "batch_size": cfg["batch_size"],
                           "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
-                          "seconds": round(time.time() - t0, 2), "loss_first": first_last[0],
+                          "seconds": seconds, "loss_first": first_last[0],
                           "loss_last": first_last[1], "data": _data_name(data_dir), **_peak_memory()}}
     if accelerator.is_main_process:
         save_results(net, family, workdir, summary)

@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "checkpoint_every": 50,
         "checkpoints_total_limit": 2,
+        # Fixed held-out samples (own seed) scored before and after each stage.
+        "eval_samples": 2,
         "stage1": {
             "steps": 100,
             "lr": 1e-3,
@@ -146,6 +148,7 @@ def validate(recipe: dict) -> dict:
            "calibration.stage2.warmup_steps must be an integer >= 0")
     _check(isinstance(st2["gradient_checkpointing"], bool), "calibration.stage2.gradient_checkpointing must be true/false")
     _check(isinstance(c["seed"], int), "calibration.seed must be an integer")
+    _check(isinstance(c["eval_samples"], int) and c["eval_samples"] >= 0, "calibration.eval_samples must be >= 0")
     _check(isinstance(c["checkpoints_total_limit"], int) and c["checkpoints_total_limit"] >= 1,
            "calibration.checkpoints_total_limit must be >= 1")
     _check(st2["objective"] in OBJECTIVES, f"calibration.stage2.objective must be one of {OBJECTIVES}")
