@@ -316,5 +316,49 @@ def bench(ctx, seq_len, heads, head_dim, topks, quants, as_json):
     _emit(ctx, {"rows": rows}, render_table(rows))
 
 
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--pipeline", required=True, help="Diffusers Wan pipeline folder or Hub id (only vae/, text_encoder/, "
+                                                "tokenizer/ are read).")
+@click.option("--captions", required=True, type=click.Path(),
+              help="JSONL ({\"file\", \"caption\"} per line), CSV (file,caption) or a folder of media + same-named .txt.")
+@click.option("--media-dir", type=click.Path(file_okay=False), help="Where relative 'file' entries live "
+                                                                   "(default: the captions file's folder).")
+@click.option("--height", default=480, show_default=True, help="Frame height (multiple of 16).")
+@click.option("--width", default=832, show_default=True, help="Frame width (multiple of 16).")
+@click.option("--num-frames", default=81, show_default=True, help="Frames per sample, 4k+1 (images: 1, or repeated).")
+@click.option("--max-sequence-length", default=512, show_default=True, help="Text tokens (padded with zeros).")
+@click.option("--revision", help="Hub revision when --pipeline is a repo id.")
+@device_option
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Text-encoder and stored dtype (the VAE always runs in float32).")
+@click.option("--seed", default=0, show_default=True, help="Recorded in the manifest (encoding is deterministic).")
+@dry_run_option
+@json_option
+@click.pass_context
+def prepare(ctx, output, pipeline, captions, media_dir, height, width, num_frames, max_sequence_length, revision,
+            device, dtype, seed, dry_run, as_json):
+    """Encode videos/images + captions into a --data folder with a Wan pipeline's VAE and text encoder."""
+    from . import prepare as stage
+
+    _common(ctx, as_json)
+    kwargs = dict(pipeline=pipeline, captions=captions, media_dir=media_dir, height=height, width=width,
+                  num_frames=num_frames, max_sequence_length=max_sequence_length, revision=revision,
+                  offline=ctx.obj["offline"])
+    if dry_run:
+        p = stage.plan(output, **kwargs)
+        rows = [f"{r['file']} [{r['kind']}, {r['frames'] if r['frames'] is not None else '?'} frame(s)]: "
+                f"{r['caption'][:60]}" for r in p["items"]]
+        note = "" if p["output_ok"] else f"\n(note: {output} is not empty; the real run would refuse it)"
+        _emit(ctx, {"dry_run": True, **p},
+              f"would encode {p['num_samples']} samples with {pipeline} -> {output} "
+              f"(latents {p['latent_shape']}, prompt_embeds {p['text_shape']}):\n  " + "\n  ".join(rows) + note)
+        return
+    out = stage.prepare_dataset(output, device=_device(device), dtype=dtype, seed=seed,
+                                show_progress=not ctx.obj["quiet"], **kwargs)
+    _emit(ctx, out, f"wrote {out['num_samples']} samples to {out['data_dir']} "
+                    f"(latents {out['latent_shape']}, prompt_embeds {out['text_shape']}, {out['dtype']})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
