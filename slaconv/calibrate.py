@@ -315,7 +315,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
         return proc.dense_attention(q, k, v)
 
-    dtype = next(model.parameters()).dtype
+    dtype = DTYPES[recipe["model"]["dtype"]]
     n_eval = recipe["calibration"]["eval_samples"]
     eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
     heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
@@ -478,15 +478,16 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         else:
             _truncate_log(log_path, start)
     dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
-    teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else dtype
+    teacher_dtype = DTYPES[recipe["model"]["dtype"]]  # the teacher is loaded in the recipe dtype
     n_eval = recipe["calibration"]["eval_samples"]
     eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
 
-    def forward(net, batch, x_t, sigma):
-        return _forward(net, family, batch, x_t, sigma, device, teacher_dtype if net is teacher else dtype)
+    def forward(net, batch, x_t, sigma, student_dtype=dtype):
+        return _forward(net, family, batch, x_t, sigma, device, teacher_dtype if net is teacher else student_dtype)
 
-    def score(net):
-        return heldout_loss(forward, net, teacher, eval_sampler, n_eval, device, accelerator.autocast)
+    def score(net, student_dtype=dtype):
+        run = lambda n, b, x, s: forward(n, b, x, s, student_dtype)  # noqa: E731
+        return heldout_loss(run, net, teacher, eval_sampler, n_eval, device, accelerator.autocast)
 
     heldout_before = score(model) if start == 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -537,7 +538,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     if accelerator.is_main_process:
         _load_full_state(net, full_state, DTYPES[recipe["model"]["dtype"]])
     seconds = round(time.time() - t0, 2)
-    heldout_after = score(net)
+    heldout_after = score(net, DTYPES[recipe["model"]["dtype"]])  # as saved: weights in the recipe dtype
     first_last = _first_last(log_path)
     summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,

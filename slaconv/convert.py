@@ -17,7 +17,7 @@ from .install import install_sla2, resolve_targets, sla2_processors
 from .inputs import batches
 from .kernels import reference
 from .recipe import recipe_hash, save_recipe
-from .source import content_hash, load_model, resolve_model, sla_checkpoint_info
+from .source import DTYPES, content_hash, load_model, resolve_model, sla_checkpoint_info
 from .workdir import (
     LOCAL_NAME,
     RECIPE_NAME,
@@ -61,7 +61,7 @@ def calibrate_alpha(model, family, model_config: dict, recipe: dict, data_dir=No
     for proc in procs.values():
         proc.observer = observe
     try:
-        dtype = next(model.parameters()).dtype
+        dtype = DTYPES[recipe["model"]["dtype"]]  # not a parameter's: some modules stay fp32
         kwargs = family.make_inputs(model, batch["latents"].to(device, dtype),
                                     torch.full((1,), 500.0, device=device),
                                     batch["prompt_embeds"].to(device, dtype))

@@ -21,7 +21,7 @@ from .errors import QualityGateError
 from .install import set_mode, sla2_processors
 from .kernels import reference
 from .plots import bar_chart, mask_image
-from .source import load_base_model
+from .source import DTYPES, load_base_model
 from .workdir import load_workdir, read_sla2_config, write_json
 
 MAX_ROWS_PER_LAYER = 4096  # query rows compared per layer and sample (full attention is O(rows * N))
@@ -82,7 +82,7 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
     dtype_name = recipe["model"]["dtype"]
     model, family, _ = load_workdir(workdir, dtype=dtype_name, device=device, quant=quant)
     original = load_base_model(workdir, sla2_cfg, dtype=dtype_name, device=device, base=base)
-    dtype = next(model.parameters()).dtype
+    dtype = DTYPES[dtype_name]
     model_config = json.loads((workdir / "config.json").read_text())
     rec = json.loads(json.dumps(recipe))
     rec["calibration"]["seed"] = v["seed"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import dir_snapshot, make_wan, tiny_recipe_overrides
@@ -126,3 +127,18 @@ def test_pipeline_folder_with_subfolder(tmp_path):
     assert "--subfolder transformer" in res.stderr
     run("convert", root, "--subfolder", "transformer", "-o", tmp_path / "w",
         "--recipe", write_recipe(tmp_path / "r.yaml"))
+
+
+def test_chain_in_bfloat16(tmp_path, tiny_wan_dir):
+    """Real recipes run the model in bf16 (some diffusers modules stay fp32): inputs must follow."""
+    recipe = write_recipe(tmp_path / "r.yaml", **{"model.dtype": "bfloat16"})
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
+    out = json.loads(run("calibrate", work, "--json").stdout)
+    assert out["stage2"]["heldout_loss_after"] is not None
+    report = json.loads(run("validate", work, "--json").stdout)
+    assert report["summary"]["attention_cosine_mean"] > 0.9
+    from safetensors import safe_open
+
+    with safe_open(str(work / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor("blocks.0.attn1.to_q.weight").dtype == torch.bfloat16
