@@ -214,22 +214,27 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @click.option("--commit-message")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token (default: HF_TOKEN or the cached login).")
+@click.option("--allow-failed-validation", is_flag=True, help="Push even though `validate` failed a quality gate.")
 @dry_run_option
 @json_option
 @click.pass_context
-def push(ctx, workdir, repo_id, private, revision, create_pr, commit_message, token, dry_run, as_json):
+def push(ctx, workdir, repo_id, private, revision, create_pr, commit_message, token, allow_failed_validation,
+         dry_run, as_json):
     """Package WORKDIR (model card, checksums) and upload it to the Hub."""
+    from .errors import QualityGateError
     from .push import push as do_push
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
+    report = wd / "reports" / "validation.json"
+    if report.is_file() and not json.loads(report.read_text()).get("passed", True) and not allow_failed_validation:
+        raise QualityGateError("this model failed validation; fix it or pass --allow-failed-validation to push anyway")
     if ctx.obj["offline"] and not dry_run:
         from .errors import HubError
 
         raise HubError("push needs the network; drop --offline (or use --dry-run)")
     out = do_push(wd, repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, dry_run=dry_run)
-    out.pop("card", None) if not ctx.obj.get("json") else None
     files = out.get("files", [])
     if dry_run:
         human = f"dry run: would upload {len(files)} files to {repo_id}:\n  " + "\n  ".join(map(str, files))

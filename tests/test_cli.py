@@ -109,6 +109,9 @@ def test_validate_gate_failure_exits_4_after_writing_reports(tmp_path, tiny_wan_
     res = run("validate", work, code=4)
     assert "quality gate failed" in res.stderr and "attention_rel_l2_max" in res.stderr
     assert json.loads((work / "reports" / "validation.json").read_text())["passed"] is False
+    res = run("push", work, "--repo-id", "me/m", "--dry-run", code=4)
+    assert "--allow-failed-validation" in res.stderr
+    run("push", work, "--repo-id", "me/m", "--dry-run", "--allow-failed-validation")
 
 
 def test_overwrite_requires_flag(tmp_path, tiny_wan_dir):
