@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -177,22 +178,24 @@ def kernel_resources():
     out = {}
     from slaconv.kernels import sla2_triton_kernels as K
 
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_kv_prepass", "_bwd_prepass"):
+    for name in ("_fwd_lin_kernel", "_fwd_sparse_kernel", "_bwd_dq_lin_kernel", "_bwd_dq_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dkdv_kernel", "_kv_prepass", "_kv_quant", "_q_prepass", "_bwd_prepass"):
         fn = getattr(K, name)
         try:
             for cache in fn.device_caches.values():
                 for key, ck in cache[0].items():
                     ck._init_handles()
+                    ptx = ck.asm.get("ptx", "")
+                    mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]+", ptx)))
                     out.setdefault(name, []).append(
                         dict(warps=ck.metadata.num_warps, stages=ck.metadata.num_stages, regs=ck.n_regs,
-                             spills=ck.n_spills, smem=ck.metadata.shared)
+                             spills=ck.n_spills, smem=ck.metadata.shared, mma=mma)
                     )
         except Exception as e:  # noqa: BLE001
             out[name] = f"unavailable: {e}"
     return out
 
 
-def sweep(results, n=32760, h=12, d=128, topk=0.03):
+def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
     """Per-kernel GPU time breakdown (torch.profiler) and a launch-config sweep at one size."""
     q, k, v, rq, rk, al = make_inputs(1, h, n, d, seed=3)
     go = torch.randn_like(q)
@@ -202,25 +205,34 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03):
         o = S.sla2_attention_triton(qg, kg, vg, rq, rk, ag, topk=topk, quant=quant, layout="bnhd")
         o.backward(go)
 
-    for quant in ("none",):
-        fb(quant)
-        torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile
 
+    def prof_table(label, fn):
+        fn()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                fb(quant)
+                fn()
             torch.cuda.synchronize()
-        tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
-        print(f"--- profile fwd({quant})+bwd x3, topk={topk}")
+        tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22)
+        print(f"--- profile {label} x3, topk={topk}")
         print(tab)
-        results.setdefault("profile", {})[quant] = tab
+        results.setdefault("profile", {})[label] = tab
+
+    for quant in ("none", "int8-fp8"):
+        prof_table(f"fwd-inference-{quant}", lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd"))
+    prof_table("fwd+bwd-none", fb)
     base_cfg = dict(S.CONFIG)
+    if not variants_on:
+        res = kernel_resources()
+        print("resources", json.dumps(res))
+        results["resources"] = res
+        return
     variants = [
-        dict(tile_m_fwd=64, num_warps=4, num_stages=2, tile_m_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
-        dict(tile_m_fwd=64, num_warps=8, num_stages=2, tile_m_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
-        dict(tile_m_fwd=128, num_warps=8, num_stages=2, tile_m_bwd=64, num_warps_bwd=4, num_stages_bwd=3),
-        dict(tile_m_fwd=128, num_warps=8, num_stages=3, tile_m_bwd=64, num_warps_bwd=8, num_stages_bwd=1),
+        dict(),
+        dict(pair=1),
+        dict(tile_m_fwd=64, num_warps=4, num_stages=3, lin_warps=4, dkdv_split=False),
+        dict(num_stages=2, lin_stages=2, num_warps_bwd=8, tile_m_bwd=64, num_stages_bwd=2),
     ]
     for var in variants:
         S.CONFIG.clear()
@@ -246,8 +258,9 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03):
     sw = results["sweep"]
     bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
     bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
-    best = {k: bf[k] for k in ("tile_m_fwd", "num_warps", "num_stages")}
-    best.update({k: bb[k] for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd")})
+    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages")
+    best = {k: bf.get(k, base_cfg[k]) for k in fwd_keys}
+    best.update({k: bb.get(k, base_cfg[k]) for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_split")})
     results["best_config"] = best
     print("best", json.dumps(best))
     S.CONFIG.clear()
@@ -280,6 +293,7 @@ def main():
     ap.add_argument("--config", default="", help="JSON overrides of sla2_triton.CONFIG")
     ap.add_argument("--sweep", action="store_true", help="profile + launch-config sweep at (1,12,32760,128), no table")
     ap.add_argument("--auto", action="store_true", help="sweep first, then the table with the best launch config")
+    ap.add_argument("--profile", action="store_true", help="kernel-by-kernel profile + resources first, then the table")
     args = ap.parse_args()
     if args.config:
         S.CONFIG.update(json.loads(args.config))
@@ -293,6 +307,8 @@ def main():
         sweep(results)
         S.CONFIG.update(results["best_config"])
         results["config"] = dict(S.CONFIG)
+    elif args.profile:
+        sweep(results, variants_on=False)
     elif args.sweep:
         sweep(results)
         out = Path(args.out)

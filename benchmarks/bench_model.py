@@ -78,10 +78,14 @@ def main() -> None:
     ap.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.03])
     ap.add_argument("--quant", nargs="+", default=["none", "int8-fp8"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the repeated blocks (dense and SLA2 alike) to fuse the non-attention ops")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
 
     net, cfg = build(args.model, args.layers)
+    if args.compile:
+        net.compile_repeated_blocks(fullgraph=True)
     full_layers = CONFIGS[args.model]["num_layers"]
     scale = full_layers / cfg["num_layers"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -102,7 +106,12 @@ def main() -> None:
     def measure(name, fn, reps=args.reps):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        ms = timed(fn, reps)
+        try:
+            ms = timed(fn, reps)
+        except Exception as exc:  # e.g. a graph break under --compile: report it, keep measuring the rest
+            print(f"{name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+            rows.append({"config": name, "ms": float("nan"), "peak_gb": float("nan"), "error": str(exc)[:500]})
+            return
         record(name, ms, torch.cuda.max_memory_allocated() / 2**30)
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -136,13 +145,15 @@ def main() -> None:
     meta = {"model": args.model, "tokens": tokens, "layers_built": cfg["num_layers"], "layers_full": full_layers,
             "card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_model_{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Wan2.1-{args.model} forward, {tokens} tokens, {meta['card']}"
+    meta["compiled"] = args.compile
+    tag = f"{args.model}{'_compiled' if args.compile else ''}"
+    (args.out / f"bench_model_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"Wan2.1-{args.model} forward, {tokens} tokens, {meta['card']}" + (", torch.compile'd blocks" if args.compile else "")
              + (f" ({cfg['num_layers']} of {full_layers} layers built, times scaled x{scale:g})" if scale != 1 else ""),
              "", "| config | ms | speed-up | peak GB |", "|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['peak_gb']:.1f} |" for r in rows]
     table = "\n".join(lines)
-    (args.out / f"bench_model_{args.model}.md").write_text(table + "\n")
+    (args.out / f"bench_model_{tag}.md").write_text(table + "\n")
     print(table)
 
 

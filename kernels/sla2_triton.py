@@ -5,9 +5,11 @@ registered as two ``torch.library`` custom ops, ``slaconv::sla2_fwd`` and ``slac
 fake implementations and an autograd formula, so ``torch.compile`` traces a module that calls it
 without a graph break.
 
-Extra memory (beside the output): O_s and O_l (B*H*N*D each, input dtype), four fp32 per-row vectors,
-the LUT (B*H*nq*n_sel int32), the inverted index (same size), D x D and D totals per (b, h), and for the
-low-bit modes INT8/FP8 copies of Q, K, V.  Nothing O(N^2), no per-block D x D state.
+Extra memory (beside the output): O_l and phi(K) (B*H*N*D each, input dtype), z per key block (B*H*nk*D fp32),
+the LUT (B*H*nq*n_sel int32), D x D and D totals per (b, h) (and per pre-pass split), and for the low-bit modes
+INT8/FP8 copies of Q, K, V.  When a backward can follow (grad enabled, an input requires grad) also O_s, phi(Q)
+and two fp32 per-row vectors; the inverted index (B*H*nt*n_sel int32) is built in the backward only.
+Nothing O(N^2), no per-block D x D state.
 
 The kernels live in ``sla2_triton_kernels.py``; they are looked up through that module object at call
 time so the test suite can reload it under ``TRITON_INTERPRET=1``.
@@ -26,25 +28,20 @@ __all__ = ["sla2_attention_triton", "router_lut", "inverted_index", "SUPPORTED_H
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 LAYOUTS = ("bnhd", "bhnd")
-TILE_M = 64  # query rows per program (a 128-row routing block is two programs sharing one LUT row)
 # Tuning knobs (module globals so the benchmark can compare variants; defaults are the measured best).
 CONFIG = {
-    # best of the H100 sweep 2026-11-27 (benchmarks/KERNELS.md): fwd 128 rows / 8 warps / 3 stages,
-    # bwd 64 rows / 4 warps / 3 stages
     "tile_m_fwd": 128,  # query rows per forward program (capped at block_q)
-    "tile_m_bwd": 64,  # query rows per dq program / per inverted-index entry
-    "num_warps": 8,  # forward; None: 4 for D=64, 8 for D=128
+    "num_warps": 8,  # forward sparse launch; None: 4 for D=64, 8 for D=128
     "num_stages": 3,
+    "pair": 2,  # selected key blocks per loop step (1 or 2) in the bf16 forward and the linear loops
+    "pair_lowbit": 1,  # same for the int8 / int8-fp8 sparse loop (2 spills there)
+    "lin_warps": 8,  # forward linear launch and dQ-linear launch (D x D accumulator)
+    "lin_stages": 3,
+    "tile_m_bwd": 64,  # query rows per dq program / per inverted-index entry
     "num_warps_bwd": 4,
     "num_stages_bwd": 3,
-    "lin_fp8": True,  # int8-fp8: the linear branch's subtracted (selected) share also in FP8
-    "split": True,  # linear and sparse branches in two launches (one accumulator each: no spills)
+    "dkdv_split": True,  # sparse dK and dV in two launches with one accumulator each
 }
-
-
-def _phases():
-    """(SPARSE, LIN) flag pairs, in launch order."""
-    return [(False, True), (True, False)] if CONFIG["split"] else [(True, True)]
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
 
@@ -107,15 +104,15 @@ def _check(q, k, v, layout, quant, block_q, block_k):
 # --------------------------------------------------------------------------------------------------
 
 
-def router_lut(q_bar, k_bar, counts_k, n, router_q, router_k, n_sel):
-    """Pooled router -> sorted int32 LUT (B, H, nq, n_sel) and the token mean of K (B, H, D)."""
-    mean_k = (k_bar * counts_k.view(1, 1, -1, 1)).sum(dim=2) / n
+def router_lut(q_bar, k_bar, mean_k, router_q, router_k, n_sel):
+    """Pooled router -> sorted int32 LUT (B, H, nq, n_sel); ``mean_k`` is the token mean of K (B, H, D)."""
     d = q_bar.shape[-1]
-    qp = torch.einsum("bhnd,hde->bhne", q_bar, router_q.float())
-    kp = torch.einsum("bhnd,hde->bhne", k_bar - mean_k.unsqueeze(2), router_k.float())
-    scores = torch.einsum("bhqe,bhke->bhqk", qp, kp) / math.sqrt(d)
-    idx = torch.topk(scores, n_sel, dim=-1).indices
-    return idx.sort(dim=-1).values.to(torch.int32), mean_k
+    qp = torch.matmul(q_bar, router_q.float())
+    kp = torch.matmul(k_bar - mean_k.unsqueeze(2), router_k.float())
+    scores = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(d)
+    # a full row sort (bitonic, in place) beats torch.topk's radix select on many short rows
+    idx = torch.sort(scores, dim=-1, descending=True).indices[..., :n_sel]
+    return idx.sort(dim=-1).values.to(torch.int32)
 
 
 def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int):
@@ -145,7 +142,7 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout):
+def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, save):
     _check(q, k, v, layout, quant, block_q, block_k)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     (B, H, N, D), sq = _dims(q, layout)
@@ -159,9 +156,25 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     qid = _QUANT_ID[quant]
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * reference.LOG2E
-    cfg = _launch_cfg(D)
     f32 = torch.float32
+    pair = CONFIG["pair"]
+    pair_sparse = pair if qid == 0 else CONFIG["pair_lowbit"]
 
+    # pass over K, V: key-block means, phi(K), per-block z, partial totals (H_all, z_all, sum K, max|V|)
+    ns = _nsplit(BH, nk)
+    k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
+    sp = torch.empty(BH, ns, 3, D, device=dev, dtype=f32)
+    _K._kv_prepass[(ns, BH)](
+        k, v, k_bar, zb, hp, sp, phik, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k,
+        NEED_VMAX=qid == 2, **_prepass_cfg(D),
+    )
+    h_all = hp.sum(dim=1)
+    zk = sp[:, :, :2].sum(dim=1)
+    z_all, ksum = zk[:, 0].contiguous(), zk[:, 1]
+    vmax = sp[:, :, 2].amax(dim=1) if qid == 2 else ksum
     # pass over Q: block means (+ INT8 Q)
     q_bar = torch.empty(BH, nq, D, device=dev, dtype=f32)
     if qid:
@@ -169,60 +182,53 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
         qs = torch.empty(BH, nq, device=dev, dtype=f32)
     else:
         qq = qs = q_bar  # unused
-    phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    _K._q_prepass[(nq, BH)](q, q_bar, qq, qs, phiq, *sq, N, H, nq, qk_scale, D=D, BLOCK=block_q, QUANT=qid)
+    _K._q_prepass[(nq, BH)](q, q_bar, qq, qs, *sq, N, H, nq, qk_scale, D=D, BLOCK=block_q, QUANT=qid)
 
-    # pass over K, V: key-block means, linear-branch totals, max|V|
-    ns = _nsplit(BH, nk)
-    k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
-    hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    zp = torch.empty(BH, ns, D, device=dev, dtype=f32)
-    vmp = torch.empty(BH, ns, D, device=dev, dtype=f32) if qid == 2 else zp
-    _K._kv_prepass[(ns, BH)](
-        k, v, k_bar, hp, zp, vmp, phik, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, **_prepass_cfg(D)
-    )
-    h_all = hp.sum(dim=1)
-    z_all = zp.sum(dim=1)
+    lut = router_lut(q_bar.view(B, H, nq, D), k_bar.view(B, H, nk, D), ksum.view(B, H, D) / N, router_q, router_k, n_sel)
 
-    counts_k = torch.full((nk,), float(block_k), device=dev)
-    counts_k[-1] = N - (nk - 1) * block_k
-    lut, mean_k = router_lut(q_bar.view(B, H, nq, D), k_bar.view(B, H, nk, D), counts_k, N, router_q, router_k, n_sel)
-    mean_k = mean_k.reshape(BH, D).contiguous()
-
+    npad = nk * block_k
     if qid:
         kq = torch.empty(BH, N, D, device=dev, dtype=torch.int8)
         ks = torch.empty(BH, nk, device=dev, dtype=f32)
-        if qid == 2:
-            vscale = (vmp.amax(dim=1).clamp_min(1e-8) / reference.FP8_E4M3_MAX).contiguous()
-            vq = torch.empty(BH, D, N, device=dev, dtype=torch.float8_e4m3fn)
-        else:
-            vscale = vq = mean_k
-        _K._kv_quant[(nk, BH)](k, v, mean_k, vscale, kq, ks, vq, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, QUANT=qid, FP8_EMU=_interpreting())
+        vq = torch.empty(BH, D, npad, device=dev, dtype=torch.float8_e4m3fn) if qid == 2 else ks
+        _K._kv_quant[(nk, BH)](
+            k, v, ksum, vmax, kq, ks, vq, *sk, *sv, N, H, nk, npad, 1.0 / N, D=D, BLOCK_N=block_k, QUANT=qid,
+            FP8_EMU=_interpreting(),
+        )
     else:
-        kq = ks = vq = vscale = mean_k  # unused
+        kq = ks = vq = ksum  # unused
 
     alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
     o = torch.empty(q.shape, device=dev, dtype=q.dtype)
     _, so = _dims(o, layout)
-    o_s = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
     o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    lse = torch.empty(BH, N, device=dev, dtype=f32)
     rden = torch.empty(BH, N, device=dev, dtype=f32)
+    if save:
+        o_s = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+        phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+        lse = torch.empty(BH, N, device=dev, dtype=f32)
+    else:  # inference: nothing for the backward is written
+        o_s, phiq = o_l.new_empty((0, N, D)), o_l.new_empty((0, N, D))
+        lse = rden.new_empty((0, N))
     has_lin = int(n_sel < nk)
-    for sparse, lin in _phases():
-        _K._fwd_kernel[(nt, BH)](
-            q, k, v, qq, qs, kq, ks, vq, vscale, mean_k, lut, h_all, z_all, alpha, phiq, phik,
-            o, o_s, o_l, lse, rden,
-            *sq, *sk, *sv, *so,
-            N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
-            D=D, BLOCK_M=tm, BLOCK_N=block_k, QUANT=qid, HI_PREC=not _interpreting(), FP8_EMU=_interpreting(),
-            LIN_FP8=bool(qid == 2 and CONFIG["lin_fp8"]), SPARSE=sparse, LIN=lin, **cfg,
-        )
-    return o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik
+    lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
+    _K._fwd_lin_kernel[(nt, BH)](
+        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phiq if save else o_l,
+        *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, SAVE=save, **lin_cfg,
+    )
+    _K._fwd_sparse_kernel[(nt, BH)](
+        q, k, v, qq, qs, kq, ks, vq, vmax, ksum, lut, alpha,
+        o, o_s if save else o, o_l, lse if save else rden,
+        *sq, *sk, *sv, *so,
+        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair_sparse, QUANT=qid, FP8_EMU=_interpreting(), SAVE=save,
+        **_launch_cfg(D),
+    )
+    return o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb
 
 
-def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout):
+def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout):
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     (B, H, N, D), sq = _dims(q, layout)
     _, sk = _dims(k, layout)
@@ -231,6 +237,7 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     dev = q.device
     BH = B * H
     tm = min(CONFIG["tile_m_bwd"], block_q)
+    tl_m = min(CONFIG["tile_m_fwd"], block_q)
     nq, nk, nt = -(-N // block_q), -(-N // block_k), -(-N // tm)
     n_sel = lut.shape[-1]
     sm_scale = 1.0 / math.sqrt(D)
@@ -238,6 +245,8 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     cfg = _launch_cfg(D, bwd=True)
     f32 = torch.float32
     alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
+    pair = CONFIG["pair"]
+    lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
 
     delta = torch.empty(BH, N, device=dev, dtype=f32)
     cc = torch.empty(BH, N, device=dev, dtype=f32)
@@ -245,11 +254,12 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     ap = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
     bp = torch.empty(BH, ns, D, device=dev, dtype=f32)
     dap = torch.empty(BH, ns, device=dev, dtype=f32)
-    _K._bwd_prepass[(ns, BH)](phiq, do, o_s, o_l, rden, alpha, delta, cc, ap, bp, dap, *sq, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
+    _K._bwd_prepass[(ns, BH)](phiq, do, o_s, o_l, rden, alpha, delta, cc, ap, bp, dap, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
     a_all = ap.sum(dim=1)
     b_all = bp.sum(dim=1)
+    dal = dap.sum(dim=1)
     a = alpha
-    dalpha = (dap.sum(dim=1).view(B, H).sum(dim=0) * a * (1 - a)).to(alpha_logit.dtype)
+    dalpha = (dal.view(B, H).sum(dim=0) * a * (1 - a)).to(alpha_logit.dtype)
 
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
@@ -257,18 +267,26 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     _, sdq = _dims(dq, layout)
     _, sdk = _dims(dk, layout)
     _, sdv = _dims(dv, layout)
-    hi = not _interpreting()
     koff, kqt = inverted_index(lut, N, block_q, nk, tm)
-    for sparse, lin in _phases():
-        _K._bwd_dq_kernel[(nt, BH)](
-            q, k, v, do, dq, lut, lse, delta, cc, rden, h_all, z_all, alpha, phiq, phik,
-            *sq, *sk, *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
-            D=D, BLOCK_M=tm, BLOCK_N=block_k, HI_PREC=hi, SPARSE=sparse, LIN=lin, **cfg,
-        )
+    _K._bwd_dq_lin_kernel[(-(-N // tl_m), BH)](
+        v, do, dq, zb, lut, cc, rden, h_all, z_all, alpha, phiq, phik,
+        *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, D=D, BLOCK_M=tl_m, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
+    )
+    _K._bwd_dq_kernel[(nt, BH)](
+        q, k, v, do, dq, lut, lse, delta, alpha,
+        *sq, *sk, *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=1, **cfg,
+    )
+    _K._bwd_dkdv_lin_kernel[(nk, BH)](
+        v, do, dk, dv, koff, kqt, cc, rden, a_all, b_all, alpha, phiq, phik,
+        *sv, *sd, *sdk, *sdv, N, H, nk, D=D, BLOCK_M=tm, BLOCK_N=block_k, **lin_cfg,
+    )
+    phases = [(True, False), (False, True)] if CONFIG["dkdv_split"] else [(True, True)]
+    for do_dk, do_dv in phases:
         _K._bwd_dkdv_kernel[(nk, BH)](
-            q, k, v, do, dk, dv, koff, kqt, lse, delta, cc, rden, a_all, b_all, alpha, phiq, phik,
+            q, k, v, do, dk, dv, koff, kqt, lse, delta, alpha,
             *sq, *sk, *sv, *sd, *sdk, *sdv, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale, nt,
-            D=D, BLOCK_M=tm, BLOCK_N=block_k, HI_PREC=hi, SPARSE=sparse, LIN=lin, **cfg,
+            D=D, BLOCK_M=tm, BLOCK_N=block_k, DO_DK=do_dk, DO_DV=do_dv, **cfg,
         )
     return dq, dk, dv, dalpha
 
@@ -281,14 +299,15 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
 @torch.library.custom_op("slaconv::sla2_fwd", mutates_args=())
 def sla2_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
-    alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (O, LUT, O_s, O_l, LSE, 1/den, H_all, z_all, phi(Q), phi(K)); all but O are saved for the backward."""
-    return _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout)
+    alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str, save: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (O, LUT, O_s, O_l, LSE, 1/den, H_all, z_all, phi(Q), phi(K), z per key block); all but O are saved for the
+    backward.  ``save=False`` (inference) skips writing O_s, LSE and phi(Q): those come back empty (0 rows)."""
+    return _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, save)
 
 
 @sla2_fwd.register_fake
-def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout):
+def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, save=True):
     _check(q, k, v, layout, quant, block_q, block_k)
     if layout == "bnhd":
         B, N, H, D = q.shape
@@ -297,18 +316,20 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, l
     nq, nk = -(-N // block_q), -(-N // block_k)
     n_sel = reference.topk_count(topk, nk)
     BH = B * H
+    S = BH if save else 0
     f32 = torch.float32
     return (
         q.new_empty(q.shape),
         q.new_empty((B, H, nq, n_sel), dtype=torch.int32),
+        q.new_empty((S, N, D)),
         q.new_empty((BH, N, D)),
-        q.new_empty((BH, N, D)),
-        q.new_empty((BH, N), dtype=f32),
+        q.new_empty((S, N), dtype=f32),
         q.new_empty((BH, N), dtype=f32),
         q.new_empty((BH, D, D), dtype=f32),
         q.new_empty((BH, D), dtype=f32),
+        q.new_empty((S, N, D)),
         q.new_empty((BH, N, D)),
-        q.new_empty((BH, N, D)),
+        q.new_empty((BH, nk, D), dtype=f32),
     )
 
 
@@ -316,32 +337,32 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, l
 def sla2_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha_logit: torch.Tensor,
     lut: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor, lse: torch.Tensor, rden: torch.Tensor,
-    h_all: torch.Tensor, z_all: torch.Tensor, phiq: torch.Tensor, phik: torch.Tensor, block_q: int, block_k: int,
+    h_all: torch.Tensor, z_all: torch.Tensor, phiq: torch.Tensor, phik: torch.Tensor, zb: torch.Tensor, block_q: int, block_k: int,
     layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV, d alpha_logit); bf16/fp16 on the original Q, K, V (straight-through for low-bit)."""
-    return _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout)
+    return _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout)
 
 
 @sla2_bwd.register_fake
-def _(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout):
+def _(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout = inputs
-    _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik = output
-    ctx.save_for_backward(q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik)
+    q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, _save = inputs
+    _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = output
+    ctx.save_for_backward(q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb)
     ctx.cfg = (block_q, block_k, layout)
 
 
 def _autograd_backward(ctx, do, *_unused):
-    q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik = ctx.saved_tensors
+    q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = ctx.saved_tensors
     block_q, block_k, layout = ctx.cfg
     dq, dk, dv, dalpha = sla2_bwd(
-        do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, block_q, block_k, layout
+        do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout
     )
-    return dq, dk, dv, None, None, dalpha, None, None, None, None, None
+    return dq, dk, dv, None, None, dalpha, None, None, None, None, None, None
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -365,4 +386,6 @@ def sla2_attention_triton(
     output in that layout and dtype.  Differentiable w.r.t. q, k, v and alpha_logit (the hard top-k
     router gets no gradient)."""
     _check(q, k, v, layout, quant, block_q, block_k)
-    return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(topk), int(block_q), int(block_k), quant, layout)[0]
+    # the tensors only the backward reads are written only when a backward can follow
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha_logit))
+    return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(topk), int(block_q), int(block_k), quant, layout, save)[0]

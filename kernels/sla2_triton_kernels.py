@@ -5,24 +5,23 @@ Conventions shared by every kernel:
 * ``bh`` = b * H + h is the second grid axis; user tensors (q, k, v, o, dO, dq, dk, dv) are read and
   written through their (batch, head, token) strides, the head-dim stride is 1.
 * Internal per-row tensors (LSE in log2 units, 1/den of the linear branch, delta, c) are (B*H, N) fp32;
-  saved branch outputs O_s, O_l are (B*H, N, D) in the input dtype; quantised copies are (B*H, N, D).
+  saved branch outputs O_s, O_l and the feature maps phi(Q), phi(K) are (B*H, N, D) in the input dtype.
 * Only D, the tile sizes, the quant mode and the dtype-dependent choices are constexpr.  N, the number
   of selected blocks, block counts, the softmax scale and all strides are runtime arguments listed in
   ``do_not_specialize`` so that a new resolution or top-k never recompiles.
-* Token-level "all minus selected" for the linear branch: the totals H_all = sum_j phi(K_j)^T V_j and
-  z_all = sum_j phi(K_j) come from ``_kv_prepass``; the sparse loop subtracts the selected blocks'
-  terms from the K/V tiles it already holds.
+* Linear branch as "all minus selected" in D x D form: the totals H_all = sum_j phi(K_j)^T V_j and
+  z_all = sum_j phi(K_j) come from ``_kv_prepass`` (per-split partials, one deterministic sum); a query
+  tile accumulates its selected blocks' H_sel = sum_{j in M_i} phi(K_j)^T V_j (one D x D x block MMA per
+  selected block) and finishes O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).  The
+  backward uses the same form (A_all - A_sel over the inverted index for dK/dV).
+* ``PAIR`` = 2 walks two selected key blocks per loop iteration (a 2*BLOCK_N key tile gathered from two
+  LUT entries; an odd last entry is masked).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-_FWD_RUNTIME = [
-    "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "son",
-    "N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "has_lin",
-]
 
 
 @triton.jit
@@ -51,13 +50,37 @@ def _to_fp8(x, EMU: tl.constexpr):
     return x.to(tl.float8e4nv)
 
 
+@triton.jit
+def _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
+    """Token offsets of the key tile of loop step ``it`` (PAIR LUT entries), their validity and block ids."""
+    kb0 = tl.load(lut + it)
+    if PAIR == 2:
+        kb1 = tl.load(lut + tl.minimum(it + 1, n_sel - 1))
+        lim = tl.where(it + 1 < n_sel, 2 * BLOCK_N, BLOCK_N)  # an odd last step uses its first half only
+        first = offs_c < BLOCK_N
+        offs_n = tl.where(first, kb0 * BLOCK_N + offs_c, kb1 * BLOCK_N + offs_c - BLOCK_N)
+        offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+        n_valid = (offs_n < N) & (offs_c < lim)
+    else:
+        kb1 = kb0
+        offs_n = kb0 * BLOCK_N + offs_c
+        offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+        n_valid = offs_n < N
+    return offs_n, n_valid, kb0, kb1
+
+
+# --------------------------------------------------------------------------------------------------
+# forward pre-passes
+# --------------------------------------------------------------------------------------------------
+
+
 @triton.jit(do_not_specialize=["sxb", "sxh", "sxn", "N", "H", "nb", "mult"])
 def _q_prepass(
-    X, XBAR, XQ, XS, PHIX,
+    X, XBAR, XQ, XS,
     sxb, sxh, sxn, N, H, nb, mult,
     D: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """Block mean of Q (router), phi(Q) (saved), and, if QUANT, INT8 of Q*mult with one scale per block."""
+    """Block mean of Q (router) and, if QUANT, INT8 of Q*mult with one scale per block."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -69,7 +92,6 @@ def _q_prepass(
     xf = x.to(tl.float32)
     cnt = tl.minimum(N - pid * BLOCK, BLOCK).to(tl.float32)
     tl.store(XBAR + (bh * nb + pid) * D + offs_d, tl.sum(xf, axis=0) / cnt)
-    tl.store(PHIX + (bh * N + offs[:, None]) * D + offs_d[None, :], _phi(xf).to(PHIX.dtype.element_ty), mask=valid[:, None])
     if QUANT > 0:
         xs = xf * mult
         amax = tl.max(tl.max(tl.abs(xs), axis=1), axis=0)
@@ -83,11 +105,13 @@ def _q_prepass(
 
 @triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "N", "H", "nk", "nsplit"])
 def _kv_prepass(
-    K, V, KBAR, HP, ZP, VMAXP, PHIK,
+    K, V, KBAR, ZB, HP, SP, PHIK,
     skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr,
 ):
-    """One pass over K, V: key-block means (router), partial H = sum phi(K)^T V, z = sum phi(K), max|V|."""
+    """One pass over K, V: key-block means (router), per-block column sums of phi(K) (ZB, the linear
+    branch's z per block), phi(K) (saved), and per-split partials (summed by the caller, deterministic):
+    HP = sum phi(K)^T V, SP = [sum phi(K), sum K, max|V|]."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -95,6 +119,7 @@ def _kv_prepass(
     offs_d = tl.arange(0, D)
     acc_h = tl.zeros((D, D), dtype=tl.float32)
     acc_z = tl.zeros((D,), dtype=tl.float32)
+    ksum = tl.zeros((D,), dtype=tl.float32)
     vmax = tl.zeros((D,), dtype=tl.float32)
     for kb in range(pid, nk, nsplit):
         offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,27 +128,33 @@ def _kv_prepass(
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
         kf = k.to(tl.float32)
         cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-        tl.store(KBAR + (bh * nk + kb) * D + offs_d, tl.sum(kf, axis=0) / cnt)
+        bsum = tl.sum(kf, axis=0)
+        ksum += bsum
+        tl.store(KBAR + (bh * nk + kb) * D + offs_d, bsum / cnt)
         phik = tl.where(valid[:, None], _phi(kf), 0.0).to(k.dtype)
         tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
         acc_h = tl.dot(tl.trans(phik), v, acc_h)
-        acc_z += tl.sum(phik.to(tl.float32), axis=0)
+        zb = tl.sum(phik.to(tl.float32), axis=0)
+        tl.store(ZB + (bh * nk + kb) * D + offs_d, zb)
+        acc_z += zb
         if NEED_VMAX:
             vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
     base = bh * nsplit + pid
     tl.store(HP + base * D * D + offs_d[:, None] * D + offs_d[None, :], acc_h)
-    tl.store(ZP + base * D + offs_d, acc_z)
-    if NEED_VMAX:
-        tl.store(VMAXP + base * D + offs_d, vmax)
+    tl.store(SP + (base * 3 + 0) * D + offs_d, acc_z)
+    tl.store(SP + (base * 3 + 1) * D + offs_d, ksum)
+    tl.store(SP + (base * 3 + 2) * D + offs_d, vmax)
 
 
-@triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "N", "H", "nk"])
+@triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "N", "H", "nk", "npad", "inv_n"])
 def _kv_quant(
-    K, V, MEANK, VSCALE, KQ, KS, VQ,
-    skb, skh, skn, svb, svh, svn, N, H, nk,
+    K, V, KSUM, VMAX, KQ, KS, VQ,
+    skb, skh, skn, svb, svh, svn, N, H, nk, npad, inv_n,
     D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_EMU: tl.constexpr,
 ):
-    """INT8 of the smoothed K (one scale per key block); for QUANT == 2 also FP8 e4m3 of V / scale[channel]."""
+    """INT8 of the smoothed K (one scale per key block); for QUANT == 2 also FP8 e4m3 of
+    V / (max|V|[channel] / 448), stored (B*H, D, npad) token-contiguous (the K-major operand FP8 MMAs want
+    for P @ V), zero-padded to whole key blocks so the kernel loads it unmasked."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -132,7 +163,7 @@ def _kv_quant(
     offs_d = tl.arange(0, D)
     valid = offs < N
     k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    mean = tl.load(MEANK + bh * D + offs_d)
+    mean = tl.load(KSUM + bh * D + offs_d) * inv_n
     ks = tl.where(valid[:, None], k.to(tl.float32) - mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(ks), axis=1), axis=0)
     scale = tl.maximum(amax, 1e-8) / 127.0
@@ -143,25 +174,46 @@ def _kv_quant(
     tl.store(KS + bh * nk + pid, scale)
     if QUANT == 2:
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        vs = tl.load(VSCALE + bh * D + offs_d)
+        vs = tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / 448.0
         vq = tl.minimum(tl.maximum(v.to(tl.float32) / vs[None, :], -448.0), 448.0)
-        # stored (B*H, D, N): token-contiguous, the K-major operand layout FP8 MMAs want for P @ V
-        tl.store(VQ + (bh * D + offs_d[None, :]) * N + offs[:, None], _to_fp8(vq, FP8_EMU), mask=valid[:, None])
+        vq = tl.where(valid[:, None], vq, 0.0)
+        tl.store(VQ + (bh * D + offs_d[None, :]) * npad + offs[:, None], _to_fp8(vq, FP8_EMU))
 
 
-@triton.jit(do_not_specialize=_FWD_RUNTIME)
-def _fwd_kernel(
-    Q, K, V, QQ, QS, KQ, KS, VQ, VSCALE, MEANK, LUT, HALL, ZALL, ALPHA, PHIQ, PHIK,
-    O, OS, OL, LSE, RDEN,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-    HI_PREC: tl.constexpr, FP8_EMU: tl.constexpr, LIN_FP8: tl.constexpr,
-    SPARSE: tl.constexpr, LIN: tl.constexpr,
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
+          D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
+    """H_sel = sum over the LUT row of phi(K_j)^T V_j (D x D fp32) and z_sel = sum phi(K_j) (from the
+    per-block sums ZB: the loaded phi(K) tile feeds the MMA only)."""
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, BLOCK_N * PAIR)
+    acc_h = tl.zeros((D, D), dtype=tl.float32)
+    acc_z = tl.zeros((D,), dtype=tl.float32)
+    for it in range(0, n_sel, PAIR):
+        offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
+        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        acc_h = tl.dot(tl.trans(phik), v, acc_h)
+        acc_z += tl.load(ZB + (bh * nk + kb0) * D + offs_d)
+        if PAIR == 2:
+            acc_z += tl.load(ZB + (bh * nk + kb1) * D + offs_d) * tl.where(it + 1 < n_sel, 1.0, 0.0)
+    return acc_h, acc_z
+
+
+@triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "svb", "svh", "svn", "N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
+def _fwd_lin_kernel(
+    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIQ,
+    sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, SAVE: tl.constexpr,
 ):
-    """One query tile over its LUT row.  SPARSE and LIN pick the branches this launch computes: both in
-    one launch, or LIN first (writes O_l, 1/den) then SPARSE (writes O, O_s, LSE and mixes) -- two
-    launches with one fp32 accumulator each instead of two, which keeps the tile out of register spills."""
+    """Linear branch of one query tile: O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).
+    Writes O_l, 1/den and (SAVE, for the backward) phi(Q).  If every block is selected (has_lin == 0)
+    O_l and 1/den are exactly 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -169,113 +221,119 @@ def _fwd_kernel(
     qblk = (pid_m * BLOCK_M) // block_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_valid = offs_m < N
-
     row = bh * N + offs_m
-    if SPARSE:
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        if QUANT > 0:
-            qq = tl.load(QQ + (bh * N + offs_m[:, None]) * D + offs_d[None, :], mask=m_valid[:, None], other=0)
-            q_scale = tl.load(QS + bh * nq + qblk)
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    if LIN:
-        phiq = tl.load(PHIQ + (bh * N + offs_m[:, None]) * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        if LIN_FP8:
-            phiq8 = _to_fp8(phiq.to(tl.float32) * 448.0, FP8_EMU)
-        num = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lut = LUT + (bh * nq + qblk) * n_sel
-    for it in range(0, n_sel):
-        kb = tl.load(lut + it)
-        offs_n = kb * BLOCK_N + offs_n0
-        n_valid = offs_n < N
-        if QUANT == 2:
-            vq = tl.load(VQ + (bh * D + offs_d[None, :]) * N + offs_n[:, None], mask=n_valid[:, None], other=0.0)
-        if (QUANT != 2) or (LIN and not LIN_FP8):
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        if SPARSE:
-            if QUANT == 0:
-                k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            else:
-                kq = tl.load(KQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0)
-                k_scale = tl.load(KS + bh * nk + kb)
-                s = tl.dot(qq, tl.trans(kq), out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
-            s = tl.where(n_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            corr = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            acc = acc * corr[:, None]
-            if QUANT == 2:
-                acc = tl.dot(_to_fp8(p * 448.0, FP8_EMU), vq, acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-        if LIN:
-            # linear branch: subtract this selected block's share (token level).
-            phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            if LIN_FP8:
-                # FP8 for the subtracted share only (the fp32 totals stay exact); num is in V/vscale*448 units
-                phik8 = _to_fp8(phik.to(tl.float32) * 448.0, FP8_EMU)
-                kern = tl.dot(phiq8, tl.trans(phik8)) * (1.0 / (448.0 * 448.0))
-                kern = tl.where(n_valid[None, :], kern, 0.0)
-                den += tl.sum(kern, axis=1)
-                num = tl.dot(_to_fp8(kern * 448.0, FP8_EMU), vq, num)
-            else:
-                kern = tl.dot(phiq, tl.trans(phik))
-                kern = tl.where(n_valid[None, :], kern, 0.0)
-                den += tl.sum(kern, axis=1)
-                num = tl.dot(kern.to(v.dtype), v, num)
+    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
+    hd = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h
+    zd = tl.load(ZALL + bh * D + offs_d) - acc_z
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    phiq = _phi(q.to(tl.float32))
+    if SAVE:
+        tl.store(PHIQ + row[:, None] * D + offs_d[None, :], phiq.to(PHIQ.dtype.element_ty), mask=m_valid[:, None])
+    num = tl.dot(phiq, hd)  # tf32 on the GPU, fp32 in the interpreter
+    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
+    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
+    tl.store(OL + row[:, None] * D + offs_d[None, :], (num * rden[:, None]).to(OL.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(RDEN + row, rden, mask=m_valid)
 
-    if QUANT == 2:
-        vscale = tl.load(VSCALE + bh * D + offs_d)
-    if LIN:
-        if LIN_FP8:
-            num = num * (vscale / 448.0)[None, :]
-        h_all = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        z_all = tl.load(ZALL + bh * D + offs_d)
-        phiq_f = phiq.to(tl.float32)
-        if HI_PREC:
-            num_t = tl.dot(phiq_f, h_all, input_precision="tf32x3") - num
+
+_FWD_RUNTIME = [
+    "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "son",
+    "N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "npad",
+]
+
+
+@triton.jit(do_not_specialize=_FWD_RUNTIME)
+def _fwd_sparse_kernel(
+    Q, K, V, QQ, QS, KQ, KS, VQ, VMAX, KSUM, LUT, ALPHA,
+    O, OS, OL, LSE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, QUANT: tl.constexpr,
+    FP8_EMU: tl.constexpr, SAVE: tl.constexpr,
+):
+    """Sparse branch of one query tile over its LUT row (FA2 online softmax in exp2), then the mix
+    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also O_s and LSE (backward)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    qblk = (pid_m * BLOCK_M) // block_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, BLOCK_N * PAIR)
+    first = offs_c < BLOCK_N
+    m_valid = offs_m < N
+    row = bh * N + offs_m
+
+    if QUANT == 0:
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    else:
+        q = tl.load(QQ + (bh * N + offs_m[:, None]) * D + offs_d[None, :], mask=m_valid[:, None], other=0)
+        q_scale = tl.load(QS + bh * nq + qblk)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lut = LUT + (bh * nq + qblk) * n_sel
+    for it in range(0, n_sel, PAIR):
+        offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
+        if QUANT == 0:
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         else:
-            num_t = tl.dot(phiq_f, h_all) - num
-        den_t = tl.sum(phiq_f * z_all[None, :], axis=1) - den + 1e-6
-        lin_on = has_lin != 0
-        rden = tl.where(lin_on, 1.0 / den_t, 0.0)
-        o_l = num_t * rden[:, None]
-        tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=m_valid[:, None])
-        tl.store(RDEN + row, rden, mask=m_valid)
-    if SPARSE:
-        o_s = acc / l_i[:, None]
+            kq = tl.load(KQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0)
+            ks0 = tl.load(KS + bh * nk + kb0)
+            ks1 = tl.load(KS + bh * nk + kb1)
+            kscale = tl.where(first, ks0, ks1) * q_scale
+            s = tl.dot(q, tl.trans(kq), out_dtype=tl.int32).to(tl.float32) * kscale[None, :]
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        corr = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        acc = acc * corr[:, None]
         if QUANT == 2:
-            o_s = o_s * (vscale / 448.0)[None, :]
+            # VQ is (B*H, D, npad), zero-padded: unmasked, token-contiguous loads
+            vq = tl.load(VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None])
+            acc = tl.dot(_to_fp8(p * 448.0, FP8_EMU), vq, acc)
+        else:
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    o_s = acc / l_i[:, None]
+    if QUANT == 2:
+        vscale = tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / 448.0
+        o_s = o_s * (vscale / 448.0)[None, :]
+    if SAVE:
         lse = m_i + tl.log2(l_i)
         if QUANT > 0:
             # the quantised logits used K - mean(K); the bf16 backward needs the LSE of the unshifted logits.
-            meank = tl.load(MEANK + bh * D + offs_d)
-            lse += tl.sum(q.to(tl.float32) * meank[None, :], axis=1) * qk_scale
-        if not LIN:
-            # split launch: the linear launch ran first and wrote O_l
-            o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
-        alpha = tl.load(ALPHA + h)
-        o = alpha * o_s + (1.0 - alpha) * o_l
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
-        tl.store(OS + row[:, None] * D + offs_d[None, :], o_s.to(OS.dtype.element_ty), mask=m_valid[:, None])
+            meank = tl.load(KSUM + bh * D + offs_d) * inv_n
+            qo = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            lse += tl.sum(qo.to(tl.float32) * meank[None, :], axis=1) * qk_scale
         tl.store(LSE + row, lse, mask=m_valid)
+        tl.store(OS + row[:, None] * D + offs_d[None, :], o_s.to(OS.dtype.element_ty), mask=m_valid[:, None])
+    alpha = tl.load(ALPHA + h)
+    o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
+    o = alpha * o_s + (1.0 - alpha) * o_l
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "sdb", "sdh", "sdn", "N", "H", "nt", "nsplit"])
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["sdb", "sdh", "sdn", "N", "H", "nt", "nsplit"])
 def _bwd_prepass(
-    PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, AP, BP, DALP,
-    sqb, sqh, sqn, sdb, sdh, sdn, N, H, nt, nsplit,
+    PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, AP, BP, DAP,
+    sdb, sdh, sdn, N, H, nt, nsplit,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per row: delta = alpha*rowsum(dO*O_s), c = -(1-alpha)*rowsum(dO*O_l)/den; per (b,h) partial sums
-    A = sum phi(q)^T g with g = (1-alpha) dO / den, b = sum c*phi(q), and sum dO*(O_s - O_l) for d alpha."""
+    """Per row: delta = alpha*rowsum(dO*O_s), c = -(1-alpha)*rowsum(dO*O_l)/den; per-split partials (summed
+    by the caller): A = sum phi(q)^T g with g = (1-alpha) dO / den, b = sum c*phi(q), sum dO*(O_s - O_l)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -306,7 +364,7 @@ def _bwd_prepass(
     base = bh * nsplit + pid
     tl.store(AP + base * D * D + offs_d[:, None] * D + offs_d[None, :], acc_a)
     tl.store(BP + base * D + offs_d, acc_b)
-    tl.store(DALP + base, tl.sum(acc_da, axis=0))
+    tl.store(DAP + base, tl.sum(acc_da, axis=0))
 
 
 _BWD_RUNTIME = [
@@ -315,16 +373,14 @@ _BWD_RUNTIME = [
 ]
 
 
-@triton.jit(do_not_specialize=_BWD_RUNTIME + ["sxb", "sxh", "sxn"])
-def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LUT, LSE, DELTA, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn,
-    N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HI_PREC: tl.constexpr,
-    SPARSE: tl.constexpr, LIN: tl.constexpr,
+@triton.jit(do_not_specialize=["svb", "svh", "svn", "sdb", "sdh", "sdn", "sxb", "sxh", "sxn", "N", "H", "n_sel", "nq", "nk", "block_q"])
+def _bwd_dq_lin_kernel(
+    V, DO, DQ, ZB, LUT, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
+    svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, N, H, n_sel, nq, nk, block_q,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """dQ over the LUT: sparse FA2 part + linear part (total minus selected), through phi's Jacobian.
-    DQ has strides (sxb, sxh, sxn).  Split launches (LIN first, then SPARSE adding to DQ) as in forward."""
+    """Linear part of dQ (writes DQ): dphi(q) = g (H_all - H_sel)^T + c (z_all - z_sel), through phi's
+    softmax Jacobian; g = (1-alpha) dO / den."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -332,75 +388,118 @@ def _bwd_dq_kernel(
     qblk = (pid_m * BLOCK_M) // block_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < N
+    row = bh * N + offs_m
+    lut = LUT + (bh * nq + qblk) * n_sel
+    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
+    hd = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h
+    zd = tl.load(ZALL + bh * D + offs_d) - acc_z
+    alpha = tl.load(ALPHA + h)
+    cc = tl.load(CC + row, mask=m_valid, other=0.0)
+    rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    gf = do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]
+    dphi = tl.dot(gf, tl.trans(hd)) + cc[:, None] * zd[None, :]
+    phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
+    dq = phiq * (dphi - tl.sum(phiq * dphi, axis=1)[:, None])
+    tl.store(DQ + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.jit(do_not_specialize=_BWD_RUNTIME + ["sxb", "sxh", "sxn"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LUT, LSE, DELTA, ALPHA,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn,
+    N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
+):
+    """Sparse part of dQ over the LUT (FA2), added to the linear part already in DQ."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    qblk = (pid_m * BLOCK_M) // block_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, BLOCK_N * PAIR)
     m_valid = offs_m < N
     row = bh * N + offs_m
     alpha = tl.load(ALPHA + h)
     dq_ptrs = DQ + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :]
-
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    if SPARSE:
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        lse = tl.load(LSE + row, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
-        do_s = (do.to(tl.float32) * alpha).to(do.dtype)
-        dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    if LIN:
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    lse = tl.load(LSE + row, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
+    do_s = (do.to(tl.float32) * alpha).to(do.dtype)
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lut = LUT + (bh * nq + qblk) * n_sel
+    for it in range(0, n_sel, PAIR):
+        offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do_s, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    dq = dq * sm_scale + tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.jit(do_not_specialize=["svb", "svh", "svn", "sdb", "sdh", "sdn", "sxb", "sxh", "sxn", "syb", "syh", "syn", "N", "H", "nk"])
+def _bwd_dkdv_lin_kernel(
+    V, DO, DK, DV, KOFF, KQT, CC, RDEN, AALL, BALL, ALPHA, PHIQ, PHIK,
+    svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, syb, syh, syn, N, H, nk,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Linear part of dK, dV for one key block (writes DK, DV): A_sel = sum over the query tiles that
+    selected it of phi(Q)^T g, b_sel = sum c*phi(Q); dV = phi(K)(A_all - A_sel),
+    dphi(K) = V (A_all - A_sel)^T + (b_all - b_sel), through phi's Jacobian."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    n_valid = offs_n < N
+    alpha = tl.load(ALPHA + h)
+    acc_a = tl.zeros((D, D), dtype=tl.float32)
+    acc_b = tl.zeros((D,), dtype=tl.float32)
+    start = tl.load(KOFF + bh * nk + pid_n)
+    end = tl.load(KOFF + bh * nk + pid_n + 1)
+    for idx in range(start, end):
+        t = tl.load(KQT + idx)
+        offs_m = t * BLOCK_M + offs_m0
+        m_valid = offs_m < N
+        row = bh * N + offs_m
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         cc = tl.load(CC + row, mask=m_valid, other=0.0)
         rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
-        gf = do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]
-        g = gf.to(do.dtype)
-        dphi = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    lut = LUT + (bh * nq + qblk) * n_sel
-    for it in range(0, n_sel):
-        kb = tl.load(lut + it)
-        offs_n = kb * BLOCK_N + offs_n0
-        n_valid = offs_n < N
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        if SPARSE:
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do_s, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)
-        if LIN:
-            phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            dkern = tl.dot(g, tl.trans(v)) + cc[:, None]
-            dkern = tl.where(n_valid[None, :], dkern, 0.0)
-            dphi = tl.dot(dkern.to(phik.dtype), phik, dphi)
-
-    if LIN:
-        phiq_f = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
-        h_all = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        z_all = tl.load(ZALL + bh * D + offs_d)
-        if HI_PREC:
-            dphi_t = tl.dot(gf, tl.trans(h_all), input_precision="tf32x3")
-        else:
-            dphi_t = tl.dot(gf, tl.trans(h_all))
-        dphi_t = dphi_t + cc[:, None] * z_all[None, :] - dphi
-        dq_lin = phiq_f * (dphi_t - tl.sum(phiq_f * dphi_t, axis=1)[:, None])
-    if SPARSE:
-        dq = dq * sm_scale
-        if LIN:
-            dq += dq_lin
-        else:
-            dq += tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0).to(tl.float32)
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
-    else:
-        tl.store(dq_ptrs, dq_lin.to(DQ.dtype.element_ty), mask=m_valid[:, None])
+        g = (do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
+        acc_a = tl.dot(tl.trans(phiq), g, acc_a)
+        acc_b += tl.sum(cc[:, None] * phiq.to(tl.float32), axis=0)
+    ad = tl.load(AALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_a
+    bd = tl.load(BALL + bh * D + offs_d) - acc_b
+    phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
+    dv = tl.dot(phik, ad)
+    tl.store(DV + b * syb + h * syh + offs_n[:, None] * syn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+    dphi = tl.dot(v, tl.trans(ad)) + bd[None, :]
+    dk = phik * (dphi - tl.sum(phik * dphi, axis=1)[:, None])
+    tl.store(DK + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
 
 
 @triton.jit(do_not_specialize=_BWD_RUNTIME + ["nt", "sxb", "sxh", "sxn", "syb", "syh", "syn"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, KOFF, KQT, LSE, DELTA, CC, RDEN, AALL, BALL, ALPHA, PHIQ, PHIK,
+    Q, K, V, DO, DK, DV, KOFF, KQT, LSE, DELTA, ALPHA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, syb, syh, syn,
     N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale, nt,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HI_PREC: tl.constexpr,
-    SPARSE: tl.constexpr, LIN: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
-    """dK, dV for one key block over the query tiles that selected it (inverted index KOFF/KQT).
-    DK has strides (sxb, sxh, sxn), DV (syb, syh, syn).  Split launches: LIN writes, SPARSE adds."""
+    """Sparse part of dK and/or dV for one key block over the query tiles that selected it (inverted
+    index KOFF/KQT), added to the linear part already in DK/DV.  DO_DK / DO_DV pick the accumulators:
+    one launch with both, or two launches with one fp32 accumulator each."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -412,15 +511,12 @@ def _bwd_dkdv_kernel(
     alpha = tl.load(ALPHA + h)
     dk_ptrs = DK + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :]
     dv_ptrs = DV + b * syb + h * syh + offs_n[:, None] * syn + offs_d[None, :]
-
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    if SPARSE:
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    if DO_DK:
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    if LIN:
-        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        dphik = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    if DO_DV:
+        dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     start = tl.load(KOFF + bh * nk + pid_n)
     end = tl.load(KOFF + bh * nk + pid_n + 1)
     for idx in range(start, end):
@@ -428,51 +524,21 @@ def _bwd_dkdv_kernel(
         offs_m = t * BLOCK_M + offs_m0
         m_valid = offs_m < N
         row = bh * N + offs_m
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        dof = do.to(tl.float32)
-        if SPARSE:
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-            lse = tl.load(LSE + row, mask=m_valid, other=0.0)
+        lse = tl.load(LSE + row, mask=m_valid, other=0.0)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        if DO_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+        if DO_DK:
             delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
-            do_s = (dof * alpha).to(do.dtype)
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
-            p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do_s, dv)
-            dp_t = tl.dot(v, tl.trans(do_s))
-            ds_t = p_t * (dp_t - delta[None, :])
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t * alpha - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk)
-        if LIN:
-            # linear branch, selected share (subtracted from the totals below)
-            cc = tl.load(CC + row, mask=m_valid, other=0.0)
-            rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
-            g = (dof * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
-            phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-            kern_t = tl.dot(phik, tl.trans(phiq))
-            dv = dv - tl.dot(kern_t.to(do.dtype), g)
-            dkern_t = tl.dot(v, tl.trans(g)) + cc[None, :]
-            dphik = tl.dot(dkern_t.to(phiq.dtype), phiq, dphik)
-
-    if LIN:
-        a_all = tl.load(AALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        b_all = tl.load(BALL + bh * D + offs_d)
-        phik_f = phik.to(tl.float32)
-        if HI_PREC:
-            dv_lin = tl.dot(phik_f, a_all, input_precision="tf32x3")
-            dphi_t = tl.dot(v.to(tl.float32), tl.trans(a_all), input_precision="tf32x3")
-        else:
-            dv_lin = tl.dot(phik_f, a_all)
-            dphi_t = tl.dot(v.to(tl.float32), tl.trans(a_all))
-        dv = dv + dv_lin
-        dphi_t = dphi_t + b_all[None, :] - dphik
-        dk_lin = phik_f * (dphi_t - tl.sum(phik_f * dphi_t, axis=1)[:, None])
-    if SPARSE:
-        dk = dk * sm_scale
-        if LIN:
-            dk += dk_lin
-        else:
-            dk += tl.load(dk_ptrs, mask=n_valid[:, None], other=0.0).to(tl.float32)
-            dv += tl.load(dv_ptrs, mask=n_valid[:, None], other=0.0).to(tl.float32)
+    if DO_DK:
+        dk = dk * sm_scale + tl.load(dk_ptrs, mask=n_valid[:, None], other=0.0).to(tl.float32)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
-    else:
-        tl.store(dk_ptrs, dk_lin.to(DK.dtype.element_ty), mask=n_valid[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+    if DO_DV:
+        dv = dv * alpha + tl.load(dv_ptrs, mask=n_valid[:, None], other=0.0).to(tl.float32)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])

@@ -33,7 +33,7 @@ def _ensure_kernel_mode():
     from triton.runtime.interpreter import InterpretedFunction
 
     want_interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if isinstance(_K._fwd_kernel, InterpretedFunction) != want_interp:
+    if isinstance(_K._fwd_sparse_kernel, InterpretedFunction) != want_interp:
         importlib.reload(_K)
 
 
@@ -296,7 +296,8 @@ def test_torch_compile_fullgraph_no_graph_break():
 def test_no_recompile_when_n_or_topk_changes():
     def n_variants():
         total = 0
-        for fn in (_K._fwd_kernel, _K._bwd_dq_kernel, _K._bwd_dkdv_kernel):
+        for fn in (_K._fwd_lin_kernel, _K._fwd_sparse_kernel, _K._bwd_dq_kernel, _K._bwd_dq_lin_kernel,
+                   _K._bwd_dkdv_kernel, _K._bwd_dkdv_lin_kernel):
             for cache in fn.device_caches.values():
                 total += len(cache[0])
         return total
