@@ -273,7 +273,9 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         for p in proc.sla2_state().values():
             p.requires_grad_(True)
             params.append(p)
-    optimizer = torch.optim.Adam(params, lr=cfg["lr"])
+    routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
+    alphas = [proc.alpha_logit for proc in procs.values()]
+    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg["lr"]}, {"params": alphas, "lr": cfg["alpha_lr"]}])
     model_config = json.loads((Path(workdir) / "config.json").read_text())
     sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
@@ -357,7 +359,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     seconds = round(time.time() - t0, 2)
     heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     first_last = _first_last(log_path)
-    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "seconds": seconds,
+    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"], "seconds": seconds,
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,
                           "heldout_attention_rel_mse_after": heldout_after,

@@ -138,7 +138,8 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data folder (else data-free).")
 @click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all", show_default=True)
 @click.option("--steps", type=int, help="Steps of the selected stage(s).")
-@click.option("--lr", type=float, help="Learning rate of the selected stage(s).")
+@click.option("--lr", type=float, help="Learning rate of the selected stage(s) (stage 1: the router's).")
+@click.option("--alpha-lr", type=float, help="Stage-1 learning rate of the alpha logits.")
 @click.option("--objective", type=click.Choice(["diffusion", "distill"]), help="Stage-2 objective.")
 @click.option("--batch-size", type=int, help="Batch size of the selected stage(s).")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
@@ -148,14 +149,15 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @dry_run_option
 @json_option
 @click.pass_context
-def calibrate(ctx, workdir, data_dir, stage, steps, lr, objective, batch_size, seed, resume, recipe, device, dry_run,
-              as_json):
+def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, batch_size, seed, resume, recipe, device,
+              dry_run, as_json):
     """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir."""
     from . import calibrate as stages
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
-    overrides = {"calibration.seed": seed, "calibration.stage2.objective": objective}
+    overrides = {"calibration.seed": seed, "calibration.stage2.objective": objective,
+                 "calibration.stage1.alpha_lr": alpha_lr}
     for s in (["stage1", "stage2"] if stage == "all" else [f"stage{stage}"]):
         overrides.update({f"calibration.{s}.steps": steps, f"calibration.{s}.lr": lr,
                           f"calibration.{s}.batch_size": batch_size})

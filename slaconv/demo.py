@@ -27,7 +27,7 @@ DEMO_RECIPE = {
     "data": {"frames": 4, "height": 32, "width": 32, "text_len": 8},
     "calibration": {
         "checkpoint_every": 20,
-        "stage1": {"steps": 60, "lr": 0.02, "query_blocks_per_step": 4},
+        "stage1": {"steps": 60, "lr": 1.0e-3, "alpha_lr": 5.0e-2, "query_blocks_per_step": 4},
         "stage2": {"steps": 30, "lr": 1.0e-5, "objective": "distill", "warmup_steps": 2},
     },
     "validation": {"num_samples": 2, "sample_steps": 4,

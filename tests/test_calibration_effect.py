@@ -9,7 +9,7 @@ from test_cli import run, write_recipe
 
 def test_both_stages_reduce_held_out_error(tmp_path, tiny_wan_dir):
     recipe = write_recipe(tmp_path / "r.yaml", **{
-        "sla2.topk": 0.25, "calibration.stage1.steps": 40, "calibration.stage1.lr": 0.02,
+        "sla2.topk": 0.25, "calibration.stage1.steps": 40, "calibration.stage1.lr": 1.0e-3,
         "calibration.stage1.query_blocks_per_step": 4, "calibration.stage2.steps": 30,
         "calibration.stage2.lr": 1.0e-5, "calibration.eval_samples": 3, "calibration.checkpoint_every": 1000,
         "data.frames": 2, "data.height": 32, "data.width": 32})  # 512 tokens = 8 blocks of 64

@@ -1,0 +1,181 @@
+"""Metrics of the quality benchmark.
+
+* :func:`heldout_fm_loss` -- flow-matching loss on held-out videos at fixed noise and fixed noise
+  levels (identical inputs for every model, so differences are the models' alone).
+* :func:`psnr` / :func:`ssim` -- fidelity of a model's samples to the original model's samples
+  drawn from the same noise and class (latent space; values clamped to the data range [-1, 1]).
+  SSIM is the standard Gaussian-window SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03), computed per
+  frame and channel in plain torch and averaged.
+* :class:`FrameClassifier` + :func:`classifier_scores` -- a small 3D-conv network trained on clean
+  generated videos (``train_classifier.py``) that predicts the class of every frame; the semantic
+  score of generated samples is the per-frame accuracy w.r.t. the conditioning class, and
+  ``consistency`` is the share of frames that agree with their video's majority prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qcommon as common
+import synthvideo as sv
+
+# ------------------------------------------------------------------------------ held-out set
+
+
+def heldout_set(spec: "sv.VideoSpec", num: int, *, seed: int = common.HELDOUT_SEED,
+                sigmas=(0.15, 0.35, 0.55, 0.75, 0.95)) -> dict[str, torch.Tensor]:
+    """Balanced held-out videos with their embeddings, fixed noise and fixed noise levels.
+
+    Sample ``i`` is evaluated at ``sigmas[i % len(sigmas)]`` so every class meets every level.
+    """
+    labels = sv.balanced_labels(num, spec)
+    x0, y = sv.generate(seed, range(num), spec, labels=labels)
+    gen = torch.Generator().manual_seed(seed * 7919 + 11)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.tensor([sigmas[i % len(sigmas)] for i in range(num)], dtype=torch.float32)
+    emb = sv.class_embeddings(spec)[y]
+    return {"x0": x0, "labels": y, "emb": emb, "noise": noise, "sigma": sigma}
+
+
+@torch.no_grad()
+def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8) -> dict:
+    """Mean MSE between the predicted velocity and ``noise - x0`` over the held-out set, plus per level."""
+    per_sample = []
+    for i in range(0, hs["x0"].shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        x0, noise, s = hs["x0"][sl].to(device), hs["noise"][sl].to(device), hs["sigma"][sl].to(device)
+        x_t = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        v = common.velocity(model, x_t, s, hs["emb"][sl].to(device))
+        per_sample.append(((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3, 4)).cpu())
+    losses = torch.cat(per_sample)
+    by_sigma = {}
+    for s in hs["sigma"].unique().tolist():
+        by_sigma[f"{s:.2f}"] = float(losses[hs["sigma"] == s].mean())
+    return {"loss": float(losses.mean()), "by_sigma": by_sigma}
+
+
+def sampling_set(spec: "sv.VideoSpec", per_class: int, *, seed: int = common.HELDOUT_SEED + 100) -> dict:
+    """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class."""
+    num = per_class * spec.num_classes
+    labels = torch.tensor(sv.balanced_labels(num, spec))
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(num, spec.channels, spec.frames, spec.size, spec.size, generator=gen)
+    return {"noise": noise, "labels": labels, "emb": sv.class_embeddings(spec)[labels]}
+
+
+# ------------------------------------------------------------------------------ fidelity
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
+    """Mean over samples of the PSNR (dB) of ``x`` against ``ref`` (both clamped to [-1, 1])."""
+    x, ref = x.float().clamp(-1, 1), ref.float().clamp(-1, 1)
+    mse = ((x - ref) ** 2).flatten(1).mean(dim=1).clamp_min(1e-12)
+    return float((10 * torch.log10(data_range ** 2 / mse)).mean())
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+    c = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-(c ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM of (B, C, F, H, W) videos against ``ref``, per frame and channel (valid window)."""
+    x, ref = x.float().clamp(-1, 1), ref.float().clamp(-1, 1)
+    b, c, f, h, w = x.shape
+    win = min(window, h, w)
+    g = _gaussian_window(win, sigma, x.device)
+    xi = x.permute(0, 2, 1, 3, 4).reshape(-1, 1, h, w)
+    yi = ref.permute(0, 2, 1, 3, 4).reshape(-1, 1, h, w)
+    mu_x, mu_y = F.conv2d(xi, g), F.conv2d(yi, g)
+    sxx = F.conv2d(xi * xi, g) - mu_x ** 2
+    syy = F.conv2d(yi * yi, g) - mu_y ** 2
+    sxy = F.conv2d(xi * yi, g) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+# ------------------------------------------------------------------------------ classifier
+
+
+class FrameClassifier(nn.Module):
+    """(B, C, F, H, W) video -> (B, F, K) per-frame class logits.
+
+    3D convolutions (temporal stride 1: every frame keeps its own prediction and sees its two
+    neighbours; spatial stride 1, 2, 2), batch norm, then max- and mean-pooling over space and a
+    linear head.  Max pooling makes it a detector: the glyphs are small against the background.
+    """
+
+    def __init__(self, channels: int = 4, num_classes: int = 8, width: int = 32):
+        super().__init__()
+        self.config = {"channels": channels, "num_classes": num_classes, "width": width}
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv3d(channels, w, 3, padding=1), nn.BatchNorm3d(w), nn.GELU(),
+            nn.Conv3d(w, 2 * w, 3, stride=(1, 2, 2), padding=1), nn.BatchNorm3d(2 * w), nn.GELU(),
+            nn.Conv3d(2 * w, 4 * w, 3, stride=(1, 2, 2), padding=1), nn.BatchNorm3d(4 * w), nn.GELU(),
+            nn.Conv3d(4 * w, 4 * w, (1, 3, 3), padding=(0, 1, 1)), nn.GELU(),
+        )
+        self.head = nn.Linear(8 * w, num_classes)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        h = self.net(video)  # (B, 4w, F, h, w)
+        h = torch.cat([h.amax(dim=(3, 4)), h.mean(dim=(3, 4))], dim=1).transpose(1, 2)  # (B, F, 8w)
+        return self.head(h)
+
+
+def save_classifier(model: FrameClassifier, folder: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "classifier.safetensors"))
+    (folder / "classifier.json").write_text(json.dumps({**model.config, **(extra or {})}, indent=2) + "\n")
+
+
+def load_classifier(folder: Path, device="cpu") -> FrameClassifier:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "classifier.json").read_text())
+    model = FrameClassifier(cfg["channels"], cfg["num_classes"], cfg["width"])
+    model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def classifier_scores(clf: FrameClassifier, videos: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> dict:
+    """Per-frame accuracy against ``labels``; frame-to-frame consistency; video-level (majority) accuracy."""
+    device = next(clf.parameters()).device
+    preds = []
+    for i in range(0, videos.shape[0], batch_size):
+        logits = clf(videos[i : i + batch_size].to(device).float().clamp(-1, 1))
+        preds.append(logits.argmax(-1).cpu())
+    pred = torch.cat(preds)  # (B, F)
+    labels = labels.view(-1, 1).cpu()
+    majority = pred.mode(dim=1).values.view(-1, 1)
+    return {
+        "accuracy": float((pred == labels).float().mean()),
+        "consistency": float((pred == majority).float().mean()),
+        "video_accuracy": float((majority == labels).float().mean()),
+    }
+
+
+def summarize_fidelity(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    if reference is None:
+        return {"psnr": None, "ssim": None}
+    return {"psnr": psnr(samples, reference), "ssim": ssim(samples, reference)}
+
+
+def fmt(x, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return format(x, spec)

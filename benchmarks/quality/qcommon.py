@@ -1,0 +1,179 @@
+"""Shared pieces of the quality benchmark: model configs, devices, the sampler, file helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+# slaconv itself must be installed (`pip install -e .`: its kernels/ folder installs as slaconv.kernels);
+# run_all.sh takes care of that on a fresh machine.
+
+import synthvideo as sv  # noqa: E402
+
+# Streams of the generator (disjoint): training, held-out evaluation, slaconv calibration data,
+# classifier training.
+TRAIN_SEED, HELDOUT_SEED, CALIB_SEED, CLASSIFIER_SEED = 0, 1, 2, 3
+
+# The original model: a small Wan2.1-architecture DiT.  4 heads x 64 (the SLA2 kernels take head
+# dims 64/128), 6 layers, FFN 1024: 7.0 M parameters, 14 MB in fp16.
+MODEL_CONFIG = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 64, "in_channels": 4,
+    "out_channels": 4, "text_dim": 32, "freq_dim": 256, "ffn_dim": 1024, "num_layers": 6,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}
+# --smoke: same architecture, 2 layers of 1 head x 64, on 4 x 32 x 32 videos (1,024 tokens).
+SMOKE_MODEL_CONFIG = {**MODEL_CONFIG, "num_attention_heads": 1, "ffn_dim": 256, "num_layers": 2, "freq_dim": 64}
+
+# Sampling used everywhere (training previews, the benchmark's fidelity metrics).
+SAMPLE_STEPS, SAMPLE_SHIFT = 20, 3.0
+SMOKE_SAMPLE_STEPS = 3
+
+
+def spec_for(smoke: bool) -> "sv.VideoSpec":
+    return sv.SMOKE_SPEC if smoke else sv.VideoSpec()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(config: dict, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**config)
+
+
+def load_model(folder: str | Path, device, dtype=torch.float32):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def velocity(model, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The model's velocity prediction at noise level ``sigma`` (B,) in [0, 1], fp32 out."""
+    device = x.device
+    with autocast(device):
+        out = model(hidden_states=x, timestep=(sigma * 1000).to(device), encoder_hidden_states=emb,
+                    return_dict=False)[0]
+    return out.float()
+
+
+@torch.no_grad()
+def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: float = SAMPLE_SHIFT,
+           batch_size: int = 8) -> torch.Tensor:
+    """Euler flow-matching sampler (slaconv.flow) from fixed noise; returns fp32 videos."""
+    from slaconv import flow
+
+    outs = []
+    for i in range(0, noise.shape[0], batch_size):
+        e = emb[i : i + batch_size]
+        outs.append(flow.euler_sample(lambda x, t: velocity(model, x, t / 1000.0, e),
+                                      noise[i : i + batch_size].float(), steps, shift))
+    return torch.cat(outs)
+
+
+def file_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
+def write_json(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def line_plot(path: Path, series: dict[str, list[tuple[float, float]]], title: str, *, logy: bool = True) -> None:
+    """A small line chart with Pillow (no matplotlib in the environments we run on)."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    colours = [(52, 101, 164), (204, 102, 0), (78, 154, 6), (117, 80, 123)]
+    W, H, left, bottom, top, right = 640, 360, 70, 40, 30, 20
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    pts = [(x, y) for s in series.values() for x, y in s if y == y and y > 0]
+    if not pts:
+        img.save(path)
+        return
+    f = (lambda y: math.log10(y)) if logy else (lambda y: y)
+    xmin, xmax = min(p[0] for p in pts), max(p[0] for p in pts)
+    ymin, ymax = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
+    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
+
+    def xy(x, y):
+        return (left + (x - xmin) / (xmax - xmin) * (W - left - right),
+                H - bottom - (f(y) - ymin) / (ymax - ymin) * (H - top - bottom))
+
+    d.line((left, top, left, H - bottom), fill="black")
+    d.line((left, H - bottom, W - right, H - bottom), fill="black")
+    for frac in (0, 0.5, 1):
+        yv = ymin + frac * (ymax - ymin)
+        label = f"{10 ** yv:.3g}" if logy else f"{yv:.3g}"
+        d.text((4, H - bottom - frac * (H - top - bottom) - 6), label, fill="black")
+    d.text((left, H - bottom + 6), f"{xmin:g}", fill="black")
+    d.text((W - right - 40, H - bottom + 6), f"{xmax:g}", fill="black")
+    for i, (name, s) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        s = [(x, y) for x, y in s if y == y and y > 0]
+        if len(s) > 1:
+            d.line([xy(x, y) for x, y in s], fill=c, width=2)
+        d.text((W - right - 200, top + 14 * i), name, fill=c)
+    img.save(path)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def env_summary() -> dict:
+    import platform
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    info["cpu_threads"] = torch.get_num_threads()
+    info["host"] = os.uname().nodename if hasattr(os, "uname") else ""
+    return info

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The SLA2 quality benchmark end to end on one GPU: train the DiT, train the classifier, build the table.
+#
+#   benchmarks/quality/run_all.sh OUTDIR [all|train|classifier|table]      (default: all)
+#
+# Environment:
+#   PYTHON=python3              interpreter (torch, triton, diffusers, accelerate, click, pyyaml, pillow)
+#   MODEL=DIR                   table only: use this trained checkpoint instead of OUTDIR/dit/model
+#   CLASSIFIER=DIR              table only: use this classifier instead of OUTDIR/classifier
+#   TRAIN_ARGS / CLF_ARGS / TABLE_ARGS   extra arguments for train_dit.py / train_classifier.py / run_quality.py
+#   SMOKE=1                     tiny CPU-sized run of everything (what the tests do)
+#
+# Writes OUTDIR/{dit,classifier,quality}/ and copies the headline files flat into OUTDIR/summary/
+# (at most 8 files: results.md, results.json, samples.png, train_samples.png, loss_curve.png,
+# train_summary.json, classifier.json, run_all.log).
+set -euo pipefail
+
+OUT=${1:?usage: run_all.sh OUTDIR [all|train|classifier|table]}
+WHAT=${2:-all}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PY=${PYTHON:-python3}
+SMOKE_FLAG=()
+[[ "${SMOKE:-0}" == 1 ]] && SMOKE_FLAG=(--smoke)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/run_all.log"
+
+# slaconv must be importable with its kernels (kernels/ installs as slaconv.kernels).
+if ! "$PY" -c "import slaconv.kernels" 2>/dev/null; then
+  echo "[setup] installing slaconv (editable, no dependencies) from $REPO" | tee -a "$LOG"
+  if ! (cd "$REPO" && "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1) \
+     || ! "$PY" -c "import slaconv.kernels" 2>/dev/null; then
+    # No pip/setuptools: a package folder of links, with kernels/ as slaconv/kernels.
+    SHIM=$(mktemp -d)
+    mkdir -p "$SHIM/slaconv"
+    for f in "$REPO"/slaconv/*; do ln -s "$f" "$SHIM/slaconv/"; done
+    ln -s "$REPO/kernels" "$SHIM/slaconv/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[setup] pip install failed; using a link shim at $SHIM" | tee -a "$LOG"
+  fi
+fi
+"$PY" -c "import torch, diffusers, slaconv, slaconv.kernels; print('[setup] torch', torch.__version__, '| diffusers', diffusers.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee -a "$LOG"
+
+run_step() {  # name, command...
+  local name=$1; shift
+  echo "[$name] $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$LOG"
+  echo "[$name] done in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+if [[ "$WHAT" == all || "$WHAT" == train ]]; then
+  # shellcheck disable=SC2086
+  run_step train "$PY" "$HERE/train_dit.py" --out "$OUT/dit" "${SMOKE_FLAG[@]}" ${TRAIN_ARGS:-}
+fi
+if [[ "$WHAT" == all || "$WHAT" == classifier ]]; then
+  # shellcheck disable=SC2086
+  run_step classifier "$PY" "$HERE/train_classifier.py" --out "$OUT/classifier" "${SMOKE_FLAG[@]}" ${CLF_ARGS:-}
+fi
+if [[ "$WHAT" == all || "$WHAT" == table ]]; then
+  # shellcheck disable=SC2086
+  run_step table "$PY" "$HERE/run_quality.py" --model "${MODEL:-$OUT/dit/model}" \
+    --classifier "${CLASSIFIER:-$OUT/classifier}" --out "$OUT/quality" "${SMOKE_FLAG[@]}" ${TABLE_ARGS:-}
+fi
+
+mkdir -p "$OUT/summary"
+for pair in quality/results.md:results.md quality/results.json:results.json quality/samples.png:samples.png \
+            dit/samples.png:train_samples.png dit/loss_curve.png:loss_curve.png \
+            dit/train_summary.json:train_summary.json classifier/classifier.json:classifier.json; do
+  src=${pair%%:*}; dst=${pair##*:}
+  [[ -f "$OUT/$src" ]] && cp "$OUT/$src" "$OUT/summary/$dst"
+done
+cp "$LOG" "$OUT/summary/run_all.log"
+echo "[done] headline files in $OUT/summary" | tee -a "$LOG"

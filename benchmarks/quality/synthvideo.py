@@ -1,0 +1,336 @@
+"""SynthVideo: a deterministic generator of short class-labelled videos for the quality benchmark.
+
+Each video shows 2-3 sprites of ONE glyph class (ring, plus, triangle, hollow square, L, T, H, "=")
+with random colours, sizes and motions (linear, bouncing, rotating) over a textured, drifting
+background.  A DiT conditioned on the class must learn the glyph shape, keep it consistent from frame
+to frame and move it plausibly: structure that sparse attention can break.
+
+Videos live directly in a small "latent" space, so no VAE is needed: ``channels`` = RGB + one
+object-mask channel, values in [-1, 1], shape (C, F, H, W).  With the defaults (16 frames of
+64 x 64) and Wan's patch (1, 2, 2) a sample is 16 x 32 x 32 = 16,384 tokens.
+
+Determinism: sample ``index`` of stream ``seed`` depends on ``(seed, index)`` only (a SHA-256 derived
+torch.Generator draws its parameters; rendering is plain float math), so batches can be made in any
+order, on any machine, and the same call gives the same tensor.  Rendering is batched (grid_sample of
+every object in every frame at once) and runs on a GPU when given ``device``.
+
+Conditioning: a fixed, seeded (text_len, text_dim) embedding per class, passed to the model as
+``encoder_hidden_states`` -- so the model stays a stock ``WanTransformer3DModel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+GLYPHS = ("ring", "plus", "triangle", "square", "L", "T", "H", "equals")
+MOTIONS = ("linear", "bounce", "rotate")
+GENERATOR_VERSION = "synthvideo/1"
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """Shape and content settings of a SynthVideo stream (everything a sample depends on, with the seed)."""
+
+    frames: int = 16
+    size: int = 64  # H = W in pixels
+    channels: int = 4  # RGB + object mask
+    num_classes: int = 8
+    min_objects: int = 2
+    max_objects: int = 3
+    glyph_res: int = 48  # glyph bitmap resolution (rendered 4x supersampled, then pooled)
+    min_scale: float = 0.13  # glyph half-size as a fraction of the frame
+    max_scale: float = 0.19
+    text_len: int = 4  # class embedding tokens (S)
+    text_dim: int = 32  # class embedding width (D)
+    embed_seed: int = 1234
+
+    def tokens(self, patch=(1, 2, 2)) -> int:
+        return (self.frames // patch[0]) * (self.size // patch[1]) * (self.size // patch[2])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoSpec":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# --smoke (tests, CPU): 4 frames of 32 x 32 (1,024 tokens), 4 classes, larger glyphs.
+SMOKE_SPEC = VideoSpec(frames=4, size=32, num_classes=4, glyph_res=32, min_scale=0.17, max_scale=0.24)
+
+
+# ------------------------------------------------------------------------------------------ glyphs
+
+
+def _glyph_mask(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Boolean glyph on coordinates x, y in [-1, 1] (y grows downwards)."""
+    ax, ay = x.abs(), y.abs()
+    if name == "ring":
+        r = torch.sqrt(x * x + y * y)
+        return (r > 0.5) & (r < 0.85)
+    if name == "plus":
+        return ((ax < 0.22) & (ay < 0.85)) | ((ay < 0.22) & (ax < 0.85))
+    if name == "triangle":  # apex up, base at y = 0.7
+        return (y < 0.7) & (y > -0.85) & (ax < (y + 0.85) * 0.62)
+    if name == "square":  # hollow
+        m = torch.maximum(ax, ay)
+        return (m < 0.82) & (m > 0.5)
+    if name == "L":
+        return ((x > -0.75) & (x < -0.3) & (ay < 0.85)) | ((y > 0.4) & (y < 0.85) & (x > -0.75) & (x < 0.75))
+    if name == "T":
+        return ((y > -0.85) & (y < -0.4) & (ax < 0.85)) | ((ax < 0.22) & (y > -0.85) & (y < 0.85))
+    if name == "H":
+        return (((ax > 0.42) & (ax < 0.82)) & (ay < 0.85)) | ((ay < 0.2) & (ax < 0.82))
+    if name == "equals":
+        return (ay > 0.2) & (ay < 0.6) & (ax < 0.85)
+    raise ValueError(f"unknown glyph {name!r}")
+
+
+def glyph_bank(spec: VideoSpec) -> torch.Tensor:
+    """(K, 1, R, R) anti-aliased glyph alpha maps in [0, 1] for the spec's classes."""
+    if spec.num_classes > len(GLYPHS):
+        raise ValueError(f"at most {len(GLYPHS)} classes")
+    ss = 4
+    n = spec.glyph_res * ss
+    c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    masks = torch.stack([_glyph_mask(g, x, y).float() for g in GLYPHS[: spec.num_classes]])
+    return F.avg_pool2d(masks[:, None], ss)
+
+
+def class_embeddings(spec: VideoSpec) -> torch.Tensor:
+    """(K, S, D) fixed conditioning embeddings: seeded Gaussian tokens, one set per class."""
+    gen = torch.Generator().manual_seed(spec.embed_seed)
+    return torch.randn(spec.num_classes, spec.text_len, spec.text_dim, generator=gen)
+
+
+# ------------------------------------------------------------------------------------------ params
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"synthvideo:{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> list[float]:
+    i = int(h * 6) % 6
+    f = h * 6 - math.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+@dataclass
+class SampleParams:
+    label: int
+    # per object: (O,) or (O, F) tensors
+    cx: torch.Tensor = field(default=None)  # (O, F) centre x in [-1, 1]
+    cy: torch.Tensor = field(default=None)
+    angle: torch.Tensor = field(default=None)  # (O, F) radians
+    scale: torch.Tensor = field(default=None)  # (O,) half-size in normalised units
+    color: torch.Tensor = field(default=None)  # (O, 3) in [0, 1]
+    motion: list = field(default_factory=list)
+    bg: dict = field(default_factory=dict)
+
+
+def _bounce(p: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Reflect positions into [lo, hi] (a triangle wave)."""
+    span = hi - lo
+    u = torch.remainder(p - lo, 2 * span)
+    return lo + torch.where(u > span, 2 * span - u, u)
+
+
+def sample_params(seed: int, index: int, spec: VideoSpec, label: int | None = None) -> SampleParams:
+    """The random choices of sample ``index`` of stream ``seed`` (label drawn unless given)."""
+    g = torch.Generator().manual_seed(sample_seed(seed, index))
+
+    def u(a=0.0, b=1.0, *shape):
+        return a + (b - a) * torch.rand(*(shape or (1,)), generator=g)
+
+    drawn_label = int(torch.randint(spec.num_classes, (1,), generator=g))
+    label = drawn_label if label is None else int(label)
+    n_obj = int(torch.randint(spec.min_objects, spec.max_objects + 1, (1,), generator=g))
+    t = torch.arange(spec.frames, dtype=torch.float32)
+    cxs, cys, angs, scales, colors, motions = [], [], [], [], [], []
+    for _ in range(n_obj):
+        scale = float(u(spec.min_scale, spec.max_scale)) * 2  # in normalised [-1, 1] units
+        lim = 1.0 - scale * 0.75
+        motion = MOTIONS[int(torch.randint(len(MOTIONS), (1,), generator=g))]
+        x0, y0 = float(u(-lim, lim)), float(u(-lim, lim))
+        a0 = float(u(-0.35, 0.35))
+        if motion == "linear":
+            x1, y1 = float(u(-lim, lim)), float(u(-lim, lim))
+            frac = t / max(spec.frames - 1, 1)
+            cx, cy = x0 + (x1 - x0) * frac, y0 + (y1 - y0) * frac
+            ang = torch.full_like(t, a0)
+        elif motion == "bounce":
+            speed = float(u(0.12, 0.25)) * 16 / max(spec.frames, 1)
+            theta = float(u(0, 2 * math.pi))
+            cx = _bounce(x0 + speed * math.cos(theta) * t, -lim, lim)
+            cy = _bounce(y0 + speed * math.sin(theta) * t, -lim, lim)
+            ang = torch.full_like(t, a0)
+        else:  # rotate, with a slow drift
+            omega = float(u(0.12, 0.3)) * (1 if float(u()) < 0.5 else -1) * 16 / max(spec.frames, 1)
+            dx, dy = float(u(-0.02, 0.02)), float(u(-0.02, 0.02))
+            cx = (x0 + dx * t).clamp(-lim, lim)
+            cy = (y0 + dy * t).clamp(-lim, lim)
+            ang = a0 + omega * t
+        hue, sat, val = float(u()), float(u(0.55, 1.0)), float(u(0.7, 1.0))
+        cxs.append(cx), cys.append(cy), angs.append(ang), scales.append(scale)
+        colors.append(torch.tensor(_hsv_to_rgb(hue, sat, val)))
+        motions.append(motion)
+    bg = {
+        "base": torch.tensor(_hsv_to_rgb(float(u()), float(u(0.2, 0.6)), float(u(0.15, 0.35)))),
+        "stripe_freq": float(u(2.0, 5.0)) * math.pi,
+        "stripe_dir": float(u(0, 2 * math.pi)),
+        "stripe_speed": float(u(-0.4, 0.4)),
+        "stripe_amp": float(u(0.04, 0.12)),
+        "noise": torch.randn(3, 4, 4, generator=g) * 0.08,  # low-frequency colour texture
+    }
+    return SampleParams(label=label, cx=torch.stack(cxs), cy=torch.stack(cys), angle=torch.stack(angs),
+                        scale=torch.tensor(scales), color=torch.stack(colors), motion=motions, bg=bg)
+
+
+# ------------------------------------------------------------------------------------------ render
+
+
+def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
+    """Render a batch: (B, C, F, H, W) float32 in [-1, 1] on ``device``."""
+    device = torch.device(device)
+    glyphs = (glyphs if glyphs is not None else glyph_bank(spec)).to(device)
+    B, T, S = len(params), spec.frames, spec.size
+    coords = (torch.arange(S, dtype=torch.float32, device=device) + 0.5) / S * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    tt = torch.arange(T, dtype=torch.float32, device=device).view(T, 1, 1)
+
+    # background: base colour + low-frequency colour texture + drifting stripes (batched)
+    bgp = [p.bg for p in params]
+    noise = torch.stack([bg["noise"] for bg in bgp]).to(device)  # (B, 3, 4, 4)
+    tex = F.interpolate(noise, size=(S, S), mode="bicubic", align_corners=False)  # (B, 3, S, S)
+    vals = torch.tensor([[bg["stripe_dir"], bg["stripe_freq"], bg["stripe_speed"], bg["stripe_amp"]] for bg in bgp],
+                        dtype=torch.float32, device=device).view(B, 4, 1, 1, 1)
+    d, freq, speed, amp = vals[:, 0], vals[:, 1], vals[:, 2], vals[:, 3]  # (B, 1, 1, 1)
+    phase = (xx * torch.cos(d) + yy * torch.sin(d)) * freq - speed * tt[None] * 2.0  # (B, T, S, S)
+    base = torch.stack([bg["base"] for bg in bgp]).to(device).view(B, 3, 1, 1, 1)
+    rgb = base + tex[:, :, None] + (amp * torch.sin(phase))[:, None]  # (B, 3, T, S, S)
+    mask = torch.zeros(B, 1, T, S, S, device=device)
+
+    # objects: one grid_sample for every (object, frame) of the batch
+    n_obj = max(len(p.motion) for p in params)
+    for o in range(n_obj):
+        have = [b for b, p in enumerate(params) if len(p.motion) > o]
+        cx = torch.stack([params[b].cx[o] for b in have]).to(device)  # (b, T)
+        cy = torch.stack([params[b].cy[o] for b in have]).to(device)
+        ang = torch.stack([params[b].angle[o] for b in have]).to(device)
+        sc = torch.stack([params[b].scale[o] for b in have]).to(device).view(-1, 1)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        # input (glyph) coords = R(-a) (p - c) / s
+        theta = torch.stack([
+            torch.stack([cos / sc, sin / sc, -(cos * cx + sin * cy) / sc], dim=-1),
+            torch.stack([-sin / sc, cos / sc, (sin * cx - cos * cy) / sc], dim=-1),
+        ], dim=-2).view(-1, 2, 3)  # (b*T, 2, 3)
+        labels = torch.tensor([params[b].label for b in have], device=device)
+        src = glyphs[labels].repeat_interleave(T, dim=0)  # (b*T, 1, R, R)
+        grid = F.affine_grid(theta, (len(have) * T, 1, S, S), align_corners=False)
+        alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        alpha = alpha.view(len(have), T, S, S)[:, None]  # (b, 1, T, S, S)
+        color = torch.stack([params[b].color[o] for b in have]).to(device).view(-1, 3, 1, 1, 1)
+        idx = torch.tensor(have, device=device)
+        rgb[idx] = rgb[idx] * (1 - alpha) + color * alpha
+        mask[idx] = torch.maximum(mask[idx], alpha)
+    video = torch.cat([rgb.clamp(0, 1), mask], dim=1) * 2 - 1
+    return video[:, : spec.channels].contiguous()
+
+
+def generate(seed: int, indices: Sequence[int], spec: VideoSpec, labels: Sequence[int] | None = None,
+             device="cpu", glyphs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Videos (B, C, F, H, W) and labels (B,) of samples ``indices`` of stream ``seed``."""
+    params = [sample_params(seed, int(i), spec, None if labels is None else int(labels[j]))
+              for j, i in enumerate(indices)]
+    video = render(params, spec, device=device, glyphs=glyphs)
+    return video, torch.tensor([p.label for p in params], device=video.device)
+
+
+def balanced_labels(n: int, spec: VideoSpec) -> list[int]:
+    return [i % spec.num_classes for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def write_slaconv_dataset(out_dir: str | Path, seed: int, num_samples: int, spec: VideoSpec,
+                          dtype: torch.dtype = torch.float32, chunk: int = 32) -> Path:
+    """Write ``num_samples`` videos (balanced classes) in slaconv's ``--data`` format.
+
+    ``latents`` = the video (C, F, H, W), ``prompt_embeds`` = its class embedding (S, D).
+    """
+    from slaconv.data import write_dataset
+
+    emb = class_embeddings(spec)
+    glyphs = glyph_bank(spec)
+    labels = balanced_labels(num_samples, spec)
+    samples = []
+    for start in range(0, num_samples, chunk):
+        idx = list(range(start, min(start + chunk, num_samples)))
+        video, lab = generate(seed, idx, spec, labels=[labels[i] for i in idx], glyphs=glyphs)
+        for v, y in zip(video, lab.tolist()):
+            samples.append({"latents": v.to(dtype), "prompt_embeds": emb[y].to(dtype)})
+    return write_dataset(out_dir, samples, source="synthvideo", seed=seed,
+                         extra={"generator": GENERATOR_VERSION, "spec": spec.to_dict(), "labels": labels})
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(C, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 RGB."""
+    rgb = video[:3].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return rgb.permute(1, 2, 3, 0).cpu()
+
+
+def save_video_grid(path: str | Path, videos: Sequence[torch.Tensor], *, row_labels: Sequence[str] | None = None,
+                    frames: Sequence[int] | None = None, scale: int = 2, gap: int = 2) -> Path:
+    """A PNG: one row per video, the chosen frames side by side (RGB channels), optional row labels."""
+    from PIL import Image, ImageDraw
+
+    videos = [v.detach().cpu() for v in videos]
+    nf = videos[0].shape[1]
+    frames = list(frames) if frames is not None else list(range(0, nf, max(1, nf // 4)))[:4]
+    h, w = videos[0].shape[2] * scale, videos[0].shape[3] * scale
+    label_w = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
+    W = label_w + len(frames) * (w + gap)
+    H = len(videos) * (h + gap)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, v in enumerate(videos):
+        fr = to_uint8_frames(v)
+        for c, f in enumerate(frames):
+            img = Image.fromarray(fr[f].numpy()).resize((w, h), Image.NEAREST)
+            canvas.paste(img, (label_w + c * (w + gap), r * (h + gap)))
+        if row_labels:
+            draw.text((2, r * (h + gap) + h // 2 - 5), row_labels[r], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a preview PNG of SynthVideo samples (one row per class).")
+    ap.add_argument("out", help="PNG path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    spec = SMOKE_SPEC if args.smoke else VideoSpec()
+    video, labels = generate(args.seed, range(spec.num_classes), spec, labels=balanced_labels(spec.num_classes, spec))
+    save_video_grid(args.out, list(video), row_labels=[GLYPHS[i] for i in labels.tolist()],
+                    frames=list(range(0, spec.frames, max(1, spec.frames // 8))))
+    print(f"wrote {args.out}: {len(video)} videos {tuple(video.shape[1:])}, {spec.tokens()} tokens each")
+
+
+if __name__ == "__main__":
+    _main()
