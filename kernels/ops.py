@@ -6,6 +6,7 @@ Pipeline code calls :func:`sla2_attention` only, so kernels drop in without touc
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -16,12 +17,28 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 def _kernel_backend():
-    """The Triton implementation if importable, else None (never hides a kernel *failure*)."""
+    """The Triton implementation, or None where Triton itself is not installed.
+
+    Only a missing ``triton`` package is tolerated: an error inside the kernel module propagates,
+    so a broken kernel can never silently fall back to the (slow) reference.
+    """
     try:
-        from . import sla2_triton  # noqa: F401  (written alongside this file)
+        import triton  # noqa: F401
     except ImportError:
         return None
+    from . import sla2_triton
+
     return sla2_triton
+
+
+_warned_head_dims: set[int] = set()
+
+
+def _warn_reference_on_gpu(head_dim: int) -> None:
+    if head_dim not in _warned_head_dims:
+        _warned_head_dims.add(head_dim)
+        warnings.warn(f"SLA2: head dim {head_dim} is not one the Triton kernels take {SUPPORTED_HEAD_DIMS}; "
+                      "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
 def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
@@ -44,6 +61,8 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
+    if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        _warn_reference_on_gpu(q.shape[-1])
     return "triton" if kernel_ok and q.is_cuda else "reference"
 
 
