@@ -30,7 +30,7 @@ import torch
 
 from . import flow
 from .errors import DivergedError, InputError, OutOfMemoryError
-from .install import set_mode, sla2_processors
+from .install import sla2_processors
 from .kernels import reference
 from .progress import progress
 from .recipe import recipe_hash, save_recipe
@@ -38,7 +38,6 @@ from .source import DTYPES, load_base_model
 from .statefile import load_state, save_state
 from .workdir import (
     RECIPE_NAME,
-    STATE_NAME,
     atomic_dir,
     load_workdir,
     read_sla2_config,

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, EXIT_USAGE, InputError, SlaconvError
+from .errors import EXIT_CODES, InputError, SlaconvError
 
 EPILOG = "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 

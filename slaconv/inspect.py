@@ -7,28 +7,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import HubError, InputError
+from .hubfetch import fetch_snapshot
 from .workdir import CONFIG_NAME, STATE_NAME, load_sla2_state, read_sla2_config
-
-
-def _fetch_small_files(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=[CONFIG_NAME, STATE_NAME, "config.json", "reports/validation.json"]))
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise InputError(f"'{repo_id}' is neither a local folder nor an accessible Hub repo") from None
-    except Exception as exc:
-        raise HubError(f"could not reach the Hub for '{repo_id}': {type(exc).__name__}") from None
 
 
 def inspect_target(target: str, revision: str | None = None) -> dict:
     """Layers, top-k, real sparsity (if validated), alpha per head, and stage summaries."""
     path = Path(target)
     if not path.exists():
-        path = _fetch_small_files(target, revision)
+        path = fetch_snapshot(target, revision=revision, what="SLA2 model",
+                              allow_patterns=[CONFIG_NAME, STATE_NAME, "config.json", "reports/validation.json"])
     config = read_sla2_config(path)
     state = load_sla2_state(path)
     validation = {}

@@ -6,22 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import HubError, InputError
+from .errors import InputError
+from .hubfetch import fetch_snapshot
 from .workdir import CONFIG_NAME, load_workdir
-
-
-def _fetch(repo_id: str, revision: str | None, token: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, token=token))
-    except RepositoryNotFoundError:
-        raise InputError(f"'{repo_id}' is neither a local folder nor a Hub repo you can access") from None
-    except (RevisionNotFoundError, EntryNotFoundError) as exc:
-        raise InputError(f"'{repo_id}': {type(exc).__name__}") from None
-    except Exception as exc:
-        raise HubError(f"could not download '{repo_id}': {type(exc).__name__}") from None
 
 
 def from_pretrained(id_or_dir: str | Path, *, revision: str | None = None, torch_dtype: torch.dtype | None = None,
@@ -38,7 +25,7 @@ def from_pretrained(id_or_dir: str | Path, *, revision: str | None = None, torch
     if not (path / CONFIG_NAME).is_file():
         if path.exists():
             raise InputError(f"{path} is not an SLA2 model folder: no {CONFIG_NAME}")
-        path = _fetch(str(id_or_dir), revision, token)
+        path = fetch_snapshot(str(id_or_dir), revision=revision, token=token, what="SLA2 model")
     dtype_name = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16",
                   torch.float16: "float16"}.get(torch_dtype)
     if dtype_name is None:

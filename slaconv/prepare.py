@@ -68,7 +68,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import HubError, InputError, OutOfMemoryError, OutputExistsError, UsageError
+from .errors import InputError, OutOfMemoryError, OutputExistsError, UsageError
 
 GENERATOR = "slaconv.prepare/1"
 TEXT_BATCH = 8
@@ -405,22 +405,11 @@ def resolve_pipeline(pipeline: str, *, revision: str | None = None, offline: boo
         if not root.is_dir():
             raise InputError(f"pipeline path is not a folder: {pipeline}")
         return root, None  # a local folder has no Hub revision
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from .hubfetch import fetch_snapshot
 
-    try:
-        snapshot = snapshot_download(pipeline, revision=revision,
-                                     allow_patterns=HUB_CONFIG_PATTERNS if configs_only else HUB_PATTERNS,
-                                     local_files_only=offline or os.environ.get("HF_HUB_OFFLINE") == "1")
-    except RepositoryNotFoundError:
-        raise InputError(f"pipeline '{pipeline}' not found (no such local path or Hub repo, or no access)") from None
-    except RevisionNotFoundError:
-        raise InputError(f"revision '{revision}' not found in '{pipeline}'") from None
-    except LocalEntryNotFoundError:
-        raise InputError(f"pipeline '{pipeline}' is not a local path and not in the Hub cache (offline)") from None
-    except Exception as exc:  # network failures of every flavour
-        raise HubError(f"could not download '{pipeline}': {type(exc).__name__}: {_first_line(exc)}") from None
-    return Path(snapshot), Path(snapshot).name
+    snapshot = fetch_snapshot(pipeline, revision=revision, offline=offline, what="pipeline",
+                              allow_patterns=HUB_CONFIG_PATTERNS if configs_only else HUB_PATTERNS)
+    return snapshot, snapshot.name
 
 
 def _read_json(path: Path) -> dict:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import HubError, InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 from .families import Family, detect_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,27 +62,11 @@ def resolve_model(model: str, *, subfolder: str | None = None, revision: str | N
 
 
 def _download(model: str, *, subfolder: str | None, revision: str | None, offline: bool) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from .hubfetch import fetch_snapshot
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     patterns = [f"{prefix}config.json", f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json"]
-    try:
-        snapshot = snapshot_download(model, revision=revision, allow_patterns=patterns,
-                                     local_files_only=offline or os.environ.get("HF_HUB_OFFLINE") == "1")
-    except RepositoryNotFoundError:
-        raise InputError(f"model '{model}' not found (no such local path or Hub repo, or no access)") from None
-    except RevisionNotFoundError:
-        raise InputError(f"revision '{revision}' not found in '{model}'") from None
-    except LocalEntryNotFoundError:
-        raise InputError(f"model '{model}' is not a local path and not in the Hub cache (offline)") from None
-    except Exception as exc:  # network failures of every flavour
-        raise HubError(f"could not download '{model}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    path = Path(snapshot)
+    path = fetch_snapshot(model, revision=revision, allow_patterns=patterns, offline=offline)
     return (path / subfolder if subfolder else path), path.name
 
 

@@ -18,7 +18,7 @@ import torch
 from . import flow
 from .calibrate import StepSampler, _forward
 from .errors import QualityGateError
-from .install import set_mode, sla2_processors
+from .install import sla2_processors
 from .kernels import reference
 from .plots import bar_chart, mask_image
 from .source import DTYPES, load_base_model
