@@ -52,7 +52,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
 def render(info: dict) -> str:
     base = info.get("base_model") or {}
     lines = [
-        f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id')}",
+        f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
         f"{len(info['layers'])} SLA2 layers",
         "",
