@@ -350,8 +350,6 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 save_checkpoint(ckpt_root, step + 1, {
                     "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
                     "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
-    except torch.OutOfMemoryError:
-        raise _oom("1") from None
     finally:
         for proc in procs.values():
             proc.observer = None
@@ -495,41 +493,39 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
                    initial=start, total=cfg["steps"])
     t0 = time.time()
-    try:
-        for step in bar:
-            step_loss = 0.0
-            for micro in range(cfg["grad_accum"]):
-                batch = sampler.batch(step * cfg["grad_accum"] + micro)
-                x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-                if teacher is not None:
-                    with torch.no_grad(), accelerator.autocast():
-                        target = forward(teacher, batch, x_t, batch["sigma"]).float()
-                else:
-                    target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
-                with accelerator.accumulate(model), accelerator.autocast():
-                    pred = forward(model, batch, x_t, batch["sigma"]).float()
-                    loss = torch.mean((pred - target) ** 2)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg["grad_clip"]:
-                        accelerator.clip_grad_norm_(trainable, cfg["grad_clip"])
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += float(loss.detach()) / cfg["grad_accum"]
-            scheduler.step()
-            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
-            _check_finite(step_loss, "stage-2 loss", ckpt_root)
+    for step in bar:
+        step_loss = 0.0
+        for micro in range(cfg["grad_accum"]):
+            batch = sampler.batch(step * cfg["grad_accum"] + micro)
+            x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+            if teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    target = forward(teacher, batch, x_t, batch["sigma"]).float()
+            else:
+                target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+            with accelerator.accumulate(model), accelerator.autocast():
+                pred = forward(model, batch, x_t, batch["sigma"]).float()
+                loss = torch.mean((pred - target) ** 2)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg["grad_clip"]:
+                    accelerator.clip_grad_norm_(trainable, cfg["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += float(loss.detach()) / cfg["grad_accum"]
+        scheduler.step()
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
+        _check_finite(step_loss, "stage-2 loss", ckpt_root)
+        if accelerator.is_main_process:
+            _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{step_loss:.5f}")
+        if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+            accelerator.wait_for_everyone()
+            model_state = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
             if accelerator.is_main_process:
-                _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{step_loss:.5f}")
-            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt_root, step + 1, {
-                        "stage": 2, "model": _cpu_copy(accelerator.get_state_dict(model)),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                        recipe["calibration"]["checkpoints_total_limit"])
-    except torch.OutOfMemoryError:
-        raise _oom("2") from None
+                save_checkpoint(ckpt_root, step + 1, {
+                    "stage": 2, "model": _cpu_copy(model_state),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    recipe["calibration"]["checkpoints_total_limit"])
     accelerator.wait_for_everyone()
     full_state = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
     net = accelerator.unwrap_model(model)
@@ -560,10 +556,11 @@ def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None,
     read_sla2_config(workdir)
     out = {"work_dir": str(workdir), "recipe_hash": recipe_hash(recipe)}
     save_recipe(recipe, workdir / RECIPE_NAME)
-    if stage in ("1", "all"):
-        out.update(run_stage1(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
-                              show_progress=show_progress))
-    if stage in ("2", "all"):
-        out.update(run_stage2(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
-                              show_progress=show_progress))
+    for name, run in (("1", run_stage1), ("2", run_stage2)):
+        if stage in (name, "all"):
+            try:
+                out.update(run(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
+                               show_progress=show_progress))
+            except torch.OutOfMemoryError:
+                raise _oom(name) from None
     return out

@@ -149,3 +149,18 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert res.returncode == 3
     assert res.stderr.strip().startswith("error: ") and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_out_of_memory_says_what_to_change(tmp_path, tiny_wan_dir, monkeypatch, stage):
+    import slaconv.calibrate as cal
+
+    work = _workdir(tmp_path, tiny_wan_dir)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(cal, "_forward", oom)
+    line = fails(8, "calibrate", work, "--stage", stage, match="out of memory in stage " + stage)
+    assert "batch_size" in line or "query_blocks_per_step" in line
+    assert "Tried to allocate" not in line  # no raw CUDA trace
