@@ -123,3 +123,22 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert table.count("\n| ") >= 1 + len(res["rows"]) and "sparse only" in table
     assert (out / "samples.png").is_file() and json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_shipped_checkpoint_has_learned(tmp_path):
+    """The shipped original (<= 16 MB, plain diffusers) predicts flow-matching velocities on fresh videos
+    (a held-out seed never used in training) far better than an untrained model of the same architecture."""
+    from diffusers import WanTransformer3DModel
+
+    folder = QUALITY / "checkpoint" / "model"
+    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    assert size_mb <= 16
+    trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    untrained = common.build_model(json.loads((folder / "config.json").read_text()), seed=0).float().eval()
+    torch.set_num_threads(2)
+    hs = metrics.heldout_set(sv.VideoSpec(), 2, seed=9_001)  # 16,384-token videos from an unseen stream
+    loss_trained = metrics.heldout_fm_loss(trained, hs, "cpu", batch_size=1)["loss"]
+    loss_untrained = metrics.heldout_fm_loss(untrained, hs, "cpu", batch_size=1)["loss"]
+    print(f"held-out FM loss: trained {loss_trained:.4f}, untrained {loss_untrained:.4f}")
+    assert loss_trained < 0.5 * loss_untrained, (loss_trained, loss_untrained)
+    assert loss_trained < 0.15, loss_trained  # training reported 0.0595 on its own held-out stream
