@@ -30,6 +30,7 @@ import torch
 
 from . import flow
 from .errors import DivergedError, InputError, OutOfMemoryError
+from .inputs import check_latent_shape
 from .install import sla2_processors
 from .kernels import reference
 from .progress import progress
@@ -67,6 +68,10 @@ class StepSampler:
 
             self.dataset = CalibrationDataset(data_dir, expected_channels=family.latent_channels(model_config),
                                               expected_text_dim=family.text_dim(model_config))
+            check_latent_shape(family, model_config, *self.dataset.latent_shape[1:], where=str(data_dir))
+        else:
+            d = recipe["data"]
+            check_latent_shape(family, model_config, d["frames"], d["height"], d["width"], where="recipe data")
 
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A generator for per-step choices shared by all processes (e.g. stage-1 query blocks)."""

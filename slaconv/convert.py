@@ -14,7 +14,7 @@ import torch
 
 from .families import detect_family
 from .install import install_sla2, resolve_targets, sla2_processors
-from .inputs import batches
+from .inputs import batches, check_latent_shape
 from .kernels import reference
 from .recipe import recipe_hash, save_recipe
 from .source import DTYPES, content_hash, load_model, resolve_model, sla_checkpoint_info
@@ -47,6 +47,7 @@ def calibrate_alpha(model, family, model_config: dict, recipe: dict, data_dir=No
     """Set each layer's alpha to the full-attention mass selected by its initial (identity) router."""
     gen = torch.Generator().manual_seed(recipe["calibration"]["seed"])
     batch = next(batches(family, model_config, recipe["data"], 1, gen, data_dir))
+    check_latent_shape(family, model_config, *batch["latents"].shape[2:], where=str(data_dir or "recipe data"))
     procs = sla2_processors(model)
     measured: dict[str, torch.Tensor] = {}
 

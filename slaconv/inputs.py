@@ -6,7 +6,16 @@ from typing import Iterator
 
 import torch
 
+from .errors import InputError
 from .families import Family
+
+
+def check_latent_shape(family: Family, model_config: dict, frames: int, height: int, width: int, where: str) -> None:
+    """Latent (F, H, W) must tile into the model's patches, else the patch embedding drops pixels."""
+    pt, ph, pw = family.patch_size(model_config)
+    if frames % pt or height % ph or width % pw:
+        raise InputError(f"{where}: latent frames x height x width {frames}x{height}x{width} is not a multiple of "
+                         f"the model's patch size {pt}x{ph}x{pw}")
 
 
 def synthetic_batch(family: Family, model_config: dict, data_cfg: dict, batch: int,
@@ -34,8 +43,3 @@ def batches(family: Family, model_config: dict, data_cfg: dict, batch: int, gene
         for start in range(0, n, batch):
             yield collate([dataset[order[(start + j) % n]] for j in range(batch)])
 
-
-def tokens_per_sample(family: Family, model_config: dict, batch: dict) -> int:
-    pt, ph, pw = family.patch_size(model_config)
-    _, _, f, h, w = batch["latents"].shape
-    return (f // pt) * (h // ph) * (w // pw)

@@ -164,3 +164,19 @@ def test_out_of_memory_says_what_to_change(tmp_path, tiny_wan_dir, monkeypatch, 
     line = fails(8, "calibrate", work, "--stage", stage, match="out of memory in stage " + stage)
     assert "batch_size" in line or "query_blocks_per_step" in line
     assert "Tried to allocate" not in line  # no raw CUDA trace
+
+
+def test_latents_that_do_not_tile_into_patches(tmp_path, tiny_wan_dir):
+    work = _workdir(tmp_path, tiny_wan_dir)
+    data = tmp_path / "odd"
+    run("synth-data", data, "--model", work, "--num-samples", 2, "--width", 21)
+    fails(3, "calibrate", work, "--data", data, match="not a multiple of the model's patch size 1x2x2")
+    recipe = write_recipe(tmp_path / "odd.yaml", **{"data.height": 17})
+    fails(3, "calibrate", work, "--recipe", recipe, match="recipe data")
+    assert not (work / "checkpoints").exists()
+
+
+def test_convert_with_recipe_latents_that_do_not_tile(tmp_path, tiny_wan_dir):
+    recipe = write_recipe(tmp_path / "odd.yaml", **{"data.width": 23})
+    fails(3, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--recipe", recipe, match="patch size")
+    assert not (tmp_path / "w").exists()
