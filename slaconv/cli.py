@@ -173,10 +173,17 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
     out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
                            show_progress=not ctx.obj["quiet"])
     lines = [f"calibrated {wd}"]
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4g}"
+
     if "stage1" in out:
-        lines.append(f"  stage 1: {out['stage1']['steps']} steps, rel. MSE {out['stage1']['rel_mse_first']} -> {out['stage1']['rel_mse_last']}")
+        s1 = out["stage1"]
+        lines.append(f"  stage 1: {s1['steps']} steps; held-out attention rel. MSE "
+                     f"{fmt(s1['heldout_attention_rel_mse_before'])} -> {fmt(s1['heldout_attention_rel_mse_after'])}")
     if "stage2" in out:
-        lines.append(f"  stage 2: {out['stage2']['steps']} steps ({out['stage2']['objective']}), loss {out['stage2']['loss_first']} -> {out['stage2']['loss_last']}")
+        s2 = out["stage2"]
+        lines.append(f"  stage 2: {s2['steps']} steps ({s2['objective']}, {s2['quant']}); held-out loss "
+                     f"{fmt(s2['heldout_loss_before'])} -> {fmt(s2['heldout_loss_after'])}")
     _emit(ctx, out, "\n".join(lines))
 
 
