@@ -10,21 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import dir_snapshot, make_wan
+from conftest import dir_snapshot
 from safetensors.torch import save_file
-from test_cli import run, write_recipe
+from test_cli import fails, run, write_recipe
 
-from slaconv.cli import main
-
-
-def fails(code, *args, match):
-    res = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def test_missing_local_model(tmp_path):

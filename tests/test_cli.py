@@ -20,6 +20,16 @@ def run(*args, code=0):
     return result
 
 
+def fails(code, *args, match):
+    """A CLI call that must fail with ``code`` and exactly one ``error: ...`` line containing ``match``."""
+    res = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
 def write_recipe(path: Path, **overrides) -> Path:
     """A recipe file with the fast test settings (dotted keys -> nested YAML)."""
     tree: dict = {}

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import dir_snapshot, make_wan
 from hubfake import fake_hub, use_as_default_endpoint  # noqa: F401  (fixture)
 from safetensors.torch import load_file
-from test_cli import run, write_recipe
+from test_cli import fails, run, write_recipe
 
-from slaconv.cli import main
 from slaconv.data import CalibrationDataset
 from slaconv.errors import InputError
 from slaconv.prepare import prepare_dataset, read_captions
@@ -27,15 +25,6 @@ H, W, F = 32, 64, 5  # latents (4, 2, 4, 8): 2*2*4 = 16 transformer tokens
 WORDS = "a an the cat dog red blue green video of on in running sitting sky over field".split()
 VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
 LATENTS_MEAN, LATENTS_STD = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
-
-
-def fails(code, *args, match):
-    res = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------- fixtures
