@@ -74,7 +74,7 @@ def _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N: tl.constexpr, PAIR: tl.cons
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["sxb", "sxh", "sxn", "N", "H", "nb", "mult"])
+@triton.jit(do_not_specialize=["N", "H", "nb", "mult"])
 def _q_prepass(
     X, XBAR, XQ, XS,
     sxb, sxh, sxn, N, H, nb, mult,
@@ -103,7 +103,7 @@ def _q_prepass(
         tl.store(XS + bh * nb + pid, scale)
 
 
-@triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "N", "H", "nk", "nsplit"])
+@triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
 def _kv_prepass(
     K, V, KBAR, ZB, HP, SP, PHIK,
     skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
@@ -146,7 +146,7 @@ def _kv_prepass(
     tl.store(SP + (base * 3 + 2) * D + offs_d, vmax)
 
 
-@triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "N", "H", "nk", "npad", "inv_n"])
+@triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
 def _kv_quant(
     K, V, KSUM, VMAX, KQ, KS, VQ,
     skb, skh, skn, svb, svh, svn, N, H, nk, npad, inv_n,
@@ -205,7 +205,7 @@ def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
     return acc_h, acc_z
 
 
-@triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "svb", "svh", "svn", "N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
 def _fwd_lin_kernel(
     Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIQ,
     sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin,
@@ -238,10 +238,7 @@ def _fwd_lin_kernel(
     tl.store(RDEN + row, rden, mask=m_valid)
 
 
-_FWD_RUNTIME = [
-    "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "son",
-    "N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "npad",
-]
+_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n"]
 
 
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
@@ -326,7 +323,7 @@ def _fwd_sparse_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["sdb", "sdh", "sdn", "N", "H", "nt", "nsplit"])
+@triton.jit(do_not_specialize=["N", "H", "nt", "nsplit"])
 def _bwd_prepass(
     PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, AP, BP, DAP,
     sdb, sdh, sdn, N, H, nt, nsplit,
@@ -367,13 +364,10 @@ def _bwd_prepass(
     tl.store(DAP + base, tl.sum(acc_da, axis=0))
 
 
-_BWD_RUNTIME = [
-    "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdn",
-    "N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale",
-]
+_BWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"]
 
 
-@triton.jit(do_not_specialize=["svb", "svh", "svn", "sdb", "sdh", "sdn", "sxb", "sxh", "sxn", "N", "H", "n_sel", "nq", "nk", "block_q"])
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
 def _bwd_dq_lin_kernel(
     V, DO, DQ, ZB, LUT, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
     svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, N, H, n_sel, nq, nk, block_q,
@@ -405,7 +399,7 @@ def _bwd_dq_lin_kernel(
     tl.store(DQ + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.jit(do_not_specialize=_BWD_RUNTIME + ["sxb", "sxh", "sxn"])
+@triton.jit(do_not_specialize=_BWD_RUNTIME)
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LUT, LSE, DELTA, ALPHA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn,
@@ -445,7 +439,7 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["svb", "svh", "svn", "sdb", "sdh", "sdn", "sxb", "sxh", "sxn", "syb", "syh", "syn", "N", "H", "nk"])
+@triton.jit(do_not_specialize=["N", "H", "nk"])
 def _bwd_dkdv_lin_kernel(
     V, DO, DK, DV, KOFF, KQT, CC, RDEN, AALL, BALL, ALPHA, PHIQ, PHIK,
     svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, syb, syh, syn, N, H, nk,
@@ -490,7 +484,7 @@ def _bwd_dkdv_lin_kernel(
     tl.store(DK + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
 
 
-@triton.jit(do_not_specialize=_BWD_RUNTIME + ["nt", "sxb", "sxh", "sxn", "syb", "syh", "syn"])
+@triton.jit(do_not_specialize=_BWD_RUNTIME + ["nt"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, KOFF, KQT, LSE, DELTA, ALPHA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, syb, syh, syn,

@@ -1,0 +1,174 @@
+"""Compile every SLA2 kernel for Hopper offline (no GPU needed) and report what the hardware will run.
+
+    python benchmarks/kernel_report.py [--shape B,H,N,D] [--topk 0.03] [--quant none] [--arch 90]
+                                       [--backward] [--json FILE]
+
+The SLA2 forward (and optionally backward) is driven exactly as in production, but every Triton launch is
+intercepted: the arguments are recorded and each kernel is compiled for ``sm_<arch>`` with the
+specialisation Triton itself would pick for them (pointer alignment 16, integers divisible by 16 unless
+listed in ``do_not_specialize``, integers equal to 1 as constants).  For each launch it prints registers,
+local-memory spill instructions in the SASS, the global-load instructions by width (``ld.global.b16`` in
+a tile loop means 2-byte scalar loads: an alignment the compiler could not prove) and the MMA
+instructions.  Triton ships ptxas and cuobjdump, so this runs on a CPU-only machine: it is how kernel
+changes are checked before spending GPU time (the numbers match a compile on the card for the same
+Triton version; the GPU has Triton 3.6, this machine may have a newer one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import S as sla2_triton  # noqa: E402  (imports the kernels, packaged or from the checkout)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+_K = sla2_triton._K
+_TORCH_TO_TRITON = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
+    torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
+}
+_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` records the launch instead of running it."""
+
+    def __init__(self, fn, launches):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.fn, grid, args, kwargs))
+
+        return launch
+
+
+def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfloat16):
+    """Run the production driver on CPU tensors with every kernel replaced by a recorder."""
+    B, H, N, D = shape
+    launches = []
+    names = [n for n, obj in vars(_K).items() if isinstance(obj, triton.runtime.jit.JITFunction)]
+    saved = {n: getattr(_K, n) for n in names}
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        for n in names:
+            setattr(_K, n, _Recorder(saved[n], launches))
+        g = torch.Generator().manual_seed(0)
+        dims = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
+        q, k, v = (torch.randn(dims, generator=g).to(dtype) for _ in range(3))
+        eye = torch.eye(D).expand(H, D, D).contiguous()
+        alpha = torch.zeros(H)
+        out = sla2_triton._forward(q, k, v, eye, eye, alpha, topk, 128, 64, quant, layout, backward)
+        if backward:
+            _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = out
+            sla2_triton._backward(torch.randn_like(q), q, k, v, alpha, lut, o_s, o_l, lse, rden, h_all, z_all,
+                                  phiq, phik, zb, 128, 64, layout)
+    finally:
+        for n, fn in saved.items():
+            setattr(_K, n, fn)
+    return launches
+
+
+def _signature(fn, args, kwargs):
+    params = list(inspect.signature(fn.fn).parameters)
+    no_spec = set(fn.do_not_specialize) | {params[i] for i in fn.do_not_specialize if isinstance(i, int)}
+    sig, constexprs, attrs = {}, {}, {}
+    values = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+    for i, name in enumerate(params):
+        val = values[name]
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = val
+        elif isinstance(val, torch.Tensor):
+            sig[name] = "*" + _TORCH_TO_TRITON[val.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, bool):
+            sig[name] = "i1"
+        elif isinstance(val, int):
+            sig[name] = "i64" if abs(val) >= 2**31 else "i32"
+            if name not in no_spec:
+                if val == 1:
+                    sig[name] = "constexpr"
+                    constexprs[(i,)] = 1
+                elif val % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot map argument {name}={val!r}")
+    return sig, constexprs, attrs
+
+
+def compile_launch(fn, args, kwargs, arch=90):
+    sig, constexprs, attrs = _signature(fn, args, kwargs)
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def analyse(compiled) -> dict:
+    """Registers, spill instructions, global-load kinds and MMA kinds of a compiled kernel."""
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        res = subprocess.run([_TOOLS / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([_TOOLS / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    loads, mmas = {}, {}
+    for m in re.finditer(r"\b(ld\.global[\w.]*|cp\.async\.(?:ca|cg)[\w.]*|cp\.async\.bulk\.tensor[\w.]*)", ptx):
+        loads[m.group(1)] = loads.get(m.group(1), 0) + 1
+    for m in re.finditer(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx):
+        mmas[m.group(1)] = mmas.get(m.group(1), 0) + 1
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
+        "shared_bytes": compiled.metadata.shared,
+        "loads": loads,
+        "mma": mmas,
+        "scalar_16bit_loads": loads.get("ld.global.b16", 0),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="1,12,32760,128", help="B,H,N,D (default: Wan2.1-1.3B at 480p)")
+    ap.add_argument("--topk", type=float, default=0.03)
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int8-fp8"])
+    ap.add_argument("--layout", default="bnhd", choices=["bnhd", "bhnd"])
+    ap.add_argument("--backward", action="store_true", help="also the backward kernels")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--json", help="write the report here")
+    a = ap.parse_args(argv)
+    shape = tuple(int(x) for x in a.shape.split(","))
+    rows = []
+    print(f"triton {triton.__version__}, sm_{a.arch}, shape {shape}, topk {a.topk}, quant {a.quant}, {a.layout}")
+    for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout):
+        const = {k: v for k, v in kwargs.items() if k.isupper()}
+        info = analyse(compile_launch(fn, args, kwargs, a.arch))
+        info |= {"kernel": fn.__name__, "grid": list(grid), "constexprs": const,
+                 "num_warps": kwargs.get("num_warps"), "num_stages": kwargs.get("num_stages")}
+        rows.append(info)
+        print(f"{fn.__name__:22s} grid={tuple(grid)} warps={info['num_warps']} stages={info['num_stages']} "
+              f"{const} regs={info['registers']} spills={info['spill_instructions']} smem={info['shared_bytes']}")
+        print(f"{'':22s} loads {info['loads']}")
+        print(f"{'':22s} mma   {info['mma']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
