@@ -188,7 +188,8 @@ def kernel_resources():
                     mma = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]+", ptx)))
                     out.setdefault(name, []).append(
                         dict(warps=ck.metadata.num_warps, stages=ck.metadata.num_stages, regs=ck.n_regs,
-                             spills=ck.n_spills, smem=ck.metadata.shared, mma=mma)
+                             spills=ck.n_spills, smem=ck.metadata.shared, mma=mma,
+                             scalar_b16_loads=ptx.count("ld.global.b16"))
                     )
         except Exception as e:  # noqa: BLE001
             out[name] = f"unavailable: {e}"
