@@ -139,7 +139,15 @@ def analyse(compiled) -> dict:
         "loads": loads,
         "mma": mmas,
         "scalar_16bit_loads": loads.get("ld.global.b16", 0),
+        "ctas_per_sm": _occupancy(int(regs.group(1)) if regs else 255, compiled.metadata.num_warps, compiled.metadata.shared),
     }
+
+
+def _occupancy(regs: int, warps: int, smem: int, sm_regs: int = 65536, sm_smem: int = 232448) -> int:
+    """Resident programs per Hopper SM allowed by registers and shared memory (at most 32 warps' worth)."""
+    by_regs = sm_regs // (((regs + 7) // 8 * 8) * 32 * warps)
+    by_smem = sm_smem // max(smem + 1024, 1)
+    return max(0, min(by_regs, by_smem, 64 // warps))
 
 
 def main(argv=None):
@@ -151,8 +159,11 @@ def main(argv=None):
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--config", default="", help="JSON overrides of sla2_triton.CONFIG (tile sizes, warps, stages)")
     a = ap.parse_args(argv)
     shape = tuple(int(x) for x in a.shape.split(","))
+    if a.config:
+        sla2_triton.CONFIG.update(json.loads(a.config))
     rows = []
     print(f"triton {triton.__version__}, sm_{a.arch}, shape {shape}, topk {a.topk}, quant {a.quant}, {a.layout}")
     for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout):
@@ -162,7 +173,8 @@ def main(argv=None):
                  "num_warps": kwargs.get("num_warps"), "num_stages": kwargs.get("num_stages")}
         rows.append(info)
         print(f"{fn.__name__:22s} grid={tuple(grid)} warps={info['num_warps']} stages={info['num_stages']} "
-              f"{const} regs={info['registers']} spills={info['spill_instructions']} smem={info['shared_bytes']}")
+              f"{const} regs={info['registers']} spills={info['spill_instructions']} smem={info['shared_bytes']} "
+              f"ctas/SM={info['ctas_per_sm']}")
         print(f"{'':22s} loads {info['loads']}")
         print(f"{'':22s} mma   {info['mma']}")
     if a.json:

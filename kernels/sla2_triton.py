@@ -78,6 +78,10 @@ def _launch_cfg(d: int, bwd: bool = False):
     return {"num_warps": nw, "num_stages": CONFIG["num_stages_bwd" if bwd else "num_stages"]}
 
 
+def _feats_cfg(d: int):
+    return {} if _interpreting() else {"num_warps": 4, "num_stages": 1}
+
+
 def _prepass_cfg(d: int):
     # the reduction pre-passes hold a D x D fp32 accumulator: spread it over 8 warps for D = 128
     return {} if _interpreting() else {"num_warps": 4 if d == 64 else 8, "num_stages": 2}
@@ -160,21 +164,24 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     pair = CONFIG["pair"]
     pair_sparse = pair if qid == 0 else CONFIG["pair_lowbit"]
 
-    # pass over K, V: key-block means, phi(K), per-block z, partial totals (H_all, z_all, sum K, max|V|)
-    ns = _nsplit(BH, nk)
+    # pass over K (and V for the FP8 scale): key-block means and sums, phi(K), z per block, max|V| per block
     k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    vmb = torch.empty(BH, nk, D, device=dev, dtype=f32) if qid == 2 else zb
     phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    sp = torch.empty(BH, ns, 3, D, device=dev, dtype=f32)
-    _K._kv_prepass[(ns, BH)](
-        k, v, k_bar, zb, hp, sp, phik, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k,
-        NEED_VMAX=qid == 2, **_prepass_cfg(D),
+    _K._k_feats[(nk, BH)](
+        k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2,
+        **_feats_cfg(D),
     )
+    # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
+    ns = _nsplit(BH, nk)
+    hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
+    _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
     h_all = hp.sum(dim=1)
-    zk = sp[:, :, :2].sum(dim=1)
-    z_all, ksum = zk[:, 0].contiguous(), zk[:, 1]
-    vmax = sp[:, :, 2].amax(dim=1) if qid == 2 else ksum
+    z_all = zb.sum(dim=1)
+    ksum = ksb.sum(dim=1)
+    vmax = vmb.amax(dim=1) if qid == 2 else ksum
     # pass over Q: block means (+ INT8 Q)
     q_bar = torch.empty(BH, nq, D, device=dev, dtype=f32)
     if qid:

@@ -10,7 +10,7 @@ Conventions shared by every kernel:
   of selected blocks, block counts, the softmax scale and all strides are runtime arguments listed in
   ``do_not_specialize`` so that a new resolution or top-k never recompiles.
 * Linear branch as "all minus selected" in D x D form: the totals H_all = sum_j phi(K_j)^T V_j and
-  z_all = sum_j phi(K_j) come from ``_kv_prepass`` (per-split partials, one deterministic sum); a query
+  z_all = sum_j phi(K_j) come from ``_k_feats`` (per key block) and ``_kv_outer`` (per-split partials, one deterministic sum); a query
   tile accumulates its selected blocks' H_sel = sum_{j in M_i} phi(K_j)^T V_j (one D x D x block MMA per
   selected block) and finishes O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).  The
   backward uses the same form (A_all - A_sel over the inverted index for dK/dV).
@@ -103,47 +103,59 @@ def _q_prepass(
         tl.store(XS + bh * nb + pid, scale)
 
 
-@triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
-def _kv_prepass(
-    K, V, KBAR, ZB, HP, SP, PHIK,
-    skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
+@triton.jit(do_not_specialize=["N", "H", "nk"])
+def _k_feats(
+    K, V, KBAR, KSB, ZB, VMB, PHIK,
+    skb, skh, skn, svb, svh, svn, N, H, nk,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr,
 ):
-    """One pass over K, V: key-block means (router), per-block column sums of phi(K) (ZB, the linear
-    branch's z per block), phi(K) (saved), and per-split partials (summed by the caller, deterministic):
-    HP = sum phi(K)^T V, SP = [sum phi(K), sum K, max|V|]."""
+    """Per key block, one program each (no loop, so the pass runs at full occupancy): the block mean of K
+    (router) and its sum (for mean(K)), phi(K) (saved), its column sums z (ZB) and, if NEED_VMAX, the
+    block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums)."""
+    kb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    valid = offs < N
+    k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
+    bsum = tl.sum(kf, axis=0)
+    row = (bh * nk + kb) * D + offs_d
+    tl.store(KSB + row, bsum)
+    tl.store(KBAR + row, bsum / cnt)
+    phik = tl.where(valid[:, None], _phi(kf), 0.0).to(k.dtype)
+    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
+    tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
+    if NEED_VMAX:
+        v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        tl.store(VMB + row, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
+def _kv_outer(
+    PHIK, V, HP,
+    svb, svh, svn, N, H, nk, nsplit,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial H = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller sums
+    the nsplit partials).  A bare load-and-MMA loop, so the loads pipeline."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
-    acc_h = tl.zeros((D, D), dtype=tl.float32)
-    acc_z = tl.zeros((D,), dtype=tl.float32)
-    ksum = tl.zeros((D,), dtype=tl.float32)
-    vmax = tl.zeros((D,), dtype=tl.float32)
-    for kb in range(pid, nk, nsplit):
+    per = tl.cdiv(nk, nsplit)
+    acc = tl.zeros((D, D), dtype=tl.float32)
+    for kb in range(pid * per, tl.minimum(nk, pid * per + per)):
         offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = offs < N
-        k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        kf = k.to(tl.float32)
-        cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-        bsum = tl.sum(kf, axis=0)
-        ksum += bsum
-        tl.store(KBAR + (bh * nk + kb) * D + offs_d, bsum / cnt)
-        phik = tl.where(valid[:, None], _phi(kf), 0.0).to(k.dtype)
-        tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
-        acc_h = tl.dot(tl.trans(phik), v, acc_h)
-        zb = tl.sum(phik.to(tl.float32), axis=0)
-        tl.store(ZB + (bh * nk + kb) * D + offs_d, zb)
-        acc_z += zb
-        if NEED_VMAX:
-            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), axis=0))
-    base = bh * nsplit + pid
-    tl.store(HP + base * D * D + offs_d[:, None] * D + offs_d[None, :], acc_h)
-    tl.store(SP + (base * 3 + 0) * D + offs_d, acc_z)
-    tl.store(SP + (base * 3 + 1) * D + offs_d, ksum)
-    tl.store(SP + (base * 3 + 2) * D + offs_d, vmax)
+        acc = tl.dot(tl.trans(phik), v, acc)
+    tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
@@ -225,14 +237,17 @@ def _fwd_lin_kernel(
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
     acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
-    hd = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h
+    # The epilogue product runs on input-dtype operands (bf16/fp16: the output is 16-bit and the backward
+    # reads phi(Q) as 16-bit anyway); fp32 operands (tf32) doubled the register peak here.
+    hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     phiq = _phi(q.to(tl.float32))
-    if SAVE:
-        tl.store(PHIQ + row[:, None] * D + offs_d[None, :], phiq.to(PHIQ.dtype.element_ty), mask=m_valid[:, None])
-    num = tl.dot(phiq, hd)  # tf32 on the GPU, fp32 in the interpreter
     den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
+    phiq = phiq.to(q.dtype)
+    if SAVE:
+        tl.store(PHIQ + row[:, None] * D + offs_d[None, :], phiq, mask=m_valid[:, None])
+    num = tl.dot(phiq, hd)
     rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
     tl.store(OL + row[:, None] * D + offs_d[None, :], (num * rden[:, None]).to(OL.dtype.element_ty), mask=m_valid[:, None])
     tl.store(RDEN + row, rden, mask=m_valid)
@@ -392,8 +407,8 @@ def _bwd_dq_lin_kernel(
     cc = tl.load(CC + row, mask=m_valid, other=0.0)
     rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    gf = do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]
-    dphi = tl.dot(gf, tl.trans(hd)) + cc[:, None] * zd[None, :]
+    g = (do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
+    dphi = tl.dot(g, tl.trans(hd.to(do.dtype))) + cc[:, None] * zd[None, :]
     phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
     dq = phiq * (dphi - tl.sum(phiq * dphi, axis=1)[:, None])
     tl.store(DQ + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
@@ -475,12 +490,14 @@ def _bwd_dkdv_lin_kernel(
         acc_b += tl.sum(cc[:, None] * phiq.to(tl.float32), axis=0)
     ad = tl.load(AALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_a
     bd = tl.load(BALL + bh * D + offs_d) - acc_b
-    phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(tl.float32)
-    dv = tl.dot(phik, ad)
+    phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    adl = ad.to(v.dtype)  # 16-bit operands: dK, dV are 16-bit; fp32 operands spilled here
+    dv = tl.dot(phik, adl)
     tl.store(DV + b * syb + h * syh + offs_n[:, None] * syn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
-    dphi = tl.dot(v, tl.trans(ad)) + bd[None, :]
-    dk = phik * (dphi - tl.sum(phik * dphi, axis=1)[:, None])
+    dphi = tl.dot(v, tl.trans(adl)) + bd[None, :]
+    phikf = phik.to(tl.float32)
+    dk = phikf * (dphi - tl.sum(phikf * dphi, axis=1)[:, None])
     tl.store(DK + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
 
 
