@@ -17,6 +17,7 @@ Triton version; the GPU has Triton 3.6, this machine may have a newer one).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import os
@@ -52,20 +53,38 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((self.fn, grid, args, kwargs))
+            if self.fn.__name__ == "_topk_lut":  # later host code (the inverted index) reads the LUT
+                scores, lut, nk, n_sel = args[:4]
+                lut.copy_(scores.view(-1, nk).topk(n_sel, dim=-1).indices.sort(dim=-1).values.view_as(lut))
 
         return launch
+
+
+def _compiled_mode_kernels():
+    """A fresh copy of the kernels module in compiled (not interpreted) mode: ``triton.jit`` decides at
+    decoration time, and a test session may have loaded the kernels under TRITON_INTERPRET=1."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("_sla2_kernels_compiled_copy", _K.__file__)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
 
 
 def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfloat16):
     """Run the production driver on CPU tensors with every kernel replaced by a recorder."""
     B, H, N, D = shape
     launches = []
-    names = [n for n, obj in vars(_K).items() if isinstance(obj, triton.runtime.jit.JITFunction)]
+    jit = _compiled_mode_kernels()
+    names = [n for n, obj in vars(jit).items() if isinstance(obj, triton.runtime.jit.JITFunction)]
     saved = {n: getattr(_K, n) for n in names}
-    os.environ.pop("TRITON_INTERPRET", None)
+    old_env = os.environ.pop("TRITON_INTERPRET", None)  # the driver picks launch configs by this
     try:
         for n in names:
-            setattr(_K, n, _Recorder(saved[n], launches))
+            setattr(_K, n, _Recorder(getattr(jit, n), launches))
         g = torch.Generator().manual_seed(0)
         dims = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
         q, k, v = (torch.randn(dims, generator=g).to(dtype) for _ in range(3))
@@ -79,6 +98,8 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfl
     finally:
         for n, fn in saved.items():
             setattr(_K, n, fn)
+        if old_env is not None:
+            os.environ["TRITON_INTERPRET"] = old_env
     return launches
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from . import reference
 from . import sla2_triton_kernels as _K
@@ -110,13 +111,16 @@ def _check(q, k, v, layout, quant, block_q, block_k):
 
 def router_lut(q_bar, k_bar, mean_k, router_q, router_k, n_sel):
     """Pooled router -> sorted int32 LUT (B, H, nq, n_sel); ``mean_k`` is the token mean of K (B, H, D)."""
-    d = q_bar.shape[-1]
     qp = torch.matmul(q_bar, router_q.float())
     kp = torch.matmul(k_bar - mean_k.unsqueeze(2), router_k.float())
-    scores = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(d)
-    # a full row sort (bitonic, in place) beats torch.topk's radix select on many short rows
-    idx = torch.sort(scores, dim=-1, descending=True).indices[..., :n_sel]
-    return idx.sort(dim=-1).values.to(torch.int32)
+    scores = torch.matmul(qp, kp.transpose(-1, -2)).contiguous()  # the 1/sqrt(d) scale does not change the order
+    *lead, nq, nk = scores.shape
+    lut = torch.empty(*lead, nq, n_sel, device=scores.device, dtype=torch.int32)
+    # one program per row: bisection for the n_sel-th score + prefix-sum compaction (was a radix sort of
+    # every row, 75 us at the Wan2.1-1.3B shape on an H200)
+    _K._topk_lut[(scores.numel() // nk,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk),
+                                          **({} if _interpreting() else {"num_warps": 4}))
+    return lut
 
 
 def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int):

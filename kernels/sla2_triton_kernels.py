@@ -7,8 +7,12 @@ Conventions shared by every kernel:
 * Internal per-row tensors (LSE in log2 units, 1/den of the linear branch, delta, c) are (B*H, N) fp32;
   saved branch outputs O_s, O_l and the feature maps phi(Q), phi(K) are (B*H, N, D) in the input dtype.
 * Only D, the tile sizes, the quant mode and the dtype-dependent choices are constexpr.  N, the number
-  of selected blocks, block counts, the softmax scale and all strides are runtime arguments listed in
-  ``do_not_specialize`` so that a new resolution or top-k never recompiles.
+  of selected blocks, block counts and the softmax scale are runtime arguments listed in
+  ``do_not_specialize`` so that a new resolution or top-k never recompiles.  Strides are deliberately
+  *not* listed: Triton's divisible-by-16 specialisation is what lets it prove row alignment and load
+  tiles with 16-byte cp.async instead of 2-byte scalar loads (2-3x slower loops), and with D = 64/128
+  and a unit head-dim stride every stride of both layouts is a multiple of 16 for any N, so the
+  specialisation key never changes (tests/test_kernel_codegen.py checks the loads).
 * Linear branch as "all minus selected" in D x D form: the totals H_all = sum_j phi(K_j)^T V_j and
   z_all = sum_j phi(K_j) come from ``_k_feats`` (per key block) and ``_kv_outer`` (per-split partials, one deterministic sum); a query
   tile accumulates its selected blocks' H_sel = sum_{j in M_i} phi(K_j)^T V_j (one D x D x block MMA per
@@ -67,6 +71,35 @@ def _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N: tl.constexpr, PAIR: tl.cons
         offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
         n_valid = offs_n < N
     return offs_n, n_valid, kb0, kb1
+
+
+@triton.jit(do_not_specialize=["nk", "n_sel"])
+def _topk_lut(S, LUT, nk, n_sel, NK_P: tl.constexpr):
+    """One row of router scores -> its ``n_sel`` highest key blocks, written in ascending block order.
+
+    The n_sel-th largest score is found by a 32-step bisection on order-preserving integer keys (cost
+    independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum
+    gives each selected block its slot, so the LUT row comes out sorted."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NK_P)
+    valid = offs < nk
+    x = tl.load(S + row * nk + offs, mask=valid, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order == integer order
+    key = tl.where(valid, key, -(2**40))
+    lo = tl.full((), -(2**31), tl.int64)  # count(key >= lo) >= n_sel always holds
+    hi = tl.full((), 2**31 - 1, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ok = tl.sum((key >= mid).to(tl.int32), axis=0) >= n_sel
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    gt = key > lo
+    eq = key == lo
+    room = n_sel - tl.sum(gt.to(tl.int32), axis=0)
+    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= room))
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(LUT + row * n_sel + pos, offs, mask=sel)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -145,6 +145,31 @@ def test_router_lut_matches_reference_router():
     assert torch.equal(lut.cpu(), want.cpu())
 
 
+@pytest.mark.parametrize("nk,n_sel", [(9, 1), (9, 4), (9, 9), (300, 37), (512, 15)])
+def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
+    """The bisection top-k kernel picks the same blocks as torch.topk, in ascending order, including rows
+    with negative scores, -0.0/+0.0, large magnitudes and exact ties (lowest index wins a tie)."""
+    g = torch.Generator().manual_seed(nk * 31 + n_sel)
+    rows = torch.randn(6, nk, generator=g) * torch.tensor([1e-3, 1.0, 1e4, 1.0, 1.0, 1.0]).view(-1, 1)
+    rows[3] = -rows[3].abs()  # all negative
+    rows[4, : nk // 2] = 0.0
+    rows[4, nk // 2 :] = -0.0  # signed zeros only (+0.0 ranks above -0.0): the first n_sel indices win
+    rows[5] = torch.round(rows[5] * 2) / 2  # many exact ties
+    scores = rows.to(DEVICE).contiguous()
+    lut = torch.empty(6, n_sel, dtype=torch.int32, device=DEVICE)
+    _K._topk_lut[(6,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk))
+    lut = lut.cpu()
+    for r in range(6):
+        got = lut[r].tolist()
+        assert got == sorted(got) and len(set(got)) == n_sel, (r, got)
+        x = rows[r]
+        kth = torch.topk(x, n_sel).values[-1]
+        above = set(torch.nonzero(x > kth).flatten().tolist())
+        assert above <= set(got), (r, got)
+        ties = [i for i in torch.nonzero(x == kth).flatten().tolist()][: n_sel - len(above)]
+        assert set(got) == above | set(ties), (r, got)
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128

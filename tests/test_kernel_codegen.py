@@ -1,0 +1,47 @@
+"""Code generation of the SLA2 kernels for Hopper, checked on a machine without a GPU.
+
+Triton ships ptxas and cuobjdump, so each launch of the production driver can be compiled for sm_90
+here (benchmarks/kernel_report.py).  This guards the property whose loss made every kernel 2-3x slower
+without failing any numerical test: user-tensor tiles are loaded with 16-byte vector / cp.async
+instructions, never 2-byte scalar loads (that happens when Triton cannot prove row alignment, e.g. if
+strides are excluded from specialisation).  The report runs in a subprocess: the Triton interpreter used
+by the other kernel tests patches triton.language process-wide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():  # pragma: no cover
+    pytest.skip("this Triton build ships no NVIDIA tools", allow_module_level=True)
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+
+
+@pytest.mark.parametrize("quant,layout", [("none", "bnhd"), ("int8-fp8", "bhnd")])
+def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, quant, layout):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(REPORT), "--shape", "1,2,1000,128", "--topk", "0.1", "--quant", quant,
+           "--layout", layout, "--json", str(out)] + (["--backward"] if quant == "none" else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    names = {r["kernel"] for r in rows}
+    assert {"_fwd_sparse_kernel", "_fwd_lin_kernel", "_k_feats", "_kv_outer", "_topk_lut"} <= names
+    if quant == "none":
+        assert {"_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dq_lin_kernel"} <= names
+    else:
+        assert {"_kv_quant", "_q_prepass"} <= names
+    for r in rows:
+        assert r["scalar_16bit_loads"] == 0, (r["kernel"], r["loads"])
+        assert r["registers"] is not None and r["registers"] <= 255, r
+        if r["kernel"] in ("_fwd_sparse_kernel", "_fwd_lin_kernel", "_bwd_dq_kernel"):
+            assert r["mma"], (r["kernel"], "no tensor-core instructions")
