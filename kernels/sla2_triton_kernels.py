@@ -371,45 +371,62 @@ def _fwd_sparse_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "H", "nt", "nsplit"])
-def _bwd_prepass(
-    PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, AP, BP, DAP,
-    sdb, sdh, sdn, N, H, nt, nsplit,
+@triton.jit(do_not_specialize=["N", "H", "nt"])
+def _bwd_rows(
+    PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, BP, DAP,
+    sdb, sdh, sdn, N, H, nt,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per row: delta = alpha*rowsum(dO*O_s), c = -(1-alpha)*rowsum(dO*O_l)/den; per-split partials (summed
-    by the caller): A = sum phi(q)^T g with g = (1-alpha) dO / den, b = sum c*phi(q), sum dO*(O_s - O_l)."""
-    pid = tl.program_id(0)
+    """Per row of one query tile (one program each, no loop): delta = alpha*rowsum(dO*O_s),
+    c = -(1-alpha)*rowsum(dO*O_l)/den; per-tile partials (summed by the caller, deterministic):
+    b = sum c*phi(q) and sum dO*(O_s - O_l) (the alpha gradient)."""
+    t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
     alpha = tl.load(ALPHA + h)
-    acc_a = tl.zeros((D, D), dtype=tl.float32)
-    acc_b = tl.zeros((D,), dtype=tl.float32)
-    acc_da = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for t in range(pid, nt, nsplit):
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = offs_m < N
+    row = bh * N + offs_m
+    dof = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    o_s = tl.load(OS + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    rden = tl.load(RDEN + row, mask=valid, other=0.0)
+    cc = -(1.0 - alpha) * rden * tl.sum(dof * o_l, axis=1)
+    tl.store(DELTA + row, alpha * tl.sum(dof * o_s, axis=1), mask=valid)
+    tl.store(CC + row, cc, mask=valid)
+    tl.store(DAP + bh * nt + t, tl.sum(tl.sum(dof * (o_s - o_l), axis=1), axis=0))
+    phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    tl.store(BP + (bh * nt + t) * D + offs_d, tl.sum(cc[:, None] * phiq, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "nt", "nsplit"])
+def _bwd_outer(
+    PHIQ, DO, RDEN, ALPHA, AP,
+    sdb, sdh, sdn, N, H, nt, nsplit,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Partial A = sum phi(Q)^T g, g = (1-alpha) dO / den, over one contiguous run of query tiles (split-K
+    GEMM; the caller sums the nsplit partials)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    one_minus_alpha = 1.0 - tl.load(ALPHA + h)
+    per = tl.cdiv(nt, nsplit)
+    acc = tl.zeros((D, D), dtype=tl.float32)
+    for t in range(pid * per, tl.minimum(nt, pid * per + per)):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = offs_m < N
         row = bh * N + offs_m
         do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=valid[:, None], other=0.0)
         phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-        o_s = tl.load(OS + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         rden = tl.load(RDEN + row, mask=valid, other=0.0)
-        dof = do.to(tl.float32)
-        delta = alpha * tl.sum(dof * o_s, axis=1)
-        cc = -(1.0 - alpha) * rden * tl.sum(dof * o_l, axis=1)
-        tl.store(DELTA + row, delta, mask=valid)
-        tl.store(CC + row, cc, mask=valid)
-        acc_da += tl.sum(dof * (o_s - o_l), axis=1)
-        g = (dof * ((1.0 - alpha) * rden)[:, None]).to(phiq.dtype)
-        acc_a = tl.dot(tl.trans(phiq), g, acc_a)
-        acc_b += tl.sum(cc[:, None] * phiq.to(tl.float32), axis=0)
-    base = bh * nsplit + pid
-    tl.store(AP + base * D * D + offs_d[:, None] * D + offs_d[None, :], acc_a)
-    tl.store(BP + base * D + offs_d, acc_b)
-    tl.store(DAP + base, tl.sum(acc_da, axis=0))
+        g = (do.to(tl.float32) * (one_minus_alpha * rden)[:, None]).to(phiq.dtype)
+        acc = tl.dot(tl.trans(phiq), g, acc)
+    tl.store(AP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
 
 
 _BWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"]
