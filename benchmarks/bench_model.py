@@ -81,8 +81,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the repeated blocks (dense and SLA2 alike) to fuse the non-attention ops")
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--kernel-config", default="", help="JSON overrides of the SLA2 kernels' launch CONFIG")
     args = ap.parse_args()
 
+    if args.kernel_config:
+        from slaconv.kernels import sla2_triton
+
+        sla2_triton.CONFIG.update(json.loads(args.kernel_config))
     net, cfg = build(args.model, args.layers)
     if args.compile:
         net.compile_repeated_blocks(fullgraph=True)
@@ -146,6 +151,7 @@ def main() -> None:
             "card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
     meta["compiled"] = args.compile
+    meta["kernel_config"] = args.kernel_config or "defaults"
     tag = f"{args.model}{'_compiled' if args.compile else ''}"
     (args.out / f"bench_model_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"Wan2.1-{args.model} forward, {tokens} tokens, {meta['card']}" + (", torch.compile'd blocks" if args.compile else "")
