@@ -92,9 +92,8 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfl
         alpha = torch.zeros(H)
         out = sla2_triton._forward(q, k, v, eye, eye, alpha, topk, 128, 64, quant, layout, backward)
         if backward:
-            _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = out
-            sla2_triton._backward(torch.randn_like(q), q, k, v, alpha, lut, o_s, o_l, lse, rden, h_all, z_all,
-                                  phiq, phik, zb, 128, 64, layout)
+            o, lut, lse, rden, h_all, z_all = out
+            sla2_triton._backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, rden, h_all, z_all, 128, 64, layout)
     finally:
         for n, fn in saved.items():
             setattr(_K, n, fn)

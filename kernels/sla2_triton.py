@@ -5,10 +5,12 @@ registered as two ``torch.library`` custom ops, ``slaconv::sla2_fwd`` and ``slac
 fake implementations and an autograd formula, so ``torch.compile`` traces a module that calls it
 without a graph break.
 
-Extra memory (beside the output): O_l and phi(K) (B*H*N*D each, input dtype), z per key block (B*H*nk*D fp32),
-the LUT (B*H*nq*n_sel int32), D x D and D totals per (b, h) (and per pre-pass split), and for the low-bit modes
-INT8/FP8 copies of Q, K, V.  When a backward can follow (grad enabled, an input requires grad) also O_s, phi(Q)
-and two fp32 per-row vectors; the inverted index (B*H*nt*n_sel int32) is built in the backward only.
+Extra memory (beside the output): O_l and phi(K) as temporaries (B*H*N*D each, input dtype), z per key block
+(B*H*nk*D fp32), the LUT (B*H*nq*n_sel int32), D x D and D totals per (b, h) (and per pre-pass split), and for
+the low-bit modes INT8/FP8 copies of Q, K, V.  Saved for the backward: O (which the next layer keeps anyway),
+the LUT, the LSE and 1/den (two fp32 per row) and the D x D totals; the backward recomputes phi(Q), phi(K)
+and the linear numerator instead of saving O_s, O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B
+layer at 480p), and builds the inverted index (B*H*nt*n_sel int32).
 Nothing O(N^2), no per-block D x D state.
 
 The kernels live in ``sla2_triton_kernels.py``; they are looked up through that module object at call
@@ -214,37 +216,33 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     _, so = _dims(o, layout)
     o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
     rden = torch.empty(BH, N, device=dev, dtype=f32)
-    if save:
-        o_s = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-        phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-        lse = torch.empty(BH, N, device=dev, dtype=f32)
-    else:  # inference: nothing for the backward is written
-        o_s, phiq = o_l.new_empty((0, N, D)), o_l.new_empty((0, N, D))
-        lse = rden.new_empty((0, N))
+    # the backward needs only the LSE beside O, 1/den and the D x D totals (inference: not even the LSE)
+    lse = torch.empty(BH, N if save else 0, device=dev, dtype=f32)
     has_lin = int(n_sel < nk)
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
     _K._fwd_lin_kernel[(nt, BH)](
-        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phiq if save else o_l,
+        q, v, phik, zb, lut, h_all, z_all, o_l, rden,
         *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin,
-        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, SAVE=save, **lin_cfg,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
     )
     _K._fwd_sparse_kernel[(nt, BH)](
         q, k, v, qq, qs, kq, ks, vq, vmax, ksum, lut, alpha,
-        o, o_s if save else o, o_l, lse if save else rden,
+        o, o_l, lse if save else rden,
         *sq, *sk, *sv, *so,
         N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad,
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair_sparse, QUANT=qid, FP8_EMU=_interpreting(), SAVE=save,
         **_launch_cfg(D),
     )
-    return o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb
+    return o, lut, lse, rden, h_all, z_all
 
 
-def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout):
-    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q, block_k, layout):
+    do, q, k, v, o = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o)
     (B, H, N, D), sq = _dims(q, layout)
     _, sk = _dims(k, layout)
     _, sv = _dims(v, layout)
     _, sd = _dims(do, layout)
+    _, so = _dims(o, layout)
     dev = q.device
     BH = B * H
     tm = min(CONFIG["tile_m_bwd"], block_q)
@@ -259,19 +257,15 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     pair = CONFIG["pair"]
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
 
-    delta = torch.empty(BH, N, device=dev, dtype=f32)
-    cc = torch.empty(BH, N, device=dev, dtype=f32)
-    bp = torch.empty(BH, nt, D, device=dev, dtype=f32)
-    dap = torch.empty(BH, nt, device=dev, dtype=f32)
-    _K._bwd_rows[(nt, BH)](phiq, do, o_s, o_l, rden, alpha, delta, cc, bp, dap, *sd, N, H, nt, D=D, BLOCK_M=tm, **_feats_cfg(D))
-    ns = _nsplit(BH, nt)
-    ap = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    _K._bwd_outer[(ns, BH)](phiq, do, rden, alpha, ap, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
-    a_all = ap.sum(dim=1)
-    b_all = bp.sum(dim=1)
-    dal = dap.sum(dim=1)
-    a = alpha
-    dalpha = (dal.view(B, H).sum(dim=0) * a * (1 - a)).to(alpha_logit.dtype)
+    # phi(K), z per key block and phi(Q) are recomputed, not saved by the forward: with O (kept by the next
+    # layer anyway), the LSE and 1/den that is all a training step holds beyond what dense attention holds.
+    k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    phik = torch.empty(BH, N, D, device=dev, dtype=k.dtype)
+    _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=False, **_feats_cfg(D))
+    phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    _K._phi_rows[(nt, BH)](q, phiq, *sq, N, H, D=D, BLOCK=tm, **_feats_cfg(D))
 
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
@@ -279,11 +273,24 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
     _, sdq = _dims(dq, layout)
     _, sdk = _dims(dk, layout)
     _, sdv = _dims(dv, layout)
-    koff, kqt = inverted_index(lut, N, block_q, nk, tm)
+    # linear part of dQ; also u = (1-alpha) rowsum(dO*O_l) and c = -u/den for the launches below
+    u = torch.empty(BH, N, device=dev, dtype=f32)
+    cc = torch.empty(BH, N, device=dev, dtype=f32)
     _K._bwd_dq_lin_kernel[(-(-N // tl_m), BH)](
-        v, do, dq, zb, lut, cc, rden, h_all, z_all, alpha, phiq, phik,
+        v, do, dq, zb, lut, u, cc, rden, h_all, z_all, alpha, phiq, phik,
         *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, D=D, BLOCK_M=tl_m, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
     )
+    delta = torch.empty(BH, N, device=dev, dtype=f32)
+    bp = torch.empty(BH, nt, D, device=dev, dtype=f32)
+    dap = torch.empty(BH, nt, device=dev, dtype=f32)
+    _K._bwd_rows[(nt, BH)](phiq, do, o, u, cc, alpha, delta, bp, dap, *sd, *so, N, H, nt, D=D, BLOCK_M=tm, **_feats_cfg(D))
+    ns = _nsplit(BH, nt)
+    ap = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
+    _K._bwd_outer[(ns, BH)](phiq, do, rden, alpha, ap, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
+    a_all = ap.sum(dim=1)
+    b_all = bp.sum(dim=1)
+    dalpha = dap.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
+    koff, kqt = inverted_index(lut, N, block_q, nk, tm)
     _K._bwd_dq_kernel[(nt, BH)](
         q, k, v, do, dq, lut, lse, delta, alpha,
         *sq, *sk, *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
@@ -312,9 +319,9 @@ def _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, 
 def sla2_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str, save: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (O, LUT, O_s, O_l, LSE, 1/den, H_all, z_all, phi(Q), phi(K), z per key block); all but O are saved for the
-    backward.  ``save=False`` (inference) skips writing O_s, LSE and phi(Q): those come back empty (0 rows)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (O, LUT, LSE, 1/den, H_all, z_all); O and the rest are saved for the backward.  ``save=False``
+    (inference) skips writing the LSE: it comes back empty (0 columns)."""
     return _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, save)
 
 
@@ -328,52 +335,43 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, l
     nq, nk = -(-N // block_q), -(-N // block_k)
     n_sel = reference.topk_count(topk, nk)
     BH = B * H
-    S = BH if save else 0
     f32 = torch.float32
     return (
         q.new_empty(q.shape),
         q.new_empty((B, H, nq, n_sel), dtype=torch.int32),
-        q.new_empty((S, N, D)),
-        q.new_empty((BH, N, D)),
-        q.new_empty((S, N), dtype=f32),
+        q.new_empty((BH, N if save else 0), dtype=f32),
         q.new_empty((BH, N), dtype=f32),
         q.new_empty((BH, D, D), dtype=f32),
         q.new_empty((BH, D), dtype=f32),
-        q.new_empty((S, N, D)),
-        q.new_empty((BH, N, D)),
-        q.new_empty((BH, nk, D), dtype=f32),
     )
 
 
 @torch.library.custom_op("slaconv::sla2_bwd", mutates_args=())
 def sla2_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha_logit: torch.Tensor,
-    lut: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor, lse: torch.Tensor, rden: torch.Tensor,
-    h_all: torch.Tensor, z_all: torch.Tensor, phiq: torch.Tensor, phik: torch.Tensor, zb: torch.Tensor, block_q: int, block_k: int,
-    layout: str,
+    lut: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, rden: torch.Tensor, h_all: torch.Tensor,
+    z_all: torch.Tensor, block_q: int, block_k: int, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV, d alpha_logit); bf16/fp16 on the original Q, K, V (straight-through for low-bit)."""
-    return _backward(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout)
+    return _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q, block_k, layout)
 
 
 @sla2_bwd.register_fake
-def _(do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout):
+def _(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q, block_k, layout):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, _save = inputs
-    _o, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = output
-    ctx.save_for_backward(q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb)
+    o, lut, lse, rden, h_all, z_all = output
+    ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all)
     ctx.cfg = (block_q, block_k, layout)
 
 
 def _autograd_backward(ctx, do, *_unused):
-    q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb = ctx.saved_tensors
+    q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all = ctx.saved_tensors
     block_q, block_k, layout = ctx.cfg
-    dq, dk, dv, dalpha = sla2_bwd(
-        do, q, k, v, alpha_logit, lut, o_s, o_l, lse, rden, h_all, z_all, phiq, phik, zb, block_q, block_k, layout
-    )
+    dq, dk, dv, dalpha = sla2_bwd(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q, block_k, layout)
     return dq, dk, dv, None, None, dalpha, None, None, None, None, None, None
 
 

@@ -252,13 +252,13 @@ def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
 def _fwd_lin_kernel(
-    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIQ,
+    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN,
     sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, SAVE: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
 ):
     """Linear branch of one query tile: O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).
-    Writes O_l, 1/den and (SAVE, for the backward) phi(Q).  If every block is selected (has_lin == 0)
-    O_l and 1/den are exactly 0."""
+    Writes O_l (a temporary for the sparse launch's mix) and 1/den.  If every block is selected
+    (has_lin == 0) O_l and 1/den are exactly 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -270,17 +270,14 @@ def _fwd_lin_kernel(
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
     acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
-    # The epilogue product runs on input-dtype operands (bf16/fp16: the output is 16-bit and the backward
-    # reads phi(Q) as 16-bit anyway); fp32 operands (tf32) doubled the register peak here.
+    # The epilogue product runs on input-dtype operands (bf16/fp16: the output is 16-bit); fp32 operands
+    # (tf32) doubled the register peak here.
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     phiq = _phi(q.to(tl.float32))
     den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
-    phiq = phiq.to(q.dtype)
-    if SAVE:
-        tl.store(PHIQ + row[:, None] * D + offs_d[None, :], phiq, mask=m_valid[:, None])
-    num = tl.dot(phiq, hd)
+    num = tl.dot(phiq.to(q.dtype), hd)
     rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
     tl.store(OL + row[:, None] * D + offs_d[None, :], (num * rden[:, None]).to(OL.dtype.element_ty), mask=m_valid[:, None])
     tl.store(RDEN + row, rden, mask=m_valid)
@@ -292,14 +289,14 @@ _FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n"]
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_sparse_kernel(
     Q, K, V, QQ, QS, KQ, KS, VQ, VMAX, KSUM, LUT, ALPHA,
-    O, OS, OL, LSE,
+    O, OL, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, QUANT: tl.constexpr,
     FP8_EMU: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Sparse branch of one query tile over its LUT row (FA2 online softmax in exp2), then the mix
-    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also O_s and LSE (backward)."""
+    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also the LSE (backward)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -359,7 +356,6 @@ def _fwd_sparse_kernel(
             qo = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
             lse += tl.sum(qo.to(tl.float32) * meank[None, :], axis=1) * qk_scale
         tl.store(LSE + row, lse, mask=m_valid)
-        tl.store(OS + row[:, None] * D + offs_d[None, :], o_s.to(OS.dtype.element_ty), mask=m_valid[:, None])
     alpha = tl.load(ALPHA + h)
     o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
     o = alpha * o_s + (1.0 - alpha) * o_l
@@ -371,15 +367,34 @@ def _fwd_sparse_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit(do_not_specialize=["N", "H"])
+def _phi_rows(
+    X, PHI, sxb, sxh, sxn, N, H,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """phi(X) = softmax over the head dim of one tile of rows, stored (B*H, N, D) in X's dtype."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    valid = offs < N
+    x = tl.load(X + b * sxb + h * sxh + offs[:, None] * sxn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    tl.store(PHI + (bh * N + offs[:, None]) * D + offs_d[None, :], _phi(x.to(tl.float32)).to(x.dtype), mask=valid[:, None])
+
+
 @triton.jit(do_not_specialize=["N", "H", "nt"])
 def _bwd_rows(
-    PHIQ, DO, OS, OL, RDEN, ALPHA, DELTA, CC, BP, DAP,
-    sdb, sdh, sdn, N, H, nt,
+    PHIQ, DO, O, U, CC, ALPHA, DELTA, BP, DAP,
+    sdb, sdh, sdn, sob, soh, son, N, H, nt,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per row of one query tile (one program each, no loop): delta = alpha*rowsum(dO*O_s),
-    c = -(1-alpha)*rowsum(dO*O_l)/den; per-tile partials (summed by the caller, deterministic):
-    b = sum c*phi(q) and sum dO*(O_s - O_l) (the alpha gradient)."""
+    """Per row of one query tile (one program each, no loop), from the output O (not O_s: O is saved by
+    the next layer anyway) and u = (1-alpha)*rowsum(dO*O_l) from the dQ-linear launch:
+    delta = alpha*rowsum(dO*O_s) = rowsum(dO*O) - u.  Per-tile partials (summed by the caller,
+    deterministic): b = sum c*phi(q) and the alpha-logit gradient
+    alpha(1-alpha) sum dO*(O_s - O_l) = sum (1-alpha)*rowsum(dO*O) - u."""
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -390,13 +405,12 @@ def _bwd_rows(
     valid = offs_m < N
     row = bh * N + offs_m
     dof = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    o_s = tl.load(OS + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    rden = tl.load(RDEN + row, mask=valid, other=0.0)
-    cc = -(1.0 - alpha) * rden * tl.sum(dof * o_l, axis=1)
-    tl.store(DELTA + row, alpha * tl.sum(dof * o_s, axis=1), mask=valid)
-    tl.store(CC + row, cc, mask=valid)
-    tl.store(DAP + bh * nt + t, tl.sum(tl.sum(dof * (o_s - o_l), axis=1), axis=0))
+    of = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    r = tl.sum(dof * of, axis=1)
+    u = tl.load(U + row, mask=valid, other=0.0)
+    cc = tl.load(CC + row, mask=valid, other=0.0)
+    tl.store(DELTA + row, r - u, mask=valid)
+    tl.store(DAP + bh * nt + t, tl.sum((1.0 - alpha) * r - u, axis=0))
     phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     tl.store(BP + (bh * nt + t) * D + offs_d, tl.sum(cc[:, None] * phiq, axis=0))
 
@@ -434,12 +448,14 @@ _BWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
 def _bwd_dq_lin_kernel(
-    V, DO, DQ, ZB, LUT, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
+    V, DO, DQ, ZB, LUT, U, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
     svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, N, H, n_sel, nq, nk, block_q,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
 ):
     """Linear part of dQ (writes DQ): dphi(q) = g (H_all - H_sel)^T + c (z_all - z_sel), through phi's
-    softmax Jacobian; g = (1-alpha) dO / den."""
+    softmax Jacobian; g = (1-alpha) dO / den.  O_l is not saved by the forward: its numerator
+    phi(Q)(H_all - H_sel) is recomputed here (one MMA) to give u = (1-alpha)*rowsum(dO*O_l) and
+    c = -u/den, both written for the later launches."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -451,16 +467,21 @@ def _bwd_dq_lin_kernel(
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
     acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
-    hd = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h
+    hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(DO.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     alpha = tl.load(ALPHA + h)
-    cc = tl.load(CC + row, mask=m_valid, other=0.0)
     rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    num = tl.dot(phiq, hd)  # the forward's O_l * den, same operands
+    u = (1.0 - alpha) * rden * tl.sum(do.to(tl.float32) * num, axis=1)
+    cc = -rden * u
+    tl.store(U + row, u, mask=m_valid)
+    tl.store(CC + row, cc, mask=m_valid)
     g = (do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
-    dphi = tl.dot(g, tl.trans(hd.to(do.dtype))) + cc[:, None] * zd[None, :]
-    phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
-    dq = phiq * (dphi - tl.sum(phiq * dphi, axis=1)[:, None])
+    dphi = tl.dot(g, tl.trans(hd)) + cc[:, None] * zd[None, :]
+    phiqf = phiq.to(tl.float32)
+    dq = phiqf * (dphi - tl.sum(phiqf * dphi, axis=1)[:, None])
     tl.store(DQ + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
