@@ -112,7 +112,7 @@ class Runner:
     def __init__(self, work: Path, budget_s: float):
         self.logs = work / "joblogs"
         self.logs.mkdir(parents=True)
-        self.t0 = time.time()
+        self.t0, self.budget_s = time.time(), budget_s
         self.deadline = self.t0 + budget_s
         self.records: list[dict] = []
         self.jobs: list[Job] = []
@@ -122,9 +122,10 @@ class Runner:
         self.jobs.append(job)
         return job
 
-    def finish(self, job: Job, cap_s: float, reserve_s: float = 0.0) -> dict:
-        """Wait for ``job`` at most ``cap_s`` from now and never past the budget minus ``reserve_s``."""
-        record = job.wait(min(time.time() + cap_s, self.deadline - reserve_s))
+    def finish(self, job: Job, cap_s: float, by: float = 1.0) -> dict:
+        """Wait for ``job`` at most ``cap_s`` from now and never past the fraction ``by`` of the budget
+        (what is left after it belongs to the later jobs)."""
+        record = job.wait(min(time.time() + cap_s, self.t0 + by * self.budget_s))
         record["ok"] = record["rc"] == 0 and not record["timed_out"] and record["json"] is not None
         if not record["ok"]:
             record["stderr_tail"] = job.stderr_tail(1500)
@@ -291,7 +292,7 @@ def prepare_models(plan: Plan, runner: Runner) -> dict:
     a = plan.args
     lanes = {"13": runner.start("build13", _build_cmd("1.3b", plan.layers13, plan.base13, a.cpu), plan.gpu(0)),
              "14": runner.start("build14", _build_cmd("14b", plan.layers14, plan.base14, a.cpu), plan.gpu(1))}
-    built = {tag: runner.finish(job, cap_s=150, reserve_s=240) for tag, job in lanes.items()}
+    built = {tag: runner.finish(job, cap_s=150, by=0.4) for tag, job in lanes.items()}
     convs = {}
     for tag, base, conv, recipe, gpu in (("13", plan.base13, plan.conv13, plan.r13, 0),
                                          ("14", plan.base14, plan.conv14, plan.r14, 1)):
@@ -300,7 +301,7 @@ def prepare_models(plan: Plan, runner: Runner) -> dict:
                                       plan.gpu(gpu))
     layouts = {"build": {tag: r["json"] for tag, r in built.items()}}
     for tag, job in convs.items():
-        if runner.finish(job, cap_s=150, reserve_s=220)["ok"]:
+        if runner.finish(job, cap_s=150, by=0.45)["ok"]:
             conv, copy = (plan.conv13, plan.one13) if tag == "13" else (plan.conv14, plan.ref14)
             layouts[tag] = tensor_layout(conv)  # before any run replaces the weights
             shutil.copytree(conv, copy)
@@ -319,10 +320,10 @@ def run(args) -> dict:
     ddp = fsdp = single = ref = None
     if ok13:  # data parallel, 2 processes x batch 1
         ddp = runner.finish(runner.start("ddp13_2proc", plan.ddp_cmd(), plan.env), cap_s=170,
-                            reserve_s=190 if ok14 else 120)
+                            by=0.525 if ok14 else 0.7)
     if ok14:  # FSDP, the 14B slice
         fsdp = runner.finish(runner.start("fsdp14_2proc", plan.fsdp_cmd(), plan.env), cap_s=170,
-                             reserve_s=120 if ok13 else 0)
+                             by=0.7 if ok13 else 1.0)
     # one process x batch 2 on GPU 0 and the one-process 14B format reference on GPU 1, together
     # (one after the other on CPU processes, which share the cores)
     single_job = runner.start("single13_1proc", plan.single_cmd(), plan.gpu(0)) if ok13 else None
