@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import flow
-from .errors import DivergedError, InputError, OutOfMemoryError
+from .errors import DivergedError, InputError, OutOfMemoryError, UsageError
 from .inputs import check_latent_shape
 from .install import sla2_processors
 from .kernels import reference
@@ -141,10 +141,6 @@ def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
             raise InputError(f"{path} is not a complete checkpoint")
         step = int(CHECKPOINT_RE.match(path.name).group(1)) if CHECKPOINT_RE.match(path.name) else 0
     return step, load_state(path)
-
-
-def _cpu_copy(model_state: dict) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model_state.items()}
 
 
 # ---------------------------------------------------------------- saving results
@@ -332,6 +328,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     t0 = time.time()
     try:
         for step in bar:
+            t_step = time.time()
             batch = sampler.batch(step)
             step_gen["gen"] = sampler.generator(step, salt=1)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
@@ -348,6 +345,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             optimizer.step()
             if accelerator.is_main_process:
                 _append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
+                                       "seconds": round(time.time() - t_step, 3),
                                        "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
             bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
             if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
@@ -365,7 +363,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,
                           "heldout_attention_rel_mse_after": heldout_after,
-                          "data": _data_name(data_dir), **_peak_memory()}}
+                          "data": _data_name(data_dir), **_peak_memory(accelerator)}}
     for p in params:
         p.requires_grad_(False)
     accelerator.wait_for_everyone()
@@ -380,18 +378,36 @@ def _reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_memory() -> dict:
+def _peak_memory(accelerator) -> dict:
+    """Peak GPU memory allocated by this stage: the largest over the processes and each process's own.
+
+    A collective when there are several processes: every rank must call it."""
     if not torch.cuda.is_available():
         return {}
-    return {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    mine = torch.cuda.max_memory_allocated() / 2**30
+    peaks = [mine]
+    if accelerator.num_processes > 1:
+        peaks = accelerator.gather(torch.tensor([mine], device=accelerator.device)).tolist()
+    return {"peak_gpu_memory_gb": round(max(peaks), 2), "peak_gpu_memory_gb_per_rank": [round(x, 2) for x in peaks]}
 
 
-def _load_full_state(net, state: dict, dtype: torch.dtype) -> None:
-    """Load the gathered weights into the unwrapped model; model weights to ``dtype`` (SLA2 stays fp32)."""
-    net.load_state_dict({k: v.to(net.state_dict()[k].device) for k, v in state.items()})
-    for name, param in net.named_parameters():
-        if ".processor." not in name:
-            param.data = param.data.to(dtype)
+def _fsdp_plugin():
+    """The FSDP settings ``accelerate launch --config_file`` put in the environment, or None without FSDP.
+
+    The mixed-precision policy is pinned to fp32: the bf16 compute comes from autocast, as with one
+    process or DDP.  accelerate's default bf16 policy would also cast the RoPE tables, the timestep
+    input and the modules diffusers keeps in fp32, so an FSDP run would not compute what a
+    one-process run computes.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(mixed_precision_policy="fp32")
+    if plugin.fsdp_version == 1 and not plugin.use_orig_params:
+        raise UsageError("FSDP (version 1) needs 'fsdp_use_orig_params: true' in the accelerate config: stage 2 "
+                         "freezes the router but trains alpha and the weights of the same block")
+    return plugin
 
 
 def _accelerator(device, grad_accum: int = 1):
@@ -399,7 +415,63 @@ def _accelerator(device, grad_accum: int = 1):
 
     return Accelerator(gradient_accumulation_steps=grad_accum,
                        mixed_precision="bf16" if torch.cuda.is_available() and str(device) != "cpu" else "no",
-                       cpu=(str(device) == "cpu"))
+                       cpu=(str(device) == "cpu"), fsdp_plugin=_fsdp_plugin())
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _raw_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _state_options(accelerator):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # On GPUs the full state is gathered to the CPU of the main process only (cpu_offload implies
+    # rank 0 only).  On CPU processes every rank gathers it: FSDP's offload of tensors that are
+    # already on the CPU crashes (segfault, torch 2.13).
+    return StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
+
+
+def full_model_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model state keyed by parameter name, whatever wraps the model (one
+    process, DDP, FSDP).  A collective: every rank calls it; on GPUs only the main process gets it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options(accelerator))
+
+
+def full_training_state(accelerator, model, optimizer) -> tuple[dict, dict]:
+    """Whole model and optimizer state, keyed by parameter name, so a checkpoint does not depend on
+    the process count or the sharding.  A collective, like :func:`full_model_state`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, _raw_optimizer(optimizer), options=_state_options(accelerator))
+
+
+def load_training_state(model, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Load a full checkpoint (every rank reads it) into the prepared model and optimizer; FSDP
+    keeps each rank's shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if any(isinstance(key, int) for key in optim_state.get("state", {})):
+        raise InputError("this stage-2 checkpoint was written by an older slaconv (optimizer state by position, "
+                         "not by parameter name); run the stage again without --resume")
+    set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
+    """A fresh model in the recipe dtype (the modules diffusers keeps in fp32 stay fp32, as after
+    ``convert``) holding the trained weights ``state``."""
+    net, _, _ = load_workdir(workdir, dtype=dtype, device=device, quant=quant)
+    net.load_state_dict(state)  # strict: copies each tensor into the parameter's own dtype
+    return net.eval().requires_grad_(False)
 
 
 def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -440,13 +512,18 @@ def _first_last(log_path: Path) -> tuple[float | None, float | None]:
 
 
 def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+    """Stage 2 on every process of the launch (one, DDP or FSDP from the accelerate config): fine-tune
+    the weights and alpha with the router frozen; the main process saves the result in the recipe dtype."""
     cfg = recipe["calibration"]["stage2"]
     _reset_peak_memory()
     accelerator = _accelerator(device, cfg["grad_accum"])
     device = accelerator.device
-    # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.
-    model, family, sla2_cfg = load_workdir(workdir, dtype="float32", device=device,
-                                           quant=cfg["quant"] or recipe["sla2"]["quant"])
+    quant = cfg["quant"] or recipe["sla2"]["quant"]
+    # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.  Under
+    # FSDP every rank loads them on the CPU and FSDP moves only its shard to the GPU while wrapping,
+    # so no GPU ever holds the whole fp32 model.
+    model, family, sla2_cfg = load_workdir(workdir, dtype="float32", device="cpu" if _is_fsdp(accelerator) else device,
+                                           quant=quant)
     if cfg["objective"] == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
     teacher = None
@@ -459,8 +536,8 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         proc.router_k.requires_grad_(False)
     if cfg["gradient_checkpointing"] and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"])
     warmup = max(cfg["warmup_steps"], 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model_config = json.loads((Path(workdir) / "config.json").read_text())
@@ -468,13 +545,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                           rank=accelerator.process_index, world=accelerator.num_processes)
     ckpt_root = Path(workdir) / "checkpoints" / "stage2"
     log_path = Path(workdir) / "logs" / "stage2.jsonl"
+    model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if resume:
         loaded = load_checkpoint(ckpt_root, resume)
         if loaded is not None:
             start, state = loaded
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_training_state(model, optimizer, state["model"], state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
     if accelerator.is_main_process:
         if start == 0 and log_path.exists():
@@ -493,12 +570,12 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         run = lambda n, b, x, s: forward(n, b, x, s, student_dtype)  # noqa: E731
         return heldout_loss(run, net, teacher, eval_sampler, n_eval, device, accelerator.autocast)
 
-    heldout_before = score(model) if start == 0 else None
-    model, optimizer = accelerator.prepare(model, optimizer)
+    heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective
     bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
                    initial=start, total=cfg["steps"])
     t0 = time.time()
     for step in bar:
+        t_step = time.time()
         step_loss = 0.0
         for micro in range(cfg["grad_accum"]):
             batch = sampler.batch(step * cfg["grad_accum"] + micro)
@@ -513,7 +590,9 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 loss = torch.mean((pred - target) ** 2)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg["grad_clip"]:
-                    accelerator.clip_grad_norm_(trainable, cfg["grad_clip"])
+                    # all of the prepared model's parameters (frozen ones have no gradient): accelerate
+                    # computes FSDP's global norm over the shards only when given exactly these
+                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += float(loss.detach()) / cfg["grad_accum"]
@@ -521,33 +600,38 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
         _check_finite(step_loss, "stage-2 loss", ckpt_root)
         if accelerator.is_main_process:
-            _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+            _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                   "seconds": round(time.time() - t_step, 3)})
         bar.set_postfix(loss=f"{step_loss:.5f}")
         if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
             accelerator.wait_for_everyone()
-            model_state = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
+            model_state, optim_state = full_training_state(accelerator, model, optimizer)  # every rank
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, {
-                    "stage": 2, "model": _cpu_copy(model_state),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                    recipe["calibration"]["checkpoints_total_limit"])
+                save_checkpoint(ckpt_root, step + 1, {"stage": 2, "model": model_state, "optimizer": optim_state,
+                                                      "scheduler": scheduler.state_dict()},
+                                recipe["calibration"]["checkpoints_total_limit"])
+            del model_state, optim_state
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
-    net = accelerator.unwrap_model(model)
-    net.eval().requires_grad_(False)
-    if hasattr(net, "disable_gradient_checkpointing") and cfg["gradient_checkpointing"]:
-        net.disable_gradient_checkpointing()
-    if accelerator.is_main_process:
-        _load_full_state(net, full_state, DTYPES[recipe["model"]["dtype"]])
     seconds = round(time.time() - t0, 2)
-    heldout_after = score(net, DTYPES[recipe["model"]["dtype"]])  # as saved: weights in the recipe dtype
+    training_peak = _peak_memory(accelerator).get("peak_gpu_memory_gb_per_rank")  # before the main process's save
+    full_state = full_model_state(accelerator, model)  # every rank; under FSDP it gathers the shards
+    del model, optimizer, scheduler
+    accelerator.free_memory()
+    net, heldout_after = None, None
+    if accelerator.is_main_process:
+        net = _final_model(workdir, full_state, recipe["model"]["dtype"], device, quant)
+        heldout_after = score(net, DTYPES[recipe["model"]["dtype"]])  # as saved: weights in the recipe dtype
+    del full_state
     first_last = _first_last(log_path)
     summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
-                          "quant": cfg["quant"] or recipe["sla2"]["quant"], "batch_size": cfg["batch_size"],
+                          "quant": quant, "batch_size": cfg["batch_size"],
                           "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
+                          "distributed": accelerator.distributed_type.value,
                           "seconds": seconds, "loss_first": first_last[0],
-                          "loss_last": first_last[1], "data": _data_name(data_dir), **_peak_memory()}}
+                          "loss_last": first_last[1], "data": _data_name(data_dir), **_peak_memory(accelerator)}}
+    if training_peak is not None:
+        summary["stage2"]["peak_gpu_memory_gb_per_rank_training"] = training_peak
     if accelerator.is_main_process:
         save_results(net, family, workdir, summary)
     accelerator.wait_for_everyone()
@@ -568,4 +652,15 @@ def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None,
                                show_progress=show_progress))
             except torch.OutOfMemoryError:
                 raise _oom(name) from None
+            out.setdefault("loss_curve", {})[f"stage{name}"] = loss_curve(workdir, int(name))
     return out
+
+
+def loss_curve(workdir: Path, stage: int) -> list[dict]:
+    """One record per logged step of a stage: step, loss (stage 1: mean relative attention MSE over
+    layers), learning rate (stage 2) and wall seconds; stage 1's per-layer detail stays in the log."""
+    path = Path(workdir) / "logs" / f"stage{stage}.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k != "layers"} for r in records]
