@@ -113,9 +113,11 @@ def _check(q, k, v, layout, quant, block_q, block_k):
 
 def router_lut(q_bar, k_bar, mean_k, router_q, router_k, n_sel):
     """Pooled router -> sorted int32 LUT (B, H, nq, n_sel); ``mean_k`` is the token mean of K (B, H, D)."""
-    qp = torch.matmul(q_bar, router_q.float())
-    kp = torch.matmul(k_bar - mean_k.unsqueeze(2), router_k.float())
-    scores = torch.matmul(qp, kp.transpose(-1, -2)).contiguous()  # the 1/sqrt(d) scale does not change the order
+    # fp32 whatever the caller's autocast (stage 2 runs under bf16 autocast): the ranking needs it
+    with torch.autocast(device_type=q_bar.device.type, enabled=False):
+        qp = torch.matmul(q_bar.float(), router_q.float())
+        kp = torch.matmul(k_bar.float() - mean_k.float().unsqueeze(2), router_k.float())
+        scores = torch.matmul(qp, kp.transpose(-1, -2)).contiguous()  # 1/sqrt(d) does not change the order
     *lead, nq, nk = scores.shape
     lut = torch.empty(*lead, nq, n_sel, device=scores.device, dtype=torch.int32)
     # one program per row: bisection for the n_sel-th score + prefix-sum compaction (was a radix sort of
