@@ -175,6 +175,17 @@ def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
         assert set(got) == above | set(ties), (r, got)
 
 
+def test_forward_under_bf16_autocast():
+    """Stage 2 runs the op under bf16 autocast: the router must still rank in fp32 (a bf16 score tensor
+    reached the top-k kernel on the first 2-GPU run and failed to compile)."""
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=31)
+    with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+        out = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=0.3, layout="bnhd")
+    want = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=0.3, layout="bnhd")
+    assert torch.equal(out, want)
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
