@@ -178,7 +178,7 @@ def kernel_resources():
     out = {}
     from slaconv.kernels import sla2_triton_kernels as K
 
-    for name in ("_fwd_lin_kernel", "_fwd_sparse_kernel", "_bwd_dq_lin_kernel", "_bwd_dq_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dkdv_kernel", "_k_feats", "_kv_outer", "_kv_quant", "_q_prepass", "_topk_lut", "_bwd_rows", "_bwd_outer"):
+    for name in ("_fwd_lin_kernel", "_fwd_sparse_kernel", "_bwd_dq_lin_kernel", "_bwd_dq_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dkdv_kernel", "_k_feats", "_kv_outer", "_kv_quant", "_q_prepass", "_topk_lut", "_bwd_rows", "_bwd_outer", "_phi_rows", "_phi_to_psi"):
         fn = getattr(K, name)
         try:
             for cache in fn.device_caches.values():

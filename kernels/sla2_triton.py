@@ -266,7 +266,7 @@ def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q
     zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     phik = torch.empty(BH, N, D, device=dev, dtype=k.dtype)
     _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=False, **_feats_cfg(D))
-    phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # becomes psi below, in place
     _K._phi_rows[(nt, BH)](q, phiq, *sq, N, H, D=D, BLOCK=tm, **_feats_cfg(D))
 
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
@@ -275,20 +275,22 @@ def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q
     _, sdq = _dims(dq, layout)
     _, sdk = _dims(dk, layout)
     _, sdv = _dims(dv, layout)
-    # linear part of dQ; also u = (1-alpha) rowsum(dO*O_l) and c = -u/den for the launches below
-    u = torch.empty(BH, N, device=dev, dtype=f32)
-    cc = torch.empty(BH, N, device=dev, dtype=f32)
+    # linear part of dQ; also w = rowsum(dO*O_l) for the launches below
+    w = torch.empty(BH, N, device=dev, dtype=f32)
     _K._bwd_dq_lin_kernel[(-(-N // tl_m), BH)](
-        v, do, dq, zb, lut, u, cc, rden, h_all, z_all, alpha, phiq, phik,
+        v, do, dq, zb, lut, w, rden, h_all, z_all, alpha, phiq, phik,
         *sv, *sd, *sdq, N, H, n_sel, nq, nk, block_q, D=D, BLOCK_M=tl_m, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
     )
     delta = torch.empty(BH, N, device=dev, dtype=f32)
     bp = torch.empty(BH, nt, D, device=dev, dtype=f32)
     dap = torch.empty(BH, nt, device=dev, dtype=f32)
-    _K._bwd_rows[(nt, BH)](phiq, do, o, u, cc, alpha, delta, bp, dap, *sd, *so, N, H, nt, D=D, BLOCK_M=tm, **_feats_cfg(D))
+    _K._bwd_rows[(nt, BH)](phiq, do, o, w, rden, alpha, delta, bp, dap, *sd, *so, N, H, nt, D=D, BLOCK_M=tm, **_feats_cfg(D))
+    # psi = (1-alpha) phi(Q) / den, in phi(Q)'s buffer: A = sum psi^T dO as a split-K GEMM
+    _K._phi_to_psi[(nt, BH)](phiq, rden, alpha, N, H, D=D, BLOCK=tm, **_feats_cfg(D))
+    psi = phiq
     ns = _nsplit(BH, nt)
     ap = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    _K._bwd_outer[(ns, BH)](phiq, do, rden, alpha, ap, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
+    _K._bwd_outer[(ns, BH)](psi, do, ap, *sd, N, H, nt, ns, D=D, BLOCK_M=tm, **_prepass_cfg(D))
     a_all = ap.sum(dim=1)
     b_all = bp.sum(dim=1)
     dalpha = dap.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
@@ -299,7 +301,7 @@ def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=1, **cfg,
     )
     _K._bwd_dkdv_lin_kernel[(nk, BH)](
-        v, do, dk, dv, koff, kqt, cc, rden, a_all, b_all, alpha, phiq, phik,
+        v, do, dk, dv, koff, kqt, w, a_all, b_all, psi, phik,
         *sv, *sd, *sdk, *sdv, N, H, nk, D=D, BLOCK_M=tm, BLOCK_N=block_k, **lin_cfg,
     )
     phases = [(True, False), (False, True)] if CONFIG["dkdv_split"] else [(True, True)]

@@ -384,15 +384,35 @@ def _phi_rows(
     tl.store(PHI + (bh * N + offs[:, None]) * D + offs_d[None, :], _phi(x.to(tl.float32)).to(x.dtype), mask=valid[:, None])
 
 
+@triton.jit(do_not_specialize=["N", "H"])
+def _phi_to_psi(
+    PHI, RDEN, ALPHA, N, H,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """In place: phi(Q) -> psi = (1-alpha) * phi(Q) / den, the row scaling of the linear branch's
+    gradient g = (1-alpha) dO / den moved onto phi(Q), so the backward's D x D reductions
+    (A = sum psi^T dO) are plain load + MMA loops on two 16-bit tiles.  Reuses phi(Q)'s buffer."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    valid = offs < N
+    ptrs = PHI + (bh * N + offs[:, None]) * D + offs_d[None, :]
+    phi = tl.load(ptrs, mask=valid[:, None], other=0.0)
+    scale = (1.0 - tl.load(ALPHA + h)) * tl.load(RDEN + bh * N + offs, mask=valid, other=0.0)
+    tl.store(ptrs, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), mask=valid[:, None])
+
+
 @triton.jit(do_not_specialize=["N", "H", "nt"])
 def _bwd_rows(
-    PHIQ, DO, O, U, CC, ALPHA, DELTA, BP, DAP,
+    PHIQ, DO, O, W, RDEN, ALPHA, DELTA, BP, DAP,
     sdb, sdh, sdn, sob, soh, son, N, H, nt,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Per row of one query tile (one program each, no loop), from the output O (not O_s: O is saved by
-    the next layer anyway) and u = (1-alpha)*rowsum(dO*O_l) from the dQ-linear launch:
-    delta = alpha*rowsum(dO*O_s) = rowsum(dO*O) - u.  Per-tile partials (summed by the caller,
+    the next layer anyway) and w = rowsum(dO*O_l) from the dQ-linear launch, with u = (1-alpha) w and
+    c = -u/den: delta = alpha*rowsum(dO*O_s) = rowsum(dO*O) - u.  Per-tile partials (summed by the caller,
     deterministic): b = sum c*phi(q) and the alpha-logit gradient
     alpha(1-alpha) sum dO*(O_s - O_l) = sum (1-alpha)*rowsum(dO*O) - u."""
     t = tl.program_id(0)
@@ -407,8 +427,8 @@ def _bwd_rows(
     dof = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     of = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     r = tl.sum(dof * of, axis=1)
-    u = tl.load(U + row, mask=valid, other=0.0)
-    cc = tl.load(CC + row, mask=valid, other=0.0)
+    u = (1.0 - alpha) * tl.load(W + row, mask=valid, other=0.0)
+    cc = -u * tl.load(RDEN + row, mask=valid, other=0.0)
     tl.store(DELTA + row, r - u, mask=valid)
     tl.store(DAP + bh * nt + t, tl.sum((1.0 - alpha) * r - u, axis=0))
     phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
@@ -417,18 +437,17 @@ def _bwd_rows(
 
 @triton.jit(do_not_specialize=["N", "H", "nt", "nsplit"])
 def _bwd_outer(
-    PHIQ, DO, RDEN, ALPHA, AP,
+    PSI, DO, AP,
     sdb, sdh, sdn, N, H, nt, nsplit,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Partial A = sum phi(Q)^T g, g = (1-alpha) dO / den, over one contiguous run of query tiles (split-K
-    GEMM; the caller sums the nsplit partials)."""
+    """Partial A = sum phi(Q)^T g = sum psi^T dO (g = (1-alpha) dO / den) over one contiguous run of query
+    tiles (split-K GEMM; the caller sums the nsplit partials)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
-    one_minus_alpha = 1.0 - tl.load(ALPHA + h)
     per = tl.cdiv(nt, nsplit)
     acc = tl.zeros((D, D), dtype=tl.float32)
     for t in range(pid * per, tl.minimum(nt, pid * per + per)):
@@ -436,10 +455,8 @@ def _bwd_outer(
         valid = offs_m < N
         row = bh * N + offs_m
         do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-        rden = tl.load(RDEN + row, mask=valid, other=0.0)
-        g = (do.to(tl.float32) * (one_minus_alpha * rden)[:, None]).to(phiq.dtype)
-        acc = tl.dot(tl.trans(phiq), g, acc)
+        psi = tl.load(PSI + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = tl.dot(tl.trans(psi), do, acc)
     tl.store(AP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
 
 
@@ -448,14 +465,14 @@ _BWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
 def _bwd_dq_lin_kernel(
-    V, DO, DQ, ZB, LUT, U, CC, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
+    V, DO, DQ, ZB, LUT, W, RDEN, HALL, ZALL, ALPHA, PHIQ, PHIK,
     svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, N, H, n_sel, nq, nk, block_q,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
 ):
     """Linear part of dQ (writes DQ): dphi(q) = g (H_all - H_sel)^T + c (z_all - z_sel), through phi's
     softmax Jacobian; g = (1-alpha) dO / den.  O_l is not saved by the forward: its numerator
-    phi(Q)(H_all - H_sel) is recomputed here (one MMA) to give u = (1-alpha)*rowsum(dO*O_l) and
-    c = -u/den, both written for the later launches."""
+    phi(Q)(H_all - H_sel) is recomputed here (one MMA) to give w = rowsum(dO*O_l), written for the later
+    launches (u = (1-alpha) w, c = -u/den)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -474,10 +491,9 @@ def _bwd_dq_lin_kernel(
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     num = tl.dot(phiq, hd)  # the forward's O_l * den, same operands
-    u = (1.0 - alpha) * rden * tl.sum(do.to(tl.float32) * num, axis=1)
-    cc = -rden * u
-    tl.store(U + row, u, mask=m_valid)
-    tl.store(CC + row, cc, mask=m_valid)
+    w = rden * tl.sum(do.to(tl.float32) * num, axis=1)
+    cc = -(1.0 - alpha) * rden * w
+    tl.store(W + row, w, mask=m_valid)
     g = (do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
     dphi = tl.dot(g, tl.trans(hd)) + cc[:, None] * zd[None, :]
     phiqf = phiq.to(tl.float32)
@@ -527,12 +543,13 @@ def _bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def _bwd_dkdv_lin_kernel(
-    V, DO, DK, DV, KOFF, KQT, CC, RDEN, AALL, BALL, ALPHA, PHIQ, PHIK,
+    V, DO, DK, DV, KOFF, KQT, W, AALL, BALL, PSI, PHIK,
     svb, svh, svn, sdb, sdh, sdn, sxb, sxh, sxn, syb, syh, syn, N, H, nk,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Linear part of dK, dV for one key block (writes DK, DV): A_sel = sum over the query tiles that
-    selected it of phi(Q)^T g, b_sel = sum c*phi(Q); dV = phi(K)(A_all - A_sel),
+    """Linear part of dK, dV for one key block (writes DK, DV): over the query tiles that selected it,
+    A_sel = sum phi(Q)^T g = sum psi^T dO and b_sel = sum c*phi(Q) = -sum w*psi (both on the tensor
+    cores: the loop only loads two 16-bit tiles and a row vector); dV = phi(K)(A_all - A_sel),
     dphi(K) = V (A_all - A_sel)^T + (b_all - b_sel), through phi's Jacobian."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -542,9 +559,9 @@ def _bwd_dkdv_lin_kernel(
     offs_d = tl.arange(0, D)
     offs_m0 = tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
-    alpha = tl.load(ALPHA + h)
+    offs_w = tl.arange(0, 16)  # the smallest MMA width: column 0 carries -w, the rest are zero
     acc_a = tl.zeros((D, D), dtype=tl.float32)
-    acc_b = tl.zeros((D,), dtype=tl.float32)
+    acc_b = tl.zeros((D, 16), dtype=tl.float32)
     start = tl.load(KOFF + bh * nk + pid_n)
     end = tl.load(KOFF + bh * nk + pid_n + 1)
     for idx in range(start, end):
@@ -553,14 +570,13 @@ def _bwd_dkdv_lin_kernel(
         m_valid = offs_m < N
         row = bh * N + offs_m
         do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        phiq = tl.load(PHIQ + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        cc = tl.load(CC + row, mask=m_valid, other=0.0)
-        rden = tl.load(RDEN + row, mask=m_valid, other=0.0)
-        g = (do.to(tl.float32) * ((1.0 - alpha) * rden)[:, None]).to(do.dtype)
-        acc_a = tl.dot(tl.trans(phiq), g, acc_a)
-        acc_b += tl.sum(cc[:, None] * phiq.to(tl.float32), axis=0)
+        psi = tl.load(PSI + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        w = tl.load(W + row, mask=m_valid, other=0.0)
+        acc_a = tl.dot(tl.trans(psi), do, acc_a)
+        wmat = tl.where(offs_w[None, :] == 0, -w[:, None], 0.0).to(psi.dtype)
+        acc_b = tl.dot(tl.trans(psi), wmat, acc_b)
     ad = tl.load(AALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_a
-    bd = tl.load(BALL + bh * D + offs_d) - acc_b
+    bd = tl.load(BALL + bh * D + offs_d) - tl.sum(acc_b, axis=1)
     phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     adl = ad.to(v.dtype)  # 16-bit operands: dK, dV are 16-bit; fp32 operands spilled here
