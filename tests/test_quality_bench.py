@@ -52,6 +52,75 @@ def test_generator_is_deterministic_and_class_dependent():
     assert sv.VideoSpec().tokens() >= 8192
 
 
+def test_render_matches_per_object_compositing():
+    """The batched renderer (objects padded to the batch maximum) draws each sample exactly as if alone."""
+    spec = sv.VideoSpec(frames=3, size=32, glyph_res=32)
+    params = [sv.sample_params(5, i, spec) for i in range(6)]
+    assert len({len(p.motion) for p in params}) > 1  # the batch mixes object counts, so padding is exercised
+    batch = sv.render(params, spec)
+    for i, p in enumerate(params):
+        assert torch.equal(batch[i], sv.render([p], spec)[0])
+
+
+def test_null_rounds_keep_classes_balanced(tmp_path):
+    spec = sv.SMOKE_SPEC  # 4 classes
+    nulls = sv.null_rounds(16, spec, 2)
+    assert nulls == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    assert sv.null_rounds(8, spec, 0) == [False] * 8
+    from slaconv.data import CalibrationDataset
+
+    sv.write_slaconv_dataset(tmp_path / "d", 2, 8, spec, null_every=2)
+    ds = CalibrationDataset(tmp_path / "d", expected_channels=spec.channels, expected_text_dim=spec.text_dim)
+    assert torch.equal(ds[5]["prompt_embeds"], sv.null_embedding(spec))
+    assert torch.equal(ds[1]["prompt_embeds"], sv.class_embeddings(spec)[1])
+
+
+class _EchoModel(torch.nn.Module):
+    """A stand-in DiT whose velocity is x times the mean of its conditioning (so conditioning matters)."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        return (hidden_states * (1 + encoder_hidden_states.mean(dim=(1, 2))).view(-1, 1, 1, 1, 1),)
+
+
+def test_guided_velocity_is_classifier_free_guidance():
+    x, s = torch.randn(3, 4, 2, 8, 8), torch.rand(3)
+    emb, null = torch.randn(3, 4, 32), torch.zeros(4, 32)
+    m = _EchoModel()
+    v_c, v_n = common.velocity(m, x, s, emb), common.velocity(m, x, s, null.expand_as(emb))
+    assert torch.allclose(common.guided_velocity(m, x, s, emb, null, 4.0), v_n + 4.0 * (v_c - v_n), atol=1e-6)
+    assert torch.equal(common.guided_velocity(m, x, s, emb, None, 1.0), v_c)
+    with pytest.raises(ValueError):
+        common.guided_velocity(m, x, s, emb, None, 3.0)
+
+
+def test_schedule_follows_the_wall_time_budget():
+    import train_dit
+
+    assert train_dit.progress_at(50, 100, 10.0, None) == 0.5
+    assert train_dit.progress_at(50, 100, 90.0, 100.0) == 0.9  # time runs out before the steps do
+    assert train_dit.progress_at(99, 100, 1.0, 100.0) == 0.99
+    assert train_dit.lr_at(200, 1.0, 1e-3, 10) == pytest.approx(1e-4)
+    assert train_dit.lr_at(4, 0.0, 1e-3, 10) == pytest.approx(5e-4)
+
+
+def test_table_refuses_mismatched_inputs(tmp_path):
+    """Guidance on a model without conditioning dropout, or a judge of other videos, stop the table at once."""
+    import run_quality
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"in_channels": 4, "text_dim": 32}))
+    summary = {"spec": sv.VideoSpec().to_dict(), "settings": {}}
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="--guidance 1"):
+        run_quality.run(tmp_path / "model", tmp_path / "q", device="cpu", log=lambda *_: None)
+    summary["settings"]["cond_dropout"] = 0.1
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    metrics.save_classifier(metrics.FrameClassifier(), tmp_path / "clf", {"summary": {"spec": sv.SMOKE_SPEC.to_dict()}})
+    with pytest.raises(SystemExit, match="other videos"):
+        run_quality.run(tmp_path / "model", tmp_path / "q", classifier_dir=tmp_path / "clf", device="cpu",
+                        log=lambda *_: None)
+
+
 def test_ssim_and_psnr():
     x = torch.rand(2, 4, 3, 32, 32) * 2 - 1
     assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-5)
@@ -96,10 +165,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert (tmp_path / "dit" / "samples.png").is_file() and (tmp_path / "dit" / "loss_curve.png").is_file()
     log = [json.loads(line) for line in (tmp_path / "dit" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
-    train_classifier.train(tmp_path / "clf", smoke=True, steps=10, device="cpu", log=quiet)
+    clf = train_classifier.train(tmp_path / "clf", smoke=True, steps=10, device="cpu", score_model_dir=model_dir,
+                                 log=quiet)
+    by_g = clf["dit_samples"]["by_guidance"]
+    assert set(by_g) == {"1", f"{common.SAMPLE_GUIDANCE:g}"} and all(0 <= v["accuracy"] <= 1 for v in by_g.values())
 
     res = run_quality.run(model_dir, tmp_path / "q", classifier_dir=tmp_path / "clf", smoke=True, validate="first",
                           device="cpu", log=quiet)
+    assert res["settings"]["guidance"] == common.SAMPLE_GUIDANCE != 1.0  # every row sampled with guidance
+    manifest = json.loads((tmp_path / "q" / "data" / "dataset.json").read_text())
+    assert any(manifest["null_embedding"]) and not all(manifest["null_embedding"])
     names = {(r["group"], r["name"]) for r in res["rows"]}
     assert ("dense", "dense original") in names
     for tag in ("90%", "95%", "97%"):
@@ -127,7 +202,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
 
 def test_shipped_checkpoint_has_learned(tmp_path):
     """The shipped original (<= 16 MB, plain diffusers) predicts flow-matching velocities on fresh videos
-    (a held-out seed never used in training) far better than an untrained model of the same architecture."""
+    (a held-out seed never used in training) far better than an untrained model of the same architecture.
+
+    The videos follow the spec recorded in the checkpoint's train_summary.json, so this holds for
+    whichever checkpoint is shipped."""
     from diffusers import WanTransformer3DModel
 
     folder = QUALITY / "checkpoint" / "model"
@@ -136,9 +214,12 @@ def test_shipped_checkpoint_has_learned(tmp_path):
     trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
     untrained = common.build_model(json.loads((folder / "config.json").read_text()), seed=0).float().eval()
     torch.set_num_threads(2)
-    hs = metrics.heldout_set(sv.VideoSpec(), 2, seed=9_001)  # 16,384-token videos from an unseen stream
+    spec, _ = common.trained_spec(folder)
+    assert spec.tokens() >= 8192
+    hs = metrics.heldout_set(spec, 2, seed=9_001)  # full-size videos from an unseen stream
     loss_trained = metrics.heldout_fm_loss(trained, hs, "cpu", batch_size=1)["loss"]
     loss_untrained = metrics.heldout_fm_loss(untrained, hs, "cpu", batch_size=1)["loss"]
     print(f"held-out FM loss: trained {loss_trained:.4f}, untrained {loss_untrained:.4f}")
     assert loss_trained < 0.5 * loss_untrained, (loss_trained, loss_untrained)
-    assert loss_trained < 0.15, loss_trained  # training reported 0.0595 on its own held-out stream
+    reported = json.loads((folder.parent / "train_summary.json").read_text())["heldout_fm_loss"]["loss"]
+    assert loss_trained < 2.5 * reported, (loss_trained, reported)  # 2 videos vs its own 64-video held-out figure

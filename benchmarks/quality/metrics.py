@@ -44,14 +44,18 @@ def heldout_set(spec: "sv.VideoSpec", num: int, *, seed: int = common.HELDOUT_SE
 
 
 @torch.no_grad()
-def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8) -> dict:
-    """Mean MSE between the predicted velocity and ``noise - x0`` over the held-out set, plus per level."""
+def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Tensor | None = None) -> dict:
+    """Mean MSE between the predicted velocity and ``noise - x0`` over the held-out set, plus per level.
+
+    ``emb`` replaces the held-out set's (correct) class embeddings, e.g. by wrong or null ones.
+    """
+    emb = hs["emb"] if emb is None else emb
     per_sample = []
     for i in range(0, hs["x0"].shape[0], batch_size):
         sl = slice(i, i + batch_size)
         x0, noise, s = hs["x0"][sl].to(device), hs["noise"][sl].to(device), hs["sigma"][sl].to(device)
         x_t = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
-        v = common.velocity(model, x_t, s, hs["emb"][sl].to(device))
+        v = common.velocity(model, x_t, s, emb[sl].to(device))
         per_sample.append(((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3, 4)).cpu())
     losses = torch.cat(per_sample)
     by_sigma = {}
@@ -60,13 +64,37 @@ def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8) -> dict:
     return {"loss": float(losses.mean()), "by_sigma": by_sigma}
 
 
+@torch.no_grad()
+def class_gain(model, hs: dict, spec: "sv.VideoSpec", device, batch_size: int = 8) -> dict:
+    """How much the model's velocity relies on the class: held-out loss with a wrong class (and with the
+    null embedding) minus the loss with the right one, overall and per noise level.
+
+    Near zero means the class has taught it nothing about shape (its samples cannot be recognisable);
+    it grows as the model learns what each glyph looks like.  The wrong class is ``(y + K/2) mod K``.
+    """
+    table = sv.class_embeddings(spec)
+    wrong = table[(hs["labels"] + spec.num_classes // 2) % spec.num_classes]
+    null = sv.null_embedding(spec).expand_as(hs["emb"])
+    right = heldout_fm_loss(model, hs, device, batch_size)
+    out = {}
+    for name, emb in (("wrong_class", wrong), ("null", null)):
+        other = heldout_fm_loss(model, hs, device, batch_size, emb=emb)
+        out[name] = {"loss": other["loss"] - right["loss"],
+                     "by_sigma": {k: other["by_sigma"][k] - right["by_sigma"][k] for k in right["by_sigma"]}}
+    return out
+
+
 def sampling_set(spec: "sv.VideoSpec", per_class: int, *, seed: int = common.HELDOUT_SEED + 100) -> dict:
-    """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class."""
+    """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class.
+
+    ``null`` is the unconditional embedding that guided samplers pair with ``emb``.
+    """
     num = per_class * spec.num_classes
     labels = torch.tensor(sv.balanced_labels(num, spec))
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(num, spec.channels, spec.frames, spec.size, spec.size, generator=gen)
-    return {"noise": noise, "labels": labels, "emb": sv.class_embeddings(spec)[labels]}
+    return {"noise": noise, "labels": labels, "emb": sv.class_embeddings(spec)[labels],
+            "null": sv.null_embedding(spec)}
 
 
 # ------------------------------------------------------------------------------ fidelity
@@ -132,6 +160,24 @@ class FrameClassifier(nn.Module):
         return self.head(h)
 
 
+SPEC_KEYS_THAT_MATTER = ("frames", "size", "channels", "num_classes", "min_objects", "max_objects", "min_scale",
+                         "max_scale", "glyph_res")
+
+
+def spec_mismatch(a: "sv.VideoSpec", b: "sv.VideoSpec") -> dict:
+    """{field: (a's, b's)} for the spec fields that change what the videos look like."""
+    return {k: (getattr(a, k), getattr(b, k)) for k in SPEC_KEYS_THAT_MATTER if getattr(a, k) != getattr(b, k)}
+
+
+def classifier_spec(folder: Path) -> "sv.VideoSpec":
+    """The video spec a saved judge was trained on (classifier.json's summary)."""
+    cfg = json.loads((Path(folder) / "classifier.json").read_text())
+    theirs = cfg.get("summary", {}).get("spec")
+    if theirs is None:
+        raise ValueError(f"{folder}/classifier.json has no summary.spec")
+    return sv.VideoSpec.from_dict(theirs)
+
+
 def save_classifier(model: FrameClassifier, folder: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -167,6 +213,23 @@ def classifier_scores(clf: FrameClassifier, videos: torch.Tensor, labels: torch.
         "consistency": float((pred == majority).float().mean()),
         "video_accuracy": float((majority == labels).float().mean()),
     }
+
+
+@torch.no_grad()
+def sample_class_scores(model, clf: FrameClassifier, spec: "sv.VideoSpec", device, *, per_class: int, steps: int,
+                        guidances=(1.0,), shift: float = common.SAMPLE_SHIFT) -> tuple[dict, dict]:
+    """The judge's scores of the model's own samples (fixed noise, ``per_class`` per class), per guidance scale.
+
+    Returns ``({guidance: scores}, {guidance: videos})``.
+    """
+    ss = sampling_set(spec, per_class)
+    scores, videos = {}, {}
+    for g in guidances:
+        v = common.sample(model, ss["noise"].to(device), ss["emb"].to(device), steps, shift, guidance=g,
+                          null=ss["null"].to(device)).cpu()
+        scores[f"{g:g}"] = classifier_scores(clf, v, ss["labels"])
+        videos[f"{g:g}"] = v
+    return scores, videos
 
 
 def summarize_fidelity(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:

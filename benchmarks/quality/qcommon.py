@@ -21,8 +21,8 @@ if str(HERE) not in sys.path:
 import synthvideo as sv  # noqa: E402
 
 # Streams of the generator (disjoint): training, held-out evaluation, slaconv calibration data,
-# classifier training.
-TRAIN_SEED, HELDOUT_SEED, CALIB_SEED, CLASSIFIER_SEED = 0, 1, 2, 3
+# classifier training, single-frame training clips (joint image-video training).
+TRAIN_SEED, HELDOUT_SEED, CALIB_SEED, CLASSIFIER_SEED, IMAGE_SEED = 0, 1, 2, 3, 4
 
 # The original model: a small Wan2.1-architecture DiT.  4 heads x 64 (the SLA2 kernels take head
 # dims 64/128), 6 layers, FFN 1024: 7.0 M parameters, 14 MB in fp16.
@@ -34,13 +34,28 @@ MODEL_CONFIG = {
 # --smoke: same architecture, 2 layers of 1 head x 64, on 4 x 32 x 32 videos (1,024 tokens).
 SMOKE_MODEL_CONFIG = {**MODEL_CONFIG, "num_attention_heads": 1, "ffn_dim": 256, "num_layers": 2, "freq_dim": 64}
 
-# Sampling used everywhere (training previews, the benchmark's fidelity metrics).
-SAMPLE_STEPS, SAMPLE_SHIFT = 20, 3.0
+# Sampling used everywhere (training previews, the benchmark's fidelity and classifier metrics, every
+# row of the table): 20 Euler steps, shift 3, classifier-free guidance scale SAMPLE_GUIDANCE against
+# the null (all-zero) embedding.  The model learns the null embedding through conditioning dropout.
+SAMPLE_STEPS, SAMPLE_SHIFT, SAMPLE_GUIDANCE = 20, 3.0, 5.0
 SMOKE_SAMPLE_STEPS = 3
 
 
 def spec_for(smoke: bool) -> "sv.VideoSpec":
     return sv.SMOKE_SPEC if smoke else sv.VideoSpec()
+
+
+def trained_spec(model_dir: Path) -> tuple["sv.VideoSpec", float]:
+    """The video spec and conditioning dropout the checkpoint was trained with.
+
+    Read from ``train_summary.json`` next to the model folder (train_dit.py writes it there, and the
+    shipped checkpoint carries it), so a checkpoint is always evaluated on the videos it learned.
+    """
+    path = Path(model_dir).parent / "train_summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the training summary must lie next to the model folder")
+    summary = json.loads(path.read_text())
+    return sv.VideoSpec.from_dict(summary["spec"]), float(summary["settings"].get("cond_dropout", 0.0))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -83,16 +98,33 @@ def velocity(model, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor) -> 
     return out.float()
 
 
+def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor, null: torch.Tensor | None,
+                    guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: ``v_null + guidance * (v_class - v_null)`` in one doubled batch.
+
+    ``guidance == 1`` is the plain conditional velocity (``null`` is then not needed).
+    """
+    if guidance == 1.0:
+        return velocity(model, x, sigma, emb)
+    if null is None:
+        raise ValueError("guidance != 1 needs the null embedding")
+    b = x.shape[0]
+    null = null.to(emb.device, emb.dtype).expand_as(emb)
+    v = velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([emb, null]))
+    v_cls, v_null = v[:b], v[b:]
+    return v_null + guidance * (v_cls - v_null)
+
+
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: float = SAMPLE_SHIFT,
-           batch_size: int = 8) -> torch.Tensor:
-    """Euler flow-matching sampler (slaconv.flow) from fixed noise; returns fp32 videos."""
+           batch_size: int = 8, *, guidance: float = 1.0, null: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler flow-matching sampler (slaconv.flow) from fixed noise, optionally guided; fp32 videos."""
     from slaconv import flow
 
     outs = []
     for i in range(0, noise.shape[0], batch_size):
         e = emb[i : i + batch_size]
-        outs.append(flow.euler_sample(lambda x, t: velocity(model, x, t / 1000.0, e),
+        outs.append(flow.euler_sample(lambda x, t: guided_velocity(model, x, t / 1000.0, e, null, guidance),
                                       noise[i : i + batch_size].float(), steps, shift))
     return torch.cat(outs)
 

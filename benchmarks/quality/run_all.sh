@@ -5,7 +5,8 @@
 #
 # Environment:
 #   PYTHON=python3              interpreter (torch, triton, diffusers, accelerate, click, pyyaml, pillow)
-#   MODEL=DIR                   table only: use this trained checkpoint instead of OUTDIR/dit/model
+#   MODEL=DIR                   use this trained checkpoint instead of OUTDIR/dit/model (table; the
+#                               classifier step scores its samples)
 #   CLASSIFIER=DIR              table only: use this classifier instead of OUTDIR/classifier
 #   TRAIN_ARGS / CLF_ARGS / TABLE_ARGS   extra arguments for train_dit.py / train_classifier.py / run_quality.py
 #   SMOKE=1                     tiny CPU-sized run of everything (what the tests do)
@@ -56,8 +57,11 @@ if [[ "$WHAT" == all || "$WHAT" == train ]]; then
   run_step train "$PY" "$HERE/train_dit.py" --out "$OUT/dit" "${SMOKE_FLAG[@]}" ${TRAIN_ARGS:-}
 fi
 if [[ "$WHAT" == all || "$WHAT" == classifier ]]; then
+  # With a trained DiT at hand, the judge also scores its samples (classifier.json: summary.dit_samples).
+  SCORE=()
+  [[ -f "${MODEL:-$OUT/dit/model}/config.json" ]] && SCORE=(--score-model "${MODEL:-$OUT/dit/model}")
   # shellcheck disable=SC2086
-  run_step classifier "$PY" "$HERE/train_classifier.py" --out "$OUT/classifier" "${SMOKE_FLAG[@]}" ${CLF_ARGS:-}
+  run_step classifier "$PY" "$HERE/train_classifier.py" --out "$OUT/classifier" "${SMOKE_FLAG[@]}" "${SCORE[@]}" ${CLF_ARGS:-}
 fi
 if [[ "$WHAT" == all || "$WHAT" == table ]]; then
   # shellcheck disable=SC2086

@@ -61,6 +61,10 @@ GPU_SETTINGS = {
     "stage2": {"steps": 100, "lr": 1e-4, "batch_size": 4, "warmup_steps": 10},
     "timestep_shift": common.SAMPLE_SHIFT,
     "heldout_samples": 64, "sample_per_class": 2, "sample_steps": common.SAMPLE_STEPS,
+    "guidance": common.SAMPLE_GUIDANCE,
+    # Every 4th round of the classes in the calibration data carries the null embedding: the guided
+    # sampler queries the model with it as often as with the class, so the student must match it too.
+    "calib_null_every": 4,
     "validate_samples": 2,
 }
 SMOKE_SETTINGS = {
@@ -71,6 +75,8 @@ SMOKE_SETTINGS = {
     "stage2": {"steps": 2, "lr": 1e-4, "batch_size": 1, "warmup_steps": 1},
     "timestep_shift": common.SAMPLE_SHIFT,
     "heldout_samples": 4, "sample_per_class": 1, "sample_steps": common.SMOKE_SAMPLE_STEPS,
+    "guidance": common.SAMPLE_GUIDANCE,
+    "calib_null_every": 2,
     "validate_samples": 1,
 }
 
@@ -158,6 +164,14 @@ def write_recipe(path: Path, settings: dict, spec: "sv.VideoSpec", *, topk: floa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(keep_known(recipe, DEFAULTS), sort_keys=False))
     return path
+
+
+def check_classifier_spec(classifier_dir: Path, spec: "sv.VideoSpec") -> None:
+    """Refuse a judge trained on other videos than the model's (frames, size, classes, glyph sizes, objects)."""
+    diff = metrics.spec_mismatch(metrics.classifier_spec(classifier_dir), spec)
+    if diff:
+        raise SystemExit(f"classifier {classifier_dir} was trained on other videos than the model: "
+                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
 
 
 def copy_workdir(src: Path, dst: Path) -> Path:
@@ -249,7 +263,8 @@ class Evaluator:
         loss = metrics.heldout_fm_loss(model, self.heldout, self.device)
         ss = self.sampling
         videos = common.sample(model, ss["noise"].to(self.device), ss["emb"].to(self.device),
-                               self.settings["sample_steps"]).cpu()
+                               self.settings["sample_steps"], guidance=self.settings["guidance"],
+                               null=ss["null"].to(self.device)).cpu()
         self.samples[name] = videos
         if self.reference is None:
             self.reference = videos
@@ -291,9 +306,17 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir).resolve()
     cfg = json.loads((model_dir / "config.json").read_text())
-    spec = common.spec_for(smoke)
+    spec, cond_dropout = common.trained_spec(model_dir)
     if cfg["in_channels"] != spec.channels or cfg["text_dim"] != spec.text_dim:
-        raise SystemExit(f"{model_dir} does not match the {'smoke' if smoke else 'full'} video spec")
+        raise SystemExit(f"{model_dir}: config.json does not match the video spec of its train_summary.json")
+    if settings["guidance"] != 1.0 and not cond_dropout:
+        raise SystemExit(f"{model_dir} was trained without conditioning dropout, so it has no unconditional "
+                         f"velocity to guide with: pass --guidance 1")
+    if classifier_dir is not None:
+        check_classifier_spec(classifier_dir, spec)
+    log(f"[spec] {spec.frames} x {spec.size} x {spec.size} videos ({spec.tokens():,} tokens), objects "
+        f"{spec.min_objects}-{spec.max_objects}, glyph scale {spec.min_scale}-{spec.max_scale}; guidance "
+        f"{settings['guidance']:g}")
     cli = CLI(subprocess_mode, dev_arg, log)
 
     log(f"[data] {settings['calib_samples']} calibration videos -> {out / 'data'}")
@@ -301,7 +324,7 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
     if data_dir.exists():
         shutil.rmtree(data_dir)
     sv.write_slaconv_dataset(data_dir, common.CALIB_SEED, settings["calib_samples"], spec,
-                             dtype=torch.float32 if smoke else torch.float16)
+                             dtype=torch.float32 if smoke else torch.float16, null_every=settings["calib_null_every"])
 
     ev = Evaluator(spec, settings, classifier_dir, dev, log)
     rows: list[dict] = []
@@ -442,8 +465,10 @@ def markdown(result: dict) -> str:
         f"{result['tokens_per_sample']:,} tokens/sample, blocks {s['block_q']}x{s['block_k']}, low-bit mode "
         f"{s['quant']}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
         f"{s['stage2']['steps']} steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']}, objective "
-        f"{s['objective']}); {s['calib_samples']} calibration videos; samples: {s['sample_steps']}-step Euler, "
-        f"shift {s['timestep_shift']}, {s['sample_per_class']} per class; held-out loss on {s['heldout_samples']} "
+        f"{s['objective']}); {s['calib_samples']} calibration videos (1 round of the classes in "
+        f"{s['calib_null_every']} with the null embedding); samples: {s['sample_steps']}-step Euler, shift {s['timestep_shift']}, "
+        f"classifier-free guidance {s['guidance']:g} for every row, {s['sample_per_class']} per class; held-out "
+        f"loss (conditional, unguided) on {s['heldout_samples']} "
         f"videos.  Device: {result['env'].get('gpu') or s['device']}; total {result['seconds_total']:.0f} s.",
         "",
         f"Classifier on real videos: per-frame accuracy {f(result['real_data_classifier']['accuracy'], '.3f')} "
@@ -484,6 +509,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-batch-size", type=int)
     ap.add_argument("--stage2-lr", type=float)
     ap.add_argument("--block-q", type=int, choices=[64, 128])
+    ap.add_argument("--guidance", type=float,
+                    help=f"classifier-free guidance of every row's samples (default {common.SAMPLE_GUIDANCE}; "
+                         "1 = unguided, needed for a model trained without conditioning dropout)")
     ap.add_argument("--validate", choices=["none", "first", "main", "all"],
                     help="run `slaconv validate` on: the first sparsity's SLA2 row, every SLA2 row (main), every "
                          "row, or none (default: main; first with --smoke)")
@@ -506,6 +534,8 @@ def main(argv=None) -> None:
         over["stage2"]["lr"] = args.stage2_lr
     if args.block_q is not None:
         over["block_q"] = args.block_q
+    if args.guidance is not None:
+        over["guidance"] = args.guidance
     res = run(args.model, args.out, classifier_dir=args.classifier, smoke=args.smoke, settings_override=over,
               objective=args.objective, validate=args.validate or ("first" if args.smoke else "main"),
               subprocess_mode=args.subprocess, device=args.device, seed=args.seed)

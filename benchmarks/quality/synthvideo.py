@@ -1,21 +1,24 @@
 """SynthVideo: a deterministic generator of short class-labelled videos for the quality benchmark.
 
-Each video shows 2-3 sprites of ONE glyph class (ring, plus, triangle, hollow square, L, T, H, "=")
+Each video shows 1-2 sprites of ONE glyph class (ring, plus, triangle, hollow square, L, T, H, "=")
 with random colours, sizes and motions (linear, bouncing, rotating) over a textured, drifting
 background.  A DiT conditioned on the class must learn the glyph shape, keep it consistent from frame
 to frame and move it plausibly: structure that sparse attention can break.
 
 Videos live directly in a small "latent" space, so no VAE is needed: ``channels`` = RGB + one
-object-mask channel, values in [-1, 1], shape (C, F, H, W).  With the defaults (16 frames of
-64 x 64) and Wan's patch (1, 2, 2) a sample is 16 x 32 x 32 = 16,384 tokens.
+object-mask channel, values in [-1, 1], shape (C, F, H, W).  With the defaults (8 frames of
+64 x 64) and Wan's patch (1, 2, 2) a sample is 8 x 32 x 32 = 8,192 tokens.  (Until issue 5's
+retraining the defaults were 16 frames, 2-3 sprites of half-size 0.13-0.19: that spec is still
+rendered bit for bit when given, e.g. from a checkpoint's train_summary.json.)
 
 Determinism: sample ``index`` of stream ``seed`` depends on ``(seed, index)`` only (a SHA-256 derived
 torch.Generator draws its parameters; rendering is plain float math), so batches can be made in any
 order, on any machine, and the same call gives the same tensor.  Rendering is batched (grid_sample of
-every object in every frame at once) and runs on a GPU when given ``device``.
+every object in every frame at once) and runs on a GPU when given ``device``, without host syncs.
 
 Conditioning: a fixed, seeded (text_len, text_dim) embedding per class, passed to the model as
-``encoder_hidden_states`` -- so the model stays a stock ``WanTransformer3DModel``.
+``encoder_hidden_states`` -- so the model stays a stock ``WanTransformer3DModel`` -- and an all-zero
+null embedding for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -38,15 +41,15 @@ GENERATOR_VERSION = "synthvideo/1"
 class VideoSpec:
     """Shape and content settings of a SynthVideo stream (everything a sample depends on, with the seed)."""
 
-    frames: int = 16
+    frames: int = 8
     size: int = 64  # H = W in pixels
     channels: int = 4  # RGB + object mask
     num_classes: int = 8
-    min_objects: int = 2
-    max_objects: int = 3
+    min_objects: int = 1
+    max_objects: int = 2
     glyph_res: int = 48  # glyph bitmap resolution (rendered 4x supersampled, then pooled)
-    min_scale: float = 0.13  # glyph half-size as a fraction of the frame
-    max_scale: float = 0.19
+    min_scale: float = 0.22  # glyph half-size as a fraction of the frame (0.22-0.32: 28-41 px, 14-20 tokens wide)
+    max_scale: float = 0.32
     text_len: int = 4  # class embedding tokens (S)
     text_dim: int = 32  # class embedding width (D)
     embed_seed: int = 1234
@@ -62,8 +65,8 @@ class VideoSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-# --smoke (tests, CPU): 4 frames of 32 x 32 (1,024 tokens), 4 classes, larger glyphs.
-SMOKE_SPEC = VideoSpec(frames=4, size=32, num_classes=4, glyph_res=32, min_scale=0.17, max_scale=0.24)
+# --smoke (tests, CPU): 4 frames of 32 x 32 (1,024 tokens), 4 classes.
+SMOKE_SPEC = VideoSpec(frames=4, size=32, num_classes=4, glyph_res=32, min_scale=0.22, max_scale=0.32)
 
 
 # ------------------------------------------------------------------------------------------ glyphs
@@ -109,6 +112,16 @@ def class_embeddings(spec: VideoSpec) -> torch.Tensor:
     """(K, S, D) fixed conditioning embeddings: seeded Gaussian tokens, one set per class."""
     gen = torch.Generator().manual_seed(spec.embed_seed)
     return torch.randn(spec.num_classes, spec.text_len, spec.text_dim, generator=gen)
+
+
+def null_embedding(spec: VideoSpec) -> torch.Tensor:
+    """(S, D) zeros: the "no class" conditioning of classifier-free guidance.
+
+    Training replaces a share of the class embeddings by it (conditioning dropout); samplers query
+    the model with it for the unconditional half of a guided step.  It is an ordinary
+    ``encoder_hidden_states`` value, so the model stays a stock ``WanTransformer3DModel``.
+    """
+    return torch.zeros(spec.text_len, spec.text_dim)
 
 
 # ------------------------------------------------------------------------------------------ params
@@ -199,50 +212,86 @@ def sample_params(seed: int, index: int, spec: VideoSpec, label: int | None = No
 # ------------------------------------------------------------------------------------------ render
 
 
-def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
-    """Render a batch: (B, C, F, H, W) float32 in [-1, 1] on ``device``."""
-    device = torch.device(device)
-    glyphs = (glyphs if glyphs is not None else glyph_bank(spec)).to(device)
-    B, T, S = len(params), spec.frames, spec.size
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without a stream sync (pinned, non-blocking on CUDA).
+
+    A copy from pageable host memory makes CUDA wait for every queued kernel first, so each small
+    parameter upload would stall the host until the previous training step had finished.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def pack_params(params: Sequence[SampleParams]) -> dict[str, torch.Tensor]:
+    """The batch's random choices as a few CPU tensors; objects padded to the batch maximum.
+
+    ``valid`` (B, O) marks real objects; padded ones get scale 1 at the centre and are masked out.
+    """
+    B, O, T = len(params), max(len(p.motion) for p in params), params[0].cx.shape[1]
+    packed = {"cx": torch.zeros(B, O, T), "cy": torch.zeros(B, O, T), "angle": torch.zeros(B, O, T),
+              "scale": torch.ones(B, O), "color": torch.zeros(B, O, 3), "valid": torch.zeros(B, O)}
+    for b, p in enumerate(params):
+        n = len(p.motion)
+        for key in ("cx", "cy", "angle", "scale", "color"):
+            packed[key][b, :n] = getattr(p, key)
+        packed["valid"][b, :n] = 1.0
+    packed["label"] = torch.tensor([p.label for p in params], dtype=torch.long)
+    bgp = [p.bg for p in params]
+    packed["bg_noise"] = torch.stack([bg["noise"] for bg in bgp])  # (B, 3, 4, 4)
+    packed["bg_vals"] = torch.tensor([[bg["stripe_dir"], bg["stripe_freq"], bg["stripe_speed"], bg["stripe_amp"]]
+                                      for bg in bgp], dtype=torch.float32)  # (B, 4)
+    packed["bg_base"] = torch.stack([bg["base"] for bg in bgp])  # (B, 3)
+    return packed
+
+
+def _background(pk: dict[str, torch.Tensor], T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(B, 3, T, S, S): base colour + low-frequency colour texture + drifting stripes."""
+    B = pk["bg_noise"].shape[0]
     coords = (torch.arange(S, dtype=torch.float32, device=device) + 0.5) / S * 2 - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     tt = torch.arange(T, dtype=torch.float32, device=device).view(T, 1, 1)
-
-    # background: base colour + low-frequency colour texture + drifting stripes (batched)
-    bgp = [p.bg for p in params]
-    noise = torch.stack([bg["noise"] for bg in bgp]).to(device)  # (B, 3, 4, 4)
-    tex = F.interpolate(noise, size=(S, S), mode="bicubic", align_corners=False)  # (B, 3, S, S)
-    vals = torch.tensor([[bg["stripe_dir"], bg["stripe_freq"], bg["stripe_speed"], bg["stripe_amp"]] for bg in bgp],
-                        dtype=torch.float32, device=device).view(B, 4, 1, 1, 1)
+    tex = F.interpolate(pk["bg_noise"], size=(S, S), mode="bicubic", align_corners=False)  # (B, 3, S, S)
+    vals = pk["bg_vals"].view(B, 4, 1, 1, 1)
     d, freq, speed, amp = vals[:, 0], vals[:, 1], vals[:, 2], vals[:, 3]  # (B, 1, 1, 1)
     phase = (xx * torch.cos(d) + yy * torch.sin(d)) * freq - speed * tt[None] * 2.0  # (B, T, S, S)
-    base = torch.stack([bg["base"] for bg in bgp]).to(device).view(B, 3, 1, 1, 1)
-    rgb = base + tex[:, :, None] + (amp * torch.sin(phase))[:, None]  # (B, 3, T, S, S)
-    mask = torch.zeros(B, 1, T, S, S, device=device)
+    return pk["bg_base"].view(B, 3, 1, 1, 1) + tex[:, :, None] + (amp * torch.sin(phase))[:, None]
 
-    # objects: one grid_sample for every (object, frame) of the batch
-    n_obj = max(len(p.motion) for p in params)
-    for o in range(n_obj):
-        have = [b for b, p in enumerate(params) if len(p.motion) > o]
-        cx = torch.stack([params[b].cx[o] for b in have]).to(device)  # (b, T)
-        cy = torch.stack([params[b].cy[o] for b in have]).to(device)
-        ang = torch.stack([params[b].angle[o] for b in have]).to(device)
-        sc = torch.stack([params[b].scale[o] for b in have]).to(device).view(-1, 1)
-        cos, sin = torch.cos(ang), torch.sin(ang)
-        # input (glyph) coords = R(-a) (p - c) / s
-        theta = torch.stack([
-            torch.stack([cos / sc, sin / sc, -(cos * cx + sin * cy) / sc], dim=-1),
-            torch.stack([-sin / sc, cos / sc, (sin * cx - cos * cy) / sc], dim=-1),
-        ], dim=-2).view(-1, 2, 3)  # (b*T, 2, 3)
-        labels = torch.tensor([params[b].label for b in have], device=device)
-        src = glyphs[labels].repeat_interleave(T, dim=0)  # (b*T, 1, R, R)
-        grid = F.affine_grid(theta, (len(have) * T, 1, S, S), align_corners=False)
-        alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        alpha = alpha.view(len(have), T, S, S)[:, None]  # (b, 1, T, S, S)
-        color = torch.stack([params[b].color[o] for b in have]).to(device).view(-1, 3, 1, 1, 1)
-        idx = torch.tensor(have, device=device)
-        rgb[idx] = rgb[idx] * (1 - alpha) + color * alpha
-        mask[idx] = torch.maximum(mask[idx], alpha)
+
+def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, O, T, S, S) coverage of every object in every frame: one grid_sample for the whole batch."""
+    B, O, T = pk["cx"].shape
+    cx, cy, ang = pk["cx"], pk["cy"], pk["angle"]
+    sc = pk["scale"].view(B, O, 1)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    # input (glyph) coords = R(-a) (p - c) / s
+    theta = torch.stack([
+        torch.stack([cos / sc, sin / sc, -(cos * cx + sin * cy) / sc], dim=-1),
+        torch.stack([-sin / sc, cos / sc, (sin * cx - cos * cy) / sc], dim=-1),
+    ], dim=-2).view(-1, 2, 3)  # (B*O*T, 2, 3)
+    src = glyphs[pk["label"]].repeat_interleave(O * T, dim=0)  # (B*O*T, 1, R, R)
+    grid = F.affine_grid(theta, (B * O * T, 1, S, S), align_corners=False)
+    alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return alpha.view(B, O, T, S, S) * pk["valid"].view(B, O, 1, 1, 1)
+
+
+def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
+    """Render a batch: (B, C, F, H, W) float32 in [-1, 1] on ``device``.
+
+    The parameters go to the device in one non-blocking upload per tensor, so on a GPU the host
+    never waits here and can queue this batch while the previous training step is still running.
+    """
+    device = torch.device(device)
+    glyphs = (glyphs if glyphs is not None else glyph_bank(spec)).to(device)
+    pk = {k: to_device(v, device) for k, v in pack_params(params).items()}
+    B, O = pk["valid"].shape
+    rgb = _background(pk, spec.frames, spec.size, device)  # (B, 3, T, S, S)
+    alpha = _object_alpha(pk, glyphs, spec.size)  # (B, O, T, S, S); 0 for padded objects
+    mask = torch.zeros_like(rgb[:, :1])
+    for o in range(O):  # later objects are drawn on top
+        a = alpha[:, o, None]  # (B, 1, T, S, S)
+        rgb = rgb * (1 - a) + pk["color"][:, o].view(B, 3, 1, 1, 1) * a
+        mask = torch.maximum(mask, a)
     video = torch.cat([rgb.clamp(0, 1), mask], dim=1) * 2 - 1
     return video[:, : spec.channels].contiguous()
 
@@ -253,7 +302,7 @@ def generate(seed: int, indices: Sequence[int], spec: VideoSpec, labels: Sequenc
     params = [sample_params(seed, int(i), spec, None if labels is None else int(labels[j]))
               for j, i in enumerate(indices)]
     video = render(params, spec, device=device, glyphs=glyphs)
-    return video, torch.tensor([p.label for p in params], device=video.device)
+    return video, to_device(torch.tensor([p.label for p in params]), video.device)
 
 
 def balanced_labels(n: int, spec: VideoSpec) -> list[int]:
@@ -263,25 +312,39 @@ def balanced_labels(n: int, spec: VideoSpec) -> list[int]:
 # ------------------------------------------------------------------------------------------ output
 
 
+def null_rounds(num_samples: int, spec: VideoSpec, null_every: int) -> list[bool]:
+    """Which samples carry the null embedding: every ``null_every``-th round of the classes (0 = none).
+
+    Samples are labelled ``i % num_classes``, so whole rounds keep every class equally represented.
+    """
+    if null_every <= 0:
+        return [False] * num_samples
+    return [(i // spec.num_classes) % null_every == null_every - 1 for i in range(num_samples)]
+
+
 def write_slaconv_dataset(out_dir: str | Path, seed: int, num_samples: int, spec: VideoSpec,
-                          dtype: torch.dtype = torch.float32, chunk: int = 32) -> Path:
+                          dtype: torch.dtype = torch.float32, chunk: int = 32, null_every: int = 0) -> Path:
     """Write ``num_samples`` videos (balanced classes) in slaconv's ``--data`` format.
 
-    ``latents`` = the video (C, F, H, W), ``prompt_embeds`` = its class embedding (S, D).
+    ``latents`` = the video (C, F, H, W), ``prompt_embeds`` = its class embedding (S, D), or the
+    null embedding for the rounds picked by :func:`null_rounds` (what a guided sampler also asks).
     """
     from slaconv.data import write_dataset
 
     emb = class_embeddings(spec)
+    null_emb = null_embedding(spec)
     glyphs = glyph_bank(spec)
     labels = balanced_labels(num_samples, spec)
+    nulls = null_rounds(num_samples, spec, null_every)
     samples = []
     for start in range(0, num_samples, chunk):
         idx = list(range(start, min(start + chunk, num_samples)))
         video, lab = generate(seed, idx, spec, labels=[labels[i] for i in idx], glyphs=glyphs)
-        for v, y in zip(video, lab.tolist()):
-            samples.append({"latents": v.to(dtype), "prompt_embeds": emb[y].to(dtype)})
+        for i, v, y in zip(idx, video, lab.tolist()):
+            samples.append({"latents": v.to(dtype), "prompt_embeds": (null_emb if nulls[i] else emb[y]).to(dtype)})
     return write_dataset(out_dir, samples, source="synthvideo", seed=seed,
-                         extra={"generator": GENERATOR_VERSION, "spec": spec.to_dict(), "labels": labels})
+                         extra={"generator": GENERATOR_VERSION, "spec": spec.to_dict(), "labels": labels,
+                                "null_embedding": nulls})
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,33 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + shift + sigma * noise).clamp(-1, 1)
 
 
+def score_model(clf, model_dir: Path, spec: "sv.VideoSpec", dev: torch.device, *, per_class: int, steps: int,
+                log=print) -> dict:
+    """The judge's verdict on a trained DiT's own samples: unguided, and guided if it learned the null embedding."""
+    model_spec, cond_dropout = common.trained_spec(model_dir)
+    diff = metrics.spec_mismatch(model_spec, spec)
+    if diff:
+        raise SystemExit(f"{model_dir} was trained on other videos than this classifier: "
+                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
+    model = common.load_model(model_dir, dev)
+    guidances = [1.0] + ([common.SAMPLE_GUIDANCE] if cond_dropout > 0 else [])
+    scores, _ = metrics.sample_class_scores(model, clf, spec, dev, per_class=per_class, steps=steps,
+                                            guidances=guidances)
+    for g, sc in scores.items():
+        log(f"classifier on {model_dir}'s samples, guidance {g}: per-frame accuracy {sc['accuracy']:.3f}, "
+            f"video accuracy {sc['video_accuracy']:.3f} ({per_class * spec.num_classes} videos, {steps} steps)")
+    return {"model": str(model_dir), "per_class": per_class, "sample_steps": steps, "by_guidance": scores}
+
+
 def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_size: int | None = None,
-          lr: float = 3e-3, width: int | None = None, device: str = "auto", log=print) -> dict:
-    spec = common.spec_for(smoke)
+          lr: float = 3e-3, width: int | None = None, device: str = "auto", spec: "sv.VideoSpec | None" = None,
+          score_model_dir: Path | None = None, log=print) -> dict:
+    """Train the judge on its own generator stream and save it (with held-out accuracies) to ``out``.
+
+    ``spec`` overrides the video spec (CPU studies at reduced size).  With ``score_model_dir`` the
+    judge then scores that DiT's own samples (``dit_samples`` in the summary).
+    """
+    spec = spec or common.spec_for(smoke)
     dev = common.pick_device(device)
     steps = steps or (60 if smoke else 300)
     batch_size = batch_size or (16 if smoke else 32)
@@ -88,6 +112,11 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     summary = {"steps": steps, "batch_size": batch_size, "width": width, "seconds": round(timer(), 2),
                "heldout_clean": clean, "heldout_noise0.2": noisy, "chance": 1.0 / spec.num_classes,
                "spec": spec.to_dict(), "device": str(dev)}
+    if score_model_dir is not None:
+        summary["dit_samples"] = score_model(clf, Path(score_model_dir), spec, dev, per_class=1 if smoke else 8,
+                                             steps=common.SMOKE_SAMPLE_STEPS if smoke else common.SAMPLE_STEPS,
+                                             log=log)
+    summary["seconds"] = round(timer(), 2)
     metrics.save_classifier(clf.cpu(), out, {"summary": summary})
     log(f"classifier: held-out per-frame accuracy {clean['accuracy']:.3f} (clean), "
         f"{noisy['accuracy']:.3f} (noise 0.2); chance {1 / spec.num_classes:.3f}; {timer():.1f} s")
@@ -102,8 +131,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--score-model", type=Path, help="a trained DiT folder: score its own samples afterwards")
     args = ap.parse_args(argv)
-    train(args.out, smoke=args.smoke, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    train(args.out, smoke=args.smoke, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
+          score_model_dir=args.score_model)
 
 
 if __name__ == "__main__":
