@@ -290,6 +290,7 @@ def fmt_table(rows, card):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--topk", type=float, nargs="+", default=[0.10, 0.05, 0.03], help="top-k fractions (default 90/95/97%%)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--rep", type=int, default=100)
@@ -322,7 +323,7 @@ def main():
         check_correctness(results)
     shapes = [(1, 12, 32760, 128)] + ([] if args.quick else [(1, 40, 75600, 128)])
     for shp in shapes:
-        run_shape(results, *shp, topks=(0.10, 0.05, 0.03), rep_small=args.rep)
+        run_shape(results, *shp, topks=tuple(args.topk), rep_small=args.rep)
         print(fmt_table([r for r in results["rows"] if r["shape"] == f"({shp[0]},{shp[1]},{shp[2]},{shp[3]})"], card))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
