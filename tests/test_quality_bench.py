@@ -104,7 +104,8 @@ def test_schedule_follows_the_wall_time_budget():
 
 
 def test_table_refuses_mismatched_inputs(tmp_path):
-    """Guidance on a model without conditioning dropout, or a judge of other videos, stop the table at once."""
+    """Explicit guidance on a model without conditioning dropout (the default falls back to unguided), or a
+    judge of other videos, stop the table at once."""
     import run_quality
 
     (tmp_path / "model").mkdir()
@@ -112,7 +113,8 @@ def test_table_refuses_mismatched_inputs(tmp_path):
     summary = {"spec": sv.VideoSpec().to_dict(), "settings": {}}
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     with pytest.raises(SystemExit, match="--guidance 1"):
-        run_quality.run(tmp_path / "model", tmp_path / "q", device="cpu", log=lambda *_: None)
+        run_quality.run(tmp_path / "model", tmp_path / "q", device="cpu", log=lambda *_: None,
+                        settings_override={"guidance": 5.0})
     summary["settings"]["cond_dropout"] = 0.1
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     metrics.save_classifier(metrics.FrameClassifier(), tmp_path / "clf", {"summary": {"spec": sv.SMOKE_SPEC.to_dict()}})

@@ -310,8 +310,11 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
     if cfg["in_channels"] != spec.channels or cfg["text_dim"] != spec.text_dim:
         raise SystemExit(f"{model_dir}: config.json does not match the video spec of its train_summary.json")
     if settings["guidance"] != 1.0 and not cond_dropout:
-        raise SystemExit(f"{model_dir} was trained without conditioning dropout, so it has no unconditional "
-                         f"velocity to guide with: pass --guidance 1")
+        if "guidance" in (settings_override or {}):
+            raise SystemExit(f"{model_dir} was trained without conditioning dropout, so it has no unconditional "
+                             f"velocity to guide with: pass --guidance 1")
+        log(f"[spec] {model_dir} was trained without conditioning dropout: sampling unguided (guidance 1)")
+        settings["guidance"] = 1.0
     if classifier_dir is not None:
         check_classifier_spec(classifier_dir, spec)
     log(f"[spec] {spec.frames} x {spec.size} x {spec.size} videos ({spec.tokens():,} tokens), objects "
