@@ -131,7 +131,7 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
     """Key block -> query tiles (of ``tile_m`` rows) that selected it, CSR per (b, h).
 
     Returns ``offsets`` (B*H*nk + 1,) int32 into ``tiles`` (B*H*nt*n_sel,) int32, grouped by
-    (b*H + h)*nk + key block.  Built with sort/bincount, no dense map.
+    (b*H + h)*nk + key block.  Built with sort/scatter_add (no host sync), no dense map.
     """
     b, h, nq, n_sel = lut.shape
     nt = -(-n // tile_m)
@@ -143,7 +143,9 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
     tile_id = torch.arange(nt, device=dev).view(1, nt, 1).expand_as(keys).reshape(-1)
     order = torch.sort(flat_key * nt + tile_id).values
     tiles = (order % nt).to(torch.int32)
-    counts = torch.bincount(flat_key, minlength=b * h * nk)
+    # scatter_add, not bincount: bincount reads the max key back to the host (a device sync per backward
+    # call, which drains the launch queue of every layer in eager training)
+    counts = torch.zeros(b * h * nk, dtype=torch.int64, device=dev).scatter_add_(0, flat_key, torch.ones_like(flat_key))
     offsets = torch.zeros(b * h * nk + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
     return offsets.to(torch.int32), tiles

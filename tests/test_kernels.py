@@ -186,6 +186,24 @@ def test_forward_under_bf16_autocast():
     assert torch.equal(out, want)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="host/device syncs exist only on a GPU")
+def test_forward_backward_never_sync_with_the_host():
+    """A sync per call (e.g. torch.bincount reading its max back) drains the launch queue of every layer in
+    eager training; the op must stay asynchronous."""
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=37)
+    qk, kk, vk, ak = _leaf(q, k, v, al)
+    out = _run_kernel(qk, kk, vk, rq, rk, ak, "bnhd", topk=0.3)  # warm-up: compiles outside the check
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _run_kernel(qk, kk, vk, rq, rk, ak, "bnhd", topk=0.3)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
