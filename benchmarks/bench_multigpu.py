@@ -277,7 +277,8 @@ class Plan:
     def fsdp_cmd(self) -> list:
         # CPU processes go through the test shim: accelerate enables FSDP for GPU process groups only
         target = [ROOT / "tests" / "fsdp_cpu_launch.py"] if self.cpu else ["-m", "slaconv"]
-        return _launch("--config_file", FSDP_CONFIG, *target, "-q", "calibrate", self.fsdp14, "--stage", "2", "--json")
+        return _launch("--config_file", FSDP_CONFIG, "--num_processes", str(self.args.fsdp_processes), *target,
+                       "-q", "calibrate", self.fsdp14, "--stage", "2", "--json")
 
     def single_cmd(self) -> list:
         return _slaconv("calibrate", self.one13, "--stage", "2", "--batch-size", "2")
@@ -290,13 +291,14 @@ def prepare_models(plan: Plan, runner: Runner) -> dict:
     """Build and convert both models, the 1.3B on GPU 0 while the 14B slice uses GPU 1; copy the
     converted dirs for the one-process runs.  Returns the converted layouts of the models that made it."""
     a = plan.args
-    lanes = {"13": runner.start("build13", _build_cmd("1.3b", plan.layers13, plan.base13, a.cpu), plan.gpu(0)),
-             "14": runner.start("build14", _build_cmd("14b", plan.layers14, plan.base14, a.cpu), plan.gpu(1))}
+    lanes = {"14": runner.start("build14", _build_cmd("14b", plan.layers14, plan.base14, a.cpu), plan.gpu(1))}
+    if not a.fsdp_only:
+        lanes["13"] = runner.start("build13", _build_cmd("1.3b", plan.layers13, plan.base13, a.cpu), plan.gpu(0))
     built = {tag: runner.finish(job, cap_s=150, by=0.4) for tag, job in lanes.items()}
     convs = {}
     for tag, base, conv, recipe, gpu in (("13", plan.base13, plan.conv13, plan.r13, 0),
                                          ("14", plan.base14, plan.conv14, plan.r14, 1)):
-        if built[tag]["ok"]:
+        if tag in built and built[tag]["ok"]:
             convs[tag] = runner.start(f"convert{tag}", _slaconv("convert", base, "-o", conv, "--recipe", recipe),
                                       plan.gpu(gpu))
     layouts = {"build": {tag: r["json"] for tag, r in built.items()}}
@@ -444,7 +446,7 @@ def render(result: dict) -> str:
     fs = result.get("fsdp_14b")
     if fs:
         lines += ["", f"## 2. FSDP, {fs['model']}, {fs['layers']} of {fs['of_layers']} layers "
-                  f"({fs['tokens']:,} tokens), 2 processes x batch 1, {fs['steps']} steps", "",
+                  f"({fs['tokens']:,} tokens), {fs.get('processes') or '?'} processes x batch 1, {fs['steps']} steps", "",
                   "| ok | s/step (median, steps 2+) | step 1 s | peak GB per GPU (training) | peak GB per GPU (incl. save) "
                   "| losses | format vs convert | format vs 1-process save |", "|---|---:|---:|---|---|---|---|---|",
                   f"| {fs.get('ok')} ({fs.get('distributed')}) | {_fmt(fs.get('s_per_step'), '.2f')} | "
@@ -480,6 +482,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="stage-2 steps of the data-parallel runs")
     ap.add_argument("--fsdp-layers", type=int, default=6, help="blocks of the 14B architecture to build (of 40)")
     ap.add_argument("--fsdp-steps", type=int, default=3)
+    ap.add_argument("--fsdp-processes", type=int, default=2, help="processes (GPUs) of the FSDP run")
+    ap.add_argument("--fsdp-only", action="store_true", help="skip the data-parallel comparison (item 1)")
     ap.add_argument("--tolerance", type=float, default=2e-2, help="max relative per-step loss difference of a match")
     ap.add_argument("--budget-s", type=float, default=400, help="wall-clock budget of the whole run")
     ap.add_argument("--cpu", action="store_true", help="tiny models on CPU processes (checks the logic, not speed)")
