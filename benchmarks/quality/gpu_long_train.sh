@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Train the quality benchmark's original DiT for longer than one 10-minute device call allows.
+#
+# A device call may last 10 minutes, but a held machine stays with the session for up to 30 minutes as
+# long as calls keep coming, and a process started in its own session (setsid) survives the call that
+# started it.  So: start training detached, keep the machine busy with `wait` calls, then collect.
+#
+#   bash benchmarks/quality/gpu_long_train.sh start MINUTES   # call 1: returns after ~9 min, training goes on
+#   bash benchmarks/quality/gpu_long_train.sh wait            # call 2, 3, ...: sleeps <= 9 min or until done
+#   bash benchmarks/quality/gpu_long_train.sh collect         # last call: classifier, then files into $OUT
+#
+# Every call must start with `source benchmarks/gpu_setup.sh;` (the wheels live in /tmp/site and survive
+# between calls on the same machine).  Keep the calls back to back: the machine is given back ~30 s after
+# a call ends.  MINUTES is the training budget (--max-minutes); plan MINUTES + 3 minutes of calls in all.
+set -uo pipefail
+WORK=${WORK:-/tmp/q5long}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LOG=$WORK/train.log
+done_yet() { [[ -f $WORK/train.rc ]]; }
+
+case "${1:?usage: gpu_long_train.sh start MINUTES | wait | collect}" in
+  start)
+    minutes=${2:?minutes}
+    mkdir -p "$WORK"
+    rm -f "$WORK/train.rc"
+    setsid bash -c "TRAIN_ARGS='--max-minutes $minutes --steps 100000' '$HERE/run_all.sh' '$WORK' train > '$LOG' 2>&1; echo \$? > '$WORK/train.rc'" \
+      < /dev/null > /dev/null 2>&1 &
+    echo "training started: ${minutes} min budget, log $LOG"
+    bash "$0" wait
+    ;;
+  wait)
+    for _ in $(seq 1 54); do done_yet && break; sleep 10; done
+    tail -3 "$LOG"
+    done_yet && echo "training finished (rc $(cat "$WORK/train.rc"))" || echo "still training"
+    ;;
+  collect)
+    until done_yet; do sleep 10; done
+    echo "train rc $(cat "$WORK/train.rc")"
+    timeout 300 "$HERE/run_all.sh" "$WORK" classifier > "$WORK/classifier.log" 2>&1
+    echo "classifier rc $?"
+    mkdir -p "$OUT/model" "$OUT/classifier"
+    cp "$WORK"/dit/model/* "$OUT/model/"
+    cp "$WORK"/dit/samples.png "$WORK"/dit/loss_curve.png "$WORK"/dit/train_summary.json "$OUT/" 2>/dev/null
+    cp "$WORK"/classifier/classifier.safetensors "$WORK"/classifier/classifier.json "$OUT/classifier/" 2>/dev/null
+    tail -5 "$LOG" "$WORK/classifier.log"
+    ls -la "$OUT" "$OUT/model" "$OUT/classifier"
+    ;;
+  *)
+    echo "unknown step $1" >&2
+    exit 2
+    ;;
+esac
