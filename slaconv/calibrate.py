@@ -534,6 +534,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     for proc in sla2_processors(model).values():
         proc.router_q.requires_grad_(False)
         proc.router_k.requires_grad_(False)
+        proc.alpha_logit.requires_grad_(bool(cfg["train_alpha"]))
     if cfg["gradient_checkpointing"] and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],

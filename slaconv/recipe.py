@@ -78,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
             "quant": None,  # None: sla2.quant
             "gradient_checkpointing": False,
             "timestep_shift": 5.0,
+            # false keeps every alpha at its stage-1 (or convert) value: for ablations such as sparse-only
+            # (alpha pinned to 1) or for separating what the mixing ratio and the weights each contribute.
+            "train_alpha": True,
         },
     },
     "validation": {
@@ -141,10 +144,15 @@ def validate(recipe: dict) -> dict:
     for stage in ("stage1", "stage2"):
         st = c[stage]
         _check(isinstance(st["steps"], int) and st["steps"] >= 0, f"calibration.{stage}.steps must be an integer >= 0")
-        _check(_is_number(st["lr"]) and st["lr"] > 0, f"calibration.{stage}.lr must be > 0")
+        if stage == "stage1":  # lr 0 freezes the router: an alpha-only stage 1
+            _check(_is_number(st["lr"]) and st["lr"] >= 0, "calibration.stage1.lr must be >= 0")
+        else:
+            _check(_is_number(st["lr"]) and st["lr"] > 0, f"calibration.{stage}.lr must be > 0")
         _check(isinstance(st["batch_size"], int) and st["batch_size"] >= 1, f"calibration.{stage}.batch_size must be >= 1")
     _check(_is_number(c["stage1"]["tau"]) and c["stage1"]["tau"] > 0, "calibration.stage1.tau must be > 0")
     _check(_is_number(c["stage1"]["alpha_lr"]) and c["stage1"]["alpha_lr"] >= 0, "calibration.stage1.alpha_lr must be >= 0")
+    _check(c["stage1"]["steps"] == 0 or c["stage1"]["lr"] > 0 or c["stage1"]["alpha_lr"] > 0,
+           "calibration.stage1: lr and alpha_lr are both 0, so there is nothing to train (set steps: 0 to skip stage 1)")
     _check(isinstance(c["stage1"]["query_blocks_per_step"], int) and c["stage1"]["query_blocks_per_step"] >= 1,
            "calibration.stage1.query_blocks_per_step must be >= 1")
     st2 = c["stage2"]
@@ -153,6 +161,7 @@ def validate(recipe: dict) -> dict:
     _check(isinstance(st2["warmup_steps"], int) and st2["warmup_steps"] >= 0,
            "calibration.stage2.warmup_steps must be an integer >= 0")
     _check(isinstance(st2["gradient_checkpointing"], bool), "calibration.stage2.gradient_checkpointing must be true/false")
+    _check(isinstance(st2["train_alpha"], bool), "calibration.stage2.train_alpha must be true/false")
     _check(isinstance(c["seed"], int), "calibration.seed must be an integer")
     _check(isinstance(c["eval_samples"], int) and c["eval_samples"] >= 0, "calibration.eval_samples must be >= 0")
     _check(isinstance(c["checkpoints_total_limit"], int) and c["checkpoints_total_limit"] >= 1,
