@@ -115,6 +115,10 @@ def _signature(fn, args, kwargs):
         elif isinstance(val, torch.Tensor):
             sig[name] = "*" + _TORCH_TO_TRITON[val.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(val).__name__ == "TensorDescriptor":
+            from triton.runtime.jit import mangle_type
+
+            sig[name] = mangle_type(val)
         elif isinstance(val, bool):
             sig[name] = "i1"
         elif isinstance(val, int):

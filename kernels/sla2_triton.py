@@ -44,6 +44,10 @@ CONFIG = {
     "num_warps_bwd": 4,
     "num_stages_bwd": 2,  # 2 programs per SM in dQ / dK / dV (H200 sweep: fwd+bwd 7.74 -> 7.03 ms)
     "dkdv_split": True,  # sparse dK and dV in two launches with one accumulator each
+    # Experimental, off until timed on a GPU: K/V tiles of the bf16 sparse forward through TMA descriptors,
+    # and Triton's warp specialisation of that loop (benchmarks/KERNELS.md, "v7").
+    "tma": False,
+    "warp_specialize": False,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -66,6 +70,27 @@ def _dims(x: torch.Tensor, layout: str):
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     # Kernels need a unit head-dim stride; every layout diffusers hands us has one.
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, block_k: int):
+    """Host tensor descriptors over 2-D views of K and V for the TMA variant of the sparse loop, with the
+    row/column formula of a (b, h) tile, or None when a tensor cannot be viewed so (then pointers)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = []
+    for x in (k, v):
+        if layout == "bnhd":
+            b, n, h, d = x.shape
+            ok = x.stride(3) == 1 and x.stride(2) == d and x.stride(0) == n * x.stride(1)
+            shape, strides, formula = [b * n, h * d], [x.stride(1), 1], (n, 0, d)
+        else:
+            b, h, n, d = x.shape
+            ok = x.is_contiguous()
+            shape, strides, formula = [b * h * n, d], [d, 1], (h * n, n, 0)
+        if not ok or (strides[0] * x.element_size()) % 16 or x.data_ptr() % 16:
+            return None
+        descs.append(TensorDescriptor(x, shape=shape, strides=strides, block_shape=[block_k, d]))
+    return descs[0], descs[1], formula
 
 
 def _nsplit(bh: int, nblocks: int) -> int:
@@ -229,13 +254,15 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
         *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin,
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
     )
+    tma = _tma_views(k, v, layout, block_k) if CONFIG["tma"] and qid == 0 and pair_sparse == 1 else None
+    kd, vd, (rb, rh, ch) = tma if tma is not None else (k, v, (0, 0, 0))
     _K._fwd_sparse_kernel[(nt, BH)](
         q, k, v, qq, qs, kq, ks, vq, vmax, ksum, lut, alpha,
-        o, o_l, lse if save else rden,
+        o, o_l, lse if save else rden, kd, vd,
         *sq, *sk, *sv, *so,
-        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad,
+        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad, rb, rh, ch,
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair_sparse, QUANT=qid, FP8_EMU=_interpreting(), SAVE=save,
-        **_launch_cfg(D),
+        TMA=tma is not None, WS=bool(CONFIG["warp_specialize"]) and tma is not None, **_launch_cfg(D),
     )
     return o, lut, lse, rden, h_all, z_all
 

@@ -283,20 +283,25 @@ def _fwd_lin_kernel(
     tl.store(RDEN + row, rden, mask=m_valid)
 
 
-_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n"]
+_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "rb", "rh", "ch"]
 
 
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_sparse_kernel(
     Q, K, V, QQ, QS, KQ, KS, VQ, VMAX, KSUM, LUT, ALPHA,
-    O, OL, LSE,
+    O, OL, LSE, KD, VD,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad,
+    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, rb, rh, ch,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, QUANT: tl.constexpr,
-    FP8_EMU: tl.constexpr, SAVE: tl.constexpr,
+    FP8_EMU: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """Sparse branch of one query tile over its LUT row (FA2 online softmax in exp2), then the mix
-    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also the LSE (backward)."""
+    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also the LSE (backward).
+
+    TMA (bf16 only, one block per step; experimental, off by default until timed on a GPU): K and V tiles
+    come through host tensor descriptors KD, VD over a 2-D view of K / V, the tile of key block j of
+    (b, h) at row b*rb + h*rh + j*BLOCK_N, column h*ch; rows past N belong to the next (b, h) or are
+    zero-filled and are masked out of the scores.  WS asks Triton to warp-specialise the loop."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -318,9 +323,12 @@ def _fwd_sparse_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lut = LUT + (bh * nq + qblk) * n_sel
-    for it in range(0, n_sel, PAIR):
+    for it in tl.range(0, n_sel, PAIR, warp_specialize=WS):
         offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
-        if QUANT == 0:
+        if TMA:
+            k = KD.load([(b * rb + h * rh + kb0 * BLOCK_N).to(tl.int32), (h * ch).to(tl.int32)])
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        elif QUANT == 0:
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
         else:
@@ -339,6 +347,9 @@ def _fwd_sparse_kernel(
             # VQ is (B*H, D, npad), zero-padded: unmasked, token-contiguous loads
             vq = tl.load(VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None])
             acc = tl.dot(_to_fp8(p * 448.0, FP8_EMU), vq, acc)
+        elif TMA:
+            v = VD.load([(b * rb + h * rh + kb0 * BLOCK_N).to(tl.int32), (h * ch).to(tl.int32)])
+            acc = tl.dot(p.to(v.dtype), v, acc)
         else:
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc)
