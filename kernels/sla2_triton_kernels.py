@@ -4,8 +4,9 @@ Conventions shared by every kernel:
 
 * ``bh`` = b * H + h is the second grid axis; user tensors (q, k, v, o, dO, dq, dk, dv) are read and
   written through their (batch, head, token) strides, the head-dim stride is 1.
-* Internal per-row tensors (LSE in log2 units, 1/den of the linear branch, delta, c) are (B*H, N) fp32;
-  saved branch outputs O_s, O_l and the feature maps phi(Q), phi(K) are (B*H, N, D) in the input dtype.
+* Internal per-row tensors (LSE in log2 units, 1/den of the linear branch, w, delta) are (B*H, N) fp32;
+  the temporaries O_l, phi(Q) / psi and phi(K) are (B*H, N, D) in the input dtype.  The forward saves
+  only O, the LSE and 1/den for the backward, which recomputes the rest.
 * Only D, the tile sizes, the quant mode and the dtype-dependent choices are constexpr.  N, the number
   of selected blocks, block counts and the softmax scale are runtime arguments listed in
   ``do_not_specialize`` so that a new resolution or top-k never recompiles.  Strides are deliberately
@@ -14,7 +15,8 @@ Conventions shared by every kernel:
   and a unit head-dim stride every stride of both layouts is a multiple of 16 for any N, so the
   specialisation key never changes (tests/test_kernel_codegen.py checks the loads).
 * Linear branch as "all minus selected" in D x D form: the totals H_all = sum_j phi(K_j)^T V_j and
-  z_all = sum_j phi(K_j) come from ``_k_feats`` (per key block) and ``_kv_outer`` (per-split partials, one deterministic sum); a query
+  z_all = sum_j phi(K_j) come from ``_k_feats`` (per key block) and ``_kv_outer`` (per-split partials,
+  one deterministic sum); a query
   tile accumulates its selected blocks' H_sel = sum_{j in M_i} phi(K_j)^T V_j (one D x D x block MMA per
   selected block) and finishes O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).  The
   backward uses the same form (A_all - A_sel over the inverted index for dK/dV).
