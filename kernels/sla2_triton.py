@@ -48,6 +48,12 @@ CONFIG = {
     # and Triton's warp specialisation of that loop (benchmarks/KERNELS.md, "v7").
     "tma": False,
     "warp_specialize": False,
+    # Experimental, off until timed: one launch for both forward branches (bf16/fp16), 64-row tiles
+    # (128 spills), see _fwd_fused_kernel.
+    "fused_fwd": False,
+    "tile_m_fused": 64,
+    "fused_warps": 8,
+    "fused_stages": 2,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -243,11 +249,20 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
     o = torch.empty(q.shape, device=dev, dtype=q.dtype)
     _, so = _dims(o, layout)
-    o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
     rden = torch.empty(BH, N, device=dev, dtype=f32)
     # the backward needs only the LSE beside O, 1/den and the D x D totals (inference: not even the LSE)
     lse = torch.empty(BH, N if save else 0, device=dev, dtype=f32)
     has_lin = int(n_sel < nk)
+    if CONFIG["fused_fwd"] and qid == 0:
+        tf = min(CONFIG["tile_m_fused"], block_q)
+        fused_cfg = {} if _interpreting() else {"num_warps": CONFIG["fused_warps"], "num_stages": CONFIG["fused_stages"]}
+        _K._fwd_fused_kernel[(-(-N // tf), BH)](
+            q, k, v, phik, zb, lut, alpha, h_all, z_all, o, lse if save else rden, rden,
+            *sq, *sk, *sv, *so, N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
+            D=D, BLOCK_M=tf, BLOCK_N=block_k, SAVE=save, **fused_cfg,
+        )
+        return o, lut, lse, rden, h_all, z_all
+    o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # temporary: the linear launch -> the mix
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
     _K._fwd_lin_kernel[(nt, BH)](
         q, v, phik, zb, lut, h_all, z_all, o_l, rden,

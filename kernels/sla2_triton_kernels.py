@@ -375,6 +375,70 @@ def _fwd_sparse_kernel(
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
 
 
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "has_lin"])
+def _fwd_fused_kernel(
+    Q, K, V, PHIK, ZB, LUT, ALPHA, HALL, ZALL, O, LSE, RDEN,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAVE: tl.constexpr,
+):
+    """Both branches of one query tile in one LUT walk (experimental, CONFIG["fused_fwd"], bf16/fp16
+    only, off until timed on a GPU): each selected block's K, V and phi(K) are read once, for the
+    online softmax (O_s) and for H_sel += phi(K)^T V; then O_l = phi(Q)(H_all - H_sel)/den and the mix.
+    One launch instead of two and no O_l round trip, for twice the H_sel MMAs when BLOCK_M < block_q
+    (every tile of a routing block accumulates its own H_sel).  Offline sm_90 report: BLOCK_M 64 at
+    8 warps fits in 252 registers without spills; BLOCK_M 128 spills."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    qblk = (pid_m * BLOCK_M) // block_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < N
+    row = bh * N + offs_m
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    acc_h = tl.zeros((D, D), dtype=tl.float32)
+    acc_z = tl.zeros((D,), dtype=tl.float32)
+    lut = LUT + (bh * nq + qblk) * n_sel
+    for it in range(0, n_sel):
+        kb = tl.load(lut + it)
+        offs_n = kb * BLOCK_N + offs_c
+        offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+        n_valid = offs_n < N
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        corr = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        acc = acc * corr[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        acc_h = tl.dot(tl.trans(phik), v, acc_h)
+        acc_z += tl.load(ZB + (bh * nk + kb) * D + offs_d)
+    o_s = acc / l_i[:, None]
+    hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
+    zd = tl.load(ZALL + bh * D + offs_d) - acc_z
+    phiq = _phi(q.to(tl.float32))
+    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
+    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
+    o_l = tl.dot(phiq.to(q.dtype), hd) * rden[:, None]
+    alpha = tl.load(ALPHA + h)
+    o = alpha * o_s + (1.0 - alpha) * o_l
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(RDEN + row, rden, mask=m_valid)
+    if SAVE:
+        tl.store(LSE + row, m_i + tl.log2(l_i), mask=m_valid)
+
+
 # --------------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------------

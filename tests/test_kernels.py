@@ -219,6 +219,26 @@ def test_tma_variant_of_the_sparse_loop_matches_the_reference(layout, monkeypatc
     assert rel_l2(out, ref) <= TOL, rel_l2(out, ref)
 
 
+@pytest.mark.parametrize("layout,bq", [("bnhd", 128), ("bhnd", 64)])
+def test_fused_forward_variant_matches_the_reference_forward_and_backward(layout, bq, monkeypatch):
+    """The experimental one-launch forward (CONFIG["fused_fwd"]): output, and the LSE / 1/den it saves must
+    serve the regular backward."""
+    monkeypatch.setitem(S.CONFIG, "fused_fwd", True)
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, layout, seed=43)
+    kw = dict(topk=0.3, block_q=bq, block_k=64, quant="none")
+    qk, kk, vk, ak = _leaf(q, k, v, al)
+    out = _run_kernel(qk, kk, vk, rq, rk, ak, layout, **kw)
+    qr, kr, vr, ar = _leaf(q, k, v, al, dtype=torch.float32)
+    ref = _run_reference(qr, kr, vr, rq, rk, ar, layout, **kw)
+    assert rel_l2(out, ref) <= TOL, rel_l2(out, ref)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, out.dtype)
+    grads = torch.autograd.grad(out, (qk, kk, vk, ak), go)
+    grads_ref = torch.autograd.grad(ref, (qr, kr, vr, ar), go.float())
+    for name, g, gr in zip("q k v alpha".split(), grads, grads_ref):
+        assert rel_l2(g, gr) <= max(TOL, 1e-2 if DTYPE != torch.float32 else 1e-4), (name, rel_l2(g, gr))
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
