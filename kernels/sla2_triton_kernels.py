@@ -104,6 +104,27 @@ def _topk_lut(S, LUT, nk, n_sel, NK_P: tl.constexpr):
     tl.store(LUT + row * n_sel + pos, offs, mask=sel)
 
 
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc):
+    """One FA2 online-softmax step on logits ``s`` (log2 units, masked to -inf): returns the block's
+    probabilities P and the updated running max, row sum and rescaled accumulator (P @ V still to add)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    corr = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, m_new, l_i * corr + tl.sum(p, axis=1), acc * corr[:, None]
+
+
+@triton.jit
+def _linear_output(q, hd, zd, has_lin):
+    """The linear branch of a query tile from its complement totals hd = H_all - H_sel (input dtype) and
+    zd = z_all - z_sel: returns O_l = phi(Q) hd / den and 1/den (both 0 if every block is selected)."""
+    phiq = _phi(q.to(tl.float32))
+    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
+    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
+    # 16-bit operands: the output is 16-bit; fp32 operands (tf32) doubled the register peak
+    return tl.dot(phiq.to(q.dtype), hd) * rden[:, None], rden
+
+
 # --------------------------------------------------------------------------------------------------
 # forward pre-passes
 # --------------------------------------------------------------------------------------------------
@@ -272,16 +293,11 @@ def _fwd_lin_kernel(
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
     acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
-    # The epilogue product runs on input-dtype operands (bf16/fp16: the output is 16-bit); fp32 operands
-    # (tf32) doubled the register peak here.
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    phiq = _phi(q.to(tl.float32))
-    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
-    num = tl.dot(phiq.to(q.dtype), hd)
-    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
-    tl.store(OL + row[:, None] * D + offs_d[None, :], (num * rden[:, None]).to(OL.dtype.element_ty), mask=m_valid[:, None])
+    o_l, rden = _linear_output(q, hd, zd, has_lin)
+    tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=m_valid[:, None])
     tl.store(RDEN + row, rden, mask=m_valid)
 
 
@@ -340,11 +356,7 @@ def _fwd_sparse_kernel(
             kscale = tl.where(first, ks0, ks1) * q_scale
             s = tl.dot(q, tl.trans(kq), out_dtype=tl.int32).to(tl.float32) * kscale[None, :]
         s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        corr = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * corr + tl.sum(p, axis=1)
-        acc = acc * corr[:, None]
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
         if QUANT == 2:
             # VQ is (B*H, D, npad), zero-padded: unmasked, token-contiguous loads
             vq = tl.load(VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None])
@@ -355,7 +367,6 @@ def _fwd_sparse_kernel(
         else:
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
 
     o_s = acc / l_i[:, None]
     if QUANT == 2:
@@ -415,22 +426,14 @@ def _fwd_fused_kernel(
         phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        corr = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * corr + tl.sum(p, axis=1)
-        acc = acc * corr[:, None]
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
         acc_h = tl.dot(tl.trans(phik), v, acc_h)
         acc_z += tl.load(ZB + (bh * nk + kb) * D + offs_d)
     o_s = acc / l_i[:, None]
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
-    phiq = _phi(q.to(tl.float32))
-    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
-    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
-    o_l = tl.dot(phiq.to(q.dtype), hd) * rden[:, None]
+    o_l, rden = _linear_output(q, hd, zd, has_lin)
     alpha = tl.load(ALPHA + h)
     o = alpha * o_s + (1.0 - alpha) * o_l
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
