@@ -324,7 +324,7 @@ def run(args) -> dict:
         ddp = runner.finish(runner.start("ddp13_2proc", plan.ddp_cmd(), plan.env), cap_s=170,
                             by=0.525 if ok14 else 0.7)
     if ok14:  # FSDP, the 14B slice
-        fsdp = runner.finish(runner.start("fsdp14_2proc", plan.fsdp_cmd(), plan.env), cap_s=170,
+        fsdp = runner.finish(runner.start(f"fsdp14_{args.fsdp_processes}proc", plan.fsdp_cmd(), plan.env), cap_s=170,
                              by=0.7 if ok13 else 1.0)
     # one process x batch 2 on GPU 0 and the one-process 14B format reference on GPU 1, together
     # (one after the other on CPU processes, which share the cores)
