@@ -103,10 +103,12 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfl
 
 
 def _signature(fn, args, kwargs):
-    params = list(inspect.signature(fn.fn).parameters)
+    signature = inspect.signature(fn.fn)
+    params = list(signature.parameters)
     no_spec = set(fn.do_not_specialize) | {params[i] for i in fn.do_not_specialize if isinstance(i, int)}
     sig, constexprs, attrs = {}, {}, {}
-    values = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+    defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+    values = defaults | dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
     for i, name in enumerate(params):
         val = values[name]
         if fn.params[i].is_constexpr:

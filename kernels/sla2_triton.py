@@ -54,6 +54,10 @@ CONFIG = {
     "tile_m_fused": 64,
     "fused_warps": 8,
     "fused_stages": 2,
+    # Experimental, off until timed: in int8-fp8 the linear loop's selected share H_sel = sum phi(K_j)^T V_j
+    # as an FP8 MMA on token-contiguous copies (half the bytes, twice the MMA rate of bf16); the fp32
+    # total it is subtracted from stays exact (benchmarks/KERNELS.md, "Session 4").
+    "lin_fp8": False,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -205,15 +209,18 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     pair = CONFIG["pair"]
     pair_sparse = pair if qid == 0 else CONFIG["pair_lowbit"]
 
+    npad = nk * block_k
+    lin_fp8 = bool(CONFIG["lin_fp8"]) and qid == 2
     # pass over K (and V for the FP8 scale): key-block means and sums, phi(K), z per block, max|V| per block
     k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
     ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     vmb = torch.empty(BH, nk, D, device=dev, dtype=f32) if qid == 2 else zb
     phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    phikt = torch.empty(BH, D, npad, device=dev, dtype=torch.float8_e4m3fn) if lin_fp8 else phik
     _K._k_feats[(nk, BH)](
-        k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2,
-        **_feats_cfg(D),
+        k, v, k_bar, ksb, zb, vmb, phik, phikt, *sk, *sv, N, H, nk, npad, D=D, BLOCK_N=block_k,
+        NEED_VMAX=qid == 2, PHI_FP8=lin_fp8, FP8_EMU=_interpreting(), **_feats_cfg(D),
     )
     # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
     ns = _nsplit(BH, nk)
@@ -234,7 +241,6 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
 
     lut = router_lut(q_bar.view(B, H, nq, D), k_bar.view(B, H, nk, D), ksum.view(B, H, D) / N, router_q, router_k, n_sel)
 
-    npad = nk * block_k
     if qid:
         kq = torch.empty(BH, N, D, device=dev, dtype=torch.int8)
         ks = torch.empty(BH, nk, device=dev, dtype=f32)
@@ -265,9 +271,9 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # temporary: the linear launch -> the mix
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
     _K._fwd_lin_kernel[(nt, BH)](
-        q, v, phik, zb, lut, h_all, z_all, o_l, rden,
-        *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin,
-        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, **lin_cfg,
+        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phikt, vq, vmax,
+        *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin, npad,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, LIN_FP8=lin_fp8, **lin_cfg,
     )
     tma = _tma_views(k, v, layout, block_k) if CONFIG["tma"] and qid == 0 and pair_sparse == 1 else None
     kd, vd, (rb, rh, ch) = tma if tma is not None else (k, v, (0, 0, 0))
@@ -309,7 +315,8 @@ def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q
     ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     phik = torch.empty(BH, N, D, device=dev, dtype=k.dtype)
-    _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=False, **_feats_cfg(D))
+    _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, phik, *sk, *sv, N, H, nk, nk * block_k, D=D, BLOCK_N=block_k,
+                          NEED_VMAX=False, **_feats_cfg(D))
     phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # becomes psi below, in place
     _K._phi_rows[(nt, BH)](q, phiq, *sq, N, H, D=D, BLOCK=tm, **_feats_cfg(D))
 

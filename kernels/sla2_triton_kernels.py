@@ -161,13 +161,16 @@ def _q_prepass(
 
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def _k_feats(
-    K, V, KBAR, KSB, ZB, VMB, PHIK,
-    skb, skh, skn, svb, svh, svn, N, H, nk,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr,
+    K, V, KBAR, KSB, ZB, VMB, PHIK, PHIKT,
+    skb, skh, skn, svb, svh, svn, N, H, nk, npad,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr, PHI_FP8: tl.constexpr = False,
+    FP8_EMU: tl.constexpr = False,
 ):
     """Per key block, one program each (no loop, so the pass runs at full occupancy): the block mean of K
     (router) and its sum (for mean(K)), phi(K) (saved), its column sums z (ZB) and, if NEED_VMAX, the
-    block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums)."""
+    block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
+    PHI_FP8: also 448 * phi(K) in FP8 e4m3, (B*H, D, npad) token-contiguous and zero-padded (the K-major
+    operand of the linear loop's FP8 MMA, like the FP8 V of _kv_quant)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -182,8 +185,12 @@ def _k_feats(
     row = (bh * nk + kb) * D + offs_d
     tl.store(KSB + row, bsum)
     tl.store(KBAR + row, bsum / cnt)
-    phik = tl.where(valid[:, None], _phi(kf), 0.0).to(k.dtype)
+    phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
+    phik = phik32.to(k.dtype)
     tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
+    if PHI_FP8:
+        # phi is a softmax over the head dim (<= 1): the static scale 448 maps it onto e4m3's range, as for P
+        tl.store(PHIKT + (bh * D + offs_d[None, :]) * npad + offs[:, None], _to_fp8(phik32 * 448.0, FP8_EMU))
     tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
     if NEED_VMAX:
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -255,18 +262,33 @@ def _kv_quant(
 
 @triton.jit
 def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
-          D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
+          D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
+          PHIKT, VQ, npad, LIN_FP8: tl.constexpr):
     """H_sel = sum over the LUT row of phi(K_j)^T V_j (D x D fp32) and z_sel = sum phi(K_j) (from the
-    per-block sums ZB: the loaded phi(K) tile feeds the MMA only)."""
+    per-block sums ZB: the loaded phi(K) tile feeds the MMA only).
+
+    LIN_FP8: the product runs on the FP8 copies (448 phi(K) from _k_feats, V / vscale from _kv_quant, both
+    token-contiguous), so H_sel comes out scaled by 448 / vscale[column]: the caller rescales."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, BLOCK_N * PAIR)
     acc_h = tl.zeros((D, D), dtype=tl.float32)
     acc_z = tl.zeros((D,), dtype=tl.float32)
     for it in range(0, n_sel, PAIR):
         offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
-        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc_h = tl.dot(tl.trans(phik), v, acc_h)
+        if LIN_FP8:
+            pkt_ptr = PHIKT + (bh * D + offs_d[:, None]) * npad + offs_n[None, :]
+            vq_ptr = VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None]
+            if PAIR == 1:  # zero-padded to whole blocks: unmasked, so the byte loads vectorise
+                phikt = tl.load(pkt_ptr)
+                vq = tl.load(vq_ptr)
+            else:  # an odd last step repeats a block in its second half: masked
+                phikt = tl.load(pkt_ptr, mask=n_valid[None, :], other=0.0)
+                vq = tl.load(vq_ptr, mask=n_valid[:, None], other=0.0)
+            acc_h = tl.dot(phikt, vq, acc_h)
+        else:
+            phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            acc_h = tl.dot(tl.trans(phik), v, acc_h)
         acc_z += tl.load(ZB + (bh * nk + kb0) * D + offs_d)
         if PAIR == 2:
             acc_z += tl.load(ZB + (bh * nk + kb1) * D + offs_d) * tl.where(it + 1 < n_sel, 1.0, 0.0)
@@ -275,13 +297,15 @@ def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
 def _fwd_lin_kernel(
-    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN,
-    sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin,
+    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIKT, VQ, VMAX,
+    sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin, npad,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
+    LIN_FP8: tl.constexpr = False,
 ):
     """Linear branch of one query tile: O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).
     Writes O_l (a temporary for the sparse launch's mix) and 1/den.  If every block is selected
-    (has_lin == 0) O_l and 1/den are exactly 0."""
+    (has_lin == 0) O_l and 1/den are exactly 0.  LIN_FP8 (int8-fp8 only): H_sel, the selected share that
+    is subtracted from the exact fp32 total, comes from an FP8 MMA."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -292,7 +316,10 @@ def _fwd_lin_kernel(
     m_valid = offs_m < N
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
-    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
+    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR,
+                         PHIKT, VQ, npad, LIN_FP8)
+    if LIN_FP8:
+        acc_h = acc_h * (tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / (448.0 * 448.0))[None, :]
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
@@ -563,7 +590,7 @@ def _bwd_dq_lin_kernel(
     m_valid = offs_m < N
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
-    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
+    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR, PHIK, V, 0, False)
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(DO.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     alpha = tl.load(ALPHA + h)

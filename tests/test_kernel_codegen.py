@@ -28,15 +28,18 @@ if _spec is None or not (Path(_spec.origin).parent / "backends" / "nvidia" / "bi
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
 
 
-@pytest.mark.parametrize("quant,layout", [("none", "bnhd"), ("int8-fp8", "bhnd")])
-def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, quant, layout):
+def _report(tmp_path, *args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     out = tmp_path / "report.json"
-    cmd = [sys.executable, str(REPORT), "--shape", "1,2,1000,128", "--topk", "0.1", "--quant", quant,
-           "--layout", layout, "--json", str(out)] + (["--backward"] if quant == "none" else [])
+    cmd = [sys.executable, str(REPORT), "--shape", "1,2,1000,128", "--topk", "0.1", "--json", str(out), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("quant,layout", [("none", "bnhd"), ("int8-fp8", "bhnd")])
+def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, quant, layout):
+    rows = _report(tmp_path, "--quant", quant, "--layout", layout, *(["--backward"] if quant == "none" else []))
     names = {r["kernel"] for r in rows}
     assert {"_fwd_sparse_kernel", "_fwd_lin_kernel", "_k_feats", "_kv_outer", "_topk_lut"} <= names
     if quant == "none":
@@ -48,3 +51,13 @@ def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, quant, layout):
         assert r["registers"] is not None and r["registers"] <= 255, r
         if r["kernel"] in ("_fwd_sparse_kernel", "_fwd_lin_kernel", "_bwd_dq_kernel"):
             assert r["mma"], (r["kernel"], "no tensor-core instructions")
+
+
+def test_fp8_linear_loop_loads_whole_tiles_and_runs_fp8_mma(tmp_path):
+    """CONFIG["lin_fp8"]: the FP8 phi(K)^T and V tiles of the linear loop come through cp.async (masked
+    loads of them compile to one-byte scalar loads) and feed an e4m3 wgmma."""
+    rows = _report(tmp_path, "--quant", "int8-fp8", "--config", json.dumps({"lin_fp8": True, "pair": 1}))
+    lin = next(r for r in rows if r["kernel"] == "_fwd_lin_kernel")
+    assert "ld.global.b8" not in lin["loads"] and "cp.async.cg.shared.global" in lin["loads"], lin["loads"]
+    assert any("e4m3" in m for m in lin["mma"]), lin["mma"]
+    assert lin["registers"] <= 255 and lin["spill_instructions"] == 0, lin

@@ -298,6 +298,27 @@ def test_lowbit_forward(quant, layout, d):
     assert rel_l2(out, ref) <= 5e-2 and cos >= 0.999, (rel_l2(out, ref), cos)
 
 
+@pytest.mark.parametrize("layout,d", [("bnhd", 64), ("bhnd", 128)])
+def test_fp8_linear_loop_variant(layout, d, monkeypatch):
+    """CONFIG["lin_fp8"] (int8-fp8): the linear loop's selected share H_sel from an FP8 MMA on the
+    token-contiguous copies.  With alpha ~ 0 the output is the linear branch: it moves by FP8 rounding of
+    the subtracted share only (not 0: the path is taken) and still matches the reference.  The move is
+    ~6% (e4m3 on both operands) x selected / complement mass: 1.8e-2 here with 2 of 6 blocks selected,
+    ~2e-3 at 97% sparsity."""
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, seed=47)
+    al = al - 8.0  # alpha ~ 3e-4: the linear branch is the output
+    kw = dict(topk=0.3, block_q=128, block_k=64, quant="int8-fp8")
+    plain = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
+    monkeypatch.setitem(S.CONFIG, "lin_fp8", True)
+    out = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
+    moved = rel_l2(out, plain)
+    assert 0 < moved <= 3e-2, moved
+    ref = _run_reference(*(t.float() for t in (q, k, v)), rq, rk, al, layout, **kw)
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0).item()
+    assert rel_l2(out, ref) <= 5e-2 and cos >= 0.999, (rel_l2(out, ref), cos)
+
+
 @pytest.mark.skipif(DTYPE != torch.float32, reason="bit-level agreement needs exact (interpreter fp32) dots")
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 def test_int8_forward_reproduces_the_reference_emulation(layout):
