@@ -239,6 +239,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         dict(tma=True),  # K/V tiles of the bf16 sparse loop by TMA (cp.async.bulk.tensor in the offline report)
         dict(fused_fwd=True),  # one launch for both forward branches, 64-row tiles (252 regs, no spills offline)
         dict(lin_fp8=True),  # int8-fp8: H_sel of the linear loop as an FP8 MMA (208 regs, cp.async, offline)
+        dict(lin_pair=2),  # two key blocks per linear-loop step, sparse loop at one
     ]
     for var in variants:
         S.CONFIG.clear()
@@ -265,7 +266,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
     bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
     bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
     fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages", "tma", "fused_fwd",
-                "lin_fp8")
+                "lin_fp8", "lin_pair")
     best = {k: bf.get(k, base_cfg[k]) for k in fwd_keys}
     best.update({k: bb.get(k, base_cfg[k]) for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_split")})
     results["best_config"] = best

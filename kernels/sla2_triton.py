@@ -58,6 +58,9 @@ CONFIG = {
     # as an FP8 MMA on token-contiguous copies (half the bytes, twice the MMA rate of bf16); the fp32
     # total it is subtracted from stays exact (benchmarks/KERNELS.md, "Session 4").
     "lin_fp8": False,
+    # Experimental: key blocks per step of the forward linear loop alone (None: "pair"); the v6 sweep moved
+    # "pair" for the sparse and linear loops together, so which one preferred 1 is not known.
+    "lin_pair": None,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -273,7 +276,7 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     _K._fwd_lin_kernel[(nt, BH)](
         q, v, phik, zb, lut, h_all, z_all, o_l, rden, phikt, vq, vmax,
         *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin, npad,
-        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, LIN_FP8=lin_fp8, **lin_cfg,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=CONFIG["lin_pair"] or pair, LIN_FP8=lin_fp8, **lin_cfg,
     )
     tma = _tma_views(k, v, layout, block_k) if CONFIG["tma"] and qid == 0 and pair_sparse == 1 else None
     kd, vd, (rb, rh, ch) = tma if tma is not None else (k, v, (0, 0, 0))

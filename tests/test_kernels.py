@@ -234,6 +234,30 @@ def test_fused_forward_variant_matches_the_reference_forward_and_backward(layout
     _check_forward_and_gradients(inputs, layout, dict(topk=0.3, block_q=bq, block_k=64, quant="none"), grad_seed=2)
 
 
+@pytest.mark.parametrize("overrides", [{"pair": 2}, {"lin_pair": 2}])
+def test_two_key_blocks_per_step_match_the_reference(overrides, monkeypatch):
+    """PAIR = 2 loops (128-key tiles from two LUT entries) with an odd number of selected blocks, whose last
+    step must use its first half only: forward and every gradient."""
+    for key, value in overrides.items():
+        monkeypatch.setitem(S.CONFIG, key, value)
+    b, h, n = SIZES[1]
+    inputs = _inputs(b, h, n, 64, "bnhd", seed=53)
+    assert reference.topk_count(0.5, reference.block_count(n, 64)) % 2 == 1
+    _check_forward_and_gradients(inputs, "bnhd", dict(topk=0.5, block_q=128, block_k=64, quant="none"), grad_seed=3)
+
+
+def test_fp8_linear_loop_with_two_blocks_per_step(monkeypatch):
+    """lin_fp8 with PAIR = 2 (masked FP8 loads) and an odd block count: same result as PAIR = 1."""
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=59)
+    kw = dict(topk=0.5, block_q=128, block_k=64, quant="int8-fp8")
+    monkeypatch.setitem(S.CONFIG, "lin_fp8", True)
+    one = _run_kernel(q, k, v, rq, rk, al, "bhnd", **kw)
+    monkeypatch.setitem(S.CONFIG, "lin_pair", 2)
+    two = _run_kernel(q, k, v, rq, rk, al, "bhnd", **kw)
+    assert rel_l2(two, one) <= TOL, rel_l2(two, one)
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
