@@ -240,6 +240,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         dict(fused_fwd=True),  # one launch for both forward branches, 64-row tiles (252 regs, no spills offline)
         dict(lin_fp8=True),  # int8-fp8: H_sel of the linear loop as an FP8 MMA (208 regs, cp.async, offline)
         dict(lin_pair=2),  # two key blocks per linear-loop step, sparse loop at one
+        dict(lin_state=True),  # linear launch hands H_all - H_sel to the sparse epilogue (120 regs, 2 CTAs/SM offline)
     ]
     for var in variants:
         S.CONFIG.clear()
@@ -266,7 +267,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
     bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
     bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
     fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages", "tma", "fused_fwd",
-                "lin_fp8", "lin_pair")
+                "lin_fp8", "lin_pair", "lin_state")
     best = {k: bf.get(k, base_cfg[k]) for k in fwd_keys}
     best.update({k: bb.get(k, base_cfg[k]) for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_split")})
     results["best_config"] = best

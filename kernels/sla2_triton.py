@@ -61,6 +61,10 @@ CONFIG = {
     # Experimental: key blocks per step of the forward linear loop alone (None: "pair"); the v6 sweep moved
     # "pair" for the sparse and linear loops together, so which one preferred 1 is not known.
     "lin_pair": None,
+    # Experimental, off until timed: the linear launch writes each routing block's complement state
+    # (H_all - H_sel, D x D in the input dtype, and z) and the sparse launch's epilogue finishes the branch:
+    # no Q re-read or phi(Q) in the linear launch, no O_l round trip (at b_q = D the state is O_l's size).
+    "lin_state": False,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -223,13 +227,13 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     phikt = torch.empty(BH, D, npad, device=dev, dtype=torch.float8_e4m3fn) if lin_fp8 else phik
     _K._k_feats[(nk, BH)](
         k, v, k_bar, ksb, zb, vmb, phik, phikt, *sk, *sv, N, H, nk, npad, D=D, BLOCK_N=block_k,
-        NEED_VMAX=qid == 2, PHI_FP8=lin_fp8, FP8_EMU=_interpreting(), **_feats_cfg(D),
-    )
-    # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
+        NEED_VMAX=qid == 2, PHI_FP8=lin_fp8, FP8_EMU=_interpreting(), NEG=True, **_feats_cfg(D),
+    )  # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
+    # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks (of -phi(K), hence the sign)
     ns = _nsplit(BH, nk)
     hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
     _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
-    h_all = hp.sum(dim=1)
+    h_all = hp.sum(dim=1).neg_()
     z_all = zb.sum(dim=1)
     ksum = ksb.sum(dim=1)
     vmax = vmb.amax(dim=1) if qid == 2 else ksum
@@ -271,22 +275,29 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
             D=D, BLOCK_M=tf, BLOCK_N=block_k, SAVE=save, **fused_cfg,
         )
         return o, lut, lse, rden, h_all, z_all
-    o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # temporary: the linear launch -> the mix
+    state = bool(CONFIG["lin_state"])
+    if state:  # temporaries: the linear launch -> the sparse launch's epilogue
+        hd = torch.empty(BH, nq, D, D, device=dev, dtype=q.dtype)
+        zd = torch.empty(BH, nq, D, device=dev, dtype=f32)
+        o_l = hd  # unused
+    else:
+        o_l = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # temporary: the linear launch -> the mix
+        hd = zd = o_l  # unused
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
     _K._fwd_lin_kernel[(nt, BH)](
-        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phikt, vq, vmax,
+        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phikt, vq, vmax, hd, zd,
         *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin, npad,
-        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=CONFIG["lin_pair"] or pair, LIN_FP8=lin_fp8, **lin_cfg,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=CONFIG["lin_pair"] or pair, LIN_FP8=lin_fp8, STATE=state, **lin_cfg,
     )
     tma = _tma_views(k, v, layout, block_k) if CONFIG["tma"] and qid == 0 and pair_sparse == 1 else None
     kd, vd, (rb, rh, ch) = tma if tma is not None else (k, v, (0, 0, 0))
     _K._fwd_sparse_kernel[(nt, BH)](
         q, k, v, qq, qs, kq, ks, vq, vmax, ksum, lut, alpha,
-        o, o_l, lse if save else rden, kd, vd,
+        o, o_l, lse if save else rden, kd, vd, hd, zd, rden,
         *sq, *sk, *sv, *so,
-        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad, rb, rh, ch,
+        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad, rb, rh, ch, has_lin,
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair_sparse, QUANT=qid, FP8_EMU=_interpreting(), SAVE=save,
-        TMA=tma is not None, WS=bool(CONFIG["warp_specialize"]) and tma is not None, **_launch_cfg(D),
+        TMA=tma is not None, WS=bool(CONFIG["warp_specialize"]) and tma is not None, LIN_STATE=state, **_launch_cfg(D),
     )
     return o, lut, lse, rden, h_all, z_all
 

@@ -115,12 +115,18 @@ def _softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
+def _phi_rden(q, zd, has_lin):
+    """phi(Q) of a query tile (fp32) and 1/den = 1/(phi(Q)(z_all - z_sel) + eps) (0 if every block is selected)."""
+    phiq = _phi(q.to(tl.float32))
+    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
+    return phiq, tl.where(has_lin != 0, 1.0 / den, 0.0)
+
+
+@triton.jit
 def _linear_output(q, hd, zd, has_lin):
     """The linear branch of a query tile from its complement totals hd = H_all - H_sel (input dtype) and
     zd = z_all - z_sel: returns O_l = phi(Q) hd / den and 1/den (both 0 if every block is selected)."""
-    phiq = _phi(q.to(tl.float32))
-    den = tl.sum(phiq * zd[None, :], axis=1) + 1e-6
-    rden = tl.where(has_lin != 0, 1.0 / den, 0.0)
+    phiq, rden = _phi_rden(q, zd, has_lin)
     # 16-bit operands: the output is 16-bit; fp32 operands (tf32) doubled the register peak
     return tl.dot(phiq.to(q.dtype), hd) * rden[:, None], rden
 
@@ -164,13 +170,14 @@ def _k_feats(
     K, V, KBAR, KSB, ZB, VMB, PHIK, PHIKT,
     skb, skh, skn, svb, svh, svn, N, H, nk, npad,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr, PHI_FP8: tl.constexpr = False,
-    FP8_EMU: tl.constexpr = False,
+    FP8_EMU: tl.constexpr = False, NEG: tl.constexpr = False,
 ):
     """Per key block, one program each (no loop, so the pass runs at full occupancy): the block mean of K
     (router) and its sum (for mean(K)), phi(K) (saved), its column sums z (ZB) and, if NEED_VMAX, the
     block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
     PHI_FP8: also 448 * phi(K) in FP8 e4m3, (B*H, D, npad) token-contiguous and zero-padded (the K-major
-    operand of the linear loop's FP8 MMA, like the FP8 V of _kv_quant)."""
+    operand of the linear loop's FP8 MMA, like the FP8 V of _kv_quant).  NEG (the forward): PHIK and PHIKT
+    hold -phi(K), so the linear loops accumulate H_all - H_sel directly; z per block stays positive."""
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -187,10 +194,11 @@ def _k_feats(
     tl.store(KBAR + row, bsum / cnt)
     phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
     phik = phik32.to(k.dtype)
-    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
+    sign = -1.0 if NEG else 1.0
+    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], (phik32 * sign).to(k.dtype), mask=valid[:, None])
     if PHI_FP8:
         # phi is a softmax over the head dim (<= 1): the static scale 448 maps it onto e4m3's range, as for P
-        tl.store(PHIKT + (bh * D + offs_d[None, :]) * npad + offs[:, None], _to_fp8(phik32 * 448.0, FP8_EMU))
+        tl.store(PHIKT + (bh * D + offs_d[None, :]) * npad + offs[:, None], _to_fp8(phik32 * (448.0 * sign), FP8_EMU))
     tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
     if NEED_VMAX:
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -261,17 +269,18 @@ def _kv_quant(
 
 
 @triton.jit
-def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
+def _hsel(acc_h, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
           D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
           PHIKT, VQ, npad, LIN_FP8: tl.constexpr):
-    """H_sel = sum over the LUT row of phi(K_j)^T V_j (D x D fp32) and z_sel = sum phi(K_j) (from the
-    per-block sums ZB: the loaded phi(K) tile feeds the MMA only).
+    """acc_h + sum over the LUT row of PHIK_j^T V_j (D x D fp32) and z_sel = sum phi(K_j) (from the
+    per-block sums ZB: the loaded PHIK tile feeds the MMA only).  The forward passes -phi(K) and starts
+    from H_all, so the loop ends on H_all - H_sel (no D x D subtraction after it); the backward passes
+    phi(K) and zeros.
 
-    LIN_FP8: the product runs on the FP8 copies (448 phi(K) from _k_feats, V / vscale from _kv_quant, both
-    token-contiguous), so H_sel comes out scaled by 448 / vscale[column]: the caller rescales."""
+    LIN_FP8: the product runs on the FP8 copies (448 PHIK from _k_feats, V / vscale from _kv_quant, both
+    token-contiguous), in units of 448 / vscale[column]: the caller scales the start and the result."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, BLOCK_N * PAIR)
-    acc_h = tl.zeros((D, D), dtype=tl.float32)
     acc_z = tl.zeros((D,), dtype=tl.float32)
     for it in range(0, n_sel, PAIR):
         offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
@@ -297,15 +306,17 @@ def _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
 def _fwd_lin_kernel(
-    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIKT, VQ, VMAX,
+    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIKT, VQ, VMAX, HD, ZD,
     sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin, npad,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
-    LIN_FP8: tl.constexpr = False,
+    LIN_FP8: tl.constexpr = False, STATE: tl.constexpr = False,
 ):
     """Linear branch of one query tile: O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).
     Writes O_l (a temporary for the sparse launch's mix) and 1/den.  If every block is selected
     (has_lin == 0) O_l and 1/den are exactly 0.  LIN_FP8 (int8-fp8 only): H_sel, the selected share that
-    is subtracted from the exact fp32 total, comes from an FP8 MMA."""
+    is subtracted from the exact fp32 total, comes from an FP8 MMA.  STATE (experimental, CONFIG["lin_state"]):
+    write the query block's complement state hd = H_all - H_sel (input dtype, D x D) and zd instead, and let
+    the sparse launch finish the branch in its epilogue (no Q re-read, no O_l round trip here)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -316,29 +327,42 @@ def _fwd_lin_kernel(
     m_valid = offs_m < N
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
-    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR,
-                         PHIKT, VQ, npad, LIN_FP8)
+    # PHIK holds -phi(K) (_k_feats NEG): starting from H_all the loop ends on H_all - H_sel
+    h_all = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
     if LIN_FP8:
-        acc_h = acc_h * (tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / (448.0 * 448.0))[None, :]
-    hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
+        unit = tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / (448.0 * 448.0)  # of the FP8 products
+        acc_h, acc_z = _hsel(h_all / unit[None, :], PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D,
+                             BLOCK_N, PAIR, PHIKT, VQ, npad, LIN_FP8)
+        acc_h = acc_h * unit[None, :]
+    else:
+        acc_h, acc_z = _hsel(h_all, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR,
+                             PHIKT, VQ, npad, LIN_FP8)
+    hd = acc_h.to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    o_l, rden = _linear_output(q, hd, zd, has_lin)
-    tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=m_valid[:, None])
-    tl.store(RDEN + row, rden, mask=m_valid)
+    if STATE:
+        # a tile smaller than its routing block writes the same values as its sibling tiles
+        sb = bh * nq + qblk
+        tl.store(HD + (sb * D + offs_d[:, None]) * D + offs_d[None, :], hd)
+        tl.store(ZD + sb * D + offs_d, zd)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        o_l, rden = _linear_output(q, hd, zd, has_lin)
+        tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=m_valid[:, None])
+        tl.store(RDEN + row, rden, mask=m_valid)
 
 
-_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "rb", "rh", "ch"]
+_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "rb", "rh", "ch", "has_lin"]
 
 
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_sparse_kernel(
     Q, K, V, QQ, QS, KQ, KS, VQ, VMAX, KSUM, LUT, ALPHA,
-    O, OL, LSE, KD, VD,
+    O, OL, LSE, KD, VD, HD, ZD, RDEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, rb, rh, ch,
+    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, rb, rh, ch, has_lin,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, QUANT: tl.constexpr,
     FP8_EMU: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
+    LIN_STATE: tl.constexpr = False,
 ):
     """Sparse branch of one query tile over its LUT row (FA2 online softmax in exp2), then the mix
     O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also the LSE (backward).
@@ -346,7 +370,11 @@ def _fwd_sparse_kernel(
     TMA (bf16 only, one block per step; experimental, off by default until timed on a GPU): K and V tiles
     come through host tensor descriptors KD, VD over a 2-D view of K / V, the tile of key block j of
     (b, h) at row b*rb + h*rh + j*BLOCK_N, column h*ch; rows past N belong to the next (b, h) or are
-    zero-filled and are masked out of the scores.  WS asks Triton to warp-specialise the loop."""
+    zero-filled and are masked out of the scores.  WS asks Triton to warp-specialise the loop.
+
+    LIN_STATE (experimental, CONFIG["lin_state"]): the linear launch left the routing block's complement
+    state hd = H_all - H_sel and zd; this epilogue computes phi(Q), 1/den (written to RDEN) and adds
+    (1-alpha) phi(Q) hd / den to alpha O_s in one MMA (phi(Q) scaled per row before the 16-bit cast)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -408,8 +436,19 @@ def _fwd_sparse_kernel(
             lse += tl.sum(qo.to(tl.float32) * meank[None, :], axis=1) * qk_scale
         tl.store(LSE + row, lse, mask=m_valid)
     alpha = tl.load(ALPHA + h)
-    o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
-    o = alpha * o_s + (1.0 - alpha) * o_l
+    if LIN_STATE:
+        if QUANT == 0:
+            qe = q
+        else:
+            qe = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        sb = bh * nq + qblk
+        phiq, rden = _phi_rden(qe, tl.load(ZD + sb * D + offs_d), has_lin)
+        tl.store(RDEN + row, rden, mask=m_valid)
+        hd = tl.load(HD + (sb * D + offs_d[:, None]) * D + offs_d[None, :])
+        o = tl.dot((phiq * ((1.0 - alpha) * rden)[:, None]).to(hd.dtype), hd, alpha * o_s)
+    else:
+        o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
+        o = alpha * o_s + (1.0 - alpha) * o_l
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
 
 
@@ -440,7 +479,7 @@ def _fwd_fused_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    acc_h = tl.zeros((D, D), dtype=tl.float32)
+    acc_h = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])  # PHIK is -phi(K): ends on H_all - H_sel
     acc_z = tl.zeros((D,), dtype=tl.float32)
     lut = LUT + (bh * nq + qblk) * n_sel
     for it in range(0, n_sel):
@@ -458,7 +497,7 @@ def _fwd_fused_kernel(
         acc_h = tl.dot(tl.trans(phik), v, acc_h)
         acc_z += tl.load(ZB + (bh * nk + kb) * D + offs_d)
     o_s = acc / l_i[:, None]
-    hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(Q.dtype.element_ty)
+    hd = acc_h.to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     o_l, rden = _linear_output(q, hd, zd, has_lin)
     alpha = tl.load(ALPHA + h)
@@ -590,7 +629,8 @@ def _bwd_dq_lin_kernel(
     m_valid = offs_m < N
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
-    acc_h, acc_z = _hsel(PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR, PHIK, V, 0, False)
+    acc_h, acc_z = _hsel(tl.zeros((D, D), dtype=tl.float32), PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel,
+                         nk, D, BLOCK_N, PAIR, PHIK, V, 0, False)
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(DO.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     alpha = tl.load(ALPHA + h)

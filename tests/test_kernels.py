@@ -258,6 +258,29 @@ def test_fp8_linear_loop_with_two_blocks_per_step(monkeypatch):
     assert rel_l2(two, one) <= TOL, rel_l2(two, one)
 
 
+@pytest.mark.parametrize("layout,bq,d", [("bnhd", 128, 64), ("bhnd", 64, 128)])
+def test_linear_state_handoff_variant_matches_the_reference(layout, bq, d, monkeypatch):
+    """CONFIG["lin_state"]: the linear launch writes each routing block's H_all - H_sel and z_all - z_sel,
+    the sparse launch's epilogue finishes the linear branch; the 1/den it writes must serve the backward."""
+    monkeypatch.setitem(S.CONFIG, "lin_state", True)
+    b, h, n = SIZES[1]
+    inputs = _inputs(b, h, n, d, layout, seed=61)
+    _check_forward_and_gradients(inputs, layout, dict(topk=0.3, block_q=bq, block_k=64, quant="none"), grad_seed=4)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
+def test_linear_state_handoff_in_the_lowbit_forwards(quant, monkeypatch):
+    """The low-bit sparse loops hold INT8 Q: the state epilogue reloads the 16-bit Q for phi(Q); same output
+    as the O_l round trip up to summation order."""
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=67)
+    kw = dict(topk=0.3, block_q=128, block_k=64, quant=quant)
+    plain = _run_kernel(q, k, v, rq, rk, al, "bnhd", **kw)
+    monkeypatch.setitem(S.CONFIG, "lin_state", True)
+    out = _run_kernel(q, k, v, rq, rk, al, "bnhd", **kw)
+    assert rel_l2(out, plain) <= TOL, rel_l2(out, plain)
+
+
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128
@@ -322,8 +345,8 @@ def test_lowbit_forward(quant, layout, d):
     assert rel_l2(out, ref) <= 5e-2 and cos >= 0.999, (rel_l2(out, ref), cos)
 
 
-@pytest.mark.parametrize("layout,d", [("bnhd", 64), ("bhnd", 128)])
-def test_fp8_linear_loop_variant(layout, d, monkeypatch):
+@pytest.mark.parametrize("layout,d,state", [("bnhd", 64, False), ("bhnd", 128, False), ("bnhd", 64, True)])
+def test_fp8_linear_loop_variant(layout, d, state, monkeypatch):
     """CONFIG["lin_fp8"] (int8-fp8): the linear loop's selected share H_sel from an FP8 MMA on the
     token-contiguous copies.  With alpha ~ 0 the output is the linear branch: it moves by FP8 rounding of
     the subtracted share only (not 0: the path is taken) and still matches the reference.  The move is
@@ -333,6 +356,7 @@ def test_fp8_linear_loop_variant(layout, d, monkeypatch):
     q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, seed=47)
     al = al - 8.0  # alpha ~ 3e-4: the linear branch is the output
     kw = dict(topk=0.3, block_q=128, block_k=64, quant="int8-fp8")
+    monkeypatch.setitem(S.CONFIG, "lin_state", state)  # also with the state hand-off
     plain = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
     monkeypatch.setitem(S.CONFIG, "lin_fp8", True)
     out = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
