@@ -241,6 +241,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         dict(lin_fp8=True),  # int8-fp8: H_sel of the linear loop as an FP8 MMA (208 regs, cp.async, offline)
         dict(lin_pair=2),  # two key blocks per linear-loop step, sparse loop at one
         dict(lin_state=True),  # linear launch hands H_all - H_sel to the sparse epilogue (120 regs, 2 CTAs/SM offline)
+        dict(lin_state=True, lin_fp8=True),  # both: the int8-fp8 candidate
     ]
     for var in variants:
         S.CONFIG.clear()
