@@ -237,9 +237,58 @@ def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query
     return sum(a / max(b, 1e-30) for a, b in err.values()) / len(err)
 
 
+class TeacherTargets:
+    """The distillation targets (the dense teacher's velocity) of stage 2, by sampler and batch index.
+
+    ``online``: the teacher stays on the device and runs beside the student at every step.
+    ``precompute``: before each checkpoint interval the teacher is loaded, computes the targets of that
+    interval's micro-batches (and, once, of the held-out samples), which are kept on the host, and is
+    freed again; so its weights (28.6 GB in bf16 for a 14B model, whole on every rank under FSDP) never
+    share the device with the student's gradients and optimizer state, and host memory holds one
+    interval's targets.  Batches are functions of (seed, index) alone, so both modes give the same numbers.
+    """
+
+    def __init__(self, run, load_teacher, autocast, device, mode: str):
+        """``run(teacher, batch, x_t, sigma)`` is one teacher forward; ``load_teacher(verify)`` loads it."""
+        self.run, self.load_teacher, self.autocast, self.device, self.mode = run, load_teacher, autocast, device, mode
+        self.teacher = load_teacher(True) if mode == "online" else None
+        self.loads = 0  # the first load checks the base model's content hash, the later ones need not
+        self.stored: dict[tuple[str, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _target(self, batch) -> torch.Tensor:
+        x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+        with self.autocast():
+            return self.run(self.teacher, batch, x_t, batch["sigma"])
+
+    def precompute(self, work: dict, show_progress: bool) -> None:
+        """(precompute mode) For each ``name: (sampler, indices)`` of ``work``, replace the stored ``name``
+        targets by those of ``indices``; the teacher is loaded for this and freed after."""
+        if self.mode != "precompute":
+            return
+        self.stored = {key: t for key, t in self.stored.items() if key[0] not in work}
+        todo = [(name, sampler, i) for name, (sampler, indices) in work.items() for i in indices]
+        self.teacher = self.load_teacher(self.loads == 0)
+        self.loads += 1
+        try:
+            for name, sampler, i in progress(todo, desc="stage 2 teacher targets", enabled=show_progress):
+                self.stored[name, i] = self._target(sampler.batch(i)).cpu()
+        finally:
+            self.teacher = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def get(self, name: str, index: int, batch) -> torch.Tensor:
+        """The fp32 target of ``batch``, index ``index`` of the ``name`` sampler, on the device."""
+        if self.mode == "precompute":
+            return self.stored[name, index].to(self.device).float()
+        return self._target(batch).float()
+
+
 @torch.no_grad()
-def heldout_loss(forward, model, teacher, sampler: StepSampler, n: int, device, autocast) -> float | None:
-    """Stage-2 objective on ``n`` fixed held-out samples (distillation if ``teacher`` else flow
+def heldout_loss(forward, model, targets: "TeacherTargets | None", sampler: StepSampler, n: int, device,
+                 autocast) -> float | None:
+    """Stage-2 objective on ``n`` fixed held-out samples (distillation if ``targets`` else flow
     matching); ``forward(net, batch, x_t, sigma)`` runs one network."""
     if n == 0:
         return None
@@ -249,10 +298,10 @@ def heldout_loss(forward, model, teacher, sampler: StepSampler, n: int, device, 
         x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
         with autocast():
             pred = forward(model, batch, x_t, batch["sigma"]).float()
-            if teacher is not None:
-                target = forward(teacher, batch, x_t, batch["sigma"]).float()
-            else:
-                target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+        if targets is not None:
+            target = targets.get("eval", i, batch)
+        else:
+            target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
         total += float(torch.mean((pred - target) ** 2))
     return total / n
 
@@ -526,9 +575,6 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                            quant=quant)
     if cfg["objective"] == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
-    teacher = None
-    if cfg["objective"] == "distill":
-        teacher = load_base_model(workdir, sla2_cfg, dtype=recipe["model"]["dtype"], device=device).requires_grad_(False)
     model.train()
     model.requires_grad_(True)
     for proc in sla2_processors(model).values():
@@ -565,25 +611,44 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
 
     def forward(net, batch, x_t, sigma, student_dtype=dtype):
-        return _forward(net, family, batch, x_t, sigma, device, teacher_dtype if net is teacher else student_dtype)
+        return _forward(net, family, batch, x_t, sigma, device, student_dtype)
+
+    targets = None
+    show = show_progress and accelerator.is_main_process
+    every = recipe["calibration"]["checkpoint_every"]
+    ga = cfg["grad_accum"]
+    if cfg["objective"] == "distill":
+        targets = TeacherTargets(
+            lambda net, b, x, sg: _forward(net, family, b, x, sg, device, teacher_dtype),
+            lambda verify: load_base_model(workdir, sla2_cfg, dtype=recipe["model"]["dtype"], device=device,
+                                           verify=verify).requires_grad_(False),
+            accelerator.autocast, device, cfg["teacher"])
+
+    def train_chunk(step):  # (precompute) the micro-batches up to the next checkpoint: one interval at a time
+        return sampler, range(step * ga, min(cfg["steps"], (step // every + 1) * every) * ga)
+
+    if targets is not None:
+        targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start)}, show)
 
     def score(net, student_dtype=dtype):
         run = lambda n, b, x, s: forward(n, b, x, s, student_dtype)  # noqa: E731
-        return heldout_loss(run, net, teacher, eval_sampler, n_eval, device, accelerator.autocast)
+        return heldout_loss(run, net, targets, eval_sampler, n_eval, device, accelerator.autocast)
 
     heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective
     bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
                    initial=start, total=cfg["steps"])
     t0 = time.time()
     for step in bar:
+        if targets is not None and step != start and step % every == 0:
+            targets.precompute({"train": train_chunk(step)}, show)
         t_step = time.time()
         step_loss = 0.0
         for micro in range(cfg["grad_accum"]):
-            batch = sampler.batch(step * cfg["grad_accum"] + micro)
+            index = step * cfg["grad_accum"] + micro
+            batch = sampler.batch(index)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            if teacher is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    target = forward(teacher, batch, x_t, batch["sigma"]).float()
+            if targets is not None:
+                target = targets.get("train", index, batch)
             else:
                 target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
             with accelerator.accumulate(model), accelerator.autocast():
@@ -625,6 +690,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     del full_state
     first_last = _first_last(log_path)
     summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
+                          "teacher": cfg["teacher"] if cfg["objective"] == "distill" else None,
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
                           "quant": quant, "batch_size": cfg["batch_size"],
                           "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,

@@ -81,6 +81,11 @@ DEFAULTS: dict[str, Any] = {
             # false keeps every alpha at its stage-1 (or convert) value: for ablations such as sparse-only
             # (alpha pinned to 1) or for separating what the mixing ratio and the weights each contribute.
             "train_alpha": True,
+            # distill only. "online": the dense teacher runs beside the student at every step.
+            # "precompute": its targets for every step (and the held-out samples) are computed first and
+            # kept on the host (one latent per micro-batch), then the teacher is freed: the same numbers,
+            # without the teacher's weights on the device during training (what FSDP runs of 14B need).
+            "teacher": "online",
         },
     },
     "validation": {
@@ -162,6 +167,7 @@ def validate(recipe: dict) -> dict:
            "calibration.stage2.warmup_steps must be an integer >= 0")
     _check(isinstance(st2["gradient_checkpointing"], bool), "calibration.stage2.gradient_checkpointing must be true/false")
     _check(isinstance(st2["train_alpha"], bool), "calibration.stage2.train_alpha must be true/false")
+    _check(st2["teacher"] in ("online", "precompute"), "calibration.stage2.teacher must be 'online' or 'precompute'")
     _check(isinstance(c["seed"], int), "calibration.seed must be an integer")
     _check(isinstance(c["eval_samples"], int) and c["eval_samples"] >= 0, "calibration.eval_samples must be >= 0")
     _check(isinstance(c["checkpoints_total_limit"], int) and c["checkpoints_total_limit"] >= 1,

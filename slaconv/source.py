@@ -167,12 +167,14 @@ def load_model(source: ModelSource, family: Family | None = None, *, dtype: str 
     return model.to(device).eval()
 
 
-def load_base_model(workdir: Path, sla2_cfg: dict, *, dtype: str, device, base: str | None = None) -> torch.nn.Module:
+def load_base_model(workdir: Path, sla2_cfg: dict, *, dtype: str, device, base: str | None = None,
+                    verify: bool = True) -> torch.nn.Module:
     """The original model a work dir was converted from.
 
     Tried in order: ``base`` if given; the local folder recorded at convert time (checked against
-    the recorded content hash, so a changed checkpoint is not silently used); the Hub id and
-    revision recorded in ``sla2_config.json``.
+    the recorded content hash, so a changed checkpoint is not silently used; ``verify=False`` skips
+    that check for a caller that already made it in this run); the Hub id and revision recorded in
+    ``sla2_config.json``.
     """
     from .workdir import read_local
 
@@ -182,7 +184,7 @@ def load_base_model(workdir: Path, sla2_cfg: dict, *, dtype: str, device, base: 
     local = read_local(workdir).get("base_path")
     if local and Path(local).is_dir():
         source = resolve_model(local)
-        if info.get("content_hash") and content_hash(source.path) != info["content_hash"]:
+        if verify and info.get("content_hash") and content_hash(source.path) != info["content_hash"]:
             raise InputError(f"the base model at {local} changed since convert (content hash differs); pass --base")
         return load_model(source, dtype=dtype, device=device)
     if info.get("id"):

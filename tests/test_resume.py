@@ -70,3 +70,51 @@ def _recipe(work):
     from slaconv.recipe import load_recipe
 
     return load_recipe(work / "recipe.yaml")
+
+
+def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan_dir, monkeypatch):
+    """calibration.stage2.teacher: precompute computes each checkpoint interval's distillation targets
+    (and the held-out ones) with a freshly loaded teacher that is freed before training: the loss curve,
+    held-out losses and saved weights are exactly those of the online teacher, the teacher is loaded once
+    per interval (its content hash checked on the first load only), and a resumed run picks it up mid-way."""
+    common = {"calibration.stage2.steps": 5, "calibration.checkpoint_every": 2, "calibration.stage2.grad_accum": 2}
+    online_recipe = write_recipe(tmp_path / "on.yaml", **common)
+    pre_recipe = write_recipe(tmp_path / "pre.yaml", **common, **{"calibration.stage2.teacher": "precompute"})
+    online, pre, resumed = tmp_path / "online", tmp_path / "pre", tmp_path / "resumed"
+    run("convert", tiny_wan_dir, "-o", online, "--recipe", online_recipe)
+    run("convert", tiny_wan_dir, "-o", pre, "--recipe", pre_recipe)
+    shutil.copytree(pre, resumed)
+
+    loads = []
+    real_load = cal.load_base_model
+
+    def counting_load(*args, **kwargs):
+        loads.append(kwargs.get("verify", True))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "load_base_model", counting_load)
+    a = json.loads(run("calibrate", online, "--stage", "2", "--json").stdout)["stage2"]
+    assert loads == [True]
+    loads.clear()
+    b = json.loads(run("calibrate", pre, "--stage", "2", "--json").stdout)["stage2"]
+    assert loads == [True, False, False]  # steps 0-1, 2-3, 4: one load per checkpoint interval
+    assert b["teacher"] == "precompute" and a["teacher"] == "online"
+    assert _losses(pre, 2) == _losses(online, 2)
+    assert (b["heldout_loss_before"], b["heldout_loss_after"]) == (a["heldout_loss_before"], a["heldout_loss_after"])
+    name = "diffusion_pytorch_model.safetensors"
+    assert (pre / name).read_bytes() == (online / name).read_bytes()
+
+    real_save = cal.save_checkpoint
+
+    def save_then_die(root, step, state, limit):
+        path = real_save(root, step, state, limit)
+        if step == 2:
+            raise Killed()
+        return path
+
+    monkeypatch.setattr(cal, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        cal.calibrate(resumed, _recipe(resumed), stage="2", show_progress=False)
+    monkeypatch.setattr(cal, "save_checkpoint", real_save)
+    run("calibrate", resumed, "--stage", "2", "--resume", "latest")
+    assert _losses(resumed, 2) == _losses(online, 2)
