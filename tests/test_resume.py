@@ -15,6 +15,22 @@ class Killed(BaseException):
     """Stands in for SIGKILL: escapes every ``except Exception``."""
 
 
+def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
+    """Run ``stage`` on ``work`` in-process and kill it right after it saved checkpoint ``kill_step``."""
+    real_save = cal.save_checkpoint
+
+    def save_then_die(root, step, state, limit):
+        path = real_save(root, step, state, limit)
+        if step == kill_step:
+            raise Killed()
+        return path
+
+    monkeypatch.setattr(cal, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        cal.calibrate(work, _recipe(work), stage=str(stage), show_progress=False)
+    monkeypatch.setattr(cal, "save_checkpoint", real_save)
+
+
 def _losses(work, stage):
     key = "loss_rel_mse_mean" if stage == 1 else "loss"
     return [json.loads(line)[key] for line in (work / "logs" / f"stage{stage}.jsonl").read_text().splitlines()]
@@ -29,18 +45,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, mon
     shutil.copytree(fresh, killed)
     run("calibrate", fresh, "--stage", stage)
 
-    real_save = cal.save_checkpoint
-
-    def save_then_die(root, step, state, limit):
-        path = real_save(root, step, state, limit)
-        if step == 4:
-            raise Killed()
-        return path
-
-    monkeypatch.setattr(cal, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        cal.calibrate(killed, _recipe(killed), stage=str(stage), show_progress=False)
-    monkeypatch.setattr(cal, "save_checkpoint", real_save)
+    _kill_after_checkpoint(killed, stage, 4, monkeypatch)
     cfg = json.loads((killed / "sla2_config.json").read_text())
     assert not (cfg["calibration"] or {}).get(f"stage{stage}"), "a killed stage must not look finished"
 
@@ -104,17 +109,6 @@ def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan
     name = "diffusion_pytorch_model.safetensors"
     assert (pre / name).read_bytes() == (online / name).read_bytes()
 
-    real_save = cal.save_checkpoint
-
-    def save_then_die(root, step, state, limit):
-        path = real_save(root, step, state, limit)
-        if step == 2:
-            raise Killed()
-        return path
-
-    monkeypatch.setattr(cal, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        cal.calibrate(resumed, _recipe(resumed), stage="2", show_progress=False)
-    monkeypatch.setattr(cal, "save_checkpoint", real_save)
+    _kill_after_checkpoint(resumed, 2, 2, monkeypatch)
     run("calibrate", resumed, "--stage", "2", "--resume", "latest")
     assert _losses(resumed, 2) == _losses(online, 2)
