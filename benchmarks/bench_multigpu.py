@@ -257,6 +257,10 @@ class Plan:
         self.env = {"OMP_NUM_THREADS": "1"} if args.cpu else {}
         self.layers13 = TINY_LAYERS["1.3b"] if args.cpu else CONFIGS["1.3b"]["num_layers"]
         self.layers14 = TINY_LAYERS["14b"] if args.cpu else args.fsdp_layers
+        # job caps were set for 12 blocks; a deeper slice gets proportionally longer (build, convert, FSDP)
+        self.scale14 = max(1.0, self.layers14 / 12)
+        # the one-process format reference trains the whole slice on one GPU: 12 blocks took 91 GB
+        self.format_ref = args.cpu or self.layers14 <= 12
         self.base13, self.base14, self.conv13, self.conv14 = w / "base13", w / "base14", w / "conv13", w / "conv14"
         self.one13, self.two13 = w / "w13_1proc", self.conv13  # the 2-process run works in the converted dir
         self.fsdp14, self.ref14 = self.conv14, w / "w14_1proc"
@@ -294,7 +298,8 @@ def prepare_models(plan: Plan, runner: Runner) -> dict:
     lanes = {"14": runner.start("build14", _build_cmd("14b", plan.layers14, plan.base14, a.cpu), plan.gpu(1))}
     if not a.fsdp_only:
         lanes["13"] = runner.start("build13", _build_cmd("1.3b", plan.layers13, plan.base13, a.cpu), plan.gpu(0))
-    built = {tag: runner.finish(job, cap_s=150, by=0.4) for tag, job in lanes.items()}
+    caps = {"13": 150, "14": 150 * plan.scale14}
+    built = {tag: runner.finish(job, cap_s=caps[tag], by=0.4) for tag, job in lanes.items()}
     convs = {}
     for tag, base, conv, recipe, gpu in (("13", plan.base13, plan.conv13, plan.r13, 0),
                                          ("14", plan.base14, plan.conv14, plan.r14, 1)):
@@ -303,10 +308,11 @@ def prepare_models(plan: Plan, runner: Runner) -> dict:
                                       plan.gpu(gpu))
     layouts = {"build": {tag: r["json"] for tag, r in built.items()}}
     for tag, job in convs.items():
-        if runner.finish(job, cap_s=150, by=0.45)["ok"]:
+        if runner.finish(job, cap_s=caps[tag], by=0.45)["ok"]:
             conv, copy = (plan.conv13, plan.one13) if tag == "13" else (plan.conv14, plan.ref14)
             layouts[tag] = tensor_layout(conv)  # before any run replaces the weights
-            shutil.copytree(conv, copy)
+            if tag == "13" or plan.format_ref:
+                shutil.copytree(conv, copy)
     return layouts
 
 
@@ -324,12 +330,13 @@ def run(args) -> dict:
         ddp = runner.finish(runner.start("ddp13_2proc", plan.ddp_cmd(), plan.env), cap_s=170,
                             by=0.525 if ok14 else 0.7)
     if ok14:  # FSDP, the 14B slice
-        fsdp = runner.finish(runner.start(f"fsdp14_{args.fsdp_processes}proc", plan.fsdp_cmd(), plan.env), cap_s=170,
-                             by=0.7 if ok13 else 1.0)
+        fsdp = runner.finish(runner.start(f"fsdp14_{args.fsdp_processes}proc", plan.fsdp_cmd(), plan.env),
+                             cap_s=170 * plan.scale14, by=0.7 if ok13 else 1.0)
     # one process x batch 2 on GPU 0 and the one-process 14B format reference on GPU 1, together
     # (one after the other on CPU processes, which share the cores)
     single_job = runner.start("single13_1proc", plan.single_cmd(), plan.gpu(0)) if ok13 else None
-    ref_job = runner.start("single14_format_ref", plan.ref_cmd(), plan.gpu(1)) if ok14 and not args.cpu else None
+    ref_job = (runner.start("single14_format_ref", plan.ref_cmd(), plan.gpu(1))
+               if ok14 and not args.cpu and plan.format_ref else None)
     if single_job is not None:
         single = runner.finish(single_job, cap_s=runner.left())
     if ok14 and args.cpu:
@@ -397,6 +404,8 @@ def fsdp_result(args, fsdp, ref, fsdp14: Path, ref14: Path, layout14: dict, laye
     if ref is not None:
         out["1proc_format_ref"] = {"ok": ref["ok"], "wall_s": ref["wall_s"],
                                    "peak_gb": stage2(ref).get("peak_gpu_memory_gb")}
+    elif layers > 12 and not args.cpu:
+        out["1proc_format_ref"] = f"skipped: {layers} blocks do not fit one GPU for training (12 took 91 GB)"
     return out
 
 
