@@ -11,7 +11,9 @@ the low-bit modes INT8/FP8 copies of Q, K, V.  Saved for the backward: O (which 
 the LUT, the LSE and 1/den (two fp32 per row) and the D x D totals; the backward recomputes phi(Q), phi(K)
 and the linear numerator instead of saving O_s, O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B
 layer at 480p), and builds the inverted index (B*H*nt*n_sel int32).
-Nothing O(N^2), no per-block D x D state.
+Nothing O(N^2), no per-key-block D x D state.  The experimental ``CONFIG["lin_state"]`` replaces the O_l
+temporary by one D x D state per query block (B*H*(N/b_q)*D^2: O_l's size at b_q = D, half of it at D = 64 and
+b_q = 128, twice at D = 128 and b_q = 64).
 
 The kernels live in ``sla2_triton_kernels.py``; they are looked up through that module object at call
 time so the test suite can reload it under ``TRITON_INTERPRET=1``.
