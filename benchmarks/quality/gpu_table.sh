@@ -12,6 +12,8 @@ rc=$?
 for f in results.md results.json samples.png run_all.log; do
   [[ -f "$WORK/summary/$f" ]] && cp "$WORK/summary/$f" "${OUT:?}/"
 done
+# cut short: the rows finished so far
+[[ -f "$WORK/quality/results.partial.json" ]] && cp "$WORK/quality/results.partial.json" "$OUT/"
 cp "$WORK.log" "$OUT/gpu_table.log"
 echo "table rc $rc"
 tail -40 "$WORK/summary/results.md" 2>/dev/null || tail -30 "$WORK.log"

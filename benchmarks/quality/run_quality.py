@@ -345,6 +345,8 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
             row["alpha_min_mean_max"] = alpha_range(workdir)
         row.update(extra or {})
         rows.append(row)
+        # a run cut short (e.g. by a device call's time limit) still leaves every finished row
+        common.write_json(out / "results.partial.json", {"rows": rows, "seconds": round(total(), 1)})
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -456,6 +458,7 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         "seconds_total": round(total(), 1), "env": common.env_summary(),
     }
     common.write_json(out / "results.json", result)
+    (out / "results.partial.json").unlink(missing_ok=True)
     (out / "results.md").write_text(markdown(result))
     log(f"wrote {out / 'results.md'}, results.json, samples.png in {total():.0f} s")
     return result
