@@ -222,8 +222,9 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     lin_fp8 = bool(CONFIG["lin_fp8"]) and qid == 2
     # pass over K (and V for the FP8 scale): key-block means and sums, phi(K), z per block, max|V| per block
     k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
-    ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
-    zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    # per-block K sums and z in one buffer (two contiguous halves): one reduction gives mean(K) and z_all
+    block_sums = torch.empty(2, BH, nk, D, device=dev, dtype=f32)
+    ksb, zb = block_sums[0], block_sums[1]
     vmb = torch.empty(BH, nk, D, device=dev, dtype=f32) if qid == 2 else zb
     phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
     phikt = torch.empty(BH, D, npad, device=dev, dtype=torch.float8_e4m3fn) if lin_fp8 else phik
@@ -236,8 +237,7 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
     _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
     h_all = hp.sum(dim=1).neg_()
-    z_all = zb.sum(dim=1)
-    ksum = ksb.sum(dim=1)
+    ksum, z_all = block_sums.sum(dim=2)
     vmax = vmb.amax(dim=1) if qid == 2 else ksum
     # pass over Q: block means (+ INT8 Q)
     q_bar = torch.empty(BH, nq, D, device=dev, dtype=f32)
