@@ -330,8 +330,9 @@ def run(args) -> dict:
         ddp = runner.finish(runner.start("ddp13_2proc", plan.ddp_cmd(), plan.env), cap_s=170,
                             by=0.525 if ok14 else 0.7)
     if ok14:  # FSDP, the 14B slice
+        # alone (--fsdp-only) it may use whatever the budget has left
         fsdp = runner.finish(runner.start(f"fsdp14_{args.fsdp_processes}proc", plan.fsdp_cmd(), plan.env),
-                             cap_s=170 * plan.scale14, by=0.7 if ok13 else 1.0)
+                             cap_s=runner.left() if args.fsdp_only else 170 * plan.scale14, by=0.7 if ok13 else 1.0)
     # one process x batch 2 on GPU 0 and the one-process 14B format reference on GPU 1, together
     # (one after the other on CPU processes, which share the cores)
     single_job = runner.start("single13_1proc", plan.single_cmd(), plan.gpu(0)) if ok13 else None
