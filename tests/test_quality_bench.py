@@ -200,6 +200,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert table.count("\n| ") >= 1 + len(res["rows"]) and "sparse only" in table
     assert (out / "samples.png").is_file() and json.loads((out / "results.json").read_text())["rows"]
+    assert not (out / "results.partial.json").exists()  # only a run cut short leaves it
+
+    # `make demo-trained`'s shape: the main rows only, on single frames of the same model
+    demo = run_quality.run(model_dir, tmp_path / "demo", classifier_dir=tmp_path / "clf", smoke=True, validate="none",
+                           settings_override={"rows": "main", "frames": 1, "topks": [0.25]}, device="cpu", log=quiet)
+    assert demo["spec"]["frames"] == 1 and demo["tokens_per_sample"] < res["tokens_per_sample"]
+    assert [r["name"] for r in demo["rows"]] == ["dense original", "SLA2, no fine-tuning (convert only)",
+                                                 "SLA2, stage 1 only", "SLA2 (stage 1 + stage 2 QAT)"]
 
 
 def test_shipped_checkpoint_has_learned(tmp_path):

@@ -35,6 +35,7 @@ samples.png (original + every row, same noise), recipes/, data/ and the work dir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -318,7 +319,9 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         log(f"[spec] {model_dir} was trained without conditioning dropout: sampling unguided (guidance 1)")
         settings["guidance"] = 1.0
     if classifier_dir is not None:
-        check_classifier_spec(classifier_dir, spec)
+        check_classifier_spec(classifier_dir, spec)  # the videos it was trained on, whatever --frames
+    if settings.get("frames"):  # e.g. 1: single frames, which the original was also trained on (joint training)
+        spec = dataclasses.replace(spec, frames=settings["frames"])
     log(f"[spec] {spec.frames} x {spec.size} x {spec.size} videos ({spec.tokens():,} tokens), objects "
         f"{spec.min_objects}-{spec.max_objects}, glyph scale {spec.min_scale}-{spec.max_scale}; guidance "
         f"{settings['guidance']:g}")
@@ -389,6 +392,8 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         if validate in ("main", "all") or (validate == "first" and topk == settings["topks"][0]):
             validate_row(f"{tag} SLA2", main)
 
+        if settings.get("rows", "all") == "main":
+            continue
         no1 = copy_workdir(base, work / f"topk{topk}" / "no-stage1")
         r = cli("calibrate", str(no1), "--data", str(data_dir), "--stage", "2", "--recipe", str(recipe))
         add_row("w/o stage 1 (heuristic router), stage 2 QAT", group, load_sla2(no1, dev), topk=topk, stage2=True,
@@ -413,19 +418,20 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
                 stage2=True, eval_quant=q, workdir=sp, extra={"calibration": {**stage_summary(rs1), **stage_summary(rs2)}})
 
     # linear only: one row, independent of the sparsity
-    group = "linear only"
-    log(f"[{group}]")
-    lin_topk = 1e-6  # -> 1 key block per query block (topk_count clamps to >= 1)
-    recipe = write_recipe(recipes / "linear-only.yaml", settings, spec, topk=lin_topk, objective=objective, seed=seed)
-    lin = work / "linear-only"
-    cli("convert", str(model_dir), "-o", str(lin), "--recipe", str(recipe), "--data", str(data_dir), "--overwrite")
-    edit_sla2_state(lin, alpha_logit=-PIN, zero_router=True)
-    add_row("linear only (alpha = 0), no fine-tuning", group, load_sla2(lin, dev), topk=lin_topk, eval_quant=q,
-            workdir=lin)
-    lin_ft = copy_workdir(lin, work / "linear-only-ft")
-    r = cli("calibrate", str(lin_ft), "--data", str(data_dir), "--stage", "2", "--recipe", str(recipe))
-    add_row("linear only (alpha = 0), stage 2", group, load_sla2(lin_ft, dev), topk=lin_topk, stage2=True, eval_quant=q,
-            workdir=lin_ft, extra={"calibration": stage_summary(r)})
+    if settings.get("rows", "all") == "all":
+        group = "linear only"
+        log(f"[{group}]")
+        lin_topk = 1e-6  # -> 1 key block per query block (topk_count clamps to >= 1)
+        recipe = write_recipe(recipes / "linear-only.yaml", settings, spec, topk=lin_topk, objective=objective, seed=seed)
+        lin = work / "linear-only"
+        cli("convert", str(model_dir), "-o", str(lin), "--recipe", str(recipe), "--data", str(data_dir), "--overwrite")
+        edit_sla2_state(lin, alpha_logit=-PIN, zero_router=True)
+        add_row("linear only (alpha = 0), no fine-tuning", group, load_sla2(lin, dev), topk=lin_topk, eval_quant=q,
+                workdir=lin)
+        lin_ft = copy_workdir(lin, work / "linear-only-ft")
+        r = cli("calibrate", str(lin_ft), "--data", str(data_dir), "--stage", "2", "--recipe", str(recipe))
+        add_row("linear only (alpha = 0), stage 2", group, load_sla2(lin_ft, dev), topk=lin_topk, stage2=True, eval_quant=q,
+                workdir=lin_ft, extra={"calibration": stage_summary(r)})
 
     if objective == "diffusion":
         group = "dense fine-tuned"
@@ -523,6 +529,15 @@ def main(argv=None) -> None:
     ap.add_argument("--validate", choices=["none", "first", "main", "all"],
                     help="run `slaconv validate` on: the first sparsity's SLA2 row, every SLA2 row (main), every "
                          "row, or none (default: main; first with --smoke)")
+    ap.add_argument("--rows", choices=["all", "main"],
+                    help="all: every ablation row (default); main: dense, convert only, stage 1, SLA2 (the demo)")
+    ap.add_argument("--frames", type=int,
+                    help="frames per video instead of the trained spec's (1: single frames, which the original "
+                         "was also trained on)")
+    ap.add_argument("--heldout-samples", type=int)
+    ap.add_argument("--sample-steps", type=int)
+    ap.add_argument("--sample-per-class", type=int)
+    ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--subprocess", action="store_true", help="run `python -m slaconv` instead of in-process CliRunner")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -544,6 +559,9 @@ def main(argv=None) -> None:
         over["block_q"] = args.block_q
     if args.guidance is not None:
         over["guidance"] = args.guidance
+    for key in ("rows", "frames", "heldout_samples", "sample_steps", "sample_per_class", "calib_samples"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
     res = run(args.model, args.out, classifier_dir=args.classifier, smoke=args.smoke, settings_override=over,
               objective=args.objective, validate=args.validate or ("first" if args.smoke else "main"),
               subprocess_mode=args.subprocess, device=args.device, seed=args.seed)
