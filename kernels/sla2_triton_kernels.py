@@ -194,7 +194,10 @@ def _k_feats(
     tl.store(KBAR + row, bsum / cnt)
     phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
     phik = phik32.to(k.dtype)
-    sign = -1.0 if NEG else 1.0
+    if NEG:
+        sign = -1.0
+    else:
+        sign = 1.0
     tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], (phik32 * sign).to(k.dtype), mask=valid[:, None])
     if PHI_FP8:
         # phi is a softmax over the head dim (<= 1): the static scale 448 maps it onto e4m3's range, as for P
