@@ -12,30 +12,23 @@
 set -uo pipefail
 WORK=${WORK:-/tmp/fsdpfull}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-done_yet() { [[ -f $WORK/run.rc ]]; }
 
 case "${1:?usage: gpu_fsdp_full.sh start [PROCESSES] [BLOCKS] | wait | collect}" in
   start)
     procs=${2:-4}
     blocks=${3:-40}
-    mkdir -p "$WORK"
-    rm -f "$WORK/run.rc"
-    setsid bash -c "python3 '$HERE/bench_multigpu.py' --out '$WORK/out' --work '$WORK/work' --fsdp-only \
-      --fsdp-processes $procs --fsdp-layers $blocks --budget-s 1700 > '$WORK/run.log' 2>&1; echo \$? > '$WORK/run.rc'" \
-      < /dev/null > /dev/null 2>&1 &
-    echo "started: $blocks blocks on $procs processes, log $WORK/run.log"
-    bash "$0" wait
+    bash "$HERE/detached.sh" start "$WORK" "python3 '$HERE/bench_multigpu.py' --out '$WORK/out' --work '$WORK/work' \
+      --fsdp-only --fsdp-processes $procs --fsdp-layers $blocks --budget-s 1700"
+    bash "$HERE/detached.sh" wait "$WORK"
     ;;
   wait)
-    for _ in $(seq 1 54); do done_yet && break; sleep 10; done
-    tail -5 "$WORK/run.log"
+    bash "$HERE/detached.sh" wait "$WORK"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader | tr '\n' ' '; echo
-    done_yet && echo "finished (rc $(cat "$WORK/run.rc"))" || echo "still running"
     ;;
   collect)
-    until done_yet; do sleep 10; done
+    bash "$HERE/detached.sh" finish "$WORK"
     cp "$WORK"/out/* "${OUT:?}/" 2>/dev/null
-    tail -30 "$WORK/run.log"
+    tail -30 "$WORK/job.log"
     ls -la "$OUT"
     ;;
   *)

@@ -15,34 +15,26 @@
 set -uo pipefail
 WORK=${WORK:-/tmp/q5long}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-LOG=$WORK/train.log
-done_yet() { [[ -f $WORK/train.rc ]]; }
+JOB="$HERE/../detached.sh"
 
 case "${1:?usage: gpu_long_train.sh start MINUTES | wait | collect}" in
   start)
     minutes=${2:?minutes}
-    mkdir -p "$WORK"
-    rm -f "$WORK/train.rc"
-    setsid bash -c "TRAIN_ARGS='--max-minutes $minutes --steps 100000' '$HERE/run_all.sh' '$WORK' train > '$LOG' 2>&1; echo \$? > '$WORK/train.rc'" \
-      < /dev/null > /dev/null 2>&1 &
-    echo "training started: ${minutes} min budget, log $LOG"
-    bash "$0" wait
+    bash "$JOB" start "$WORK" "TRAIN_ARGS='--max-minutes $minutes --steps 100000' '$HERE/run_all.sh' '$WORK' train"
+    bash "$JOB" wait "$WORK"
     ;;
   wait)
-    for _ in $(seq 1 54); do done_yet && break; sleep 10; done
-    tail -3 "$LOG"
-    done_yet && echo "training finished (rc $(cat "$WORK/train.rc"))" || echo "still training"
+    bash "$JOB" wait "$WORK"
     ;;
   collect)
-    until done_yet; do sleep 10; done
-    echo "train rc $(cat "$WORK/train.rc")"
+    bash "$JOB" finish "$WORK"
     timeout 300 "$HERE/run_all.sh" "$WORK" classifier > "$WORK/classifier.log" 2>&1
     echo "classifier rc $?"
     mkdir -p "$OUT/model" "$OUT/classifier"
     cp "$WORK"/dit/model/* "$OUT/model/"
     cp "$WORK"/dit/samples.png "$WORK"/dit/loss_curve.png "$WORK"/dit/train_summary.json "$OUT/" 2>/dev/null
     cp "$WORK"/classifier/classifier.safetensors "$WORK"/classifier/classifier.json "$OUT/classifier/" 2>/dev/null
-    tail -5 "$LOG" "$WORK/classifier.log"
+    tail -5 "$WORK/job.log" "$WORK/classifier.log"
     ls -la "$OUT" "$OUT/model" "$OUT/classifier"
     ;;
   *)
