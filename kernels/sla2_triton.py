@@ -232,11 +232,11 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
         k, v, k_bar, ksb, zb, vmb, phik, phikt, *sk, *sv, N, H, nk, npad, D=D, BLOCK_N=block_k,
         NEED_VMAX=qid == 2, PHI_FP8=lin_fp8, FP8_EMU=_interpreting(), NEG=True, **_feats_cfg(D),
     )  # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
-    # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks (of -phi(K), hence the sign)
+    # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
     ns = _nsplit(BH, nk)
     hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
     _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
-    h_all = hp.sum(dim=1).neg_()
+    h_all = hp.sum(dim=1)
     ksum, z_all = block_sums.sum(dim=2)
     vmax = vmb.amax(dim=1) if qid == 2 else ksum
     # pass over Q: block means (+ INT8 Q)

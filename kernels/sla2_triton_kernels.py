@@ -136,6 +136,18 @@ def _linear_output(q, hd, zd, has_lin):
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _int8_tile(x):
+    """Symmetric INT8 of an fp32 tile with one scale (amax / 127), rounding half away from zero:
+    returns the int8 tile and the scale."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.maximum(amax, 1e-8) / 127.0
+    y = x / scale
+    y = tl.where(y >= 0, y + 0.5, y - 0.5)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    return y.to(tl.int32).to(tl.int8), scale
+
+
 @triton.jit(do_not_specialize=["N", "H", "nb", "mult"])
 def _q_prepass(
     X, XBAR, XQ, XS,
@@ -155,13 +167,8 @@ def _q_prepass(
     cnt = tl.minimum(N - pid * BLOCK, BLOCK).to(tl.float32)
     tl.store(XBAR + (bh * nb + pid) * D + offs_d, tl.sum(xf, axis=0) / cnt)
     if QUANT > 0:
-        xs = xf * mult
-        amax = tl.max(tl.max(tl.abs(xs), axis=1), axis=0)
-        scale = tl.maximum(amax, 1e-8) / 127.0
-        y = xs / scale
-        y = tl.where(y >= 0, y + 0.5, y - 0.5)
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        tl.store(XQ + (bh * N + offs[:, None]) * D + offs_d[None, :], y.to(tl.int32).to(tl.int8), mask=valid[:, None])
+        y, scale = _int8_tile(xf * mult)
+        tl.store(XQ + (bh * N + offs[:, None]) * D + offs_d[None, :], y, mask=valid[:, None])
         tl.store(XS + bh * nb + pid, scale)
 
 
@@ -229,7 +236,8 @@ def _kv_outer(
         phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = tl.dot(tl.trans(phik), v, acc)
-    tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
+    # PHIK is the forward's buffer, which holds -phi(K) (_k_feats NEG): store the partial of +H
+    tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], -acc)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
@@ -251,12 +259,8 @@ def _kv_quant(
     k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
     mean = tl.load(KSUM + bh * D + offs_d) * inv_n
     ks = tl.where(valid[:, None], k.to(tl.float32) - mean[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(ks), axis=1), axis=0)
-    scale = tl.maximum(amax, 1e-8) / 127.0
-    y = ks / scale
-    y = tl.where(y >= 0, y + 0.5, y - 0.5)
-    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-    tl.store(KQ + (bh * N + offs[:, None]) * D + offs_d[None, :], y.to(tl.int32).to(tl.int8), mask=valid[:, None])
+    y, scale = _int8_tile(ks)
+    tl.store(KQ + (bh * N + offs[:, None]) * D + offs_d[None, :], y, mask=valid[:, None])
     tl.store(KS + bh * nk + pid, scale)
     if QUANT == 2:
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
