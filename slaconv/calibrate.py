@@ -285,6 +285,13 @@ class TeacherTargets:
         return self._target(batch).float()
 
 
+def stage2_target(targets: "TeacherTargets | None", name: str, index: int, batch, device) -> torch.Tensor:
+    """The fp32 stage-2 target of a batch: the teacher's velocity (distill) or flow matching's (diffusion)."""
+    if targets is not None:
+        return targets.get(name, index, batch)
+    return flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+
+
 @torch.no_grad()
 def heldout_loss(forward, model, targets: "TeacherTargets | None", sampler: StepSampler, n: int, device,
                  autocast) -> float | None:
@@ -298,10 +305,7 @@ def heldout_loss(forward, model, targets: "TeacherTargets | None", sampler: Step
         x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
         with autocast():
             pred = forward(model, batch, x_t, batch["sigma"]).float()
-        if targets is not None:
-            target = targets.get("eval", i, batch)
-        else:
-            target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+        target = stage2_target(targets, "eval", i, batch, device)
         total += float(torch.mean((pred - target) ** 2))
     return total / n
 
@@ -647,10 +651,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             index = step * cfg["grad_accum"] + micro
             batch = sampler.batch(index)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            if targets is not None:
-                target = targets.get("train", index, batch)
-            else:
-                target = flow.velocity_target(batch["latents"], batch["noise"]).to(device).float()
+            target = stage2_target(targets, "train", index, batch, device)
             with accelerator.accumulate(model), accelerator.autocast():
                 pred = forward(model, batch, x_t, batch["sigma"]).float()
                 loss = torch.mean((pred - target) ** 2)
