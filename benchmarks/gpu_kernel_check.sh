@@ -7,10 +7,11 @@
 # --model 14b --layers 4 --compile).
 #   bash benchmarks/gpu_kernel_check.sh
 source benchmarks/gpu_setup.sh
+set +e  # a failing step must not skip the benchmarks after it
 export PYTHONUNBUFFERED=1
 set -o pipefail
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv | tee "$OUT/bench_model.log"
-timeout 120 python3 -m pytest -q -x tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
+timeout 120 python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
 timeout 300 python3 benchmarks/bench_attention.py --auto --quick --topk 0.03 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | grep -v "^resources"
 rm -f "$OUT/bench_attention.md"
 BEST=$(python3 -c "import json;print(json.dumps(json.load(open('$OUT/bench_attention.json'))['config']))" 2>/dev/null || echo '{}')

@@ -234,23 +234,35 @@ def test_fused_forward_variant_matches_the_reference_forward_and_backward(layout
     _check_forward_and_gradients(inputs, layout, dict(topk=0.3, block_q=bq, block_k=64, quant="none"), grad_seed=2)
 
 
-@pytest.mark.parametrize("overrides", [{"pair": 2}, {"lin_pair": 2}])
-def test_two_key_blocks_per_step_match_the_reference(overrides, monkeypatch):
-    """PAIR = 2 loops (128-key tiles from two LUT entries) with an odd number of selected blocks, whose last
-    step must use its first half only: forward and every gradient."""
+def _topk_leaving_odd(n: int, part: str, block_k: int = 64) -> float:
+    """A top-k fraction (near one half) whose selected ("selected") or complement ("complement") key-block
+    count is odd for sequence length n, so a two-blocks-per-step loop ends on a half-used step."""
+    n_blocks = reference.block_count(n, block_k)
+    for kept in range(n_blocks // 2 + 1, 0, -1):
+        counted = kept if part == "selected" else n_blocks - kept
+        if counted % 2 == 1 and reference.topk_count(kept / n_blocks, n_blocks) == kept:
+            return kept / n_blocks
+    raise AssertionError(f"no top-k leaves an odd {part} count for n={n}")
+
+
+@pytest.mark.parametrize("overrides,part", [({"pair": 2}, "selected"), ({"lin_pair": 2}, "complement")])
+def test_two_key_blocks_per_step_match_the_reference(overrides, part, monkeypatch):
+    """PAIR = 2 loops (128-key tiles from two LUT entries) over an odd number of blocks (the selected ones for
+    the sparse loop, the complement for the linear loop), whose last step must use its first half only:
+    forward and every gradient."""
     for key, value in overrides.items():
         monkeypatch.setitem(S.CONFIG, key, value)
     b, h, n = SIZES[1]
     inputs = _inputs(b, h, n, 64, "bnhd", seed=53)
-    assert reference.topk_count(0.5, reference.block_count(n, 64)) % 2 == 1
-    _check_forward_and_gradients(inputs, "bnhd", dict(topk=0.5, block_q=128, block_k=64, quant="none"), grad_seed=3)
+    topk = _topk_leaving_odd(n, part)
+    _check_forward_and_gradients(inputs, "bnhd", dict(topk=topk, block_q=128, block_k=64, quant="none"), grad_seed=3)
 
 
 def test_fp8_linear_loop_with_two_blocks_per_step(monkeypatch):
     """lin_fp8 with PAIR = 2 (masked FP8 loads) and an odd block count: same result as PAIR = 1."""
     b, h, n = SIZES[1]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=59)
-    kw = dict(topk=0.5, block_q=128, block_k=64, quant="int8-fp8")
+    kw = dict(topk=_topk_leaving_odd(n, "complement"), block_q=128, block_k=64, quant="int8-fp8")
     monkeypatch.setitem(S.CONFIG, "lin_fp8", True)
     one = _run_kernel(q, k, v, rq, rk, al, "bhnd", **kw)
     monkeypatch.setitem(S.CONFIG, "lin_pair", 2)
