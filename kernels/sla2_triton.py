@@ -5,15 +5,15 @@ registered as two ``torch.library`` custom ops, ``slaconv::sla2_fwd`` and ``slac
 fake implementations and an autograd formula, so ``torch.compile`` traces a module that calls it
 without a graph break.
 
-Extra memory (beside the output): O_l and phi(K) as temporaries (B*H*N*D each, input dtype), z per key block
-(B*H*nk*D fp32), the LUT (B*H*nq*n_sel int32), D x D and D totals per (b, h) (and per pre-pass split), and for
-the low-bit modes INT8/FP8 copies of Q, K, V.  Saved for the backward: O (which the next layer keeps anyway),
-the LUT, the LSE and 1/den (two fp32 per row) and the D x D totals; the backward recomputes phi(Q), phi(K)
-and the linear numerator instead of saving O_s, O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B
-layer at 480p), and builds the inverted index (B*H*nt*n_sel int32).
-Nothing O(N^2), no per-key-block D x D state.  The experimental ``CONFIG["lin_state"]`` replaces the O_l
-temporary by one D x D state per query block (B*H*(N/b_q)*D^2: O_l's size at b_q = D, half of it at D = 64 and
-b_q = 128, twice at D = 128 and b_q = 64).
+Extra memory (beside the output): phi(K) as a temporary (B*H*N*D, input dtype), the linear branch's state
+per query block handed from the linear launch to the sparse launch (H_all - H_sel and z: B*H*(N/b_q)*D^2, O_l's
+size at b_q = D, half of it at D = 64 and b_q = 128, twice at D = 128 and b_q = 64; with
+``CONFIG["lin_state"] = False`` an O_l temporary of B*H*N*D instead), z per key block (B*H*nk*D fp32), the LUT
+(B*H*nq*n_sel int32), D x D and D totals per (b, h) (and per pre-pass split), and for the low-bit modes INT8/FP8
+copies of Q, K, V.  Saved for the backward: O (which the next layer keeps anyway), the LUT, the LSE and 1/den
+(two fp32 per row) and the D x D totals; the backward recomputes phi(Q), phi(K) and the linear numerator
+instead of saving O_s, O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B layer at 480p), and builds the
+inverted index (B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.
 
 The kernels live in ``sla2_triton_kernels.py``; they are looked up through that module object at call
 time so the test suite can reload it under ``TRITON_INTERPRET=1``.
@@ -41,32 +41,18 @@ CONFIG = {
     "pair": 1,  # selected key blocks per loop step (1 or 2) in the bf16 forward and the linear loops (H200 sweep)
     "pair_lowbit": 1,  # same for the int8 / int8-fp8 sparse loop (2 spills there)
     "lin_warps": 8,  # forward linear launch and dQ-linear launch (D x D accumulator)
-    "lin_stages": 3,
+    # 5: three tile buffers (the LUT load takes a stage); H100 sweep 2026-11-27: fwd 1.40 -> 1.35 ms, fwd+bwd
+    # 5.68 -> 5.29 ms at (1,12,32760,128), 97%
+    "lin_stages": 5,
     "tile_m_bwd": 64,  # query rows per dq program / per inverted-index entry
     "num_warps_bwd": 4,
     "num_stages_bwd": 2,  # 2 programs per SM in dQ / dK / dV (H200 sweep: fwd+bwd 7.74 -> 7.03 ms)
     "dkdv_split": True,  # sparse dK and dV in two launches with one accumulator each
-    # Experimental, off until timed on a GPU: K/V tiles of the bf16 sparse forward through TMA descriptors,
-    # and Triton's warp specialisation of that loop (benchmarks/KERNELS.md, "v7").
-    "tma": False,
-    "warp_specialize": False,
-    # Experimental, off until timed: one launch for both forward branches (bf16/fp16), 64-row tiles
-    # (128 spills), see _fwd_fused_kernel.
-    "fused_fwd": False,
-    "tile_m_fused": 64,
-    "fused_warps": 8,
-    "fused_stages": 2,
-    # Experimental, off until timed: in int8-fp8 the linear loop's selected share H_sel = sum phi(K_j)^T V_j
-    # as an FP8 MMA on token-contiguous copies (half the bytes, twice the MMA rate of bf16); the fp32
-    # total it is subtracted from stays exact (benchmarks/KERNELS.md, "Session 4").
-    "lin_fp8": False,
-    # Experimental: key blocks per step of the forward linear loop alone (None: "pair"); the v6 sweep moved
-    # "pair" for the sparse and linear loops together, so which one preferred 1 is not known.
-    "lin_pair": None,
-    # Experimental, off until timed: the linear launch writes each routing block's complement state
-    # (H_all - H_sel, D x D in the input dtype, and z) and the sparse launch's epilogue finishes the branch:
-    # no Q re-read or phi(Q) in the linear launch, no O_l round trip (at b_q = D the state is O_l's size).
-    "lin_state": False,
+    # The linear launch writes each routing block's complement state (H_all - H_sel, D x D in the input
+    # dtype, and z) and the sparse launch's epilogue finishes the branch: no Q re-read or phi(Q) in the linear
+    # launch, no O_l round trip (at b_q = D the state is O_l's size).  H100 sweep 2026-11-27, with
+    # lin_stages 5: fwd none 1.40 -> 1.30 ms, int8-fp8 1.52 -> 1.41 ms.  False: the O_l path.
+    "lin_state": True,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -89,27 +75,6 @@ def _dims(x: torch.Tensor, layout: str):
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     # Kernels need a unit head-dim stride; every layout diffusers hands us has one.
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _tma_views(k: torch.Tensor, v: torch.Tensor, layout: str, block_k: int):
-    """Host tensor descriptors over 2-D views of K and V for the TMA variant of the sparse loop, with the
-    row/column formula of a (b, h) tile, or None when a tensor cannot be viewed so (then pointers)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    descs = []
-    for x in (k, v):
-        if layout == "bnhd":
-            b, n, h, d = x.shape
-            ok = x.stride(3) == 1 and x.stride(2) == d and x.stride(0) == n * x.stride(1)
-            shape, strides, formula = [b * n, h * d], [x.stride(1), 1], (n, 0, d)
-        else:
-            b, h, n, d = x.shape
-            ok = x.is_contiguous()
-            shape, strides, formula = [b * h * n, d], [d, 1], (h * n, n, 0)
-        if not ok or (strides[0] * x.element_size()) % 16 or x.data_ptr() % 16:
-            return None
-        descs.append(TensorDescriptor(x, shape=shape, strides=strides, block_shape=[block_k, d]))
-    return descs[0], descs[1], formula
 
 
 def _nsplit(bh: int, nblocks: int) -> int:
@@ -219,7 +184,6 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     pair_sparse = pair if qid == 0 else CONFIG["pair_lowbit"]
 
     npad = nk * block_k
-    lin_fp8 = bool(CONFIG["lin_fp8"]) and qid == 2
     # pass over K (and V for the FP8 scale): key-block means and sums, phi(K), z per block, max|V| per block
     k_bar = torch.empty(BH, nk, D, device=dev, dtype=f32)
     # per-block K sums and z in one buffer (two contiguous halves): one reduction gives mean(K) and z_all
@@ -227,10 +191,9 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     ksb, zb = block_sums[0], block_sums[1]
     vmb = torch.empty(BH, nk, D, device=dev, dtype=f32) if qid == 2 else zb
     phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    phikt = torch.empty(BH, D, npad, device=dev, dtype=torch.float8_e4m3fn) if lin_fp8 else phik
     _K._k_feats[(nk, BH)](
-        k, v, k_bar, ksb, zb, vmb, phik, phikt, *sk, *sv, N, H, nk, npad, D=D, BLOCK_N=block_k,
-        NEED_VMAX=qid == 2, PHI_FP8=lin_fp8, FP8_EMU=_interpreting(), NEG=True, **_feats_cfg(D),
+        k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, NEG=True,
+        **_feats_cfg(D),
     )  # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
     # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
     ns = _nsplit(BH, nk)
@@ -268,15 +231,6 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     # the backward needs only the LSE beside O, 1/den and the D x D totals (inference: not even the LSE)
     lse = torch.empty(BH, N if save else 0, device=dev, dtype=f32)
     has_lin = int(n_sel < nk)
-    if CONFIG["fused_fwd"] and qid == 0:
-        tf = min(CONFIG["tile_m_fused"], block_q)
-        fused_cfg = {} if _interpreting() else {"num_warps": CONFIG["fused_warps"], "num_stages": CONFIG["fused_stages"]}
-        _K._fwd_fused_kernel[(-(-N // tf), BH)](
-            q, k, v, phik, zb, lut, alpha, h_all, z_all, o, lse if save else rden, rden,
-            *sq, *sk, *sv, *so, N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
-            D=D, BLOCK_M=tf, BLOCK_N=block_k, SAVE=save, **fused_cfg,
-        )
-        return o, lut, lse, rden, h_all, z_all
     state = bool(CONFIG["lin_state"])
     if state:  # temporaries: the linear launch -> the sparse launch's epilogue
         hd = torch.empty(BH, nq, D, D, device=dev, dtype=q.dtype)
@@ -287,19 +241,17 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
         hd = zd = o_l  # unused
     lin_cfg = {} if _interpreting() else {"num_warps": CONFIG["lin_warps"], "num_stages": CONFIG["lin_stages"]}
     _K._fwd_lin_kernel[(nt, BH)](
-        q, v, phik, zb, lut, h_all, z_all, o_l, rden, phikt, vq, vmax, hd, zd,
-        *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin, npad,
-        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=CONFIG["lin_pair"] or pair, LIN_FP8=lin_fp8, STATE=state, **lin_cfg,
+        q, v, phik, zb, lut, h_all, z_all, o_l, rden, hd, zd,
+        *sq, *sv, N, H, n_sel, nq, nk, block_q, has_lin,
+        D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair, STATE=state, **lin_cfg,
     )
-    tma = _tma_views(k, v, layout, block_k) if CONFIG["tma"] and qid == 0 and pair_sparse == 1 else None
-    kd, vd, (rb, rh, ch) = tma if tma is not None else (k, v, (0, 0, 0))
     _K._fwd_sparse_kernel[(nt, BH)](
         q, k, v, qq, qs, kq, ks, vq, vmax, ksum, lut, alpha,
-        o, o_l, lse if save else rden, kd, vd, hd, zd, rden,
+        o, o_l, lse if save else rden, hd, zd, rden,
         *sq, *sk, *sv, *so,
-        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad, rb, rh, ch, has_lin,
+        N, H, n_sel, nq, nk, block_q, qk_scale, 1.0 / N, npad, has_lin,
         D=D, BLOCK_M=tm, BLOCK_N=block_k, PAIR=pair_sparse, QUANT=qid, FP8_EMU=_interpreting(), SAVE=save,
-        TMA=tma is not None, WS=bool(CONFIG["warp_specialize"]) and tma is not None, LIN_STATE=state, **_launch_cfg(D),
+        LIN_STATE=state, **_launch_cfg(D),
     )
     return o, lut, lse, rden, h_all, z_all
 
@@ -331,7 +283,7 @@ def _backward(do, q, k, v, alpha_logit, lut, o, lse, rden, h_all, z_all, block_q
     ksb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     zb = torch.empty(BH, nk, D, device=dev, dtype=f32)
     phik = torch.empty(BH, N, D, device=dev, dtype=k.dtype)
-    _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, phik, *sk, *sv, N, H, nk, nk * block_k, D=D, BLOCK_N=block_k,
+    _K._k_feats[(nk, BH)](k, v, k_bar, ksb, zb, zb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k,
                           NEED_VMAX=False, **_feats_cfg(D))
     phiq = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # becomes psi below, in place
     _K._phi_rows[(nt, BH)](q, phiq, *sq, N, H, D=D, BLOCK=tm, **_feats_cfg(D))

@@ -174,17 +174,15 @@ def _q_prepass(
 
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def _k_feats(
-    K, V, KBAR, KSB, ZB, VMB, PHIK, PHIKT,
-    skb, skh, skn, svb, svh, svn, N, H, nk, npad,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr, PHI_FP8: tl.constexpr = False,
-    FP8_EMU: tl.constexpr = False, NEG: tl.constexpr = False,
+    K, V, KBAR, KSB, ZB, VMB, PHIK,
+    skb, skh, skn, svb, svh, svn, N, H, nk,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr, NEG: tl.constexpr = False,
 ):
     """Per key block, one program each (no loop, so the pass runs at full occupancy): the block mean of K
     (router) and its sum (for mean(K)), phi(K) (saved), its column sums z (ZB) and, if NEED_VMAX, the
     block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
-    PHI_FP8: also 448 * phi(K) in FP8 e4m3, (B*H, D, npad) token-contiguous and zero-padded (the K-major
-    operand of the linear loop's FP8 MMA, like the FP8 V of _kv_quant).  NEG (the forward): PHIK and PHIKT
-    hold -phi(K), so the linear loops accumulate H_all - H_sel directly; z per block stays positive."""
+    NEG (the forward): PHIK holds -phi(K), so the linear loop accumulates H_all - H_sel directly; z per
+    block stays positive."""
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -206,9 +204,6 @@ def _k_feats(
     else:
         sign = 1.0
     tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], (phik32 * sign).to(k.dtype), mask=valid[:, None])
-    if PHI_FP8:
-        # phi is a softmax over the head dim (<= 1): the static scale 448 maps it onto e4m3's range, as for P
-        tl.store(PHIKT + (bh * D + offs_d[None, :]) * npad + offs[:, None], _to_fp8(phik32 * (448.0 * sign), FP8_EMU))
     tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
     if NEED_VMAX:
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -277,34 +272,19 @@ def _kv_quant(
 
 @triton.jit
 def _hsel(acc_h, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
-          D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
-          PHIKT, VQ, npad, LIN_FP8: tl.constexpr):
+          D: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
     """acc_h + sum over the LUT row of PHIK_j^T V_j (D x D fp32) and z_sel = sum phi(K_j) (from the
     per-block sums ZB: the loaded PHIK tile feeds the MMA only).  The forward passes -phi(K) and starts
     from H_all, so the loop ends on H_all - H_sel (no D x D subtraction after it); the backward passes
-    phi(K) and zeros.
-
-    LIN_FP8: the product runs on the FP8 copies (448 PHIK from _k_feats, V / vscale from _kv_quant, both
-    token-contiguous), in units of 448 / vscale[column]: the caller scales the start and the result."""
+    phi(K) and zeros."""
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, BLOCK_N * PAIR)
     acc_z = tl.zeros((D,), dtype=tl.float32)
     for it in range(0, n_sel, PAIR):
         offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
-        if LIN_FP8:
-            pkt_ptr = PHIKT + (bh * D + offs_d[:, None]) * npad + offs_n[None, :]
-            vq_ptr = VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None]
-            if PAIR == 1:  # zero-padded to whole blocks: unmasked, so the byte loads vectorise
-                phikt = tl.load(pkt_ptr)
-                vq = tl.load(vq_ptr)
-            else:  # an odd last step repeats a block in its second half: masked
-                phikt = tl.load(pkt_ptr, mask=n_valid[None, :], other=0.0)
-                vq = tl.load(vq_ptr, mask=n_valid[:, None], other=0.0)
-            acc_h = tl.dot(phikt, vq, acc_h)
-        else:
-            phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            acc_h = tl.dot(tl.trans(phik), v, acc_h)
+        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        acc_h = tl.dot(tl.trans(phik), v, acc_h)
         acc_z += tl.load(ZB + (bh * nk + kb0) * D + offs_d)
         if PAIR == 2:
             acc_z += tl.load(ZB + (bh * nk + kb1) * D + offs_d) * tl.where(it + 1 < n_sel, 1.0, 0.0)
@@ -313,17 +293,15 @@ def _hsel(acc_h, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk,
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "has_lin"])
 def _fwd_lin_kernel(
-    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, PHIKT, VQ, VMAX, HD, ZD,
-    sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin, npad,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr,
-    LIN_FP8: tl.constexpr = False, STATE: tl.constexpr = False,
+    Q, V, PHIK, ZB, LUT, HALL, ZALL, OL, RDEN, HD, ZD,
+    sqb, sqh, sqn, svb, svh, svn, N, H, n_sel, nq, nk, block_q, has_lin,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, STATE: tl.constexpr,
 ):
     """Linear branch of one query tile: O_l = phi(Q)(H_all - H_sel) / (phi(Q)(z_all - z_sel) + eps).
-    Writes O_l (a temporary for the sparse launch's mix) and 1/den.  If every block is selected
-    (has_lin == 0) O_l and 1/den are exactly 0.  LIN_FP8 (int8-fp8 only): H_sel, the selected share that
-    is subtracted from the exact fp32 total, comes from an FP8 MMA.  STATE (experimental, CONFIG["lin_state"]):
-    write the query block's complement state hd = H_all - H_sel (input dtype, D x D) and zd instead, and let
-    the sparse launch finish the branch in its epilogue (no Q re-read, no O_l round trip here)."""
+    STATE (CONFIG["lin_state"], the default): write the query block's complement state hd = H_all - H_sel
+    (input dtype, D x D) and zd, and let the sparse launch finish the branch in its epilogue (no Q re-read,
+    no O_l round trip).  Otherwise write O_l (a temporary for the sparse launch's mix) and 1/den.  If every
+    block is selected (has_lin == 0) O_l and 1/den are exactly 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -336,14 +314,7 @@ def _fwd_lin_kernel(
     lut = LUT + (bh * nq + qblk) * n_sel
     # PHIK holds -phi(K) (_k_feats NEG): starting from H_all the loop ends on H_all - H_sel
     h_all = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-    if LIN_FP8:
-        unit = tl.maximum(tl.load(VMAX + bh * D + offs_d), 1e-8) / (448.0 * 448.0)  # of the FP8 products
-        acc_h, acc_z = _hsel(h_all / unit[None, :], PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D,
-                             BLOCK_N, PAIR, PHIKT, VQ, npad, LIN_FP8)
-        acc_h = acc_h * unit[None, :]
-    else:
-        acc_h, acc_z = _hsel(h_all, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR,
-                             PHIKT, VQ, npad, LIN_FP8)
+    acc_h, acc_z = _hsel(h_all, PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel, nk, D, BLOCK_N, PAIR)
     hd = acc_h.to(Q.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     if STATE:
@@ -358,30 +329,25 @@ def _fwd_lin_kernel(
         tl.store(RDEN + row, rden, mask=m_valid)
 
 
-_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "rb", "rh", "ch", "has_lin"]
+_FWD_RUNTIME = ["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "has_lin"]
 
 
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_sparse_kernel(
     Q, K, V, QQ, QS, KQ, KS, VQ, VMAX, KSUM, LUT, ALPHA,
-    O, OL, LSE, KD, VD, HD, ZD, RDEN,
+    O, OL, LSE, HD, ZD, RDEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, rb, rh, ch, has_lin,
+    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, has_lin,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIR: tl.constexpr, QUANT: tl.constexpr,
-    FP8_EMU: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-    LIN_STATE: tl.constexpr = False,
+    FP8_EMU: tl.constexpr, SAVE: tl.constexpr, LIN_STATE: tl.constexpr,
 ):
     """Sparse branch of one query tile over its LUT row (FA2 online softmax in exp2), then the mix
-    O = alpha*O_s + (1-alpha)*O_l with O_l from the linear launch.  SAVE: also the LSE (backward).
+    O = alpha*O_s + (1-alpha)*O_l.  SAVE: also the LSE (backward).
 
-    TMA (bf16 only, one block per step; experimental, off by default until timed on a GPU): K and V tiles
-    come through host tensor descriptors KD, VD over a 2-D view of K / V, the tile of key block j of
-    (b, h) at row b*rb + h*rh + j*BLOCK_N, column h*ch; rows past N belong to the next (b, h) or are
-    zero-filled and are masked out of the scores.  WS asks Triton to warp-specialise the loop.
-
-    LIN_STATE (experimental, CONFIG["lin_state"]): the linear launch left the routing block's complement
+    LIN_STATE (CONFIG["lin_state"], the default): the linear launch left the routing block's complement
     state hd = H_all - H_sel and zd; this epilogue computes phi(Q), 1/den (written to RDEN) and adds
-    (1-alpha) phi(Q) hd / den to alpha O_s in one MMA (phi(Q) scaled per row before the 16-bit cast)."""
+    (1-alpha) phi(Q) hd / den to alpha O_s in one MMA (phi(Q) scaled per row before the 16-bit cast).
+    Otherwise O_l comes from the linear launch."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -403,12 +369,9 @@ def _fwd_sparse_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lut = LUT + (bh * nq + qblk) * n_sel
-    for it in tl.range(0, n_sel, PAIR, warp_specialize=WS):
+    for it in range(0, n_sel, PAIR):
         offs_n, n_valid, kb0, kb1 = _lut_offsets(lut, it, n_sel, N, offs_c, BLOCK_N, PAIR)
-        if TMA:
-            k = KD.load([(b * rb + h * rh + kb0 * BLOCK_N).to(tl.int32), (h * ch).to(tl.int32)])
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        elif QUANT == 0:
+        if QUANT == 0:
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
         else:
@@ -423,9 +386,6 @@ def _fwd_sparse_kernel(
             # VQ is (B*H, D, npad), zero-padded: unmasked, token-contiguous loads
             vq = tl.load(VQ + (bh * D + offs_d[None, :]) * npad + offs_n[:, None])
             acc = tl.dot(_to_fp8(p * 448.0, FP8_EMU), vq, acc)
-        elif TMA:
-            v = VD.load([(b * rb + h * rh + kb0 * BLOCK_N).to(tl.int32), (h * ch).to(tl.int32)])
-            acc = tl.dot(p.to(v.dtype), v, acc)
         else:
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc)
@@ -457,62 +417,6 @@ def _fwd_sparse_kernel(
         o_l = tl.load(OL + row[:, None] * D + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
         o = alpha * o_s + (1.0 - alpha) * o_l
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
-
-
-@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "has_lin"])
-def _fwd_fused_kernel(
-    Q, K, V, PHIK, ZB, LUT, ALPHA, HALL, ZALL, O, LSE, RDEN,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    N, H, n_sel, nq, nk, block_q, qk_scale, has_lin,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAVE: tl.constexpr,
-):
-    """Both branches of one query tile in one LUT walk (experimental, CONFIG["fused_fwd"], bf16/fp16
-    only, off until timed on a GPU): each selected block's K, V and phi(K) are read once, for the
-    online softmax (O_s) and for H_sel += phi(K)^T V; then O_l = phi(Q)(H_all - H_sel)/den and the mix.
-    One launch instead of two and no O_l round trip, for twice the H_sel MMAs when BLOCK_M < block_q
-    (every tile of a routing block accumulates its own H_sel).  Offline sm_90 report: BLOCK_M 64 at
-    8 warps fits in 252 registers without spills; BLOCK_M 128 spills."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    qblk = (pid_m * BLOCK_M) // block_q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_c = tl.arange(0, BLOCK_N)
-    m_valid = offs_m < N
-    row = bh * N + offs_m
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    acc_h = tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])  # PHIK is -phi(K): ends on H_all - H_sel
-    acc_z = tl.zeros((D,), dtype=tl.float32)
-    lut = LUT + (bh * nq + qblk) * n_sel
-    for it in range(0, n_sel):
-        kb = tl.load(lut + it)
-        offs_n = kb * BLOCK_N + offs_c
-        offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
-        n_valid = offs_n < N
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        phik = tl.load(PHIK + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        acc_h = tl.dot(tl.trans(phik), v, acc_h)
-        acc_z += tl.load(ZB + (bh * nk + kb) * D + offs_d)
-    o_s = acc / l_i[:, None]
-    hd = acc_h.to(Q.dtype.element_ty)
-    zd = tl.load(ZALL + bh * D + offs_d) - acc_z
-    o_l, rden = _linear_output(q, hd, zd, has_lin)
-    alpha = tl.load(ALPHA + h)
-    o = alpha * o_s + (1.0 - alpha) * o_l
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None])
-    tl.store(RDEN + row, rden, mask=m_valid)
-    if SAVE:
-        tl.store(LSE + row, m_i + tl.log2(l_i), mask=m_valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -637,7 +541,7 @@ def _bwd_dq_lin_kernel(
     row = bh * N + offs_m
     lut = LUT + (bh * nq + qblk) * n_sel
     acc_h, acc_z = _hsel(tl.zeros((D, D), dtype=tl.float32), PHIK, V, ZB, lut, bh, b, h, svb, svh, svn, N, n_sel,
-                         nk, D, BLOCK_N, PAIR, PHIK, V, 0, False)
+                         nk, D, BLOCK_N, PAIR)
     hd = (tl.load(HALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :]) - acc_h).to(DO.dtype.element_ty)
     zd = tl.load(ZALL + bh * D + offs_d) - acc_z
     alpha = tl.load(ALPHA + h)

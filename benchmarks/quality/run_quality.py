@@ -529,8 +529,9 @@ def main(argv=None) -> None:
     ap.add_argument("--validate", choices=["none", "first", "main", "all"],
                     help="run `slaconv validate` on: the first sparsity's SLA2 row, every SLA2 row (main), every "
                          "row, or none (default: main; first with --smoke)")
-    ap.add_argument("--rows", choices=["all", "main"],
-                    help="all: every ablation row (default); main: dense, convert only, stage 1, SLA2 (the demo)")
+    ap.add_argument("--rows", choices=["all", "main", "ablations"],
+                    help="all: every ablation row (default); main: dense, convert only, stage 1, SLA2 (the demo); "
+                         "ablations: every per-sparsity row, without the linear-only rows")
     ap.add_argument("--frames", type=int,
                     help="frames per video instead of the trained spec's (1: single frames, which the original "
                          "was also trained on)")
