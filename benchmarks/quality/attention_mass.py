@@ -1,0 +1,306 @@
+"""How concentrated is the trained original's self-attention?  Mass that top-k key blocks capture.
+
+SLA2 keeps, per query block of ``block_q`` (128) queries, ``topk_count(f, n_kblocks)`` key blocks of
+``block_k`` (64) keys for exact softmax and sends the rest to the linear branch.  At 8,192 tokens
+there are 128 key blocks, so f = 0.10 / 0.05 / 0.03 (90 / 95 / 97 % sparsity) keeps 13 / 6 / 4.
+This script measures how much of the DENSE softmax probability mass those blocks can hold:
+
+* it runs the shipped original (``checkpoint/model``) on held-out noisy videos
+  ``x_t = (1 - sigma) x0 + sigma noise`` (metrics.heldout_set: the benchmark's held-out stream,
+  classes, fixed noise) and records the post-norm, post-RoPE Q and K of every self-attention
+  (attn1) call by wrapping diffusers' ``dispatch_attention_fn`` in transformer_wan;
+* per layer and head it computes P = softmax(Q K^T / sqrt(d)) in fp32 (chunked over query rows),
+  pools it into (query block x key block) mass (sum over the block's keys, mean over its queries);
+* it reports the mass captured by the k blocks chosen by
+  - the ORACLE: the k blocks of largest pooled mass (an upper bound for any block router), and
+  - the HEURISTIC: SLA's pooled router, ``kernels.reference.router_scores`` with identity
+    projections (what ``slaconv convert`` starts from before stage 1 learns the router);
+* plus, per query block, how many oracle blocks 90 % of the mass needs and the share of mass that
+  stays in the query's own frame (tokens are in (frame, row, column) raster order, as the model and
+  the SLA2 kernels see them; ``--tile 8`` re-blocks them into 8 x 8 spatial patches instead), and
+  the block-free bound: the mass of each query's own top 3 % keys (every 8th query).
+
+Run (CPU, ~3 min on 2 cores with the defaults):
+
+    python benchmarks/quality/attention_mass.py                       # 4 videos x sigma 0.2/0.5/0.8
+    python benchmarks/quality/attention_mass.py --tile 8 --out /tmp/attention_mass_tiles
+    python benchmarks/quality/attention_mass.py --frames 16 --videos 2 --out /tmp/attention_mass_16f
+
+``--frames 16`` runs the same model on 16-frame videos (16,384 tokens, 256 key blocks): a longer
+sequence than it was trained on (8 frames), as a comparison point only.  Writes ``--out``/results.md
+(the tables) and results.json (every per-head number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))  # the repo's kernels/ (also installed as slaconv.kernels)
+
+import metrics  # noqa: E402
+import qcommon as common  # noqa: E402
+
+try:
+    from kernels import reference  # noqa: E402
+except ImportError:  # pragma: no cover - installed layout
+    from slaconv.kernels import reference  # noqa: E402
+
+SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
+
+
+# ---------------------------------------------------------------------------------------- capture
+
+
+@contextmanager
+def record_self_attention(n_tokens: int):
+    """Record (q, k) of every attention call whose key length is ``n_tokens`` (self-attention).
+
+    diffusers 0.42's WanAttnProcessor calls ``transformer_wan.dispatch_attention_fn(query, key, ...)``
+    with (B, N, H, D) tensors after norm_q/norm_k and RoPE; cross-attention keys are the 4 class tokens.
+    Yields a list that fills with (q, k) pairs in (B, H, N, D) fp32 layout, in layer order.
+    """
+    from diffusers.models.transformers import transformer_wan as tw
+
+    original = tw.dispatch_attention_fn
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def wrapped(query, key, value, *args, **kwargs):
+        if key.shape[1] == n_tokens:
+            calls.append((query.detach().float().transpose(1, 2).contiguous(),
+                          key.detach().float().transpose(1, 2).contiguous()))
+        return original(query, key, value, *args, **kwargs)
+
+    tw.dispatch_attention_fn = wrapped
+    try:
+        yield calls
+    finally:
+        tw.dispatch_attention_fn = original
+
+
+@torch.no_grad()
+def capture_qk(model, hs: dict, n_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (q, k), each (B, H, N, D), for the held-out batch ``hs`` (one forward pass)."""
+    s = hs["sigma"]
+    x_t = (1 - s.view(-1, 1, 1, 1, 1)) * hs["x0"] + s.view(-1, 1, 1, 1, 1) * hs["noise"]
+    with record_self_attention(n_tokens) as calls:
+        common.velocity(model, x_t, s, hs["emb"])
+    if len(calls) != len(model.blocks):
+        raise RuntimeError(f"captured {len(calls)} self-attention calls, expected {len(model.blocks)}")
+    return calls
+
+
+# ---------------------------------------------------------------------------------------- measure
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Dense attention mass pooled into blocks for one head: q, k (N, D) -> (n_qblocks, n_kblocks).
+
+    Entry (i, j) = sum over key block j of softmax(q k^T / sqrt(d)), averaged over query block i's rows.
+    """
+    n, d = q.shape
+    if n % block_q or n % block_k:
+        raise ValueError(f"{n} tokens do not tile into {block_q}/{block_k} blocks")
+    rows_per_chunk -= rows_per_chunk % block_q
+    kt = k.t() / math.sqrt(d)
+    out = []
+    for start in range(0, n, rows_per_chunk):
+        p = torch.softmax(q[start : start + rows_per_chunk] @ kt, dim=-1)  # (r, N)
+        r = p.shape[0]
+        out.append(p.view(r // block_q, block_q, n // block_k, block_k).sum(dim=3).mean(dim=1))
+    return torch.cat(out)
+
+
+def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int = 8,
+                    rows_per_chunk: int = 1024) -> list[float]:
+    """Mean over queries of the mass of each query's own top ``f * N`` KEYS (no blocks): (N, D) q, k.
+
+    The bound for a per-token router at the same key budget; estimated on every ``row_stride``-th query.
+    """
+    n, d = q.shape
+    counts = [max(1, round(f * n)) for f in fractions]
+    kt = k.t() / math.sqrt(d)
+    rows = q[::row_stride]
+    totals = [0.0] * len(counts)
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        p = torch.softmax(rows[start : start + rows_per_chunk] @ kt, dim=-1)
+        top = p.topk(max(counts), dim=-1).values.cumsum(dim=-1)  # (r, max count), descending mass
+        for i, c in enumerate(counts):
+            totals[i] += float(top[:, c - 1].sum())
+    return [t / rows.shape[0] for t in totals]
+
+
+def tile_order(frames: int, height: int, width: int, tile: int) -> torch.Tensor:
+    """Token permutation from raster (frame, row, col) to (frame, tile row, tile col, row, col) order.
+
+    With tile 8 a 64-key block is one 8 x 8 patch of a frame and a 128-query block two side-by-side ones.
+    """
+    if height % tile or width % tile:
+        raise ValueError(f"{height} x {width} tokens do not tile by {tile}")
+    idx = torch.arange(frames * height * width).view(frames, height // tile, tile, width // tile, tile)
+    return idx.permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def captured_mass(mass: torch.Tensor, scores: torch.Tensor, n_select: int) -> float:
+    """Mean over query blocks of the mass held by the ``n_select`` best-scoring key blocks of each row."""
+    idx = torch.topk(scores, n_select, dim=-1).indices
+    return float(mass.gather(-1, idx).sum(dim=-1).mean())
+
+
+def blocks_for(mass: torch.Tensor, share: float = 0.9) -> float:
+    """Mean over query blocks of the number of (oracle-ordered) key blocks needed to reach ``share``."""
+    cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    return float(((cum < share).sum(dim=-1) + 1).float().mean())
+
+
+def own_frame_mass(mass: torch.Tensor, block_q: int, block_k: int, tokens_per_frame: int) -> float:
+    """Mean share of a query block's mass on keys of its own frame (raster (frame, row, col) order)."""
+    nq, nk = mass.shape
+    fq = torch.arange(nq) * block_q // tokens_per_frame
+    fk = torch.arange(nk) * block_k // tokens_per_frame
+    return float((mass * (fq[:, None] == fk[None, :])).sum(dim=-1).mean())
+
+
+def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int) -> dict:
+    """All numbers for one (layer, video, sigma, head): q, k are (N, D)."""
+    n = q.shape[0]
+    nk = reference.block_count(n, args.block_k)
+    mass = block_mass(q, k, args.block_q, args.block_k)
+    eye = torch.eye(q.shape[1]).unsqueeze(0)
+    heur = reference.router_scores(q[None, None], k[None, None], eye, eye, args.block_q, args.block_k)[0, 0]
+    rec = {"blocks_for_90": blocks_for(mass, 0.9), "own_frame": own_frame_mass(mass, args.block_q, args.block_k,
+                                                                                tokens_per_frame)}
+    for f in SPARSITIES:
+        n_sel = reference.topk_count(f, nk)
+        rec[f"oracle_{f:g}"] = captured_mass(mass, mass, n_sel)
+        rec[f"heuristic_{f:g}"] = captured_mass(mass, heur, n_sel)
+    if args.token_topk:  # token order does not matter here
+        for f, m in zip(SPARSITIES, token_topk_mass(q, k, SPARSITIES)):
+            rec[f"token_{f:g}"] = m
+    return rec
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+COLUMNS = ([f"oracle_{f:g}" for f in SPARSITIES] + [f"heuristic_{f:g}" for f in SPARSITIES]
+           + ["blocks_for_90", "own_frame"])
+TOKEN = f"token_{SPARSITIES[-1]:g}"  # optional column: per-query top 3 % keys, no blocks
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def summarize(records: list[dict], key: str) -> dict:
+    """Per value of ``key`` (and "all"): mean of every column, plus the worst head's mean at 97 %."""
+    groups = sorted({r[key] for r in records}) + ["all"]
+    out = {}
+    for g in groups:
+        rs = [r for r in records if g == "all" or r[key] == g]
+        row = {c: mean(r[c] for r in rs) for c in COLUMNS + [TOKEN] if c in rs[0]}
+        heads = {(r["layer"], r["head"]) for r in rs}
+        per_head = {h: [r for r in rs if (r["layer"], r["head"]) == h] for h in heads}
+        for c in (f"oracle_{SPARSITIES[-1]:g}", f"heuristic_{SPARSITIES[-1]:g}"):
+            row[f"min_head_{c}"] = min(mean(r[c] for r in v) for v in per_head.values())
+        out[str(g)] = row
+    return out
+
+
+def table(summary: dict, first: str, kcounts: list[int]) -> str:
+    pct = [f"{round(100 * (1 - f))}%" for f in SPARSITIES]
+    head = ([first] + [f"oracle {p} (k={k})" for p, k in zip(pct, kcounts)]
+            + [f"heuristic {p}" for p in pct]
+            + [f"min head oracle {pct[-1]}", f"min head heur. {pct[-1]}", "blocks for 90% mass", "own-frame mass"])
+    token = TOKEN in next(iter(summary.values()))
+    head += [f"per-token top {round(100 * SPARSITIES[-1])}% keys"] if token else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cols = COLUMNS[:6] + [f"min_head_oracle_{SPARSITIES[-1]:g}", f"min_head_heuristic_{SPARSITIES[-1]:g}"]
+    for g, row in summary.items():
+        cells = [f"{row[c]:.3f}" for c in cols] + [f"{row['blocks_for_90']:.1f}", f"{row['own_frame']:.3f}"]
+        cells += [f"{row[TOKEN]:.3f}"] if token else []
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=HERE / "checkpoint" / "model")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/attention_mass"))
+    ap.add_argument("--videos", type=int, default=4)
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    ap.add_argument("--seed", type=int, default=common.HELDOUT_SEED, help="SynthVideo stream (1 = held-out)")
+    ap.add_argument("--frames", type=int, default=None, help="override the trained spec's frame count")
+    ap.add_argument("--block-q", type=int, default=128)
+    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--tile", type=int, default=0,
+                    help="reorder tokens into tile x tile spatial patches per frame before blocking (0 = raster)")
+    ap.add_argument("--token-topk", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the block-free per-query top-k key mass (every 8th query)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    timer = common.Timer()
+
+    spec, _ = common.trained_spec(args.model)
+    if args.frames:
+        spec = dataclasses.replace(spec, frames=args.frames)
+    model = common.load_model(args.model, "cpu")
+    patch = tuple(model.config.patch_size)
+    n_tokens = spec.tokens(patch)
+    tokens_per_frame = n_tokens // (spec.frames // patch[0])
+    nk = reference.block_count(n_tokens, args.block_k)
+    kcounts = [reference.topk_count(f, nk) for f in SPARSITIES]
+    grid = (spec.frames // patch[0], spec.size // patch[1], spec.size // patch[2])
+    order = tile_order(*grid, args.tile) if args.tile else None
+    print(f"{spec.frames} frames x {spec.size}^2 -> {n_tokens} tokens, {nk} key blocks; keep {kcounts}; "
+          f"token order {'tiles of %d' % args.tile if args.tile else 'raster'}")
+
+    records = []
+    for sigma in args.sigmas:
+        hs = metrics.heldout_set(spec, args.videos, seed=args.seed, sigmas=(sigma,))  # same x0/noise per sigma
+        layers = capture_qk(model, hs, n_tokens)
+        for layer, (q, k) in enumerate(layers):
+            if order is not None:
+                q, k = q[:, :, order], k[:, :, order]
+            for b in range(q.shape[0]):
+                for h in range(q.shape[1]):
+                    rec = measure_head(q[b, h], k[b, h], args, tokens_per_frame)
+                    records.append({"sigma": sigma, "video": b, "layer": layer, "head": h, **rec})
+            last = [r for r in records if r["sigma"] == sigma and r["layer"] == layer]
+            print(f"sigma {sigma} layer {layer}: oracle 97% {mean(r['oracle_0.03'] for r in last):.3f}, "
+                  f"heuristic 97% {mean(r['heuristic_0.03'] for r in last):.3f}  [{timer():.0f} s]", flush=True)
+
+    by_layer, by_sigma = summarize(records, "layer"), summarize(records, "sigma")
+    md = (f"# Attention mass captured by top-k key blocks ({args.model})\n\n"
+          f"{args.videos} held-out videos (stream {args.seed}) x sigma {args.sigmas}; {spec.frames} frames x "
+          f"{spec.size}x{spec.size} = {n_tokens} tokens ({'tiles of %d tokens' % args.tile if args.tile else 'raster'} "
+          f"order); blocks {args.block_q} q x {args.block_k} k, {nk} key "
+          f"blocks per row.  Mean over heads, videos and sigmas; min head = the head (layer, head) with the "
+          f"lowest mean.\n\n## By layer\n\n{table(by_layer, 'layer', kcounts)}\n\n"
+          f"## By noise level (all layers)\n\n{table(by_sigma, 'sigma', kcounts)}\n\n"
+          f"Runtime {timer():.0f} s on {args.threads} CPU threads.\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(md)
+    common.write_json(args.out / "results.json", {
+        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "tokens": n_tokens, "key_blocks": nk, "kept_blocks": dict(zip(map(str, SPARSITIES), kcounts)),
+                     "spec": spec.to_dict()},
+        "by_layer": by_layer, "by_sigma": by_sigma, "records": records, "seconds": timer()})
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
