@@ -123,6 +123,34 @@ def test_table_refuses_mismatched_inputs(tmp_path):
                         log=lambda *_: None)
 
 
+def test_frame_accuracy_standard_error_is_over_videos():
+    """Two videos, 4 frames: one all right, one half right -> accuracy 0.75, s.e. = std([1, .5]) / sqrt(2)."""
+    pred = torch.tensor([[3, 3, 3, 3], [1, 2, 1, 2]])
+    acc, se = metrics.frame_accuracy(pred, torch.tensor([3, 1]))
+    assert acc == 0.75 and abs(se - 0.25) < 1e-6
+    # the same frames spread so every video is at 0.75: no spread between videos, no error
+    acc, se = metrics.frame_accuracy(torch.tensor([[3, 3, 3, 0], [1, 1, 0, 1]]), torch.tensor([3, 1]))
+    assert acc == 0.75 and se == 0.0
+    assert metrics.frame_accuracy(torch.tensor([[2, 2]]), torch.tensor([2])) == (1.0, 0.0)
+
+
+def test_stage2_noise_shift_is_its_own_setting(tmp_path):
+    """--stage2-shift changes only the training noise levels of stage 2; sampling and validate keep theirs."""
+    import copy
+
+    import yaml
+
+    import run_quality
+
+    settings = copy.deepcopy(run_quality.SMOKE_SETTINGS)
+    default = yaml.safe_load(run_quality.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    settings["stage2"]["timestep_shift"] = 1.0
+    shifted = yaml.safe_load(run_quality.write_recipe(tmp_path / "b.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    assert default["calibration"]["stage2"]["timestep_shift"] == settings["timestep_shift"] != 1.0
+    assert shifted["calibration"]["stage2"]["timestep_shift"] == 1.0
+    assert shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"] == settings["timestep_shift"]
+
+
 def test_ssim_and_psnr():
     x = torch.rand(2, 4, 3, 32, 32) * 2 - 1
     assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-5)

@@ -197,9 +197,19 @@ def load_classifier(folder: Path, device="cpu") -> FrameClassifier:
     return model.to(device).eval()
 
 
+def frame_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Per-frame accuracy of ``pred`` (videos, frames) against ``labels`` (videos,), and its standard error
+    over videos: frames of one video are not independent draws, so the unit of sampling is the video
+    (0 for a single video)."""
+    per_video = (pred == labels.view(-1, 1)).float().mean(dim=1)
+    se = float(per_video.std() / per_video.numel() ** 0.5) if per_video.numel() > 1 else 0.0
+    return float(per_video.mean()), se
+
+
 @torch.no_grad()
 def classifier_scores(clf: FrameClassifier, videos: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> dict:
-    """Per-frame accuracy against ``labels``; frame-to-frame consistency; video-level (majority) accuracy."""
+    """Per-frame accuracy against ``labels`` (and its standard error over videos); frame-to-frame
+    consistency; video-level (majority) accuracy."""
     device = next(clf.parameters()).device
     preds = []
     for i in range(0, videos.shape[0], batch_size):
@@ -208,8 +218,10 @@ def classifier_scores(clf: FrameClassifier, videos: torch.Tensor, labels: torch.
     pred = torch.cat(preds)  # (B, F)
     labels = labels.view(-1, 1).cpu()
     majority = pred.mode(dim=1).values.view(-1, 1)
+    accuracy, accuracy_se = frame_accuracy(pred, labels)
     return {
-        "accuracy": float((pred == labels).float().mean()),
+        "accuracy": accuracy,
+        "accuracy_se": accuracy_se,
         "consistency": float((pred == majority).float().mean()),
         "video_accuracy": float((majority == labels).float().mean()),
     }

@@ -149,7 +149,7 @@ def write_recipe(path: Path, settings: dict, spec: "sv.VideoSpec", *, topk: floa
             "stage2": {"steps": s2["steps"], "lr": s2["lr"], "weight_decay": 0.0, "warmup_steps": s2["warmup_steps"],
                        "grad_clip": 1.0, "batch_size": s2["batch_size"], "grad_accum": 1, "objective": objective,
                        "quant": stage2_quant, "gradient_checkpointing": False,
-                       "timestep_shift": settings["timestep_shift"]},
+                       "timestep_shift": s2.get("timestep_shift", settings["timestep_shift"])},
         },
         "validation": {"seed": 1234, "num_samples": settings["validate_samples"], "timesteps": [900, 600, 300, 100],
                        "sample_steps": 4, "timestep_shift": settings["timestep_shift"],
@@ -257,7 +257,7 @@ class Evaluator:
 
     def classify(self, videos, labels) -> dict:
         if self.classifier is None:
-            return {"accuracy": None, "consistency": None, "video_accuracy": None}
+            return {"accuracy": None, "accuracy_se": None, "consistency": None, "video_accuracy": None}
         return metrics.classifier_scores(self.classifier, videos, labels)
 
     @torch.no_grad()
@@ -276,7 +276,8 @@ class Evaluator:
             fid = metrics.summarize_fidelity(videos, self.reference)
         cls = self.classify(videos, ss["labels"])
         res = {"heldout_fm_loss": loss["loss"], "heldout_fm_loss_by_sigma": loss["by_sigma"], **fid,
-               "class_accuracy": cls["accuracy"], "frame_consistency": cls["consistency"],
+               "class_accuracy": cls["accuracy"], "class_accuracy_se": cls["accuracy_se"],
+               "frame_consistency": cls["consistency"],
                "video_accuracy": cls["video_accuracy"], "eval_seconds": round(timer(), 2)}
         self.log(f"  eval {name}: FM loss {res['heldout_fm_loss']:.4f}, PSNR {metrics.fmt(res['psnr'], '.2f')}, "
                  f"SSIM {metrics.fmt(res['ssim'], '.4f')}, acc {metrics.fmt(res['class_accuracy'], '.3f')} "
@@ -470,6 +471,14 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
     return result
 
 
+def accuracy_cell(row: dict) -> str:
+    """Classifier accuracy with its standard error over the sample videos (older results have none)."""
+    acc, se = row.get("class_accuracy"), row.get("class_accuracy_se")
+    if acc is None:
+        return "—"
+    return f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     f = metrics.fmt
@@ -479,7 +488,7 @@ def markdown(result: dict) -> str:
         f"{result['tokens_per_sample']:,} tokens/sample, blocks {s['block_q']}x{s['block_k']}, low-bit mode "
         f"{s['quant']}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
         f"{s['stage2']['steps']} steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']}, objective "
-        f"{s['objective']}); {s['calib_samples']} calibration videos (1 round of the classes in "
+        f"{s['objective']}, noise shift {s['stage2'].get('timestep_shift', s['timestep_shift'])}); {s['calib_samples']} calibration videos (1 round of the classes in "
         f"{s['calib_null_every']} with the null embedding); samples: {s['sample_steps']}-step Euler, shift {s['timestep_shift']}, "
         f"classifier-free guidance {s['guidance']:g} for every row, {s['sample_per_class']} per class; held-out "
         f"loss (conditional, unguided) on {s['heldout_samples']} "
@@ -489,14 +498,14 @@ def markdown(result: dict) -> str:
         f"(chance {result['chance']:.3f}).",
         "",
         "| group | row | stage 1 | stage 2 | eval | held-out FM loss | PSNR vs orig (dB) | SSIM vs orig | "
-        "class acc | frame consistency |",
+        "class acc ± s.e. | frame consistency |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['group']} | {r['name']} | {'yes' if r['stage1'] else '—'} | {'yes' if r['stage2'] else '—'} | "
             f"{r['eval_quant'] or 'bf16 SDPA'} | {f(r['heldout_fm_loss'])} | {f(r['psnr'], '.2f')} | "
-            f"{f(r['ssim'], '.4f')} | {f(r['class_accuracy'], '.3f')} | {f(r['frame_consistency'], '.3f')} |")
+            f"{f(r['ssim'], '.4f')} | {accuracy_cell(r)} | {f(r['frame_consistency'], '.3f')} |")
     if result["validate"]:
         lines += ["", "`slaconv validate` on the main SLA2 rows:", "",
                   "| row | attention rel. L2 | attention cosine | velocity rel. L2 | 4-step sample PSNR (dB) | sparsity |",
@@ -522,6 +531,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-steps", type=int)
     ap.add_argument("--stage2-batch-size", type=int)
     ap.add_argument("--stage2-lr", type=float)
+    ap.add_argument("--stage2-shift", type=float,
+                    help="timestep shift of stage 2's training noise levels (default: the sampling shift; 1 = "
+                         "uniform sigma, which weights low noise as the held-out loss does)")
     ap.add_argument("--block-q", type=int, choices=[64, 128])
     ap.add_argument("--guidance", type=float,
                     help=f"classifier-free guidance of every row's samples (default {common.SAMPLE_GUIDANCE}; "
@@ -556,6 +568,8 @@ def main(argv=None) -> None:
         over["stage2"]["batch_size"] = args.stage2_batch_size
     if args.stage2_lr is not None:
         over["stage2"]["lr"] = args.stage2_lr
+    if args.stage2_shift is not None:
+        over["stage2"]["timestep_shift"] = args.stage2_shift
     if args.block_q is not None:
         over["block_q"] = args.block_q
     if args.guidance is not None:
