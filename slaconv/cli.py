@@ -130,7 +130,13 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
         return
     out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],
                         overwrite=overwrite, data_dir=data_dir, device=_device(device))
-    _emit(ctx, out, f"converted {len(out['layers'])} layers of {model} ({out['family']}) -> {output}")
+    text = f"converted {len(out['layers'])} layers of {model} ({out['family']}) -> {output}"
+    mass = out["selected_mass"]
+    if mass is not None:
+        text += (f"\nthe initial router's blocks hold {mass['mean']:.0%} of the full attention mass (lowest layer "
+                 f"{mass['lowest_layer']}: {mass['lowest_layer_mean']:.0%}); the linear branch and calibration "
+                 f"make up the rest")
+    _emit(ctx, out, text)
 
 
 @main.command()

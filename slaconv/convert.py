@@ -43,8 +43,11 @@ def plan(model: str, recipe: dict, *, subfolder=None, revision=None, offline=Fal
 
 
 @torch.no_grad()
-def calibrate_alpha(model, family, model_config: dict, recipe: dict, data_dir=None, device="cpu") -> dict[str, list[float]]:
-    """Set each layer's alpha to the full-attention mass selected by its initial (identity) router."""
+def calibrate_alpha(model, family, model_config: dict, recipe: dict, data_dir=None,
+                    device="cpu") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Set each layer's alpha to the full-attention mass selected by its initial (identity) router.
+
+    Returns (alpha per head after clamping to [0.02, 0.98], the measured selected mass per head)."""
     gen = torch.Generator().manual_seed(recipe["calibration"]["seed"])
     batch = next(batches(family, model_config, recipe["data"], 1, gen, data_dir))
     check_latent_shape(family, model_config, *batch["latents"].shape[2:], where=str(data_dir or "recipe data"))
@@ -73,7 +76,19 @@ def calibrate_alpha(model, family, model_config: dict, recipe: dict, data_dir=No
     for name, proc in procs.items():
         alpha = measured[name].clamp(0.02, 0.98)
         proc.alpha_logit.copy_(torch.log(alpha / (1 - alpha)))
-    return {name: [round(float(a), 4) for a in torch.sigmoid(p.alpha_logit)] for name, p in procs.items()}
+    alphas = {name: [round(float(a), 4) for a in torch.sigmoid(p.alpha_logit)] for name, p in procs.items()}
+    return alphas, {name: [round(float(m), 4) for m in measured[name]] for name in procs}
+
+
+def selected_mass_summary(mass: dict[str, list[float]]) -> dict:
+    """Mean over every head of the full-attention mass the initial router's blocks hold, and the layer with the
+    lowest mean: how much of the attention the sparse branch keeps before any training (the rest is left to
+    the linear branch and fine-tuning)."""
+    per_layer = {name: sum(v) / len(v) for name, v in mass.items()}
+    lowest = min(per_layer, key=per_layer.get)
+    heads = [m for v in mass.values() for m in v]
+    return {"mean": round(sum(heads) / len(heads), 4), "lowest_layer": lowest,
+            "lowest_layer_mean": round(per_layer[lowest], 4), "per_head": mass}
 
 
 def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision=None, offline=False,
@@ -92,8 +107,10 @@ def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision
     layers = resolve_targets(net, family, s["targets"], s["ignore"])
     install_sla2(net, family, layers, topk=s["topk"], block_q=s["block_q"], block_k=s["block_k"],
                  quant=s["quant"], topk_per_layer=s["topk_per_layer"])
+    mass = None
     if s["alpha_init"] == "calibrate":
-        alphas = calibrate_alpha(net, family, source.config, recipe, data_dir, device)
+        alphas, measured = calibrate_alpha(net, family, source.config, recipe, data_dir, device)
+        mass = selected_mass_summary(measured)
     else:
         logit = math.log(s["alpha_init"] / (1 - s["alpha_init"]))
         for proc in sla2_processors(net).values():
@@ -101,10 +118,12 @@ def convert(model: str, out_dir: Path, recipe: dict, *, subfolder=None, revision
         alphas = {n: [s["alpha_init"]] * p.heads for n, p in sla2_processors(net).items()}
     config = new_sla2_config(family=family, layers=layers, recipe=recipe, recipe_hash=recipe_hash(recipe), base=base)
     config["alpha_init"] = {"method": s["alpha_init"] if s["alpha_init"] == "calibrate" else "fixed"}
+    if mass is not None:
+        config["alpha_init"]["selected_mass"] = mass
     with atomic_dir(out_dir) as tmp:
         save_model_files(net, family, tmp)
         write_json(tmp / "sla2_config.json", config)
         write_json(tmp / LOCAL_NAME, {"base_path": str(source.path.resolve())})
         save_recipe(recipe, tmp / RECIPE_NAME)
     return {"work_dir": str(out_dir), "family": family.name, "layers": layers, "alpha": alphas,
-            "base_model": base}
+            "selected_mass": mass, "base_model": base}

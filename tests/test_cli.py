@@ -155,3 +155,26 @@ def test_chain_in_bfloat16(tmp_path, tiny_wan_dir):
 
     with safe_open(str(work / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("blocks.0.attn1.to_q.weight").dtype == torch.bfloat16
+
+
+def test_convert_reports_the_attention_mass_its_router_keeps(tmp_path, tiny_wan_dir):
+    """With alpha_init: calibrate, convert reports (text and JSON) and records the full-attention mass the
+    initial router's blocks hold; alpha per head is that mass, clamped to [0.02, 0.98]. More blocks keep more."""
+    recipe = write_recipe(tmp_path / "r.yaml", **{"sla2.alpha_init": "calibrate"})
+    masses = {}
+    for topk in (0.25, 0.75):
+        work = tmp_path / f"work{topk}"
+        res = CliRunner().invoke(main, ["convert", str(tiny_wan_dir), "-o", str(work), "--recipe", str(recipe),
+                                        "--topk", str(topk)])
+        assert res.exit_code == 0, res.output
+        assert "of the full attention mass (lowest layer blocks." in res.stdout
+        out = json.loads(run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--topk", topk, "--overwrite",
+                             "--json").stdout)
+        mass = out["selected_mass"]
+        assert 0 < mass["mean"] < 1 and mass["lowest_layer_mean"] <= mass["mean"]
+        for name, heads in mass["per_head"].items():
+            assert out["alpha"][name] == pytest.approx([min(max(m, 0.02), 0.98) for m in heads], abs=1e-3)
+        saved = json.loads((work / "sla2_config.json").read_text())
+        assert saved["alpha_init"]["selected_mass"] == mass
+        masses[topk] = mass["mean"]
+    assert masses[0.25] < masses[0.75]
