@@ -172,6 +172,32 @@ def _q_prepass(
         tl.store(XS + bh * nb + pid, scale)
 
 
+@triton.jit
+def _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, NEG: tl.constexpr):
+    """One key block's features: stores its K mean (router) and sum (for mean(K)), phi(K) (negated if NEG)
+    and phi(K)'s column sums z; returns the stored phi(K) tile, its token offsets and their validity."""
+    offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    valid = offs < N
+    k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
+    bsum = tl.sum(kf, axis=0)
+    row = (bh * nk + kb) * D + offs_d
+    tl.store(KSB + row, bsum)
+    tl.store(KBAR + row, bsum / cnt)
+    phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
+    if NEG:
+        sign = -1.0
+    else:
+        sign = 1.0
+    phik = (phik32 * sign).to(k.dtype)
+    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
+    tl.store(ZB + row, tl.sum(phik32.to(k.dtype).to(tl.float32), axis=0))
+    return phik, offs, valid
+
+
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def _k_feats(
     K, V, KBAR, KSB, ZB, VMB, PHIK,
@@ -187,27 +213,38 @@ def _k_feats(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    valid = offs < N
-    k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    kf = k.to(tl.float32)
-    cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-    bsum = tl.sum(kf, axis=0)
-    row = (bh * nk + kb) * D + offs_d
-    tl.store(KSB + row, bsum)
-    tl.store(KBAR + row, bsum / cnt)
-    phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
-    phik = phik32.to(k.dtype)
-    if NEG:
-        sign = -1.0
-    else:
-        sign = 1.0
-    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], (phik32 * sign).to(k.dtype), mask=valid[:, None])
-    tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
+    _, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N, NEG)
     if NEED_VMAX:
+        offs_d = tl.arange(0, D)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        tl.store(VMB + row, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+        tl.store(VMB + (bh * nk + kb) * D + offs_d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
+def _k_feats_outer(
+    K, V, KBAR, KSB, ZB, VMB, PHIK, HP,
+    skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr,
+):
+    """The forward's _k_feats (NEG) and _kv_outer in one pass over one contiguous run of key blocks
+    (experimental, CONFIG["feats_outer"]): the phi(K) tile goes from registers into the partial
+    H = sum phi(K)^T V instead of being read back, so K and V are read once and phi(K) written once.
+    Same partials as the two launches (same blocks per split, same order)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    per = tl.cdiv(nk, nsplit)
+    acc = tl.zeros((D, D), dtype=tl.float32)
+    for kb in range(pid * per, tl.minimum(nk, pid * per + per)):
+        phik, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N, True)
+        v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if NEED_VMAX:
+            tl.store(VMB + (bh * nk + kb) * D + offs_d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+        acc = tl.dot(tl.trans(phik), v, acc)
+    # phik is -phi(K): store the partial of +H
+    tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], -acc)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
