@@ -12,7 +12,8 @@ from .workdir import CONFIG_NAME, STATE_NAME, load_sla2_state, read_sla2_config
 
 
 def inspect_target(target: str, revision: str | None = None) -> dict:
-    """Layers, top-k, real sparsity (if validated), alpha per head, and stage summaries."""
+    """Layers, top-k, real sparsity (if validated), alpha per head, the attention mass the initial router's
+    blocks held at convert time (``alpha_init: calibrate``), and stage summaries."""
     path = Path(target)
     if not path.exists():
         path = fetch_snapshot(target, revision=revision, what="SLA2 model",
@@ -23,6 +24,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
     report_path = path / "reports" / "validation.json"
     if report_path.is_file():
         validation = {x["layer"]: x for x in json.loads(report_path.read_text()).get("layers", [])}
+    initial_mass = ((config.get("alpha_init") or {}).get("selected_mass") or {}).get("per_head", {})
     layers = []
     for name in config["layers"]:
         logit = state.get(f"{name}.alpha_logit")
@@ -32,6 +34,8 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
             "layer": name,
             "topk": (config.get("topk_per_layer") or {}).get(name, config["topk"]),
             "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
+            "initial_mass": (round(sum(initial_mass[name]) / len(initial_mass[name]), 4)
+                             if initial_mass.get(name) else None),
             "router_moved": None if rq is None else round(float((rq - eye).norm() / eye.norm()), 4),
             "sparsity": validation.get(name, {}).get("sparsity"),
             "attention_rel_l2": validation.get(name, {}).get("attention_rel_l2"),
@@ -56,13 +60,14 @@ def render(info: dict) -> str:
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
         f"{len(info['layers'])} SLA2 layers",
         "",
-        f"{'layer':<28} {'topk':>6} {'sparsity':>9} {'rel.L2':>8} {'router moved':>13}  alpha per head",
+        f"{'layer':<28} {'topk':>6} {'sparsity':>9} {'rel.L2':>8} {'init mass':>9} {'router moved':>13}  alpha per head",
     ]
     for x in info["layers"]:
         sp = f"{x['sparsity']:.3f}" if x["sparsity"] is not None else "-"
         err = f"{x['attention_rel_l2']:.4f}" if x["attention_rel_l2"] is not None else "-"
+        mass = f"{x['initial_mass']:.3f}" if x.get("initial_mass") is not None else "-"
         alpha = " ".join(f"{a:.2f}" for a in (x["alpha"] or []))
-        lines.append(f"{x['layer']:<28} {x['topk']:>6} {sp:>9} {err:>8} {x['router_moved']!s:>13}  {alpha}")
+        lines.append(f"{x['layer']:<28} {x['topk']:>6} {sp:>9} {err:>8} {mass:>9} {x['router_moved']!s:>13}  {alpha}")
     for key in ("calibration", "validation"):
         if info.get(key):
             lines += ["", f"{key}: " + json.dumps(info[key], default=str)]

@@ -176,5 +176,10 @@ def test_convert_reports_the_attention_mass_its_router_keeps(tmp_path, tiny_wan_
             assert out["alpha"][name] == pytest.approx([min(max(m, 0.02), 0.98) for m in heads], abs=1e-3)
         saved = json.loads((work / "sla2_config.json").read_text())
         assert saved["alpha_init"]["selected_mass"] == mass
+        info = json.loads(run("inspect", work, "--json").stdout)
+        for layer in info["layers"]:
+            heads = mass["per_head"][layer["layer"]]
+            assert layer["initial_mass"] == pytest.approx(sum(heads) / len(heads), abs=1e-4)
+        assert "init mass" in run("inspect", work).stdout
         masses[topk] = mass["mean"]
     assert masses[0.25] < masses[0.75]
