@@ -134,8 +134,9 @@ def test_frame_accuracy_standard_error_is_over_videos():
     assert metrics.frame_accuracy(torch.tensor([[2, 2]]), torch.tensor([2])) == (1.0, 0.0)
 
 
-def test_stage2_noise_shift_is_its_own_setting(tmp_path):
-    """--stage2-shift changes only the training noise levels of stage 2; sampling and validate keep theirs."""
+def test_calibration_noise_shift_is_its_own_setting(tmp_path):
+    """--calib-shift changes only the calibration noise levels (the recipe's calibration.stage2.timestep_shift);
+    sampling and validate keep theirs."""
     import copy
 
     import yaml

@@ -488,7 +488,7 @@ def markdown(result: dict) -> str:
         f"{result['tokens_per_sample']:,} tokens/sample, blocks {s['block_q']}x{s['block_k']}, low-bit mode "
         f"{s['quant']}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
         f"{s['stage2']['steps']} steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']}, objective "
-        f"{s['objective']}, noise shift {s['stage2'].get('timestep_shift', s['timestep_shift'])}); {s['calib_samples']} calibration videos (1 round of the classes in "
+        f"{s['objective']}, calibration noise shift {s['stage2'].get('timestep_shift', s['timestep_shift'])}); {s['calib_samples']} calibration videos (1 round of the classes in "
         f"{s['calib_null_every']} with the null embedding); samples: {s['sample_steps']}-step Euler, shift {s['timestep_shift']}, "
         f"classifier-free guidance {s['guidance']:g} for every row, {s['sample_per_class']} per class; held-out "
         f"loss (conditional, unguided) on {s['heldout_samples']} "
@@ -531,9 +531,10 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-steps", type=int)
     ap.add_argument("--stage2-batch-size", type=int)
     ap.add_argument("--stage2-lr", type=float)
-    ap.add_argument("--stage2-shift", type=float,
-                    help="timestep shift of stage 2's training noise levels (default: the sampling shift; 1 = "
-                         "uniform sigma, which weights low noise as the held-out loss does)")
+    ap.add_argument("--calib-shift", type=float,
+                    help="timestep shift of the calibration noise levels (recipe calibration.stage2.timestep_shift, "
+                         "which stage 1's sampler reads too; default: the sampling shift; 1 = uniform sigma, which "
+                         "weights low noise as the held-out loss does)")
     ap.add_argument("--block-q", type=int, choices=[64, 128])
     ap.add_argument("--guidance", type=float,
                     help=f"classifier-free guidance of every row's samples (default {common.SAMPLE_GUIDANCE}; "
@@ -568,8 +569,8 @@ def main(argv=None) -> None:
         over["stage2"]["batch_size"] = args.stage2_batch_size
     if args.stage2_lr is not None:
         over["stage2"]["lr"] = args.stage2_lr
-    if args.stage2_shift is not None:
-        over["stage2"]["timestep_shift"] = args.stage2_shift
+    if args.calib_shift is not None:
+        over["stage2"]["timestep_shift"] = args.calib_shift
     if args.block_q is not None:
         over["block_q"] = args.block_q
     if args.guidance is not None:
