@@ -311,3 +311,17 @@ def test_attention_mass_capture_and_block_pooling():
     assert am.blocks_for(mass, 0.9) >= 1 and am.blocks_for(mass, 1.0 - 1e-9) <= mass.shape[1]
     order = am.tile_order(2, 8, 8, 4)
     assert torch.equal(order.sort().values, torch.arange(128)) and order[:16].tolist()[:4] == [0, 1, 2, 3]
+
+
+def test_attention_mass_token_bounds_on_a_peaked_row():
+    """Every query attends (almost) only to key 0: the top key holds all the mass and 1 of N weights is above
+    the row average 1/N."""
+    import attention_mass as am
+
+    n, d = 256, 16
+    k = torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 0.01
+    k[0, 0] = 1.0
+    q = torch.zeros(n, d)
+    q[:, 0] = 400.0
+    (top,), above = am.token_topk_mass(q, k, [1 / n], row_stride=1)
+    assert top > 0.999 and above == pytest.approx(1 / n)

@@ -120,8 +120,9 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, row
 
 
 def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int = 8,
-                    rows_per_chunk: int = 1024) -> list[float]:
-    """Mean over queries of the mass of each query's own top ``f * N`` KEYS (no blocks): (N, D) q, k.
+                    rows_per_chunk: int = 1024) -> tuple[list[float], float]:
+    """Mean over queries of the mass of each query's own top ``f * N`` KEYS (no blocks): (N, D) q, k; and the
+    share of attention weights above the row average 1/N (the SLA paper's statistic: ~8.1% on Wan2.1).
 
     The bound for a per-token router at the same key budget; estimated on every ``row_stride``-th query.
     """
@@ -130,12 +131,14 @@ def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int
     kt = k.t() / math.sqrt(d)
     rows = q[::row_stride]
     totals = [0.0] * len(counts)
+    above = 0.0
     for start in range(0, rows.shape[0], rows_per_chunk):
         p = torch.softmax(rows[start : start + rows_per_chunk] @ kt, dim=-1)
+        above += float((p > 1.0 / n).float().mean(dim=-1).sum())
         top = p.topk(max(counts), dim=-1).values.cumsum(dim=-1)  # (r, max count), descending mass
         for i, c in enumerate(counts):
             totals[i] += float(top[:, c - 1].sum())
-    return [t / rows.shape[0] for t in totals]
+    return [t / rows.shape[0] for t in totals], above / rows.shape[0]
 
 
 def tile_order(frames: int, height: int, width: int, tile: int) -> torch.Tensor:
@@ -183,7 +186,8 @@ def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int) 
         rec[f"oracle_{f:g}"] = captured_mass(mass, mass, n_sel)
         rec[f"heuristic_{f:g}"] = captured_mass(mass, heur, n_sel)
     if args.token_topk:  # token order does not matter here
-        for f, m in zip(SPARSITIES, token_topk_mass(q, k, SPARSITIES)):
+        masses, rec["above_mean"] = token_topk_mass(q, k, SPARSITIES)
+        for f, m in zip(SPARSITIES, masses):
             rec[f"token_{f:g}"] = m
     return rec
 
@@ -193,7 +197,8 @@ def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int) 
 
 COLUMNS = ([f"oracle_{f:g}" for f in SPARSITIES] + [f"heuristic_{f:g}" for f in SPARSITIES]
            + ["blocks_for_90", "own_frame"])
-TOKEN = f"token_{SPARSITIES[-1]:g}"  # optional column: per-query top 3 % keys, no blocks
+TOKEN = f"token_{SPARSITIES[-1]:g}"  # optional columns: per-query top 3 % keys, no blocks,
+TOKEN_COLUMNS = (TOKEN, "above_mean")  # and the share of weights above 1/N
 
 
 def mean(xs) -> float:
@@ -207,7 +212,7 @@ def summarize(records: list[dict], key: str) -> dict:
     out = {}
     for g in groups:
         rs = [r for r in records if g == "all" or r[key] == g]
-        row = {c: mean(r[c] for r in rs) for c in COLUMNS + [TOKEN] if c in rs[0]}
+        row = {c: mean(r[c] for r in rs) for c in COLUMNS + list(TOKEN_COLUMNS) if c in rs[0]}
         heads = {(r["layer"], r["head"]) for r in rs}
         per_head = {h: [r for r in rs if (r["layer"], r["head"]) == h] for h in heads}
         for c in (f"oracle_{SPARSITIES[-1]:g}", f"heuristic_{SPARSITIES[-1]:g}"):
@@ -222,12 +227,12 @@ def table(summary: dict, first: str, kcounts: list[int]) -> str:
             + [f"heuristic {p}" for p in pct]
             + [f"min head oracle {pct[-1]}", f"min head heur. {pct[-1]}", "blocks for 90% mass", "own-frame mass"])
     token = TOKEN in next(iter(summary.values()))
-    head += [f"per-token top {round(100 * SPARSITIES[-1])}% keys"] if token else []
+    head += [f"per-token top {round(100 * SPARSITIES[-1])}% keys", "weights above 1/N"] if token else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cols = COLUMNS[:6] + [f"min_head_oracle_{SPARSITIES[-1]:g}", f"min_head_heuristic_{SPARSITIES[-1]:g}"]
     for g, row in summary.items():
         cells = [f"{row[c]:.3f}" for c in cols] + [f"{row['blocks_for_90']:.1f}", f"{row['own_frame']:.3f}"]
-        cells += [f"{row[TOKEN]:.3f}"] if token else []
+        cells += [f"{row[TOKEN]:.3f}", f"{row['above_mean']:.3f}"] if token else []
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
