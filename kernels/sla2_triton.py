@@ -197,17 +197,16 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
     ns = _nsplit(BH, nk)
     hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    if CONFIG["feats_outer"]:  # one pass: the phi(K) tiles feed the GEMM from registers
-        _K._k_feats_outer[(ns, BH)](
-            k, v, k_bar, ksb, zb, vmb, phik, hp, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2,
-            **_prepass_cfg(D),
-        )
-    else:
+    fused = bool(CONFIG["feats_outer"])  # one pass: the phi(K) tiles feed the GEMM from registers
+    if not fused:
         _K._k_feats[(nk, BH)](
             k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, NEG=True,
             **_feats_cfg(D),
         )
-        _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
+    _K._kv_outer[(ns, BH)](
+        phik, v, hp, k, k_bar, ksb, zb, vmb, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, FEATS=fused,
+        NEED_VMAX=fused and qid == 2, **_prepass_cfg(D),
+    )
     # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
     h_all = hp.sum(dim=1)
     ksum, z_all = block_sums.sum(dim=2)

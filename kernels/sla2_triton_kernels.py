@@ -221,15 +221,18 @@ def _k_feats(
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
-def _k_feats_outer(
-    K, V, KBAR, KSB, ZB, VMB, PHIK, HP,
+def _kv_outer(
+    PHIK, V, HP, K, KBAR, KSB, ZB, VMB,
     skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_VMAX: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, FEATS: tl.constexpr = False, NEED_VMAX: tl.constexpr = False,
 ):
-    """The forward's _k_feats (NEG) and _kv_outer in one pass over one contiguous run of key blocks
-    (experimental, CONFIG["feats_outer"]): the phi(K) tile goes from registers into the partial
-    H = sum phi(K)^T V instead of being read back, so K and V are read once and phi(K) written once.
-    Same partials as the two launches (same blocks per split, same order)."""
+    """Partial H = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller sums
+    the nsplit partials).  A bare load-and-MMA loop, so the loads pipeline.  PHIK is the forward's buffer,
+    which holds -phi(K).
+
+    FEATS (experimental, CONFIG["feats_outer"]): also do _k_feats' work (NEG; max|V| if NEED_VMAX) for each
+    block, writing PHIK and feeding the GEMM from registers instead of reading PHIK back, so K and V are read
+    once.  Same partials as the two launches (same blocks per split, same order)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -238,37 +241,18 @@ def _k_feats_outer(
     per = tl.cdiv(nk, nsplit)
     acc = tl.zeros((D, D), dtype=tl.float32)
     for kb in range(pid * per, tl.minimum(nk, pid * per + per)):
-        phik, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N, True)
+        if FEATS:
+            phik, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N,
+                                             True)
+        else:
+            offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = offs < N
+            phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
         if NEED_VMAX:
             tl.store(VMB + (bh * nk + kb) * D + offs_d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
         acc = tl.dot(tl.trans(phik), v, acc)
     # phik is -phi(K): store the partial of +H
-    tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], -acc)
-
-
-@triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
-def _kv_outer(
-    PHIK, V, HP,
-    svb, svh, svn, N, H, nk, nsplit,
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Partial H = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller sums
-    the nsplit partials).  A bare load-and-MMA loop, so the loads pipeline."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, D)
-    per = tl.cdiv(nk, nsplit)
-    acc = tl.zeros((D, D), dtype=tl.float32)
-    for kb in range(pid * per, tl.minimum(nk, pid * per + per)):
-        offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = offs < N
-        phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = tl.dot(tl.trans(phik), v, acc)
-    # PHIK is the forward's buffer, which holds -phi(K) (_k_feats NEG): store the partial of +H
     tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], -acc)
 
 

@@ -450,7 +450,7 @@ def test_fused_key_prepass_variant_gives_the_same_output(quant, layout, d, monke
     kw = dict(topk=0.3, block_q=128, block_k=64, quant=quant)
     two = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
     monkeypatch.setitem(S.CONFIG, "feats_outer", True)
-    monkeypatch.setattr(S._K, "_kv_outer", None)  # the variant must not launch the two-pass kernels
+    monkeypatch.setattr(S._K, "_k_feats", None)  # the variant must not launch the separate feature pass
     one = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
     assert rel_l2(one, two) <= 1e-6, rel_l2(one, two)
     ref = _run_reference(*(t.float() for t in (q, k, v)), rq, rk, al, layout, **kw)
