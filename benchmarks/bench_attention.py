@@ -237,7 +237,6 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         dict(lin_state=False),  # the O_l round trip (the default until the 2026-11-27 sweep), same stages
         dict(lin_stages=4),  # linear loop: 2 tile buffers, smaller shared-memory footprint
         dict(num_stages=4),  # sparse loop: 4 K/V buffers (164 KB shared memory offline)
-        dict(feats_outer=True),  # _k_feats + _kv_outer as one split-K pass (167-173 regs, 1 CTA/SM offline)
     ]
     for var in variants:
         S.CONFIG.clear()
@@ -263,7 +262,7 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
     sw = results["sweep"]
     bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
     bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
-    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages", "lin_state", "feats_outer")
+    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages", "lin_state")
     best = {k: bf.get(k, base_cfg[k]) for k in fwd_keys}
     best.update({k: bb.get(k, base_cfg[k]) for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_split")})
     results["best_config"] = best

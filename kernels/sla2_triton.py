@@ -53,9 +53,6 @@ CONFIG = {
     # launch, no O_l round trip (at b_q = D the state is O_l's size).  H100 sweep 2026-11-27, with
     # lin_stages 5: fwd none 1.40 -> 1.30 ms, int8-fp8 1.52 -> 1.41 ms.  False: the O_l path.
     "lin_state": True,
-    # Experimental, off until timed: _k_feats and _kv_outer as one split-K pass (K and V read once, phi(K) not
-    # read back); fewer programs than _k_feats' one per block.  Prediction in KERNELS.md, "Session 5".
-    "feats_outer": False,
 }
 _QUANT_ID = {"none": 0, "int8": 1, "int8-fp8": 2}
 
@@ -194,20 +191,14 @@ def _forward(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, q
     ksb, zb = block_sums[0], block_sums[1]
     vmb = torch.empty(BH, nk, D, device=dev, dtype=f32) if qid == 2 else zb
     phik = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    _K._k_feats[(nk, BH)](
+        k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, NEG=True,
+        **_feats_cfg(D),
+    )  # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
     # H_all = sum phi(K)^T V as a split-K GEMM over the key blocks
     ns = _nsplit(BH, nk)
     hp = torch.empty(BH, ns, D, D, device=dev, dtype=f32)
-    fused = bool(CONFIG["feats_outer"])  # one pass: the phi(K) tiles feed the GEMM from registers
-    if not fused:
-        _K._k_feats[(nk, BH)](
-            k, v, k_bar, ksb, zb, vmb, phik, *sk, *sv, N, H, nk, D=D, BLOCK_N=block_k, NEED_VMAX=qid == 2, NEG=True,
-            **_feats_cfg(D),
-        )
-    _K._kv_outer[(ns, BH)](
-        phik, v, hp, k, k_bar, ksb, zb, vmb, *sk, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, FEATS=fused,
-        NEED_VMAX=fused and qid == 2, **_prepass_cfg(D),
-    )
-    # phik holds -phi(K): the linear loops start from H_all and end on H_all - H_sel
+    _K._kv_outer[(ns, BH)](phik, v, hp, *sv, N, H, nk, ns, D=D, BLOCK_N=block_k, **_prepass_cfg(D))
     h_all = hp.sum(dim=1)
     ksum, z_all = block_sums.sum(dim=2)
     vmax = vmb.amax(dim=1) if qid == 2 else ksum

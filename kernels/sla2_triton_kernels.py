@@ -172,32 +172,6 @@ def _q_prepass(
         tl.store(XS + bh * nb + pid, scale)
 
 
-@triton.jit
-def _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, NEG: tl.constexpr):
-    """One key block's features: stores its K mean (router) and sum (for mean(K)), phi(K) (negated if NEG)
-    and phi(K)'s column sums z; returns the stored phi(K) tile, its token offsets and their validity."""
-    offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    valid = offs < N
-    k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    kf = k.to(tl.float32)
-    cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-    bsum = tl.sum(kf, axis=0)
-    row = (bh * nk + kb) * D + offs_d
-    tl.store(KSB + row, bsum)
-    tl.store(KBAR + row, bsum / cnt)
-    phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
-    if NEG:
-        sign = -1.0
-    else:
-        sign = 1.0
-    phik = (phik32 * sign).to(k.dtype)
-    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], phik, mask=valid[:, None])
-    tl.store(ZB + row, tl.sum(phik32.to(k.dtype).to(tl.float32), axis=0))
-    return phik, offs, valid
-
-
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def _k_feats(
     K, V, KBAR, KSB, ZB, VMB, PHIK,
@@ -213,26 +187,37 @@ def _k_feats(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    _, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N, NEG)
+    offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    valid = offs < N
+    k = tl.load(K + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    cnt = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
+    bsum = tl.sum(kf, axis=0)
+    row = (bh * nk + kb) * D + offs_d
+    tl.store(KSB + row, bsum)
+    tl.store(KBAR + row, bsum / cnt)
+    phik32 = tl.where(valid[:, None], _phi(kf), 0.0)
+    phik = phik32.to(k.dtype)
+    if NEG:
+        sign = -1.0
+    else:
+        sign = 1.0
+    tl.store(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], (phik32 * sign).to(k.dtype), mask=valid[:, None])
+    tl.store(ZB + row, tl.sum(phik.to(tl.float32), axis=0))
     if NEED_VMAX:
-        offs_d = tl.arange(0, D)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        tl.store(VMB + (bh * nk + kb) * D + offs_d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+        tl.store(VMB + row, tl.max(tl.abs(v.to(tl.float32)), axis=0))
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "nsplit"])
 def _kv_outer(
-    PHIK, V, HP, K, KBAR, KSB, ZB, VMB,
-    skb, skh, skn, svb, svh, svn, N, H, nk, nsplit,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, FEATS: tl.constexpr = False, NEED_VMAX: tl.constexpr = False,
+    PHIK, V, HP,
+    svb, svh, svn, N, H, nk, nsplit,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Partial H = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller sums
-    the nsplit partials).  A bare load-and-MMA loop, so the loads pipeline.  PHIK is the forward's buffer,
-    which holds -phi(K).
-
-    FEATS (experimental, CONFIG["feats_outer"]): also do _k_feats' work (NEG; max|V| if NEED_VMAX) for each
-    block, writing PHIK and feeding the GEMM from registers instead of reading PHIK back, so K and V are read
-    once.  Same partials as the two launches (same blocks per split, same order)."""
+    the nsplit partials).  A bare load-and-MMA loop, so the loads pipeline."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -241,18 +226,12 @@ def _kv_outer(
     per = tl.cdiv(nk, nsplit)
     acc = tl.zeros((D, D), dtype=tl.float32)
     for kb in range(pid * per, tl.minimum(nk, pid * per + per)):
-        if FEATS:
-            phik, offs, valid = _block_feats(K, KBAR, KSB, ZB, PHIK, kb, bh, b, h, skb, skh, skn, N, nk, D, BLOCK_N,
-                                             True)
-        else:
-            offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = offs < N
-            phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        offs = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = offs < N
+        phik = tl.load(PHIK + (bh * N + offs[:, None]) * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if NEED_VMAX:
-            tl.store(VMB + (bh * nk + kb) * D + offs_d, tl.max(tl.abs(v.to(tl.float32)), axis=0))
         acc = tl.dot(tl.trans(phik), v, acc)
-    # phik is -phi(K): store the partial of +H
+    # PHIK is the forward's buffer, which holds -phi(K) (_k_feats NEG): store the partial of +H
     tl.store(HP + (bh * nsplit + pid) * D * D + offs_d[:, None] * D + offs_d[None, :], -acc)
 
 

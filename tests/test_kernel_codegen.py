@@ -73,7 +73,7 @@ def test_sweep_variants_compile_on_sm90(tmp_path, python):
     """Every variant the GPU sweep will try (bench_attention.py) compiles for Hopper without spills, so a
     device call is never spent finding a compile error; with the default state hand-off the linear launch
     fits 2 programs per SM."""
-    for cfg in ({"lin_state": False, "num_stages": 4}, {"lin_stages": 4, "feats_outer": True}):
+    for cfg in ({"lin_state": False, "num_stages": 4}, {"lin_stages": 4}):
         for quant in ("none", "int8-fp8"):
             rows = _report(tmp_path, python, "--quant", quant, "--config", json.dumps(cfg))
             for r in rows:

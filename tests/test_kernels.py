@@ -439,20 +439,3 @@ def test_no_recompile_when_n_or_topk_changes():
         torch.cuda.synchronize()
         counts.append(n_variants())
     assert counts[0] > 0 and len(set(counts)) == 1, counts
-
-
-@pytest.mark.parametrize("quant,layout,d", [("none", "bnhd", 64), ("int8-fp8", "bhnd", 128)])
-def test_fused_key_prepass_variant_gives_the_same_output(quant, layout, d, monkeypatch):
-    """CONFIG["feats_outer"]: _k_feats and _kv_outer in one split-K pass computes the same partial sums in the
-    same order, so the forward's output is the two-launch one (to fp32 rounding), and matches the reference."""
-    b, h, n = SIZES[1]
-    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, seed=71)
-    kw = dict(topk=0.3, block_q=128, block_k=64, quant=quant)
-    two = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
-    monkeypatch.setitem(S.CONFIG, "feats_outer", True)
-    monkeypatch.setattr(S._K, "_k_feats", None)  # the variant must not launch the separate feature pass
-    one = _run_kernel(q, k, v, rq, rk, al, layout, **kw)
-    assert rel_l2(one, two) <= 1e-6, rel_l2(one, two)
-    ref = _run_reference(*(t.float() for t in (q, k, v)), rq, rk, al, layout, **kw)
-    tol = TOL if quant == "none" else 5e-2
-    assert rel_l2(one, ref) <= tol, rel_l2(one, ref)
