@@ -141,6 +141,32 @@ def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int
     return [t / rows.shape[0] for t in totals], above / rows.shape[0]
 
 
+def stable_rank(a: torch.Tensor, iters: int = 30) -> float:
+    """||A||_F^2 / sigma_max(A)^2, with sigma_max from power iteration on A^T A (seeded start vector)."""
+    v = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    sigma2 = 0.0
+    for _ in range(iters):
+        w = a.t() @ (a @ v)
+        sigma2 = float(w.norm())
+        v = w / sigma2
+    return float(a.square().sum()) / sigma2
+
+
+def tail_stable_ranks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, n_select: int) -> tuple[float, float]:
+    """Stable rank of the full map P and of its tail P * (1 - M), M = the oracle's ``n_select`` blocks per row.
+
+    The SLA paper's case for the linear branch: on Wan2.1 the full map has stable rank ~6,200 and the
+    part outside the top 8 % only ~9, so a low-rank (linear) attention can stand in for it.
+    """
+    n, d = q.shape
+    p = torch.softmax(q @ (k.t() / math.sqrt(d)), dim=-1)  # (N, N) fp32
+    mass = p.view(n // block_q, block_q, n // block_k, block_k).sum(dim=3).mean(dim=1)
+    keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, mass.topk(n_select, dim=-1).indices, True)
+    full = stable_rank(p)
+    mask = keep.repeat_interleave(block_q, dim=0).repeat_interleave(block_k, dim=1)
+    return full, stable_rank(p.masked_fill_(mask, 0.0))
+
+
 def tile_order(frames: int, height: int, width: int, tile: int) -> torch.Tensor:
     """Token permutation from raster (frame, row, col) to (frame, tile row, tile col, row, col) order.
 
@@ -185,6 +211,9 @@ def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int) 
         n_sel = reference.topk_count(f, nk)
         rec[f"oracle_{f:g}"] = captured_mass(mass, mass, n_sel)
         rec[f"heuristic_{f:g}"] = captured_mass(mass, heur, n_sel)
+    if args.tail_rank:
+        rec["rank_full"], rec["rank_tail"] = tail_stable_ranks(q, k, args.block_q, args.block_k,
+                                                               reference.topk_count(SPARSITIES[-1], nk))
     if args.token_topk:  # token order does not matter here
         masses, rec["above_mean"] = token_topk_mass(q, k, SPARSITIES)
         for f, m in zip(SPARSITIES, masses):
@@ -199,6 +228,7 @@ COLUMNS = ([f"oracle_{f:g}" for f in SPARSITIES] + [f"heuristic_{f:g}" for f in 
            + ["blocks_for_90", "own_frame"])
 TOKEN = f"token_{SPARSITIES[-1]:g}"  # optional columns: per-query top 3 % keys, no blocks,
 TOKEN_COLUMNS = (TOKEN, "above_mean")  # and the share of weights above 1/N
+RANK_COLUMNS = ("rank_full", "rank_tail")  # optional: stable rank of the map and of its 97 % tail
 
 
 def mean(xs) -> float:
@@ -212,7 +242,7 @@ def summarize(records: list[dict], key: str) -> dict:
     out = {}
     for g in groups:
         rs = [r for r in records if g == "all" or r[key] == g]
-        row = {c: mean(r[c] for r in rs) for c in COLUMNS + list(TOKEN_COLUMNS) if c in rs[0]}
+        row = {c: mean(r[c] for r in rs) for c in COLUMNS + list(TOKEN_COLUMNS) + list(RANK_COLUMNS) if c in rs[0]}
         heads = {(r["layer"], r["head"]) for r in rs}
         per_head = {h: [r for r in rs if (r["layer"], r["head"]) == h] for h in heads}
         for c in (f"oracle_{SPARSITIES[-1]:g}", f"heuristic_{SPARSITIES[-1]:g}"):
@@ -228,11 +258,14 @@ def table(summary: dict, first: str, kcounts: list[int]) -> str:
             + [f"min head oracle {pct[-1]}", f"min head heur. {pct[-1]}", "blocks for 90% mass", "own-frame mass"])
     token = TOKEN in next(iter(summary.values()))
     head += [f"per-token top {round(100 * SPARSITIES[-1])}% keys", "weights above 1/N"] if token else []
+    rank = "rank_tail" in next(iter(summary.values()))
+    head += ["stable rank, map", f"stable rank, {pct[-1]} tail"] if rank else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cols = COLUMNS[:6] + [f"min_head_oracle_{SPARSITIES[-1]:g}", f"min_head_heuristic_{SPARSITIES[-1]:g}"]
     for g, row in summary.items():
         cells = [f"{row[c]:.3f}" for c in cols] + [f"{row['blocks_for_90']:.1f}", f"{row['own_frame']:.3f}"]
         cells += [f"{row[TOKEN]:.3f}", f"{row['above_mean']:.3f}"] if token else []
+        cells += [f"{row['rank_full']:.1f}", f"{row['rank_tail']:.1f}"] if rank else []
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -254,6 +287,8 @@ def main() -> None:
                     help="reorder tokens into tile x tile spatial patches per frame before blocking (0 = raster)")
     ap.add_argument("--token-topk", action=argparse.BooleanOptionalAction, default=True,
                     help="also the block-free per-query top-k key mass (every 8th query)")
+    ap.add_argument("--tail-rank", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the stable rank of the dense map and of what the 97%% oracle blocks leave out")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

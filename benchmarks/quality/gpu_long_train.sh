@@ -9,6 +9,8 @@
 #   bash benchmarks/quality/gpu_long_train.sh wait            # call 2, 3, ...: sleeps <= 9 min or until done
 #   bash benchmarks/quality/gpu_long_train.sh collect         # last call: classifier, then files into $OUT
 #
+# TRAIN_EXTRA adds train_dit.py flags to `start`, e.g. TRAIN_EXTRA='--spec {"texture":0.15}' (JSON without
+# spaces: run_all.sh splits TRAIN_ARGS on whitespace).
 # Every call must start with `source benchmarks/gpu_setup.sh;` (the wheels live in /tmp/site and survive
 # between calls on the same machine).  Keep the calls back to back: the machine is given back ~30 s after
 # a call ends.  MINUTES is the training budget (--max-minutes); plan MINUTES + 3 minutes of calls in all.
@@ -20,7 +22,7 @@ JOB="$HERE/../detached.sh"
 case "${1:?usage: gpu_long_train.sh start MINUTES | wait | collect}" in
   start)
     minutes=${2:?minutes}
-    bash "$JOB" start "$WORK" "TRAIN_ARGS='--max-minutes $minutes --steps 100000' '$HERE/run_all.sh' '$WORK' train"
+    bash "$JOB" start "$WORK" "TRAIN_ARGS='--max-minutes $minutes --steps 100000 ${TRAIN_EXTRA:-}' '$HERE/run_all.sh' '$WORK' train"
     bash "$JOB" wait "$WORK"
     ;;
   wait)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call (~5-6 min predicted on an H100): the quality table of the shipped checkpoint
-# (benchmarks/quality/checkpoint/) through the real CLI, with its headline files copied flat into $OUT
+# (benchmarks/quality/checkpoint/, or MODEL= and CLASSIFIER=) through the real CLI, with its headline files copied flat into $OUT
 # (results.md, results.json, samples.png, run_all.log: within the 8 files a call brings back).
 #   source benchmarks/gpu_setup.sh; bash benchmarks/quality/gpu_table.sh
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORK=${WORK:-/tmp/qtable}
-MODEL=$HERE/checkpoint/model CLASSIFIER=$HERE/checkpoint/classifier timeout "${LIMIT:-560}" \
+MODEL=${MODEL:-$HERE/checkpoint/model} CLASSIFIER=${CLASSIFIER:-$HERE/checkpoint/classifier} timeout "${LIMIT:-560}" \
   "$HERE/run_all.sh" "$WORK" table > "$WORK.log" 2>&1
 rc=$?
 for f in results.md results.json samples.png run_all.log; do

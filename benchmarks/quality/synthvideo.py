@@ -53,6 +53,12 @@ class VideoSpec:
     text_len: int = 4  # class embedding tokens (S)
     text_dim: int = 32  # class embedding width (D)
     embed_seed: int = 1234
+    # Fine texture (0 = the flat look of the shipped checkpoint, rendered bit for bit): amplitude of a
+    # high-frequency colour texture that pans across the background and of a luminance texture that moves
+    # and turns with each sprite.  Flat regions make every token of a region an equally good key, so a
+    # denoiser averages over all of them (diffuse attention); texture gives each point one match per frame.
+    texture: float = 0.0
+    texture_cells: int = 16  # texture grid cells across the frame (16: features of ~2 tokens at 64 px, patch 2)
 
     def tokens(self, patch=(1, 2, 2)) -> int:
         return (self.frames // patch[0]) * (self.size // patch[1]) * (self.size // patch[2])
@@ -149,6 +155,7 @@ class SampleParams:
     color: torch.Tensor = field(default=None)  # (O, 3) in [0, 1]
     motion: list = field(default_factory=list)
     bg: dict = field(default_factory=dict)
+    texture: torch.Tensor | None = None  # (O, 1, c, c) luminance texture in glyph coordinates (spec.texture > 0)
 
 
 def _bounce(p: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -205,8 +212,15 @@ def sample_params(seed: int, index: int, spec: VideoSpec, label: int | None = No
         "stripe_amp": float(u(0.04, 0.12)),
         "noise": torch.randn(3, 4, 4, generator=g) * 0.08,  # low-frequency colour texture
     }
+    obj_tex = None
+    if spec.texture > 0:  # drawn after everything else, so texture=0 streams stay unchanged
+        c = spec.texture_cells
+        bg["fine"] = torch.randn(3, c, c, generator=g) * spec.texture
+        bg["pan"] = (torch.rand(2, generator=g) * 2 - 1) * 0.06  # normalised units per frame (<= ~1 token)
+        obj_tex = torch.randn(n_obj, 1, c // 2, c // 2, generator=g) * spec.texture
     return SampleParams(label=label, cx=torch.stack(cxs), cy=torch.stack(cys), angle=torch.stack(angs),
-                        scale=torch.tensor(scales), color=torch.stack(colors), motion=motions, bg=bg)
+                        scale=torch.tensor(scales), color=torch.stack(colors), motion=motions, bg=bg,
+                        texture=obj_tex)
 
 
 # ------------------------------------------------------------------------------------------ render
@@ -242,6 +256,13 @@ def pack_params(params: Sequence[SampleParams]) -> dict[str, torch.Tensor]:
     packed["bg_vals"] = torch.tensor([[bg["stripe_dir"], bg["stripe_freq"], bg["stripe_speed"], bg["stripe_amp"]]
                                       for bg in bgp], dtype=torch.float32)  # (B, 4)
     packed["bg_base"] = torch.stack([bg["base"] for bg in bgp])  # (B, 3)
+    if params[0].texture is not None:
+        packed["bg_fine"] = torch.stack([bg["fine"] for bg in bgp])  # (B, 3, c, c)
+        packed["bg_pan"] = torch.stack([bg["pan"] for bg in bgp])  # (B, 2)
+        c = params[0].texture.shape[-1]
+        packed["obj_tex"] = torch.zeros(B, O, 1, c, c)
+        for b, p in enumerate(params):
+            packed["obj_tex"][b, : len(p.motion)] = p.texture
     return packed
 
 
@@ -255,11 +276,34 @@ def _background(pk: dict[str, torch.Tensor], T: int, S: int, device: torch.devic
     vals = pk["bg_vals"].view(B, 4, 1, 1, 1)
     d, freq, speed, amp = vals[:, 0], vals[:, 1], vals[:, 2], vals[:, 3]  # (B, 1, 1, 1)
     phase = (xx * torch.cos(d) + yy * torch.sin(d)) * freq - speed * tt[None] * 2.0  # (B, T, S, S)
-    return pk["bg_base"].view(B, 3, 1, 1, 1) + tex[:, :, None] + (amp * torch.sin(phase))[:, None]
+    bg = pk["bg_base"].view(B, 3, 1, 1, 1) + tex[:, :, None] + (amp * torch.sin(phase))[:, None]
+    if "bg_fine" in pk:
+        bg = bg + _panned_texture(pk["bg_fine"], pk["bg_pan"], T, S)
+    return bg
 
 
-def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int) -> torch.Tensor:
-    """(B, O, T, S, S) coverage of every object in every frame: one grid_sample for the whole batch."""
+def _panned_texture(fine: torch.Tensor, pan: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """(B, 3, T, S, S): a periodic texture (B, 3, c, c) spanning the frame, shifted by ``pan * t`` in frame t.
+
+    The texture is tiled 3 x 3 so that one period is the middle third of grid_sample's [-1, 1]; the shift
+    wraps modulo one period, so the pan never reaches an edge.
+    """
+    B = fine.shape[0]
+    tiled = fine.repeat(1, 1, 3, 3)
+    coords = (torch.arange(S, dtype=torch.float32, device=fine.device) + 0.5) / S * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    base = torch.stack([xx, yy], dim=-1) / 3  # (S, S, 2): the frame is the middle period
+    tt = torch.arange(T, dtype=torch.float32, device=fine.device).view(1, T, 1, 1, 1)
+    shift = torch.remainder(pan.view(B, 1, 1, 1, 2) * tt / 3 + 1 / 3, 2 / 3) - 1 / 3
+    grid = (base.view(1, 1, S, S, 2) + shift).view(B * T, S, S, 2)
+    src = tiled.repeat_interleave(T, dim=0)  # (B*T, 3, 3c, 3c)
+    out = F.grid_sample(src, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    return out.view(B, T, 3, S, S).transpose(1, 2)
+
+
+def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int):
+    """Coverage (B, O, T, S, S) of every object in every frame, one grid_sample for the whole batch, and
+    the objects' luminance texture on the same grid (None without texture)."""
     B, O, T = pk["cx"].shape
     cx, cy, ang = pk["cx"], pk["cy"], pk["angle"]
     sc = pk["scale"].view(B, O, 1)
@@ -272,7 +316,12 @@ def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int) -> 
     src = glyphs[pk["label"]].repeat_interleave(O * T, dim=0)  # (B*O*T, 1, R, R)
     grid = F.affine_grid(theta, (B * O * T, 1, S, S), align_corners=False)
     alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return alpha.view(B, O, T, S, S) * pk["valid"].view(B, O, 1, 1, 1)
+    alpha = alpha.view(B, O, T, S, S) * pk["valid"].view(B, O, 1, 1, 1)
+    if "obj_tex" not in pk:
+        return alpha, None
+    tex = pk["obj_tex"].repeat_interleave(T, dim=1).flatten(0, 1)  # (B*O*T, 1, c, c), in glyph coordinates
+    shade = F.grid_sample(tex, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return alpha, shade.view(B, O, T, S, S)
 
 
 def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,11 +335,14 @@ def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs
     pk = {k: to_device(v, device) for k, v in pack_params(params).items()}
     B, O = pk["valid"].shape
     rgb = _background(pk, spec.frames, spec.size, device)  # (B, 3, T, S, S)
-    alpha = _object_alpha(pk, glyphs, spec.size)  # (B, O, T, S, S); 0 for padded objects
+    alpha, shade = _object_alpha(pk, glyphs, spec.size)  # (B, O, T, S, S); 0 for padded objects
     mask = torch.zeros_like(rgb[:, :1])
     for o in range(O):  # later objects are drawn on top
         a = alpha[:, o, None]  # (B, 1, T, S, S)
-        rgb = rgb * (1 - a) + pk["color"][:, o].view(B, 3, 1, 1, 1) * a
+        fill = pk["color"][:, o].view(B, 3, 1, 1, 1)
+        if shade is not None:
+            fill = fill + shade[:, o, None]
+        rgb = rgb * (1 - a) + fill * a
         mask = torch.maximum(mask, a)
     video = torch.cat([rgb.clamp(0, 1), mask], dim=1) * 2 - 1
     return video[:, : spec.channels].contiguous()

@@ -131,10 +131,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--score-model", type=Path, help="a trained DiT folder: score its own samples afterwards")
+    ap.add_argument("--score-model", type=Path,
+                    help="a trained DiT folder: train on the videos it was trained on, then score its own samples")
     args = ap.parse_args(argv)
+    spec = common.trained_spec(args.score_model)[0] if args.score_model else None
     train(args.out, smoke=args.smoke, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
-          score_model_dir=args.score_model)
+          score_model_dir=args.score_model, spec=spec)
 
 
 if __name__ == "__main__":

@@ -324,8 +324,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int)
+    ap.add_argument("--spec", default="{}",
+                    help='JSON overrides of the video spec, e.g. \'{"texture": 0.15}\' (saved in train_summary.json, '
+                         "which every later script reads)")
     args = ap.parse_args(argv)
-    train(args.out, smoke=args.smoke, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+    spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
+    train(args.out, smoke=args.smoke, spec=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
           ema_decay=args.ema, cond_dropout=args.cond_dropout, image_batch=args.image_batch, guidance=args.guidance,
           max_minutes=args.max_minutes, compile_model=args.compile, device=args.device, seed=args.seed,
           log_every=args.log_every)
