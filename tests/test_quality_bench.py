@@ -372,3 +372,47 @@ def test_stable_rank_matches_svd_and_the_tail_drops_the_kept_blocks():
     tail_p = p.masked_fill(mask.repeat_interleave(32, 0).repeat_interleave(16, 1), 0.0)
     st = torch.linalg.svdvals(tail_p)
     assert tail == pytest.approx(float((st**2).sum() / st[0] ** 2), rel=1e-3)
+
+
+def test_branch_errors_split_and_linear_branch_match_the_reference():
+    """branch_errors.py: o = m o_s + (1 - m) o_t exactly; its phi-linear branch is the reference SLA2 output at
+    alpha = 0 (same blocks); the fitted alpha recovers a known mix."""
+    import branch_errors as be
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(11)
+    n, d, bq, bk = 256, 16, 32, 16
+    q, k, v = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    eye = torch.eye(d, dtype=torch.float64).unsqueeze(0)
+    mask = reference.hard_topk_mask(reference.router_scores(q[None, None], k[None, None], eye, eye, bq, bk)[0, 0], 3)
+    keep = mask.repeat_interleave(bq, 0).repeat_interleave(bk, 1)
+    br = be.branch_outputs(q, k, v, keep)
+    torch.testing.assert_close(br["m"] * br["o_s"] + (1 - br["m"]) * br["o_t"], br["o"], rtol=1e-10, atol=1e-12)
+    lin_only = reference.sla2_attention_reference(
+        q[None, None], k[None, None], v[None, None], eye, eye, torch.full((1,), -60.0, dtype=torch.float64),
+        topk=3 / (n // bk), block_q=bq, block_k=bk, mask=mask[None, None])[0, 0]
+    torch.testing.assert_close(br["o_lin"], lin_only, rtol=1e-5, atol=1e-6)
+    mix = 0.37 * br["o_s"] + 0.63 * br["o_lin"]
+    assert be.fitted_alpha(mix, br["o_s"], br["o_lin"]) == pytest.approx(0.37, abs=1e-9)
+    errs = be.head_errors(q.float(), k.float(), v.float(), bq, bk, 3)
+    assert errs["sparse only"] > 0 and errs["exact tail"] < errs["sparse only"]
+
+
+def test_blocked_linear_branch_equals_the_dense_form_and_learns():
+    """learned_feature_map.py: the block-state linear branch (the kernels' "all minus selected") equals the dense
+    masked form of branch_errors.py at W = I, and a few Adam steps on W lower the fitted-alpha error."""
+    import branch_errors as be
+    import learned_feature_map as lfm
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(12)
+    n, d, bq, bk = 256, 16, 32, 16
+    q, k, v = (torch.randn(n, d, generator=g) for _ in range(3))
+    parts = lfm.head_parts(q, k, v, bq, bk, 3)
+    keep = parts["keep_blocks"].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
+    blocked = lfm.linear_branch_blocked(q, k, v, parts["keep_blocks"], torch.eye(d), bq, bk)
+    torch.testing.assert_close(blocked, be.linear_branch(q, k, v, keep), rtol=1e-4, atol=1e-5)
+    before = float(lfm.mixed_error(parts, blocked))
+    w = lfm.fit_w(parts, bq, bk, steps=30, lr=2e-2)
+    after = float(lfm.mixed_error(parts, lfm.linear_branch_blocked(q, k, v, parts["keep_blocks"], w, bq, bk)))
+    assert after < before, (before, after)

@@ -61,22 +61,23 @@ SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 
 
 @contextmanager
-def record_self_attention(n_tokens: int):
-    """Record (q, k) of every attention call whose key length is ``n_tokens`` (self-attention).
+def record_self_attention(n_tokens: int, values: bool = False):
+    """Record (q, k) -- or (q, k, v) with ``values`` -- of every attention call whose key length is ``n_tokens``.
 
     diffusers 0.42's WanAttnProcessor calls ``transformer_wan.dispatch_attention_fn(query, key, ...)``
-    with (B, N, H, D) tensors after norm_q/norm_k and RoPE; cross-attention keys are the 4 class tokens.
-    Yields a list that fills with (q, k) pairs in (B, H, N, D) fp32 layout, in layer order.
+    with (B, N, H, D) tensors after norm_q/norm_k and RoPE; cross-attention keys are the 4 class tokens,
+    so the key length picks the self-attention (attn1) calls.  Yields a list that fills with tuples in
+    (B, H, N, D) fp32 layout, in layer order.
     """
     from diffusers.models.transformers import transformer_wan as tw
 
     original = tw.dispatch_attention_fn
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    calls: list[tuple[torch.Tensor, ...]] = []
 
     def wrapped(query, key, value, *args, **kwargs):
         if key.shape[1] == n_tokens:
-            calls.append((query.detach().float().transpose(1, 2).contiguous(),
-                          key.detach().float().transpose(1, 2).contiguous()))
+            kept = (query, key, value) if values else (query, key)
+            calls.append(tuple(x.detach().float().transpose(1, 2).contiguous() for x in kept))
         return original(query, key, value, *args, **kwargs)
 
     tw.dispatch_attention_fn = wrapped
