@@ -8,7 +8,7 @@ W = I is today's SLA2) with alpha fitted in closed form, by Adam on one held-out
 relative L2 of the attention output on a DIFFERENT video (and noise level) with
 
 * ``SLA2 (W = I)``  today's feature map;
-* ``learned W``     the fitted feature map;
+* ``learned W``     the fitted feature map (``--diagonal``: W a per-channel scale, d numbers per head);
 * ``exact tail``    the dense softmax over the unselected blocks (the bound for any linear branch).
 
 The linear branch is computed as SLA2's kernels do: per key block states phi(K_j)^T V_j, "all minus
@@ -74,16 +74,19 @@ def mixed_error(parts: dict, o_l: torch.Tensor) -> torch.Tensor:
     return (alpha * o_s + (1 - alpha) * o_l - o).norm() / o.norm()
 
 
-def fit_w(parts: dict, block_q: int, block_k: int, steps: int, lr: float) -> torch.Tensor:
+def fit_w(parts: dict, block_q: int, block_k: int, steps: int, lr: float, diagonal: bool = False) -> torch.Tensor:
+    """W fitted by Adam from the identity; ``diagonal``: only a per-channel scale (d parameters per head)."""
     d = parts["q"].shape[1]
-    w = torch.eye(d, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=lr)
+    p = torch.ones(d) if diagonal else torch.eye(d)
+    p.requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
     for _ in range(steps):
         opt.zero_grad()
+        w = torch.diag(p) if diagonal else p
         o_l = linear_branch_blocked(parts["q"], parts["k"], parts["v"], parts["keep_blocks"], w, block_q, block_k)
         mixed_error(parts, o_l).backward()
         opt.step()
-    return w.detach()
+    return torch.diag(p.detach()) if diagonal else p.detach()
 
 
 @torch.no_grad()
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--test", nargs="+", default=["1:0.5", "1:0.2", "1:0.8"], help="video index:sigma pairs to test on")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-2)
+    ap.add_argument("--diagonal", action="store_true", help="fit only a per-channel scale (W diagonal)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,7 +124,7 @@ def main() -> None:
     records = []
     for layer, (q, k, v) in enumerate(fit_calls):
         for h in range(q.shape[1]):
-            w = fit_w(head_parts(q[0, h], k[0, h], v[0, h], bq, bk, n_sel), bq, bk, args.steps, args.lr)
+            w = fit_w(head_parts(q[0, h], k[0, h], v[0, h], bq, bk, n_sel), bq, bk, args.steps, args.lr, args.diagonal)
             for t, calls in tests.items():
                 tq, tk, tv = (x[0, h] for x in calls[layer])
                 parts = head_parts(tq, tk, tv, bq, bk, n_sel)
@@ -140,7 +144,8 @@ def main() -> None:
             rs = [r for r in records if (layer == "all" or r["layer"] == layer) and r["test"] == t]
             lines.append(f"| {layer} | {t} | " + " | ".join(f"{sum(r[c] for r in rs) / len(rs):.3f}" for c in cols) + " |")
     md = (f"# A learned feature map for the linear branch ({args.model})\n\n"
-          f"top-k {args.topk} ({n_sel} of {n // bk} key blocks, heuristic router), blocks {bq} x {bk}; W fitted per "
+          f"top-k {args.topk} ({n_sel} of {n // bk} key blocks, heuristic router), blocks {bq} x {bk}; "
+          f"{'diagonal ' if args.diagonal else ''}W fitted per "
           f"head on held-out video:sigma {args.fit} ({args.steps} Adam steps, lr {args.lr}), tested on other videos / "
           f"noise levels. Relative L2 of the attention output against dense, alpha fitted per head; mean over heads.\n\n"
           + "\n".join(lines) + f"\n\nRuntime {timer():.0f} s on {args.threads} CPU threads.\n")
