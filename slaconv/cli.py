@@ -134,8 +134,8 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
     mass = out["selected_mass"]
     if mass is not None:
         text += (f"\nthe initial router's blocks hold {mass['mean']:.0%} of the full attention mass (lowest layer "
-                 f"{mass['lowest_layer']}: {mass['lowest_layer_mean']:.0%}); the linear branch and calibration "
-                 f"make up the rest")
+                 f"{mass['lowest_layer']}: {mass['lowest_layer_mean']:.0%}); calibration must recover the rest, "
+                 f"and the less the blocks hold, the more quality is at stake")
     _emit(ctx, out, text)
 
 
