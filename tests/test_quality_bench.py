@@ -393,7 +393,8 @@ def test_branch_errors_split_and_linear_branch_match_the_reference():
         topk=3 / (n // bk), block_q=bq, block_k=bk, mask=mask[None, None])[0, 0]
     torch.testing.assert_close(br["o_lin"], lin_only, rtol=1e-5, atol=1e-6)
     mix = 0.37 * br["o_s"] + 0.63 * br["o_lin"]
-    assert be.fitted_alpha(mix, br["o_s"], br["o_lin"]) == pytest.approx(0.37, abs=1e-9)
+    assert float(be.fitted_alpha(mix, br["o_s"], br["o_lin"])) == pytest.approx(0.37, abs=1e-9)
+    assert float(be.mixed_error(mix, br["o_s"], br["o_lin"])) < 1e-9
     errs = be.head_errors(q.float(), k.float(), v.float(), bq, bk, 3)
     assert errs["sparse only"] > 0 and errs["exact tail"] < errs["sparse only"]
 

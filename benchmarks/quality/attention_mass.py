@@ -88,11 +88,11 @@ def record_self_attention(n_tokens: int, values: bool = False):
 
 
 @torch.no_grad()
-def capture_qk(model, hs: dict, n_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (q, k), each (B, H, N, D), for the held-out batch ``hs`` (one forward pass)."""
+def capture_qk(model, hs: dict, n_tokens: int, values: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (q, k) -- (q, k, v) with ``values`` --, each (B, H, N, D), for the held-out batch ``hs``."""
     s = hs["sigma"]
     x_t = (1 - s.view(-1, 1, 1, 1, 1)) * hs["x0"] + s.view(-1, 1, 1, 1, 1) * hs["noise"]
-    with record_self_attention(n_tokens) as calls:
+    with record_self_attention(n_tokens, values) as calls:
         common.velocity(model, x_t, s, hs["emb"])
     if len(calls) != len(model.blocks):
         raise RuntimeError(f"captured {len(calls)} self-attention calls, expected {len(model.blocks)}")

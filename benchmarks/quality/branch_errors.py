@@ -48,15 +48,26 @@ VARIANTS = ("sparse only", "SLA2", "SLA2, best phi temperature", "mean of rest",
 TEMPERATURES = (0.25, 0.5, 2.0, 4.0)  # phi(c x) for c in these (and 1): does a sharper/flatter feature map help?
 
 
-def record_qkv(n_tokens: int):
-    """Record (q, k, v), each (B, H, N, D) fp32, of every self-attention call (attention_mass's recorder)."""
-    return attention_mass.record_self_attention(n_tokens, values=True)
+def heuristic_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, n_select: int):
+    """The blocks ``slaconv convert``'s identity router keeps for one head (q, k (N, D)): the (nq, nk) block
+    mask and its (N, N) token expansion."""
+    n, d = q.shape
+    eye = torch.eye(d, dtype=q.dtype).unsqueeze(0)
+    scores = reference.router_scores(q[None, None], k[None, None], eye, eye, block_q, block_k)[0, 0]
+    blocks = reference.hard_topk_mask(scores, n_select)
+    return blocks, blocks.repeat_interleave(block_q, 0).repeat_interleave(block_k, 1)[:n, :n]
 
 
-def fitted_alpha(o: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor) -> float:
-    """argmin over a scalar alpha of ||alpha o_s + (1 - alpha) o_l - o||_F."""
+def fitted_alpha(o: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor) -> torch.Tensor:
+    """argmin over a scalar alpha of ||alpha o_s + (1 - alpha) o_l - o||_F (differentiable)."""
     d = o_s - o_l
-    return float(((o - o_l) * d).sum() / d.square().sum().clamp_min(1e-30))
+    return ((o - o_l) * d).sum() / d.square().sum().clamp_min(1e-30)
+
+
+def mixed_error(o: torch.Tensor, o_s: torch.Tensor, o_l: torch.Tensor) -> torch.Tensor:
+    """Relative L2 of alpha o_s + (1 - alpha) o_l against ``o``, with the best per-head alpha."""
+    a = fitted_alpha(o, o_s, o_l)
+    return (a * o_s + (1 - a) * o_l - o).norm() / o.norm()
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,25 +98,16 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch
 def head_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int,
                 n_select: int) -> dict:
     """Relative L2 of each variant for one head (q, k, v are (N, D)), with the heuristic router's blocks."""
-    n, d = q.shape
-    eye = torch.eye(d).unsqueeze(0)
-    scores = reference.router_scores(q[None, None], k[None, None], eye, eye, block_q, block_k)[0, 0]
-    keep_blocks = reference.hard_topk_mask(scores, n_select)  # (nq, nk)
-    keep = keep_blocks.repeat_interleave(block_q, 0).repeat_interleave(block_k, 1)[:n, :n]  # (N, N)
+    _, keep = heuristic_blocks(q, k, block_q, block_k, n_select)
     br = branch_outputs(q, k, v, keep)
     o, o_s, m = br["o"], br["o_s"], br["m"]
     out = {"selected_mass": float(m.mean()), "sparse only": rel(o_s, o)}
     for name, o_l in (("SLA2", br["o_lin"]), ("mean of rest", br["o_mean"]), ("exact tail", br["o_t"])):
-        a = fitted_alpha(o, o_s, o_l)
-        out[name] = rel(a * o_s + (1 - a) * o_l, o)
-        out[f"alpha {name}"] = a
+        out[name] = float(mixed_error(o, o_s, o_l))
+        out[f"alpha {name}"] = float(fitted_alpha(o, o_s, o_l))
     out["linear, row alpha"] = rel(m * o_s + (1 - m) * br["o_lin"], o)
-    best = out["SLA2"]
-    for c in TEMPERATURES:
-        o_l = linear_branch(q, k, v, keep, c)
-        a = fitted_alpha(o, o_s, o_l)
-        best = min(best, rel(a * o_s + (1 - a) * o_l, o))
-    out["SLA2, best phi temperature"] = best
+    out["SLA2, best phi temperature"] = min(
+        [out["SLA2"]] + [float(mixed_error(o, o_s, linear_branch(q, k, v, keep, c))) for c in TEMPERATURES])
     return out
 
 
@@ -129,9 +131,8 @@ def main() -> None:
     records = []
     for sigma in args.sigmas:
         hs = metrics.heldout_set(spec, args.videos, seed=common.HELDOUT_SEED, sigmas=(sigma,))
-        x_t = (1 - sigma) * hs["x0"] + sigma * hs["noise"]
-        with torch.no_grad(), record_qkv(n_tokens) as calls:
-            common.velocity(model, x_t, hs["sigma"], hs["emb"])
+        with torch.no_grad():
+            calls = attention_mass.capture_qk(model, hs, n_tokens, values=True)
         for layer, (q, k, v) in enumerate(calls):
             for b in range(q.shape[0]):
                 for h in range(q.shape[1]):

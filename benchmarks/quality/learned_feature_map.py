@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
+import attention_mass  # noqa: E402
 import branch_errors as be  # noqa: E402
 import metrics  # noqa: E402
 import qcommon as common  # noqa: E402
@@ -41,11 +42,7 @@ except ImportError:  # pragma: no cover - installed layout
 
 def head_parts(q, k, v, block_q: int, block_k: int, n_select: int) -> dict:
     """Dense output, renormalised sparse output and exact tail output of one head (N, D), heuristic blocks."""
-    n, d = q.shape
-    eye = torch.eye(d).unsqueeze(0)
-    scores = reference.router_scores(q[None, None], k[None, None], eye, eye, block_q, block_k)[0, 0]
-    keep_blocks = reference.hard_topk_mask(scores, n_select)  # (nq, nk) bool
-    keep = keep_blocks.repeat_interleave(block_q, 0).repeat_interleave(block_k, 1)
+    keep_blocks, keep = be.heuristic_blocks(q, k, block_q, block_k, n_select)
     br = be.branch_outputs(q, k, v, keep)
     return {"q": q, "k": k, "v": v, "keep_blocks": keep_blocks, "o": br["o"], "o_s": br["o_s"], "o_t": br["o_t"]}
 
@@ -68,10 +65,7 @@ def linear_branch_blocked(q, k, v, keep_blocks, w, block_q: int, block_k: int) -
 
 def mixed_error(parts: dict, o_l: torch.Tensor) -> torch.Tensor:
     """Relative L2 of alpha o_s + (1 - alpha) o_l against the dense output, alpha fitted in closed form."""
-    o, o_s = parts["o"], parts["o_s"]
-    diff = o_s - o_l
-    alpha = ((o - o_l) * diff).sum() / diff.square().sum().clamp_min(1e-30)
-    return (alpha * o_s + (1 - alpha) * o_l - o).norm() / o.norm()
+    return be.mixed_error(parts["o"], parts["o_s"], o_l)
 
 
 def fit_w(parts: dict, block_q: int, block_k: int, steps: int, lr: float, diagonal: bool = False) -> torch.Tensor:
@@ -91,12 +85,10 @@ def fit_w(parts: dict, block_q: int, block_k: int, steps: int, lr: float, diagon
 
 @torch.no_grad()
 def capture(model, spec, n_tokens: int, index: int, sigma: float):
+    """Per layer (q, k, v) of held-out video ``index`` at noise level ``sigma``."""
     hs = metrics.heldout_set(spec, index + 1, seed=common.HELDOUT_SEED, sigmas=(sigma,))
-    hs = {k: v[index : index + 1] if torch.is_tensor(v) and v.shape[0] == index + 1 else v for k, v in hs.items()}
-    x_t = (1 - sigma) * hs["x0"] + sigma * hs["noise"]
-    with be.record_qkv(n_tokens) as calls:
-        common.velocity(model, x_t, hs["sigma"], hs["emb"])
-    return calls
+    one = {key: val[index : index + 1] for key, val in hs.items()}  # every entry is batched
+    return attention_mass.capture_qk(model, one, n_tokens, values=True)
 
 
 def main() -> None:

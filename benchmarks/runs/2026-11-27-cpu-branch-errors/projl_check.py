@@ -7,9 +7,8 @@ model = common.load_model(be.HERE / "checkpoint" / "model", "cpu")
 spec, _ = common.trained_spec(be.HERE / "checkpoint" / "model")
 n = spec.tokens((1, 2, 2)); nsel = reference.topk_count(0.03, n // 64)
 hs = metrics.heldout_set(spec, 2, seed=common.HELDOUT_SEED, sigmas=(0.5,))
-x_t = 0.5 * hs["x0"] + 0.5 * hs["noise"]
-with torch.no_grad(), be.record_qkv(n) as calls:
-    common.velocity(model, x_t, hs["sigma"], hs["emb"])
+with torch.no_grad():
+    calls = be.attention_mass.capture_qk(model, hs, n, values=True)
 def parts(qh, kh, vh):
     d = qh.shape[1]; eye = torch.eye(d).unsqueeze(0)
     sc = reference.router_scores(qh[None, None], kh[None, None], eye, eye, 128, 64)[0, 0]
@@ -25,7 +24,7 @@ for layer, (q, k, v) in enumerate(calls):
     for h in range(q.shape[1]):
         A = parts(q[0, h], k[0, h], v[0, h]); B = parts(q[1, h], k[1, h], v[1, h])
         o, o_s, o_l = B
-        a = be.fitted_alpha(o, o_s, o_l); tot["SLA2"].append(be.rel(a * o_s + (1 - a) * o_l, o))
+        tot["SLA2"].append(float(be.mixed_error(o, o_s, o_l)))
         best_in, best_x, best_xb = 9, 9, 9
         for al in alphas:
             Wa = torch.linalg.lstsq(A[2], A[0] - al * A[1]).solution
