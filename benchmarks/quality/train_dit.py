@@ -328,7 +328,10 @@ def main(argv=None) -> None:
                     help='JSON overrides of the video spec, e.g. \'{"texture": 0.15}\' (saved in train_summary.json, '
                          "which every later script reads)")
     args = ap.parse_args(argv)
-    spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
+    try:
+        spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
+    except (ValueError, TypeError) as e:  # bad JSON, or a key VideoSpec does not have
+        ap.error(f"--spec: {e}")
     train(args.out, smoke=args.smoke, spec=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
           ema_decay=args.ema, cond_dropout=args.cond_dropout, image_batch=args.image_batch, guidance=args.guidance,
           max_minutes=args.max_minutes, compile_model=args.compile, device=args.device, seed=args.seed,
