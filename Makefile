@@ -23,7 +23,7 @@ demo: setup
 # The same pipeline on a model that has learned something: the quality benchmark's shipped DiT (13 MB), on
 # single 64x64 frames (1,024 tokens; it was trained on them too), 75% sparsity, a few minutes on a CPU.
 demo-trained: setup
-	$(BIN)/python benchmarks/quality/run_quality.py --model benchmarks/quality/checkpoint/model \
+	$(BIN)/python -m slaconv.quality.table --model benchmarks/quality/checkpoint/model \
 	    --classifier benchmarks/quality/checkpoint/classifier --out demo-trained --rows main --frames 1 \
 	    --topk 0.25 --block-q 64 --stage1-steps 40 --stage2-steps 30 --stage2-batch-size 2 --calib-samples 32 \
 	    --heldout-samples 8 --sample-per-class 1 --sample-steps 8 --device cpu

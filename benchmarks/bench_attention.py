@@ -6,21 +6,19 @@ Prints one table (ms = triton.testing.do_bench median; speed-up vs each SDPA bac
 TFLOPS = 4*B*H*N^2*D / t, x2.5 for the backward; peak memory above the inputs) and writes JSON +
 markdown to --out (default $OUT or ./bench_out).  The whole SLA2 op is timed: router, LUT, quantisation
 pre-passes, kernels and mix.  Before timing it checks the kernel against the reference on a subset of
-query blocks at the realistic size.  Works with the package installed (slaconv.kernels) or from a bare
-checkout (the kernels folder is loaded as ``slaconv.kernels``).
+query blocks at the realistic size.  Needs the package installed
+(``pip install -e .``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
 import re
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -28,30 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_kernels():
-    try:
-        from slaconv.kernels import reference, sla2_triton  # noqa: F401
-
-        return reference, sla2_triton
-    except Exception:
-        pass
-    for name in [m for m in sys.modules if m == "slaconv" or m.startswith("slaconv.")]:
-        del sys.modules[name]
-    pkg = types.ModuleType("slaconv")
-    pkg.__path__ = []
-    sys.modules["slaconv"] = pkg
-    spec = importlib.util.spec_from_file_location(
-        "slaconv.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["slaconv.kernels"] = mod
-    spec.loader.exec_module(mod)
-    from slaconv.kernels import reference, sla2_triton
-
-    return reference, sla2_triton
-
-
-reference, S = _import_kernels()
+from slaconv.kernels import reference
+from slaconv.kernels import sla2_triton as S
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import COMMON, CONFIGS  # noqa: E402
 
 

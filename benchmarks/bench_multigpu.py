@@ -40,7 +40,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
 from bench_model import COMMON, CONFIGS, LATENTS  # noqa: E402
 
 FSDP_CONFIG = HERE / "accelerate_fsdp.yaml"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Source this on the GPU machine (torch 2.11 + triton 3.6, no diffusers): installs the carried wheels
-# in .whl/ (diffusers and what it lacks there) into /tmp/site and puts the repo on PYTHONPATH.
+# Source this on a CUDA machine before the GPU scripts: installs this checkout (editable, no dependencies)
+# against the machine's own torch and triton. Wheels of anything the machine lacks (diffusers, accelerate,
+# click, ...) may be put in .whl/ first; they are installed offline before the package.
 set -e
-mkdir -p /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-# This is the device's copy of the tree: link kernels/ where the installed package would have it.
-[ -e slaconv/kernels ] || ln -s ../kernels slaconv/kernels
-export PYTHONPATH=$PWD:/tmp/site:$PWD/benchmarks
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e .
 python3 -c "import diffusers, click, yaml, tqdm, accelerate, safetensors, triton, torch, slaconv.kernels.sla2_triton; print('setup ok: torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import S as sla2_triton  # noqa: E402  (imports the kernels, packaged or from the checkout)
 
 import triton  # noqa: E402

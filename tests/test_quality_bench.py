@@ -7,18 +7,14 @@ table driver running every row through the real slaconv CLI at tiny size.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
-sys.path.insert(0, str(QUALITY))
-
-import qcommon as common  # noqa: E402
-import metrics  # noqa: E402
-import synthvideo as sv  # noqa: E402
+from slaconv.quality import common
+from slaconv.quality import metrics
+from slaconv.quality import synthvideo as sv
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +114,7 @@ def test_guided_velocity_is_classifier_free_guidance():
 
 
 def test_schedule_follows_the_wall_time_budget():
-    import train_dit
+    from slaconv.quality import train_dit
 
     assert train_dit.progress_at(50, 100, 10.0, None) == 0.5
     assert train_dit.progress_at(50, 100, 90.0, 100.0) == 0.9  # time runs out before the steps do
@@ -130,7 +126,7 @@ def test_schedule_follows_the_wall_time_budget():
 def test_table_refuses_mismatched_inputs(tmp_path):
     """Explicit guidance on a model without conditioning dropout (the default falls back to unguided), or a
     judge of other videos, stop the table at once."""
-    import run_quality
+    from slaconv.quality import table as run_quality
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"in_channels": 4, "text_dim": 32}))
@@ -165,7 +161,7 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
 
     import yaml
 
-    import run_quality
+    from slaconv.quality import table as run_quality
 
     settings = copy.deepcopy(run_quality.SMOKE_SETTINGS)
     default = yaml.safe_load(run_quality.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
@@ -197,7 +193,7 @@ def test_slaconv_dataset_format(tmp_path):
 
 
 def test_classifier_learns_above_chance(tmp_path):
-    import train_classifier
+    from slaconv.quality import train_classifier
 
     summary = train_classifier.train(tmp_path / "clf", smoke=True, lr=3e-3, device="cpu", log=lambda *_: None)
     chance = 1 / sv.SMOKE_SPEC.num_classes
@@ -209,9 +205,9 @@ def test_classifier_learns_above_chance(tmp_path):
 
 def test_smoke_pipeline_end_to_end(tmp_path):
     """Train the tiny DiT, then the table driver: every row through the real CLI."""
-    import run_quality
-    import train_classifier
-    import train_dit
+    from slaconv.quality import table as run_quality
+    from slaconv.quality import train_classifier
+    from slaconv.quality import train_dit
 
     quiet = lambda *_: None  # noqa: E731
     summary = train_dit.train(tmp_path / "dit", smoke=True, device="cpu", log=quiet)
@@ -271,7 +267,7 @@ def test_shipped_checkpoint_has_learned(tmp_path):
     whichever checkpoint is shipped."""
     from diffusers import WanTransformer3DModel
 
-    folder = QUALITY / "checkpoint" / "model"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "checkpoint" / "model"
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
     assert size_mb <= 16
     trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -292,7 +288,7 @@ def test_attention_mass_capture_and_block_pooling():
     """attention_mass.py: the captured self-attention Q/K reproduce the layer's attention output, block mass
     rows sum to 1, the oracle holds at least what the heuristic router's blocks hold, and the counts are
     consistent (more blocks, more mass; the blocks needed for 90% exceed the 97% budget when it holds less)."""
-    import attention_mass as am
+    from slaconv.quality import attention_stats as am
 
     spec = sv.SMOKE_SPEC
     model = common.build_model({**common.MODEL_CONFIG, "num_layers": 2}, seed=3).eval()
@@ -340,7 +336,7 @@ def test_attention_mass_capture_and_block_pooling():
 def test_attention_mass_token_bounds_on_a_peaked_row():
     """Every query attends (almost) only to key 0: the top key holds all the mass and 1 of N weights is above
     the row average 1/N."""
-    import attention_mass as am
+    from slaconv.quality import attention_stats as am
 
     n, d = 256, 16
     k = torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 0.01
@@ -354,7 +350,7 @@ def test_attention_mass_token_bounds_on_a_peaked_row():
 def test_stable_rank_matches_svd_and_the_tail_drops_the_kept_blocks():
     """stable_rank equals ||A||_F^2 / sigma_max^2 from an exact SVD, and the tail is P with each query block's
     top-mass key blocks zeroed (checked against an SVD of that map built independently)."""
-    import attention_mass as am
+    from slaconv.quality import attention_stats as am
 
     g = torch.Generator().manual_seed(4)
     a = torch.randn(96, 64, generator=g, dtype=torch.float64)
@@ -372,48 +368,3 @@ def test_stable_rank_matches_svd_and_the_tail_drops_the_kept_blocks():
     tail_p = p.masked_fill(mask.repeat_interleave(32, 0).repeat_interleave(16, 1), 0.0)
     st = torch.linalg.svdvals(tail_p)
     assert tail == pytest.approx(float((st**2).sum() / st[0] ** 2), rel=1e-3)
-
-
-def test_branch_errors_split_and_linear_branch_match_the_reference():
-    """branch_errors.py: o = m o_s + (1 - m) o_t exactly; its phi-linear branch is the reference SLA2 output at
-    alpha = 0 (same blocks); the fitted alpha recovers a known mix."""
-    import branch_errors as be
-    from kernels import reference
-
-    g = torch.Generator().manual_seed(11)
-    n, d, bq, bk = 256, 16, 32, 16
-    q, k, v = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
-    eye = torch.eye(d, dtype=torch.float64).unsqueeze(0)
-    mask = reference.hard_topk_mask(reference.router_scores(q[None, None], k[None, None], eye, eye, bq, bk)[0, 0], 3)
-    keep = mask.repeat_interleave(bq, 0).repeat_interleave(bk, 1)
-    br = be.branch_outputs(q, k, v, keep)
-    torch.testing.assert_close(br["m"] * br["o_s"] + (1 - br["m"]) * br["o_t"], br["o"], rtol=1e-10, atol=1e-12)
-    lin_only = reference.sla2_attention_reference(
-        q[None, None], k[None, None], v[None, None], eye, eye, torch.full((1,), -60.0, dtype=torch.float64),
-        topk=3 / (n // bk), block_q=bq, block_k=bk, mask=mask[None, None])[0, 0]
-    torch.testing.assert_close(br["o_lin"], lin_only, rtol=1e-5, atol=1e-6)
-    mix = 0.37 * br["o_s"] + 0.63 * br["o_lin"]
-    assert float(be.fitted_alpha(mix, br["o_s"], br["o_lin"])) == pytest.approx(0.37, abs=1e-9)
-    assert float(be.mixed_error(mix, br["o_s"], br["o_lin"])) < 1e-9
-    errs = be.head_errors(q.float(), k.float(), v.float(), bq, bk, 3)
-    assert errs["sparse only"] > 0 and errs["exact tail"] < errs["sparse only"]
-
-
-def test_blocked_linear_branch_equals_the_dense_form_and_learns():
-    """learned_feature_map.py: the block-state linear branch (the kernels' "all minus selected") equals the dense
-    masked form of branch_errors.py at W = I, and a few Adam steps on W lower the fitted-alpha error."""
-    import branch_errors as be
-    import learned_feature_map as lfm
-    from kernels import reference
-
-    g = torch.Generator().manual_seed(12)
-    n, d, bq, bk = 256, 16, 32, 16
-    q, k, v = (torch.randn(n, d, generator=g) for _ in range(3))
-    parts = lfm.head_parts(q, k, v, bq, bk, 3)
-    keep = parts["keep_blocks"].repeat_interleave(bq, 0).repeat_interleave(bk, 1)
-    blocked = lfm.linear_branch_blocked(q, k, v, parts["keep_blocks"], torch.eye(d), bq, bk)
-    torch.testing.assert_close(blocked, be.linear_branch(q, k, v, keep), rtol=1e-4, atol=1e-5)
-    before = float(lfm.mixed_error(parts, blocked))
-    w = lfm.fit_w(parts, bq, bk, steps=30, lr=2e-2)
-    after = float(lfm.mixed_error(parts, lfm.linear_branch_blocked(q, k, v, parts["keep_blocks"], w, bq, bk)))
-    assert after < before, (before, after)

@@ -8,7 +8,7 @@
 #   MODEL=DIR                   use this trained checkpoint instead of OUTDIR/dit/model (table; the
 #                               classifier step scores its samples)
 #   CLASSIFIER=DIR              table only: use this classifier instead of OUTDIR/classifier
-#   TRAIN_ARGS / CLF_ARGS / TABLE_ARGS   extra arguments for train_dit.py / train_classifier.py / run_quality.py
+#   TRAIN_ARGS / CLF_ARGS / TABLE_ARGS   extra arguments for slaconv.quality.train_dit / .train_classifier / .table
 #   SMOKE=1                     tiny CPU-sized run of everything (what the tests do)
 #
 # Writes OUTDIR/{dit,classifier,quality}/ and copies the headline files flat into OUTDIR/summary/
@@ -28,19 +28,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/run_all.log"
 
-# slaconv must be importable with its kernels (kernels/ installs as slaconv.kernels).
-if ! "$PY" -c "import slaconv.kernels" 2>/dev/null; then
+# The scripts run against the installed package: install this checkout (editable, no dependencies) if needed.
+if ! "$PY" -c "import slaconv" 2>/dev/null; then
   echo "[setup] installing slaconv (editable, no dependencies) from $REPO" | tee -a "$LOG"
-  if ! (cd "$REPO" && "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1) \
-     || ! "$PY" -c "import slaconv.kernels" 2>/dev/null; then
-    # No pip/setuptools: a package folder of links, with kernels/ as slaconv/kernels.
-    SHIM=$(mktemp -d)
-    mkdir -p "$SHIM/slaconv"
-    for f in "$REPO"/slaconv/*; do ln -s "$f" "$SHIM/slaconv/"; done
-    ln -s "$REPO/kernels" "$SHIM/slaconv/kernels"
-    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-    echo "[setup] pip install failed; using a link shim at $SHIM" | tee -a "$LOG"
-  fi
+  (cd "$REPO" && "$PY" -m pip install -q --no-deps -e .)
 fi
 "$PY" -c "import torch, diffusers, slaconv, slaconv.kernels; print('[setup] torch', torch.__version__, '| diffusers', diffusers.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee -a "$LOG"
 
@@ -54,18 +45,18 @@ run_step() {  # name, command...
 
 if [[ "$WHAT" == all || "$WHAT" == train ]]; then
   # shellcheck disable=SC2086
-  run_step train "$PY" "$HERE/train_dit.py" --out "$OUT/dit" "${SMOKE_FLAG[@]}" ${TRAIN_ARGS:-}
+  run_step train "$PY" -m slaconv.quality.train_dit --out "$OUT/dit" "${SMOKE_FLAG[@]}" ${TRAIN_ARGS:-}
 fi
 if [[ "$WHAT" == all || "$WHAT" == classifier ]]; then
   # With a trained DiT at hand, the judge also scores its samples (classifier.json: summary.dit_samples).
   SCORE=()
   [[ -f "${MODEL:-$OUT/dit/model}/config.json" ]] && SCORE=(--score-model "${MODEL:-$OUT/dit/model}")
   # shellcheck disable=SC2086
-  run_step classifier "$PY" "$HERE/train_classifier.py" --out "$OUT/classifier" "${SMOKE_FLAG[@]}" "${SCORE[@]}" ${CLF_ARGS:-}
+  run_step classifier "$PY" -m slaconv.quality.train_classifier --out "$OUT/classifier" "${SMOKE_FLAG[@]}" "${SCORE[@]}" ${CLF_ARGS:-}
 fi
 if [[ "$WHAT" == all || "$WHAT" == table ]]; then
   # shellcheck disable=SC2086
-  run_step table "$PY" "$HERE/run_quality.py" --model "${MODEL:-$OUT/dit/model}" \
+  run_step table "$PY" -m slaconv.quality.table --model "${MODEL:-$OUT/dit/model}" \
     --classifier "${CLASSIFIER:-$OUT/classifier}" --out "$OUT/quality" "${SMOKE_FLAG[@]}" ${TABLE_ARGS:-}
 fi
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import qcommon as common
-import synthvideo as sv
+from slaconv.quality import common
+from slaconv.quality import synthvideo as sv
 
 # ------------------------------------------------------------------------------ held-out set
 

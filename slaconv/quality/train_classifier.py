@@ -3,8 +3,8 @@
 Trained on clean SynthVideo videos (its own generator stream, disjoint from the DiT's), with noise
 and blur augmentation so that slightly imperfect generated videos are still judged by their shape.
 
-    python benchmarks/quality/train_classifier.py --out OUT/classifier            # GPU: ~45 s
-    python benchmarks/quality/train_classifier.py --out /tmp/clf --smoke          # CPU: seconds
+    python -m slaconv.quality.train_classifier --out OUT/classifier            # GPU: ~45 s
+    python -m slaconv.quality.train_classifier --out /tmp/clf --smoke          # CPU: seconds
 
 Writes ``classifier.safetensors``, ``classifier.json`` (config + held-out accuracy) and
 ``classifier_log.jsonl``.
@@ -18,14 +18,13 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import qcommon as common  # noqa: E402
-import metrics  # noqa: E402
-import synthvideo as sv  # noqa: E402
+from slaconv.quality import common
+from slaconv.quality import metrics
+from slaconv.quality import synthvideo as sv
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

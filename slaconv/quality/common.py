@@ -11,14 +11,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-# slaconv itself must be installed (`pip install -e .`: its kernels/ folder installs as slaconv.kernels);
-# run_all.sh takes care of that on a fresh machine.
 
-import synthvideo as sv  # noqa: E402
+from slaconv.quality import synthvideo as sv
 
 # Streams of the generator (disjoint): training, held-out evaluation, slaconv calibration data,
 # classifier training, single-frame training clips (joint image-video training).

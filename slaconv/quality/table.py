@@ -25,8 +25,8 @@ noise levels; PSNR / SSIM of 20-step Euler samples against the original's sample
 noise and class; the frame classifier's per-frame accuracy w.r.t. the conditioning class and the
 frame-to-frame consistency of its predictions.
 
-    python benchmarks/quality/run_quality.py --model OUT/dit/model --classifier OUT/classifier --out OUT/quality
-    python benchmarks/quality/run_quality.py ... --smoke            # tiny CPU run for tests
+    python -m slaconv.quality.table --model OUT/dit/model --classifier OUT/classifier --out OUT/quality
+    python -m slaconv.quality.table ... --smoke            # tiny CPU run for tests
 
 Writes --out/results.md (the table), results.json (everything, with per-stage summaries),
 samples.png (original + every row, same noise), recipes/, data/ and the work dirs.
@@ -42,14 +42,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-import qcommon as common  # noqa: E402
-import metrics  # noqa: E402
-import synthvideo as sv  # noqa: E402
+from slaconv.quality import common
+from slaconv.quality import metrics
+from slaconv.quality import synthvideo as sv
 
 PIN = 20.0  # |alpha_logit| used to pin alpha to 1 or 0: sigmoid(20) = 1 - 2.1e-9
 

@@ -22,9 +22,9 @@ This script measures how much of the DENSE softmax probability mass those blocks
 
 Run (CPU, ~3 min on 2 cores with the defaults):
 
-    python benchmarks/quality/attention_mass.py                       # 4 videos x sigma 0.2/0.5/0.8
-    python benchmarks/quality/attention_mass.py --tile 8 --out /tmp/attention_mass_tiles
-    python benchmarks/quality/attention_mass.py --frames 16 --videos 2 --out /tmp/attention_mass_16f
+    python -m slaconv.quality.attention_stats --model MODEL                       # 4 videos x sigma 0.2/0.5/0.8
+    python -m slaconv.quality.attention_stats --model MODEL --tile 8 --out /tmp/attention_mass_tiles
+    python -m slaconv.quality.attention_stats --model MODEL --frames 16 --videos 2 --out /tmp/attention_mass_16f
 
 ``--frames 16`` runs the same model on 16-frame videos (16,384 tokens, 256 key blocks): a longer
 sequence than it was trained on (8 frames), as a comparison point only.  Writes ``--out``/results.md
@@ -42,17 +42,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))  # the repo's kernels/ (also installed as slaconv.kernels)
+from slaconv.quality import metrics
+from slaconv.quality import common
 
-import metrics  # noqa: E402
-import qcommon as common  # noqa: E402
-
-try:
-    from kernels import reference  # noqa: E402
-except ImportError:  # pragma: no cover - installed layout
-    from slaconv.kernels import reference  # noqa: E402
+from slaconv.kernels import reference
 
 SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 
@@ -276,7 +269,7 @@ def table(summary: dict, first: str, kcounts: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=HERE / "checkpoint" / "model")
+    ap.add_argument("--model", type=Path, required=True, help="the original's model folder")
     ap.add_argument("--out", type=Path, default=Path("/tmp/attention_mass"))
     ap.add_argument("--videos", type=int, default=4)
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.2, 0.5, 0.8])

@@ -9,8 +9,8 @@ all samples get the null (all-zero) embedding, so samplers can use classifier-fr
 bf16 autocast on GPU, fused AdamW with warm-up and cosine decay (ending with the wall-time budget
 when that comes first), an EMA of the weights (what is saved), fresh data every step (no epochs).
 
-    python benchmarks/quality/train_dit.py --out OUT/dit                  # one H100: 6.5 min + ~20 s
-    python benchmarks/quality/train_dit.py --out /tmp/dit --smoke         # CPU: < 60 s
+    python -m slaconv.quality.train_dit --out OUT/dit                  # one H100: 6.5 min + ~20 s
+    python -m slaconv.quality.train_dit --out /tmp/dit --smoke         # CPU: < 60 s
 
 Writes to --out:
     model/                 the checkpoint, a diffusers folder (fp16 safetensors, <= 16 MB)
@@ -30,13 +30,12 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import qcommon as common  # noqa: E402
-import metrics  # noqa: E402
-import synthvideo as sv  # noqa: E402
+from slaconv.quality import common
+from slaconv.quality import metrics
+from slaconv.quality import synthvideo as sv
 
 MAX_CHECKPOINT_MB = 16.0
 
