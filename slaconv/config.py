@@ -1,0 +1,100 @@
+"""The SLA2 attention settings of a converted model: one typed source of truth.
+
+:class:`SLA2Config` is what the processor runs with, what :func:`slaconv.sla2_` installs, what the
+work dir's ``sla2_config.json`` stores (beside provenance and summaries) and what the CLI's choices
+and the kernels' checks are built from.  The tuples below are the values each setting may take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FORMAT_NAME = "slaconv-sla2"
+FORMAT_VERSION = 1
+
+QUANT_MODES = ("none", "int8", "int8-fp8")
+"""Low-bit forward of the sparse branch: bf16, INT8 QK^T with bf16 PV, INT8 QK^T with FP8 PV."""
+BLOCK_SIZES = (64, 128)
+"""Query and key block sizes the kernels are built for."""
+KERNEL_HEAD_DIMS = (64, 128)
+"""Head dims the Triton kernels take; other head dims run the PyTorch reference."""
+FEATURE_MAPS = ("softmax",)
+"""The linear branch's feature map phi: softmax over the head dimension."""
+ALPHA_GRANULARITIES = ("head",)
+"""How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
+
+
+class ConfigError(ValueError):
+    """An SLA2 setting is unknown or out of range (the message names it)."""
+
+
+def _is_fraction(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 < value <= 1)
+
+
+@dataclass(frozen=True)
+class SLA2Config:
+    """How SLA2 attention runs in every converted layer.
+
+    ``topk`` is the fraction of key blocks each query block attends to exactly (0.05 = 95% sparsity);
+    ``topk_per_layer`` overrides it for named layers.  Instances are immutable and checked on creation.
+    """
+
+    topk: float = 0.05
+    block_q: int = 128
+    block_k: int = 64
+    quant: str = "int8-fp8"
+    feature_map: str = "softmax"
+    alpha_granularity: str = "head"
+    topk_per_layer: Mapping[str, float] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "topk_per_layer", dict(self.topk_per_layer))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first setting that is out of range."""
+        if not _is_fraction(self.topk):
+            raise ConfigError(f"topk must be in (0, 1], got {self.topk!r}")
+        for name, value in self.topk_per_layer.items():
+            if not isinstance(name, str) or not _is_fraction(value):
+                raise ConfigError(f"topk_per_layer['{name}'] must be in (0, 1], got {value!r}")
+        for key in ("block_q", "block_k"):
+            if getattr(self, key) not in BLOCK_SIZES:
+                raise ConfigError(f"{key} must be one of {BLOCK_SIZES}, got {getattr(self, key)!r}")
+        choices = {"quant": QUANT_MODES, "feature_map": FEATURE_MAPS, "alpha_granularity": ALPHA_GRANULARITIES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ConfigError(f"format_version {self.format_version!r} is not one this slaconv reads "
+                              f"(1 to {FORMAT_VERSION})")
+
+    def topk_for(self, layer: str) -> float:
+        """The top-k fraction of one layer (its per-layer override, else the global one)."""
+        return self.topk_per_layer.get(layer, self.topk)
+
+    def replace(self, **changes: Any) -> "SLA2Config":
+        """A copy with some settings changed (checked like a new instance)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready mapping; :meth:`from_dict` reads it back."""
+        out = dataclasses.asdict(self)
+        out["topk_per_layer"] = dict(self.topk_per_layer)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> "SLA2Config":
+        """Build from :meth:`to_dict` output.  Unknown keys are an error unless ``ignore_unknown``
+        (a work dir's ``sla2_config.json`` also holds provenance and summaries)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown and not ignore_unknown:
+            raise ConfigError(f"unknown SLA2 setting '{unknown[0]}' (known: {', '.join(sorted(names))})")
+        return cls(**{k: v for k, v in data.items() if k in names})
