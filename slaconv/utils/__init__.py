@@ -1,0 +1,1 @@
+"""Small helpers shared by the pipeline's modules (files, devices and dtypes, messages)."""
