@@ -1,8 +1,8 @@
 """Stage-1 and stage-2 step time and peak GPU memory on the real Wan2.1-1.3B architecture at 480p.
 
-Random bf16 weights (the real checkpoint cannot be downloaded here); everything runs through the
-real CLI (`slaconv convert`, `slaconv calibrate --json`) with the shipped recipe, shortened to a
-few steps and batch 1 without accumulation.
+Random bf16 weights (step time and memory do not depend on their values, and nothing is downloaded);
+everything runs through the real CLI (`slaconv convert`, `slaconv calibrate --json`) with the shipped
+recipe, shortened to a few steps and batch 1 without accumulation.
 
     python benchmarks/bench_calibrate.py --out OUT [--stage1-steps 4] [--stage2-steps 3]
 """

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# A job that outlives the device call that starts it: the lent machine stays held while calls keep coming
-# (up to 30 minutes), and a process in its own session (setsid) survives the call's end.
+# Run a long job in the background, in its own session (setsid), so that it outlives the shell or the remote
+# command that started it: for GPU machines reached through remote commands with a time limit.
 #
 #   bash benchmarks/detached.sh start DIR 'COMMAND'   # runs COMMAND detached; log DIR/job.log, exit code DIR/job.rc
-#   bash benchmarks/detached.sh wait DIR              # <= 9 min (one call), or until the job ends; tail of the log
+#   bash benchmarks/detached.sh wait DIR              # waits up to 9 minutes or until the job ends; tail of the log
 #   bash benchmarks/detached.sh finish DIR            # blocks until the job ends; prints its exit code
 set -uo pipefail
 step=${1:?usage: detached.sh start DIR COMMAND | wait DIR | finish DIR}

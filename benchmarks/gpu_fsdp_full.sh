@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The Wan2.1-14B architecture at full depth (40 blocks, 720p) under FSDP, longer than one 10-minute device call:
-# started detached on a held multi-GPU machine, then collected (same pattern as quality/gpu_long_train.sh).
+# Stage 2 on the full-depth Wan2.1-14B architecture (40 blocks, 720p) under FSDP, on one host with 4 or more
+# CUDA GPUs. In a shell that can stay open for the whole run, call the benchmark directly:
 #
-#   bash benchmarks/gpu_fsdp_full.sh start [PROCESSES] [BLOCKS]   # call 1 (kind nvidia-h200-x4): returns after ~9 min
-#   bash benchmarks/gpu_fsdp_full.sh wait                         # calls 2, ...: <= 9 min each, until the run ends
-#   bash benchmarks/gpu_fsdp_full.sh collect                      # last call: bench_multigpu.{json,md,_logs.txt} -> $OUT
+#   source benchmarks/gpu_setup.sh
+#   python benchmarks/bench_multigpu.py --out OUT --fsdp-only --fsdp-processes 4 --fsdp-layers 40 --budget-s 1700
 #
-# Every call starts with `source benchmarks/gpu_setup.sh;`; keep calls back to back (the machine is given back
-# ~30 s after a call ends).  The 14B recipe precomputes the teacher's targets (calibration.stage2.teacher), which
-# is what should let 40 blocks fit 4 x H200 (benchmarks/RESULTS.md, "FSDP on 4 GPUs").
+# This script runs the same command in the background (benchmarks/detached.sh), for machines reached through
+# remote commands with a time limit; run `source benchmarks/gpu_setup.sh` first in each of them:
+#
+#   bash benchmarks/gpu_fsdp_full.sh start [PROCESSES] [BLOCKS]   # starts it, then waits up to 9 minutes
+#   bash benchmarks/gpu_fsdp_full.sh wait                         # waits up to 9 more minutes; GPU memory in use
+#   bash benchmarks/gpu_fsdp_full.sh collect                      # waits for the end; bench_multigpu.* -> $OUT
+#
+# WORK (default $TMPDIR/slaconv-fsdp-full) holds the run; OUT (default ./bench_out) receives the results. The 14B
+# recipe precomputes the teacher's targets (calibration.stage2.teacher), which by arithmetic on the measured
+# slices should let 40 blocks fit 4 x H200 (benchmarks/RESULTS.md, "Calibration cost and multi-GPU calibration").
 set -uo pipefail
-WORK=${WORK:-/tmp/fsdpfull}
+WORK=${WORK:-${TMPDIR:-/tmp}/slaconv-fsdp-full}
+OUT=${OUT:-bench_out}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 case "${1:?usage: gpu_fsdp_full.sh start [PROCESSES] [BLOCKS] | wait | collect}" in
@@ -27,7 +34,8 @@ case "${1:?usage: gpu_fsdp_full.sh start [PROCESSES] [BLOCKS] | wait | collect}"
     ;;
   collect)
     bash "$HERE/detached.sh" finish "$WORK"
-    cp "$WORK"/out/* "${OUT:?}/" 2>/dev/null
+    mkdir -p "$OUT"
+    cp "$WORK"/out/* "$OUT/" 2>/dev/null
     tail -30 "$WORK/job.log"
     ls -la "$OUT"
     ;;

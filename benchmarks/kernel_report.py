@@ -10,8 +10,9 @@ listed in ``do_not_specialize``, integers equal to 1 as constants).  For each la
 local-memory spill instructions in the SASS, the global-load instructions by width (``ld.global.b16`` in
 a tile loop means 2-byte scalar loads: an alignment the compiler could not prove) and the MMA
 instructions.  Triton ships ptxas and cuobjdump, so this runs on a CPU-only machine: it is how kernel
-changes are checked before spending GPU time (the numbers match a compile on the card for the same
-Triton version; the GPU has Triton 3.6, this machine may have a newer one).
+changes are checked before spending GPU time.  The numbers match a compile on the card only for the same
+Triton version: run it with the Triton the GPU machines use (``make test TRITON36=1`` builds a Triton 3.6
+environment, ``.venv-triton36``).
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Train the quality benchmark's original DiT for longer than one 10-minute device call allows.
+# Train the quality benchmark's original DiT for longer than its default 6.5-minute budget, in the background.
 #
-# A device call may last 10 minutes, but a held machine stays with the session for up to 30 minutes as
-# long as calls keep coming, and a process started in its own session (setsid) survives the call that
-# started it.  So: start training detached, keep the machine busy with `wait` calls, then collect.
+# In a shell that can stay open, call run_all.sh directly:
+#   TRAIN_ARGS="--max-minutes 12 --steps 100000" benchmarks/quality/run_all.sh OUTDIR train
+#   benchmarks/quality/run_all.sh OUTDIR classifier
 #
-#   bash benchmarks/quality/gpu_long_train.sh start MINUTES   # call 1: returns after ~9 min, training goes on
-#   bash benchmarks/quality/gpu_long_train.sh wait            # call 2, 3, ...: sleeps <= 9 min or until done
-#   bash benchmarks/quality/gpu_long_train.sh collect         # last call: classifier, then files into $OUT
+# This script does the same with training detached (benchmarks/detached.sh), for machines reached through
+# remote commands with a time limit; run `source benchmarks/gpu_setup.sh` first in each of them:
+#   bash benchmarks/quality/gpu_long_train.sh start MINUTES   # starts training, then waits up to 9 minutes
+#   bash benchmarks/quality/gpu_long_train.sh wait            # waits up to 9 more minutes or until it ends
+#   bash benchmarks/quality/gpu_long_train.sh collect         # waits for the end, trains the classifier,
+#                                                             # copies model, classifier and plots to $OUT
 #
-# TRAIN_EXTRA adds train_dit.py flags to `start`, e.g. TRAIN_EXTRA='--spec {"texture":0.15}' (JSON without
-# spaces: run_all.sh splits TRAIN_ARGS on whitespace).
-# Every call must start with `source benchmarks/gpu_setup.sh;` (the wheels live in /tmp/site and survive
-# between calls on the same machine).  Keep the calls back to back: the machine is given back ~30 s after
-# a call ends.  MINUTES is the training budget (--max-minutes); plan MINUTES + 3 minutes of calls in all.
+# MINUTES is the training budget (--max-minutes). TRAIN_EXTRA adds train_dit flags to `start`, e.g.
+# TRAIN_EXTRA='--spec {"texture":0.15}' (JSON without spaces: run_all.sh splits TRAIN_ARGS on whitespace).
+# WORK (default $TMPDIR/slaconv-long-train) holds the run; OUT (default ./quality_out) receives the files.
 set -uo pipefail
-WORK=${WORK:-/tmp/q5long}
+WORK=${WORK:-${TMPDIR:-/tmp}/slaconv-long-train}
+OUT=${OUT:-quality_out}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 JOB="$HERE/../detached.sh"
 

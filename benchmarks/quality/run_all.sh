@@ -12,8 +12,8 @@
 #   SMOKE=1                     tiny CPU-sized run of everything (what the tests do)
 #
 # Writes OUTDIR/{dit,classifier,quality}/ and copies the headline files flat into OUTDIR/summary/
-# (at most 8 files: results.md, results.json, samples.png, train_samples.png, loss_curve.png,
-# train_summary.json, classifier.json, run_all.log).
+# (results.md, results.json, samples.png, train_samples.png, loss_curve.png, train_summary.json,
+# classifier.json, run_all.log). Runs on any CUDA machine after `source benchmarks/gpu_setup.sh`.
 set -euo pipefail
 
 OUT=${1:?usage: run_all.sh OUTDIR [all|train|classifier|table]}
