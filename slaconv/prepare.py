@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gc
 import html
 import json
 import os
@@ -69,6 +68,9 @@ from typing import Any, Iterator
 import torch
 
 from .errors import InputError, OutOfMemoryError, OutputExistsError, UsageError
+from .utils.devices import DTYPES, release_memory, resolve_device
+from .utils.files import read_json
+from .utils.messages import first_line, looks_local
 
 GENERATOR = "slaconv.prepare/1"
 TEXT_BATCH = 8
@@ -77,7 +79,7 @@ TEXT_ENCODER_CLASSES = ("UMT5EncoderModel", "T5EncoderModel")
 _TEXT_ENCODER_BY_TYPE = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"})
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORE_DTYPES = ("float32", "bfloat16")  # the --dtype choices of prepare (a subset of DTYPES)
 # Hub download: configs, safetensors weights (+ shard indexes) and tokenizer files; never *.bin / *.pt.
 HUB_PATTERNS = [
     "model_index.json",
@@ -87,11 +89,6 @@ HUB_PATTERNS = [
 ]
 HUB_CONFIG_PATTERNS = ["model_index.json", "vae/config.json", "text_encoder/config.json",
                        "tokenizer/tokenizer_config.json"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------ captions
@@ -139,7 +136,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot read ({first_line(exc)})") from None
 
 
 def _read_jsonl(path: Path, media_dir: Path) -> list[Item]:
@@ -178,7 +175,7 @@ def _read_csv(path: Path, media_dir: Path) -> list[Item]:
                 continue  # blank line
             items.append(_media_item(row["file"], row["caption"], media_dir, where))
     except csv.Error as exc:
-        raise InputError(f"{path}:{reader.line_num}: malformed CSV ({_first_line(exc)})") from None
+        raise InputError(f"{path}:{reader.line_num}: malformed CSV ({first_line(exc)})") from None
     return items
 
 
@@ -248,7 +245,7 @@ def _open_image(path: Path):
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read image ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot read image ({first_line(exc)})") from None
 
 
 def _video_reader():
@@ -293,7 +290,7 @@ def _iter_video(path: Path) -> Iterator:
     except InputError:
         raise
     except Exception as exc:  # decoder errors of every flavour
-        raise InputError(f"{path}: cannot decode video ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot decode video ({first_line(exc)})") from None
 
 
 def _iter_frames(item: Item) -> Iterator:
@@ -320,7 +317,7 @@ def _loaded(img, path: Path):
             img = ImageOps.exif_transpose(img)
         return img.convert("RGB")  # decodes; composites palette / alpha / GIF disposal
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{path}: cannot decode image ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot decode image ({first_line(exc)})") from None
 
 
 def probe(item: Item) -> dict:
@@ -337,7 +334,7 @@ def probe(item: Item) -> dict:
             except InputError:
                 raise
             except Exception as exc:
-                raise InputError(f"{item.path}: cannot open video ({_first_line(exc)})") from None
+                raise InputError(f"{item.path}: cannot open video ({first_line(exc)})") from None
         return {"kind": "video", "frames": frames}
     if item.kind == "frames":
         files = _frame_files(item.path)
@@ -391,14 +388,10 @@ def load_video(item: Item, *, num_frames: int, height: int, width: int) -> tuple
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def _looks_local(pipeline: str) -> bool:
-    return Path(pipeline).expanduser().exists() or pipeline.startswith((".", "/", "~")) or pipeline.count("/") > 1
-
-
 def resolve_pipeline(pipeline: str, *, revision: str | None = None, offline: bool = False,
                      configs_only: bool = False) -> tuple[Path, str | None]:
     """Local folder or Hub id -> (local pipeline folder, revision); downloads only what prepare reads."""
-    if _looks_local(pipeline):
+    if looks_local(pipeline):
         root = Path(pipeline).expanduser()
         if not root.exists():
             raise InputError(f"pipeline path does not exist: {pipeline}")
@@ -410,16 +403,6 @@ def resolve_pipeline(pipeline: str, *, revision: str | None = None, offline: boo
     snapshot = fetch_snapshot(pipeline, revision=revision, offline=offline, what="pipeline",
                               allow_patterns=HUB_CONFIG_PATTERNS if configs_only else HUB_PATTERNS)
     return snapshot, snapshot.name
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not readable JSON ({_first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 def check_pipeline(root: Path, *, weights: bool = True) -> dict:
@@ -436,7 +419,7 @@ def check_pipeline(root: Path, *, weights: bool = True) -> dict:
             raise InputError(f"{root / comp}: no config.json")
         if weights and not any((root / comp).glob("*.safetensors")):
             raise InputError(f"{root / comp} holds no .safetensors weights (pickled checkpoints are not read)")
-        info[comp] = _read_json(cfg_path)
+        info[comp] = read_json(cfg_path)
     vae = info["vae"]
     if vae.get("_class_name") != "AutoencoderKLWan":
         raise InputError(f"{root / 'vae'}: is {vae.get('_class_name')!r}, expected 'AutoencoderKLWan' (a Wan pipeline)")
@@ -448,7 +431,7 @@ def _text_encoder_class(root: Path, cfg: dict) -> str:
     names = list(cfg.get("architectures") or [])
     index = root / "model_index.json"
     if index.is_file():
-        entry = _read_json(index).get("text_encoder")
+        entry = read_json(index).get("text_encoder")
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
             names.insert(0, entry[1])
     for name in names:
@@ -510,12 +493,12 @@ def load_text_encoder(root: Path, class_name: str, *, dtype: torch.dtype, device
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
     except Exception as exc:
-        raise InputError(f"could not load the tokenizer from {root / 'tokenizer'}: {_first_line(exc)}") from None
+        raise InputError(f"could not load the tokenizer from {root / 'tokenizer'}: {first_line(exc)}") from None
     try:
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         encoder = cls.from_pretrained(root / "text_encoder", use_safetensors=True, **{dtype_kw: dtype})
     except Exception as exc:
-        raise InputError(f"could not load {root / 'text_encoder'} as {class_name}: {_first_line(exc)}") from None
+        raise InputError(f"could not load {root / 'text_encoder'} as {class_name}: {first_line(exc)}") from None
     return tokenizer, encoder.to(device).eval()
 
 
@@ -525,7 +508,7 @@ def load_vae(root: Path, *, device):
     try:
         vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
     except Exception as exc:
-        raise InputError(f"could not load {root / 'vae'} as AutoencoderKLWan: {_first_line(exc)}") from None
+        raise InputError(f"could not load {root / 'vae'} as AutoencoderKLWan: {first_line(exc)}") from None
     return vae.to(device).eval()
 
 
@@ -600,20 +583,6 @@ class _SpilledSamples(Sequence):
         return load_file(str(self.files[index]))
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available")
-    return str(device)
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def _check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"{out} already exists and is not empty; choose another directory or remove it")
@@ -630,7 +599,7 @@ def plan(out_dir, *, pipeline: str, captions, media_dir=None, height: int, width
     """What ``prepare_dataset`` would do, checking inputs (captions, media headers, pipeline configs)."""
     items = read_captions(captions, media_dir)
     root, rev = resolve_pipeline(pipeline, revision=revision, offline=offline, configs_only=True)
-    info = check_pipeline(root, weights=_looks_local(pipeline))  # a Hub dry run fetched configs only
+    info = check_pipeline(root, weights=looks_local(pipeline))  # a Hub dry run fetched configs only
     _check_sizes(info["vae"], height=height, width=width, num_frames=num_frames,
                  max_sequence_length=max_sequence_length)
     spatial, temporal = _vae_factors(info["vae"])
@@ -661,8 +630,8 @@ def prepare_dataset(out_dir: str | os.PathLike, *, pipeline: str, captions: str 
     inputs are checked (captions parsed, media found and their headers read, pipeline folders and
     sizes checked, ``out_dir`` empty) before any model is loaded.
     """
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in STORE_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"--seed must be an integer, got {seed!r}")
     store_dtype = DTYPES[dtype]
@@ -680,7 +649,7 @@ def prepare_dataset(out_dir: str | os.PathLike, *, pipeline: str, captions: str 
     _check_sizes(info["vae"], height=height, width=width, num_frames=num_frames,
                  max_sequence_length=max_sequence_length)
     mean, inv_std = _latent_stats(info["vae"], root)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     bars = show_progress and sys.stderr.isatty()
     from safetensors.torch import load_file
 
@@ -700,7 +669,7 @@ def prepare_dataset(out_dir: str | os.PathLike, *, pipeline: str, captions: str 
                     text_files[caption] = _spill(scratch / f"text_{len(text_files):05d}.safetensors",
                                                  {"prompt_embeds": e.to(store_dtype)})
             del tokenizer, encoder
-            _free(dev)
+            release_memory(dev)
 
             # 2) media -> latents, one sample file each.
             vae = load_vae(root, device=dev)
@@ -719,7 +688,7 @@ def prepare_dataset(out_dir: str | os.PathLike, *, pipeline: str, captions: str 
                                            {"latents": latents, "prompt_embeds": text}))
                 records.append({"file": item.label, "caption": item.caption, **meta})
             del vae
-            _free(dev)
+            release_memory(dev)
 
         extra = {"generator": GENERATOR, "pipeline": str(pipeline), "revision": rev, "height": height,
                  "width": width, "num_frames": num_frames, "max_sequence_length": max_sequence_length,
