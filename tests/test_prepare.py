@@ -290,9 +290,9 @@ def test_other_refusals(tmp_path, tiny_pipeline, media):
 
 
 def test_video_without_a_decoder_names_the_package(tmp_path, tiny_pipeline, media, monkeypatch):
-    import slaconv.prepare
+    import slaconv.prepare.media
 
-    monkeypatch.setattr(slaconv.prepare, "_video_reader", lambda: None)  # as if neither av nor imageio
+    monkeypatch.setattr(slaconv.prepare.media, "_video_reader", lambda: None)  # as if neither av nor imageio
     (media / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
     (media / "v.jsonl").write_text(json.dumps({"file": "clip.mp4", "caption": "a dog"}) + "\n")
     fails(3, *_args(tmp_path / "d", tiny_pipeline, media / "v.jsonl"), match="pip install av")
