@@ -142,14 +142,16 @@ def test_no_traceback_in_a_real_process(tmp_path):
 
 @pytest.mark.parametrize("stage", ["1", "2"])
 def test_out_of_memory_says_what_to_change(tmp_path, tiny_wan_dir, monkeypatch, stage):
-    import slaconv.calibrate as cal
+    from slaconv.calibrate import stage1, stage2
+
+    stage_module = {"1": stage1, "2": stage2}[stage]
 
     work = _workdir(tmp_path, tiny_wan_dir)
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(cal, "_forward", oom)
+    monkeypatch.setattr(stage_module, "forward_batch", oom)
     line = fails(8, "calibrate", work, "--stage", stage, match="out of memory in stage " + stage)
     assert "batch_size" in line or "query_blocks_per_step" in line
     assert "Tried to allocate" not in line  # no raw CUDA trace

@@ -160,12 +160,12 @@ def test_fsdp_plugin_computes_in_fp32_and_needs_original_params(monkeypatch):
     """slaconv pins FSDP's mixed precision to fp32 (autocast gives the bf16 compute, as on one process;
     accelerate's bf16 default would cast the RoPE tables and the timestep) and refuses FSDP1 with
     flattened parameters (the router is frozen, alpha and the weights of its block train)."""
-    import slaconv.calibrate as cal
+    from slaconv.calibrate.distributed import fsdp_plugin
     from slaconv.errors import UsageError
 
     for key, value in _accelerate_fsdp_env().items():
         monkeypatch.setenv(key, value)
-    plugin = cal._fsdp_plugin()
+    plugin = fsdp_plugin()
     policy = plugin.mixed_precision_policy
     assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.float32,) * 3
     assert plugin.fsdp_version == 1 and plugin.use_orig_params and plugin.transformer_cls_names_to_wrap == [
@@ -174,6 +174,6 @@ def test_fsdp_plugin_computes_in_fp32_and_needs_original_params(monkeypatch):
     assert plugin.mixed_precision_policy.param_dtype == torch.float32
     monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "false")
     with pytest.raises(UsageError, match="fsdp_use_orig_params"):
-        cal._fsdp_plugin()
+        fsdp_plugin()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert cal._fsdp_plugin() is None
+    assert fsdp_plugin() is None

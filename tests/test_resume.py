@@ -9,6 +9,7 @@ import pytest
 from test_cli import run, write_recipe
 
 import slaconv.calibrate as cal
+from slaconv.calibrate import stage1, stage2
 
 
 class Killed(BaseException):
@@ -17,7 +18,8 @@ class Killed(BaseException):
 
 def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
     """Run ``stage`` on ``work`` in-process and kill it right after it saved checkpoint ``kill_step``."""
-    real_save = cal.save_checkpoint
+    stage_module = {1: stage1, 2: stage2}[stage]
+    real_save = stage_module.save_checkpoint
 
     def save_then_die(root, step, state, limit):
         path = real_save(root, step, state, limit)
@@ -25,10 +27,10 @@ def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
             raise Killed()
         return path
 
-    monkeypatch.setattr(cal, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(stage_module, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         cal.calibrate(work, _recipe(work), stage=str(stage), show_progress=False)
-    monkeypatch.setattr(cal, "save_checkpoint", real_save)
+    monkeypatch.setattr(stage_module, "save_checkpoint", real_save)
 
 
 def _losses(work, stage):
@@ -91,13 +93,13 @@ def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan
     shutil.copytree(pre, resumed)
 
     loads = []
-    real_load = cal.load_base_model
+    real_load = stage2.load_base_model
 
     def counting_load(*args, **kwargs):
         loads.append(kwargs.get("verify", True))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(cal, "load_base_model", counting_load)
+    monkeypatch.setattr(stage2, "load_base_model", counting_load)
     a = json.loads(run("calibrate", online, "--stage", "2", "--json").stdout)["stage2"]
     assert loads == [True]
     loads.clear()

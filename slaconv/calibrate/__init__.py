@@ -1,0 +1,72 @@
+"""``slaconv calibrate``: stage 1 (router + alpha) then stage 2 (end-to-end QAT fine-tune).
+
+Stage 1 (:mod:`.stage1`) trains each layer's router and alpha against full attention, one layer at
+a time as the frozen model's forward reaches it.  Stage 2 (:mod:`.stage2`) fine-tunes every model
+weight and alpha with the router frozen and the sparse branch in the recipe's low-bit mode, against
+the dense teacher's velocity or the flow-matching target.
+
+Every step's randomness is a function of (seed, step) (:mod:`.sampler`), so a resumed run replays
+exactly the batches, noise and timesteps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import OutOfMemoryError
+from ..recipe import recipe_hash, save_recipe
+from ..workdir import RECIPE_NAME, read_sla2_config
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import full_model_state, full_training_state, load_training_state
+from .heldout import heldout_attention_error, heldout_loss
+from .results import save_results
+from .sampler import StepSampler, forward_batch
+from .stage1 import run_stage1
+from .stage2 import run_stage2
+from .teacher import TeacherTargets, stage2_target
+
+__all__ = [
+    "StepSampler", "TeacherTargets", "calibrate", "forward_batch", "full_model_state", "full_training_state",
+    "heldout_attention_error", "heldout_loss", "list_checkpoints", "load_checkpoint", "load_training_state",
+    "loss_curve", "run_stage1", "run_stage2", "save_checkpoint", "save_results", "stage2_target",
+]
+
+_forward = forward_batch  # the name under which validate imports it
+
+
+def _oom(stage: str) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"out of memory in stage {stage}: lower calibration.{'stage1.query_blocks_per_step' if stage == '1' else 'stage2.batch_size'}"
+        ", enable calibration.stage2.gradient_checkpointing, or use a smaller data resolution"
+    )
+
+
+def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None, resume=None, device="cpu",
+              show_progress=True) -> dict:
+    """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries."""
+    workdir = Path(workdir)
+    read_sla2_config(workdir)
+    out = {"work_dir": str(workdir), "recipe_hash": recipe_hash(recipe)}
+    save_recipe(recipe, workdir / RECIPE_NAME)
+    for name, run in (("1", run_stage1), ("2", run_stage2)):
+        if stage in (name, "all"):
+            try:
+                out.update(run(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
+                               show_progress=show_progress))
+            except torch.OutOfMemoryError:
+                raise _oom(name) from None
+            out.setdefault("loss_curve", {})[f"stage{name}"] = loss_curve(workdir, int(name))
+    return out
+
+
+def loss_curve(workdir: Path, stage: int) -> list[dict]:
+    """One record per logged step of a stage: step, loss (stage 1: mean relative attention MSE over
+    layers), learning rate (stage 2) and wall seconds; stage 1's per-layer detail stays in the log."""
+    path = Path(workdir) / "logs" / f"stage{stage}.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k != "layers"} for r in records]

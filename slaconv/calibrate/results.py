@@ -1,0 +1,39 @@
+"""Writing a stage's trained weights and summary into the work dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..workdir import read_sla2_config, save_model_files, write_json
+
+
+def save_results(model, family, workdir: Path, update: dict) -> None:
+    """Replace the work dir's weights, then its config (written last: it marks completion)."""
+    workdir = Path(workdir)
+    staging = workdir / f".staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        save_model_files(model, family, staging)
+        new_files = {p.name for p in staging.iterdir()}
+        for old in workdir.glob("diffusion_pytorch_model*"):
+            if old.name not in new_files:
+                old.unlink()
+        for p in staging.iterdir():
+            if p.name != "config.json":
+                os.replace(p, workdir / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    config = read_sla2_config(workdir)
+    calibration = config.get("calibration") or {}
+    calibration.update(update)
+    config["calibration"] = calibration
+    write_json(workdir / "sla2_config.json", config)
+
+
+def data_name(data_dir) -> str:
+    """What a summary records about the data: the folder's name (no local paths get published)."""
+    return Path(data_dir).name if data_dir else "synthetic"

@@ -1,0 +1,149 @@
+"""Stage 1 of calibration: train each layer's router and alpha against full attention.
+
+The frozen model runs on calibration inputs at sampled noise levels with dense attention, and every
+target layer, as the forward reaches it, computes its own loss -- the MSE between full attention
+and SLA2 with SoftTop-k on a random subset of query blocks -- and back-propagates it into its
+router and alpha at once.  Nothing is stored across layers, so memory is one layer's worth whatever
+the model depth.  Stage 1 runs the bf16/fp32 math, not the low-bit forward: the router learns a
+ranking, which quantisation noise would only blur.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import flow
+from ..install import sla2_processors
+from ..kernels import reference
+from ..observe import observing
+from ..progress import progress
+from ..source import DTYPES
+from ..workdir import load_workdir
+from .checkpoints import (
+    append_log,
+    check_finite,
+    first_last_loss,
+    load_checkpoint,
+    restart_log,
+    save_checkpoint,
+)
+from .distributed import (
+    make_accelerator,
+    mean_over_processes,
+    peak_memory,
+    reset_peak_memory,
+)
+from .heldout import heldout_attention_error, heldout_sampler
+from .results import data_name, save_results
+from .sampler import StepSampler, forward_batch
+
+
+def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+    """Stage 1 on every process of the launch (data-parallel): train the routers and alphas of the
+    frozen model; the main process saves them."""
+    cfg = recipe["calibration"]["stage1"]
+    reset_peak_memory()
+    accelerator = make_accelerator(device)
+    device = accelerator.device
+    model, family, _ = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
+    model.requires_grad_(False)
+    procs = sla2_processors(model)
+    params = []
+    for proc in procs.values():
+        for p in proc.sla2_state().values():
+            p.requires_grad_(True)
+            params.append(p)
+    routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
+    alphas = [proc.alpha_logit for proc in procs.values()]
+    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg["lr"]}, {"params": alphas, "lr": cfg["alpha_lr"]}])
+    model_config = json.loads((Path(workdir) / "config.json").read_text())
+    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    ckpt_root = Path(workdir) / "checkpoints" / "stage1"
+    log_path = Path(workdir) / "logs" / "stage1.jsonl"
+    start = 0
+    if resume:
+        loaded = load_checkpoint(ckpt_root, resume)
+        if loaded is not None:
+            start, state = loaded
+            with torch.no_grad():
+                for key, value in state["sla2"].items():
+                    name, tensor = key.rsplit(".", 1)
+                    getattr(procs[name], tensor).copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+    if accelerator.is_main_process:
+        restart_log(log_path, start)
+
+    tau, n_qb = cfg["tau"], cfg["query_blocks_per_step"]
+    losses: dict[str, float] = {}
+    step_gen = {"gen": None}
+
+    def observe(proc, q, k, v):
+        qh, kh, vh = (t.detach().transpose(1, 2) for t in (q, k, v))
+        nq = reference.block_count(qh.shape[2], proc.block_q)
+        blocks = torch.randperm(nq, generator=step_gen["gen"])[:n_qb].sort().values.to(qh.device)
+        rows = (blocks.view(-1, 1) * proc.block_q + torch.arange(proc.block_q, device=qh.device)).view(-1)
+        rows = rows[rows < qh.shape[2]]
+        with torch.enable_grad():
+            target = reference.full_attention_reference(qh.float(), kh.float(), vh.float(), rows)
+            pred = reference.sla2_attention_reference(
+                qh.float(), kh.float(), vh.float(), proc.router_q, proc.router_k, proc.alpha_logit,
+                topk=proc.topk, block_q=proc.block_q, block_k=proc.block_k, soft_tau=tau, q_blocks=blocks)
+            loss = torch.mean((pred - target) ** 2)
+            loss.backward()
+        losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
+        return proc.dense_attention(q, k, v)
+
+    dtype = DTYPES[recipe["model"]["dtype"]]
+    n_eval = recipe["calibration"]["eval_samples"]
+    eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
+    heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
+    with observing(procs.values(), observe):
+        bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
+                       initial=start, total=cfg["steps"])
+        t0 = time.time()
+        for step in bar:
+            t_step = time.time()
+            batch = sampler.batch(step)
+            step_gen["gen"] = sampler.generator(step, salt=1)
+            x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+            losses.clear()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                forward_batch(model, family, batch, x_t, batch["sigma"], device, dtype)
+            layer_losses = mean_over_processes(accelerator, losses)
+            mean_loss = sum(layer_losses.values()) / len(layer_losses)
+            check_finite(mean_loss, "stage-1 loss", ckpt_root)
+            if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
+                for p in params:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            optimizer.step()
+            if accelerator.is_main_process:
+                append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
+                                      "seconds": round(time.time() - t_step, 3),
+                                      "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
+            bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
+            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
+                    and accelerator.is_main_process:
+                save_checkpoint(ckpt_root, step + 1, {
+                    "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
+                    "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
+    seconds = round(time.time() - t0, 2)
+    heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
+    first_last = first_last_loss(log_path)
+    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"], "seconds": seconds,
+                          "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
+                          "heldout_attention_rel_mse_before": heldout_before,
+                          "heldout_attention_rel_mse_after": heldout_after,
+                          "data": data_name(data_dir), **peak_memory(accelerator)}}
+    for p in params:
+        p.requires_grad_(False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_results(model, family, workdir, summary)
+    accelerator.wait_for_everyone()
+    return summary
