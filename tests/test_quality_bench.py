@@ -1,4 +1,4 @@
-"""The quality benchmark's smoke path (benchmarks/quality, DESIGN.md section 5) on the CPU.
+"""The quality benchmark (slaconv.quality) on the CPU at smoke size.
 
 Generator determinism, a classifier that learns above chance, a DiT trained for a few steps, and the
 table driver running every row through the real slaconv CLI at tiny size.
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slaconv.quality import common
-from slaconv.quality import metrics
+from slaconv.errors import InputError, UsageError
+from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
+from slaconv.quality.render import render
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +54,9 @@ def test_render_matches_per_object_compositing():
     spec = sv.VideoSpec(frames=3, size=32, glyph_res=32)
     params = [sv.sample_params(5, i, spec) for i in range(6)]
     assert len({len(p.motion) for p in params}) > 1  # the batch mixes object counts, so padding is exercised
-    batch = sv.render(params, spec)
+    batch = render(params, spec)
     for i, p in enumerate(params):
-        assert torch.equal(batch[i], sv.render([p], spec)[0])
+        assert torch.equal(batch[i], render([p], spec)[0])
 
 
 def test_texture_moves_with_the_content_and_leaves_flat_streams_alone():
@@ -66,14 +67,14 @@ def test_texture_moves_with_the_content_and_leaves_flat_streams_alone():
     flat = sv.VideoSpec(frames=3, size=32, glyph_res=32)
     tex = sv.VideoSpec(frames=3, size=32, glyph_res=32, texture=0.15, texture_cells=8)
     params = [sv.sample_params(7, i, tex) for i in range(5)]
-    batch = sv.render(params, tex)
+    batch = render(params, tex)
     for i, p in enumerate(params):
-        assert torch.equal(batch[i], sv.render([p], tex)[0])
+        assert torch.equal(batch[i], render([p], tex)[0])
     flat_params = [sv.sample_params(7, i, flat) for i in range(5)]
     for p, q in zip(params, flat_params):
         assert torch.equal(p.cx, q.cx) and torch.equal(p.color, q.color) and q.texture is None
         assert p.texture is not None and p.texture.shape == (len(p.motion), 1, 4, 4)
-    flat_batch = sv.render(flat_params, flat)
+    flat_batch = render(flat_params, flat)
     assert not torch.equal(flat_batch, batch)
     mask = flat_batch[:, 3:4] < -0.99  # background pixels (object mask channel at -1)
     detail = lambda v: ((v[:, :3, :, :, 1:] - v[:, :3, :, :, :-1]).abs() * mask[..., 1:]).sum() / mask[..., 1:].sum()
@@ -126,20 +127,20 @@ def test_schedule_follows_the_wall_time_budget():
 def test_table_refuses_mismatched_inputs(tmp_path):
     """Explicit guidance on a model without conditioning dropout (the default falls back to unguided), or a
     judge of other videos, stop the table at once."""
-    from slaconv.quality import table as run_quality
+    from slaconv.quality import table as quality_table
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"in_channels": 4, "text_dim": 32}))
     summary = {"spec": sv.VideoSpec().to_dict(), "settings": {}}
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
-    with pytest.raises(SystemExit, match="--guidance 1"):
-        run_quality.run(tmp_path / "model", tmp_path / "q", device="cpu", log=lambda *_: None,
+    with pytest.raises(UsageError, match="--guidance 1"):
+        quality_table.run(tmp_path / "model", tmp_path / "q", device="cpu", log=lambda *_: None,
                         settings_override={"guidance": 5.0})
     summary["settings"]["cond_dropout"] = 0.1
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     metrics.save_classifier(metrics.FrameClassifier(), tmp_path / "clf", {"summary": {"spec": sv.SMOKE_SPEC.to_dict()}})
-    with pytest.raises(SystemExit, match="other videos"):
-        run_quality.run(tmp_path / "model", tmp_path / "q", classifier_dir=tmp_path / "clf", device="cpu",
+    with pytest.raises(InputError, match="other videos"):
+        quality_table.run(tmp_path / "model", tmp_path / "q", classifier_dir=tmp_path / "clf", device="cpu",
                         log=lambda *_: None)
 
 
@@ -161,12 +162,13 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
 
     import yaml
 
-    from slaconv.quality import table as run_quality
+    from slaconv.quality import table as quality_table
+    from slaconv.quality.table_settings import SMOKE_SETTINGS
 
-    settings = copy.deepcopy(run_quality.SMOKE_SETTINGS)
-    default = yaml.safe_load(run_quality.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    settings = copy.deepcopy(SMOKE_SETTINGS)
+    default = yaml.safe_load(quality_table.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
     settings["stage2"]["timestep_shift"] = 1.0
-    shifted = yaml.safe_load(run_quality.write_recipe(tmp_path / "b.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    shifted = yaml.safe_load(quality_table.write_recipe(tmp_path / "b.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
     assert default["calibration"]["stage2"]["timestep_shift"] == settings["timestep_shift"] != 1.0
     assert shifted["calibration"]["stage2"]["timestep_shift"] == 1.0
     assert shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"] == settings["timestep_shift"]
@@ -205,9 +207,8 @@ def test_classifier_learns_above_chance(tmp_path):
 
 def test_smoke_pipeline_end_to_end(tmp_path):
     """Train the tiny DiT, then the table driver: every row through the real CLI."""
-    from slaconv.quality import table as run_quality
-    from slaconv.quality import train_classifier
-    from slaconv.quality import train_dit
+    from slaconv.quality import table as quality_table
+    from slaconv.quality import train_classifier, train_dit
 
     quiet = lambda *_: None  # noqa: E731
     summary = train_dit.train(tmp_path / "dit", smoke=True, device="cpu", log=quiet)
@@ -221,7 +222,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     by_g = clf["dit_samples"]["by_guidance"]
     assert set(by_g) == {"1", f"{common.SAMPLE_GUIDANCE:g}"} and all(0 <= v["accuracy"] <= 1 for v in by_g.values())
 
-    res = run_quality.run(model_dir, tmp_path / "q", classifier_dir=tmp_path / "clf", smoke=True, validate="first",
+    res = quality_table.run(model_dir, tmp_path / "q", classifier_dir=tmp_path / "clf", smoke=True, validate="first",
                           device="cpu", log=quiet)
     assert res["settings"]["guidance"] == common.SAMPLE_GUIDANCE != 1.0  # every row sampled with guidance
     manifest = json.loads((tmp_path / "q" / "data" / "dataset.json").read_text())
@@ -252,7 +253,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert not (out / "results.partial.json").exists()  # only a run cut short leaves it
 
     # `make demo-trained`'s shape: the main rows only, on single frames of the same model
-    demo = run_quality.run(model_dir, tmp_path / "demo", classifier_dir=tmp_path / "clf", smoke=True, validate="none",
+    demo = quality_table.run(model_dir, tmp_path / "demo", classifier_dir=tmp_path / "clf", smoke=True, validate="none",
                            settings_override={"rows": "main", "frames": 1, "topks": [0.25]}, device="cpu", log=quiet)
     assert demo["spec"]["frames"] == 1 and demo["tokens_per_sample"] < res["tokens_per_sample"]
     assert [r["name"] for r in demo["rows"]] == ["dense original", "SLA2, no fine-tuning (convert only)",
@@ -285,7 +286,7 @@ def test_shipped_checkpoint_has_learned(tmp_path):
 
 
 def test_attention_mass_capture_and_block_pooling():
-    """attention_mass.py: the captured self-attention Q/K reproduce the layer's attention output, block mass
+    """attention_stats: the captured self-attention Q/K reproduce the layer's attention output, block mass
     rows sum to 1, the oracle holds at least what the heuristic router's blocks hold, and the counts are
     consistent (more blocks, more mass; the blocks needed for 90% exceed the 97% budget when it holds less)."""
     from slaconv.quality import attention_stats as am

@@ -3,17 +3,17 @@
 SLA2 keeps, per query block of ``block_q`` (128) queries, ``topk_count(f, n_kblocks)`` key blocks of
 ``block_k`` (64) keys for exact softmax and sends the rest to the linear branch.  At 8,192 tokens
 there are 128 key blocks, so f = 0.10 / 0.05 / 0.03 (90 / 95 / 97 % sparsity) keeps 13 / 6 / 4.
-This script measures how much of the DENSE softmax probability mass those blocks can hold:
+This module measures how much of the DENSE softmax probability mass those blocks can hold:
 
-* it runs the shipped original (``checkpoint/model``) on held-out noisy videos
-  ``x_t = (1 - sigma) x0 + sigma noise`` (metrics.heldout_set: the benchmark's held-out stream,
+* it runs a trained original (e.g. the shipped ``benchmarks/quality/checkpoint/model``) on held-out
+  noisy videos ``x_t = (1 - sigma) x0 + sigma noise`` (metrics.heldout_set: the benchmark's held-out stream,
   classes, fixed noise) and records the post-norm, post-RoPE Q and K of every self-attention
   (attn1) call by wrapping diffusers' ``dispatch_attention_fn`` in transformer_wan;
 * per layer and head it computes P = softmax(Q K^T / sqrt(d)) in fp32 (chunked over query rows),
   pools it into (query block x key block) mass (sum over the block's keys, mean over its queries);
 * it reports the mass captured by the k blocks chosen by
   - the ORACLE: the k blocks of largest pooled mass (an upper bound for any block router), and
-  - the HEURISTIC: SLA's pooled router, ``kernels.reference.router_scores`` with identity
+  - the HEURISTIC: SLA's pooled router, ``slaconv.kernels.reference.router_scores`` with identity
     projections (what ``slaconv convert`` starts from before stage 1 learns the router);
 * plus, per query block, how many oracle blocks 90 % of the mass needs and the share of mass that
   stays in the query's own frame (tokens are in (frame, row, column) raster order, as the model and
@@ -22,9 +22,9 @@ This script measures how much of the DENSE softmax probability mass those blocks
 
 Run (CPU, ~3 min on 2 cores with the defaults):
 
-    python -m slaconv.quality.attention_stats --model MODEL                       # 4 videos x sigma 0.2/0.5/0.8
-    python -m slaconv.quality.attention_stats --model MODEL --tile 8 --out /tmp/attention_mass_tiles
-    python -m slaconv.quality.attention_stats --model MODEL --frames 16 --videos 2 --out /tmp/attention_mass_16f
+    python -m slaconv.quality.attention_stats --model MODEL --out OUT                # 4 videos x sigma 0.2/0.5/0.8
+    python -m slaconv.quality.attention_stats --model MODEL --tile 8 --out OUT_TILES
+    python -m slaconv.quality.attention_stats --model MODEL --frames 16 --videos 2 --out OUT_16F
 
 ``--frames 16`` runs the same model on 16-frame videos (16,384 tokens, 256 key blocks): a longer
 sequence than it was trained on (8 frames), as a comparison point only.  Writes ``--out``/results.md
@@ -36,16 +36,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from slaconv.quality import metrics
-from slaconv.quality import common
-
 from slaconv.kernels import reference
+from slaconv.quality import common, metrics
+from slaconv.quality.command_line import fraction, non_negative_int, one_line_errors, positive_int
 
 SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 
@@ -267,24 +265,25 @@ def table(summary: dict, first: str, kcounts: list[int]) -> str:
 # ---------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+@one_line_errors
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="the original's model folder")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/attention_mass"))
-    ap.add_argument("--videos", type=int, default=4)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    ap.add_argument("--out", type=Path, required=True, help="folder for results.md and results.json")
+    ap.add_argument("--videos", type=positive_int, default=4)
+    ap.add_argument("--sigmas", type=fraction, nargs="+", default=[0.2, 0.5, 0.8])
     ap.add_argument("--seed", type=int, default=common.HELDOUT_SEED, help="SynthVideo stream (1 = held-out)")
-    ap.add_argument("--frames", type=int, default=None, help="override the trained spec's frame count")
-    ap.add_argument("--block-q", type=int, default=128)
-    ap.add_argument("--block-k", type=int, default=64)
-    ap.add_argument("--tile", type=int, default=0,
+    ap.add_argument("--frames", type=positive_int, default=None, help="override the trained spec's frame count")
+    ap.add_argument("--block-q", type=positive_int, default=128)
+    ap.add_argument("--block-k", type=positive_int, default=64)
+    ap.add_argument("--tile", type=non_negative_int, default=0,
                     help="reorder tokens into tile x tile spatial patches per frame before blocking (0 = raster)")
     ap.add_argument("--token-topk", action=argparse.BooleanOptionalAction, default=True,
                     help="also the block-free per-query top-k key mass (every 8th query)")
     ap.add_argument("--tail-rank", action=argparse.BooleanOptionalAction, default=True,
                     help="also the stable rank of the dense map and of what the 97%% oracle blocks leave out")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=positive_int, default=2)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timer = common.Timer()
 
@@ -297,7 +296,11 @@ def main() -> None:
     tokens_per_frame = n_tokens // (spec.frames // patch[0])
     nk = reference.block_count(n_tokens, args.block_k)
     kcounts = [reference.topk_count(f, nk) for f in SPARSITIES]
+    if n_tokens % args.block_q or n_tokens % args.block_k:
+        ap.error(f"{n_tokens} tokens do not tile into --block-q {args.block_q} / --block-k {args.block_k} blocks")
     grid = (spec.frames // patch[0], spec.size // patch[1], spec.size // patch[2])
+    if args.tile and (grid[1] % args.tile or grid[2] % args.tile):
+        ap.error(f"--tile {args.tile} does not divide the {grid[1]} x {grid[2]} tokens of a frame")
     order = tile_order(*grid, args.tile) if args.tile else None
     print(f"{spec.frames} frames x {spec.size}^2 -> {n_tokens} tokens, {nk} key blocks; keep {kcounts}; "
           f"token order {'tiles of %d' % args.tile if args.tile else 'raster'}")

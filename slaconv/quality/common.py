@@ -1,18 +1,21 @@
-"""Shared pieces of the quality benchmark: model configs, devices, the sampler, file helpers."""
+"""Shared pieces of the quality benchmark: model configs, generator streams, devices, the sampler, files."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-
+from slaconv import flow
+from slaconv.errors import InputError
 from slaconv.quality import synthvideo as sv
+from slaconv.utils.devices import resolve_device
+from slaconv.utils.files import read_json, write_text_atomic
 
 # Streams of the generator (disjoint): training, held-out evaluation, slaconv calibration data,
 # classifier training, single-frame training clips (joint image-video training).
@@ -35,27 +38,30 @@ SAMPLE_STEPS, SAMPLE_SHIFT, SAMPLE_GUIDANCE = 20, 3.0, 5.0
 SMOKE_SAMPLE_STEPS = 3
 
 
-def spec_for(smoke: bool) -> "sv.VideoSpec":
+def spec_for(smoke: bool) -> sv.VideoSpec:
+    """The default video spec: the small CPU one with ``smoke``, else the full-size one."""
     return sv.SMOKE_SPEC if smoke else sv.VideoSpec()
 
 
-def trained_spec(model_dir: Path) -> tuple["sv.VideoSpec", float]:
+def trained_spec(model_dir: Path) -> tuple[sv.VideoSpec, float]:
     """The video spec and conditioning dropout the checkpoint was trained with.
 
-    Read from ``train_summary.json`` next to the model folder (train_dit.py writes it there, and the
-    shipped checkpoint carries it), so a checkpoint is always evaluated on the videos it learned.
+    Read from ``train_summary.json`` next to the model folder (:mod:`slaconv.quality.train_dit` writes it
+    there, and the shipped checkpoint carries it), so a checkpoint is always evaluated on the videos it
+    learned.
     """
     path = Path(model_dir).parent / "train_summary.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: the training summary must lie next to the model folder")
-    summary = json.loads(path.read_text())
+        raise InputError(f"{path} not found: the training summary must lie next to the model folder")
+    summary = read_json(path)
+    if not isinstance(summary.get("spec"), dict):
+        raise InputError(f"{path} has no video spec")
     return sv.VideoSpec.from_dict(summary["spec"]), float(summary["settings"].get("cond_dropout", 0.0))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """``auto`` -> CUDA when present, else CPU; an unknown or absent device is a one-line SlaconvError."""
+    return torch.device(resolve_device(requested))
 
 
 def autocast(device: torch.device):
@@ -66,20 +72,25 @@ def autocast(device: torch.device):
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (for honest timings); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def build_model(config: dict, seed: int = 0):
-    from diffusers import WanTransformer3DModel
+    """A freshly initialised ``WanTransformer3DModel`` (seeded)."""
+    from diffusers import WanTransformer3DModel  # slow to import; the generator and metrics need none of it
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(**config)
 
 
 def load_model(folder: str | Path, device, dtype=torch.float32):
+    """A saved original (diffusers folder) in eval mode on ``device``."""
     from diffusers import WanTransformer3DModel
 
+    if not (Path(folder) / "config.json").is_file():
+        raise InputError(f"{folder} is not a diffusers model folder (no config.json)")
     return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).to(device).eval()
 
 
@@ -113,8 +124,6 @@ def guided_velocity(model, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tens
 def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: float = SAMPLE_SHIFT,
            batch_size: int = 8, *, guidance: float = 1.0, null: torch.Tensor | None = None) -> torch.Tensor:
     """Euler flow-matching sampler (slaconv.flow) from fixed noise, optionally guided; fp32 videos."""
-    from slaconv import flow
-
     outs = []
     for i in range(0, noise.shape[0], batch_size):
         e = emb[i : i + batch_size]
@@ -124,57 +133,20 @@ def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: flo
 
 
 def file_mb(folder: Path) -> float:
+    """Size of the folder's safetensors files in MiB."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
 
 
 def write_json(path: Path, data) -> None:
+    """Indented JSON, written atomically (the folder is created; values JSON lacks are written as strings)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def line_plot(path: Path, series: dict[str, list[tuple[float, float]]], title: str, *, logy: bool = True) -> None:
-    """A small line chart with Pillow (no matplotlib in the environments we run on)."""
-    import math
-
-    from PIL import Image, ImageDraw
-
-    colours = [(52, 101, 164), (204, 102, 0), (78, 154, 6), (117, 80, 123)]
-    W, H, left, bottom, top, right = 640, 360, 70, 40, 30, 20
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 8), title, fill="black")
-    pts = [(x, y) for s in series.values() for x, y in s if y == y and y > 0]
-    if not pts:
-        img.save(path)
-        return
-    f = (lambda y: math.log10(y)) if logy else (lambda y: y)
-    xmin, xmax = min(p[0] for p in pts), max(p[0] for p in pts)
-    ymin, ymax = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
-    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
-
-    def xy(x, y):
-        return (left + (x - xmin) / (xmax - xmin) * (W - left - right),
-                H - bottom - (f(y) - ymin) / (ymax - ymin) * (H - top - bottom))
-
-    d.line((left, top, left, H - bottom), fill="black")
-    d.line((left, H - bottom, W - right, H - bottom), fill="black")
-    for frac in (0, 0.5, 1):
-        yv = ymin + frac * (ymax - ymin)
-        label = f"{10 ** yv:.3g}" if logy else f"{yv:.3g}"
-        d.text((4, H - bottom - frac * (H - top - bottom) - 6), label, fill="black")
-    d.text((left, H - bottom + 6), f"{xmin:g}", fill="black")
-    d.text((W - right - 40, H - bottom + 6), f"{xmax:g}", fill="black")
-    for i, (name, s) in enumerate(series.items()):
-        c = colours[i % len(colours)]
-        s = [(x, y) for x, y in s if y == y and y > 0]
-        if len(s) > 1:
-            d.line([xy(x, y) for x, y in s], fill=c, width=2)
-        d.text((W - right - 200, top + 14 * i), name, fill=c)
-    img.save(path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 class Timer:
+    """Seconds since construction, on each call."""
+
     def __init__(self):
         self.t0 = time.perf_counter()
 
@@ -183,8 +155,7 @@ class Timer:
 
 
 def env_summary() -> dict:
-    import platform
-
+    """Versions, GPU name and thread count of this run, for results files."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

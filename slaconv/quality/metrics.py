@@ -7,7 +7,7 @@
   SSIM is the standard Gaussian-window SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03), computed per
   frame and channel in plain torch and averaged.
 * :class:`FrameClassifier` + :func:`classifier_scores` -- a small 3D-conv network trained on clean
-  generated videos (``train_classifier.py``) that predicts the class of every frame; the semantic
+  generated videos (:mod:`slaconv.quality.train_classifier`) that predicts the class of every frame; the semantic
   score of generated samples is the per-frame accuracy w.r.t. the conditioning class, and
   ``consistency`` is the share of frames that agree with their video's majority prediction.
 """
@@ -21,14 +21,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from slaconv.errors import InputError
 from slaconv.quality import common
 from slaconv.quality import synthvideo as sv
+from slaconv.utils.files import read_json
 
 # ------------------------------------------------------------------------------ held-out set
 
 
-def heldout_set(spec: "sv.VideoSpec", num: int, *, seed: int = common.HELDOUT_SEED,
+def heldout_set(spec: sv.VideoSpec, num: int, *, seed: int = common.HELDOUT_SEED,
                 sigmas=(0.15, 0.35, 0.55, 0.75, 0.95)) -> dict[str, torch.Tensor]:
     """Balanced held-out videos with their embeddings, fixed noise and fixed noise levels.
 
@@ -65,7 +68,7 @@ def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Ten
 
 
 @torch.no_grad()
-def class_gain(model, hs: dict, spec: "sv.VideoSpec", device, batch_size: int = 8) -> dict:
+def class_gain(model, hs: dict, spec: sv.VideoSpec, device, batch_size: int = 8) -> dict:
     """How much the model's velocity relies on the class: held-out loss with a wrong class (and with the
     null embedding) minus the loss with the right one, overall and per noise level.
 
@@ -84,7 +87,7 @@ def class_gain(model, hs: dict, spec: "sv.VideoSpec", device, batch_size: int = 
     return out
 
 
-def sampling_set(spec: "sv.VideoSpec", per_class: int, *, seed: int = common.HELDOUT_SEED + 100) -> dict:
+def sampling_set(spec: sv.VideoSpec, per_class: int, *, seed: int = common.HELDOUT_SEED + 100) -> dict:
     """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class.
 
     ``null`` is the unconditional embedding that guided samplers pair with ``emb``.
@@ -164,23 +167,31 @@ SPEC_KEYS_THAT_MATTER = ("frames", "size", "channels", "num_classes", "min_objec
                          "max_scale", "glyph_res")
 
 
-def spec_mismatch(a: "sv.VideoSpec", b: "sv.VideoSpec") -> dict:
+def spec_mismatch(a: sv.VideoSpec, b: sv.VideoSpec) -> dict:
     """{field: (a's, b's)} for the spec fields that change what the videos look like."""
     return {k: (getattr(a, k), getattr(b, k)) for k in SPEC_KEYS_THAT_MATTER if getattr(a, k) != getattr(b, k)}
 
 
-def classifier_spec(folder: Path) -> "sv.VideoSpec":
+def require_same_videos(theirs: sv.VideoSpec, ours: sv.VideoSpec, what: str, than: str) -> None:
+    """:class:`InputError` "<what> was trained on other videos than <than>: ..." when the specs differ where
+    it matters (theirs' value first)."""
+    diff = spec_mismatch(theirs, ours)
+    if diff:
+        raise InputError(f"{what} was trained on other videos than {than}: "
+                         + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
+
+
+def classifier_spec(folder: Path) -> sv.VideoSpec:
     """The video spec a saved judge was trained on (classifier.json's summary)."""
-    cfg = json.loads((Path(folder) / "classifier.json").read_text())
+    cfg = read_json(Path(folder) / "classifier.json")
     theirs = cfg.get("summary", {}).get("spec")
     if theirs is None:
-        raise ValueError(f"{folder}/classifier.json has no summary.spec")
+        raise InputError(f"{folder}/classifier.json has no summary.spec")
     return sv.VideoSpec.from_dict(theirs)
 
 
 def save_classifier(model: FrameClassifier, folder: Path, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
+    """Write ``classifier.safetensors`` and ``classifier.json`` (config + ``extra``) to ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "classifier.safetensors"))
@@ -188,10 +199,9 @@ def save_classifier(model: FrameClassifier, folder: Path, extra: dict | None = N
 
 
 def load_classifier(folder: Path, device="cpu") -> FrameClassifier:
-    from safetensors.torch import load_file
-
+    """A judge saved by :func:`save_classifier`, in eval mode on ``device``."""
     folder = Path(folder)
-    cfg = json.loads((folder / "classifier.json").read_text())
+    cfg = read_json(folder / "classifier.json")
     model = FrameClassifier(cfg["channels"], cfg["num_classes"], cfg["width"])
     model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
     return model.to(device).eval()
@@ -228,7 +238,7 @@ def classifier_scores(clf: FrameClassifier, videos: torch.Tensor, labels: torch.
 
 
 @torch.no_grad()
-def sample_class_scores(model, clf: FrameClassifier, spec: "sv.VideoSpec", device, *, per_class: int, steps: int,
+def sample_class_scores(model, clf: FrameClassifier, spec: sv.VideoSpec, device, *, per_class: int, steps: int,
                         guidances=(1.0,), shift: float = common.SAMPLE_SHIFT) -> tuple[dict, dict]:
     """The judge's scores of the model's own samples (fixed noise, ``per_class`` per class), per guidance scale.
 
@@ -245,12 +255,14 @@ def sample_class_scores(model, clf: FrameClassifier, spec: "sv.VideoSpec", devic
 
 
 def summarize_fidelity(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """PSNR and SSIM of ``samples`` against ``reference`` (both None without a reference)."""
     if reference is None:
         return {"psnr": None, "ssim": None}
     return {"psnr": psnr(samples, reference), "ssim": ssim(samples, reference)}
 
 
 def fmt(x, spec: str = ".4f") -> str:
+    """``x`` formatted for a table; "—" for None or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return format(x, spec)

@@ -7,22 +7,24 @@ to frame and move it plausibly: structure that sparse attention can break.
 
 Videos live directly in a small "latent" space, so no VAE is needed: ``channels`` = RGB + one
 object-mask channel, values in [-1, 1], shape (C, F, H, W).  With the defaults (8 frames of
-64 x 64) and Wan's patch (1, 2, 2) a sample is 8 x 32 x 32 = 8,192 tokens.  (Until issue 5's
-retraining the defaults were 16 frames, 2-3 sprites of half-size 0.13-0.19: that spec is still
-rendered bit for bit when given, e.g. from a checkpoint's train_summary.json.)
+64 x 64) and Wan's patch (1, 2, 2) a sample is 8 x 32 x 32 = 8,192 tokens.  A spec read from a
+checkpoint's train_summary.json (e.g. 16 frames, 2-3 sprites of half-size 0.13-0.19) renders bit for
+bit as it did when that checkpoint was trained.
 
 Determinism: sample ``index`` of stream ``seed`` depends on ``(seed, index)`` only (a SHA-256 derived
-torch.Generator draws its parameters; rendering is plain float math), so batches can be made in any
-order, on any machine, and the same call gives the same tensor.  Rendering is batched (grid_sample of
-every object in every frame at once) and runs on a GPU when given ``device``, without host syncs.
+torch.Generator draws its parameters; :mod:`slaconv.quality.render` draws them with plain float math),
+so batches can be made in any order, on any machine, and the same call gives the same tensor.
 
 Conditioning: a fixed, seeded (text_len, text_dim) embedding per class, passed to the model as
 ``encoder_hidden_states`` -- so the model stays a stock ``WanTransformer3DModel`` -- and an all-zero
 null embedding for classifier-free guidance.
+
+    python -m slaconv.quality.synthvideo preview.png [--smoke]     # one video per class, as a PNG
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -30,9 +32,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-GLYPHS = ("ring", "plus", "triangle", "square", "L", "T", "H", "equals")
+from slaconv.data import write_dataset
+from slaconv.quality.images import save_video_grid
+from slaconv.quality.render import GLYPHS, glyph_bank, render, to_device
+
 MOTIONS = ("linear", "bounce", "rotate")
 GENERATOR_VERSION = "synthvideo/1"
 
@@ -75,43 +79,7 @@ class VideoSpec:
 SMOKE_SPEC = VideoSpec(frames=4, size=32, num_classes=4, glyph_res=32, min_scale=0.22, max_scale=0.32)
 
 
-# ------------------------------------------------------------------------------------------ glyphs
-
-
-def _glyph_mask(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Boolean glyph on coordinates x, y in [-1, 1] (y grows downwards)."""
-    ax, ay = x.abs(), y.abs()
-    if name == "ring":
-        r = torch.sqrt(x * x + y * y)
-        return (r > 0.5) & (r < 0.85)
-    if name == "plus":
-        return ((ax < 0.22) & (ay < 0.85)) | ((ay < 0.22) & (ax < 0.85))
-    if name == "triangle":  # apex up, base at y = 0.7
-        return (y < 0.7) & (y > -0.85) & (ax < (y + 0.85) * 0.62)
-    if name == "square":  # hollow
-        m = torch.maximum(ax, ay)
-        return (m < 0.82) & (m > 0.5)
-    if name == "L":
-        return ((x > -0.75) & (x < -0.3) & (ay < 0.85)) | ((y > 0.4) & (y < 0.85) & (x > -0.75) & (x < 0.75))
-    if name == "T":
-        return ((y > -0.85) & (y < -0.4) & (ax < 0.85)) | ((ax < 0.22) & (y > -0.85) & (y < 0.85))
-    if name == "H":
-        return (((ax > 0.42) & (ax < 0.82)) & (ay < 0.85)) | ((ay < 0.2) & (ax < 0.82))
-    if name == "equals":
-        return (ay > 0.2) & (ay < 0.6) & (ax < 0.85)
-    raise ValueError(f"unknown glyph {name!r}")
-
-
-def glyph_bank(spec: VideoSpec) -> torch.Tensor:
-    """(K, 1, R, R) anti-aliased glyph alpha maps in [0, 1] for the spec's classes."""
-    if spec.num_classes > len(GLYPHS):
-        raise ValueError(f"at most {len(GLYPHS)} classes")
-    ss = 4
-    n = spec.glyph_res * ss
-    c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
-    y, x = torch.meshgrid(c, c, indexing="ij")
-    masks = torch.stack([_glyph_mask(g, x, y).float() for g in GLYPHS[: spec.num_classes]])
-    return F.avg_pool2d(masks[:, None], ss)
+# ------------------------------------------------------------------------------------------ conditioning
 
 
 def class_embeddings(spec: VideoSpec) -> torch.Tensor:
@@ -134,6 +102,7 @@ def null_embedding(spec: VideoSpec) -> torch.Tensor:
 
 
 def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index`` of stream ``seed`` (a SHA-256 hash of both)."""
     return int.from_bytes(hashlib.sha256(f"synthvideo:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
@@ -146,6 +115,8 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> list[float]:
 
 @dataclass
 class SampleParams:
+    """The random choices of one video: its label, per-object trajectories and looks, the background."""
+
     label: int
     # per object: (O,) or (O, F) tensors
     cx: torch.Tensor = field(default=None)  # (O, F) centre x in [-1, 1]
@@ -223,129 +194,7 @@ def sample_params(seed: int, index: int, spec: VideoSpec, label: int | None = No
                         texture=obj_tex)
 
 
-# ------------------------------------------------------------------------------------------ render
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a CPU tensor to ``device`` without a stream sync (pinned, non-blocking on CUDA).
-
-    A copy from pageable host memory makes CUDA wait for every queued kernel first, so each small
-    parameter upload would stall the host until the previous training step had finished.
-    """
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def pack_params(params: Sequence[SampleParams]) -> dict[str, torch.Tensor]:
-    """The batch's random choices as a few CPU tensors; objects padded to the batch maximum.
-
-    ``valid`` (B, O) marks real objects; padded ones get scale 1 at the centre and are masked out.
-    """
-    B, O, T = len(params), max(len(p.motion) for p in params), params[0].cx.shape[1]
-    packed = {"cx": torch.zeros(B, O, T), "cy": torch.zeros(B, O, T), "angle": torch.zeros(B, O, T),
-              "scale": torch.ones(B, O), "color": torch.zeros(B, O, 3), "valid": torch.zeros(B, O)}
-    for b, p in enumerate(params):
-        n = len(p.motion)
-        for key in ("cx", "cy", "angle", "scale", "color"):
-            packed[key][b, :n] = getattr(p, key)
-        packed["valid"][b, :n] = 1.0
-    packed["label"] = torch.tensor([p.label for p in params], dtype=torch.long)
-    bgp = [p.bg for p in params]
-    packed["bg_noise"] = torch.stack([bg["noise"] for bg in bgp])  # (B, 3, 4, 4)
-    packed["bg_vals"] = torch.tensor([[bg["stripe_dir"], bg["stripe_freq"], bg["stripe_speed"], bg["stripe_amp"]]
-                                      for bg in bgp], dtype=torch.float32)  # (B, 4)
-    packed["bg_base"] = torch.stack([bg["base"] for bg in bgp])  # (B, 3)
-    if params[0].texture is not None:
-        packed["bg_fine"] = torch.stack([bg["fine"] for bg in bgp])  # (B, 3, c, c)
-        packed["bg_pan"] = torch.stack([bg["pan"] for bg in bgp])  # (B, 2)
-        c = params[0].texture.shape[-1]
-        packed["obj_tex"] = torch.zeros(B, O, 1, c, c)
-        for b, p in enumerate(params):
-            packed["obj_tex"][b, : len(p.motion)] = p.texture
-    return packed
-
-
-def _background(pk: dict[str, torch.Tensor], T: int, S: int, device: torch.device) -> torch.Tensor:
-    """(B, 3, T, S, S): base colour + low-frequency colour texture + drifting stripes."""
-    B = pk["bg_noise"].shape[0]
-    coords = (torch.arange(S, dtype=torch.float32, device=device) + 0.5) / S * 2 - 1
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    tt = torch.arange(T, dtype=torch.float32, device=device).view(T, 1, 1)
-    tex = F.interpolate(pk["bg_noise"], size=(S, S), mode="bicubic", align_corners=False)  # (B, 3, S, S)
-    vals = pk["bg_vals"].view(B, 4, 1, 1, 1)
-    d, freq, speed, amp = vals[:, 0], vals[:, 1], vals[:, 2], vals[:, 3]  # (B, 1, 1, 1)
-    phase = (xx * torch.cos(d) + yy * torch.sin(d)) * freq - speed * tt[None] * 2.0  # (B, T, S, S)
-    bg = pk["bg_base"].view(B, 3, 1, 1, 1) + tex[:, :, None] + (amp * torch.sin(phase))[:, None]
-    if "bg_fine" in pk:
-        bg = bg + _panned_texture(pk["bg_fine"], pk["bg_pan"], T, S)
-    return bg
-
-
-def _panned_texture(fine: torch.Tensor, pan: torch.Tensor, T: int, S: int) -> torch.Tensor:
-    """(B, 3, T, S, S): a periodic texture (B, 3, c, c) spanning the frame, shifted by ``pan * t`` in frame t.
-
-    The texture is tiled 3 x 3 so that one period is the middle third of grid_sample's [-1, 1]; the shift
-    wraps modulo one period, so the pan never reaches an edge.
-    """
-    B = fine.shape[0]
-    tiled = fine.repeat(1, 1, 3, 3)
-    coords = (torch.arange(S, dtype=torch.float32, device=fine.device) + 0.5) / S * 2 - 1
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    base = torch.stack([xx, yy], dim=-1) / 3  # (S, S, 2): the frame is the middle period
-    tt = torch.arange(T, dtype=torch.float32, device=fine.device).view(1, T, 1, 1, 1)
-    shift = torch.remainder(pan.view(B, 1, 1, 1, 2) * tt / 3 + 1 / 3, 2 / 3) - 1 / 3
-    grid = (base.view(1, 1, S, S, 2) + shift).view(B * T, S, S, 2)
-    src = tiled.repeat_interleave(T, dim=0)  # (B*T, 3, 3c, 3c)
-    out = F.grid_sample(src, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
-    return out.view(B, T, 3, S, S).transpose(1, 2)
-
-
-def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int):
-    """Coverage (B, O, T, S, S) of every object in every frame, one grid_sample for the whole batch, and
-    the objects' luminance texture on the same grid (None without texture)."""
-    B, O, T = pk["cx"].shape
-    cx, cy, ang = pk["cx"], pk["cy"], pk["angle"]
-    sc = pk["scale"].view(B, O, 1)
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    # input (glyph) coords = R(-a) (p - c) / s
-    theta = torch.stack([
-        torch.stack([cos / sc, sin / sc, -(cos * cx + sin * cy) / sc], dim=-1),
-        torch.stack([-sin / sc, cos / sc, (sin * cx - cos * cy) / sc], dim=-1),
-    ], dim=-2).view(-1, 2, 3)  # (B*O*T, 2, 3)
-    src = glyphs[pk["label"]].repeat_interleave(O * T, dim=0)  # (B*O*T, 1, R, R)
-    grid = F.affine_grid(theta, (B * O * T, 1, S, S), align_corners=False)
-    alpha = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    alpha = alpha.view(B, O, T, S, S) * pk["valid"].view(B, O, 1, 1, 1)
-    if "obj_tex" not in pk:
-        return alpha, None
-    tex = pk["obj_tex"].repeat_interleave(T, dim=1).flatten(0, 1)  # (B*O*T, 1, c, c), in glyph coordinates
-    shade = F.grid_sample(tex, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return alpha, shade.view(B, O, T, S, S)
-
-
-def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
-    """Render a batch: (B, C, F, H, W) float32 in [-1, 1] on ``device``.
-
-    The parameters go to the device in one non-blocking upload per tensor, so on a GPU the host
-    never waits here and can queue this batch while the previous training step is still running.
-    """
-    device = torch.device(device)
-    glyphs = (glyphs if glyphs is not None else glyph_bank(spec)).to(device)
-    pk = {k: to_device(v, device) for k, v in pack_params(params).items()}
-    B, O = pk["valid"].shape
-    rgb = _background(pk, spec.frames, spec.size, device)  # (B, 3, T, S, S)
-    alpha, shade = _object_alpha(pk, glyphs, spec.size)  # (B, O, T, S, S); 0 for padded objects
-    mask = torch.zeros_like(rgb[:, :1])
-    for o in range(O):  # later objects are drawn on top
-        a = alpha[:, o, None]  # (B, 1, T, S, S)
-        fill = pk["color"][:, o].view(B, 3, 1, 1, 1)
-        if shade is not None:
-            fill = fill + shade[:, o, None]
-        rgb = rgb * (1 - a) + fill * a
-        mask = torch.maximum(mask, a)
-    video = torch.cat([rgb.clamp(0, 1), mask], dim=1) * 2 - 1
-    return video[:, : spec.channels].contiguous()
+# ------------------------------------------------------------------------------------------ videos
 
 
 def generate(seed: int, indices: Sequence[int], spec: VideoSpec, labels: Sequence[int] | None = None,
@@ -358,10 +207,8 @@ def generate(seed: int, indices: Sequence[int], spec: VideoSpec, labels: Sequenc
 
 
 def balanced_labels(n: int, spec: VideoSpec) -> list[int]:
+    """``n`` labels cycling through the classes: 0, 1, ..., K-1, 0, 1, ..."""
     return [i % spec.num_classes for i in range(n)]
-
-
-# ------------------------------------------------------------------------------------------ output
 
 
 def null_rounds(num_samples: int, spec: VideoSpec, null_every: int) -> list[bool]:
@@ -381,8 +228,6 @@ def write_slaconv_dataset(out_dir: str | Path, seed: int, num_samples: int, spec
     ``latents`` = the video (C, F, H, W), ``prompt_embeds`` = its class embedding (S, D), or the
     null embedding for the rounds picked by :func:`null_rounds` (what a guided sampler also asks).
     """
-    from slaconv.data import write_dataset
-
     emb = class_embeddings(spec)
     null_emb = null_embedding(spec)
     glyphs = glyph_bank(spec)
@@ -399,47 +244,12 @@ def write_slaconv_dataset(out_dir: str | Path, seed: int, num_samples: int, spec
                                 "null_embedding": nulls})
 
 
-def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """(C, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 RGB."""
-    rgb = video[:3].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return rgb.permute(1, 2, 3, 0).cpu()
-
-
-def save_video_grid(path: str | Path, videos: Sequence[torch.Tensor], *, row_labels: Sequence[str] | None = None,
-                    frames: Sequence[int] | None = None, scale: int = 2, gap: int = 2) -> Path:
-    """A PNG: one row per video, the chosen frames side by side (RGB channels), optional row labels."""
-    from PIL import Image, ImageDraw
-
-    videos = [v.detach().cpu() for v in videos]
-    nf = videos[0].shape[1]
-    frames = list(frames) if frames is not None else list(range(0, nf, max(1, nf // 4)))[:4]
-    h, w = videos[0].shape[2] * scale, videos[0].shape[3] * scale
-    label_w = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
-    W = label_w + len(frames) * (w + gap)
-    H = len(videos) * (h + gap)
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, v in enumerate(videos):
-        fr = to_uint8_frames(v)
-        for c, f in enumerate(frames):
-            img = Image.fromarray(fr[f].numpy()).resize((w, h), Image.NEAREST)
-            canvas.paste(img, (label_w + c * (w + gap), r * (h + gap)))
-        if row_labels:
-            draw.text((2, r * (h + gap) + h // 2 - 5), row_labels[r], fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
-
-def _main() -> None:
-    import argparse
-
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Write a preview PNG of SynthVideo samples (one row per class).")
     ap.add_argument("out", help="PNG path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the small spec of the CPU tests")
+    args = ap.parse_args(argv)
     spec = SMOKE_SPEC if args.smoke else VideoSpec()
     video, labels = generate(args.seed, range(spec.num_classes), spec, labels=balanced_labels(spec.num_classes, spec))
     save_video_grid(args.out, list(video), row_labels=[GLYPHS[i] for i in labels.tolist()],
@@ -448,4 +258,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()

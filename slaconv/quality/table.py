@@ -20,10 +20,10 @@ writes in slaconv's ``--data`` format, and scores every resulting model on the s
     dense fine-tuned (same budget)       only with --objective diffusion (with distill it is a no-op)
 
 Every fine-tuned row gets the same stage-2 budget (steps x batch, lr, data, seed); rows with stage 1
-get the same stage-1 budget.  Metrics (metrics.py): held-out flow-matching loss at fixed noise and
-noise levels; PSNR / SSIM of 20-step Euler samples against the original's samples from the same
-noise and class; the frame classifier's per-frame accuracy w.r.t. the conditioning class and the
-frame-to-frame consistency of its predictions.
+get the same stage-1 budget.  Metrics (:mod:`slaconv.quality.metrics`): held-out flow-matching loss
+at fixed noise and noise levels; PSNR / SSIM of 20-step Euler samples against the original's samples
+from the same noise and class; the frame classifier's per-frame accuracy w.r.t. the conditioning
+class and the frame-to-frame consistency of its predictions.
 
     python -m slaconv.quality.table --model OUT/dit/model --classifier OUT/classifier --out OUT/quality
     python -m slaconv.quality.table ... --smoke            # tiny CPU run for tests
@@ -36,97 +36,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
-
 
 import torch
 import yaml
 
-from slaconv.quality import common
-from slaconv.quality import metrics
+from slaconv.errors import InputError, UsageError
+from slaconv.quality import common, metrics, report
 from slaconv.quality import synthvideo as sv
-
-PIN = 20.0  # |alpha_logit| used to pin alpha to 1 or 0: sigmoid(20) = 1 - 2.1e-9
-
-GPU_SETTINGS = {
-    "topks": [0.10, 0.05, 0.03],
-    "block_q": 128, "block_k": 64, "quant": "int8-fp8",
-    "calib_samples": 256,
-    # router lr 1e-4 / alpha lr 5e-2: one shared 5e-3 raised the held-out hard-mask error here (see README).
-    "stage1": {"steps": 100, "lr": 1e-4, "alpha_lr": 5e-2, "query_blocks_per_step": 8, "batch_size": 1},
-    # 200 stage-2 steps (the paper: 500): at 8,192 tokens the session-2 costs (19 s per 100-step row at
-    # 16,384 tokens) predict ~20 s per row, so the whole table still fits one 10-minute device call.
-    "stage2": {"steps": 200, "lr": 1e-4, "batch_size": 4, "warmup_steps": 10},
-    "timestep_shift": common.SAMPLE_SHIFT,
-    "heldout_samples": 64, "sample_per_class": 2, "sample_steps": common.SAMPLE_STEPS,
-    "guidance": common.SAMPLE_GUIDANCE,
-    # Every 4th round of the classes in the calibration data carries the null embedding: the guided
-    # sampler queries the model with it as often as with the class, so the student must match it too.
-    "calib_null_every": 4,
-    "validate_samples": 2,
-}
-SMOKE_SETTINGS = {
-    "topks": [0.10, 0.05, 0.03],
-    "block_q": 64, "block_k": 64, "quant": "int8-fp8",
-    "calib_samples": 8,
-    "stage1": {"steps": 2, "lr": 1e-4, "alpha_lr": 5e-2, "query_blocks_per_step": 2, "batch_size": 1},
-    "stage2": {"steps": 2, "lr": 1e-4, "batch_size": 1, "warmup_steps": 1},
-    "timestep_shift": common.SAMPLE_SHIFT,
-    "heldout_samples": 4, "sample_per_class": 1, "sample_steps": common.SMOKE_SAMPLE_STEPS,
-    "guidance": common.SAMPLE_GUIDANCE,
-    "calib_null_every": 2,
-    "validate_samples": 1,
-}
-
-
-# ----------------------------------------------------------------------------------- the CLI
-
-
-class CLI:
-    """Runs ``slaconv`` verbs: in-process through Click's CliRunner, or as ``python -m slaconv`` subprocesses."""
-
-    def __init__(self, subprocess_mode: bool, device: str, log):
-        self.subprocess_mode, self.device, self.log = subprocess_mode, device, log
-        self.calls: list[dict] = []
-
-    def __call__(self, *args: str, ok_codes=(0,)) -> dict:
-        argv = ["--offline", "-q", *args, "--json", "--device", self.device]
-        timer = common.Timer()
-        if self.subprocess_mode:
-            proc = subprocess.run([sys.executable, "-m", "slaconv", *argv], capture_output=True, text=True)
-            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-        else:
-            from click.testing import CliRunner
-
-            from slaconv.cli import main
-
-            result = CliRunner().invoke(main, argv, catch_exceptions=True)
-            code, stdout = result.exit_code, result.stdout
-            try:
-                stderr = result.stderr
-            except ValueError:
-                stderr = ""
-            if result.exception is not None and not isinstance(result.exception, SystemExit):
-                import traceback
-
-                stderr += "".join(traceback.format_exception(result.exception))
-        seconds = timer()
-        self.calls.append({"argv": ["slaconv", *argv], "exit_code": code, "seconds": round(seconds, 2)})
-        self.log(f"  $ slaconv {' '.join(args)}  -> exit {code}, {seconds:.1f} s")
-        if code not in ok_codes:
-            raise RuntimeError(f"slaconv {' '.join(args)} exited {code}\nstdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}")
-        try:
-            start = stdout.index("{")
-            return json.loads(stdout[start:])
-        except ValueError:
-            return {}
-
-
-# ----------------------------------------------------------------------------------- helpers
+from slaconv.quality.command_line import fraction, non_negative_float, one_line_errors, positive_float, positive_int
+from slaconv.quality.scoring import Evaluator
+from slaconv.quality.slaconv_cli import SlaconvCLI, StepFailed, stage_summary
+from slaconv.quality.table_settings import table_settings
+from slaconv.quality.workdirs import PIN, alpha_range, copy_workdir, edit_sla2_state, load_sla2
+from slaconv.utils.devices import release_memory
+from slaconv.utils.files import read_json
 
 
 def write_recipe(path: Path, settings: dict, spec: "sv.VideoSpec", *, topk: float, stage2_quant: str | None = None,
@@ -168,164 +94,47 @@ def write_recipe(path: Path, settings: dict, spec: "sv.VideoSpec", *, topk: floa
     return path
 
 
-def check_classifier_spec(classifier_dir: Path, spec: "sv.VideoSpec") -> None:
-    """Refuse a judge trained on other videos than the model's (frames, size, classes, glyph sizes, objects)."""
-    diff = metrics.spec_mismatch(metrics.classifier_spec(classifier_dir), spec)
-    if diff:
-        raise SystemExit(f"classifier {classifier_dir} was trained on other videos than the model: "
-                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
-
-
-def copy_workdir(src: Path, dst: Path) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", ".staging-*"))
-    return dst
-
-
-def edit_sla2_state(workdir: Path, *, alpha_logit: float | None = None, zero_router: bool = False) -> dict:
-    """Ablations the CLI has no flag for: rewrite the work dir's ``sla2.safetensors`` in place."""
-    from safetensors.torch import load_file, save_file
-
-    path = workdir / "sla2.safetensors"
-    state = load_file(str(path))
-    for key in list(state):
-        if alpha_logit is not None and key.endswith(".alpha_logit"):
-            state[key] = torch.full_like(state[key], alpha_logit)
-        if zero_router and (key.endswith(".router_q") or key.endswith(".router_k")):
-            state[key] = torch.zeros_like(state[key])
-    save_file(state, str(path), metadata={"format": "slaconv-sla2"})
-    note = {"alpha_logit": alpha_logit, "zero_router": zero_router}
-    edits = json.loads((workdir / "ablation.json").read_text()) if (workdir / "ablation.json").is_file() else []
-    (workdir / "ablation.json").write_text(json.dumps(edits + [note], indent=2) + "\n")
-    return note
-
-
-def alpha_range(workdir: Path) -> list[float]:
-    from safetensors.torch import load_file
-
-    state = load_file(str(workdir / "sla2.safetensors"))
-    a = torch.cat([torch.sigmoid(v.float()) for k, v in state.items() if k.endswith(".alpha_logit")])
-    return [round(float(a.min()), 6), round(float(a.mean()), 6), round(float(a.max()), 6)]
-
-
-def stage_summary(out: dict) -> dict:
-    return {k: out[k] for k in ("stage1", "stage2") if k in out}
-
-
-def save_row_grid(path: Path, names: list[str], videos: list[torch.Tensor], picks: list[int], frames: list[int],
-                  scale: int = 2, gap: int = 2) -> None:
-    """One row per model: ``picks`` samples x ``frames`` frames, same noise in every row."""
-    from PIL import Image, ImageDraw
-
-    c, f, h, w = videos[0].shape[1:]
-    h2, w2 = h * scale, w * scale
-    label_w = 8 + 6 * max(len(n) for n in names)
-    cols = len(picks) * len(frames)
-    W = label_w + cols * (w2 + gap) + gap * 3 * len(picks)
-    H = 16 + len(videos) * (h2 + gap)
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, p in enumerate(picks):
-        draw.text((label_w + j * (len(frames) * (w2 + gap) + 3 * gap), 2), f"sample {p} (frames {frames})", fill=(0, 0, 0))
-    for r, (name, vids) in enumerate(zip(names, videos)):
-        y = 16 + r * (h2 + gap)
-        draw.text((2, y + h2 // 2 - 5), name, fill=(0, 0, 0))
-        for j, p in enumerate(picks):
-            fr = sv.to_uint8_frames(vids[p])
-            for i, fi in enumerate(frames):
-                x = label_w + j * (len(frames) * (w2 + gap) + 3 * gap) + i * (w2 + gap)
-                canvas.paste(Image.fromarray(fr[fi].numpy()).resize((w2, h2), Image.NEAREST), (x, y))
-    canvas.save(path)
-
-
-# ----------------------------------------------------------------------------------- evaluation
-
-
-class Evaluator:
-    def __init__(self, spec, settings, classifier_dir: Path | None, device: torch.device, log):
-        self.spec, self.settings, self.device, self.log = spec, settings, device, log
-        self.heldout = metrics.heldout_set(spec, settings["heldout_samples"])
-        self.sampling = metrics.sampling_set(spec, settings["sample_per_class"])
-        self.classifier = metrics.load_classifier(classifier_dir, device) if classifier_dir else None
-        self.reference: torch.Tensor | None = None
-        self.samples: dict[str, torch.Tensor] = {}
-        real, labels = sv.generate(common.HELDOUT_SEED, range(self.sampling["labels"].shape[0]), spec,
-                                   labels=self.sampling["labels"].tolist())
-        self.real_scores = self.classify(real, labels)
-
-    def classify(self, videos, labels) -> dict:
-        if self.classifier is None:
-            return {"accuracy": None, "accuracy_se": None, "consistency": None, "video_accuracy": None}
-        return metrics.classifier_scores(self.classifier, videos, labels)
-
-    @torch.no_grad()
-    def __call__(self, name: str, model) -> dict:
-        timer = common.Timer()
-        loss = metrics.heldout_fm_loss(model, self.heldout, self.device)
-        ss = self.sampling
-        videos = common.sample(model, ss["noise"].to(self.device), ss["emb"].to(self.device),
-                               self.settings["sample_steps"], guidance=self.settings["guidance"],
-                               null=ss["null"].to(self.device)).cpu()
-        self.samples[name] = videos
-        if self.reference is None:
-            self.reference = videos
-            fid = {"psnr": None, "ssim": None}
-        else:
-            fid = metrics.summarize_fidelity(videos, self.reference)
-        cls = self.classify(videos, ss["labels"])
-        res = {"heldout_fm_loss": loss["loss"], "heldout_fm_loss_by_sigma": loss["by_sigma"], **fid,
-               "class_accuracy": cls["accuracy"], "class_accuracy_se": cls["accuracy_se"],
-               "frame_consistency": cls["consistency"],
-               "video_accuracy": cls["video_accuracy"], "eval_seconds": round(timer(), 2)}
-        self.log(f"  eval {name}: FM loss {res['heldout_fm_loss']:.4f}, PSNR {metrics.fmt(res['psnr'], '.2f')}, "
-                 f"SSIM {metrics.fmt(res['ssim'], '.4f')}, acc {metrics.fmt(res['class_accuracy'], '.3f')} "
-                 f"({res['eval_seconds']:.1f} s)")
-        return res
-
-
-def load_sla2(workdir: Path, device, quant: str | None = None):
-    import slaconv
-
-    return slaconv.from_pretrained(workdir, device=device, quant=quant).eval()
-
-
-# ----------------------------------------------------------------------------------- driver
+def check_inputs(model_dir: Path, classifier_dir: Path | None, settings: dict, explicit_guidance: bool,
+                 log) -> sv.VideoSpec:
+    """The video spec the model was trained on, after checking that the model, its training summary, the
+    judge and the guidance fit together (``settings["guidance"]`` falls back to 1 for a model trained
+    without conditioning dropout, unless the guidance was asked for explicitly)."""
+    cfg = read_json(model_dir / "config.json")
+    spec, cond_dropout = common.trained_spec(model_dir)
+    if cfg.get("in_channels") != spec.channels or cfg.get("text_dim") != spec.text_dim:
+        raise InputError(f"{model_dir}: config.json does not match the video spec of its train_summary.json")
+    if settings["guidance"] != 1.0 and not cond_dropout:
+        if explicit_guidance:
+            raise UsageError(f"{model_dir} was trained without conditioning dropout, so it has no unconditional "
+                             f"velocity to guide with: pass --guidance 1")
+        log(f"[spec] {model_dir} was trained without conditioning dropout: sampling unguided (guidance 1)")
+        settings["guidance"] = 1.0
+    if classifier_dir is not None:  # the videos the judge was trained on, whatever --frames
+        metrics.require_same_videos(metrics.classifier_spec(classifier_dir), spec, f"classifier {classifier_dir}",
+                                    "the model")
+    return spec
 
 
 def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke: bool = False,
         settings_override: dict | None = None, objective: str = "distill", validate: str = "main",
         subprocess_mode: bool = False, device: str = "auto", seed: int = 0, log=print) -> dict:
-    settings = json.loads(json.dumps(SMOKE_SETTINGS if smoke else GPU_SETTINGS))
-    for k, v in (settings_override or {}).items():
-        if isinstance(v, dict):
-            settings[k].update(v)
-        else:
-            settings[k] = v
+    """Build the whole table in ``out`` and return results.json's content (see the module docstring).
+
+    ``validate``: which rows ``slaconv validate`` checks (none, first, main or all).
+    """
+    settings = table_settings(smoke, settings_override)
     dev = common.pick_device(device)
-    dev_arg = "cuda" if dev.type == "cuda" else "cpu"
     total = common.Timer()
+    model_dir = Path(model_dir).resolve()
+    spec = check_inputs(model_dir, classifier_dir, settings, "guidance" in (settings_override or {}), log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(model_dir).resolve()
-    cfg = json.loads((model_dir / "config.json").read_text())
-    spec, cond_dropout = common.trained_spec(model_dir)
-    if cfg["in_channels"] != spec.channels or cfg["text_dim"] != spec.text_dim:
-        raise SystemExit(f"{model_dir}: config.json does not match the video spec of its train_summary.json")
-    if settings["guidance"] != 1.0 and not cond_dropout:
-        if "guidance" in (settings_override or {}):
-            raise SystemExit(f"{model_dir} was trained without conditioning dropout, so it has no unconditional "
-                             f"velocity to guide with: pass --guidance 1")
-        log(f"[spec] {model_dir} was trained without conditioning dropout: sampling unguided (guidance 1)")
-        settings["guidance"] = 1.0
-    if classifier_dir is not None:
-        check_classifier_spec(classifier_dir, spec)  # the videos it was trained on, whatever --frames
     if settings.get("frames"):  # e.g. 1: single frames, which the original was also trained on (joint training)
         spec = dataclasses.replace(spec, frames=settings["frames"])
     log(f"[spec] {spec.frames} x {spec.size} x {spec.size} videos ({spec.tokens():,} tokens), objects "
         f"{spec.min_objects}-{spec.max_objects}, glyph scale {spec.min_scale}-{spec.max_scale}; guidance "
         f"{settings['guidance']:g}")
-    cli = CLI(subprocess_mode, dev_arg, log)
+    cli = SlaconvCLI(subprocess_mode, str(dev), log)
 
     log(f"[data] {settings['calib_samples']} calibration videos -> {out / 'data'}")
     data_dir = out / "data"
@@ -348,11 +157,10 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
             row["alpha_min_mean_max"] = alpha_range(workdir)
         row.update(extra or {})
         rows.append(row)
-        # a run cut short (e.g. by a device call's time limit) still leaves every finished row
+        # a run cut short (by a time limit, say) still leaves every finished row
         common.write_json(out / "results.partial.json", {"rows": rows, "seconds": round(total(), 1)})
         del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(str(dev))
         return row
 
     log("[dense] original model")
@@ -360,7 +168,7 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
 
     validations: dict[str, dict] = {}
 
-    def validate_row(key: str, wd: Path):
+    def validate_row(key: str, wd: Path) -> None:
         rep = cli("validate", str(wd), "--data", str(data_dir), ok_codes=(0, 4))
         validations[key] = rep.get("summary", rep)
 
@@ -445,16 +253,8 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         add_row("dense, stage 2 fine-tune (same budget)", group, load_sla2(dft, dev), topk=1.0, stage2=True,
                 eval_quant="none", workdir=dft, extra={"calibration": stage_summary(r)})
 
-    # ------------------------------------------------------------------ outputs
     names = ["real data (same classes)"] + [f"{r['group']}: {r['name']}" for r in rows]
-    real, _ = sv.generate(common.HELDOUT_SEED, range(ev.sampling["labels"].shape[0]), spec,
-                          labels=ev.sampling["labels"].tolist())
-    vids = [real] + [ev.samples[n] for n in names[1:]]
-    n_s = vids[0].shape[0]
-    picks = sorted({0, n_s // 2 + 1 if n_s > 2 else n_s - 1})
-    frames = list(range(0, spec.frames, max(1, spec.frames // 4)))[:4]
-    save_row_grid(out / "samples.png", names, vids, picks, frames)
-
+    report.save_samples(out / "samples.png", names, [ev.real] + [ev.samples[n] for n in names[1:]])
     result = {
         "settings": {**settings, "objective": objective, "seed": seed, "smoke": smoke, "device": str(dev),
                      "cli": "subprocess" if subprocess_mode else "in-process CliRunner"},
@@ -463,79 +263,48 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         "rows": rows, "validate": validations, "cli_calls": cli.calls,
         "seconds_total": round(total(), 1), "env": common.env_summary(),
     }
-    common.write_json(out / "results.json", result)
-    (out / "results.partial.json").unlink(missing_ok=True)
-    (out / "results.md").write_text(markdown(result))
+    report.write_results(out, result)
     log(f"wrote {out / 'results.md'}, results.json, samples.png in {total():.0f} s")
     return result
 
 
-def accuracy_cell(row: dict) -> str:
-    """Classifier accuracy with its standard error over the sample videos (older results have none)."""
-    acc, se = row.get("class_accuracy"), row.get("class_accuracy_se")
-    if acc is None:
-        return "—"
-    return f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The settings override that the command line asks for (only what was given)."""
+    over: dict = {"stage1": {}, "stage2": {}}
+    if args.topk:
+        over["topks"] = args.topk
+    for flag, stage, key in (("stage1_steps", "stage1", "steps"), ("stage1_lr", "stage1", "lr"),
+                             ("stage2_steps", "stage2", "steps"), ("stage2_batch_size", "stage2", "batch_size"),
+                             ("stage2_lr", "stage2", "lr"), ("calib_shift", "stage2", "timestep_shift")):
+        if getattr(args, flag) is not None:
+            over[stage][key] = getattr(args, flag)
+    for key in ("block_q", "guidance", "rows", "frames", "heldout_samples", "sample_steps", "sample_per_class",
+                "calib_samples"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    return over
 
 
-def markdown(result: dict) -> str:
-    s = result["settings"]
-    f = metrics.fmt
-    lines = [
-        "# SLA2 quality benchmark (SynthVideo DiT)",
-        "",
-        f"{result['tokens_per_sample']:,} tokens/sample, blocks {s['block_q']}x{s['block_k']}, low-bit mode "
-        f"{s['quant']}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
-        f"{s['stage2']['steps']} steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']}, objective "
-        f"{s['objective']}, calibration noise shift {s['stage2'].get('timestep_shift', s['timestep_shift'])}); {s['calib_samples']} calibration videos (1 round of the classes in "
-        f"{s['calib_null_every']} with the null embedding); samples: {s['sample_steps']}-step Euler, shift {s['timestep_shift']}, "
-        f"classifier-free guidance {s['guidance']:g} for every row, {s['sample_per_class']} per class; held-out "
-        f"loss (conditional, unguided) on {s['heldout_samples']} "
-        f"videos.  Device: {result['env'].get('gpu') or s['device']}; total {result['seconds_total']:.0f} s.",
-        "",
-        f"Classifier on real videos: per-frame accuracy {f(result['real_data_classifier']['accuracy'], '.3f')} "
-        f"(chance {result['chance']:.3f}).",
-        "",
-        "| group | row | stage 1 | stage 2 | eval | held-out FM loss | PSNR vs orig (dB) | SSIM vs orig | "
-        "class acc ± s.e. | frame consistency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['group']} | {r['name']} | {'yes' if r['stage1'] else '—'} | {'yes' if r['stage2'] else '—'} | "
-            f"{r['eval_quant'] or 'bf16 SDPA'} | {f(r['heldout_fm_loss'])} | {f(r['psnr'], '.2f')} | "
-            f"{f(r['ssim'], '.4f')} | {accuracy_cell(r)} | {f(r['frame_consistency'], '.3f')} |")
-    if result["validate"]:
-        lines += ["", "`slaconv validate` on the main SLA2 rows:", "",
-                  "| row | attention rel. L2 | attention cosine | velocity rel. L2 | 4-step sample PSNR (dB) | sparsity |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in result["validate"].items():
-            lines.append(f"| {k} | {f(v.get('attention_rel_l2_mean'))} | {f(v.get('attention_cosine_mean'))} | "
-                         f"{f(v.get('velocity_rel_l2_mean'))} | {f(v.get('sample_psnr_db'), '.2f')} | "
-                         f"{f(v.get('sparsity_mean'), '.3f')} |")
-    lines += ["", "![samples](samples.png)", ""]
-    return "\n".join(lines)
-
-
+@one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, help="the trained original (diffusers folder)")
-    ap.add_argument("--classifier", type=Path, help="folder written by train_classifier.py")
+    ap.add_argument("--classifier", type=Path, help="folder written by slaconv.quality.train_classifier")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny settings for CPU tests")
     ap.add_argument("--objective", choices=["distill", "diffusion"], default="distill")
-    ap.add_argument("--topk", type=float, action="append", help="override the sparsities (repeat)")
-    ap.add_argument("--stage1-steps", type=int)
-    ap.add_argument("--stage1-lr", type=float)
-    ap.add_argument("--stage2-steps", type=int)
-    ap.add_argument("--stage2-batch-size", type=int)
-    ap.add_argument("--stage2-lr", type=float)
-    ap.add_argument("--calib-shift", type=float,
+    ap.add_argument("--topk", type=fraction, action="append", help="override the sparsities (repeat)")
+    ap.add_argument("--stage1-steps", type=positive_int)
+    ap.add_argument("--stage1-lr", type=positive_float)
+    ap.add_argument("--stage2-steps", type=positive_int)
+    ap.add_argument("--stage2-batch-size", type=positive_int)
+    ap.add_argument("--stage2-lr", type=positive_float)
+    ap.add_argument("--calib-shift", type=positive_float,
                     help="timestep shift of the calibration noise levels (recipe calibration.stage2.timestep_shift, "
                          "which stage 1's sampler reads too; default: the sampling shift; 1 = uniform sigma, which "
                          "weights low noise as the held-out loss does)")
     ap.add_argument("--block-q", type=int, choices=[64, 128])
-    ap.add_argument("--guidance", type=float,
+    ap.add_argument("--guidance", type=non_negative_float,
                     help=f"classifier-free guidance of every row's samples (default {common.SAMPLE_GUIDANCE}; "
                          "1 = unguided, needed for a model trained without conditioning dropout)")
     ap.add_argument("--validate", choices=["none", "first", "main", "all"],
@@ -544,43 +313,26 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", choices=["all", "main", "ablations"],
                     help="all: every ablation row (default); main: dense, convert only, stage 1, SLA2 (the demo); "
                          "ablations: every per-sparsity row, without the linear-only rows")
-    ap.add_argument("--frames", type=int,
+    ap.add_argument("--frames", type=positive_int,
                     help="frames per video instead of the trained spec's (1: single frames, which the original "
                          "was also trained on)")
-    ap.add_argument("--heldout-samples", type=int)
-    ap.add_argument("--sample-steps", type=int)
-    ap.add_argument("--sample-per-class", type=int)
-    ap.add_argument("--calib-samples", type=int)
+    ap.add_argument("--heldout-samples", type=positive_int)
+    ap.add_argument("--sample-steps", type=positive_int)
+    ap.add_argument("--sample-per-class", type=positive_int)
+    ap.add_argument("--calib-samples", type=positive_int)
     ap.add_argument("--subprocess", action="store_true", help="run `python -m slaconv` instead of in-process CliRunner")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    over: dict = {"stage1": {}, "stage2": {}}
-    if args.topk:
-        over["topks"] = args.topk
-    if args.stage1_steps is not None:
-        over["stage1"]["steps"] = args.stage1_steps
-    if args.stage1_lr is not None:
-        over["stage1"]["lr"] = args.stage1_lr
-    if args.stage2_steps is not None:
-        over["stage2"]["steps"] = args.stage2_steps
-    if args.stage2_batch_size is not None:
-        over["stage2"]["batch_size"] = args.stage2_batch_size
-    if args.stage2_lr is not None:
-        over["stage2"]["lr"] = args.stage2_lr
-    if args.calib_shift is not None:
-        over["stage2"]["timestep_shift"] = args.calib_shift
-    if args.block_q is not None:
-        over["block_q"] = args.block_q
-    if args.guidance is not None:
-        over["guidance"] = args.guidance
-    for key in ("rows", "frames", "heldout_samples", "sample_steps", "sample_per_class", "calib_samples"):
-        if getattr(args, key) is not None:
-            over[key] = getattr(args, key)
-    res = run(args.model, args.out, classifier_dir=args.classifier, smoke=args.smoke, settings_override=over,
-              objective=args.objective, validate=args.validate or ("first" if args.smoke else "main"),
-              subprocess_mode=args.subprocess, device=args.device, seed=args.seed)
-    print(markdown(res))
+    try:
+        res = run(args.model, args.out, classifier_dir=args.classifier, smoke=args.smoke,
+                  settings_override=settings_from_args(args), objective=args.objective,
+                  validate=args.validate or ("first" if args.smoke else "main"), subprocess_mode=args.subprocess,
+                  device=args.device, seed=args.seed)
+    except StepFailed as exc:
+        print(exc.output, file=sys.stderr)  # the failed step's own output, above the one-line error
+        raise
+    print(report.markdown(res))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Trained on clean SynthVideo videos (its own generator stream, disjoint from the 
 and blur augmentation so that slightly imperfect generated videos are still judged by their shape.
 
     python -m slaconv.quality.train_classifier --out OUT/classifier            # GPU: ~45 s
-    python -m slaconv.quality.train_classifier --out /tmp/clf --smoke          # CPU: seconds
+    python -m slaconv.quality.train_classifier --out OUT/classifier --smoke    # CPU: seconds
 
 Writes ``classifier.safetensors``, ``classifier.json`` (config + held-out accuracy) and
 ``classifier_log.jsonl``.
@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
-
 
 import torch
 import torch.nn.functional as F
 
-from slaconv.quality import common
-from slaconv.quality import metrics
+from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
+from slaconv.quality.command_line import one_line_errors, positive_float, positive_int
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -42,14 +40,11 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + shift + sigma * noise).clamp(-1, 1)
 
 
-def score_model(clf, model_dir: Path, spec: "sv.VideoSpec", dev: torch.device, *, per_class: int, steps: int,
+def score_model(clf, model_dir: Path, spec: sv.VideoSpec, dev: torch.device, *, per_class: int, steps: int,
                 log=print) -> dict:
     """The judge's verdict on a trained DiT's own samples: unguided, and guided if it learned the null embedding."""
     model_spec, cond_dropout = common.trained_spec(model_dir)
-    diff = metrics.spec_mismatch(model_spec, spec)
-    if diff:
-        raise SystemExit(f"{model_dir} was trained on other videos than this classifier: "
-                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
+    metrics.require_same_videos(model_spec, spec, str(model_dir), "this classifier")
     model = common.load_model(model_dir, dev)
     guidances = [1.0] + ([common.SAMPLE_GUIDANCE] if cond_dropout > 0 else [])
     scores, _ = metrics.sample_class_scores(model, clf, spec, dev, per_class=per_class, steps=steps,
@@ -61,7 +56,7 @@ def score_model(clf, model_dir: Path, spec: "sv.VideoSpec", dev: torch.device, *
 
 
 def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_size: int | None = None,
-          lr: float = 3e-3, width: int | None = None, device: str = "auto", spec: "sv.VideoSpec | None" = None,
+          lr: float = 3e-3, width: int | None = None, device: str = "auto", spec: sv.VideoSpec | None = None,
           score_model_dir: Path | None = None, log=print) -> dict:
     """Train the judge on its own generator stream and save it (with held-out accuracies) to ``out``.
 
@@ -122,13 +117,14 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     return summary
 
 
+@one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (tests)")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=positive_int)
+    ap.add_argument("--batch-size", type=positive_int)
+    ap.add_argument("--lr", type=positive_float, default=3e-3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--score-model", type=Path,
                     help="a trained DiT folder: train on the videos it was trained on, then score its own samples")

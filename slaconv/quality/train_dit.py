@@ -10,7 +10,7 @@ bf16 autocast on GPU, fused AdamW with warm-up and cosine decay (ending with the
 when that comes first), an EMA of the weights (what is saved), fresh data every step (no epochs).
 
     python -m slaconv.quality.train_dit --out OUT/dit                  # one H100: 6.5 min + ~20 s
-    python -m slaconv.quality.train_dit --out /tmp/dit --smoke         # CPU: < 60 s
+    python -m slaconv.quality.train_dit --out OUT/dit --smoke          # CPU: < 60 s
 
 Writes to --out:
     model/                 the checkpoint, a diffusers folder (fp16 safetensors, <= 16 MB)
@@ -27,22 +27,32 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
-
 import torch
+from safetensors.torch import save_file
 
-from slaconv.quality import common
-from slaconv.quality import metrics
+from slaconv.errors import DivergedError, UsageError
+from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
+from slaconv.quality.command_line import (
+    non_negative_float,
+    non_negative_int,
+    one_line_errors,
+    positive_float,
+    positive_int,
+    share,
+)
+from slaconv.quality.images import line_plot, save_video_grid
+from slaconv.quality.render import GLYPHS
 
 MAX_CHECKPOINT_MB = 16.0
 
-# Defaults for one H100 (README.md, "Why these defaults"); --smoke for CPU tests.  Each step trains on
-# 16 videos (8 x 64 x 64, 8,192 tokens each) and 128 single frames of the same generator (joint
-# image-video training, equal weight); a 6.5-minute wall-time budget ends the schedule and the run
-# (whichever of it and the step count comes first), so one device call holds training + classifier.
+# Defaults for one H100 (benchmarks/quality/README.md, "Why these defaults"); --smoke for CPU tests.
+# Each step trains on 16 videos (8 x 64 x 64, 8,192 tokens each) and 128 single frames of the same
+# generator (joint image-video training, equal weight); a 6.5-minute wall-time budget ends the schedule
+# and the run (whichever of it and the step count comes first), so training and the classifier
+# together finish within 10 minutes.
 GPU_DEFAULTS = {"steps": 1700, "batch_size": 16, "image_batch": 128, "lr": 8e-4, "warmup": 100, "ema": 0.995,
                 "log_every": 20, "cond_dropout": 0.1, "max_minutes": 6.5}
 SMOKE_DEFAULTS = {"steps": 30, "batch_size": 4, "image_batch": 4, "lr": 2e-3, "warmup": 5, "ema": 0.9,
@@ -80,7 +90,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
-def make_batch(step: int, batch_size: int, spec: "sv.VideoSpec", dev: torch.device, glyphs: torch.Tensor,
+def make_batch(step: int, batch_size: int, spec: sv.VideoSpec, dev: torch.device, glyphs: torch.Tensor,
                emb_table: torch.Tensor, null: torch.Tensor, cond_dropout: float, gen: torch.Generator,
                stream: int = common.TRAIN_SEED) -> dict:
     """Fresh training videos (indices never repeat), noise, noise levels and conditioning for one step.
@@ -107,7 +117,7 @@ def fm_loss(fwd, batch: dict, dev: torch.device) -> torch.Tensor:
     return torch.mean((pred.float() - batch["target"]) ** 2)
 
 
-def data_seconds_per_batch(spec: "sv.VideoSpec", batch_size: int, dev: torch.device, glyphs: torch.Tensor,
+def data_seconds_per_batch(spec: sv.VideoSpec, batch_size: int, dev: torch.device, glyphs: torch.Tensor,
                            repeats: int = 3) -> float:
     """Wall time to make one training batch, synchronised (the loop itself never waits for the GPU)."""
     sv.generate(common.TRAIN_SEED, range(10**9 - batch_size, 10**9), spec, device=dev, glyphs=glyphs)  # warm-up
@@ -122,8 +132,6 @@ def data_seconds_per_batch(spec: "sv.VideoSpec", batch_size: int, dev: torch.dev
 
 def save_fp16(model: torch.nn.Module, model_dir: Path) -> float:
     """Write ``model`` as a diffusers folder with fp16 weights; returns the size in MB (<= 16 MB enforced)."""
-    from safetensors.torch import save_file
-
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_config(model_dir)
     save_file({k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()},
@@ -134,7 +142,7 @@ def save_fp16(model: torch.nn.Module, model_dir: Path) -> float:
     return size_mb
 
 
-def save_preview(model, out_png: Path, spec: "sv.VideoSpec", dev: torch.device, steps: int, guidance: float) -> None:
+def save_preview(model, out_png: Path, spec: sv.VideoSpec, dev: torch.device, steps: int, guidance: float) -> None:
     """samples.png: per class, a real video, the model's guided sample and its unguided (guidance 1) sample."""
     ss = metrics.sampling_set(spec, 1)
     noise, emb = ss["noise"].to(dev), ss["emb"].to(dev)
@@ -145,11 +153,11 @@ def save_preview(model, out_png: Path, spec: "sv.VideoSpec", dev: torch.device, 
     rows, names = [], []
     for k in range(spec.num_classes):
         rows += [real[k], guided[k]]
-        names += [f"{sv.GLYPHS[k]} real", f"{sv.GLYPHS[k]} DiT g{guidance:g}"]
+        names += [f"{GLYPHS[k]} real", f"{GLYPHS[k]} DiT g{guidance:g}"]
         if plain is not None:
             rows.append(plain[k])
-            names.append(f"{sv.GLYPHS[k]} DiT g1")
-    sv.save_video_grid(out_png, rows, row_labels=names, frames=list(range(0, spec.frames, max(1, spec.frames // 8))))
+            names.append(f"{GLYPHS[k]} DiT g1")
+    save_video_grid(out_png, rows, row_labels=names, frames=list(range(0, spec.frames, max(1, spec.frames // 8))))
 
 
 def resolve_settings(smoke: bool, **overrides) -> dict:
@@ -163,7 +171,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
           lr: float | None = None, warmup: int | None = None, ema_decay: float | None = None,
           cond_dropout: float | None = None, image_batch: int | None = None, guidance: float | None = None,
           max_minutes: float | None = None, compile_model: bool = False, device: str = "auto", seed: int = 0,
-          log_every: int | None = None, spec: "sv.VideoSpec | None" = None, model_config: dict | None = None,
+          log_every: int | None = None, spec: sv.VideoSpec | None = None, model_config: dict | None = None,
           on_step=None, log=print) -> dict:
     """Train the original DiT and write the checkpoint, log, loss curve, preview and summary to ``out``.
 
@@ -176,7 +184,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     max_minutes = d["max_minutes"] or None  # 0 = no wall-time budget
     guidance = common.SAMPLE_GUIDANCE if guidance is None else guidance
     if guidance != 1.0 and d["cond_dropout"] <= 0:
-        raise ValueError("guided sampling needs a model trained with conditioning dropout (--cond-dropout > 0)")
+        raise UsageError("guided sampling needs a model trained with conditioning dropout (--cond-dropout > 0)")
     spec = spec or common.spec_for(smoke)
     config = dict(model_config or (common.SMOKE_MODEL_CONFIG if smoke else common.MODEL_CONFIG))
     dev = common.pick_device(device)
@@ -243,7 +251,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
                 value = loss.item()
                 image_value = image_loss.item() if d["image_batch"] else 0.0
                 if not (math.isfinite(value) and math.isfinite(image_value)):
-                    raise RuntimeError(f"training diverged at step {step + 1} (loss {value}, single frames {image_value})")
+                    raise DivergedError(f"training diverged at step {step + 1} (loss {value}, single frames {image_value})")
                 smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
                 elapsed = timer()
                 rec = {"step": step + 1, "loss": round(value, 5), "loss_smooth": round(smooth, 5),
@@ -277,7 +285,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     series = {"video loss": curve, "video loss (EMA 0.9 of logged)": smooth_curve}
     if image_curve:
         series["single-frame loss"] = image_curve
-    common.line_plot(out / "loss_curve.png", series,
+    line_plot(out / "loss_curve.png", series,
                      f"flow-matching loss, {steps_done} steps x batch {d['batch_size']}"
                      + (f" (+ {d['image_batch']} single frames)" if d["image_batch"] else ""))
     summary = {
@@ -301,31 +309,32 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     return summary
 
 
+@one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny model, tiny videos, CPU, < 60 s")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--ema", type=float, help="EMA decay (0 = off)")
-    ap.add_argument("--cond-dropout", type=float, help="share of samples trained with the null embedding")
-    ap.add_argument("--image-batch", type=int,
+    ap.add_argument("--steps", type=positive_int)
+    ap.add_argument("--batch-size", type=positive_int)
+    ap.add_argument("--lr", type=positive_float)
+    ap.add_argument("--warmup", type=non_negative_int)
+    ap.add_argument("--ema", type=share, help="EMA decay (0 = off)")
+    ap.add_argument("--cond-dropout", type=share, help="share of samples trained with the null embedding")
+    ap.add_argument("--image-batch", type=non_negative_int,
                     help="single-frame clips trained beside every video batch (joint image-video training; 0 = off)")
-    ap.add_argument("--guidance", type=float, help=f"guidance of the preview samples (default {common.SAMPLE_GUIDANCE})")
-    ap.add_argument("--max-minutes", type=float,
+    ap.add_argument("--guidance", type=non_negative_float, help=f"guidance of the preview samples (default {common.SAMPLE_GUIDANCE})")
+    ap.add_argument("--max-minutes", type=non_negative_float,
                     help="wall-time budget of the training loop: the lr schedule ends and training stops (and saves) "
                          f"then (default {GPU_DEFAULTS['max_minutes']} on the GPU; 0 = none)")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the model (off by default; never run on the GPU yet; with --image-batch it "
+                    help="torch.compile the model (off by default and untested on a GPU; with --image-batch it "
                          "sees two input shapes)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int)
+    ap.add_argument("--log-every", type=positive_int)
     ap.add_argument("--spec", default="{}",
                     help='JSON overrides of the video spec, e.g. \'{"texture": 0.15}\' (saved in train_summary.json, '
-                         "which every later script reads)")
+                         "which the table, the classifier and attention_stats read)")
     args = ap.parse_args(argv)
     try:
         spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
