@@ -35,9 +35,9 @@ Use::
         HfApi(endpoint=hub.endpoint, token="hf_test").create_repo("user/x")
 
 ``use_as_default_endpoint(monkeypatch, hub)`` points calls made without ``endpoint=`` (diffusers'
-``from_pretrained``, ``hf_hub_download``) at the fake. Or use the ``fake_hub`` fixture (import it
-into the test module: ``from hubfake import fake_hub``), which also isolates huggingface_hub from
-the developer's own login (``HF_TOKEN``, token file) and turns telemetry off.
+``from_pretrained``, ``hf_hub_download``) at the fake. Tests take a started hub from the ``fake_hub``
+fixture (``conftest.py``), which also isolates huggingface_hub from the developer's own login
+(``HF_TOKEN``, token file) and turns telemetry off.
 """
 
 from __future__ import annotations
@@ -897,20 +897,3 @@ def use_as_default_endpoint(monkeypatch, hub: FakeHub) -> None:
     template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover - hubfake is usable without pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture
-    def fake_hub(monkeypatch, tmp_path):
-        """A started :class:`FakeHub` accepting the token ``hub.test_token`` ("hf_fakehubtoken123456"),
-        with huggingface_hub isolated from the developer's login (see :func:`isolate_hf_env`)."""
-        isolate_hf_env(monkeypatch, tmp_path)
-        token = "hf_fakehubtoken123456"
-        with FakeHub(token=token) as hub:
-            hub.test_token = token
-            yield hub

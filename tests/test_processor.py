@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_wan
 
+from helpers import make_wan
+from slaconv.errors import RecipeError, UnsupportedModelError
 from slaconv.families import detect_family, get_family
 from slaconv.install import install_sla2, resolve_targets, set_mode, sla2_processors
-from slaconv.errors import RecipeError, UnsupportedModelError
 
 
 def _inputs(model, frames=2, height=16, width=16, text=12, image=None, seed=0):

@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
-from test_cli import run, write_recipe
 
 import slaconv.calibrate as cal
+from helpers import run, write_recipe
 
 
 class Killed(BaseException):
