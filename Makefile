@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 LOCK := constraints.txt
 EXTRAS := test,lint
 
-.PHONY: setup demo demo-trained test test-kernels lock clean
+.PHONY: setup demo demo-trained test test-kernels lint lock clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ test: setup $(TEST_DEPS)
 
 test-kernels: setup
 	TRITON_INTERPRET=1 $(BIN)/pytest -q tests/test_kernels.py
+
+# Lint only; `ruff format` is not used on this tree.
+lint: setup
+	$(BIN)/ruff check .
 
 # Re-resolve both lock files in throw-away environments: torch first (the CPU build), then the rest with no
 # pins, then `pip freeze` without the project itself and with local version labels such as +cpu removed.
