@@ -272,6 +272,18 @@ def inspect_cmd(ctx, target, revision, as_json):
     _emit(ctx, info, render(info))
 
 
+@main.command("env")
+@json_option
+@click.pass_context
+def env_cmd(ctx, as_json):
+    """Versions, GPUs, attention backend and settings: paste this into a bug report."""
+    from .envinfo import collect, render
+
+    _common(ctx, as_json)
+    info = collect()
+    _emit(ctx, info, render(info))
+
+
 @main.command("synth-data")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--model", "model", required=True, help="Work dir or model folder whose config sets channels/text dim.")

@@ -35,9 +35,9 @@ Use::
         HfApi(endpoint=hub.endpoint, token="hf_test").create_repo("user/x")
 
 ``use_as_default_endpoint(monkeypatch, hub)`` points calls made without ``endpoint=`` (diffusers'
-``from_pretrained``, ``hf_hub_download``) at the fake. Or use the ``fake_hub`` fixture (import it
-into the test module: ``from hubfake import fake_hub``), which also isolates huggingface_hub from
-the developer's own login (``HF_TOKEN``, token file) and turns telemetry off.
+``from_pretrained``, ``hf_hub_download``) at the fake. Tests take a started hub from the ``fake_hub``
+fixture (``conftest.py``), which also isolates huggingface_hub from the developer's own login
+(``HF_TOKEN``, token file) and turns telemetry off.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
@@ -167,7 +168,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, hub: "FakeHub", role: str):
+    def __init__(self, hub: FakeHub, role: str):
         self.hub, self.role = hub, role
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
@@ -227,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     # ------------------------------------------------------------------ plumbing
-    def _read_body(self, hub: "FakeHub") -> bytes:
+    def _read_body(self, hub: FakeHub) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks, total = [], 0
             while True:
@@ -333,7 +334,7 @@ def _ranged(range_header: str | None, data: bytes, headers: dict) -> tuple[int, 
 
 
 # ---------------------------------------------------------------------- routes (hub server)
-def _route(hub: "FakeHub", h: _Handler, method: str, seg: list[str], query: dict, body: bytes):
+def _route(hub: FakeHub, h: _Handler, method: str, seg: list[str], query: dict, body: bytes):
     auth = hub._auth(h.headers.get("Authorization"))
     if auth == "invalid":
         raise _HttpError(401, "Invalid credentials in Authorization header")
@@ -439,7 +440,7 @@ class FakeHub:
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         if self._servers:
             return self
         for role in ("hub", "cdn"):
@@ -460,7 +461,7 @@ class FakeHub:
             thread.join(timeout=5)
         self._servers, self._threads = [], []
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -897,20 +898,3 @@ def use_as_default_endpoint(monkeypatch, hub: FakeHub) -> None:
     template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
 
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover - hubfake is usable without pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture
-    def fake_hub(monkeypatch, tmp_path):
-        """A started :class:`FakeHub` accepting the token ``hub.test_token`` ("hf_fakehubtoken123456"),
-        with huggingface_hub isolated from the developer's login (see :func:`isolate_hf_env`)."""
-        isolate_hf_env(monkeypatch, tmp_path)
-        token = "hf_fakehubtoken123456"
-        with FakeHub(token=token) as hub:
-            hub.test_token = token
-            yield hub

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dir_snapshot
 from safetensors.torch import save_file
-from test_cli import fails, run, write_recipe
 
+from helpers import dir_snapshot, fails, run, write_recipe
 
 
 def test_missing_local_model(tmp_path):

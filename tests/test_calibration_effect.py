@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import fails, run, write_recipe
+
+from helpers import fails, run, write_recipe
 
 
 def test_both_stages_reduce_held_out_error(tmp_path, tiny_wan_dir):

@@ -3,44 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import dir_snapshot, make_wan, tiny_recipe_overrides
 
+from helpers import dir_snapshot, make_wan, run, write_recipe
 from slaconv.cli import main
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
-
-
-def fails(code, *args, match):
-    """A CLI call that must fail with ``code`` and exactly one ``error: ...`` line containing ``match``."""
-    res = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
-
-
-def write_recipe(path: Path, **overrides) -> Path:
-    """A recipe file with the fast test settings (dotted keys -> nested YAML)."""
-    tree: dict = {}
-    for key, value in tiny_recipe_overrides(**overrides).items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 @pytest.mark.parametrize("frames,height,width,bq,bk", [

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_wan
 from safetensors.torch import load_file
-from test_cli import run, write_recipe
+
+from helpers import make_wan, run, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "benchmarks" / "accelerate_fsdp.yaml"

@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_wan
 from safetensors.torch import load_file, save_file
-from test_cli import run, write_recipe
 
 import slaconv
+from helpers import run, write_recipe
 from slaconv.errors import InputError
 from slaconv.install import sla2_processors
 

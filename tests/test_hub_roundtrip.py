@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-from hubfake import fake_hub, isolate_hf_env, use_as_default_endpoint  # noqa: F401  (fixture)
-from test_cli import run, write_recipe
 
 import slaconv
+from helpers import run, write_recipe
+from hubfake import use_as_default_endpoint
 from slaconv.checksums import verify_checksums
 from slaconv.cli import main
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dir_snapshot, make_wan
-from hubfake import fake_hub, use_as_default_endpoint  # noqa: F401  (fixture)
 from safetensors.torch import load_file
-from test_cli import fails, run, write_recipe
 
+from helpers import dir_snapshot, fails, make_wan, run, write_recipe
+from hubfake import use_as_default_endpoint
 from slaconv.data import CalibrationDataset
 from slaconv.errors import InputError
 from slaconv.prepare import prepare_dataset, read_captions

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import save_file
 
-from hubfake import fake_hub, isolate_hf_env, use_as_default_endpoint  # noqa: F401  (fake_hub is a fixture)
+from hubfake import isolate_hf_env, use_as_default_endpoint
 from slaconv.checksums import CHECKSUMS_FILE, read_checksums, verify_checksums, write_checksums
 from slaconv.errors import EXIT_HUB, HubError, InputError, UsageError
 from slaconv.modelcard import CARD_MARKER, build_model_card

@@ -6,9 +6,10 @@ import json
 import shutil
 
 import pytest
-from test_cli import run, write_recipe
 
 import slaconv.calibrate as cal
+from helpers import run, write_recipe
+
 from slaconv.calibrate import stage1, stage2
 
 

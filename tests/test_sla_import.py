@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_wan
 from safetensors.torch import load_file, save_file
-from test_cli import run, write_recipe
 
 import slaconv
+from helpers import make_wan, run, write_recipe
 from slaconv.install import set_mode
 
 

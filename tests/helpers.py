@@ -1,0 +1,82 @@
+"""Builders and checks that several test modules share: a tiny Wan transformer, fast recipe settings,
+folder snapshots and CLI invocations. Fixtures live in ``conftest.py``; this module has none."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import yaml
+from click.testing import CliRunner
+
+from slaconv.cli import main
+
+# diffusers' tests/models/transformers/test_models_transformer_wan.py init dict, with head dim 24 so
+# that both blocks of 64 tokens and RoPE's t/h/w split work.
+WAN_TEST_CONFIG = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 24, "in_channels": 4,
+    "out_channels": 4, "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32,
+}
+
+
+def make_wan(seed: int = 0, **overrides):
+    """A tiny randomly initialised ``WanTransformer3DModel`` (``WAN_TEST_CONFIG`` plus ``overrides``), in eval mode."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**WAN_TEST_CONFIG, **overrides}).eval()
+
+
+def tiny_recipe_overrides(**extra) -> dict:
+    """Fast settings for tests: 64-token blocks, a few steps per stage."""
+    base = {
+        "sla2.topk": 0.4, "sla2.block_q": 64, "sla2.block_k": 64,
+        "data.frames": 2, "data.height": 18, "data.width": 22, "data.text_len": 6,  # 2*9*11 = 198 tokens
+        "calibration.stage1.steps": 3, "calibration.stage2.steps": 3, "calibration.checkpoint_every": 1,
+        "calibration.stage1.query_blocks_per_step": 2, "validation.num_samples": 1, "validation.sample_steps": 2,
+        "validation.timesteps": [700, 200],
+    }
+    base.update(extra)
+    return base
+
+
+def write_recipe(path: Path, **overrides) -> Path:
+    """A recipe file with the fast test settings (dotted keys -> nested YAML)."""
+    tree: dict = {}
+    for key, value in tiny_recipe_overrides(**overrides).items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def dir_snapshot(folder: Path) -> dict:
+    """{relative path: (size, mtime_ns, bytes hash)} to prove a folder was not modified."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = (p.stat().st_size, p.stat().st_mtime_ns,
+                                               hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def run(*args, code=0):
+    """Invoke the ``slaconv`` CLI in-process (quiet) and assert its exit code; returns Click's result."""
+    result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def fails(code, *args, match):
+    """A CLI call that must fail with ``code`` and exactly one ``error: ...`` line containing ``match``."""
+    res = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert res.exit_code == code, f"expected {code}, got {res.exit_code}: {res.output} {res.exception!r}"
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
