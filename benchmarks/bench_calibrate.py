@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from bench_model import COMMON, CONFIGS  # noqa: E402
 
 

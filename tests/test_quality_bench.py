@@ -77,7 +77,10 @@ def test_texture_moves_with_the_content_and_leaves_flat_streams_alone():
     flat_batch = render(flat_params, flat)
     assert not torch.equal(flat_batch, batch)
     mask = flat_batch[:, 3:4] < -0.99  # background pixels (object mask channel at -1)
-    detail = lambda v: ((v[:, :3, :, :, 1:] - v[:, :3, :, :, :-1]).abs() * mask[..., 1:]).sum() / mask[..., 1:].sum()
+
+    def detail(v):
+        return ((v[:, :3, :, :, 1:] - v[:, :3, :, :, :-1]).abs() * mask[..., 1:]).sum() / mask[..., 1:].sum()
+
     assert detail(batch) > 1.4 * detail(flat_batch), (detail(batch), detail(flat_batch))
     added = (batch - flat_batch)[:, :3] * mask  # the background texture alone
     assert (added[:, :, 2] - added[:, :, 0]).abs().mean() > 0.2 * added[:, :, 0].abs().mean()  # it pans

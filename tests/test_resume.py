@@ -9,7 +9,6 @@ import pytest
 
 import slaconv.calibrate as cal
 from helpers import run, write_recipe
-
 from slaconv.calibrate import stage1, stage2
 
 

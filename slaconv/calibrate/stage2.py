@@ -120,7 +120,9 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start)}, show)
 
     def score(net, student_dtype=dtype):
-        run = lambda n, b, x, s: forward(n, b, x, s, student_dtype)
+        def run(n, b, x, s):
+            return forward(n, b, x, s, student_dtype)
+
         return heldout_loss(run, net, targets, eval_sampler, n_eval, device, accelerator.autocast)
 
     heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective

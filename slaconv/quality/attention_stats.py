@@ -303,7 +303,7 @@ def main(argv=None) -> None:
         ap.error(f"--tile {args.tile} does not divide the {grid[1]} x {grid[2]} tokens of a frame")
     order = tile_order(*grid, args.tile) if args.tile else None
     print(f"{spec.frames} frames x {spec.size}^2 -> {n_tokens} tokens, {nk} key blocks; keep {kcounts}; "
-          f"token order {'tiles of %d' % args.tile if args.tile else 'raster'}")
+          f"token order {f'tiles of {args.tile}' if args.tile else 'raster'}")
 
     records = []
     for sigma in args.sigmas:
@@ -323,7 +323,7 @@ def main(argv=None) -> None:
     by_layer, by_sigma = summarize(records, "layer"), summarize(records, "sigma")
     md = (f"# Attention mass captured by top-k key blocks ({args.model})\n\n"
           f"{args.videos} held-out videos (stream {args.seed}) x sigma {args.sigmas}; {spec.frames} frames x "
-          f"{spec.size}x{spec.size} = {n_tokens} tokens ({'tiles of %d tokens' % args.tile if args.tile else 'raster'} "
+          f"{spec.size}x{spec.size} = {n_tokens} tokens ({f'tiles of {args.tile} tokens' if args.tile else 'raster'} "
           f"order); blocks {args.block_q} q x {args.block_k} k, {nk} key "
           f"blocks per row.  Mean over heads, videos and sigmas; min head = the head (layer, head) with the "
           f"lowest mean.\n\n## By layer\n\n{table(by_layer, 'layer', kcounts)}\n\n"

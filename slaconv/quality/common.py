@@ -127,7 +127,7 @@ def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: flo
     outs = []
     for i in range(0, noise.shape[0], batch_size):
         e = emb[i : i + batch_size]
-        outs.append(flow.euler_sample(lambda x, t: guided_velocity(model, x, t / 1000.0, e, null, guidance),
+        outs.append(flow.euler_sample(lambda x, t, e=e: guided_velocity(model, x, t / 1000.0, e, null, guidance),
                                       noise[i : i + batch_size].float(), steps, shift))
     return torch.cat(outs)
 

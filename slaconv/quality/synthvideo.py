@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -71,7 +71,7 @@ class VideoSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VideoSpec":
+    def from_dict(cls, d: dict) -> VideoSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 

@@ -55,7 +55,7 @@ from slaconv.utils.devices import release_memory
 from slaconv.utils.files import read_json
 
 
-def write_recipe(path: Path, settings: dict, spec: "sv.VideoSpec", *, topk: float, stage2_quant: str | None = None,
+def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float, stage2_quant: str | None = None,
                  objective: str = "distill", seed: int = 0) -> Path:
     """A slaconv recipe for this benchmark (keys unknown to this slaconv version are left out)."""
     from slaconv.recipe import DEFAULTS
