@@ -23,7 +23,8 @@ from bench_model import COMMON, CONFIGS  # noqa: E402
 
 def sh(*args) -> dict:
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "slaconv", "-q", *map(str, args), "--json"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "slaconv", "-q", *map(str, args), "--json"],
+                         capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, args))} failed ({res.returncode}):\n{res.stderr[-4000:]}")
     out = json.loads(res.stdout)

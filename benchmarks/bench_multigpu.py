@@ -376,7 +376,8 @@ def dp_result(args, single, ddp, one13: Path, two13: Path, layout13: dict) -> di
         out["comparison"] = compare_curves(curves["1proc_batch2"], curves["2proc_batch1"], args.tolerance)
         a, b = out["1proc_batch2"], out["2proc_batch1"]
         if a.get("heldout_after") and b.get("heldout_after"):
-            out["comparison"]["heldout_after_rel_diff"] = abs(a["heldout_after"] - b["heldout_after"]) / a["heldout_after"]
+            out["comparison"]["heldout_after_rel_diff"] = (abs(a["heldout_after"] - b["heldout_after"])
+                                                           / a["heldout_after"])
         if a.get("s_per_step") and b.get("s_per_step"):
             out["comparison"]["dp_speedup"] = round(a["s_per_step"] / b["s_per_step"], 2)
     return out
@@ -438,7 +439,8 @@ def render(result: dict) -> str:
         for name in ("1proc_batch2", "2proc_batch1"):
             r = dp.get(name)
             if r:
-                lines.append(f"| {name}{'' if r['ok'] else ' (FAILED/cut)'} | {r.get('processes')} {r.get('distributed')} "
+                lines.append(f"| {name}{'' if r['ok'] else ' (FAILED/cut)'} | "
+                             f"{r.get('processes')} {r.get('distributed')} "
                              f"| {_fmt(r.get('s_per_step'), '.2f')} | {_fmt(r.get('first_step_s'), '.1f')} | "
                              f"{r.get('peak_gb_per_gpu_training')} | {_fmt(r.get('heldout_before'))} -> "
                              f"{_fmt(r.get('heldout_after'))} | {r.get('layout_vs_convert', 'n/a')} |")
@@ -446,7 +448,8 @@ def render(result: dict) -> str:
         if c:
             lines += ["", "| step | 1 proc x 2 | 2 procs x 1 | rel. diff |", "|---:|---:|---:|---:|"]
             a, b = dp["1proc_batch2"]["losses"], dp["2proc_batch1"]["losses"]
-            lines += [f"| {i + 1} | {a[i]:.6g} | {b[i]:.6g} | {c['rel_diff'][i]:.2e} |" for i in range(c["steps_compared"])]
+            lines += [f"| {i + 1} | {a[i]:.6g} | {b[i]:.6g} | {c['rel_diff'][i]:.2e} |"
+                      for i in range(c["steps_compared"])]
             lines += ["", f"max rel. diff {_fmt(c['max_rel_diff'], '.2e')} over {c['steps_compared']} steps "
                       f"(step 1: {_fmt(c['step1_rel_diff'], '.2e')}; tolerance {c['tolerance']:.0e}) -> "
                       f"{'MATCH' if c['match'] else 'NO MATCH'}; the curve itself spans "
@@ -455,8 +458,10 @@ def render(result: dict) -> str:
     fs = result.get("fsdp_14b")
     if fs:
         lines += ["", f"## 2. FSDP, {fs['model']}, {fs['layers']} of {fs['of_layers']} layers "
-                  f"({fs['tokens']:,} tokens), {fs.get('processes') or '?'} processes x batch 1, {fs['steps']} steps", "",
-                  "| ok | s/step (median, steps 2+) | step 1 s | peak GB per GPU (training) | peak GB per GPU (incl. save) "
+                  f"({fs['tokens']:,} tokens), {fs.get('processes') or '?'} processes x batch 1, "
+                  f"{fs['steps']} steps", "",
+                  "| ok | s/step (median, steps 2+) | step 1 s | peak GB per GPU (training) | "
+                  "peak GB per GPU (incl. save) "
                   "| losses | format vs convert | format vs 1-process save |", "|---|---:|---:|---|---|---|---|---|",
                   f"| {fs.get('ok')} ({fs.get('distributed')}) | {_fmt(fs.get('s_per_step'), '.2f')} | "
                   f"{_fmt(fs.get('first_step_s'), '.1f')} | {fs.get('peak_gb_per_gpu_training')} | "

@@ -30,7 +30,8 @@ def _sla2(work):
 
 
 def _weights(work):
-    return {k: v for f in sorted(work.glob("diffusion_pytorch_model*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {k: v for f in sorted(work.glob("diffusion_pytorch_model*.safetensors"))
+            for k, v in load_file(str(f)).items()}
 
 
 def test_frozen_parts_stay_bitwise_unchanged(tmp_path, tiny_wan_dir):

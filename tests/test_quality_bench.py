@@ -169,12 +169,15 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
     from slaconv.quality.table_settings import SMOKE_SETTINGS
 
     settings = copy.deepcopy(SMOKE_SETTINGS)
-    default = yaml.safe_load(quality_table.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    default = yaml.safe_load(quality_table.write_recipe(tmp_path / "a.yaml", settings, sv.SMOKE_SPEC,
+                                                        topk=0.5).read_text())
     settings["stage2"]["timestep_shift"] = 1.0
-    shifted = yaml.safe_load(quality_table.write_recipe(tmp_path / "b.yaml", settings, sv.SMOKE_SPEC, topk=0.5).read_text())
+    shifted = yaml.safe_load(quality_table.write_recipe(tmp_path / "b.yaml", settings, sv.SMOKE_SPEC,
+                                                        topk=0.5).read_text())
     assert default["calibration"]["stage2"]["timestep_shift"] == settings["timestep_shift"] != 1.0
     assert shifted["calibration"]["stage2"]["timestep_shift"] == 1.0
-    assert shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"] == settings["timestep_shift"]
+    assert (shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"]
+            == settings["timestep_shift"])
 
 
 def test_ssim_and_psnr():

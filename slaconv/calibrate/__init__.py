@@ -39,7 +39,8 @@ _forward = forward_batch  # the name under which validate imports it
 
 def _oom(stage: str) -> OutOfMemoryError:
     return OutOfMemoryError(
-        f"out of memory in stage {stage}: lower calibration.{'stage1.query_blocks_per_step' if stage == '1' else 'stage2.batch_size'}"
+        f"out of memory in stage {stage}: lower calibration."
+        f"{'stage1.query_blocks_per_step' if stage == '1' else 'stage2.batch_size'}"
         ", enable calibration.stage2.gradient_checkpointing, or use a smaller data resolution"
     )
 

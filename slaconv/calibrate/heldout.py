@@ -22,7 +22,8 @@ def heldout_sampler(family, model_config, recipe, data_dir) -> StepSampler:
 
 
 @torch.no_grad()
-def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query_blocks: int, device, dtype) -> float | None:
+def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query_blocks: int, device,
+                            dtype) -> float | None:
     """Mean over layers of the relative MSE of hard-top-k SLA2 (as run at inference, bf16 math)
     against full attention, on ``n`` fixed held-out samples and evenly spaced query blocks."""
     if n == 0:

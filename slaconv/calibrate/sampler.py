@@ -45,7 +45,8 @@ class StepSampler:
         if self.dataset is None:
             from ..inputs import synthetic_batch
 
-            item = {k: v[0] for k, v in synthetic_batch(self.family, self.model_config, self.recipe["data"], 1, gen).items()}
+            item = {k: v[0]
+                    for k, v in synthetic_batch(self.family, self.model_config, self.recipe["data"], 1, gen).items()}
         else:
             n = len(self.dataset)
             epoch_order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * (index // n)))

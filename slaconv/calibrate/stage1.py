@@ -103,8 +103,8 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
     heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     with observing(procs.values(), observe):
-        bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
-                       initial=start, total=cfg["steps"])
+        bar = progress(range(start, cfg["steps"]), desc="stage 1",
+                       enabled=show_progress and accelerator.is_main_process, initial=start, total=cfg["steps"])
         t0 = time.time()
         for step in bar:
             t_step = time.time()
@@ -130,13 +130,14 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
                     and accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {
-                    "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
+                    "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone()
+                                         for n, p in procs.items() for t, v in p.sla2_state().items()},
                     "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
     seconds = round(time.time() - t0, 2)
     heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     first_last = first_last_loss(log_path)
-    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"], "seconds": seconds,
-                          "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
+    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"],
+                          "seconds": seconds, "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,
                           "heldout_attention_rel_mse_after": heldout_after,
                           "data": data_name(data_dir), **peak_memory(accelerator)}}

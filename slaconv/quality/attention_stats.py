@@ -93,7 +93,8 @@ def capture_qk(model, hs: dict, n_tokens: int, values: bool = False) -> list[tup
 # ---------------------------------------------------------------------------------------- measure
 
 
-def block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+def block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int,
+               rows_per_chunk: int = 1024) -> torch.Tensor:
     """Dense attention mass pooled into blocks for one head: q, k (N, D) -> (n_qblocks, n_kblocks).
 
     Entry (i, j) = sum over key block j of softmax(q k^T / sqrt(d)), averaged over query block i's rows.
@@ -144,7 +145,8 @@ def stable_rank(a: torch.Tensor, iters: int = 30) -> float:
     return float(a.square().sum()) / sigma2
 
 
-def tail_stable_ranks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, n_select: int) -> tuple[float, float]:
+def tail_stable_ranks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int,
+                      n_select: int) -> tuple[float, float]:
     """Stable rank of the full map P and of its tail P * (1 - M), M = the oracle's ``n_select`` blocks per row.
 
     The SLA paper's case for the linear branch: on Wan2.1 the full map has stable rank ~6,200 and the

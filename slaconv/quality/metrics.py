@@ -194,7 +194,8 @@ def save_classifier(model: FrameClassifier, folder: Path, extra: dict | None = N
     """Write ``classifier.safetensors`` and ``classifier.json`` (config + ``extra``) to ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "classifier.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "classifier.safetensors"))
     (folder / "classifier.json").write_text(json.dumps({**model.config, **(extra or {})}, indent=2) + "\n")
 
 

@@ -160,7 +160,8 @@ def _object_alpha(pk: dict[str, torch.Tensor], glyphs: torch.Tensor, S: int):
     return alpha, shade.view(B, O, T, S, S)
 
 
-def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu", glyphs: torch.Tensor | None = None) -> torch.Tensor:
+def render(params: Sequence[SampleParams], spec: VideoSpec, device="cpu",
+           glyphs: torch.Tensor | None = None) -> torch.Tensor:
     """Render a batch: (B, C, F, H, W) float32 in [-1, 1] on ``device``.
 
     The parameters go to the device in one non-blocking upload per tensor, so on a GPU the host

@@ -69,8 +69,8 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
         "data": {"frames": spec.frames, "height": spec.size, "width": spec.size, "text_len": spec.text_len},
         "calibration": {
             "seed": seed, "checkpoint_every": 1_000_000, "checkpoints_total_limit": 1, "eval_samples": 0,
-            "stage1": {"steps": s1["steps"], "lr": s1["lr"], "alpha_lr": s1["alpha_lr"], "tau": 0.1, "batch_size": s1["batch_size"],
-                       "query_blocks_per_step": s1["query_blocks_per_step"]},
+            "stage1": {"steps": s1["steps"], "lr": s1["lr"], "alpha_lr": s1["alpha_lr"], "tau": 0.1,
+                       "batch_size": s1["batch_size"], "query_blocks_per_step": s1["query_blocks_per_step"]},
             "stage2": {"steps": s2["steps"], "lr": s2["lr"], "weight_decay": 0.0, "warmup_steps": s2["warmup_steps"],
                        "grad_clip": 1.0, "batch_size": s2["batch_size"], "grad_accum": 1, "objective": objective,
                        "quant": stage2_quant, "gradient_checkpointing": False,
@@ -78,7 +78,8 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
         },
         "validation": {"seed": 1234, "num_samples": settings["validate_samples"], "timesteps": [900, 600, 300, 100],
                        "sample_steps": 4, "timestep_shift": settings["timestep_shift"],
-                       "gates": {"attention_rel_l2_max": 10.0, "velocity_rel_l2_max": 10.0, "sample_psnr_min_db": -100.0}},
+                       "gates": {"attention_rel_l2_max": 10.0, "velocity_rel_l2_max": 10.0,
+                                 "sample_psnr_min_db": -100.0}},
     }
 
     def keep_known(node: dict, ref: dict) -> dict:
@@ -86,7 +87,8 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
         for k, v in node.items():
             if k not in ref:
                 continue
-            out[k] = keep_known(v, ref[k]) if isinstance(v, dict) and isinstance(ref[k], dict) and k != "topk_per_layer" else v
+            out[k] = (keep_known(v, ref[k])
+                      if isinstance(v, dict) and isinstance(ref[k], dict) and k != "topk_per_layer" else v)
         return out
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +187,8 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         base = work / f"topk{topk}" / "converted"
         conv = cli("convert", str(model_dir), "-o", str(base), "--recipe", str(recipe), "--data", str(data_dir),
                    "--overwrite")
-        add_row("SLA2, no fine-tuning (convert only)", group, load_sla2(base, dev), topk=topk, eval_quant=q, workdir=base,
-                extra={"convert": {"alpha_init": conv.get("alpha")}})
+        add_row("SLA2, no fine-tuning (convert only)", group, load_sla2(base, dev), topk=topk, eval_quant=q,
+                workdir=base, extra={"convert": {"alpha_init": conv.get("alpha")}})
 
         s1 = copy_workdir(base, work / f"topk{topk}" / "stage1")
         r1 = cli("calibrate", str(s1), "--data", str(data_dir), "--stage", "1", "--recipe", str(recipe))
@@ -223,14 +225,16 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         edit_sla2_state(sp, alpha_logit=PIN)  # stage 1 moved it by at most steps x lr; pin it again
         rs2 = cli("calibrate", str(sp), "--data", str(data_dir), "--stage", "2", "--recipe", str(recipe))
         add_row("sparse only (alpha = 1), stage 1 + stage 2 QAT", group, load_sla2(sp, dev), topk=topk, stage1=True,
-                stage2=True, eval_quant=q, workdir=sp, extra={"calibration": {**stage_summary(rs1), **stage_summary(rs2)}})
+                stage2=True, eval_quant=q, workdir=sp,
+                extra={"calibration": {**stage_summary(rs1), **stage_summary(rs2)}})
 
     # linear only: one row, independent of the sparsity
     if settings.get("rows", "all") == "all":
         group = "linear only"
         log(f"[{group}]")
         lin_topk = 1e-6  # -> 1 key block per query block (topk_count clamps to >= 1)
-        recipe = write_recipe(recipes / "linear-only.yaml", settings, spec, topk=lin_topk, objective=objective, seed=seed)
+        recipe = write_recipe(recipes / "linear-only.yaml", settings, spec, topk=lin_topk, objective=objective,
+                              seed=seed)
         lin = work / "linear-only"
         cli("convert", str(model_dir), "-o", str(lin), "--recipe", str(recipe), "--data", str(data_dir), "--overwrite")
         edit_sla2_state(lin, alpha_logit=-PIN, zero_router=True)
@@ -238,8 +242,8 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
                 workdir=lin)
         lin_ft = copy_workdir(lin, work / "linear-only-ft")
         r = cli("calibrate", str(lin_ft), "--data", str(data_dir), "--stage", "2", "--recipe", str(recipe))
-        add_row("linear only (alpha = 0), stage 2", group, load_sla2(lin_ft, dev), topk=lin_topk, stage2=True, eval_quant=q,
-                workdir=lin_ft, extra={"calibration": stage_summary(r)})
+        add_row("linear only (alpha = 0), stage 2", group, load_sla2(lin_ft, dev), topk=lin_topk, stage2=True,
+                eval_quant=q, workdir=lin_ft, extra={"calibration": stage_summary(r)})
 
     if objective == "diffusion":
         group = "dense fine-tuned"

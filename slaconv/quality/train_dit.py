@@ -210,7 +210,8 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
         data_s += data_seconds_per_batch(image_spec, d["image_batch"], dev, glyphs)
     log(f"training {n_params / 1e6:.2f} M-parameter Wan DiT on {spec.tokens()} tokens/sample, "
         f"{d['steps']} steps x batch {d['batch_size']} (+ {d['image_batch']} single frames) on {dev}, "
-        f"cond. dropout {d['cond_dropout']}, budget {max_minutes or '-'} min; a step's data takes {data_s * 1e3:.1f} ms")
+        f"cond. dropout {d['cond_dropout']}, budget {max_minutes or '-'} min; "
+        f"a step's data takes {data_s * 1e3:.1f} ms")
 
     budget_s = max_minutes * 60 if max_minutes else None
     curve: list[tuple[float, float]] = []
@@ -251,7 +252,8 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
                 value = loss.item()
                 image_value = image_loss.item() if d["image_batch"] else 0.0
                 if not (math.isfinite(value) and math.isfinite(image_value)):
-                    raise DivergedError(f"training diverged at step {step + 1} (loss {value}, single frames {image_value})")
+                    raise DivergedError(f"training diverged at step {step + 1} "
+                                        f"(loss {value}, single frames {image_value})")
                 smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
                 elapsed = timer()
                 rec = {"step": step + 1, "loss": round(value, 5), "loss_smooth": round(smooth, 5),
@@ -322,7 +324,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cond-dropout", type=share, help="share of samples trained with the null embedding")
     ap.add_argument("--image-batch", type=non_negative_int,
                     help="single-frame clips trained beside every video batch (joint image-video training; 0 = off)")
-    ap.add_argument("--guidance", type=non_negative_float, help=f"guidance of the preview samples (default {common.SAMPLE_GUIDANCE})")
+    ap.add_argument("--guidance", type=non_negative_float,
+                    help=f"guidance of the preview samples (default {common.SAMPLE_GUIDANCE})")
     ap.add_argument("--max-minutes", type=non_negative_float,
                     help="wall-time budget of the training loop: the lr schedule ends and training stops (and saves) "
                          f"then (default {GPU_DEFAULTS['max_minutes']} on the GPU; 0 = none)")
@@ -340,10 +343,10 @@ def main(argv=None) -> None:
         spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
     except (ValueError, TypeError) as e:  # bad JSON, or a key VideoSpec does not have
         ap.error(f"--spec: {e}")
-    train(args.out, smoke=args.smoke, spec=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-          ema_decay=args.ema, cond_dropout=args.cond_dropout, image_batch=args.image_batch, guidance=args.guidance,
-          max_minutes=args.max_minutes, compile_model=args.compile, device=args.device, seed=args.seed,
-          log_every=args.log_every)
+    train(args.out, smoke=args.smoke, spec=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+          warmup=args.warmup, ema_decay=args.ema, cond_dropout=args.cond_dropout, image_batch=args.image_batch,
+          guidance=args.guidance, max_minutes=args.max_minutes, compile_model=args.compile, device=args.device,
+          seed=args.seed, log_every=args.log_every)
 
 
 if __name__ == "__main__":
