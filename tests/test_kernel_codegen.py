@@ -25,7 +25,8 @@ _spec = importlib.util.find_spec("triton")
 if _spec is None or not (Path(_spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
     pytest.skip("no Triton build with the NVIDIA tools", allow_module_level=True)
 
-REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "kernel_report.py"
 
 # The Triton of this environment, and Triton 3.6 (the GPU machines' version) where `make test TRITON36=1`
 # (what CI runs) built it a small environment: the kernels must compile with both.
@@ -37,6 +38,8 @@ PYTHONS = [pytest.param(sys.executable, id="this-triton"),
 
 def _report(tmp_path, python, *args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    # the Triton 3.6 environment holds torch and triton only: it imports slaconv from this checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     out = tmp_path / "report.json"
     cmd = [python, str(REPORT), "--shape", "1,2,1000,128", "--topk", "0.1", "--json", str(out), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
