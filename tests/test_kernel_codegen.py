@@ -59,28 +59,28 @@ def test_triton36_environment_is_triton_3_6():
 def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, python, quant, layout):
     rows = _report(tmp_path, python, "--quant", quant, "--layout", layout, *(["--backward"] if quant == "none" else []))
     names = {r["kernel"] for r in rows}
-    assert {"_fwd_sparse_kernel", "_fwd_lin_kernel", "_k_feats", "_kv_outer", "_topk_lut"} <= names
+    assert {"fwd_sparse_kernel", "fwd_lin_kernel", "k_feats", "kv_outer", "topk_lut"} <= names
     if quant == "none":
-        assert {"_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dq_lin_kernel"} <= names
+        assert {"bwd_dq_kernel", "bwd_dkdv_kernel", "bwd_dkdv_lin_kernel", "bwd_dq_lin_kernel"} <= names
     else:
-        assert {"_kv_quant", "_q_prepass"} <= names
+        assert {"kv_quant", "q_prepass"} <= names
     for r in rows:
         assert r["scalar_16bit_loads"] == 0, (r["kernel"], r["loads"])
         assert r["registers"] is not None and r["registers"] <= 255, r
-        if r["kernel"] in ("_fwd_sparse_kernel", "_fwd_lin_kernel", "_bwd_dq_kernel"):
+        if r["kernel"] in ("fwd_sparse_kernel", "fwd_lin_kernel", "bwd_dq_kernel"):
             assert r["mma"], (r["kernel"], "no tensor-core instructions")
 
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_sweep_variants_compile_on_sm90(tmp_path, python):
-    """Every variant the GPU sweep will try (bench_attention.py) compiles for Hopper without spills, so a
-    device call is never spent finding a compile error; with the default state hand-off the linear launch
-    fits 2 programs per SM."""
-    for cfg in ({"lin_state": False, "num_stages": 4}, {"lin_stages": 4}):
+    """Every launch variant the GPU sweep tries (bench_attention.py --auto) compiles for Hopper without
+    spills, so no GPU time is spent finding a compile error; with the defaults the linear launch fits
+    2 programs per SM."""
+    for cfg in ({"num_stages": 4}, {"lin_stages": 4}):
         for quant in ("none", "int8-fp8"):
             rows = _report(tmp_path, python, "--quant", quant, "--config", json.dumps(cfg))
             for r in rows:
                 assert r["registers"] is not None and r["spill_instructions"] == 0, (cfg, r)
     rows = _report(tmp_path, python, "--quant", "none")
-    lin = next(r for r in rows if r["kernel"] == "_fwd_lin_kernel")
+    lin = next(r for r in rows if r["kernel"] == "fwd_lin_kernel")
     assert lin["ctas_per_sm"] >= 2, lin
