@@ -173,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", help="write the report here")
-    ap.add_argument("--config", default="", help="JSON overrides of the launch settings (slaconv.kernels.launch.LaunchConfig)")
+    ap.add_argument("--config", default="",
+                    help="JSON overrides of the launch settings (slaconv.kernels.launch.LaunchConfig)")
     a = ap.parse_args(argv)
     shape = tuple(int(x) for x in a.shape.split(","))
     launch = launch_config(a.config)

@@ -21,8 +21,8 @@ _STAGES = tuple(range(1, 9))
 class LaunchConfig:
     """Tile sizes, warps and pipeline stages of the Triton launches: per-GPU tuning, not numerics.
 
-    The defaults are the fastest measured on H100 and H200 at Wan2.1 shapes (kernels/README.md has the
-    measurements; ``benchmarks/bench_attention.py --auto`` re-runs the sweep).  Build variants with
+    The defaults are the fastest measured on H100 and H200 at Wan2.1 shapes (the README beside this file
+    lists the measurements; ``benchmarks/bench_attention.py --auto`` re-runs the sweep).  Build variants with
     ``dataclasses.replace(DEFAULT_LAUNCH, ...)``.
     """
 

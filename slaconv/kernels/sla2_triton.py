@@ -1,4 +1,4 @@
-"""SLA2 attention on Triton: buffers, launches, custom ops and autograd (design: kernels/README.md).
+"""SLA2 attention on Triton: buffers, launches, custom ops and autograd (design: README.md beside it).
 
 Entry point: :func:`sla2_attention_triton` (called by :mod:`slaconv.kernels.ops`).  The work is
 registered as two ``torch.library`` custom ops, ``slaconv::sla2_fwd`` and ``slaconv::sla2_bwd``, with
@@ -83,7 +83,8 @@ def _split_count(bh: int, n_blocks: int) -> int:
 def _check_tensors(q, k, v, layout: str) -> None:
     check_layout(layout)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must be 4-D with equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be 4-D with equal shapes, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the SLA2 Triton kernels take head dims {KERNEL_HEAD_DIMS}, got head dim {q.shape[-1]}")
     if q.dtype not in KERNEL_DTYPES:
@@ -319,7 +320,9 @@ def sla2_fwd(
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str, save: bool,
     launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all); ``launch`` is :meth:`LaunchConfig.as_ints`."""
+    """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all).
+
+    ``launch`` is :meth:`LaunchConfig.as_ints`."""
     spec = AttentionSpec(topk, block_q, block_k, quant)
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch))
 

@@ -1,7 +1,7 @@
 """Triton device functions shared by the SLA2 forward and backward kernels, and their conventions.
 
 The kernels are in ``sla2_triton_forward.py`` and ``sla2_triton_backward.py``; ``sla2_triton.py``
-allocates their buffers and launches them (the design: kernels/README.md).  Conventions shared by every
+allocates their buffers and launches them (the design: README.md beside it).  Conventions shared by every
 kernel:
 
 * The second grid axis is ``bh = b * H + h``.  User tensors (Q, K, V, O, dO, dQ, dK, dV) are read and
