@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .sla2_triton_common import (
+    batch_head,
     check_head_dim,
     check_rows,
     load_rows,
@@ -32,10 +33,10 @@ def phi_rows(
     check_head_dim(D)
     check_rows(BLOCK)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh, b, h = batch_head(H)
     rows = tile * BLOCK + tl.arange(0, BLOCK)
     valid = rows < N
-    x = load_rows(X + (bh // H) * stride_xb + (bh % H) * stride_xh, rows, stride_xn, valid, D)
+    x = load_rows(X + b * stride_xb + h * stride_xh, rows, stride_xn, valid, D)
     store_rows(PHI + bh * N * D, rows, D, valid, phi(x.to(tl.float32)).to(x.dtype), D)
 
 
@@ -50,12 +51,12 @@ def phi_to_psi(
     check_head_dim(D)
     check_rows(BLOCK)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh, b, h = batch_head(H)
     PHI += bh * N * D
     rows = tile * BLOCK + tl.arange(0, BLOCK)
     valid = rows < N
     phi = load_rows(PHI, rows, D, valid, D)
-    scale = (1.0 - tl.load(ALPHA + bh % H)) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
+    scale = (1.0 - tl.load(ALPHA + h)) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
     store_rows(PHI, rows, D, valid, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), D)
 
 
@@ -73,9 +74,7 @@ def bwd_rows(
     check_head_dim(D)
     check_rows(BLOCK_M)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     offs_d = tl.arange(0, D)
     alpha = tl.load(ALPHA + h)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,8 +101,8 @@ def bwd_outer(
     query tiles (a split-K GEMM; the caller sums the n_splits partials)."""
     check_head_dim(D)
     check_rows(BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)
-    DO += (bh // H) * stride_dob + (bh % H) * stride_doh
+    bh, b, h = batch_head(H)
+    DO += b * stride_dob + h * stride_doh
     acc = split_outer_product(PSI + bh * N * D, DO, stride_don, n_tiles, n_splits, N, D, BLOCK_M)
     store_square(A_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, acc, D)
 
@@ -123,9 +122,7 @@ def bwd_dq_lin_kernel(
     check_rows(BLOCK_M)
     check_rows(BLOCK_N)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     V += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, D)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,9 +163,7 @@ def bwd_dq_kernel(
     check_rows(BLOCK_M)
     check_rows(BLOCK_N)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DQ += b * stride_dqb + h * stride_dqh
@@ -212,9 +207,7 @@ def bwd_dkdv_lin_kernel(
     check_rows(BLOCK_M)
     check_rows(BLOCK_N)
     kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     DO += b * stride_dob + h * stride_doh
     offs_d = tl.arange(0, D)
     key_rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -266,9 +259,7 @@ def bwd_dkdv_kernel(
     check_rows(BLOCK_M)
     check_rows(BLOCK_N)
     kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     DKV += b * stride_dkvb + h * stride_dkvh

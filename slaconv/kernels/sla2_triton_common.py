@@ -40,6 +40,13 @@ def check_rows(BLOCK: tl.constexpr):
 
 
 @triton.jit
+def batch_head(H):
+    """This program's bh = b * H + h (the second grid axis, as int64), b and h."""
+    bh = tl.program_id(1).to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
 def load_rows(ptr, rows, row_stride, valid, D: tl.constexpr):
     """A (len(rows), D) tile of a row-major tensor with unit column stride; invalid rows read as 0."""
     return tl.load(ptr + rows[:, None] * row_stride + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .sla2_triton_common import (
+    batch_head,
     check_head_dim,
     check_rows,
     load_rows,
@@ -123,8 +124,8 @@ def q_prepass(
     check_head_dim(D)
     check_rows(BLOCK_Q)
     qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    Q += (bh // H) * stride_qb + (bh % H) * stride_qh
+    bh, b, h = batch_head(H)
+    Q += b * stride_qb + h * stride_qh
     offs_d = tl.arange(0, D)
     rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     valid = rows < N
@@ -151,9 +152,7 @@ def k_feats(
     check_head_dim(D)
     check_rows(BLOCK_N)
     kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     offs_d = tl.arange(0, D)
     rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = rows < N
@@ -187,8 +186,8 @@ def kv_outer(
     sums the n_splits partials)."""
     check_head_dim(D)
     check_rows(BLOCK_N)
-    bh = tl.program_id(1).to(tl.int64)
-    V += (bh // H) * stride_vb + (bh % H) * stride_vh
+    bh, b, h = batch_head(H)
+    V += b * stride_vb + h * stride_vh
     acc = split_outer_product(NEG_PHI_K + bh * N * D, V, stride_vn, nk, n_splits, N, D, BLOCK_N)
     # the buffer holds -phi(K) (k_feats NEGATE_PHI): store the partial of +H
     store_square(H_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, -acc, D)
@@ -206,9 +205,7 @@ def kv_quant(
     check_head_dim(D)
     check_rows(BLOCK_N)
     kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     offs_d = tl.arange(0, D)
     rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = rows < N
@@ -243,8 +240,8 @@ def fwd_lin_kernel(
     check_head_dim(D)
     check_rows(BLOCK_N)
     qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    V += (bh // H) * stride_vb + (bh % H) * stride_vh
+    bh, b, h = batch_head(H)
+    V += b * stride_vb + h * stride_vh
     state = bh * nq + qb
     lut_row = LUT + state * n_sel
     # the buffer holds -phi(K) (k_feats NEGATE_PHI): starting from H_all the loop ends on H_all - H_sel
@@ -274,9 +271,7 @@ def fwd_sparse_kernel(
     check_rows(BLOCK_M)
     check_rows(BLOCK_N)
     tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(H)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
