@@ -1,35 +1,54 @@
 """SLA2 Triton attention vs torch SDPA (cuDNN and FlashAttention backends), same run, same card.
 
-    python benchmarks/bench_attention.py [--quick] [--out DIR]
+    python benchmarks/bench_attention.py [--quick] [--out DIR] [--config JSON] [--auto | --sweep | --profile]
 
 Prints one table (ms = triton.testing.do_bench median; speed-up vs each SDPA backend; dense-equivalent
 TFLOPS = 4*B*H*N^2*D / t, x2.5 for the backward; peak memory above the inputs) and writes JSON +
 markdown to --out (default $OUT or ./bench_out).  The whole SLA2 op is timed: router, LUT, quantisation
 pre-passes, kernels and mix.  Before timing it checks the kernel against the reference on a subset of
-query blocks at the realistic size.  Needs the package installed
-(``pip install -e .``).
+query blocks at the realistic size.  ``--config`` overrides fields of the kernels' launch settings
+(``slaconv.kernels.launch.LaunchConfig``), e.g. ``'{"lin_stages": 4}'``; ``--auto`` sweeps a few launch variants
+first and builds the table with the fastest.  Needs the package installed (``pip install -e .``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slaconv.kernels import reference
 from slaconv.kernels import sla2_triton as S
-import triton  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from slaconv.kernels import sla2_triton_backward, sla2_triton_forward
+from slaconv.kernels.launch import DEFAULT_LAUNCH, LaunchConfig
+from slaconv.kernels.spec import AttentionSpec
+
+
+def launch_config(overrides_json: str) -> LaunchConfig:
+    """The default launch settings with the fields a JSON object names replaced ('' = the defaults)."""
+    overrides = json.loads(overrides_json) if overrides_json else {}
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(f"unknown launch setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        return dataclasses.replace(DEFAULT_LAUNCH, **overrides)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def sla2(q, k, v, rq, rk, al, topk, quant="none", layout="bnhd", launch=None):
+    """The SLA2 op as the benchmark times it (128-query / 64-key blocks)."""
+    return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout=layout, launch=launch)
 
 
 def rel_l2(a, b):
@@ -59,14 +78,14 @@ def peak_mem(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def check_correctness(results, n=32760, h=12, d=128):
+def check_correctness(results, launch, n=32760, h=12, d=128):
     """Kernel vs reference at the realistic size on a subset of query blocks, every precision, both layouts."""
     for layout in ("bnhd", "bhnd"):
         q, k, v, rq, rk, al = make_inputs(1, h, n, d, seed=1, layout=layout)
         qb = torch.tensor([0, 37, 128, reference.block_count(n, 128) - 1], device="cuda")
         for quant in ("none", "int8", "int8-fp8"):
             for topk in (0.03, 0.1):
-                out = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout=layout)
+                out = sla2(q, k, v, rq, rk, al, topk, quant, layout, launch)
                 qh, kh, vh = ((t.transpose(1, 2) if layout == "bnhd" else t) for t in (q, k, v))
                 oh = out.transpose(1, 2) if layout == "bnhd" else out
                 rows = (qb.view(-1, 1) * 128 + torch.arange(128, device="cuda")).view(-1)
@@ -88,7 +107,7 @@ def check_correctness(results, n=32760, h=12, d=128):
         torch.cuda.empty_cache()
 
 
-def run_shape(results, b, h, n, d, topks, rep_small):
+def run_shape(results, b, h, n, d, topks, rep_small, launch):
     flops_fwd = 4.0 * b * h * n * n * d
     rep = rep_small if n < 50000 else max(rep_small, 400)
     q, k, v, rq, rk, al = make_inputs(b, h, n, d, seed=2, layout="bnhd")
@@ -129,13 +148,13 @@ def run_shape(results, b, h, n, d, topks, rep_small):
 
     for topk in topks:
         for quant in ("none", "int8", "int8-fp8"):
-            f = lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd")  # noqa: E731
+            f = lambda: sla2(q, k, v, rq, rk, al, topk, quant, launch=launch)  # noqa: E731
             ms = bench(f, rep)
             row(f"sla2 {quant} fwd top{topk}", ms, flops_fwd, peak_mem(f), speedups(ms, "fwd"))
         qg, kg, vg, ag = (t.detach().clone().requires_grad_(True) for t in (q, k, v, al))
 
         def fb():
-            o = S.sla2_attention_triton(qg, kg, vg, rq, rk, ag, topk=topk, quant="none", layout="bnhd")
+            o = sla2(qg, kg, vg, rq, rk, ag, topk, launch=launch)
             o.backward(go)
 
         f_ms = [r for r in rows if r["name"] == f"sla2 none fwd top{topk}"][-1]["ms"]
@@ -152,10 +171,10 @@ def run_shape(results, b, h, n, d, topks, rep_small):
 def kernel_resources():
     """Registers / spills of every compiled SLA2 kernel variant (Triton 3.6 device_caches layout)."""
     out = {}
-    from slaconv.kernels import sla2_triton_kernels as K
-
-    for name in ("_fwd_lin_kernel", "_fwd_sparse_kernel", "_bwd_dq_lin_kernel", "_bwd_dq_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dkdv_kernel", "_k_feats", "_kv_outer", "_kv_quant", "_q_prepass", "_topk_lut", "_bwd_rows", "_bwd_outer", "_phi_rows", "_phi_to_psi"):
-        fn = getattr(K, name)
+    jit_functions = {name: fn for module in (sla2_triton_forward, sla2_triton_backward)
+                     for name, fn in vars(module).items()
+                     if isinstance(fn, triton.runtime.jit.JITFunction) and not name.startswith("_")}
+    for name, fn in jit_functions.items():
         try:
             for cache in fn.device_caches.values():
                 for key, ck in cache[0].items():
@@ -172,14 +191,15 @@ def kernel_resources():
     return out
 
 
-def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
-    """Per-kernel GPU time breakdown (torch.profiler) and a launch-config sweep at one size."""
+def sweep(results, base, n=32760, h=12, d=128, topk=0.03, variants_on=True):
+    """Per-kernel GPU time breakdown (torch.profiler) and a sweep of launch variants of ``base`` at one size;
+    records the fastest combination as ``results["best_config"]``."""
     q, k, v, rq, rk, al = make_inputs(1, h, n, d, seed=3)
     go = torch.randn_like(q)
     qg, kg, vg, ag = (t.detach().clone().requires_grad_(True) for t in (q, k, v, al))
 
-    def fb(quant="none"):
-        o = S.sla2_attention_triton(qg, kg, vg, rq, rk, ag, topk=topk, quant=quant, layout="bnhd")
+    def fb(launch=base):
+        o = sla2(qg, kg, vg, rq, rk, ag, topk, launch=launch)
         o.backward(go)
 
     from torch.profiler import ProfilerActivity, profile
@@ -197,54 +217,50 @@ def sweep(results, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         results.setdefault("profile", {})[label] = tab
 
     for quant in ("none", "int8-fp8"):
-        prof_table(f"fwd-inference-{quant}", lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd"))
+        prof_table(f"fwd-inference-{quant}", lambda: sla2(q, k, v, rq, rk, al, topk, quant, launch=base))
     prof_table("fwd+bwd-none", fb)
-    base_cfg = dict(S.CONFIG)
     if not variants_on:
         res = kernel_resources()
         print("resources", json.dumps(res))
         results["resources"] = res
         return
-    # Screened offline first (benchmarks/kernel_report.py: registers, spills, programs per SM).
-    # Measured and dropped (benchmarks/KERNELS.md, "Session 4" and "Session 5"): 2 stages, 64-row tiles, TMA
-    # loads, the one-launch forward, the FP8 linear loop, two blocks per linear-loop step alone.
+    # Screened offline first (benchmarks/kernel_report.py: registers, spills, programs per SM).  The
+    # variants measured and dropped are listed in slaconv/kernels/README.md.
     variants = [
-        dict(),
-        dict(lin_state=False),  # the O_l round trip (the default until the 2026-11-27 sweep), same stages
-        dict(lin_stages=4),  # linear loop: 2 tile buffers, smaller shared-memory footprint
-        dict(num_stages=4),  # sparse loop: 4 K/V buffers (164 KB shared memory offline)
+        {},
+        {"lin_stages": 4},  # linear loops: 2 tile buffers, smaller shared-memory footprint
+        {"num_stages": 4},  # sparse loop: 4 K/V buffers (164 KB shared memory offline)
     ]
-    for var in variants:
-        S.CONFIG.clear()
-        S.CONFIG.update(base_cfg)
-        S.CONFIG.update(var)
-        rec = dict(var)
+    for changes in variants:
+        launch = dataclasses.replace(base, **changes)
+        rec = dict(changes)
         for quant in ("none", "int8-fp8"):
             try:
-                f = lambda: S.sla2_attention_triton(q, k, v, rq, rk, al, topk=topk, quant=quant, layout="bnhd")  # noqa: E731
+                f = lambda: sla2(q, k, v, rq, rk, al, topk, quant, launch=launch)  # noqa: E731
                 rec[f"fwd_{quant}"] = bench(f, 100)
             except Exception as e:  # noqa: BLE001
                 rec[f"fwd_{quant}"] = f"ERR {type(e).__name__}: {str(e)[:80]}"
         try:
-            rec["fwd+bwd"] = triton.testing.do_bench(fb, warmup=25, rep=200, grad_to_none=[qg, kg, vg, ag], return_mode="median")
+            rec["fwd+bwd"] = triton.testing.do_bench(lambda: fb(launch), warmup=25, rep=200,  # noqa: B023
+                                                     grad_to_none=[qg, kg, vg, ag], return_mode="median")
         except Exception as e:  # noqa: BLE001
             rec["fwd+bwd"] = f"ERR {type(e).__name__}: {str(e)[:80]}"
         print("sweep", json.dumps(rec))
         results.setdefault("sweep", []).append(rec)
+
     # best forward and best backward settings, combined
     def num(x):
         return x if isinstance(x, float) else float("inf")
 
     sw = results["sweep"]
-    bf = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
-    bb = min(sw, key=lambda r: num(r["fwd+bwd"]))
-    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "pair", "lin_warps", "lin_stages", "lin_state")
-    best = {k: bf.get(k, base_cfg[k]) for k in fwd_keys}
-    best.update({k: bb.get(k, base_cfg[k]) for k in ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_split")})
+    best_fwd = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
+    best_fb = min(sw, key=lambda r: num(r["fwd+bwd"]))
+    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "lin_warps", "lin_stages")
+    bwd_keys = ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd")
+    best = {k: best_fwd.get(k, getattr(base, k)) for k in fwd_keys}
+    best.update({k: best_fb.get(k, getattr(base, k)) for k in bwd_keys})
     results["best_config"] = best
     print("best", json.dumps(best))
-    S.CONFIG.clear()
-    S.CONFIG.update(base_cfg)
     res = kernel_resources()
     print("resources", json.dumps(res))
     results["resources"] = res
@@ -271,36 +287,35 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--rep", type=int, default=100)
-    ap.add_argument("--config", default="", help="JSON overrides of sla2_triton.CONFIG")
+    ap.add_argument("--config", default="", help="JSON overrides of the launch settings (slaconv.kernels.launch.LaunchConfig)")
     ap.add_argument("--sweep", action="store_true", help="profile + launch-config sweep at (1,12,32760,128), no table")
     ap.add_argument("--auto", action="store_true", help="sweep first, then the table with the best launch config")
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel profile + resources first, then the table")
     args = ap.parse_args()
-    if args.config:
-        S.CONFIG.update(json.loads(args.config))
+    launch = launch_config(args.config)
     card = torch.cuda.get_device_name()
     results = dict(
         card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), config=dict(S.CONFIG),
-        correctness=[], rows=[],
+        torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
+        config=dataclasses.asdict(launch), correctness=[], rows=[],
     )
     if args.auto:
-        sweep(results)
-        S.CONFIG.update(results["best_config"])
-        results["config"] = dict(S.CONFIG)
+        sweep(results, launch)
+        launch = dataclasses.replace(launch, **results["best_config"])
+        results["config"] = dataclasses.asdict(launch)
     elif args.profile:
-        sweep(results, variants_on=False)
+        sweep(results, launch, variants_on=False)
     elif args.sweep:
-        sweep(results)
+        sweep(results, launch)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(results, indent=1))
         return
     if not args.no_check:
-        check_correctness(results)
+        check_correctness(results, launch)
     shapes = [(1, 12, 32760, 128)] + ([] if args.quick else [(1, 40, 75600, 128)])
     for shp in shapes:
-        run_shape(results, *shp, topks=tuple(args.topk), rep_small=args.rep)
+        run_shape(results, *shp, topks=tuple(args.topk), rep_small=args.rep, launch=launch)
         print(fmt_table([r for r in results["rows"] if r["shape"] == f"({shp[0]},{shp[1]},{shp[2]},{shp[3]})"], card))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

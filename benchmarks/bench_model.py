@@ -11,6 +11,7 @@ markdown to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def build(model: str, layers: int | None):
     return net.to(torch.bfloat16).eval(), cfg
 
 
-def set_attention(net, mode: str, topk: float = 0.05, quant: str = "none"):
+def set_attention(net, mode: str, topk: float = 0.05, quant: str = "none", launch=None):
     from slaconv.families import get_family
     from slaconv.install import install_sla2, resolve_targets, sla2_processors
 
@@ -52,6 +53,8 @@ def set_attention(net, mode: str, topk: float = 0.05, quant: str = "none"):
         install_sla2(net, fam, resolve_targets(net, fam, [], []), topk=topk, block_q=128, block_k=64, quant=quant)
     for proc in sla2_processors(net).values():
         proc.topk, proc.quant = topk, quant
+        if launch is not None:  # the kernels' launch settings, passed on every call of this processor
+            proc.sparse_attention = functools.partial(type(proc).sparse_attention, proc, launch=launch)
 
 
 def timed(fn, reps: int = 3) -> float:
@@ -81,13 +84,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the repeated blocks (dense and SLA2 alike) to fuse the non-attention ops")
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--kernel-config", default="", help="JSON overrides of the SLA2 kernels' launch CONFIG")
+    ap.add_argument("--kernel-config", default="",
+                    help="JSON overrides of the SLA2 kernels' launch settings (slaconv.kernels.launch.LaunchConfig)")
     args = ap.parse_args()
 
-    if args.kernel_config:
-        from slaconv.kernels import sla2_triton
+    from bench_attention import launch_config
 
-        sla2_triton.CONFIG.update(json.loads(args.kernel_config))
+    launch = launch_config(args.kernel_config) if args.kernel_config else None
     net, cfg = build(args.model, args.layers)
     if args.compile:
         net.compile_repeated_blocks(fullgraph=True)
@@ -124,7 +127,7 @@ def main() -> None:
         measure("forward dense (cuDNN SDPA)", forward)
     for topk in args.topk:
         for quant in args.quant:
-            set_attention(net, "sla2", topk, quant)
+            set_attention(net, "sla2", topk, quant, launch)
             measure(f"forward SLA2 {1 - topk:.0%} {quant}", forward)
 
     if args.train:
@@ -140,7 +143,7 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             set_attention(net, "dense")
             measure("train step dense (cuDNN SDPA)", step, reps=2)
-        set_attention(net, "sla2", args.topk[-1], args.quant[-1])
+        set_attention(net, "sla2", args.topk[-1], args.quant[-1], launch)
         measure(f"train step SLA2 {1 - args.topk[-1]:.0%} {args.quant[-1]}", step, reps=2)
 
     base = rows[0]["ms"]

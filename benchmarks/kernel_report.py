@@ -18,25 +18,30 @@ environment, ``.venv-triton36``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+# Compiling for the GPU needs the kernels in compiled mode, which triton.jit fixes when a module is
+# imported; the launch settings the driver picks also depend on it.
+os.environ.pop("TRITON_INTERPRET", None)
 
-from bench_attention import S as sla2_triton  # noqa: E402  (imports the kernels, packaged or from the checkout)
-
+import torch  # noqa: E402
 import triton  # noqa: E402
+from bench_attention import launch_config  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_K = sla2_triton._K
+from slaconv.kernels import sla2_triton  # noqa: E402
+from slaconv.kernels import sla2_triton_backward, sla2_triton_forward  # noqa: E402
+from slaconv.kernels.launch import DEFAULT_LAUNCH  # noqa: E402
+from slaconv.kernels.spec import AttentionSpec  # noqa: E402
+
+KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward)
 _TORCH_TO_TRITON = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
@@ -53,52 +58,36 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((self.fn, grid, args, kwargs))
-            if self.fn.__name__ == "_topk_lut":  # later host code (the inverted index) reads the LUT
+            if self.fn.__name__ == "topk_lut":  # later host code (the inverted index) reads the LUT
                 scores, lut, nk, n_sel = args[:4]
                 lut.copy_(scores.view(-1, nk).topk(n_sel, dim=-1).indices.sort(dim=-1).values.view_as(lut))
 
         return launch
 
 
-def _compiled_mode_kernels():
-    """A fresh copy of the kernels module in compiled (not interpreted) mode: ``triton.jit`` decides at
-    decoration time, and a test session may have loaded the kernels under TRITON_INTERPRET=1."""
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("_sla2_kernels_compiled_copy", _K.__file__)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
-
-
-def record_launches(shape, topk, quant, backward, layout="bnhd", dtype=torch.bfloat16):
+def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_LAUNCH, dtype=torch.bfloat16):
     """Run the production driver on CPU tensors with every kernel replaced by a recorder."""
     B, H, N, D = shape
     launches = []
-    jit = _compiled_mode_kernels()
-    names = [n for n, obj in vars(jit).items() if isinstance(obj, triton.runtime.jit.JITFunction)]
-    saved = {n: getattr(_K, n) for n in names}
-    old_env = os.environ.pop("TRITON_INTERPRET", None)  # the driver picks launch configs by this
+    saved = [(module, name, obj) for module in KERNEL_MODULES for name, obj in vars(module).items()
+             if isinstance(obj, triton.runtime.jit.JITFunction) and not name.startswith("_")]
     try:
-        for n in names:
-            setattr(_K, n, _Recorder(getattr(jit, n), launches))
+        for module, name, fn in saved:
+            setattr(module, name, _Recorder(fn, launches))
         g = torch.Generator().manual_seed(0)
         dims = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
         q, k, v = (torch.randn(dims, generator=g).to(dtype) for _ in range(3))
         eye = torch.eye(D).expand(H, D, D).contiguous()
         alpha = torch.zeros(H)
-        out = sla2_triton._forward(q, k, v, eye, eye, alpha, topk, 128, 64, quant, layout, backward)
+        spec = AttentionSpec(topk, 128, 64, quant)
+        out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch)
         if backward:
-            o, lut, lse, rden, h_all, z_all = out
-            sla2_triton._backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, rden, h_all, z_all, 128, 64, layout)
+            o, lut, lse, inv_den, h_all, z_all = out
+            sla2_triton.backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, inv_den, h_all, z_all, 128, 64,
+                                 layout, launch)
     finally:
-        for n, fn in saved.items():
-            setattr(_K, n, fn)
-        if old_env is not None:
-            os.environ["TRITON_INTERPRET"] = old_env
+        for module, name, fn in saved:
+            setattr(module, name, fn)
     return launches
 
 
@@ -185,14 +174,14 @@ def main(argv=None):
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", help="write the report here")
-    ap.add_argument("--config", default="", help="JSON overrides of sla2_triton.CONFIG (tile sizes, warps, stages)")
+    ap.add_argument("--config", default="",
+                    help="JSON overrides of the launch settings (slaconv.kernels.launch.LaunchConfig)")
     a = ap.parse_args(argv)
     shape = tuple(int(x) for x in a.shape.split(","))
-    if a.config:
-        sla2_triton.CONFIG.update(json.loads(a.config))
+    launch = launch_config(a.config)
     rows = []
     print(f"triton {triton.__version__}, sm_{a.arch}, shape {shape}, topk {a.topk}, quant {a.quant}, {a.layout}")
-    for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout):
+    for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout, launch):
         const = {k: v for k, v in kwargs.items() if k.isupper()}
         info = analyse(compile_launch(fn, args, kwargs, a.arch))
         info |= {"kernel": fn.__name__, "grid": list(grid), "constexprs": const,

@@ -25,7 +25,8 @@ _spec = importlib.util.find_spec("triton")
 if _spec is None or not (Path(_spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
     pytest.skip("no Triton build with the NVIDIA tools", allow_module_level=True)
 
-REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "kernel_report.py"
 
 # The Triton of this environment, and Triton 3.6 (the GPU machines' version) where `make test TRITON36=1`
 # (what CI runs) built it a small environment: the kernels must compile with both.
@@ -37,6 +38,8 @@ PYTHONS = [pytest.param(sys.executable, id="this-triton"),
 
 def _report(tmp_path, python, *args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    # the Triton 3.6 environment holds torch and triton only: it imports slaconv from this checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     out = tmp_path / "report.json"
     cmd = [python, str(REPORT), "--shape", "1,2,1000,128", "--topk", "0.1", "--json", str(out), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -56,28 +59,28 @@ def test_triton36_environment_is_triton_3_6():
 def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, python, quant, layout):
     rows = _report(tmp_path, python, "--quant", quant, "--layout", layout, *(["--backward"] if quant == "none" else []))
     names = {r["kernel"] for r in rows}
-    assert {"_fwd_sparse_kernel", "_fwd_lin_kernel", "_k_feats", "_kv_outer", "_topk_lut"} <= names
+    assert {"fwd_sparse_kernel", "fwd_lin_kernel", "k_feats", "kv_outer", "topk_lut"} <= names
     if quant == "none":
-        assert {"_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_lin_kernel", "_bwd_dq_lin_kernel"} <= names
+        assert {"bwd_dq_kernel", "bwd_dkdv_kernel", "bwd_dkdv_lin_kernel", "bwd_dq_lin_kernel"} <= names
     else:
-        assert {"_kv_quant", "_q_prepass"} <= names
+        assert {"kv_quant", "q_prepass"} <= names
     for r in rows:
         assert r["scalar_16bit_loads"] == 0, (r["kernel"], r["loads"])
         assert r["registers"] is not None and r["registers"] <= 255, r
-        if r["kernel"] in ("_fwd_sparse_kernel", "_fwd_lin_kernel", "_bwd_dq_kernel"):
+        if r["kernel"] in ("fwd_sparse_kernel", "fwd_lin_kernel", "bwd_dq_kernel"):
             assert r["mma"], (r["kernel"], "no tensor-core instructions")
 
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_sweep_variants_compile_on_sm90(tmp_path, python):
-    """Every variant the GPU sweep will try (bench_attention.py) compiles for Hopper without spills, so a
-    device call is never spent finding a compile error; with the default state hand-off the linear launch
-    fits 2 programs per SM."""
-    for cfg in ({"lin_state": False, "num_stages": 4}, {"lin_stages": 4}):
+    """Every launch variant the GPU sweep tries (bench_attention.py --auto) compiles for Hopper without
+    spills, so no GPU time is spent finding a compile error; with the defaults the linear launch fits
+    2 programs per SM."""
+    for cfg in ({"num_stages": 4}, {"lin_stages": 4}):
         for quant in ("none", "int8-fp8"):
             rows = _report(tmp_path, python, "--quant", quant, "--config", json.dumps(cfg))
             for r in rows:
                 assert r["registers"] is not None and r["spill_instructions"] == 0, (cfg, r)
     rows = _report(tmp_path, python, "--quant", "none")
-    lin = next(r for r in rows if r["kernel"] == "_fwd_lin_kernel")
+    lin = next(r for r in rows if r["kernel"] == "fwd_lin_kernel")
     assert lin["ctas_per_sm"] >= 2, lin

@@ -6,6 +6,7 @@ anything imports Triton) on small shapes; with CUDA the same tests run on the GP
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -25,20 +26,27 @@ try:
 except ImportError:  # pragma: no cover
     pytest.skip("triton not installed", allow_module_level=True)
 
-from slaconv.kernels import sla2_triton_kernels as _K  # noqa: E402
+from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E402
+from slaconv.kernels import sla2_triton_common  # noqa: E402
+from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
 
 
 def _ensure_kernel_mode():
-    """If another test imported the kernels before TRITON_INTERPRET was set, re-create them."""
+    """If another test imported the kernels before TRITON_INTERPRET was set, re-create them (shared device
+    functions first: the kernels must call device functions of their own mode)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     want_interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if isinstance(_K._fwd_sparse_kernel, InterpretedFunction) != want_interp:
-        importlib.reload(_K)
+    if isinstance(forward_kernels.fwd_sparse_kernel, InterpretedFunction) != want_interp:
+        for module in (sla2_triton_common, forward_kernels, backward_kernels):
+            importlib.reload(module)
 
 
 _ensure_kernel_mode()
 from slaconv.kernels import sla2_triton as S  # noqa: E402
+from slaconv.kernels.launch import DEFAULT_LAUNCH, LaunchConfig  # noqa: E402
+from slaconv.kernels.ops import sla2_attention  # noqa: E402
+from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -76,8 +84,13 @@ def _to_bhnd(x, layout):
     return x.transpose(1, 2) if layout == "bnhd" else x
 
 
-def _run_kernel(q, k, v, rq, rk, al, layout, **kw):
-    return S.sla2_attention_triton(q, k, v, rq, rk, al, layout=layout, **kw)
+def _run_kernel(q, k, v, rq, rk, al, layout, launch=None, **spec):
+    return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(**spec), layout=layout, launch=launch)
+
+
+def _forward_outputs(q, k, v, rq, rk, al, topk, block_q, block_k, quant, layout):
+    """The forward op's outputs (O, LUT, LSE, 1/den, H_all, z_all) with the default launch settings."""
+    return S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, block_k, quant, layout, True, DEFAULT_LAUNCH.as_ints())
 
 
 def _run_reference(q, k, v, rq, rk, al, layout, **kw):
@@ -112,11 +125,11 @@ def test_forward_backward_matches_reference(case):
     _check_forward_and_gradients(inputs, layout, dict(topk=topk, block_q=bq, block_k=bk, quant="none"), grad_seed=1)
 
 
-def _check_forward_and_gradients(inputs, layout, kw, grad_seed):
+def _check_forward_and_gradients(inputs, layout, kw, grad_seed, launch=None):
     """Kernel vs fp32 reference: the output, then the gradients of q, k, v and the alpha logit."""
     q, k, v, rq, rk, al = inputs
     qk, kk, vk, ak = _leaf(q, k, v, al)
-    out = _run_kernel(qk, kk, vk, rq, rk, ak, layout, **kw)
+    out = _run_kernel(qk, kk, vk, rq, rk, ak, layout, launch=launch, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     qr, kr, vr, ar = _leaf(q, k, v, al, dtype=torch.float32)
@@ -135,9 +148,9 @@ def _check_forward_and_gradients(inputs, layout, kw, grad_seed):
 def test_all_blocks_selected_linear_branch_is_zero():
     b, h, n = SIZES[0]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=3)
-    o, lut, _, rden, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 1.0, 64, 64, "none", "bhnd")
+    o, lut, _, inv_den, *_ = _forward_outputs(q, k, v, rq, rk, al, 1.0, 64, 64, "none", "bhnd")
     assert lut.shape[-1] == -(-n // 64)
-    assert rden.abs().max().item() == 0.0
+    assert inv_den.abs().max().item() == 0.0
     # nothing left for the linear branch: O = alpha * full softmax attention
     qd, kd, vd = q.double(), k.double(), v.double()
     full = torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(64), dim=-1) @ vd
@@ -148,7 +161,7 @@ def test_all_blocks_selected_linear_branch_is_zero():
 def test_router_lut_matches_reference_router():
     b, h, n = SIZES[1]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=5)
-    _, lut, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.3, 128, 64, "none", "bhnd")
+    _, lut, *_ = _forward_outputs(q, k, v, rq, rk, al, 0.3, 128, 64, "none", "bhnd")
     scores = reference.router_scores(q, k, rq, rk, 128, 64)
     n_sel = reference.topk_count(0.3, reference.block_count(n, 64))
     want = reference.mask_to_lut(reference.hard_topk_mask(scores, n_sel))
@@ -167,7 +180,7 @@ def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
     rows[5] = torch.round(rows[5] * 2) / 2  # many exact ties
     scores = rows.to(DEVICE).contiguous()
     lut = torch.empty(6, n_sel, dtype=torch.int32, device=DEVICE)
-    _K._topk_lut[(6,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk))
+    forward_kernels.topk_lut[(6,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk))
     lut = lut.cpu()
     for r in range(6):
         got = lut[r].tolist()
@@ -186,8 +199,8 @@ def test_forward_under_bf16_autocast():
     b, h, n = SIZES[0]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=31)
     with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
-        out = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=0.3, layout="bnhd")
-    want = S.sla2_attention_triton(q, k, v, rq, rk, al, topk=0.3, layout="bnhd")
+        out = _run_kernel(q, k, v, rq, rk, al, "bnhd", topk=0.3)
+    want = _run_kernel(q, k, v, rq, rk, al, "bnhd", topk=0.3)
     assert torch.equal(out, want)
 
 
@@ -209,47 +222,27 @@ def test_forward_backward_never_sync_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _topk_with_odd_selection(n: int, block_k: int = 64) -> float:
-    """A top-k fraction (near one half) that selects an odd number of key blocks at sequence length n, so a
-    two-blocks-per-step loop over the LUT row ends on a half-used step."""
-    n_blocks = reference.block_count(n, block_k)
-    kept = n_blocks // 2 | 1
-    assert reference.topk_count(kept / n_blocks, n_blocks) == kept
-    return kept / n_blocks
-
-
-def test_two_key_blocks_per_step_match_the_reference(monkeypatch):
-    """PAIR = 2 (128-key tiles from two LUT entries, in the sparse and the linear loops) over an odd number
-    of selected blocks, whose last step must use its first half only: forward and every gradient."""
-    monkeypatch.setitem(S.CONFIG, "pair", 2)
+@pytest.mark.parametrize("changes,block_q", [({"tile_m_fwd": 64}, 128), ({"tile_m_bwd": 128}, 128)])
+def test_launch_settings_change_the_tiling_not_the_result(changes, block_q):
+    """A LaunchConfig passed to the op reaches its launches: 64-row forward tiles inside 128-query routing
+    blocks (two programs per block share its linear state), or 128-row backward tiles; forward and every
+    gradient still match the reference."""
     b, h, n = SIZES[1]
     inputs = _inputs(b, h, n, 64, "bnhd", seed=53)
-    topk = _topk_with_odd_selection(n)
-    _check_forward_and_gradients(inputs, "bnhd", dict(topk=topk, block_q=128, block_k=64, quant="none"), grad_seed=3)
+    launch = dataclasses.replace(DEFAULT_LAUNCH, **changes)
+    kw = dict(topk=0.3, block_q=block_q, block_k=64, quant="none")
+    _check_forward_and_gradients(inputs, "bnhd", kw, grad_seed=3, launch=launch)
 
 
-@pytest.mark.parametrize("layout,bq,d", [("bnhd", 128, 64), ("bhnd", 64, 128)])
-def test_linear_output_round_trip_variant_matches_the_reference(layout, bq, d, monkeypatch):
-    """CONFIG["lin_state"] = False: the linear launch writes O_l and 1/den itself and the sparse launch mixes
-    (the default hands the D x D state to the sparse epilogue instead); forward and every gradient."""
-    monkeypatch.setitem(S.CONFIG, "lin_state", False)
-    b, h, n = SIZES[1]
-    inputs = _inputs(b, h, n, d, layout, seed=61)
-    _check_forward_and_gradients(inputs, layout, dict(topk=0.3, block_q=bq, block_k=64, quant="none"), grad_seed=4)
-
-
-@pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
-def test_linear_state_handoff_in_the_lowbit_forwards(quant, monkeypatch):
-    """The low-bit sparse loops hold INT8 Q: the state epilogue reloads the 16-bit Q for phi(Q); same output
-    as the O_l round trip up to summation order."""
-    b, h, n = SIZES[1]
-    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", seed=67)
-    kw = dict(topk=0.3, block_q=128, block_k=64, quant=quant)
-    monkeypatch.setitem(S.CONFIG, "lin_state", False)
-    plain = _run_kernel(q, k, v, rq, rk, al, "bnhd", **kw)
-    monkeypatch.setitem(S.CONFIG, "lin_state", True)
-    out = _run_kernel(q, k, v, rq, rk, al, "bnhd", **kw)
-    assert rel_l2(out, plain) <= TOL, rel_l2(out, plain)
+def test_launch_config_is_checked_and_round_trips_through_the_op_arguments():
+    launch = dataclasses.replace(DEFAULT_LAUNCH, lin_stages=4, tile_m_fwd=64)
+    assert LaunchConfig.from_ints(launch.as_ints()) == launch
+    with pytest.raises(ValueError, match="tile_m_fwd"):
+        dataclasses.replace(DEFAULT_LAUNCH, tile_m_fwd=96)
+    with pytest.raises(ValueError, match="num_warps"):
+        dataclasses.replace(DEFAULT_LAUNCH, num_warps=3)
+    with pytest.raises(TypeError):
+        dataclasses.replace(DEFAULT_LAUNCH, lin_state=False)  # a removed variant is an unknown field
 
 
 def test_inverted_index():
@@ -290,7 +283,7 @@ def _dense_fp64(q, k, v, mask_tok, alpha_logit):
 def test_forward_against_dense_fp64(topk, bq):
     b, h, n = SIZES[1]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=11)
-    out, lut, *_ = S.sla2_fwd(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd")
+    out, lut, *_ = _forward_outputs(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd")
     nk = reference.block_count(n, 64)
     blk = torch.zeros(b, h, lut.shape[2], nk, dtype=torch.bool, device=lut.device)
     blk.scatter_(-1, lut.long(), True)
@@ -343,8 +336,8 @@ def test_lowbit_lse_is_valid_for_bf16_backward():
     b, h, n = SIZES[0]
     d = 64
     q, k, v, rq, rk, al = _inputs(b, h, n, d, "bhnd", seed=23)
-    _, lut, lse, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.5, 64, 64, "int8-fp8", "bhnd")
-    _, _, lse_ref, *_ = S.sla2_fwd(q, k, v, rq, rk, al, 0.5, 64, 64, "none", "bhnd")
+    _, lut, lse, *_ = _forward_outputs(q, k, v, rq, rk, al, 0.5, 64, 64, "int8-fp8", "bhnd")
+    _, _, lse_ref, *_ = _forward_outputs(q, k, v, rq, rk, al, 0.5, 64, 64, "none", "bhnd")
     # int8 logits move the LSE by a few thousandths of a log2 unit, not by q . mean(K)
     assert (lse - lse_ref).abs().max().item() < 0.1
 
@@ -372,12 +365,16 @@ def test_bad_head_dim_and_args():
     q = torch.randn(1, 2, 100, 96, device=DEVICE, dtype=DTYPE)
     rq = torch.eye(96).repeat(2, 1, 1).to(DEVICE)
     with pytest.raises(ValueError, match="head dim"):
-        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2, device=DEVICE), topk=0.1, layout="bhnd")
+        _run_kernel(q, q, q, rq, rq, torch.zeros(2, device=DEVICE), "bhnd", topk=0.1)
     q = torch.randn(1, 2, 100, 64, device=DEVICE, dtype=DTYPE)
     with pytest.raises(ValueError, match="quant"):
-        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2), topk=0.1, quant="fp4", layout="bhnd")
+        _run_kernel(q, q, q, rq, rq, torch.zeros(2), "bhnd", topk=0.1, quant="fp4")
+    with pytest.raises(ValueError, match="block sizes"):
+        _run_kernel(q, q, q, rq, rq, torch.zeros(2), "bhnd", topk=0.1, block_k=32)
     with pytest.raises(ValueError, match="layout"):
-        S.sla2_attention_triton(q, q, q, rq, rq, torch.zeros(2), topk=0.1, layout="nhd")
+        _run_kernel(q, q, q, rq, rq, torch.zeros(2), "nhd", topk=0.1)
+    with pytest.raises(ValueError, match="quant must be one of \\('none', 'int8', 'int8-fp8'\\)"):
+        sla2_attention(q, q, q, rq, rq, torch.zeros(2), topk=0.1, quant="fp4", layout="bhnd")
 
 
 def test_strided_views_of_fused_qkv():
@@ -394,7 +391,9 @@ def test_strided_views_of_fused_qkv():
     assert rel_l2(out, ref) <= TOL
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+@pytest.mark.parametrize("launch", [None, dataclasses.replace(DEFAULT_LAUNCH, tile_m_fwd=64, lin_stages=4)],
+                         ids=["default-launch", "explicit-launch"])
+def test_torch_compile_fullgraph_no_graph_break(launch):
     b, h, n = SIZES[0]
     d = 64
     q, k, v, rq, rk, al = _inputs(b, h, n, d, "bnhd", seed=37)
@@ -405,7 +404,8 @@ def test_torch_compile_fullgraph_no_graph_break():
             self.alpha_logit = torch.nn.Parameter(al.clone())
 
         def forward(self, q, k, v):
-            return S.sla2_attention_triton(q, k, v, rq, rk, self.alpha_logit, topk=0.3, layout="bnhd") * 2.0
+            return sla2_attention(q, k, v, rq, rk, self.alpha_logit, topk=0.3, layout="bnhd", backend="triton",
+                                  launch=launch) * 2.0
 
     torch._dynamo.reset()
     mod = Attn()
@@ -424,8 +424,9 @@ def test_torch_compile_fullgraph_no_graph_break():
 def test_no_recompile_when_n_or_topk_changes():
     def n_variants():
         total = 0
-        for fn in (_K._fwd_lin_kernel, _K._fwd_sparse_kernel, _K._bwd_dq_kernel, _K._bwd_dq_lin_kernel,
-                   _K._bwd_dkdv_kernel, _K._bwd_dkdv_lin_kernel):
+        for fn in (forward_kernels.fwd_lin_kernel, forward_kernels.fwd_sparse_kernel, backward_kernels.bwd_dq_kernel,
+                   backward_kernels.bwd_dq_lin_kernel, backward_kernels.bwd_dkdv_kernel,
+                   backward_kernels.bwd_dkdv_lin_kernel):
             for cache in fn.device_caches.values():
                 total += len(cache[0])
         return total

@@ -10,10 +10,10 @@ import warnings
 
 import torch
 
+from ..config import KERNEL_HEAD_DIMS
 from . import reference
-
-LAYOUTS = ("bnhd", "bhnd")
-SUPPORTED_HEAD_DIMS = (64, 128)
+from .launch import LaunchConfig
+from .spec import AttentionSpec, check_layout
 
 
 def _kernel_backend():
@@ -37,7 +37,7 @@ _warned_head_dims: set[int] = set()
 def _warn_reference_on_gpu(head_dim: int) -> None:
     if head_dim not in _warned_head_dims:
         _warned_head_dims.add(head_dim)
-        warnings.warn(f"SLA2: head dim {head_dim} is not one the Triton kernels take {SUPPORTED_HEAD_DIMS}; "
+        warnings.warn(f"SLA2: head dim {head_dim} is not one the Triton kernels take {KERNEL_HEAD_DIMS}; "
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
@@ -53,7 +53,7 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
     kernel_ok = (
         _kernel_backend() is not None
         and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-        and q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and q.shape[-1] in KERNEL_HEAD_DIMS
         and not soft
         and not partial
     )
@@ -61,7 +61,7 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
-    if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
     return "triton" if kernel_ok and q.is_cuda else "reference"
 
@@ -82,25 +82,29 @@ def sla2_attention(
     soft_tau: float | None = None,
     q_blocks: torch.Tensor | None = None,
     backend: str = "auto",
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """SLA2 attention (DESIGN.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
-    ``soft_tau`` switches to SoftTop-k (stage-1 calibration) and ``q_blocks`` computes only the
-    given query blocks; both run on the reference path.
+    ``router_q``, ``router_k`` (H, D, D) and ``alpha_logit`` (H,) are the layer's learned parameters;
+    ``topk``, ``block_q``, ``block_k`` and ``quant`` are the fields of :class:`AttentionSpec` (documented
+    and checked there).  ``soft_tau`` switches to SoftTop-k (stage-1 calibration) and ``q_blocks``
+    computes only the given query blocks; both run on the reference path.  ``launch`` sets the Triton
+    launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
+    defaults if None); the reference ignores it.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    spec = AttentionSpec(topk, block_q, block_k, quant)
+    check_layout(layout)
     chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
-            q, k, v, router_q, router_k, alpha_logit,
-            topk=topk, block_q=block_q, block_k=block_k, quant=quant, layout=layout,
+            q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
         )
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = reference.sla2_attention_reference(
-        q, k, v, router_q, router_k, alpha_logit,
-        topk=topk, block_q=block_q, block_k=block_k, quant=quant, soft_tau=soft_tau, q_blocks=q_blocks,
+        q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
+        quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

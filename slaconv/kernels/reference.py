@@ -21,14 +21,14 @@ import math
 
 import torch
 
+from ..config import QUANT_MODES
+
 LOG2E = 1.4426950408889634
 FP8_E4M3_MAX = 448.0
 INT8_MAX = 127.0
-QUANT_MODES = ("none", "int8", "int8-fp8")
 LINEAR_EPS = 1e-6
 
 __all__ = [
-    "QUANT_MODES",
     "block_count",
     "block_mean",
     "topk_count",
@@ -180,10 +180,11 @@ def sla2_attention_reference(
 ) -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
+    ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
+    :class:`slaconv.kernels.spec.AttentionSpec`; here the low-bit modes are emulated by straight-through
+    fake quantisation of the sparse branch, and any block size works.
+
     Args:
-        topk: fraction of key blocks each query block attends to exactly (the rest go linear).
-        quant: ``none`` | ``int8`` (INT8 Q/K) | ``int8-fp8`` (INT8 Q/K, FP8 P/V), emulated by
-            straight-through fake quantisation of the sparse branch.
         soft_tau: if set, use SoftTop-k with this temperature instead of the hard mask (stage 1).
         q_blocks: optional 1-D tensor of query-block ids; only those rows are computed and the
             result is (B, H, len(q_blocks) * block_q clipped to N, D) in that order.  Used by

@@ -1,0 +1,71 @@
+"""Launch settings of the SLA2 Triton kernels: tile sizes, warps and pipeline stages.
+
+Per-GPU tuning, never numerics: any :class:`LaunchConfig` computes the same attention.  It is passed
+explicitly (``launch=`` of :func:`slaconv.kernels.ops.sla2_attention` and of
+:func:`slaconv.kernels.sla2_triton.sla2_attention_triton`); there is no global state to rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["LaunchConfig", "DEFAULT_LAUNCH"]
+
+_TILE_ROWS = (64, 128)
+_WARPS = (1, 2, 4, 8, 16)
+_STAGES = tuple(range(1, 9))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes, warps and pipeline stages of the Triton launches: per-GPU tuning, not numerics.
+
+    The defaults are the fastest measured on H100 and H200 at Wan2.1 shapes (the README beside this file
+    lists the measurements; ``benchmarks/bench_attention.py --auto`` re-runs the sweep).  Build variants with
+    ``dataclasses.replace(DEFAULT_LAUNCH, ...)``.
+    """
+
+    tile_m_fwd: int = 128
+    """Query rows per program of the sparse forward launch (capped at block_q); 64 was 23% slower."""
+    num_warps: int = 8
+    """Warps of the sparse forward launch."""
+    num_stages: int = 3
+    """Pipeline stages of the sparse forward loop: 2 was 6% slower, 4 no faster."""
+    lin_warps: int = 8
+    """Warps of the linear launches (forward, dQ-linear, dK/dV-linear): their D x D fp32 accumulator
+    spilled at 4."""
+    lin_stages: int = 5
+    """Stages of the linear loops: 5 gives three tile buffers (the LUT load takes a stage); 4 gives two,
+    2% slower forward and 5% slower forward + backward."""
+    tile_m_bwd: int = 64
+    """Query rows per program of the backward and per inverted-index entry (capped at block_q)."""
+    num_warps_bwd: int = 4
+    """Warps of the sparse dQ and dK / dV launches."""
+    num_stages_bwd: int = 2
+    """Stages of the sparse dQ and dK / dV loops: 2 fits two programs per SM (forward + backward 9%
+    faster than at 3)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("tile_m"):
+                allowed = _TILE_ROWS
+            elif "warps" in f.name:
+                allowed = _WARPS
+            else:
+                allowed = _STAGES
+            if isinstance(value, bool) or value not in allowed:
+                raise ValueError(f"LaunchConfig.{f.name} must be one of {tuple(allowed)}, got {value!r}")
+
+    def as_ints(self) -> list[int]:
+        """The fields in order, as the custom ops take them; :meth:`from_ints` reads them back."""
+        return [getattr(self, name) for name in _LAUNCH_FIELDS]
+
+    @classmethod
+    def from_ints(cls, values) -> "LaunchConfig":
+        return cls(*(int(v) for v in values))
+
+
+_LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchConfig))
+DEFAULT_LAUNCH = LaunchConfig()

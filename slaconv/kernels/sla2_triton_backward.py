@@ -1,0 +1,298 @@
+"""Triton kernels of the SLA2 backward: 16-bit math on the original Q, K, V (straight-through for the
+low-bit forwards), from O, the LSE and 1/den saved by the forward.
+
+Conventions and shared device functions: ``sla2_triton_common.py``; launched by ``sla2_triton.backward``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sla2_triton_common import (
+    batch_head,
+    check_head_dim,
+    check_rows,
+    load_rows,
+    load_square,
+    phi,
+    selected_key_rows,
+    split_outer_product,
+    store_rows,
+    store_square,
+    sum_selected_blocks,
+)
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def phi_rows(
+    X, PHI, stride_xb, stride_xh, stride_xn, N, H,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """phi(X) = softmax over the head dim of one tile of rows, stored (B*H, N, D) in X's dtype."""
+    check_head_dim(D)
+    check_rows(BLOCK)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    rows = tile * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < N
+    x = load_rows(X + b * stride_xb + h * stride_xh, rows, stride_xn, valid, D)
+    store_rows(PHI + bh * N * D, rows, D, valid, phi(x.to(tl.float32)).to(x.dtype), D)
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def phi_to_psi(
+    PHI, INV_DEN, ALPHA, N, H,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """In place: phi(Q) -> psi = (1 - alpha) phi(Q) / den, the row scaling of the linear branch's gradient
+    g = (1 - alpha) dO / den moved onto phi(Q), so the backward's D x D reductions (A = sum psi^T dO) are
+    plain load + MMA loops on two 16-bit tiles."""
+    check_head_dim(D)
+    check_rows(BLOCK)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    PHI += bh * N * D
+    rows = tile * BLOCK + tl.arange(0, BLOCK)
+    valid = rows < N
+    phi = load_rows(PHI, rows, D, valid, D)
+    scale = (1.0 - tl.load(ALPHA + h)) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
+    store_rows(PHI, rows, D, valid, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_tiles"])
+def bwd_rows(
+    PHI_Q, DO, O, W, INV_DEN, ALPHA, DELTA, B_PARTIAL, DALPHA_PARTIAL,
+    stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, N, H, n_tiles,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Per row of one query tile (one program each, no loop), from the output O (not O_s: O is kept by the
+    next layer anyway) and w = rowsum(dO * O_l) from the dQ-linear launch, with u = (1 - alpha) w and
+    c = -u / den: delta = alpha rowsum(dO * O_s) = rowsum(dO * O) - u.  Per-tile partials (summed by the
+    caller, deterministic): b = sum c phi(q) and the alpha-logit gradient
+    alpha (1 - alpha) sum dO (O_s - O_l) = sum (1 - alpha) rowsum(dO * O) - u."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    offs_d = tl.arange(0, D)
+    alpha = tl.load(ALPHA + h)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = rows < N
+    per_row = bh * N + rows
+    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D).to(tl.float32)
+    o = load_rows(O + b * stride_ob + h * stride_oh, rows, stride_on, valid, D).to(tl.float32)
+    do_dot_o = tl.sum(do * o, axis=1)
+    u = (1.0 - alpha) * tl.load(W + per_row, mask=valid, other=0.0)
+    c = -u * tl.load(INV_DEN + per_row, mask=valid, other=0.0)
+    tl.store(DELTA + per_row, do_dot_o - u, mask=valid)
+    tl.store(DALPHA_PARTIAL + bh * n_tiles + tile, tl.sum((1.0 - alpha) * do_dot_o - u, axis=0))
+    phi_q = load_rows(PHI_Q + bh * N * D, rows, D, valid, D).to(tl.float32)
+    tl.store(B_PARTIAL + (bh * n_tiles + tile) * D + offs_d, tl.sum(c[:, None] * phi_q, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_tiles", "n_splits"])
+def bwd_outer(
+    PSI, DO, A_PARTIAL,
+    stride_dob, stride_doh, stride_don, N, H, n_tiles, n_splits,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Partial A_all = sum phi(Q)^T g = sum psi^T dO (g = (1 - alpha) dO / den) over one contiguous run of
+    query tiles (a split-K GEMM; the caller sums the n_splits partials)."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    bh, b, h = batch_head(H)
+    DO += b * stride_dob + h * stride_doh
+    acc = split_outer_product(PSI + bh * N * D, DO, stride_don, n_tiles, n_splits, N, D, BLOCK_M)
+    store_square(A_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, acc, D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
+def bwd_dq_lin_kernel(
+    V, DO, DQ, Z_BLOCK, LUT, W, INV_DEN, H_ALL, Z_ALL, ALPHA, PHI_Q, PHI_K,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    N, H, n_sel, nq, nk, block_q,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Linear part of dQ (writes DQ): dphi(q) = g H_rest^T + c z_rest, through phi's softmax Jacobian;
+    g = (1 - alpha) dO / den.  O_l is not saved by the forward: its numerator phi(Q) H_rest is recomputed
+    here (one MMA) to give w = rowsum(dO * O_l), written for the later launches (u = (1 - alpha) w,
+    c = -u / den)."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    check_rows(BLOCK_N)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    V += b * stride_vb + h * stride_vh
+    offs_d = tl.arange(0, D)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = rows < N
+    per_row = bh * N + rows
+    lut_row = LUT + (bh * nq + (tile * BLOCK_M) // block_q) * n_sel
+    h_sel, z_sel = sum_selected_blocks(tl.zeros((D, D), dtype=tl.float32), PHI_K + bh * N * D, V,
+                                        Z_BLOCK + bh * nk * D, lut_row, n_sel, N, stride_vn, D, BLOCK_N)
+    h_rest = (load_square(H_ALL + bh * D * D, D) - h_sel).to(DO.dtype.element_ty)
+    z_rest = tl.load(Z_ALL + bh * D + offs_d) - z_sel
+    alpha = tl.load(ALPHA + h)
+    inv_den = tl.load(INV_DEN + per_row, mask=valid, other=0.0)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D)
+    phi_q = load_rows(PHI_Q + bh * N * D, rows, D, valid, D)
+    # w = rowsum(dO * O_l), from the forward's numerator phi(Q) H_rest (same operands)
+    numerator = tl.dot(phi_q, h_rest)
+    w = inv_den * tl.sum(do.to(tl.float32) * numerator, axis=1)
+    c = -(1.0 - alpha) * inv_den * w
+    tl.store(W + per_row, w, mask=valid)
+    # dphi(Q) = g H_rest^T + c z_rest, then through phi's Jacobian
+    g = (do.to(tl.float32) * ((1.0 - alpha) * inv_den)[:, None]).to(do.dtype)
+    dphi = tl.dot(g, tl.trans(h_rest)) + c[:, None] * z_rest[None, :]
+    phi_q32 = phi_q.to(tl.float32)
+    dq = phi_q32 * (dphi - tl.sum(phi_q32 * dphi, axis=1)[:, None])
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dqn, valid, dq, D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"])
+def bwd_dq_kernel(
+    Q, K, V, DO, DQ, LUT, LSE, DELTA, ALPHA,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sparse part of dQ over the LUT row, added to the linear part already in DQ."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    check_rows(BLOCK_N)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DQ += b * stride_dqb + h * stride_dqh
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < N
+    per_row = bh * N + rows
+    alpha = tl.load(ALPHA + h)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, row_valid, D)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
+    lse = tl.load(LSE + per_row, mask=row_valid, other=0.0)
+    delta = tl.load(DELTA + per_row, mask=row_valid, other=0.0)
+    do_s = (do.to(tl.float32) * alpha).to(do.dtype)  # the sparse branch's share of dO
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lut_row = LUT + (bh * nq + (tile * BLOCK_M) // block_q) * n_sel
+    for step in range(0, n_sel):
+        cols, col_valid, _ = selected_key_rows(lut_row, step, N, BLOCK_N)
+        k = load_rows(K, cols, stride_kn, col_valid, D)
+        v = load_rows(V, cols, stride_vn, col_valid, D)
+        # P from the saved LSE; dS = P (dP - delta); dQ += dS K
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do_s, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    dq = dq * sm_scale + load_rows(DQ, rows, stride_dqn, row_valid, D).to(tl.float32)
+    store_rows(DQ, rows, stride_dqn, row_valid, dq, D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk"])
+def bwd_dkdv_lin_kernel(
+    V, DO, DK, DV, TILE_OFFSETS, TILE_IDS, W, A_ALL, B_ALL, PSI, PHI_K,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, N, H, nk,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Linear part of dK, dV for one key block (writes DK, DV): over the query tiles that selected it,
+    A_sel = sum phi(Q)^T g = sum psi^T dO and b_sel = sum c phi(Q) = -sum w psi (both on the tensor
+    cores: the loop only loads two 16-bit tiles and a row vector); with A_rest = A_all - A_sel and
+    b_rest = b_all - b_sel: dV = phi(K) A_rest, dphi(K) = V A_rest^T + b_rest, through phi's Jacobian."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    check_rows(BLOCK_N)
+    kb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    DO += b * stride_dob + h * stride_doh
+    offs_d = tl.arange(0, D)
+    key_rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = key_rows < N
+    tile_rows = tl.arange(0, BLOCK_M)
+    w_column = tl.arange(0, 16)  # the smallest MMA width: column 0 carries -w, the rest are zero
+    a_sel = tl.zeros((D, D), dtype=tl.float32)
+    b_sel = tl.zeros((D, 16), dtype=tl.float32)
+    first = tl.load(TILE_OFFSETS + bh * nk + kb)
+    last = tl.load(TILE_OFFSETS + bh * nk + kb + 1)
+    for entry in range(first, last):
+        rows = tl.load(TILE_IDS + entry) * BLOCK_M + tile_rows
+        valid = rows < N
+        # PSI and W share one row index: a separate base pointer for each costs registers (one program
+        # fewer per SM at D = 64)
+        per_row = bh * N + rows
+        do = load_rows(DO, rows, stride_don, valid, D)
+        psi = load_rows(PSI, per_row, D, valid, D)
+        w = tl.load(W + per_row, mask=valid, other=0.0)
+        # A_sel += psi^T dO; b_sel += psi^T (-w) as a 16-wide MMA
+        a_sel = tl.dot(tl.trans(psi), do, a_sel)
+        minus_w = tl.where(w_column[None, :] == 0, -w[:, None], 0.0).to(psi.dtype)
+        b_sel = tl.dot(tl.trans(psi), minus_w, b_sel)
+    a_rest = load_square(A_ALL + bh * D * D, D) - a_sel
+    b_rest = tl.load(B_ALL + bh * D + offs_d) - tl.sum(b_sel, axis=1)
+    phi_k = load_rows(PHI_K + bh * N * D, key_rows, D, key_valid, D)
+    v = load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
+    a_rest16 = a_rest.to(v.dtype)  # 16-bit operands: dK, dV are 16-bit; fp32 operands spilled here
+    dv = tl.dot(phi_k, a_rest16)
+    store_rows(DV + b * stride_dvb + h * stride_dvh, key_rows, stride_dvn, key_valid, dv, D)
+    dphi = tl.dot(v, tl.trans(a_rest16)) + b_rest[None, :]
+    phi_k32 = phi_k.to(tl.float32)
+    dk = phi_k32 * (dphi - tl.sum(phi_k32 * dphi, axis=1)[:, None])
+    store_rows(DK + b * stride_dkb + h * stride_dkh, key_rows, stride_dkn, key_valid, dk, D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk", "qk_scale", "sm_scale"])
+def bwd_dkdv_kernel(
+    Q, K, V, DO, DKV, TILE_OFFSETS, TILE_IDS, LSE, DELTA, ALPHA,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dkvb, stride_dkvh, stride_dkvn,
+    N, H, nk, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRAD_K: tl.constexpr,
+):
+    """Sparse part of dK (GRAD_K) or dV for one key block over the query tiles that selected it (inverted
+    index TILE_OFFSETS / TILE_IDS), added to the linear part already in DKV.  dK and dV are two launches
+    with one fp32 accumulator each: both in one launch does not fit the register file."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    check_rows(BLOCK_N)
+    kb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    DKV += b * stride_dkvb + h * stride_dkvh
+    key_rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = key_rows < N
+    alpha = tl.load(ALPHA + h)
+    k = load_rows(K + b * stride_kb + h * stride_kh, key_rows, stride_kn, key_valid, D)
+    if GRAD_K:
+        v = load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
+    acc = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    first = tl.load(TILE_OFFSETS + bh * nk + kb)
+    last = tl.load(TILE_OFFSETS + bh * nk + kb + 1)
+    for entry in range(first, last):
+        rows = tl.load(TILE_IDS + entry) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < N
+        q = load_rows(Q, rows, stride_qn, valid, D)
+        do = load_rows(DO, rows, stride_don, valid, D)
+        lse = tl.load(LSE + bh * N + rows, mask=valid, other=0.0)
+        # P^T from the saved LSE (key rows x query columns, log2 units)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        p_t = tl.where(valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        if GRAD_K:
+            # dS^T = P^T (alpha dP^T - delta); dK += dS^T Q
+            delta = tl.load(DELTA + bh * N + rows, mask=valid, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t * alpha - delta[None, :])
+            acc = tl.dot(ds_t.to(q.dtype), q, acc)
+        else:
+            # dV += P^T dO (alpha applied once below)
+            acc = tl.dot(p_t.to(do.dtype), do, acc)
+    if GRAD_K:
+        scale = sm_scale
+    else:
+        scale = alpha
+    acc = acc * scale + load_rows(DKV, key_rows, stride_dkvn, key_valid, D).to(tl.float32)
+    store_rows(DKV, key_rows, stride_dkvn, key_valid, acc, D)

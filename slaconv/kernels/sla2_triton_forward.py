@@ -1,0 +1,340 @@
+"""Triton kernels of the SLA2 forward: router top-k, pre-passes, the linear launch and the sparse launch.
+
+Conventions and shared device functions: ``sla2_triton_common.py``; launched by ``sla2_triton.forward``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sla2_triton_common import (
+    batch_head,
+    check_head_dim,
+    check_rows,
+    load_rows,
+    load_square,
+    phi,
+    selected_key_rows,
+    split_outer_product,
+    store_rows,
+    store_square,
+    sum_selected_blocks,
+)
+
+LINEAR_EPS = tl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
+FP8_MAX = tl.constexpr(448.0)  # largest finite FP8 e4m3 value
+INT8_MAX = tl.constexpr(127.0)
+
+
+@triton.jit
+def _fp8_preround(x):
+    """Round fp32 to the nearest FP8 e4m3 value (as fp32).  Only used under TRITON_INTERPRET: the
+    interpreter's fp32->fp8 cast drops the carry when the mantissa rounds up to the next power of two
+    (124.3 -> 64 instead of 128, Triton 3.9); pre-rounded values convert exactly.  The GPU cast is
+    hardware round-to-nearest and skips this."""
+    exponent = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30))), -6.0)
+    ulp = tl.exp2(exponent - 3.0)
+    return tl.floor(x / ulp + 0.5) * ulp
+
+
+@triton.jit
+def _to_fp8(x, EMULATE: tl.constexpr):
+    if EMULATE:
+        x = _fp8_preround(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _int8_tile(x):
+    """Symmetric INT8 of an fp32 tile with one scale (amax / 127), rounding half away from zero:
+    returns the int8 tile and the scale."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.maximum(amax, 1e-8) / INT8_MAX
+    y = x / scale
+    y = tl.where(y >= 0, y + 0.5, y - 0.5)
+    y = tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX)
+    return y.to(tl.int32).to(tl.int8), scale
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc):
+    """One online-softmax step on logits ``s`` (log2 units, masked to -inf): returns the block's
+    probabilities P and the updated running max, row sum and rescaled accumulator (P @ V still to add)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    rescale = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, m_new, l_i * rescale + tl.sum(p, axis=1), acc * rescale[:, None]
+
+
+@triton.jit
+def _phi_and_inv_den(q, z_rest, has_lin):
+    """phi(Q) of a query tile (fp32) and 1/den = 1/(phi(Q) z_rest + eps) per row (0 if every block is selected)."""
+    phi_q = phi(q.to(tl.float32))
+    den = tl.sum(phi_q * z_rest[None, :], axis=1) + LINEAR_EPS
+    return phi_q, tl.where(has_lin != 0, 1.0 / den, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# router top-k
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["nk", "n_sel"])
+def topk_lut(SCORES, LUT, nk, n_sel, NK_P: tl.constexpr):
+    """One row of router scores -> its ``n_sel`` highest key blocks, written in ascending block order.
+
+    The n_sel-th largest score is found by a 32-step bisection on order-preserving integer keys (cost
+    independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum
+    gives each selected block its slot, so the LUT row comes out sorted."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NK_P)
+    valid = offs < nk
+    x = tl.load(SCORES + row * nk + offs, mask=valid, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order == integer order
+    key = tl.where(valid, key, -(2**40))
+    lo = tl.full((), -(2**31), tl.int64)  # count(key >= lo) >= n_sel always holds
+    hi = tl.full((), 2**31 - 1, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= n_sel
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    tied = key == lo
+    room = n_sel - tl.sum(above.to(tl.int32), axis=0)
+    selected = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+    slot = tl.cumsum(selected.to(tl.int32), axis=0) - 1
+    tl.store(LUT + row * n_sel + slot, offs, mask=selected)
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-passes over K, V and Q
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N", "H", "nq", "scale"])
+def q_prepass(
+    Q, Q_MEAN, Q_INT8, Q_SCALE,
+    stride_qb, stride_qh, stride_qn, N, H, nq, scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr,
+):
+    """Per query block: its mean (for the router) and, if QUANT, INT8 of Q * scale with one scale per block."""
+    check_head_dim(D)
+    check_rows(BLOCK_Q)
+    qb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    Q += b * stride_qb + h * stride_qh
+    offs_d = tl.arange(0, D)
+    rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    valid = rows < N
+    q = load_rows(Q, rows, stride_qn, valid, D).to(tl.float32)
+    count = tl.minimum(N - qb * BLOCK_Q, BLOCK_Q).to(tl.float32)
+    tl.store(Q_MEAN + (bh * nq + qb) * D + offs_d, tl.sum(q, axis=0) / count)
+    if QUANT > 0:
+        q_int8, q_scale = _int8_tile(q * scale)
+        store_rows(Q_INT8 + bh * N * D, rows, D, valid, q_int8, D)
+        tl.store(Q_SCALE + bh * nq + qb, q_scale)
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk"])
+def k_feats(
+    K, V, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX, PHI_K,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, N, H, nk,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_V_ABSMAX: tl.constexpr, NEGATE_PHI: tl.constexpr,
+):
+    """Per key block, one program each (no loop, so the pass runs at full occupancy): the block's mean of K
+    (router) and sum (for mean(K)), phi(K) (stored), its column sums z (Z_BLOCK) and, if NEED_V_ABSMAX,
+    the block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
+    NEGATE_PHI (the forward): PHI_K holds -phi(K), so the linear loop accumulates H_all - H_sel directly;
+    z per block stays positive."""
+    check_head_dim(D)
+    check_rows(BLOCK_N)
+    kb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    offs_d = tl.arange(0, D)
+    rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = rows < N
+    k = load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
+    k32 = k.to(tl.float32)
+    count = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
+    block_sum = tl.sum(k32, axis=0)
+    stats = (bh * nk + kb) * D + offs_d
+    tl.store(K_SUM + stats, block_sum)
+    tl.store(K_MEAN + stats, block_sum / count)
+    phi_k32 = tl.where(valid[:, None], phi(k32), 0.0)
+    if NEGATE_PHI:
+        stored = -phi_k32
+    else:
+        stored = phi_k32
+    store_rows(PHI_K + bh * N * D, rows, D, valid, stored.to(k.dtype), D)
+    # z of the 16-bit phi(K) the loops multiply with
+    tl.store(Z_BLOCK + stats, tl.sum(phi_k32.to(k.dtype).to(tl.float32), axis=0))
+    if NEED_V_ABSMAX:
+        v = load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
+        tl.store(V_ABSMAX + stats, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk", "n_splits"])
+def kv_outer(
+    NEG_PHI_K, V, H_PARTIAL,
+    stride_vb, stride_vh, stride_vn, N, H, nk, n_splits,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial H_all = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller
+    sums the n_splits partials)."""
+    check_head_dim(D)
+    check_rows(BLOCK_N)
+    bh, b, h = batch_head(H)
+    V += b * stride_vb + h * stride_vh
+    acc = split_outer_product(NEG_PHI_K + bh * N * D, V, stride_vn, nk, n_splits, N, D, BLOCK_N)
+    # the buffer holds -phi(K) (k_feats NEGATE_PHI): store the partial of +H
+    store_square(H_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, -acc, D)
+
+
+@triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
+def kv_quant(
+    K, V, K_SUM, V_ABSMAX, K_INT8, K_SCALE, V_FP8,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, N, H, nk, npad, inv_n,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_EMULATE: tl.constexpr,
+):
+    """INT8 of the smoothed K - mean(K) (one scale per key block); for QUANT == 2 also FP8 e4m3 of
+    V / (max|V|[channel] / 448), stored (B*H, D, npad) token-contiguous (the K-major operand FP8 MMAs
+    want for P @ V), zero-padded to whole key blocks so the sparse loop loads it unmasked."""
+    check_head_dim(D)
+    check_rows(BLOCK_N)
+    kb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    offs_d = tl.arange(0, D)
+    rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = rows < N
+    k = load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
+    k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+    k_smooth = tl.where(valid[:, None], k.to(tl.float32) - k_mean[None, :], 0.0)
+    k_int8, k_scale = _int8_tile(k_smooth)
+    store_rows(K_INT8 + bh * N * D, rows, D, valid, k_int8, D)
+    tl.store(K_SCALE + bh * nk + kb, k_scale)
+    if QUANT == 2:
+        v = load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
+        v_scale = tl.maximum(tl.load(V_ABSMAX + bh * D + offs_d), 1e-8) / FP8_MAX
+        v_scaled = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale[None, :], -FP8_MAX), FP8_MAX)
+        v_scaled = tl.where(valid[:, None], v_scaled, 0.0)
+        tl.store(V_FP8 + (bh * D + offs_d[None, :]) * npad + rows[:, None], _to_fp8(v_scaled, FP8_EMULATE))
+
+
+# --------------------------------------------------------------------------------------------------
+# the linear and sparse launches
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk"])
+def fwd_lin_kernel(
+    V, NEG_PHI_K, Z_BLOCK, LUT, H_ALL, Z_ALL, H_REST, Z_REST,
+    stride_vb, stride_vh, stride_vn, N, H, n_sel, nq, nk,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The linear branch's state of one query (routing) block: H_rest = H_all - H_sel (D x D, in the
+    input dtype) and z_rest = z_all - z_sel.  The sparse launch's epilogue turns it into
+    O_l = phi(Q) H_rest / (phi(Q) z_rest + eps), so this launch never reads Q or writes an N x D tensor."""
+    check_head_dim(D)
+    check_rows(BLOCK_N)
+    qb = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    V += b * stride_vb + h * stride_vh
+    state = bh * nq + qb
+    lut_row = LUT + state * n_sel
+    # the buffer holds -phi(K) (k_feats NEGATE_PHI): starting from H_all the loop ends on H_all - H_sel
+    h_all = load_square(H_ALL + bh * D * D, D)
+    h_rest, z_sel = sum_selected_blocks(h_all, NEG_PHI_K + bh * N * D, V, Z_BLOCK + bh * nk * D, lut_row,
+                                         n_sel, N, stride_vn, D, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    store_square(H_REST + state * D * D, h_rest.to(H_REST.dtype.element_ty), D)
+    tl.store(Z_REST + state * D + offs_d, tl.load(Z_ALL + bh * D + offs_d) - z_sel)
+
+
+@triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "has_lin"])
+def fwd_sparse_kernel(
+    Q, K, V, Q_INT8, Q_SCALE, K_INT8, K_SCALE, V_FP8, V_ABSMAX, K_SUM, LUT, ALPHA, H_REST, Z_REST,
+    O, LSE, INV_DEN,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, has_lin,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+    FP8_EMULATE: tl.constexpr, SAVE_LSE: tl.constexpr,
+):
+    """One query tile: the sparse branch over its LUT row (online softmax in exp2; QK^T in INT8 and PV in
+    FP8 for the low-bit modes), then the epilogue that finishes the linear branch from the routing
+    block's state and mixes: O = alpha O_s + (1 - alpha) phi(Q) H_rest / den, in one MMA.  Writes 1/den
+    per row (for the backward) and, if SAVE_LSE, the log2-sum-exp of the 16-bit logits."""
+    check_head_dim(D)
+    check_rows(BLOCK_M)
+    check_rows(BLOCK_N)
+    tile = tl.program_id(0)
+    bh, b, h = batch_head(H)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    qb = (tile * BLOCK_M) // block_q
+    state = bh * nq + qb
+    offs_d = tl.arange(0, D)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < N
+
+    if QUANT == 0:
+        q = load_rows(Q, rows, stride_qn, row_valid, D)
+    else:
+        q = load_rows(Q_INT8 + bh * N * D, rows, D, row_valid, D)
+        q_scale = tl.load(Q_SCALE + bh * nq + qb)
+        K_INT8 += bh * N * D
+        K_SCALE += bh * nk
+    if QUANT == 2:
+        V_FP8 += bh * D * npad
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lut_row = LUT + state * n_sel
+    for step in range(0, n_sel):
+        cols, col_valid, block = selected_key_rows(lut_row, step, N, BLOCK_N)
+        # S = Q K^T (log2 units; INT8 with per-block scales in the low-bit modes)
+        if QUANT == 0:
+            k = load_rows(K, cols, stride_kn, col_valid, D)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        else:
+            k_int8 = load_rows(K_INT8, cols, D, col_valid, D)
+            s_scale = tl.load(K_SCALE + block) * q_scale
+            s = tl.dot(q, tl.trans(k_int8), out_dtype=tl.int32).to(tl.float32) * s_scale
+        s = tl.where(col_valid[None, :], s, float("-inf"))
+        # P = exp2(S - running max); rescale the running sum and accumulator
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        # acc += P V (FP8: P scaled by 448, V by its per-channel scale; zero-padded V needs no mask)
+        if QUANT == 2:
+            v_fp8 = tl.load(V_FP8 + offs_d[None, :] * npad + cols[:, None])
+            acc = tl.dot(_to_fp8(p * FP8_MAX, FP8_EMULATE), v_fp8, acc)
+        else:
+            v = load_rows(V, cols, stride_vn, col_valid, D)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+
+    o_s = acc / l_i[:, None]
+    if QUANT == 2:
+        v_scale = tl.maximum(tl.load(V_ABSMAX + bh * D + offs_d), 1e-8) / FP8_MAX
+        o_s = o_s * (v_scale / FP8_MAX)[None, :]
+    if QUANT == 0:
+        q16 = q
+    else:
+        q16 = load_rows(Q, rows, stride_qn, row_valid, D)
+    if SAVE_LSE:
+        lse = m_i + tl.log2(l_i)
+        if QUANT > 0:
+            # the INT8 logits used K - mean(K); the 16-bit backward needs the LSE of the unshifted logits
+            k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+            lse += tl.sum(q16.to(tl.float32) * k_mean[None, :], axis=1) * qk_scale
+        tl.store(LSE + bh * N + rows, lse, mask=row_valid)
+    # epilogue: O = alpha O_s + ((1 - alpha) phi(Q) / den) H_rest
+    alpha = tl.load(ALPHA + h)
+    phi_q, inv_den = _phi_and_inv_den(q16, tl.load(Z_REST + state * D + offs_d), has_lin)
+    tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
+    h_rest = load_square(H_REST + state * D * D, D)
+    o = tl.dot((phi_q * ((1.0 - alpha) * inv_den)[:, None]).to(h_rest.dtype), h_rest, alpha * o_s)
+    store_rows(O, rows, stride_on, row_valid, o, D)
