@@ -26,9 +26,8 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from slaconv.kernels import reference
+from slaconv.kernels import reference, sla2_triton_backward, sla2_triton_forward
 from slaconv.kernels import sla2_triton as S
-from slaconv.kernels import sla2_triton_backward, sla2_triton_forward
 from slaconv.kernels.launch import DEFAULT_LAUNCH, LaunchConfig
 from slaconv.kernels.spec import AttentionSpec
 

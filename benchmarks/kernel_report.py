@@ -36,8 +36,11 @@ from bench_attention import launch_config  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from slaconv.kernels import sla2_triton  # noqa: E402
-from slaconv.kernels import sla2_triton_backward, sla2_triton_forward  # noqa: E402
+from slaconv.kernels import (  # noqa: E402
+    sla2_triton,  # noqa: E402
+    sla2_triton_backward,
+    sla2_triton_forward,
+)
 from slaconv.kernels.launch import DEFAULT_LAUNCH  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 

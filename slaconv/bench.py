@@ -37,7 +37,8 @@ def bench_attention(*, seq_len: int, heads: int, head_dim: int, topks, quants, b
     base = rows[0]["ms"]
     for topk in topks:
         for quant in quants:
-            ms = _time_ms(lambda: sla2_attention(q, k, v, eye, eye, alpha, topk=topk, quant=quant, layout="bnhd"))
+            ms = _time_ms(lambda: sla2_attention(q, k, v, eye, eye, alpha, topk=topk, quant=quant,  # noqa: B023
+                                                 layout="bnhd"))
             rows.append({"op": f"sla2-{quant}", "topk": topk, "ms": ms, "tflops": flops / ms / 1e9})
     for r in rows:
         r["speedup_vs_cudnn"] = base / r["ms"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 FORMAT_NAME = "slaconv-sla2"
 FORMAT_VERSION = 1
@@ -79,7 +80,7 @@ class SLA2Config:
         """The top-k fraction of one layer (its per-layer override, else the global one)."""
         return self.topk_per_layer.get(layer, self.topk)
 
-    def replace(self, **changes: Any) -> "SLA2Config":
+    def replace(self, **changes: Any) -> SLA2Config:
         """A copy with some settings changed (checked like a new instance)."""
         return dataclasses.replace(self, **changes)
 
@@ -90,7 +91,7 @@ class SLA2Config:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> "SLA2Config":
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> SLA2Config:
         """Build from :meth:`to_dict` output.  Unknown keys are an error unless ``ignore_unknown``
         (a work dir's ``sla2_config.json`` also holds provenance and summaries)."""
         names = {f.name for f in dataclasses.fields(cls)}

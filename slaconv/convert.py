@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .families import detect_family
-from .install import install_sla2, resolve_targets, sla2_processors
 from .inputs import batches, check_latent_shape
+from .install import install_sla2, resolve_targets, sla2_processors
 from .kernels import reference
 from .recipe import recipe_hash, save_recipe
 from .source import DTYPES, content_hash, load_model, resolve_model, sla_checkpoint_info

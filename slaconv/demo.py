@@ -89,7 +89,8 @@ def run_demo(out: Path, *, fresh: bool = False, show_progress: bool = True, log=
         "",
         "| stage | measure | value |",
         "|---|---|---|",
-        f"| stage 1 | held-out attention rel. MSE, before -> after | {s1['heldout_attention_rel_mse_before']:.4f} -> {s1['heldout_attention_rel_mse_after']:.4f} |",
+        f"| stage 1 | held-out attention rel. MSE, before -> after | {s1['heldout_attention_rel_mse_before']:.4f}"
+        f" -> {s1['heldout_attention_rel_mse_after']:.4f} |",
         f"| stage 2 | held-out distillation loss, before -> after | {s2['heldout_loss_before']:.3g} -> {s2['heldout_loss_after']:.3g} |",
         f"| validate | attention rel. L2 / cosine | {s['attention_rel_l2_mean']:.4f} / {s['attention_cosine_mean']:.4f} |",
         f"| validate | velocity rel. L2 | {s['velocity_rel_l2_mean']:.4f} |",

@@ -27,7 +27,7 @@ def bar_chart(path: Path, labels: list[str], series: dict[str, list[float]], tit
     bar_w = group_w / (len(series) + 1)
     for i, label in enumerate(labels):
         x0 = left + 10 + i * group_w
-        for j, (name, vals) in enumerate(series.items()):
+        for j, vals in enumerate(series.values()):
             v = vals[i] if vals[i] == vals[i] else 0.0
             h = plot_h * v / vmax
             draw.rectangle((x0 + j * bar_w, height - bottom - h, x0 + (j + 1) * bar_w - 2, height - bottom),

@@ -10,7 +10,7 @@ processor is in ``dense`` mode) and lets an optional observer see the tensors fi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .kernels.ops import sla2_attention
 
 MODES = ("sla2", "dense")
-Observer = Callable[["SLA2Processor", torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+Observer = Callable[["SLA2Processor", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 class SLA2Processor(torch.nn.Module):

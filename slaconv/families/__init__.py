@@ -7,8 +7,9 @@ Adding a DiT family means adding one module that calls :func:`register`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

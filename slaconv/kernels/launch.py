@@ -63,7 +63,7 @@ class LaunchConfig:
         return [getattr(self, name) for name in _LAUNCH_FIELDS]
 
     @classmethod
-    def from_ints(cls, values) -> "LaunchConfig":
+    def from_ints(cls, values) -> LaunchConfig:
         return cls(*(int(v) for v in values))
 
 
