@@ -9,6 +9,7 @@ import pytest
 from test_cli import run, write_recipe
 
 import slaconv.calibrate as cal
+from slaconv.workdir import WorkDir
 
 
 class Killed(BaseException):
@@ -91,13 +92,13 @@ def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan
     shutil.copytree(pre, resumed)
 
     loads = []
-    real_load = cal.load_base_model
+    real_load = WorkDir.load_base_model
 
     def counting_load(*args, **kwargs):
         loads.append(kwargs.get("verify", True))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(cal, "load_base_model", counting_load)
+    monkeypatch.setattr(WorkDir, "load_base_model", counting_load)
     a = json.loads(run("calibrate", online, "--stage", "2", "--json").stdout)["stage2"]
     assert loads == [True]
     loads.clear()
