@@ -30,21 +30,14 @@ import torch
 
 from . import flow
 from .errors import DivergedError, InputError, OutOfMemoryError, UsageError
-from .inputs import check_latent_shape
+from .inputs import check_latent_shape, denoiser_forward
 from .install import sla2_processors
 from .kernels import reference
 from .progress import progress
-from .recipe import recipe_hash, save_recipe
-from .source import DTYPES, load_base_model
 from .statefile import load_state, save_state
-from .workdir import (
-    RECIPE_NAME,
-    atomic_dir,
-    load_workdir,
-    read_sla2_config,
-    save_model_files,
-    write_json,
-)
+from .utils.devices import DTYPES
+from .utils.files import atomic_dir
+from .workdir import WorkDir
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
@@ -60,8 +53,8 @@ class StepSampler:
 
     def __init__(self, family, model_config, recipe, batch_size, data_dir=None, rank=0, world=1):
         self.family, self.model_config, self.recipe = family, model_config, recipe
-        self.batch_size, self.seed, self.rank, self.world = batch_size, recipe["calibration"]["seed"], rank, world
-        self.shift = recipe["calibration"]["stage2"]["timestep_shift"]
+        self.batch_size, self.seed, self.rank, self.world = batch_size, recipe.calibration.seed, rank, world
+        self.shift = recipe.calibration.stage2.timestep_shift
         self.dataset = None
         if data_dir is not None:
             from .data import CalibrationDataset
@@ -70,8 +63,8 @@ class StepSampler:
                                               expected_text_dim=family.text_dim(model_config))
             check_latent_shape(family, model_config, *self.dataset.latent_shape[1:], where=str(data_dir))
         else:
-            d = recipe["data"]
-            check_latent_shape(family, model_config, d["frames"], d["height"], d["width"], where="recipe data")
+            d = recipe.data
+            check_latent_shape(family, model_config, d.frames, d.height, d.width, where="recipe data")
 
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A generator for per-step choices shared by all processes (e.g. stage-1 query blocks)."""
@@ -82,7 +75,7 @@ class StepSampler:
         if self.dataset is None:
             from .inputs import synthetic_batch
 
-            item = {k: v[0] for k, v in synthetic_batch(self.family, self.model_config, self.recipe["data"], 1, gen).items()}
+            item = {k: v[0] for k, v in synthetic_batch(self.family, self.model_config, self.recipe.data, 1, gen).items()}
         else:
             n = len(self.dataset)
             epoch_order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * (index // n)))
@@ -95,13 +88,6 @@ class StepSampler:
         first = (step * self.world + self.rank) * self.batch_size
         items = [self._sample(first + j) for j in range(self.batch_size)]
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def _forward(model, family, batch, x_t, sigma, device, dtype):
-    image = batch["image_embeds"].to(device, dtype) if "image_embeds" in batch else None
-    kwargs = family.make_inputs(model, x_t.to(device, dtype), (sigma * 1000).to(device),
-                                batch["prompt_embeds"].to(device, dtype), image)
-    return model(**kwargs)[0]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -154,7 +140,7 @@ def save_results(model, family, workdir: Path, update: dict) -> None:
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        save_model_files(model, family, staging)
+        WorkDir(staging).save_model(model, family)
         new_files = {p.name for p in staging.iterdir()}
         for old in workdir.glob("diffusion_pytorch_model*"):
             if old.name not in new_files:
@@ -164,11 +150,10 @@ def save_results(model, family, workdir: Path, update: dict) -> None:
                 os.replace(p, workdir / p.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    config = read_sla2_config(workdir)
-    calibration = config.get("calibration") or {}
+    work = WorkDir(workdir)
+    calibration = dict(work.read_sla2_config().calibration or {})
     calibration.update(update)
-    config["calibration"] = calibration
-    write_json(workdir / "sla2_config.json", config)
+    work.update_sla2_config(calibration=calibration)
 
 
 def _append_log(path: Path, record: dict) -> None:
@@ -195,8 +180,7 @@ def _oom(stage: str) -> OutOfMemoryError:
 
 
 def _eval_sampler(family, model_config, recipe, data_dir) -> StepSampler:
-    held = json.loads(json.dumps(recipe))
-    held["calibration"]["seed"] = recipe["calibration"]["seed"] + 7_777
+    held = recipe.override({"calibration.seed": recipe.calibration.seed + 7_777})
     return StepSampler(family, model_config, held, 1, data_dir)
 
 
@@ -230,7 +214,7 @@ def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query
         for i in range(n):
             batch = sampler.batch(i)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            _forward(model, family, batch, x_t, batch["sigma"], device, dtype)
+            denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
     finally:
         for proc in procs.values():
             proc.observer = None
@@ -314,11 +298,11 @@ def heldout_loss(forward, model, targets: "TeacherTargets | None", sampler: Step
 
 
 def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
-    cfg = recipe["calibration"]["stage1"]
+    cfg = recipe.calibration.stage1
     _reset_peak_memory()
     accelerator = _accelerator(device)
     device = accelerator.device
-    model, family, sla2_cfg = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
+    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype=recipe.model.dtype, device=device)
     model.requires_grad_(False)
     procs = sla2_processors(model)
     params = []
@@ -328,12 +312,12 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             params.append(p)
     routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
     alphas = [proc.alpha_logit for proc in procs.values()]
-    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg["lr"]}, {"params": alphas, "lr": cfg["alpha_lr"]}])
-    model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}])
+    model_config = WorkDir(workdir).read_model_config()
+    sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = Path(workdir) / "checkpoints" / "stage1"
-    log_path = Path(workdir) / "logs" / "stage1.jsonl"
+    ckpt_root = WorkDir(workdir).checkpoints_dir(1)
+    log_path = WorkDir(workdir).log_path(1)
     start = 0
     if resume:
         loaded = load_checkpoint(ckpt_root, resume)
@@ -350,7 +334,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         else:
             _truncate_log(log_path, start)
 
-    tau, n_qb = cfg["tau"], cfg["query_blocks_per_step"]
+    tau, n_qb = cfg.tau, cfg.query_blocks_per_step
     losses: dict[str, float] = {}
     step_gen = {"gen": None}
 
@@ -370,14 +354,14 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
         return proc.dense_attention(q, k, v)
 
-    dtype = DTYPES[recipe["model"]["dtype"]]
-    n_eval = recipe["calibration"]["eval_samples"]
+    dtype = DTYPES[recipe.model.dtype]
+    n_eval = recipe.calibration.eval_samples
     eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
     heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     for proc in procs.values():
         proc.observer = observe
-    bar = progress(range(start, cfg["steps"]), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
-                   initial=start, total=cfg["steps"])
+    bar = progress(range(start, cfg.steps), desc="stage 1", enabled=show_progress and accelerator.is_main_process,
+                   initial=start, total=cfg.steps)
     t0 = time.time()
     try:
         for step in bar:
@@ -388,7 +372,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             losses.clear()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                _forward(model, family, batch, x_t, batch["sigma"], device, dtype)
+                denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
             layer_losses = _mean_over_processes(accelerator, losses)
             mean_loss = sum(layer_losses.values()) / len(layer_losses)
             _check_finite(mean_loss, "stage-1 loss", ckpt_root)
@@ -401,18 +385,18 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                        "seconds": round(time.time() - t_step, 3),
                                        "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
             bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
-            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
+            if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps \
                     and accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {
                     "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone() for n, p in procs.items() for t, v in p.sla2_state().items()},
-                    "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
+                    "optimizer": optimizer.state_dict()}, recipe.calibration.checkpoints_total_limit)
     finally:
         for proc in procs.values():
             proc.observer = None
     seconds = round(time.time() - t0, 2)
     heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     first_last = _first_last(log_path)
-    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"], "seconds": seconds,
+    summary = {"stage1": {"steps": cfg.steps, "tau": tau, "lr": cfg.lr, "alpha_lr": cfg.alpha_lr, "seconds": seconds,
                           "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,
                           "heldout_attention_rel_mse_after": heldout_after,
@@ -522,7 +506,7 @@ def load_training_state(model, optimizer, model_state: dict, optim_state: dict) 
 def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
     """A fresh model in the recipe dtype (the modules diffusers keeps in fp32 stay fp32, as after
     ``convert``) holding the trained weights ``state``."""
-    net, _, _ = load_workdir(workdir, dtype=dtype, device=device, quant=quant)
+    net, _, _ = WorkDir(workdir).load_model(dtype=dtype, device=device, quant=quant)
     net.load_state_dict(state)  # strict: copies each tensor into the parameter's own dtype
     return net.eval().requires_grad_(False)
 
@@ -567,35 +551,36 @@ def _first_last(log_path: Path) -> tuple[float | None, float | None]:
 def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     """Stage 2 on every process of the launch (one, DDP or FSDP from the accelerate config): fine-tune
     the weights and alpha with the router frozen; the main process saves the result in the recipe dtype."""
-    cfg = recipe["calibration"]["stage2"]
+    cfg = recipe.calibration.stage2
     _reset_peak_memory()
-    accelerator = _accelerator(device, cfg["grad_accum"])
+    accelerator = _accelerator(device, cfg.grad_accum)
     device = accelerator.device
-    quant = cfg["quant"] or recipe["sla2"]["quant"]
+    quant = cfg.quant or recipe.sla2.quant
     # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.  Under
     # FSDP every rank loads them on the CPU and FSDP moves only its shard to the GPU while wrapping,
     # so no GPU ever holds the whole fp32 model.
-    model, family, sla2_cfg = load_workdir(workdir, dtype="float32", device="cpu" if _is_fsdp(accelerator) else device,
-                                           quant=quant)
-    if cfg["objective"] == "diffusion" and data_dir is None:
+    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype="float32",
+                                                          device="cpu" if _is_fsdp(accelerator) else device,
+                                                          quant=quant)
+    if cfg.objective == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
     model.train()
     model.requires_grad_(True)
     for proc in sla2_processors(model).values():
         proc.router_q.requires_grad_(False)
         proc.router_k.requires_grad_(False)
-        proc.alpha_logit.requires_grad_(bool(cfg["train_alpha"]))
-    if cfg["gradient_checkpointing"] and hasattr(model, "enable_gradient_checkpointing"):
+        proc.alpha_logit.requires_grad_(bool(cfg.train_alpha))
+    if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])
-    warmup = max(cfg["warmup_steps"], 0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+    model_config = WorkDir(workdir).read_model_config()
+    sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = Path(workdir) / "checkpoints" / "stage2"
-    log_path = Path(workdir) / "logs" / "stage2.jsonl"
+    ckpt_root = WorkDir(workdir).checkpoints_dir(2)
+    log_path = WorkDir(workdir).log_path(2)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if resume:
@@ -610,26 +595,26 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         else:
             _truncate_log(log_path, start)
     dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
-    teacher_dtype = DTYPES[recipe["model"]["dtype"]]  # the teacher is loaded in the recipe dtype
-    n_eval = recipe["calibration"]["eval_samples"]
+    teacher_dtype = DTYPES[recipe.model.dtype]  # the teacher is loaded in the recipe dtype
+    n_eval = recipe.calibration.eval_samples
     eval_sampler = _eval_sampler(family, model_config, recipe, data_dir)
 
     def forward(net, batch, x_t, sigma, student_dtype=dtype):
-        return _forward(net, family, batch, x_t, sigma, device, student_dtype)
+        return denoiser_forward(net, family, batch, x_t, sigma, device, student_dtype)
 
     targets = None
     show = show_progress and accelerator.is_main_process
-    every = recipe["calibration"]["checkpoint_every"]
-    ga = cfg["grad_accum"]
-    if cfg["objective"] == "distill":
+    every = recipe.calibration.checkpoint_every
+    ga = cfg.grad_accum
+    if cfg.objective == "distill":
         targets = TeacherTargets(
-            lambda net, b, x, sg: _forward(net, family, b, x, sg, device, teacher_dtype),
-            lambda verify: load_base_model(workdir, sla2_cfg, dtype=recipe["model"]["dtype"], device=device,
-                                           verify=verify).requires_grad_(False),
-            accelerator.autocast, device, cfg["teacher"])
+            lambda net, b, x, sg: denoiser_forward(net, family, b, x, sg, device, teacher_dtype),
+            lambda verify: WorkDir(workdir).load_base_model(dtype=recipe.model.dtype, device=device,
+                                                            verify=verify).requires_grad_(False),
+            accelerator.autocast, device, cfg.teacher)
 
     def train_chunk(step):  # (precompute) the micro-batches up to the next checkpoint: one interval at a time
-        return sampler, range(step * ga, min(cfg["steps"], (step // every + 1) * every) * ga)
+        return sampler, range(step * ga, min(cfg.steps, (step // every + 1) * every) * ga)
 
     if targets is not None:
         targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start)}, show)
@@ -639,16 +624,16 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         return heldout_loss(run, net, targets, eval_sampler, n_eval, device, accelerator.autocast)
 
     heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective
-    bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
-                   initial=start, total=cfg["steps"])
+    bar = progress(range(start, cfg.steps), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
+                   initial=start, total=cfg.steps)
     t0 = time.time()
     for step in bar:
         if targets is not None and step != start and step % every == 0:
             targets.precompute({"train": train_chunk(step)}, show)
         t_step = time.time()
         step_loss = 0.0
-        for micro in range(cfg["grad_accum"]):
-            index = step * cfg["grad_accum"] + micro
+        for micro in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + micro
             batch = sampler.batch(index)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
             target = stage2_target(targets, "train", index, batch, device)
@@ -656,13 +641,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 pred = forward(model, batch, x_t, batch["sigma"]).float()
                 loss = torch.mean((pred - target) ** 2)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg["grad_clip"]:
+                if accelerator.sync_gradients and cfg.grad_clip:
                     # all of the prepared model's parameters (frozen ones have no gradient): accelerate
                     # computes FSDP's global norm over the shards only when given exactly these
-                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss.detach()) / cfg["grad_accum"]
+            step_loss += float(loss.detach()) / cfg.grad_accum
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
         _check_finite(step_loss, "stage-2 loss", ckpt_root)
@@ -670,13 +655,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             _append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                    "seconds": round(time.time() - t_step, 3)})
         bar.set_postfix(loss=f"{step_loss:.5f}")
-        if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+        if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps:
             accelerator.wait_for_everyone()
             model_state, optim_state = full_training_state(accelerator, model, optimizer)  # every rank
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {"stage": 2, "model": model_state, "optimizer": optim_state,
                                                       "scheduler": scheduler.state_dict()},
-                                recipe["calibration"]["checkpoints_total_limit"])
+                                recipe.calibration.checkpoints_total_limit)
             del model_state, optim_state
     accelerator.wait_for_everyone()
     seconds = round(time.time() - t0, 2)
@@ -686,15 +671,15 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     accelerator.free_memory()
     net, heldout_after = None, None
     if accelerator.is_main_process:
-        net = _final_model(workdir, full_state, recipe["model"]["dtype"], device, quant)
-        heldout_after = score(net, DTYPES[recipe["model"]["dtype"]])  # as saved: weights in the recipe dtype
+        net = _final_model(workdir, full_state, recipe.model.dtype, device, quant)
+        heldout_after = score(net, DTYPES[recipe.model.dtype])  # as saved: weights in the recipe dtype
     del full_state
     first_last = _first_last(log_path)
-    summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
-                          "teacher": cfg["teacher"] if cfg["objective"] == "distill" else None,
+    summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr,
+                          "teacher": cfg.teacher if cfg.objective == "distill" else None,
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
-                          "quant": quant, "batch_size": cfg["batch_size"],
-                          "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
+                          "quant": quant, "batch_size": cfg.batch_size,
+                          "grad_accum": cfg.grad_accum, "processes": accelerator.num_processes,
                           "distributed": accelerator.distributed_type.value,
                           "seconds": seconds, "loss_first": first_last[0],
                           "loss_last": first_last[1], "data": _data_name(data_dir), **_peak_memory(accelerator)}}
@@ -710,9 +695,9 @@ def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None,
               show_progress=True) -> dict:
     """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries."""
     workdir = Path(workdir)
-    read_sla2_config(workdir)
-    out = {"work_dir": str(workdir), "recipe_hash": recipe_hash(recipe)}
-    save_recipe(recipe, workdir / RECIPE_NAME)
+    WorkDir(workdir).read_sla2_config()
+    out = {"work_dir": str(workdir), "recipe_hash": recipe.hash()}
+    WorkDir(workdir).write_recipe(recipe)
     for name, run in (("1", run_stage1), ("2", run_stage2)):
         if stage in (name, "all"):
             try:
@@ -727,7 +712,7 @@ def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None,
 def loss_curve(workdir: Path, stage: int) -> list[dict]:
     """One record per logged step of a stage: step, loss (stage 1: mean relative attention MSE over
     layers), learning rate (stage 2) and wall seconds; stage 1's per-layer detail stays in the log."""
-    path = Path(workdir) / "logs" / f"stage{stage}.jsonl"
+    path = WorkDir(workdir).log_path(stage)
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
