@@ -40,19 +40,19 @@ def build(model: str, layers: int | None):
 
 
 def set_attention(net, mode: str, topk: float = 0.05, quant: str = "none", launch=None):
+    import slaconv
     from slaconv.families import get_family
-    from slaconv.install import install_sla2, resolve_targets, sla2_processors
+    from slaconv.install import sla2_processors
 
-    fam = get_family("wan")
     if mode == "dense":
+        fam = get_family("wan")
         for name, module in net.named_modules():
             if name.endswith("attn1"):
                 module.set_processor(fam.stock_processor())
         return
-    if not sla2_processors(net):
-        install_sla2(net, fam, resolve_targets(net, fam, [], []), topk=topk, block_q=128, block_k=64, quant=quant)
-    for proc in sla2_processors(net).values():
-        proc.topk, proc.quant = topk, quant
+    processors = sla2_processors(net) or slaconv.sla2_(net, slaconv.SLA2Config(block_q=128, block_k=64))
+    for proc in processors.values():
+        proc.config = proc.config.replace(topk=topk, quant=quant)
         if launch is not None:  # the kernels' launch settings, passed on every call of this processor
             proc.sparse_attention = functools.partial(type(proc).sparse_attention, proc, launch=launch)
 

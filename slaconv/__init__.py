@@ -1,13 +1,34 @@
-"""slaconv: convert diffusers Diffusion-Transformer checkpoints to SLA2 sparse-linear attention."""
+"""slaconv: convert diffusers Diffusion-Transformer checkpoints to SLA2 sparse-linear attention.
+
+In Python::
+
+    import slaconv
+
+    slaconv.sla2_(model, slaconv.SLA2Config(topk=0.05))  # a diffusers transformer in memory, in place
+    model = slaconv.from_pretrained("org/model-sla2")      # a converted model from the Hub or a folder
+
+``sla2_`` and ``from_pretrained`` are imported on first use, so ``import slaconv`` stays light.
+"""
+
+from .config import SLA2Config
 
 __version__ = "0.1.0"
 
-
-def from_pretrained(*args, **kwargs):
-    """Load an SLA2 model (Hub repo id or folder); see :func:`slaconv.loading.from_pretrained`."""
-    from .loading import from_pretrained as _from_pretrained
-
-    return _from_pretrained(*args, **kwargs)
+_LAZY = {"sla2_": "install", "from_pretrained": "loading"}
 
 
-__all__ = ["__version__", "from_pretrained"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", "SLA2Config", "from_pretrained", "sla2_"]

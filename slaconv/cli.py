@@ -15,7 +15,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, InputError, SlaconvError
+from .config import BLOCK_SIZES, QUANT_MODES
+from .errors import EXIT_CODES, SlaconvError
+from .recipe import OBJECTIVES
 
 EPILOG = "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
@@ -45,32 +47,28 @@ def _emit(ctx: click.Context, data: dict, human: str) -> None:
 
 
 def _device(requested: str) -> str:
-    import torch
+    from .utils.devices import resolve_device
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available")
-    return requested
+    return resolve_device(requested)
 
 
-def _recipe(recipe_path, workdir: Path | None, overrides: dict) -> dict:
+def _recipe(recipe_path, work, overrides: dict):
+    """The recipe: ``--recipe``, else the work dir's resolved one, else the defaults; then the flags."""
     from .recipe import load_recipe
 
-    if recipe_path is None and workdir is not None and (workdir / "recipe.yaml").is_file():
-        recipe_path = workdir / "recipe.yaml"
+    if recipe_path is None and work is not None and work.recipe_path.is_file():
+        recipe_path = work.recipe_path
     return load_recipe(recipe_path, overrides)
 
 
-def _workdir(path: str) -> Path:
-    from .workdir import is_workdir
+def _workdir(path: str):
+    from .workdir import WorkDir
 
-    p = Path(path)
-    if not p.is_dir():
-        raise InputError(f"work dir not found: {p}")
-    if not is_workdir(p):
-        raise InputError(f"{p} is not a slaconv work dir (no sla2_config.json); run 'slaconv convert' first")
-    return p
+    return WorkDir.open(path)
+
+
+def _block_size(ctx, param, value):
+    return None if value is None else int(value)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout (for scripts).")
@@ -102,9 +100,11 @@ def main(ctx, offline, quiet):
 @click.option("--subfolder", help="Folder inside MODEL holding the transformer (e.g. 'transformer').")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--topk", type=float, help="Fraction of key blocks kept per query block (sla2.topk).")
-@click.option("--block-q", type=int, help="Query block size, 64 or 128.")
-@click.option("--block-k", type=int, help="Key block size, 64 or 128.")
-@click.option("--quant", type=click.Choice(["none", "int8", "int8-fp8"]), help="Low-bit mode of the sparse branch.")
+@click.option("--block-q", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_block_size,
+              help="Query block size (sla2.block_q).")
+@click.option("--block-k", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_block_size,
+              help="Key block size (sla2.block_k).")
+@click.option("--quant", type=click.Choice(QUANT_MODES), help="Low-bit mode of the sparse branch.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data for the alpha pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing work dir at OUTPUT.")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
@@ -125,8 +125,8 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
         plan = stage.plan(model, rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"])
         _emit(ctx, {"dry_run": True, **plan},
               f"would convert {plan['num_layers']} {plan['family']} layers of {model} "
-              f"(topk {rec['sla2']['topk']}, blocks {rec['sla2']['block_q']}x{rec['sla2']['block_k']}, "
-              f"quant {rec['sla2']['quant']}):\n  " + "\n  ".join(plan["layers"]))
+              f"(topk {rec.sla2.topk}, blocks {rec.sla2.block_q}x{rec.sla2.block_k}, "
+              f"quant {rec.sla2.quant}):\n  " + "\n  ".join(plan["layers"]))
         return
     out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],
                         overwrite=overwrite, data_dir=data_dir, device=_device(device))
@@ -146,7 +146,7 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @click.option("--steps", type=int, help="Steps of the selected stage(s).")
 @click.option("--lr", type=float, help="Learning rate of the selected stage(s) (stage 1: the router's).")
 @click.option("--alpha-lr", type=float, help="Stage-1 learning rate of the alpha logits.")
-@click.option("--objective", type=click.Choice(["diffusion", "distill"]), help="Stage-2 objective.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), help="Stage-2 objective.")
 @click.option("--batch-size", type=int, help="Batch size of the selected stage(s).")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
 @click.option("--resume", help="'latest' or a checkpoint folder.")
@@ -173,8 +173,9 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
 
         CalibrationDataset(data_dir)  # checks the whole folder up front
     if dry_run:
-        _emit(ctx, {"dry_run": True, "work_dir": str(wd), "stage": stage, "recipe": rec["calibration"]},
-              f"would run stage {stage} on {wd}:\n" + json.dumps(rec["calibration"], indent=2))
+        calibration = rec.calibration.to_dict()
+        _emit(ctx, {"dry_run": True, "work_dir": str(wd), "stage": stage, "recipe": calibration},
+              f"would run stage {stage} on {wd}:\n" + json.dumps(calibration, indent=2))
         return
     out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
                            show_progress=not ctx.obj["quiet"])
@@ -199,7 +200,7 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
 @click.option("--base", help="The original model (default: the one recorded at convert time).")
 @click.option("--num-samples", type=int)
 @click.option("--seed", type=int, help="Seed (validation.seed).")
-@click.option("--quant", type=click.Choice(["none", "int8", "int8-fp8"]), help="Validate in this low-bit mode.")
+@click.option("--quant", type=click.Choice(QUANT_MODES), help="Validate in this low-bit mode.")
 @recipe_option
 @device_option
 @json_option
@@ -215,10 +216,9 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
     try:
         report = stage.validate(wd, rec, data_dir=data_dir, base=base, device=_device(device), quant=quant)
     except QualityGateError:
-        report = json.loads((wd / "reports" / "validation.json").read_text())
-        _emit(ctx, report, (wd / "reports" / "validation.md").read_text())
+        _emit(ctx, wd.read_validation_report(), wd.validation_markdown_path.read_text())
         raise
-    _emit(ctx, report, (wd / "reports" / "validation.md").read_text())
+    _emit(ctx, report, wd.validation_markdown_path.read_text())
 
 
 @main.command()
@@ -241,14 +241,14 @@ def push(ctx, workdir, repo_id, private, revision, create_pr, commit_message, to
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
-    report = wd / "reports" / "validation.json"
-    if report.is_file() and not json.loads(report.read_text()).get("passed", True) and not allow_failed_validation:
+    report = wd.read_validation_report()
+    if report is not None and not report.get("passed", True) and not allow_failed_validation:
         raise QualityGateError("this model failed validation; fix it or pass --allow-failed-validation to push anyway")
     if ctx.obj["offline"] and not dry_run:
         from .errors import HubError
 
         raise HubError("push needs the network; drop --offline (or use --dry-run)")
-    out = do_push(wd, repo_id, private=private, revision=revision, create_pr=create_pr,
+    out = do_push(wd.path, repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, dry_run=dry_run)
     files = out.get("files", [])
     if dry_run:
@@ -301,17 +301,17 @@ def synth_data(ctx, output, model, num_samples, frames, height, width, text_len,
     from .data import write_synthetic_dataset
     from .families import detect_family
     from .source import resolve_model
+    from .workdir import WorkDir
 
     _common(ctx, as_json)
     src = resolve_model(model)
     family = detect_family(src.config)
-    wd = Path(model) if (Path(model) / "recipe.yaml").is_file() else None
-    rec = _recipe(recipe, wd, {"data.frames": frames, "data.height": height, "data.width": width,
-                               "data.text_len": text_len})
-    d = rec["data"]
+    rec = _recipe(recipe, WorkDir(model), {"data.frames": frames, "data.height": height, "data.width": width,
+                                           "data.text_len": text_len})
+    d = rec.data
     path = write_synthetic_dataset(output, num_samples=num_samples, channels=family.latent_channels(src.config),
-                                   frames=d["frames"], height=d["height"], width=d["width"],
-                                   text_len=d["text_len"], text_dim=family.text_dim(src.config), seed=seed)
+                                   frames=d.frames, height=d.height, width=d.width,
+                                   text_len=d.text_len, text_dim=family.text_dim(src.config), seed=seed)
     _emit(ctx, {"data_dir": str(path), "num_samples": num_samples},
           f"wrote {num_samples} synthetic samples to {path}")
 

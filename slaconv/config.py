@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UsageError
+
 FORMAT_NAME = "slaconv-sla2"
 FORMAT_VERSION = 1
 
@@ -28,8 +30,10 @@ ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
 
 
-class ConfigError(ValueError):
-    """An SLA2 setting is unknown or out of range (the message names it)."""
+class ConfigError(UsageError, ValueError):
+    """An SLA2 setting is unknown or out of range (the message names it).
+
+    A :class:`ValueError` for library callers; on the command line a usage error (exit 2)."""
 
 
 def _is_fraction(value: Any) -> bool:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,9 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .errors import InputError, OutputExistsError, UsageError
+from .utils.devices import DTYPES
+from .utils.files import atomic_dir, write_json
+from .utils.messages import first_line
 
 FORMAT = "slaconv-data"
 VERSION = 1
@@ -40,7 +41,6 @@ MANIFEST = "dataset.json"
 # Bump when the synthetic generator's output changes, so an old directory is not mistaken for a new one.
 SYNTHETIC_GENERATOR = "slaconv.data.synthetic/1"
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors header names
 # tensor name -> (manifest shape key, rank); image_embeds only when the manifest has image_shape
 _KEYS = {
@@ -56,11 +56,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
         if d == dtype:
             return name
     raise UsageError(f"dataset dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_shape(value: Any, rank: int) -> bool:
@@ -86,7 +81,7 @@ def _read_manifest(root: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read manifest ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot read manifest ({first_line(exc)})") from None
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: manifest must be a JSON object")
     if manifest.get("format") != FORMAT:
@@ -127,7 +122,7 @@ def _check_sample(path: Path, manifest: dict) -> str | None:
         with safe_open(str(path), framework="pt") as f:
             headers = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as exc:  # SafetensorError (truncated, corrupt, not safetensors) or OSError
-        return f"{path}: not a readable safetensors file ({_first_line(exc)})"
+        return f"{path}: not a readable safetensors file ({first_line(exc)})"
     for key, (shape_key, rank) in _KEYS.items():
         expected = manifest.get(shape_key)
         if key == "image_embeds" and expected is None:
@@ -210,7 +205,7 @@ class CalibrationDataset(Dataset):
             with safe_open(str(path), framework="pt") as f:
                 item = {k: f.get_tensor(k) for k in self.keys()}
         except Exception as exc:  # changed on disk since the up-front check
-            raise InputError(f"{path}: cannot read sample ({_first_line(exc)})") from None
+            raise InputError(f"{path}: cannot read sample ({first_line(exc)})") from None
         for key, tensor in item.items():
             if not torch.isfinite(tensor).all():
                 raise InputError(f"{path}: '{key}' contains NaN or inf")
@@ -258,26 +253,12 @@ def _is_dataset_with(root: Path, manifest: dict) -> bool:
 
 
 def _write_atomic(out: Path, manifest: dict, samples: Iterable[Mapping[str, torch.Tensor]]) -> Path:
-    """Write samples + manifest into a temp dir beside ``out``, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write samples + manifest into a temporary folder beside ``out``, then rename it to ``out``."""
+    with atomic_dir(out) as tmp:
         for name, sample in zip(manifest["samples"], samples, strict=True):
             tensors = {k: v.detach().contiguous().cpu() for k, v in sample.items()}
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, 0o644)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        try:
-            os.rename(tmp, out)
-        except OSError as exc:
-            raise OutputExistsError(f"cannot move the new dataset into {out} ({_first_line(exc)}); "
-                                    "nothing was replaced") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / MANIFEST, manifest)
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .recipe import load_recipe, save_recipe
+from .recipe import Recipe
 
 TINY_WAN = {
     "patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 32, "in_channels": 4,
@@ -53,20 +53,21 @@ def run_demo(out: Path, *, fresh: bool = False, show_progress: bool = True, log=
     from .errors import QualityGateError
     from .push import push
     from .validate import validate
+    from .workdir import WorkDir
 
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "demo-recipe.yaml"
-    recipe = load_recipe(None, _flatten(DEMO_RECIPE))
-    save_recipe(recipe, recipe_path)
+    recipe = Recipe.from_dict(DEMO_RECIPE)
+    recipe.save(recipe_path)
 
     log(f"[1/5] tiny Wan model -> {out / 'base'}")
     base = build_tiny_wan(out / "base")
     log(f"[2/5] synthetic calibration data -> {out / 'data'}")
-    d = recipe["data"]
-    data = write_synthetic_dataset(out / "data", num_samples=8, channels=TINY_WAN["in_channels"], frames=d["frames"],
-                                   height=d["height"], width=d["width"], text_len=d["text_len"],
+    d = recipe.data
+    data = write_synthetic_dataset(out / "data", num_samples=8, channels=TINY_WAN["in_channels"], frames=d.frames,
+                                   height=d.height, width=d.width, text_len=d.text_len,
                                    text_dim=TINY_WAN["text_dim"], seed=0)
     work = out / "work"
     log(f"[3/5] convert -> {work}")
@@ -77,15 +78,13 @@ def run_demo(out: Path, *, fresh: bool = False, show_progress: bool = True, log=
     try:
         report = validate(work, recipe, data_dir=data)
     except QualityGateError:
-        import json
-
-        report = json.loads((work / "reports" / "validation.json").read_text())
+        report = WorkDir(work).read_validation_report()
     pushed = push(work, "local/slaconv-demo-tiny-wan", dry_run=True)
     s, s1, s2 = report["summary"], cal["stage1"], cal["stage2"]
     table = "\n".join([
         "",
-        f"slaconv demo: {len(conv['layers'])} SLA2 layers, top-k {recipe['sla2']['topk']} "
-        f"(sparsity {s['sparsity_mean']:.2f}), {recipe['sla2']['quant']}",
+        f"slaconv demo: {len(conv['layers'])} SLA2 layers, top-k {recipe.sla2.topk} "
+        f"(sparsity {s['sparsity_mean']:.2f}), {recipe.sla2.quant}",
         "",
         "| stage | measure | value |",
         "|---|---|---|",
@@ -94,22 +93,13 @@ def run_demo(out: Path, *, fresh: bool = False, show_progress: bool = True, log=
         f"| stage 2 | held-out distillation loss, before -> after | {s2['heldout_loss_before']:.3g} -> {s2['heldout_loss_after']:.3g} |",
         f"| validate | attention rel. L2 / cosine | {s['attention_rel_l2_mean']:.4f} / {s['attention_cosine_mean']:.4f} |",
         f"| validate | velocity rel. L2 | {s['velocity_rel_l2_mean']:.4f} |",
-        f"| validate | {recipe['validation']['sample_steps']}-step sample PSNR vs original | {s['sample_psnr_db']:.2f} dB |",
+        f"| validate | {recipe.validation.sample_steps}-step sample PSNR vs original | {s['sample_psnr_db']:.2f} dB |",
         f"| validate | quality gates | {'passed' if report['passed'] else 'FAILED'} |",
         f"| push | dry run: files that would upload | {len(pushed.get('files', []))} |",
         "",
-        f"work dir: {work}   report: {work / 'reports' / 'validation.md'}",
+        f"work dir: {work}   report: {WorkDir(work).validation_markdown_path}",
     ])
     return {"work_dir": str(work), "validation": report["summary"], "passed": report["passed"],
             "calibration": {k: cal[k] for k in ("stage1", "stage2")}, "push_files": pushed.get("files", []),
             "table": table}
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("topk_per_layer",):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

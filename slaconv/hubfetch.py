@@ -6,11 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import HubError, InputError
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+from .utils.messages import first_line
 
 
 def fetch_snapshot(repo_id: str, *, revision: str | None = None, allow_patterns: list[str] | None = None,
@@ -30,4 +26,4 @@ def fetch_snapshot(repo_id: str, *, revision: str | None = None, allow_patterns:
     except LocalEntryNotFoundError:
         raise InputError(f"{what} '{repo_id}' is not a local path and not in the Hub cache (offline)") from None
     except Exception as exc:  # network failures of every flavour
-        raise HubError(f"could not download '{repo_id}': {type(exc).__name__}: {_first_line(exc)}") from None
+        raise HubError(f"could not download '{repo_id}': {type(exc).__name__}: {first_line(exc)}") from None

@@ -8,6 +8,7 @@ import torch
 
 from .errors import InputError
 from .families import Family
+from .recipe import DataSettings
 
 
 def check_latent_shape(family: Family, model_config: dict, frames: int, height: int, width: int, where: str) -> None:
@@ -18,16 +19,16 @@ def check_latent_shape(family: Family, model_config: dict, frames: int, height: 
                          f"the model's patch size {pt}x{ph}x{pw}")
 
 
-def synthetic_batch(family: Family, model_config: dict, data_cfg: dict, batch: int,
+def synthetic_batch(family: Family, model_config: dict, data_cfg: DataSettings, batch: int,
                     generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random latents at the recipe resolution and random text embeddings (seeded)."""
     c = family.latent_channels(model_config)
-    latents = torch.randn(batch, c, data_cfg["frames"], data_cfg["height"], data_cfg["width"], generator=generator)
-    embeds = torch.randn(batch, data_cfg["text_len"], family.text_dim(model_config), generator=generator)
+    latents = torch.randn(batch, c, data_cfg.frames, data_cfg.height, data_cfg.width, generator=generator)
+    embeds = torch.randn(batch, data_cfg.text_len, family.text_dim(model_config), generator=generator)
     return {"latents": latents, "prompt_embeds": embeds}
 
 
-def batches(family: Family, model_config: dict, data_cfg: dict, batch: int, generator: torch.Generator,
+def batches(family: Family, model_config: dict, data_cfg: DataSettings, batch: int, generator: torch.Generator,
             data_dir=None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches: shuffled passes over ``data_dir`` (seeded), or synthetic ones."""
     if data_dir is None:
@@ -43,3 +44,12 @@ def batches(family: Family, model_config: dict, data_cfg: dict, batch: int, gene
         for start in range(0, n, batch):
             yield collate([dataset[order[(start + j) % n]] for j in range(batch)])
 
+
+def denoiser_forward(model, family: Family, batch: dict, x_t: torch.Tensor, sigma: torch.Tensor, device,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The model's prediction for the noisy latents ``x_t`` at noise level ``sigma`` (timestep 1000 * sigma),
+    conditioned on ``batch``'s text (and image) embeddings, inputs moved to ``device`` in ``dtype``."""
+    image = batch["image_embeds"].to(device, dtype) if "image_embeds" in batch else None
+    kwargs = family.make_inputs(model, x_t.to(device, dtype), (sigma * 1000).to(device),
+                                batch["prompt_embeds"].to(device, dtype), image)
+    return model(**kwargs)[0]

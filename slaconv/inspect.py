@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .config import FORMAT_NAME
 from .hubfetch import fetch_snapshot
-from .workdir import CONFIG_NAME, STATE_NAME, load_sla2_state, read_sla2_config
+from .workdir import WorkDir
 
 
 def inspect_target(target: str, revision: str | None = None) -> dict:
@@ -17,22 +18,22 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
     path = Path(target)
     if not path.exists():
         path = fetch_snapshot(target, revision=revision, what="SLA2 model",
-                              allow_patterns=[CONFIG_NAME, STATE_NAME, "config.json", "reports/validation.json"])
-    config = read_sla2_config(path)
-    state = load_sla2_state(path)
-    validation = {}
-    report_path = path / "reports" / "validation.json"
-    if report_path.is_file():
-        validation = {x["layer"]: x for x in json.loads(report_path.read_text()).get("layers", [])}
-    initial_mass = ((config.get("alpha_init") or {}).get("selected_mass") or {}).get("per_head", {})
+                              allow_patterns=[WorkDir.SLA2_CONFIG, WorkDir.SLA2_STATE, WorkDir.MODEL_CONFIG,
+                                              WorkDir.VALIDATION_REPORT])
+    work = WorkDir(path)
+    config = work.read_sla2_config()
+    state = work.read_sla2_state()
+    report = work.read_validation_report() or {}
+    validation = {x["layer"]: x for x in report.get("layers", [])}
+    initial_mass = ((config.alpha_init or {}).get("selected_mass") or {}).get("per_head", {})
     layers = []
-    for name in config["layers"]:
+    for name in config.layers:
         logit = state.get(f"{name}.alpha_logit")
         rq = state.get(f"{name}.router_q")
         eye = torch.eye(rq.shape[-1]).expand_as(rq) if rq is not None else None
         layers.append({
             "layer": name,
-            "topk": (config.get("topk_per_layer") or {}).get(name, config["topk"]),
+            "topk": config.attention.topk_for(name),
             "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
             "initial_mass": (round(sum(initial_mass[name]) / len(initial_mass[name]), 4)
                              if initial_mass.get(name) else None),
@@ -40,20 +41,22 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
             "sparsity": validation.get(name, {}).get("sparsity"),
             "attention_rel_l2": validation.get(name, {}).get("attention_rel_l2"),
         })
+    attention = config.attention
     return {
         "target": target,
-        "format": f"{config['format']} v{config.get('format_version')}",
-        "family": config.get("family"),
-        "base_model": config.get("base_model"),
-        "block_q": config["block_q"], "block_k": config["block_k"], "topk": config["topk"],
-        "quant": config["quant"],
+        "format": f"{FORMAT_NAME} v{attention.format_version}",
+        "family": config.family,
+        "base_model": config.base_model,
+        "block_q": attention.block_q, "block_k": attention.block_k, "topk": attention.topk,
+        "quant": attention.quant,
         "layers": layers,
-        "calibration": config.get("calibration"),
-        "validation": config.get("validation"),
+        "calibration": config.calibration,
+        "validation": config.validation,
     }
 
 
 def render(info: dict) -> str:
+    """The human-readable table of :func:`inspect_target`'s result."""
     base = info.get("base_model") or {}
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",

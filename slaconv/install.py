@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
+from .config import SLA2Config
 from .errors import RecipeError
-from .families import Family
+from .families import Family, detect_family, get_family
 from .processor import MODES, SLA2Processor
 
 
@@ -19,7 +21,7 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
-def resolve_targets(model: torch.nn.Module, family: Family, targets: list[str], ignore: list[str]) -> list[str]:
+def resolve_targets(model: torch.nn.Module, family: Family, targets: Iterable[str], ignore: Iterable[str]) -> list[str]:
     """Module paths of the attention layers to convert, in model order.
 
     ``targets``/``ignore`` hold exact module names or ``re:`` regexes (full match).  Empty targets
@@ -27,8 +29,9 @@ def resolve_targets(model: torch.nn.Module, family: Family, targets: list[str], 
     a typo must not silently convert fewer layers than the user asked for.
     """
     patterns = list(targets) or list(family.default_targets)
+    ignore = list(ignore)
     names = [name for name, module in model.named_modules() if hasattr(module, "set_processor")]
-    for pattern in patterns + list(ignore):
+    for pattern in patterns + ignore:
         if not any(_matches(n, pattern) for n in names):
             raise RecipeError(f"recipe pattern '{pattern}' matches no attention module of this model")
     chosen = [n for n in names if any(_matches(n, p) for p in patterns) and not any(_matches(n, p) for p in ignore)]
@@ -37,29 +40,53 @@ def resolve_targets(model: torch.nn.Module, family: Family, targets: list[str], 
     return chosen
 
 
-def install_sla2(
-    model: torch.nn.Module,
-    family: Family,
-    layers: list[str],
-    *,
-    topk: float,
-    block_q: int,
-    block_k: int,
-    quant: str,
-    topk_per_layer: dict[str, float] | None = None,
-) -> dict[str, SLA2Processor]:
-    """Put a fresh SLA2 processor (identity router) on each of ``layers``; returns them by name."""
+def install_sla2(model: torch.nn.Module, family: Family, layers: list[str],
+                 config: SLA2Config) -> dict[str, SLA2Processor]:
+    """Put a fresh SLA2 processor (identity router, alpha 0.5) running with ``config`` on each of
+    ``layers``; returns them by name."""
     modules = dict(model.named_modules())
     installed = {}
     param = next(model.parameters())
     for name in layers:
         attn = modules[name]
-        proc = family.make_processor(attn).to(param.device)
-        proc.topk = (topk_per_layer or {}).get(name, topk)
-        proc.block_q, proc.block_k, proc.quant = block_q, block_k, quant
-        proc.layer_name = name
+        proc = family.make_processor(attn, config, name).to(param.device)
         attn.set_processor(proc)
         installed[name] = proc
+    return installed
+
+
+def sla2_(model: torch.nn.Module, config: SLA2Config | None = None, *, targets: Iterable[str] | None = None,
+          ignore: Iterable[str] | None = None, family: Family | str | None = None,
+          alpha_init: float = 0.5) -> dict[str, SLA2Processor]:
+    """Convert a diffusers transformer in place to SLA2 attention; returns the new processors by layer name.
+
+    Every target self-attention layer gets an :class:`SLA2Processor` running with ``config`` (default
+    ``SLA2Config()``): an identity router (SLA's pooled top-k) and every head's sparse/linear ratio
+    alpha at ``alpha_init``, the state that ``slaconv calibrate`` starts from.  ``targets`` and ``ignore`` hold module names or
+    ``re:<regex>`` patterns (default: the family's self-attention layers); ``family`` is a registered
+    family name or :class:`~slaconv.families.Family`, detected from the model's class when omitted.
+    A processor in ``dense`` mode (:func:`set_mode`) computes exactly what the stock one does.
+
+    Example::
+
+        from diffusers import WanTransformer3DModel
+        import slaconv
+
+        model = WanTransformer3DModel.from_pretrained(repo, subfolder="transformer")
+        processors = slaconv.sla2_(model, slaconv.SLA2Config(topk=0.05, quant="none"))
+        list(processors)  # ['blocks.0.attn1', 'blocks.1.attn1', ...]
+    """
+    if not (isinstance(alpha_init, (int, float)) and 0 < alpha_init < 1):
+        raise ValueError(f"alpha_init must be in (0, 1), got {alpha_init!r}")
+    if family is None:  # a model built in memory has no _class_name in its config; its class says the same
+        family = detect_family({**(getattr(model, "config", None) or {}), "_class_name": type(model).__name__})
+    elif isinstance(family, str):
+        family = get_family(family)
+    layers = resolve_targets(model, family, targets or (), ignore or ())
+    installed = install_sla2(model, family, layers, config or SLA2Config())
+    with torch.no_grad():
+        for proc in installed.values():
+            proc.alpha_logit.fill_(math.log(alpha_init / (1 - alpha_init)))
     return installed
 
 
@@ -73,6 +100,7 @@ def sla2_processors(model: torch.nn.Module) -> dict[str, SLA2Processor]:
 
 
 def set_mode(model: torch.nn.Module, mode: str) -> None:
+    """Switch every SLA2 processor to ``sla2`` or ``dense`` (stock softmax) attention."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     for proc in sla2_processors(model).values():

@@ -8,7 +8,8 @@ import torch
 
 from .errors import InputError
 from .hubfetch import fetch_snapshot
-from .workdir import CONFIG_NAME, load_workdir
+from .utils.devices import DTYPES
+from .workdir import WorkDir
 
 
 def from_pretrained(id_or_dir: str | Path, *, revision: str | None = None, torch_dtype: torch.dtype | None = None,
@@ -22,13 +23,12 @@ def from_pretrained(id_or_dir: str | Path, *, revision: str | None = None, torch
     ``quant`` overrides the stored low-bit mode (``none``, ``int8``, ``int8-fp8``).
     """
     path = Path(id_or_dir).expanduser()
-    if not (path / CONFIG_NAME).is_file():
+    if not WorkDir.is_workdir(path):
         if path.exists():
-            raise InputError(f"{path} is not an SLA2 model folder: no {CONFIG_NAME}")
+            raise InputError(f"{path} is not an SLA2 model folder: no {WorkDir.SLA2_CONFIG}")
         path = fetch_snapshot(str(id_or_dir), revision=revision, token=token, what="SLA2 model")
-    dtype_name = {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16",
-                  torch.float16: "float16"}.get(torch_dtype)
+    dtype_name = "float32" if torch_dtype is None else {d: name for name, d in DTYPES.items()}.get(torch_dtype)
     if dtype_name is None:
         raise ValueError(f"unsupported torch_dtype {torch_dtype}")
-    model, _, _ = load_workdir(path, dtype=dtype_name, device=device, quant=quant)
+    model, _, _ = WorkDir(path).load_model(dtype=dtype_name, device=device, quant=quant)
     return model

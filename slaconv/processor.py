@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import SLA2Config
 from .kernels.ops import sla2_attention
 
 MODES = ("sla2", "dense")
@@ -28,31 +29,50 @@ class SLA2Processor(torch.nn.Module):
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, heads: int, head_dim: int, *, topk: float = 0.05, block_q: int = 128,
-                 block_k: int = 64, quant: str = "none", alpha: float = 0.5):
+    def __init__(self, heads: int, head_dim: int, config: SLA2Config | None = None, *, layer_name: str = "",
+                 alpha: float = 0.5):
+        """Identity router, every head's alpha at ``alpha``; ``config`` (default :class:`SLA2Config`) says how
+        attention runs and ``layer_name`` picks this layer's top-k from it."""
         super().__init__()
         eye = torch.eye(head_dim, dtype=torch.float32).expand(heads, head_dim, head_dim).clone()
         self.router_q = torch.nn.Parameter(eye.clone())
         self.router_k = torch.nn.Parameter(eye)
         self.alpha_logit = torch.nn.Parameter(torch.full((heads,), math.log(alpha / (1 - alpha))))
         self.heads, self.head_dim = heads, head_dim
-        self.topk, self.block_q, self.block_k, self.quant = topk, block_q, block_k, quant
+        self.config = config if config is not None else SLA2Config()
+        self.layer_name = layer_name
         self.mode = "sla2"
-        self.soft_tau: float | None = None
         self.observer: Observer | None = None
-        self.layer_name = ""
+
+    @property
+    def topk(self) -> float:
+        """This layer's fraction of key blocks attended exactly."""
+        return self.config.topk_for(self.layer_name)
+
+    @property
+    def block_q(self) -> int:
+        return self.config.block_q
+
+    @property
+    def block_k(self) -> int:
+        return self.config.block_k
+
+    @property
+    def quant(self) -> str:
+        return self.config.quant
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, head_dim={self.head_dim}, topk={self.topk}, "
                 f"blocks=({self.block_q}, {self.block_k}), quant={self.quant}, mode={self.mode}")
 
     def sla2_state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors by name: ``router_q``, ``router_k``, ``alpha_logit``."""
         return {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
 
     def sparse_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-        """SLA2 with this layer's parameters and settings on (B, N, H, D) tensors."""
+        """SLA2 with this layer's parameters and settings on (B, N, H, D) tensors; ``kwargs`` go to
+        :func:`slaconv.kernels.ops.sla2_attention` (e.g. ``soft_tau`` for SoftTop-k, or another ``quant``)."""
         kwargs.setdefault("quant", self.quant)
-        kwargs.setdefault("soft_tau", self.soft_tau)
         return sla2_attention(
             q, k, v, self.router_q, self.router_k, self.alpha_logit,
             topk=self.topk, block_q=self.block_q, block_k=self.block_k, layout="bnhd", **kwargs,
@@ -65,6 +85,7 @@ class SLA2Processor(torch.nn.Module):
         return out.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The observer's result if it returns one, else dense or SLA2 attention as ``mode`` says."""
         if self.observer is not None:
             out = self.observer(self, q, k, v)
             if out is not None:

@@ -27,16 +27,19 @@ from typing import Any
 from .checksums import CHECKSUMS_FILE, write_checksums
 from .errors import HubError, InputError, UsageError
 from .modelcard import CARD_MARKER, build_model_card
+from .utils.files import write_text_atomic
+from .workdir import SLA2_TENSORS, WorkDir
 
 README = "README.md"
-REQUIRED = ("config.json", "sla2.safetensors", "sla2_config.json")
-OPTIONAL_TOP = ("recipe.yaml",)
-EXCLUDED_DIRS = ("checkpoints", "logs")
+REQUIRED = (WorkDir.MODEL_CONFIG, WorkDir.SLA2_STATE, WorkDir.SLA2_CONFIG)
+OPTIONAL_TOP = (WorkDir.RECIPE,)
+EXCLUDED_DIRS = (WorkDir.CHECKPOINTS, WorkDir.LOGS)
+_WEIGHTS_STEM = WorkDir.WEIGHTS.removesuffix(".safetensors")
 # Remote files matching these but not re-uploaded are deleted by the push commit.
 STALE_PATTERNS = [
-    "diffusion_pytorch_model*.safetensors",
-    "diffusion_pytorch_model*.safetensors.index.json",
-    "reports/*",
+    f"{_WEIGHTS_STEM}*.safetensors",
+    f"{_WEIGHTS_STEM}*.safetensors.index.json",
+    f"{WorkDir.REPORTS}/*",
 ]
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -56,7 +59,7 @@ def _offline() -> bool:
 
 def _weight_files(workdir: Path) -> list[str]:
     """The diffusers weight files of a work dir (single file, or index + every shard it names)."""
-    index = workdir / "diffusion_pytorch_model.safetensors.index.json"
+    index = workdir / WorkDir.WEIGHTS_INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -67,11 +70,11 @@ def _weight_files(workdir: Path) -> list[str]:
             if not isinstance(shard, str) or "/" in shard or not (workdir / shard).is_file():
                 raise InputError(f"{workdir}: shard {shard!r} named in {index.name} is missing")
         return [index.name, *shards]
-    single = workdir / "diffusion_pytorch_model.safetensors"
+    single = workdir / WorkDir.WEIGHTS
     if single.is_file():
         return [single.name]
     raise InputError(
-        f"{workdir} holds no diffusers weights (diffusion_pytorch_model.safetensors or a sharded index): "
+        f"{workdir} holds no diffusers weights ({WorkDir.WEIGHTS} or a sharded index): "
         "run `slaconv convert` first"
     )
 
@@ -107,25 +110,22 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _check_sla2_tensors(root: Path, sla2: dict) -> None:
+def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...]) -> None:
     """Every layer listed in sla2_config.json has router_q, router_k and alpha_logit in sla2.safetensors."""
-    keys = set(read_safetensors_header(root / "sla2.safetensors")) - {"__metadata__"}
-    layers = sla2.get("layers")
-    if not isinstance(layers, list):
-        return
+    keys = set(read_safetensors_header(work.sla2_state_path)) - {"__metadata__"}
     for layer in layers:
-        for leaf in ("router_q", "router_k", "alpha_logit"):
+        for leaf in SLA2_TENSORS:
             if f"{layer}.{leaf}" not in keys:
                 raise InputError(
-                    f"{root / 'sla2.safetensors'} lacks {layer}.{leaf} (listed in sla2_config.json layers)"
+                    f"{work.sla2_state_path} lacks {layer}.{leaf} (listed in {WorkDir.SLA2_CONFIG} layers)"
                 )
 
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Resolve ``workdir`` and check it holds a converted model; :class:`InputError` otherwise.
 
-    Checks: the required files exist, ``sla2_config.json`` is a slaconv-sla2 config, every weight
-    file (and every shard the index names) is a complete safetensors file, and ``sla2.safetensors``
+    Checks: the required files exist, ``sla2_config.json`` reads (:meth:`WorkDir.read_sla2_config`), every
+    weight file (and every shard the index names) is a complete safetensors file, and ``sla2.safetensors``
     holds the three tensors of every listed layer. Only headers are read.
     """
     root = Path(workdir).expanduser()
@@ -134,16 +134,12 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     missing = [name for name in REQUIRED if not (root / name).is_file()]
     if missing:
         raise InputError(f"{root} is not a slaconv work directory: missing {', '.join(missing)}")
-    try:
-        sla2 = json.loads((root / "sla2_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{root / 'sla2_config.json'} is not valid JSON: {e}") from None
-    if not isinstance(sla2, dict) or sla2.get("format", "slaconv-sla2") != "slaconv-sla2":
-        raise InputError(f"{root / 'sla2_config.json'} is not a slaconv SLA2 config (format must be 'slaconv-sla2')")
+    work = WorkDir(root)
+    config = work.read_sla2_config()
     for name in _weight_files(root):
         if name.endswith(".safetensors"):
             read_safetensors_header(root / name)
-    _check_sla2_tensors(root, sla2)
+    _check_sla2_tensors(work, config.layers)
     return root.resolve()
 
 
@@ -156,7 +152,7 @@ def collect_files(workdir: str | os.PathLike) -> list[str]:
     root = Path(workdir)
     files = {*REQUIRED, *_weight_files(root), README, CHECKSUMS_FILE}
     files.update(name for name in OPTIONAL_TOP if (root / name).is_file())
-    reports = root / "reports"
+    reports = root / WorkDir.REPORTS
     if reports.is_dir():
         for path in reports.rglob("*"):
             rel = path.relative_to(root).as_posix()
@@ -187,12 +183,6 @@ def _card_text(root: Path, card_state: str, repo_id: str) -> str:
     if card_state == "generated":
         return build_model_card(root, repo_id=repo_id)
     return (root / README).read_text(encoding="utf-8")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _scrub(text: str, secrets: list[str]) -> str:
@@ -333,7 +323,7 @@ def push(
 
         # The only two files push writes into the work dir (see the module docstring).
         if card_state == "generated":
-            _write_atomic(root / README, _card_text(root, card_state, repo_id))
+            write_text_atomic(root / README, _card_text(root, card_state, repo_id))
         write_checksums(root, [f for f in files if f != CHECKSUMS_FILE])
 
         info = api.upload_folder(

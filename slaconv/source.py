@@ -15,8 +15,8 @@ import torch
 
 from .errors import InputError, UnsupportedModelError
 from .families import Family, detect_family
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .utils.devices import DTYPES
+from .utils.messages import first_line, looks_local
 
 
 @dataclass
@@ -24,21 +24,15 @@ class ModelSource:
     """A resolved model: the local folder holding ``config.json`` and where it came from."""
 
     path: Path
-    model_id: str
     revision: str | None
     subfolder: str | None
     config: dict
 
 
-def _looks_local(model: str) -> bool:
-    # A Hub id is "name" or "org/name"; anything else that is not an existing path is a path too.
-    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
 def resolve_model(model: str, *, subfolder: str | None = None, revision: str | None = None,
                   offline: bool = False) -> ModelSource:
     """Local path or Hub id (+subfolder, revision) -> :class:`ModelSource`, with one-line errors."""
-    if _looks_local(model):
+    if looks_local(model):
         root = Path(model).expanduser()
         if not root.exists():
             raise InputError(f"model path does not exist: {model}")
@@ -58,7 +52,7 @@ def resolve_model(model: str, *, subfolder: str | None = None, revision: str | N
         raise InputError(f"{config_path} is not a diffusers model config (no _class_name)")
     if not any(folder.glob("*.safetensors")):
         raise InputError(f"{folder} holds no .safetensors weights (pickled checkpoints are not read)")
-    return ModelSource(folder, model, revision_used or revision, subfolder, config)
+    return ModelSource(folder, revision_used or revision, subfolder, config)
 
 
 def _download(model: str, *, subfolder: str | None, revision: str | None, offline: bool) -> tuple[Path, str | None]:
@@ -100,7 +94,7 @@ def _weight_keys(folder: Path) -> dict[str, tuple[int, ...]]:
                 for key in fh.keys():
                     shapes[key] = tuple(fh.get_slice(key).get_shape())
         except Exception as exc:
-            raise InputError(f"{f} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"{f} is not a readable safetensors file: {first_line(exc)}") from None
     return shapes
 
 
@@ -139,7 +133,7 @@ def _load_sla_checkpoint(source: ModelSource, cls, dtype: torch.dtype) -> torch.
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InputError(f"{source.path}: weights do not match {cls.__name__}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{source.path}: weights do not match {cls.__name__}: {first_line(exc)}") from None
     if dtype != torch.float32:  # as from_pretrained(torch_dtype=...) does: some modules stay fp32
         keep = getattr(cls, "_keep_in_fp32_modules", None) or []
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -162,32 +156,5 @@ def load_model(source: ModelSource, family: Family | None = None, *, dtype: str 
     try:
         model = cls.from_pretrained(source.path, torch_dtype=DTYPES[dtype], use_safetensors=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"could not load {source.path} as {cls.__name__}: {first}") from None
+        raise InputError(f"could not load {source.path} as {cls.__name__}: {first_line(exc)}") from None
     return model.to(device).eval()
-
-
-def load_base_model(workdir: Path, sla2_cfg: dict, *, dtype: str, device, base: str | None = None,
-                    verify: bool = True) -> torch.nn.Module:
-    """The original model a work dir was converted from.
-
-    Tried in order: ``base`` if given; the local folder recorded at convert time (checked against
-    the recorded content hash, so a changed checkpoint is not silently used; ``verify=False`` skips
-    that check for a caller that already made it in this run); the Hub id and revision recorded in
-    ``sla2_config.json``.
-    """
-    from .workdir import read_local
-
-    info = sla2_cfg.get("base_model") or {}
-    if base:
-        return load_model(resolve_model(base), dtype=dtype, device=device)
-    local = read_local(workdir).get("base_path")
-    if local and Path(local).is_dir():
-        source = resolve_model(local)
-        if verify and info.get("content_hash") and content_hash(source.path) != info["content_hash"]:
-            raise InputError(f"the base model at {local} changed since convert (content hash differs); pass --base")
-        return load_model(source, dtype=dtype, device=device)
-    if info.get("id"):
-        return load_model(resolve_model(info["id"], subfolder=info.get("subfolder"), revision=info.get("revision")),
-                          dtype=dtype, device=device)
-    raise InputError(f"the original model is no longer at {local!r} and has no Hub id; pass --base")

@@ -9,20 +9,22 @@ raises :class:`QualityGateError` (exit 4) when a recipe gate fails -- after writ
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from . import flow
-from .calibrate import StepSampler, _forward
+from .calibrate import StepSampler
 from .errors import QualityGateError
+from .inputs import denoiser_forward
 from .install import sla2_processors
 from .kernels import reference
 from .plots import bar_chart, mask_image
-from .source import DTYPES, load_base_model
-from .workdir import load_workdir, read_sla2_config, write_json
+from .recipe import Recipe
+from .utils.devices import DTYPES
+from .utils.files import write_json, write_text_atomic
+from .workdir import WorkDir
 
 MAX_ROWS_PER_LAYER = 4096  # query rows compared per layer and sample (full attention is O(rows * N))
 
@@ -52,7 +54,7 @@ def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
         nk = reference.block_count(n, proc.block_k)
         scores = reference.router_scores(qh, kh, proc.router_q, proc.router_k, proc.block_q, proc.block_k)
         mask = reference.hard_topk_mask(scores, reference.topk_count(proc.topk, nk))
-        token_density = reference._expand_blocks(mask.float(), proc.block_k, n).mean()
+        token_density = mask.float().repeat_interleave(proc.block_k, dim=-1)[..., :n].mean()  # ragged last block
         s = stats.setdefault(proc.layer_name, {"rel_l2": [], "cosine": [], "sparsity": []})
         s["rel_l2"].append(_rel_l2(sla, full))
         s["cosine"].append(_cosine(sla, full))
@@ -66,34 +68,31 @@ def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
     try:
         x_t = flow.add_noise(batch["latents"], batch["noise"], sigma)
         with torch.no_grad():
-            _forward(model, family, batch, x_t, sigma, device, dtype)
+            denoiser_forward(model, family, batch, x_t, sigma, device, dtype)
     finally:
         for proc in procs.values():
             proc.observer = None
     return stats, masks
 
 
-def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = None, device="cpu",
+def validate(workdir: Path | WorkDir, recipe: Recipe, *, data_dir=None, base: str | None = None, device="cpu",
              quant: str | None = None) -> dict:
     """Compare the work dir's SLA2 model with the original; write reports; return the report dict."""
-    workdir = Path(workdir)
-    sla2_cfg = read_sla2_config(workdir)
-    v = recipe["validation"]
-    dtype_name = recipe["model"]["dtype"]
-    model, family, _ = load_workdir(workdir, dtype=dtype_name, device=device, quant=quant)
-    original = load_base_model(workdir, sla2_cfg, dtype=dtype_name, device=device, base=base)
+    work = WorkDir.open(workdir)
+    v = recipe.validation
+    dtype_name = recipe.model.dtype
+    model, family, sla2_cfg = work.load_model(dtype=dtype_name, device=device, quant=quant)
+    original = work.load_base_model(dtype=dtype_name, device=device, base=base)
     dtype = DTYPES[dtype_name]
-    model_config = json.loads((workdir / "config.json").read_text())
-    rec = json.loads(json.dumps(recipe))
-    rec["calibration"]["seed"] = v["seed"]
-    sampler = StepSampler(family, model_config, rec, 1, data_dir)
-    gen = torch.Generator().manual_seed(v["seed"])
+    model_config = work.read_model_config()
+    sampler = StepSampler(family, model_config, recipe.override({"calibration.seed": v.seed}), 1, data_dir)
+    gen = torch.Generator().manual_seed(v.seed)
 
     layer_stats: dict[str, dict] = {}
     first_masks = None
-    velocity: dict[str, list[float]] = {str(t): [] for t in v["timesteps"]}
+    velocity: dict[str, list[float]] = {str(t): [] for t in v.timesteps}
     sample_rel, sample_psnr = [], []
-    for i in range(v["num_samples"]):
+    for i in range(v.num_samples):
         batch = sampler.batch(i)
         stats, masks = _layer_metrics(model, family, batch, torch.tensor([0.5]), device, dtype, gen)
         first_masks = first_masks or masks
@@ -102,20 +101,20 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
             for key in agg:
                 agg[key].extend(s[key])
         with torch.no_grad():
-            for t in v["timesteps"]:
+            for t in v.timesteps:
                 sigma = torch.tensor([t / 1000.0])
                 x_t = flow.add_noise(batch["latents"], batch["noise"], sigma)
-                ref = _forward(original, family, batch, x_t, sigma, device, dtype)
-                out = _forward(model, family, batch, x_t, sigma, device, dtype)
+                ref = denoiser_forward(original, family, batch, x_t, sigma, device, dtype)
+                out = denoiser_forward(model, family, batch, x_t, sigma, device, dtype)
                 velocity[str(t)].append(_rel_l2(out, ref))
 
         def predictor(net):
             # Called within this iteration: the closure never outlives its batch.
-            return lambda x, t: _forward(net, family, batch, x, t.cpu() / 1000.0, device, dtype)  # noqa: B023
+            return lambda x, t: denoiser_forward(net, family, batch, x, t.cpu() / 1000.0, device, dtype)  # noqa: B023
 
         noise = batch["noise"].to(device, dtype)
-        final_ref = flow.euler_sample(predictor(original), noise, v["sample_steps"], v["timestep_shift"]).float()
-        final_sla = flow.euler_sample(predictor(model), noise, v["sample_steps"], v["timestep_shift"]).float()
+        final_ref = flow.euler_sample(predictor(original), noise, v.sample_steps, v.timestep_shift).float()
+        final_sla = flow.euler_sample(predictor(model), noise, v.sample_steps, v.timestep_shift).float()
         sample_rel.append(_rel_l2(final_sla, final_ref))
         mse = float(torch.mean((final_sla - final_ref) ** 2))
         peak = float(final_ref.max() - final_ref.min())
@@ -139,9 +138,9 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
         "sample_rel_l2": sum(sample_rel) / len(sample_rel),
         "sample_psnr_db": sum(sample_psnr) / len(sample_psnr),
         "sparsity_mean": sum(x["sparsity"] for x in layers) / len(layers),
-        "quant": quant or sla2_cfg["quant"],
+        "quant": quant or sla2_cfg.attention.quant,
     }
-    gates = v["gates"]
+    gates = v.gates.to_dict()
     checks = {
         "attention_rel_l2_max": summary["attention_rel_l2_mean"] <= gates["attention_rel_l2_max"],
         "velocity_rel_l2_max": summary["velocity_rel_l2_mean"] <= gates["velocity_rel_l2_max"],
@@ -153,23 +152,21 @@ def validate(workdir: Path, recipe: dict, *, data_dir=None, base: str | None = N
         "summary": summary,
         "velocity_rel_l2_by_timestep": {t: sum(x) / len(x) for t, x in velocity.items()},
         "layers": layers,
-        "settings": {"num_samples": v["num_samples"], "seed": v["seed"], "timesteps": v["timesteps"],
-                     "sample_steps": v["sample_steps"], "data": Path(data_dir).name if data_dir else "synthetic"},
+        "settings": {"num_samples": v.num_samples, "seed": v.seed, "timesteps": list(v.timesteps),
+                     "sample_steps": v.sample_steps, "data": Path(data_dir).name if data_dir else "synthetic"},
     }
-    _write_reports(workdir, report, first_masks)
-    sla2_cfg = read_sla2_config(workdir)
-    sla2_cfg["validation"] = {"passed": report["passed"], **summary}
-    write_json(workdir / "sla2_config.json", sla2_cfg)
+    _write_reports(work, report, first_masks)
+    work.update_sla2_config(validation={"passed": report["passed"], **summary})
     if not report["passed"]:
         failed = ", ".join(k for k, ok in checks.items() if not ok)
-        raise QualityGateError(f"quality gate failed ({failed}); see {workdir / 'reports' / 'validation.md'}")
+        raise QualityGateError(f"quality gate failed ({failed}); see {work.validation_markdown_path}")
     return report
 
 
-def _write_reports(workdir: Path, report: dict, masks: dict | None) -> None:
-    out = workdir / "reports"
+def _write_reports(work: WorkDir, report: dict, masks: dict | None) -> None:
+    out = work.reports_dir
     out.mkdir(exist_ok=True)
-    write_json(out / "validation.json", report)
+    write_json(work.validation_report_path, report)
     layers = report["layers"]
     bar_chart(out / "layer_error.png", [x["layer"] for x in layers],
               {"attention rel L2": [x["attention_rel_l2"] for x in layers],
@@ -178,10 +175,11 @@ def _write_reports(workdir: Path, report: dict, masks: dict | None) -> None:
     if masks:
         name, mask = next(iter(masks.items()))
         mask_image(out / "router_mask.png", mask, f"router mask {name} head 0 (dark = sparse)")
-    (out / "validation.md").write_text(markdown_report(report))
+    write_text_atomic(work.validation_markdown_path, markdown_report(report))
 
 
 def markdown_report(report: dict) -> str:
+    """The human-readable ``reports/validation.md`` of a validation report."""
     s = report["summary"]
     lines = [
         f"# SLA2 validation: {'PASSED' if report['passed'] else 'FAILED'}",

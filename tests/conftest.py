@@ -6,9 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import make_wan
-from hubfake import FakeHub, isolate_hf_env
+# Without CUDA the Triton kernels run under the interpreter.  The mode is fixed when a kernel module is
+# first imported, and any test may import one, so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import make_wan  # noqa: E402
+from hubfake import FakeHub, isolate_hf_env  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -120,6 +120,22 @@ def test_cuda_requested_without_gpu(tmp_path, tiny_wan_dir):
     fails(3, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--device", "cuda", match="no CUDA GPU")
 
 
+@pytest.mark.parametrize("verb", ["convert", "calibrate", "validate", "prepare"])
+def test_unknown_device_name_is_a_usage_error(tmp_path, tiny_wan_dir, verb):
+    work = _workdir(tmp_path, tiny_wan_dir) if verb in ("calibrate", "validate") else None
+    args = {"convert": [tiny_wan_dir, "-o", tmp_path / "w2"], "calibrate": [work], "validate": [work],
+            "prepare": [tmp_path / "d", "--pipeline", tiny_wan_dir, "--captions", tmp_path / "c.jsonl"]}[verb]
+    fails(2, verb, *args, "--device", "gpu0", match="unknown device 'gpu0'")
+
+
+def test_block_size_and_quant_flags_take_only_supported_values(tmp_path, tiny_wan_dir):
+    res = run("convert", tiny_wan_dir, "-o", tmp_path / "w", "--block-q", 96, code=2)
+    assert "'96' is not one of '64', '128'" in res.output
+    res = run("convert", tiny_wan_dir, "-o", tmp_path / "w", "--quant", "fp4", code=2)
+    assert "'fp4' is not one of 'none', 'int8', 'int8-fp8'" in res.output
+    assert not (tmp_path / "w").exists()
+
+
 def test_nan_during_calibration_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_wan_dir):
     work = _workdir(tmp_path, tiny_wan_dir, **{"calibration.stage2.steps": 6, "calibration.stage2.grad_clip": 0.0})
     weights_before = dir_snapshot(work)["diffusion_pytorch_model.safetensors"]
@@ -150,7 +166,7 @@ def test_out_of_memory_says_what_to_change(tmp_path, tiny_wan_dir, monkeypatch, 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(stage_module, "forward_batch", oom)
+    monkeypatch.setattr(stage_module, "denoiser_forward", oom)
     line = fails(8, "calibrate", work, "--stage", stage, match="out of memory in stage " + stage)
     assert "batch_size" in line or "query_blocks_per_step" in line
     assert "Tried to allocate" not in line  # no raw CUDA trace

@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import slaconv
 from helpers import run, write_recipe
+from slaconv.config import SLA2Config
 from slaconv.errors import InputError
 from slaconv.install import sla2_processors
+from slaconv.workdir import WorkDir
 
 
 @pytest.fixture()
@@ -57,11 +59,10 @@ def test_save_load_round_trip_is_bit_exact(calibrated, tmp_path):
     state_a = {k: v.clone() for k, v in a.state_dict().items()}
     # Save the loaded model again through the same writer and load that copy.
     from slaconv.families import get_family
-    from slaconv.workdir import save_model_files
 
     copy = tmp_path / "copy"
     copy.mkdir()
-    save_model_files(a, get_family("wan"), copy)
+    WorkDir(copy).save_model(a, get_family("wan"))
     shutil.copy(calibrated / "sla2_config.json", copy / "sla2_config.json")
     b = slaconv.from_pretrained(copy)
     state_b = b.state_dict()
@@ -118,3 +119,129 @@ def test_loaded_transformer_runs_in_stock_wan_pipeline(calibrated):
         proc.mode = "dense"
     dense = pipe(generator=torch.Generator().manual_seed(1), **common).frames
     assert not torch.allclose(latents, dense)
+
+
+# sla2_config.json as slaconv 0.1.0 wrote it after convert, calibrate and validate (summaries shortened, a
+# hand-added "license"), for the tiny Wan model with the settings of tests/test_cli.write_recipe.
+SLA2_CONFIG_0_1_0 = """{
+  "format": "slaconv-sla2",
+  "format_version": 1,
+  "slaconv_version": "0.1.0",
+  "family": "wan",
+  "base_model": {
+    "id": null,
+    "name": "base",
+    "revision": null,
+    "subfolder": null,
+    "content_hash": "sha256:7b62fb42742e6ca3205dda2a4ef70b93322c4fd5194cea8625dc36dfa7360dfc",
+    "sla_checkpoint": null
+  },
+  "block_q": 64,
+  "block_k": 64,
+  "topk": 0.4,
+  "topk_per_layer": {},
+  "feature_map": "softmax",
+  "quant": "int8-fp8",
+  "alpha_granularity": "head",
+  "router": {
+    "projections": "per-head d x d, no bias",
+    "init": "identity"
+  },
+  "layers": [
+    "blocks.0.attn1",
+    "blocks.1.attn1"
+  ],
+  "recipe_hash": "1967d30811f53c9b",
+  "calibration": {
+    "stage1": {
+      "steps": 2,
+      "tau": 0.1,
+      "lr": 0.0001,
+      "alpha_lr": 0.05,
+      "data": "synthetic"
+    },
+    "stage2": {
+      "steps": 2,
+      "objective": "distill",
+      "lr": 1e-05,
+      "teacher": "online",
+      "quant": "int8-fp8",
+      "data": "synthetic"
+    }
+  },
+  "validation": {
+    "passed": true,
+    "sparsity_mean": 0.44507576525211334,
+    "quant": "int8-fp8"
+  },
+  "alpha_init": {
+    "method": "calibrate",
+    "selected_mass": {
+      "mean": 0.6094,
+      "lowest_layer": "blocks.1.attn1",
+      "lowest_layer_mean": 0.5587
+    }
+  },
+  "license": "apache-2.0"
+}
+"""
+
+
+def test_work_dir_written_by_earlier_slaconv_loads_bit_exact_and_rewrites_unchanged(calibrated):
+    ours = slaconv.from_pretrained(calibrated)
+    (calibrated / "sla2_config.json").write_text(SLA2_CONFIG_0_1_0)
+    theirs = slaconv.from_pretrained(calibrated)
+    state = ours.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in theirs.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(ours(**_inputs())[0], theirs(**_inputs())[0])
+
+    work = WorkDir(calibrated)
+    config = work.read_sla2_config()
+    assert config.attention == SLA2Config(topk=0.4, block_q=64, block_k=64, quant="int8-fp8")
+    assert config.layers == ("blocks.0.attn1", "blocks.1.attn1") and config.extra == {"license": "apache-2.0"}
+    work.write_sla2_config(config)
+    assert (calibrated / "sla2_config.json").read_text() == SLA2_CONFIG_0_1_0
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"quant": "fp4"}, "quant must be one of"),
+    ({"topk": 0}, "topk must be in"),
+    ({"format_version": 99}, "newer than this slaconv"),
+    ({"format": "other"}, "expected 'slaconv-sla2'"),
+    ({"layers": "blocks.0.attn1"}, "layers must be a list"),
+])
+def test_bad_sla2_config_is_a_one_line_input_error(calibrated, change, match):
+    config = json.loads(SLA2_CONFIG_0_1_0)
+    config.update(change)
+    (calibrated / "sla2_config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=match):
+        slaconv.from_pretrained(calibrated)
+    del config["quant"]
+    (calibrated / "sla2_config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError):
+        WorkDir(calibrated).read_sla2_config()
+
+
+def test_source_and_work_dir_modules_import_one_way():
+    """workdir builds on source (loading diffusers models); source knows nothing of work dirs."""
+    import subprocess
+    import sys
+
+    code = "import sys, slaconv.source; print('slaconv.workdir' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+def test_work_dir_names_and_paths(tmp_path):
+    work = WorkDir(tmp_path / "w")
+    assert (work.MODEL_CONFIG, work.WEIGHTS) == ("config.json", "diffusion_pytorch_model.safetensors")
+    assert work.sla2_config_path == tmp_path / "w" / "sla2_config.json"
+    assert work.checkpoints_dir(2) == tmp_path / "w" / "checkpoints" / "stage2"
+    assert work.log_path(1) == tmp_path / "w" / "logs" / "stage1.jsonl"
+    assert work.read_local() == {} and work.read_recipe() is None and work.read_validation_report() is None
+    with pytest.raises(InputError, match="work dir not found"):
+        WorkDir.open(tmp_path / "w")
+    work.path.mkdir()
+    with pytest.raises(InputError, match="not a slaconv work dir"):
+        WorkDir.open(work)

@@ -1,52 +1,30 @@
 """SLA2 Triton kernels against the PyTorch reference (and an independent dense fp64 oracle).
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py before
 anything imports Triton) on small shapes; with CUDA the same tests run on the GPU at larger sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 
+import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from slaconv.kernels import reference
 
-import pytest  # noqa: E402
+triton = pytest.importorskip("triton")
 
-from slaconv.kernels import reference  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytest.skip("triton not installed", allow_module_level=True)
-
-from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E402
-from slaconv.kernels import sla2_triton_common  # noqa: E402
-from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
-
-
-def _ensure_kernel_mode():
-    """If another test imported the kernels before TRITON_INTERPRET was set, re-create them (shared device
-    functions first: the kernels must call device functions of their own mode)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    want_interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if isinstance(forward_kernels.fwd_sparse_kernel, InterpretedFunction) != want_interp:
-        for module in (sla2_triton_common, forward_kernels, backward_kernels):
-            importlib.reload(module)
-
-
-_ensure_kernel_mode()
 from slaconv.kernels import sla2_triton as S  # noqa: E402
+from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E402
+from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
 from slaconv.kernels.launch import DEFAULT_LAUNCH, LaunchConfig  # noqa: E402
 from slaconv.kernels.ops import sla2_attention  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

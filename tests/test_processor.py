@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import slaconv
 from helpers import make_wan
+from slaconv.config import SLA2Config
 from slaconv.errors import RecipeError, UnsupportedModelError
 from slaconv.families import detect_family, get_family
 from slaconv.install import install_sla2, resolve_targets, set_mode, sla2_processors
@@ -29,7 +31,7 @@ def _install(model, **kw):
     fam = get_family("wan")
     layers = resolve_targets(model, fam, [], [])
     settings = {"topk": 0.5, "block_q": 64, "block_k": 64, "quant": "none", **kw}
-    return install_sla2(model, fam, layers, **settings)
+    return install_sla2(model, fam, layers, SLA2Config(**settings))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -105,7 +107,44 @@ def test_cross_attention_target_is_refused():
     model = make_wan()
     fam = get_family("wan")
     with pytest.raises(Exception, match="self-attention"):
-        install_sla2(model, fam, ["blocks.0.attn2"], topk=0.5, block_q=64, block_k=64, quant="none")
+        install_sla2(model, fam, ["blocks.0.attn2"], SLA2Config(topk=0.5, block_q=64, block_k=64, quant="none"))
+
+
+def test_sla2_converts_an_in_memory_model_and_dense_mode_is_stock():
+    """The Python entry point on a model that never touched the disk: every self-attention layer gets a
+    processor with the config's settings (per-layer top-k included), an identity router and alpha at
+    alpha_init; dense mode reproduces stock diffusers bit for bit, SLA2 mode changes the output."""
+    model = make_wan()
+    kwargs = _inputs(model, height=18, width=22)
+    config = slaconv.SLA2Config(topk=0.25, block_q=64, block_k=64, quant="none",
+                                topk_per_layer={"blocks.1.attn1": 0.5})
+    with torch.no_grad():
+        stock = model(**kwargs)[0]
+        procs = slaconv.sla2_(model, config, alpha_init=0.8)
+        assert list(procs) == ["blocks.0.attn1", "blocks.1.attn1"] and procs == sla2_processors(model)
+        assert [p.topk for p in procs.values()] == [0.25, 0.5]
+        for proc in procs.values():
+            assert proc.config is config and (proc.block_q, proc.block_k, proc.quant) == (64, 64, "none")
+            assert torch.equal(proc.router_q, torch.eye(24).expand(2, 24, 24))
+            assert torch.allclose(torch.sigmoid(proc.alpha_logit), torch.full((2,), 0.8))
+        sparse = model(**kwargs)[0]
+        set_mode(model, "dense")
+        dense = model(**kwargs)[0]
+    assert torch.equal(dense, stock)
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, stock)
+
+
+def test_sla2_targets_ignore_family_and_bad_arguments():
+    model = make_wan()
+    assert list(slaconv.sla2_(model, targets=["re:blocks\\.1\\..*"], ignore=["blocks.1.attn2"], family="wan")) == [
+        "blocks.1.attn1"]
+    assert list(slaconv.sla2_(make_wan(), ignore=["blocks.0.attn1"])) == ["blocks.1.attn1"]
+    with pytest.raises(RecipeError, match="matches no attention module"):
+        slaconv.sla2_(make_wan(), targets=["blocks.9.attn1"])
+    with pytest.raises(ValueError, match="alpha_init"):
+        slaconv.sla2_(make_wan(), alpha_init=1.0)
+    with pytest.raises(ValueError, match="quant must be one of"):
+        slaconv.SLA2Config(quant="fp4")
 
 
 def test_family_detection():

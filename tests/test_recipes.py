@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
+from slaconv.config import SLA2Config
 from slaconv.errors import InputError, RecipeError
-from slaconv.recipe import load_recipe, recipe_hash, save_recipe
+from slaconv.recipe import Recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FILES = sorted(RECIPES.glob("*.yaml"))
@@ -23,58 +25,58 @@ def test_required_recipes_exist():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_recipe_loads_and_hashes_stably(path: Path, tmp_path: Path):
     r = load_recipe(path)
-    assert r["name"] == path.stem
-    h = recipe_hash(r)
-    assert h == recipe_hash(load_recipe(path))
+    assert r.name == path.stem
+    h = r.hash()
+    assert h == load_recipe(path).hash()
     # The saved resolved recipe reloads to the same hash (what a resumed run relies on).
-    save_recipe(r, tmp_path / "resolved.yaml")
-    assert recipe_hash(load_recipe(tmp_path / "resolved.yaml")) == h
+    r.save(tmp_path / "resolved.yaml")
+    assert load_recipe(tmp_path / "resolved.yaml").hash() == h
     # A CLI-style override changes the hash.
-    assert recipe_hash(load_recipe(path, {"sla2.topk": "0.05"})) != h
+    assert load_recipe(path, {"sla2.topk": "0.05"}).hash() != h
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_recipe_paper_settings_and_types(path: Path):
     r = load_recipe(path)
-    s, c, v = r["sla2"], r["calibration"], r["validation"]
-    assert (s["block_q"], s["block_k"], s["topk"], s["quant"]) == (128, 64, 0.03, "int8-fp8")
-    assert s["targets"] == [] and r["model"]["family"] == "wan"
-    assert c["stage1"]["tau"] == 0.1 and c["stage2"]["steps"] == 500
-    st2 = c["stage2"]
-    assert st2["lr"] == 1e-5 and st2["weight_decay"] == 0.01 and st2["gradient_checkpointing"] is True
-    assert r["data"]["text_len"] == 512
-    # Fields recipe.validate() does not type-check: a YAML "1e-5" (no dot) would load as a string.
-    numbers = [st2["weight_decay"], st2["grad_clip"], st2["timestep_shift"], v["timestep_shift"],
-               c["stage1"]["lr"], *v["gates"].values()]
+    s, c, v = r.sla2, r.calibration, r.validation
+    assert (s.block_q, s.block_k, s.topk, s.quant) == (128, 64, 0.03, "int8-fp8")
+    assert s.targets == () and r.model.family == "wan"
+    assert c.stage1.tau == 0.1 and c.stage2.steps == 500
+    st2 = c.stage2
+    assert st2.lr == 1e-5 and st2.weight_decay == 0.01 and st2.gradient_checkpointing is True
+    assert r.data.text_len == 512
+    # A YAML "1e-5" (no dot) would load as a string: every number must really be one.
+    numbers = [st2.weight_decay, st2.grad_clip, st2.timestep_shift, v.timestep_shift,
+               c.stage1.lr, *v.gates.to_dict().values()]
     assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers), numbers
-    assert isinstance(st2["warmup_steps"], int) and st2["warmup_steps"] < st2["steps"]
-    assert st2["timestep_shift"] == v["timestep_shift"]
+    assert isinstance(st2.warmup_steps, int) and st2.warmup_steps < st2.steps
+    assert st2.timestep_shift == v.timestep_shift
 
 
-def _batch(r: dict) -> int:
-    st2 = r["calibration"]["stage2"]
-    return st2["batch_size"] * st2["grad_accum"]
+def _batch(r) -> int:
+    st2 = r.calibration.stage2
+    return st2.batch_size * st2.grad_accum
 
 
 def test_model_specific_values():
     r13 = load_recipe(RECIPES / "wan2.1-t2v-1.3b-480p.yaml")
     assert _batch(r13) == 64
-    assert [r13["data"][k] for k in ("frames", "height", "width")] == [21, 60, 104]
+    assert [r13.data.frames, r13.data.height, r13.data.width] == [21, 60, 104]
     r14 = load_recipe(RECIPES / "wan2.1-t2v-14b-720p.yaml")
     assert _batch(r14) == 15
-    assert [r14["data"][k] for k in ("frames", "height", "width")] == [21, 90, 160]
+    assert [r14.data.frames, r14.data.height, r14.data.width] == [21, 90, 160]
     for f in RECIPES.glob("wan2.2-t2v-a14b-720p*.yaml"):
         r = load_recipe(f)
-        assert _batch(r) == 15 and r["data"] == r14["data"]
-    hi = load_recipe(RECIPES / "wan2.2-t2v-a14b-720p.yaml")["validation"]["timesteps"]
+        assert _batch(r) == 15 and r.data == r14.data
+    hi = load_recipe(RECIPES / "wan2.2-t2v-a14b-720p.yaml").validation.timesteps
     assert min(hi) >= 875  # the high-noise expert only sees t >= boundary
     lo_path = RECIPES / "wan2.2-t2v-a14b-720p-transformer_2.yaml"
     if lo_path.exists():
-        assert max(load_recipe(lo_path)["validation"]["timesteps"]) < 875
+        assert max(load_recipe(lo_path).validation.timesteps) < 875
 
 
 def test_recipe_hashes_differ():
-    hashes = [recipe_hash(load_recipe(f)) for f in FILES]
+    hashes = [load_recipe(f).hash() for f in FILES]
     assert len(set(hashes)) == len(hashes)
 
 
@@ -111,6 +113,14 @@ def _variant(tmp_path: Path, patch: dict) -> Path:
     ({"calibration": {"stage2": {"lr": "1e-5"}}}, "stage2.lr must be > 0"),  # YAML string, not a float
     ({"data": {"height": 0}}, "data.height must be a positive integer"),
     ({"sla2": "dense"}, "'sla2' must be a mapping"),
+    ({"sla2": {"topk_per_layer": {"blocks.0.attn1": 2}}}, r"sla2.topk_per_layer\['blocks.0.attn1'\] must be in \(0, 1\]"),
+    ({"sla2": {"topk_per_layer": 0.1}}, "sla2.topk_per_layer must be a mapping"),
+    ({"sla2": {"alpha_init": 1.0}}, r"sla2.alpha_init must be 'calibrate' or in \(0, 1\)"),
+    ({"sla2": {"targets": "blocks.0.attn1"}}, "sla2.targets must be a list of strings"),
+    ({"validation": {"gates": {"psnr": 3}}}, "unknown recipe key 'validation.gates.psnr'"),
+    ({"validation": {"gates": {"sample_psnr_min_db": "high"}}}, "validation.gates.sample_psnr_min_db must be a number"),
+    ({"calibration": {"stage1": {"steps": True}}}, "calibration.stage1.steps must be an integer >= 0"),
+    ({"calibration": {"stage2": {"teacher": "offline"}}}, "calibration.stage2.teacher must be 'online' or 'precompute'"),
 ])
 def test_bad_recipes(tmp_path: Path, patch: dict, match: str):
     with pytest.raises(RecipeError, match=match):
@@ -131,3 +141,97 @@ def test_bad_overrides_and_files(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(InputError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+# A recipe.yaml as the dict-based recipe module of slaconv 0.1.0 resolved and saved it, with the hash that
+# such a work dir's sla2_config.json records: it must keep loading to the same values and hash.
+RESOLVED_BEFORE = """name: default
+model:
+  family: auto
+  dtype: bfloat16
+sla2:
+  targets: []
+  ignore: []
+  topk: 0.4
+  topk_per_layer:
+    blocks.0.attn1: 0.25
+  block_q: 64
+  block_k: 64
+  quant: int8-fp8
+  alpha_init: calibrate
+data:
+  frames: 2
+  height: 16
+  width: 16
+  text_len: 12
+calibration:
+  seed: 0
+  checkpoint_every: 50
+  checkpoints_total_limit: 2
+  eval_samples: 2
+  stage1:
+    steps: 100
+    lr: 0.0001
+    alpha_lr: 0.05
+    tau: 0.1
+    batch_size: 1
+    query_blocks_per_step: 8
+  stage2:
+    steps: 50
+    lr: 1.0e-05
+    weight_decay: 0.01
+    warmup_steps: 5
+    grad_clip: 1.0
+    batch_size: 1
+    grad_accum: 1
+    objective: distill
+    quant: none
+    gradient_checkpointing: false
+    timestep_shift: 5.0
+    train_alpha: true
+    teacher: online
+validation:
+  seed: 1234
+  num_samples: 2
+  timesteps:
+  - 700
+  - 200
+  sample_steps: 4
+  timestep_shift: 5.0
+  gates:
+    attention_rel_l2_max: 1.0
+    velocity_rel_l2_max: 1.0
+    sample_psnr_min_db: 0.0
+"""
+
+
+def test_recipe_yaml_and_hash_of_earlier_work_dirs_are_unchanged(tmp_path: Path):
+    assert Recipe().hash() == "aa0a5a82105c165b"
+    (tmp_path / "recipe.yaml").write_text(RESOLVED_BEFORE)
+    r = load_recipe(tmp_path / "recipe.yaml")
+    assert r.hash() == "3fda0ef5bae74a69"
+    assert r.dump() == RESOLVED_BEFORE
+    assert r == Recipe().override({"sla2.topk": 0.4, "sla2.block_q": 64, "model.dtype": "bfloat16",
+                                   "sla2.topk_per_layer": {"blocks.0.attn1": 0.25},
+                                   "calibration.stage2.quant": "none", "validation.timesteps": "[700, 200]"})
+
+
+def test_sla2_section_builds_the_attention_config():
+    r = load_recipe(None, {"sla2.topk": "0.1", "sla2.block_q": 64, "sla2.quant": "none",
+                           "sla2.topk_per_layer": {"blocks.1.attn1": 0.2}})
+    config = r.sla2.attention_config()
+    assert config == SLA2Config(topk=0.1, block_q=64, block_k=64, quant="none", topk_per_layer={"blocks.1.attn1": 0.2})
+    assert config.topk_for("blocks.1.attn1") == 0.2 and config.topk_for("blocks.0.attn1") == 0.1
+
+
+def test_recipes_are_immutable_and_overrides_return_checked_copies():
+    r = Recipe()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.sla2.topk = 0.5  # type: ignore[misc]
+    changed = r.override({"calibration.seed": 7, "calibration.stage2.lr": "2.0e-5", "sla2.topk": None})
+    assert (changed.calibration.seed, changed.calibration.stage2.lr, changed.sla2.topk) == (7, 2e-5, 0.05)
+    assert r.calibration.seed == 0 and changed.calibration.stage1 == r.calibration.stage1
+    with pytest.raises(RecipeError, match="calibration.stage2.lr must be > 0"):
+        r.override({"calibration.stage2.lr": 0})
+    with pytest.raises(RecipeError, match="unknown recipe key 'calibration.stage3'"):
+        r.override({"calibration.stage3.steps": 1})

@@ -10,6 +10,7 @@ import pytest
 import slaconv.calibrate as cal
 from helpers import run, write_recipe
 from slaconv.calibrate import stage1, stage2
+from slaconv.workdir import WorkDir
 
 
 class Killed(BaseException):
@@ -93,13 +94,13 @@ def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan
     shutil.copytree(pre, resumed)
 
     loads = []
-    real_load = stage2.load_base_model
+    real_load = WorkDir.load_base_model
 
     def counting_load(*args, **kwargs):
         loads.append(kwargs.get("verify", True))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(stage2, "load_base_model", counting_load)
+    monkeypatch.setattr(WorkDir, "load_base_model", counting_load)
     a = json.loads(run("calibrate", online, "--stage", "2", "--json").stdout)["stage2"]
     assert loads == [True]
     loads.clear()

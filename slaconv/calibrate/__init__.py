@@ -17,24 +17,22 @@ from pathlib import Path
 import torch
 
 from ..errors import OutOfMemoryError
-from ..recipe import recipe_hash, save_recipe
-from ..workdir import RECIPE_NAME, read_sla2_config
+from ..recipe import Recipe
+from ..workdir import WorkDir
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import full_model_state, full_training_state, load_training_state
 from .heldout import heldout_attention_error, heldout_loss
 from .results import save_results
-from .sampler import StepSampler, forward_batch
+from .sampler import StepSampler
 from .stage1 import run_stage1
 from .stage2 import run_stage2
 from .teacher import TeacherTargets, stage2_target
 
 __all__ = [
-    "StepSampler", "TeacherTargets", "calibrate", "forward_batch", "full_model_state", "full_training_state",
+    "StepSampler", "TeacherTargets", "calibrate", "full_model_state", "full_training_state",
     "heldout_attention_error", "heldout_loss", "list_checkpoints", "load_checkpoint", "load_training_state",
     "loss_curve", "run_stage1", "run_stage2", "save_checkpoint", "save_results", "stage2_target",
 ]
-
-_forward = forward_batch  # the name under which validate imports it
 
 
 def _oom(stage: str) -> OutOfMemoryError:
@@ -45,13 +43,13 @@ def _oom(stage: str) -> OutOfMemoryError:
     )
 
 
-def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None, resume=None, device="cpu",
+def calibrate(workdir: Path, recipe: Recipe, *, stage: str = "all", data_dir=None, resume=None, device="cpu",
               show_progress=True) -> dict:
     """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries."""
     workdir = Path(workdir)
-    read_sla2_config(workdir)
-    out = {"work_dir": str(workdir), "recipe_hash": recipe_hash(recipe)}
-    save_recipe(recipe, workdir / RECIPE_NAME)
+    WorkDir(workdir).read_sla2_config()
+    out = {"work_dir": str(workdir), "recipe_hash": recipe.hash()}
+    WorkDir(workdir).write_recipe(recipe)
     for name, run in (("1", run_stage1), ("2", run_stage2)):
         if stage in (name, "all"):
             try:
@@ -66,7 +64,7 @@ def calibrate(workdir: Path, recipe: dict, *, stage: str = "all", data_dir=None,
 def loss_curve(workdir: Path, stage: int) -> list[dict]:
     """One record per logged step of a stage: step, loss (stage 1: mean relative attention MSE over
     layers), learning rate (stage 2) and wall seconds; stage 1's per-layer detail stays in the log."""
-    path = Path(workdir) / "logs" / f"stage{stage}.jsonl"
+    path = WorkDir(workdir).log_path(stage)
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import DivergedError, InputError
 from ..statefile import load_state, save_state
-from ..workdir import atomic_dir
+from ..utils.files import atomic_dir
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 

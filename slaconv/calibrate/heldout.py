@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from .. import flow
+from ..inputs import denoiser_forward
 from ..kernels import reference
 from ..observe import observe_attention
-from .sampler import StepSampler, forward_batch
+from .sampler import StepSampler
 from .teacher import TeacherTargets, stage2_target
 
 
 def heldout_sampler(family, model_config, recipe, data_dir) -> StepSampler:
     """The sampler of the held-out scores: one sample per batch, from a seed of its own (the recipe's
     seed + 7777)."""
-    held = json.loads(json.dumps(recipe))
-    held["calibration"]["seed"] = recipe["calibration"]["seed"] + 7_777
+    held = recipe.override({"calibration.seed": recipe.calibration.seed + 7_777})
     return StepSampler(family, model_config, held, 1, data_dir)
 
 
@@ -49,7 +47,7 @@ def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query
         for i in range(n):
             batch = sampler.batch(i)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            forward_batch(model, family, batch, x_t, batch["sigma"], device, dtype)
+            denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
     return sum(a / max(b, 1e-30) for a, b in err.values()) / len(err)
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..workdir import read_sla2_config, save_model_files, write_json
+from ..workdir import WorkDir
 
 
 def save_results(model, family, workdir: Path, update: dict) -> None:
@@ -17,7 +17,7 @@ def save_results(model, family, workdir: Path, update: dict) -> None:
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        save_model_files(model, family, staging)
+        WorkDir(staging).save_model(model, family)
         new_files = {p.name for p in staging.iterdir()}
         for old in workdir.glob("diffusion_pytorch_model*"):
             if old.name not in new_files:
@@ -27,11 +27,10 @@ def save_results(model, family, workdir: Path, update: dict) -> None:
                 os.replace(p, workdir / p.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    config = read_sla2_config(workdir)
-    calibration = config.get("calibration") or {}
+    work = WorkDir(workdir)
+    calibration = dict(work.read_sla2_config().calibration or {})
     calibration.update(update)
-    config["calibration"] = calibration
-    write_json(workdir / "sla2_config.json", config)
+    work.update_sla2_config(calibration=calibration)
 
 
 def data_name(data_dir) -> str:

@@ -23,8 +23,8 @@ class StepSampler:
 
     def __init__(self, family, model_config, recipe, batch_size, data_dir=None, rank=0, world=1):
         self.family, self.model_config, self.recipe = family, model_config, recipe
-        self.batch_size, self.seed, self.rank, self.world = batch_size, recipe["calibration"]["seed"], rank, world
-        self.shift = recipe["calibration"]["stage2"]["timestep_shift"]
+        self.batch_size, self.seed, self.rank, self.world = batch_size, recipe.calibration.seed, rank, world
+        self.shift = recipe.calibration.stage2.timestep_shift
         self.dataset = None
         if data_dir is not None:
             from ..data import CalibrationDataset
@@ -33,8 +33,8 @@ class StepSampler:
                                               expected_text_dim=family.text_dim(model_config))
             check_latent_shape(family, model_config, *self.dataset.latent_shape[1:], where=str(data_dir))
         else:
-            d = recipe["data"]
-            check_latent_shape(family, model_config, d["frames"], d["height"], d["width"], where="recipe data")
+            d = recipe.data
+            check_latent_shape(family, model_config, d.frames, d.height, d.width, where="recipe data")
 
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A generator for per-step choices shared by all processes (e.g. stage-1 query blocks)."""
@@ -46,7 +46,7 @@ class StepSampler:
             from ..inputs import synthetic_batch
 
             item = {k: v[0]
-                    for k, v in synthetic_batch(self.family, self.model_config, self.recipe["data"], 1, gen).items()}
+                    for k, v in synthetic_batch(self.family, self.model_config, self.recipe.data, 1, gen).items()}
         else:
             n = len(self.dataset)
             epoch_order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * (index // n)))
@@ -60,11 +60,3 @@ class StepSampler:
         items = [self._sample(first + j) for j in range(self.batch_size)]
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
-
-def forward_batch(model, family, batch, x_t, sigma, device, dtype):
-    """The model's prediction for the noisy latents ``x_t`` at noise level ``sigma``, conditioned on
-    ``batch``'s prompt (and image) embeddings."""
-    image = batch["image_embeds"].to(device, dtype) if "image_embeds" in batch else None
-    kwargs = family.make_inputs(model, x_t.to(device, dtype), (sigma * 1000).to(device),
-                                batch["prompt_embeds"].to(device, dtype), image)
-    return model(**kwargs)[0]

@@ -10,19 +10,19 @@ ranking, which quantisation noise would only blur.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from .. import flow
+from ..inputs import denoiser_forward
 from ..install import sla2_processors
 from ..kernels import reference
 from ..observe import observing
 from ..progress import progress
-from ..source import DTYPES
-from ..workdir import load_workdir
+from ..utils.devices import DTYPES
+from ..workdir import WorkDir
 from .checkpoints import (
     append_log,
     check_finite,
@@ -39,17 +39,17 @@ from .distributed import (
 )
 from .heldout import heldout_attention_error, heldout_sampler
 from .results import data_name, save_results
-from .sampler import StepSampler, forward_batch
+from .sampler import StepSampler
 
 
 def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     """Stage 1 on every process of the launch (data-parallel): train the routers and alphas of the
     frozen model; the main process saves them."""
-    cfg = recipe["calibration"]["stage1"]
+    cfg = recipe.calibration.stage1
     reset_peak_memory()
     accelerator = make_accelerator(device)
     device = accelerator.device
-    model, family, _ = load_workdir(workdir, dtype=recipe["model"]["dtype"], device=device)
+    model, family, _ = WorkDir(workdir).load_model(dtype=recipe.model.dtype, device=device)
     model.requires_grad_(False)
     procs = sla2_processors(model)
     params = []
@@ -59,12 +59,12 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             params.append(p)
     routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
     alphas = [proc.alpha_logit for proc in procs.values()]
-    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg["lr"]}, {"params": alphas, "lr": cfg["alpha_lr"]}])
-    model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}])
+    model_config = WorkDir(workdir).read_model_config()
+    sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = Path(workdir) / "checkpoints" / "stage1"
-    log_path = Path(workdir) / "logs" / "stage1.jsonl"
+    ckpt_root = WorkDir(workdir).checkpoints_dir(1)
+    log_path = WorkDir(workdir).log_path(1)
     start = 0
     if resume:
         loaded = load_checkpoint(ckpt_root, resume)
@@ -78,7 +78,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     if accelerator.is_main_process:
         restart_log(log_path, start)
 
-    tau, n_qb = cfg["tau"], cfg["query_blocks_per_step"]
+    tau, n_qb = cfg.tau, cfg.query_blocks_per_step
     losses: dict[str, float] = {}
     step_gen = {"gen": None}
 
@@ -98,13 +98,13 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
         return proc.dense_attention(q, k, v)
 
-    dtype = DTYPES[recipe["model"]["dtype"]]
-    n_eval = recipe["calibration"]["eval_samples"]
+    dtype = DTYPES[recipe.model.dtype]
+    n_eval = recipe.calibration.eval_samples
     eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
     heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     with observing(procs.values(), observe):
-        bar = progress(range(start, cfg["steps"]), desc="stage 1",
-                       enabled=show_progress and accelerator.is_main_process, initial=start, total=cfg["steps"])
+        bar = progress(range(start, cfg.steps), desc="stage 1",
+                       enabled=show_progress and accelerator.is_main_process, initial=start, total=cfg.steps)
         t0 = time.time()
         for step in bar:
             t_step = time.time()
@@ -114,7 +114,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             losses.clear()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                forward_batch(model, family, batch, x_t, batch["sigma"], device, dtype)
+                denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
             layer_losses = mean_over_processes(accelerator, losses)
             mean_loss = sum(layer_losses.values()) / len(layer_losses)
             check_finite(mean_loss, "stage-1 loss", ckpt_root)
@@ -127,16 +127,16 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                       "seconds": round(time.time() - t_step, 3),
                                       "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
             bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
-            if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"] \
+            if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps \
                     and accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {
                     "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone()
                                          for n, p in procs.items() for t, v in p.sla2_state().items()},
-                    "optimizer": optimizer.state_dict()}, recipe["calibration"]["checkpoints_total_limit"])
+                    "optimizer": optimizer.state_dict()}, recipe.calibration.checkpoints_total_limit)
     seconds = round(time.time() - t0, 2)
     heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
     first_last = first_last_loss(log_path)
-    summary = {"stage1": {"steps": cfg["steps"], "tau": tau, "lr": cfg["lr"], "alpha_lr": cfg["alpha_lr"],
+    summary = {"stage1": {"steps": cfg.steps, "tau": tau, "lr": cfg.lr, "alpha_lr": cfg.alpha_lr,
                           "seconds": seconds, "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,
                           "heldout_attention_rel_mse_after": heldout_after,

@@ -9,7 +9,6 @@ from the accelerate config.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import torch
 
 from .. import flow
 from ..errors import InputError
+from ..inputs import denoiser_forward
 from ..install import sla2_processors
 from ..progress import progress
-from ..source import DTYPES, load_base_model
-from ..workdir import load_workdir
+from ..utils.devices import DTYPES
+from ..workdir import WorkDir
 from .checkpoints import (
     append_log,
     check_finite,
@@ -40,14 +40,14 @@ from .distributed import (
 )
 from .heldout import heldout_loss, heldout_sampler
 from .results import data_name, save_results
-from .sampler import StepSampler, forward_batch
+from .sampler import StepSampler
 from .teacher import TeacherTargets, stage2_target
 
 
 def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
     """A fresh model in the recipe dtype (the modules diffusers keeps in fp32 stay fp32, as after
     ``convert``) holding the trained weights ``state``."""
-    net, _, _ = load_workdir(workdir, dtype=dtype, device=device, quant=quant)
+    net, _, _ = WorkDir(workdir).load_model(dtype=dtype, device=device, quant=quant)
     net.load_state_dict(state)  # strict: copies each tensor into the parameter's own dtype
     return net.eval().requires_grad_(False)
 
@@ -55,35 +55,35 @@ def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
 def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
     """Stage 2 on every process of the launch (one, DDP or FSDP from the accelerate config): fine-tune
     the weights and alpha with the router frozen; the main process saves the result in the recipe dtype."""
-    cfg = recipe["calibration"]["stage2"]
+    cfg = recipe.calibration.stage2
     reset_peak_memory()
-    accelerator = make_accelerator(device, cfg["grad_accum"])
+    accelerator = make_accelerator(device, cfg.grad_accum)
     device = accelerator.device
-    quant = cfg["quant"] or recipe["sla2"]["quant"]
+    quant = cfg.quant or recipe.sla2.quant
     # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.  Under
     # FSDP every rank loads them on the CPU and FSDP moves only its shard to the GPU while wrapping,
     # so no GPU ever holds the whole fp32 model.
-    model, family, sla2_cfg = load_workdir(workdir, dtype="float32", device="cpu" if is_fsdp(accelerator) else device,
+    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype="float32", device="cpu" if is_fsdp(accelerator) else device,
                                            quant=quant)
-    if cfg["objective"] == "diffusion" and data_dir is None:
+    if cfg.objective == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
     model.train()
     model.requires_grad_(True)
     for proc in sla2_processors(model).values():
         proc.router_q.requires_grad_(False)
         proc.router_k.requires_grad_(False)
-        proc.alpha_logit.requires_grad_(bool(cfg["train_alpha"]))
-    if cfg["gradient_checkpointing"] and hasattr(model, "enable_gradient_checkpointing"):
+        proc.alpha_logit.requires_grad_(bool(cfg.train_alpha))
+    if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])
-    warmup = max(cfg["warmup_steps"], 0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model_config = json.loads((Path(workdir) / "config.json").read_text())
-    sampler = StepSampler(family, model_config, recipe, cfg["batch_size"], data_dir,
+    model_config = WorkDir(workdir).read_model_config()
+    sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = Path(workdir) / "checkpoints" / "stage2"
-    log_path = Path(workdir) / "logs" / "stage2.jsonl"
+    ckpt_root = WorkDir(workdir).checkpoints_dir(2)
+    log_path = WorkDir(workdir).log_path(2)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if resume:
@@ -95,26 +95,26 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     if accelerator.is_main_process:
         restart_log(log_path, start)
     dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
-    teacher_dtype = DTYPES[recipe["model"]["dtype"]]  # the teacher is loaded in the recipe dtype
-    n_eval = recipe["calibration"]["eval_samples"]
+    teacher_dtype = DTYPES[recipe.model.dtype]  # the teacher is loaded in the recipe dtype
+    n_eval = recipe.calibration.eval_samples
     eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
 
     def forward(net, batch, x_t, sigma, student_dtype=dtype):
-        return forward_batch(net, family, batch, x_t, sigma, device, student_dtype)
+        return denoiser_forward(net, family, batch, x_t, sigma, device, student_dtype)
 
     targets = None
     show = show_progress and accelerator.is_main_process
-    every = recipe["calibration"]["checkpoint_every"]
-    ga = cfg["grad_accum"]
-    if cfg["objective"] == "distill":
+    every = recipe.calibration.checkpoint_every
+    ga = cfg.grad_accum
+    if cfg.objective == "distill":
         targets = TeacherTargets(
-            lambda net, b, x, sg: forward_batch(net, family, b, x, sg, device, teacher_dtype),
-            lambda verify: load_base_model(workdir, sla2_cfg, dtype=recipe["model"]["dtype"], device=device,
+            lambda net, b, x, sg: denoiser_forward(net, family, b, x, sg, device, teacher_dtype),
+            lambda verify: WorkDir(workdir).load_base_model(dtype=recipe.model.dtype, device=device,
                                            verify=verify).requires_grad_(False),
-            accelerator.autocast, device, cfg["teacher"])
+            accelerator.autocast, device, cfg.teacher)
 
     def train_chunk(step):  # (precompute) the micro-batches up to the next checkpoint: one interval at a time
-        return sampler, range(step * ga, min(cfg["steps"], (step // every + 1) * every) * ga)
+        return sampler, range(step * ga, min(cfg.steps, (step // every + 1) * every) * ga)
 
     if targets is not None:
         targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start)}, show)
@@ -126,16 +126,16 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         return heldout_loss(run, net, targets, eval_sampler, n_eval, device, accelerator.autocast)
 
     heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective
-    bar = progress(range(start, cfg["steps"]), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
-                   initial=start, total=cfg["steps"])
+    bar = progress(range(start, cfg.steps), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
+                   initial=start, total=cfg.steps)
     t0 = time.time()
     for step in bar:
         if targets is not None and step != start and step % every == 0:
             targets.precompute({"train": train_chunk(step)}, show)
         t_step = time.time()
         step_loss = 0.0
-        for micro in range(cfg["grad_accum"]):
-            index = step * cfg["grad_accum"] + micro
+        for micro in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + micro
             batch = sampler.batch(index)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
             target = stage2_target(targets, "train", index, batch, device)
@@ -143,13 +143,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 pred = forward(model, batch, x_t, batch["sigma"]).float()
                 loss = torch.mean((pred - target) ** 2)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg["grad_clip"]:
+                if accelerator.sync_gradients and cfg.grad_clip:
                     # all of the prepared model's parameters (frozen ones have no gradient): accelerate
                     # computes FSDP's global norm over the shards only when given exactly these
-                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss.detach()) / cfg["grad_accum"]
+            step_loss += float(loss.detach()) / cfg.grad_accum
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
         check_finite(step_loss, "stage-2 loss", ckpt_root)
@@ -157,13 +157,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                   "seconds": round(time.time() - t_step, 3)})
         bar.set_postfix(loss=f"{step_loss:.5f}")
-        if (step + 1) % recipe["calibration"]["checkpoint_every"] == 0 and step + 1 < cfg["steps"]:
+        if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps:
             accelerator.wait_for_everyone()
             model_state, optim_state = full_training_state(accelerator, model, optimizer)  # every rank
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, {"stage": 2, "model": model_state, "optimizer": optim_state,
                                                       "scheduler": scheduler.state_dict()},
-                                recipe["calibration"]["checkpoints_total_limit"])
+                                recipe.calibration.checkpoints_total_limit)
             del model_state, optim_state
     accelerator.wait_for_everyone()
     seconds = round(time.time() - t0, 2)
@@ -173,15 +173,15 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     accelerator.free_memory()
     net, heldout_after = None, None
     if accelerator.is_main_process:
-        net = _final_model(workdir, full_state, recipe["model"]["dtype"], device, quant)
-        heldout_after = score(net, DTYPES[recipe["model"]["dtype"]])  # as saved: weights in the recipe dtype
+        net = _final_model(workdir, full_state, recipe.model.dtype, device, quant)
+        heldout_after = score(net, DTYPES[recipe.model.dtype])  # as saved: weights in the recipe dtype
     del full_state
     first_last = first_last_loss(log_path)
-    summary = {"stage2": {"steps": cfg["steps"], "objective": cfg["objective"], "lr": cfg["lr"],
-                          "teacher": cfg["teacher"] if cfg["objective"] == "distill" else None,
+    summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr,
+                          "teacher": cfg.teacher if cfg.objective == "distill" else None,
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
-                          "quant": quant, "batch_size": cfg["batch_size"],
-                          "grad_accum": cfg["grad_accum"], "processes": accelerator.num_processes,
+                          "quant": quant, "batch_size": cfg.batch_size,
+                          "grad_accum": cfg.grad_accum, "processes": accelerator.num_processes,
                           "distributed": accelerator.distributed_type.value,
                           "seconds": seconds, "loss_first": first_last[0],
                           "loss_last": first_last[1], "data": data_name(data_dir), **peak_memory(accelerator)}}

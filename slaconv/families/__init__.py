@@ -8,7 +8,7 @@ Adding a DiT family means adding one module that calls :func:`register`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ from ..errors import UnsupportedModelError
 
 @dataclass(frozen=True)
 class Family:
+    """What slaconv needs to know about one diffusers DiT class to convert, calibrate and validate it."""
+
     name: str
     class_names: tuple[str, ...]
     """``_class_name`` values in a diffusers ``config.json`` that belong to this family."""
@@ -25,8 +27,9 @@ class Family:
     """Returns the diffusers model class (imported lazily)."""
     default_targets: tuple[str, ...]
     """Recipe-style target patterns used when a recipe lists none."""
-    make_processor: Callable[[torch.nn.Module], torch.nn.Module]
-    """Builds an SLA2 processor (an ``nn.Module``) for one target attention module."""
+    make_processor: Callable[..., torch.nn.Module]
+    """``make_processor(attn, config, layer_name)``: an SLA2 processor (an ``nn.Module``, identity router) for
+    one target attention module, running with ``config`` (an :class:`~slaconv.config.SLA2Config`)."""
     stock_processor: Callable[[], Any]
     """Builds the family's stock processor (used to save plain diffusers weights)."""
     head_shape: Callable[[torch.nn.Module], tuple[int, int]]
@@ -36,18 +39,19 @@ class Family:
     latent_channels: Callable[[Any], int]
     text_dim: Callable[[Any], int]
     patch_size: Callable[[Any], tuple[int, int, int]]
-    extra: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Make ``family`` known to :func:`get_family` and :func:`detect_family`."""
     _REGISTRY[family.name] = family
     return family
 
 
 def get_family(name: str) -> Family:
+    """The registered family called ``name``, or :class:`UnsupportedModelError`."""
     _load_builtin()
     if name not in _REGISTRY:
         raise UnsupportedModelError(f"unknown model family '{name}' (known: {', '.join(sorted(_REGISTRY))})")
@@ -65,11 +69,6 @@ def detect_family(config: dict, requested: str = "auto") -> Family:
             return family
     known = ", ".join(sorted(c for f in _REGISTRY.values() for c in f.class_names))
     raise UnsupportedModelError(f"model class '{class_name}' is not a supported DiT family (supported: {known})")
-
-
-def known_families() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
 
 
 def _load_builtin() -> None:

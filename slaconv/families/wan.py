@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SLA2Config
 from ..errors import InputError
 from ..processor import SLA2Processor
 from . import Family, register
@@ -63,11 +64,11 @@ def _head_shape(attn) -> tuple[int, int]:
     return attn.heads, attn.inner_dim // attn.heads
 
 
-def _make_processor(attn) -> SLA2WanAttnProcessor:
+def _make_processor(attn, config: SLA2Config, layer_name: str) -> SLA2WanAttnProcessor:
     if getattr(attn, "is_cross_attention", False):
         raise InputError("SLA2 targets must be self-attention modules (attn1), not cross-attention")
     heads, head_dim = _head_shape(attn)
-    return SLA2WanAttnProcessor(heads, head_dim)
+    return SLA2WanAttnProcessor(heads, head_dim, config, layer_name=layer_name)
 
 
 def _make_inputs(model, latents, timestep, prompt_embeds, image_embeds=None) -> dict:

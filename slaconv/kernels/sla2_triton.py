@@ -16,8 +16,8 @@ D x D totals; the backward recomputes phi(Q), phi(K) and the linear numerator in
 O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B layer at 480p), and builds the inverted index
 (B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.
 
-The kernels live in ``sla2_triton_forward.py`` and ``sla2_triton_backward.py`` and are looked up through
-those module objects at call time, so the test suite can reload them under ``TRITON_INTERPRET=1``.
+The kernels live in ``sla2_triton_forward.py`` and ``sla2_triton_backward.py``, their shared device
+functions in ``sla2_triton_common.py``; this module holds the launches and the autograd function.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from slaconv.utils.files import read_json
 def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float, stage2_quant: str | None = None,
                  objective: str = "distill", seed: int = 0) -> Path:
     """A slaconv recipe for this benchmark (keys unknown to this slaconv version are left out)."""
-    from slaconv.recipe import DEFAULTS
+    from slaconv.recipe import Recipe
 
     s1, s2 = settings["stage1"], settings["stage2"]
     recipe = {
@@ -92,7 +92,7 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
         return out
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(keep_known(recipe, DEFAULTS), sort_keys=False))
+    path.write_text(yaml.safe_dump(keep_known(recipe, Recipe().to_dict()), sort_keys=False))
     return path
 
 

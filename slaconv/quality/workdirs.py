@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import slaconv
 from slaconv.config import FORMAT_NAME
-from slaconv.workdir import STATE_NAME
+from slaconv.workdir import WorkDir
 
 PIN = 20.0  # |alpha_logit| that pins alpha to 1 or 0: sigmoid(20) = 1 - 2.1e-9
 
@@ -28,7 +28,7 @@ def copy_workdir(src: Path, dst: Path) -> Path:
 def edit_sla2_state(workdir: Path, *, alpha_logit: float | None = None, zero_router: bool = False) -> dict:
     """Rewrite the work dir's SLA2 state in place: every alpha logit set to ``alpha_logit``, and/or the router's
     projections zeroed.  Each edit is appended to the work dir's ``ablation.json``."""
-    path = workdir / STATE_NAME
+    path = WorkDir(workdir).sla2_state_path
     state = load_file(str(path))
     for key in list(state):
         if alpha_logit is not None and key.endswith(".alpha_logit"):
@@ -45,7 +45,7 @@ def edit_sla2_state(workdir: Path, *, alpha_logit: float | None = None, zero_rou
 
 def alpha_range(workdir: Path) -> list[float]:
     """[min, mean, max] of alpha = sigmoid(alpha_logit) over every layer of the work dir."""
-    state = load_file(str(workdir / STATE_NAME))
+    state = WorkDir(workdir).read_sla2_state()
     a = torch.cat([torch.sigmoid(v.float()) for k, v in state.items() if k.endswith(".alpha_logit")])
     return [round(float(a.min()), 6), round(float(a.mean()), 6), round(float(a.max()), 6)]
 
