@@ -7,19 +7,23 @@ full-attention probability mass the initial mask selects, measured on one calibr
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from .families import detect_family
-from .inputs import batches, check_latent_shape
+from .inputs import batches, check_latent_shape, denoiser_forward
 from .install import resolve_targets, sla2_, sla2_processors
 from .kernels import reference
+from .observe import observing
 from .recipe import Recipe
 from .source import content_hash, load_model, resolve_model, sla_checkpoint_info
 from .utils.devices import DTYPES
 from .utils.files import atomic_dir
 from .workdir import WorkDir, new_config
+
+logger = logging.getLogger(__name__)
 
 
 def plan(model: str, recipe: Recipe, *, subfolder=None, revision=None, offline=False) -> dict:
@@ -55,17 +59,9 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
         measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
-    for proc in procs.values():
-        proc.observer = observe
-    try:
+    with observing(procs.values(), observe):
         dtype = DTYPES[recipe.model.dtype]  # not a parameter's: some modules stay fp32
-        kwargs = family.make_inputs(model, batch["latents"].to(device, dtype),
-                                    torch.full((1,), 500.0, device=device),
-                                    batch["prompt_embeds"].to(device, dtype))
-        model(**kwargs)
-    finally:
-        for proc in procs.values():
-            proc.observer = None
+        denoiser_forward(model, family, batch, batch["latents"], torch.full((1,), 0.5), device, dtype)
     for name, proc in procs.items():
         alpha = measured[name].clamp(0.02, 0.98)
         proc.alpha_logit.copy_(torch.log(alpha / (1 - alpha)))
@@ -95,6 +91,7 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     base = {"id": None if is_local else model, "name": source.path.name if subfolder is None else Path(model).name,
             "revision": source.revision, "subfolder": subfolder, "content_hash": content_hash(source.path),
             "sla_checkpoint": sla_checkpoint_info(source.path)}
+    logger.info(f"loading {model} ({family.name} family, {recipe.model.dtype}) on {device}")
     net = load_model(source, family, dtype=recipe.model.dtype, device=device)
     s = recipe.sla2
     fixed_alpha = s.alpha_init != "calibrate"
@@ -108,7 +105,10 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
         alphas, measured = calibrate_alpha(net, family, source.config, recipe, data_dir, device)
         mass = selected_mass_summary(measured)
         alpha_init = {"method": "calibrate", "selected_mass": mass}
+        logger.info(f"initial alpha: the initial router's blocks hold {mass['mean']:.1%} of the attention mass "
+                    f"(lowest layer {mass['lowest_layer']}: {mass['lowest_layer_mean']:.1%})")
     layers = list(procs)
+    logger.info(f"SLA2 installed on {len(layers)} layers (top-k {s.topk}, quant {s.quant})")
     config = new_config(attention=s.attention_config(), family=family, layers=layers, recipe_hash=recipe.hash(),
                         base=base, alpha_init=alpha_init)
     with atomic_dir(out_dir) as tmp:
@@ -117,5 +117,6 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
         work.write_sla2_config(config)
         work.write_local({"base_path": str(source.path.resolve())})
         work.write_recipe(recipe)
+    logger.info(f"wrote {out_dir}")
     return {"work_dir": str(out_dir), "family": family.name, "layers": layers, "alpha": alphas,
             "selected_mass": mass, "base_model": base}

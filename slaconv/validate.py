@@ -20,6 +20,7 @@ from .errors import QualityGateError
 from .inputs import denoiser_forward
 from .install import sla2_processors
 from .kernels import reference
+from .observe import observe_attention
 from .plots import bar_chart, mask_image
 from .recipe import Recipe
 from .utils.devices import DTYPES
@@ -62,16 +63,9 @@ def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
         masks.setdefault(proc.layer_name, mask[0, 0].cpu())
         return out
 
-    procs = sla2_processors(model)
-    for proc in procs.values():
-        proc.observer = observe
-    try:
-        x_t = flow.add_noise(batch["latents"], batch["noise"], sigma)
-        with torch.no_grad():
-            denoiser_forward(model, family, batch, x_t, sigma, device, dtype)
-    finally:
-        for proc in procs.values():
-            proc.observer = None
+    x_t = flow.add_noise(batch["latents"], batch["noise"], sigma)
+    with observe_attention(model, observe), torch.no_grad():
+        denoiser_forward(model, family, batch, x_t, sigma, device, dtype)
     return stats, masks
 
 
