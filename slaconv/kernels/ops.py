@@ -66,24 +66,11 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
     return "triton" if kernel_ok and q.is_cuda else "reference"
 
 
-def sla2_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    router_q: torch.Tensor,
-    router_k: torch.Tensor,
-    alpha_logit: torch.Tensor,
-    *,
-    topk: float,
-    block_q: int = 128,
-    block_k: int = 64,
-    quant: str = "none",
-    layout: str = "bnhd",
-    soft_tau: float | None = None,
-    q_blocks: torch.Tensor | None = None,
-    backend: str = "auto",
-    launch: LaunchConfig | None = None,
-) -> torch.Tensor:
+def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor,
+                   router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
+                   block_k: int = 64, quant: str = "none", layout: str = "bnhd", soft_tau: float | None = None,
+                   q_blocks: torch.Tensor | None = None, backend: str = "auto",
+                   launch: LaunchConfig | None = None) -> torch.Tensor:
     """SLA2 attention (DESIGN.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 

@@ -161,23 +161,11 @@ def _expand_blocks(m: torch.Tensor, block: int, n: int) -> torch.Tensor:
     return m.repeat_interleave(block, dim=-1)[..., :n]
 
 
-def sla2_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    router_q: torch.Tensor,
-    router_k: torch.Tensor,
-    alpha_logit: torch.Tensor,
-    *,
-    topk: float,
-    block_q: int = 128,
-    block_k: int = 64,
-    quant: str = "none",
-    soft_tau: float | None = None,
-    q_blocks: torch.Tensor | None = None,
-    chunk_q_blocks: int = 8,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor,
+                             router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
+                             block_k: int = 64, quant: str = "none", soft_tau: float | None = None,
+                             q_blocks: torch.Tensor | None = None, chunk_q_blocks: int = 8,
+                             mask: torch.Tensor | None = None) -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in

@@ -375,18 +375,9 @@ def _autograd_backward(ctx, do, *_unused):
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def sla2_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    router_q: torch.Tensor,
-    router_k: torch.Tensor,
-    alpha_logit: torch.Tensor,
-    spec: AttentionSpec,
-    *,
-    layout: str = "bnhd",
-    launch: LaunchConfig | None = None,
-) -> torch.Tensor:
+def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor,
+                          router_k: torch.Tensor, alpha_logit: torch.Tensor, spec: AttentionSpec, *,
+                          layout: str = "bnhd", launch: LaunchConfig | None = None) -> torch.Tensor:
     """SLA2 attention with the Triton kernels on q, k, v in ``layout``; returns the output in that layout
     and dtype.  ``spec`` holds the settings (:class:`AttentionSpec`), ``launch`` the tile sizes, warps and
     stages (:data:`DEFAULT_LAUNCH` if None).  Differentiable w.r.t. q, k, v and alpha_logit (the hard
