@@ -84,12 +84,16 @@ def _common(ctx, as_json):
 @click.group(cls=SlaconvGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="slaconv")
 @click.option("--offline", is_flag=True, help="Never touch the network (Hub cache and local paths only).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or progress lines: warnings and errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Also log details (debug messages).")
 @click.pass_context
-def main(ctx, offline, quiet):
+def main(ctx, offline, quiet, verbose):
     """Convert diffusers Diffusion Transformers to SLA2 sparse-linear attention."""
+    from .utils.logs import configure_logging
+
     ctx.ensure_object(dict)
     ctx.obj.update(offline=offline, quiet=quiet)
+    configure_logging(quiet=quiet, verbose=verbose)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 

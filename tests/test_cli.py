@@ -153,3 +153,19 @@ def test_convert_reports_the_attention_mass_its_router_keeps(tmp_path, tiny_wan_
         assert "init mass" in run("inspect", work).stdout
         masses[topk] = mass["mean"]
     assert masses[0.25] < masses[0.75]
+
+
+def test_progress_lines_without_a_terminal_and_quiet(tmp_path, tiny_wan_dir):
+    """Not on a terminal, a run logs what it does and one line per finished stage; -q logs nothing."""
+    recipe = write_recipe(tmp_path / "r.yaml")
+    work = tmp_path / "w"
+    res = CliRunner().invoke(main, ["convert", str(tiny_wan_dir), "-o", str(work), "--recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert "SLA2 installed on 2 layers" in res.stderr and f"wrote {work}" in res.stderr
+    res = CliRunner().invoke(main, ["calibrate", str(work), "--stage", "1", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert "stage 1: 3 steps on cpu" in lines
+    assert any(line.startswith("stage 1: 3/3 (rel_mse=") and line.endswith(" s") for line in lines), lines
+    res = CliRunner().invoke(main, ["-q", "calibrate", str(work), "--stage", "1", "--steps", "3"])
+    assert res.exit_code == 0 and res.stderr == ""

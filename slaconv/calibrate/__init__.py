@@ -12,6 +12,7 @@ exactly the batches, noise and timesteps of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "loss_curve", "run_stage1", "run_stage2", "save_checkpoint", "save_results", "stage2_target",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 def _oom(stage: str) -> OutOfMemoryError:
     return OutOfMemoryError(
@@ -52,6 +55,9 @@ def calibrate(workdir: Path, recipe: Recipe, *, stage: str = "all", data_dir=Non
     WorkDir(workdir).write_recipe(recipe)
     for name, run in (("1", run_stage1), ("2", run_stage2)):
         if stage in (name, "all"):
+            settings = recipe.calibration.stage1 if name == "1" else recipe.calibration.stage2
+            logger.info(f"stage {name}: {settings.steps} steps on {device}"
+                        + (f", resuming from {resume}" if resume else ""))
             try:
                 out.update(run(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
                                show_progress=show_progress))
