@@ -76,7 +76,7 @@ def content_hash(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-# Where public SLA checkpoints in diffusers layout keep SLA's `proj_l` (research/code_anchors.md §2.4).
+# Where public SLA checkpoints in diffusers layout keep SLA's `proj_l`, by the code that wrote them.
 SLA_LAYOUTS = {  # most specific first: the TurboDiffusion marker contains the community one
     "turbodiffusion": ".self_attn.attn_op.local_attn.proj_l.",
     "fastvideo": ".attn_impl.proj_l.",

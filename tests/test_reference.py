@@ -1,4 +1,4 @@
-"""The reference SLA2 attention against an independent fp64 implementation of DESIGN.md section 1."""
+"""The reference SLA2 attention against an independent fp64 implementation of docs/design.md section 1."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from slaconv.kernels import reference as R
 def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None):
     """Straightforward dense fp64 SLA2: explicit block loops for pooling, N x N masked maps.
 
-    Returns (output, block mask).  Written from DESIGN.md independently of kernels/reference.py.
+    Returns (output, block mask).  Written from docs/design.md independently of kernels/reference.py.
     """
     q, k, v, wq, wk = (t.double() for t in (q, k, v, wq, wk))
     b, h, n, d = q.shape

@@ -71,7 +71,7 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    block_k: int = 64, quant: str = "none", layout: str = "bnhd", soft_tau: float | None = None,
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
                    launch: LaunchConfig | None = None) -> torch.Tensor:
-    """SLA2 attention (DESIGN.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
+    """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
     ``router_q``, ``router_k`` (H, D, D) and ``alpha_logit`` (H,) are the layer's learned parameters;

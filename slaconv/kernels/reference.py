@@ -1,7 +1,7 @@
 """SLA2 attention in plain PyTorch: the CPU path and the oracle for the Triton kernels.
 
 Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.ops` adapts the
-(B, N, H, D) layout that diffusers hands its processors.  The math is DESIGN.md section 1:
+(B, N, H, D) layout that diffusers hands its processors.  The math is docs/design.md section 1:
 
 * router: ``S_c = (meanpool_bq(Q) W_q)(meanpool_bk(K - mean(K)) W_k)^T / sqrt(d)``, per head;
 * mask: hard top-k per query-block row (``n_k`` key blocks, at least one), or SoftTop-k;

@@ -18,7 +18,7 @@ LAYOUTS = ("bnhd", "bhnd")
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """The settings of one SLA2 attention call (DESIGN.md section 1).
+    """The settings of one SLA2 attention call (docs/design.md section 1).
 
     ``topk`` is the fraction of key blocks each query block attends to exactly (the rest go to the linear
     branch; at least one block is kept); ``block_q`` and ``block_k`` are the query and key block sizes in
