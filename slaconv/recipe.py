@@ -131,7 +131,8 @@ class SLA2Settings(_Section):
 
 @dataclass(frozen=True)
 class DataSettings(_Section):
-    """Latent shape (C is the model's in_channels) used for data-free calibration and validation."""
+    """The synthetic samples of data-free calibration and validation: latent frames x height x width (the
+    channels are the model's ``in_channels``) and ``text_len`` prompt-embedding tokens."""
 
     frames: int = 2
     height: int = 16
@@ -218,9 +219,15 @@ class Stage2Settings(_Section):
 
 @dataclass(frozen=True)
 class CalibrationSettings(_Section):
+    """Settings both stages share (seed, checkpoints, held-out scoring) and each stage's own."""
+
     seed: int = 0
+    """Seed of the training samples and noise; held-out scoring uses seed + 7777."""
+
     checkpoint_every: int = 50
+    """Steps between checkpoints."""
     checkpoints_total_limit: int = 2
+    """Checkpoints kept per stage; older ones are deleted."""
     eval_samples: int = 2
     """Fixed held-out samples (own seed) scored before and after each stage."""
     stage1: Stage1Settings = field(default_factory=Stage1Settings)

@@ -108,6 +108,16 @@ class WorkDirConfig:
         return dataclasses.replace(self, **changes)
 
 
+class _PathIn:
+    """A read-only attribute of :class:`WorkDir`: the path of the member ``name`` inside its folder."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, work: WorkDir | None, owner: type | None = None):
+        return self if work is None else work.path / self.name
+
+
 class WorkDir:
     """A converted model's folder (a work dir, or a package pushed to or downloaded from the Hub).
 
@@ -173,37 +183,14 @@ class WorkDir:
 
     # ------------------------------------------------------------------ paths
 
-    @property
-    def sla2_config_path(self) -> Path:
-        return self.path / self.SLA2_CONFIG
-
-    @property
-    def sla2_state_path(self) -> Path:
-        return self.path / self.SLA2_STATE
-
-    @property
-    def recipe_path(self) -> Path:
-        return self.path / self.RECIPE
-
-    @property
-    def local_path(self) -> Path:
-        return self.path / self.LOCAL
-
-    @property
-    def model_config_path(self) -> Path:
-        return self.path / self.MODEL_CONFIG
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.path / self.REPORTS
-
-    @property
-    def validation_report_path(self) -> Path:
-        return self.path / self.VALIDATION_REPORT
-
-    @property
-    def validation_markdown_path(self) -> Path:
-        return self.path / self.VALIDATION_MARKDOWN
+    sla2_config_path = _PathIn(SLA2_CONFIG)
+    sla2_state_path = _PathIn(SLA2_STATE)
+    recipe_path = _PathIn(RECIPE)
+    local_path = _PathIn(LOCAL)
+    model_config_path = _PathIn(MODEL_CONFIG)
+    reports_dir = _PathIn(REPORTS)
+    validation_report_path = _PathIn(VALIDATION_REPORT)
+    validation_markdown_path = _PathIn(VALIDATION_MARKDOWN)
 
     def checkpoints_dir(self, stage: int) -> Path:
         """Where stage ``stage`` (1 or 2) keeps its ``checkpoint-<step>`` folders."""

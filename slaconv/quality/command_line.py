@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 
 from slaconv.errors import SlaconvError
 
@@ -51,6 +52,18 @@ def fraction(text: str) -> float:
 def share(text: str) -> float:
     """An argparse type: a number in [0, 1)."""
     return _number(text, float, 0, True, 1, False)
+
+
+def training_parser(description: str, *, smoke_help: str, lr_default: float | None = None) -> argparse.ArgumentParser:
+    """The options every training module takes: --out, --smoke, --steps, --batch-size, --lr, --device."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--steps", type=positive_int)
+    ap.add_argument("--batch-size", type=positive_int)
+    ap.add_argument("--lr", type=positive_float, default=lr_default)
+    ap.add_argument("--device", default="auto")
+    return ap
 
 
 def one_line_errors(main):

@@ -12,7 +12,6 @@ Writes ``classifier.safetensors``, ``classifier.json`` (config + held-out accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
-from slaconv.quality.command_line import one_line_errors, positive_float, positive_int
+from slaconv.quality.command_line import one_line_errors, training_parser
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -119,13 +118,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
 
 @one_line_errors
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run (tests)")
-    ap.add_argument("--steps", type=positive_int)
-    ap.add_argument("--batch-size", type=positive_int)
-    ap.add_argument("--lr", type=positive_float, default=3e-3)
-    ap.add_argument("--device", default="auto")
+    ap = training_parser(__doc__.split("\n\n")[0], smoke_help="tiny CPU run (tests)", lr_default=3e-3)
     ap.add_argument("--score-model", type=Path,
                     help="a trained DiT folder: train on the videos it was trained on, then score its own samples")
     args = ap.parse_args(argv)

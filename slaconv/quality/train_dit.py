@@ -22,7 +22,6 @@ Writes to --out:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -39,9 +38,9 @@ from slaconv.quality.command_line import (
     non_negative_float,
     non_negative_int,
     one_line_errors,
-    positive_float,
     positive_int,
     share,
+    training_parser,
 )
 from slaconv.quality.images import line_plot, save_video_grid
 from slaconv.quality.render import GLYPHS
@@ -313,12 +312,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
 
 @one_line_errors
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, tiny videos, CPU, < 60 s")
-    ap.add_argument("--steps", type=positive_int)
-    ap.add_argument("--batch-size", type=positive_int)
-    ap.add_argument("--lr", type=positive_float)
+    ap = training_parser(__doc__.split("\n\n")[0], smoke_help="tiny model, tiny videos, CPU, < 60 s")
     ap.add_argument("--warmup", type=non_negative_int)
     ap.add_argument("--ema", type=share, help="EMA decay (0 = off)")
     ap.add_argument("--cond-dropout", type=share, help="share of samples trained with the null embedding")
@@ -332,7 +326,6 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (off by default and untested on a GPU; with --image-batch it "
                          "sees two input shapes)")
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=positive_int)
     ap.add_argument("--spec", default="{}",
