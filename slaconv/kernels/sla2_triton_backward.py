@@ -9,19 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton_common import (
-    batch_head,
-    check_head_dim,
-    check_rows,
-    load_rows,
-    load_square,
-    phi,
-    selected_key_rows,
-    split_outer_product,
-    store_rows,
-    store_square,
-    sum_selected_blocks,
-)
+from . import sla2_triton_common as common
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -30,14 +18,10 @@ def phi_rows(
     D: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """phi(X) = softmax over the head dim of one tile of rows, stored (B*H, N, D) in X's dtype."""
-    check_head_dim(D)
-    check_rows(BLOCK)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
-    rows = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = rows < N
-    x = load_rows(X + b * stride_xb + h * stride_xh, rows, stride_xn, valid, D)
-    store_rows(PHI + bh * N * D, rows, D, valid, phi(x.to(tl.float32)).to(x.dtype), D)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK, BLOCK)
+    rows, valid = common.block_rows(tile, BLOCK, N)
+    x = common.load_rows(X + b * stride_xb + h * stride_xh, rows, stride_xn, valid, D)
+    common.store_rows(PHI + bh * N * D, rows, D, valid, common.phi(x.to(tl.float32)).to(x.dtype), D)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -48,16 +32,12 @@ def phi_to_psi(
     """In place: phi(Q) -> psi = (1 - alpha) phi(Q) / den, the row scaling of the linear branch's gradient
     g = (1 - alpha) dO / den moved onto phi(Q), so the backward's D x D reductions (A = sum psi^T dO) are
     plain load + MMA loops on two 16-bit tiles."""
-    check_head_dim(D)
-    check_rows(BLOCK)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK, BLOCK)
     PHI += bh * N * D
-    rows = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = rows < N
-    phi = load_rows(PHI, rows, D, valid, D)
+    rows, valid = common.block_rows(tile, BLOCK, N)
+    phi = common.load_rows(PHI, rows, D, valid, D)
     scale = (1.0 - tl.load(ALPHA + h)) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
-    store_rows(PHI, rows, D, valid, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), D)
+    common.store_rows(PHI, rows, D, valid, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "n_tiles"])
@@ -71,23 +51,19 @@ def bwd_rows(
     c = -u / den: delta = alpha rowsum(dO * O_s) = rowsum(dO * O) - u.  Per-tile partials (summed by the
     caller, deterministic): b = sum c phi(q) and the alpha-logit gradient
     alpha (1 - alpha) sum dO (O_s - O_l) = sum (1 - alpha) rowsum(dO * O) - u."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     offs_d = tl.arange(0, D)
     alpha = tl.load(ALPHA + h)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = rows < N
+    rows, valid = common.block_rows(tile, BLOCK_M, N)
     per_row = bh * N + rows
-    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D).to(tl.float32)
-    o = load_rows(O + b * stride_ob + h * stride_oh, rows, stride_on, valid, D).to(tl.float32)
+    do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D).to(tl.float32)
+    o = common.load_rows(O + b * stride_ob + h * stride_oh, rows, stride_on, valid, D).to(tl.float32)
     do_dot_o = tl.sum(do * o, axis=1)
     u = (1.0 - alpha) * tl.load(W + per_row, mask=valid, other=0.0)
     c = -u * tl.load(INV_DEN + per_row, mask=valid, other=0.0)
     tl.store(DELTA + per_row, do_dot_o - u, mask=valid)
     tl.store(DALPHA_PARTIAL + bh * n_tiles + tile, tl.sum((1.0 - alpha) * do_dot_o - u, axis=0))
-    phi_q = load_rows(PHI_Q + bh * N * D, rows, D, valid, D).to(tl.float32)
+    phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, valid, D).to(tl.float32)
     tl.store(B_PARTIAL + (bh * n_tiles + tile) * D + offs_d, tl.sum(c[:, None] * phi_q, axis=0))
 
 
@@ -99,12 +75,10 @@ def bwd_outer(
 ):
     """Partial A_all = sum phi(Q)^T g = sum psi^T dO (g = (1 - alpha) dO / den) over one contiguous run of
     query tiles (a split-K GEMM; the caller sums the n_splits partials)."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    bh, b, h = batch_head(H)
+    split, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     DO += b * stride_dob + h * stride_doh
-    acc = split_outer_product(PSI + bh * N * D, DO, stride_don, n_tiles, n_splits, N, D, BLOCK_M)
-    store_square(A_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, acc, D)
+    acc = common.split_outer_product(PSI + bh * N * D, DO, stride_don, n_tiles, n_splits, N, D, BLOCK_M)
+    common.store_square(A_PARTIAL + (bh * n_splits + split) * D * D, acc, D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
@@ -118,25 +92,20 @@ def bwd_dq_lin_kernel(
     g = (1 - alpha) dO / den.  O_l is not saved by the forward: its numerator phi(Q) H_rest is recomputed
     here (one MMA) to give w = rowsum(dO * O_l), written for the later launches (u = (1 - alpha) w,
     c = -u / den)."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    check_rows(BLOCK_N)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     V += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, D)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = rows < N
+    rows, valid = common.block_rows(tile, BLOCK_M, N)
     per_row = bh * N + rows
     lut_row = LUT + (bh * nq + (tile * BLOCK_M) // block_q) * n_sel
-    h_sel, z_sel = sum_selected_blocks(tl.zeros((D, D), dtype=tl.float32), PHI_K + bh * N * D, V,
+    h_sel, z_sel = common.sum_selected_blocks(tl.zeros((D, D), dtype=tl.float32), PHI_K + bh * N * D, V,
                                         Z_BLOCK + bh * nk * D, lut_row, n_sel, N, stride_vn, D, BLOCK_N)
-    h_rest = (load_square(H_ALL + bh * D * D, D) - h_sel).to(DO.dtype.element_ty)
+    h_rest = (common.load_square(H_ALL + bh * D * D, D) - h_sel).to(DO.dtype.element_ty)
     z_rest = tl.load(Z_ALL + bh * D + offs_d) - z_sel
     alpha = tl.load(ALPHA + h)
     inv_den = tl.load(INV_DEN + per_row, mask=valid, other=0.0)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D)
-    phi_q = load_rows(PHI_Q + bh * N * D, rows, D, valid, D)
+    do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D)
+    phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, valid, D)
     # w = rowsum(dO * O_l), from the forward's numerator phi(Q) H_rest (same operands)
     numerator = tl.dot(phi_q, h_rest)
     w = inv_den * tl.sum(do.to(tl.float32) * numerator, axis=1)
@@ -147,7 +116,7 @@ def bwd_dq_lin_kernel(
     dphi = tl.dot(g, tl.trans(h_rest)) + c[:, None] * z_rest[None, :]
     phi_q32 = phi_q.to(tl.float32)
     dq = phi_q32 * (dphi - tl.sum(phi_q32 * dphi, axis=1)[:, None])
-    store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dqn, valid, dq, D)
+    common.store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dqn, valid, dq, D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "sm_scale"])
@@ -159,37 +128,31 @@ def bwd_dq_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Sparse part of dQ over the LUT row, added to the linear part already in DQ."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    check_rows(BLOCK_N)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DQ += b * stride_dqb + h * stride_dqh
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < N
+    rows, row_valid = common.block_rows(tile, BLOCK_M, N)
     per_row = bh * N + rows
     alpha = tl.load(ALPHA + h)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, row_valid, D)
-    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
+    do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, row_valid, D)
+    q = common.load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
     lse = tl.load(LSE + per_row, mask=row_valid, other=0.0)
     delta = tl.load(DELTA + per_row, mask=row_valid, other=0.0)
     do_s = (do.to(tl.float32) * alpha).to(do.dtype)  # the sparse branch's share of dO
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lut_row = LUT + (bh * nq + (tile * BLOCK_M) // block_q) * n_sel
     for step in range(0, n_sel):
-        cols, col_valid, _ = selected_key_rows(lut_row, step, N, BLOCK_N)
-        k = load_rows(K, cols, stride_kn, col_valid, D)
-        v = load_rows(V, cols, stride_vn, col_valid, D)
+        cols, col_valid, _ = common.selected_key_rows(lut_row, step, N, BLOCK_N)
+        k = common.load_rows(K, cols, stride_kn, col_valid, D)
+        v = common.load_rows(V, cols, stride_vn, col_valid, D)
         # P from the saved LSE; dS = P (dP - delta); dQ += dS K
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do_s, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    dq = dq * sm_scale + load_rows(DQ, rows, stride_dqn, row_valid, D).to(tl.float32)
-    store_rows(DQ, rows, stride_dqn, row_valid, dq, D)
+    common.add_rows(DQ, rows, stride_dqn, row_valid, dq * sm_scale, D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk"])
@@ -203,15 +166,10 @@ def bwd_dkdv_lin_kernel(
     A_sel = sum phi(Q)^T g = sum psi^T dO and b_sel = sum c phi(Q) = -sum w psi (both on the tensor
     cores: the loop only loads two 16-bit tiles and a row vector); with A_rest = A_all - A_sel and
     b_rest = b_all - b_sel: dV = phi(K) A_rest, dphi(K) = V A_rest^T + b_rest, through phi's Jacobian."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    check_rows(BLOCK_N)
-    kb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    kb, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     DO += b * stride_dob + h * stride_doh
     offs_d = tl.arange(0, D)
-    key_rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_valid = key_rows < N
+    key_rows, key_valid = common.block_rows(kb, BLOCK_N, N)
     tile_rows = tl.arange(0, BLOCK_M)
     w_column = tl.arange(0, 16)  # the smallest MMA width: column 0 carries -w, the rest are zero
     a_sel = tl.zeros((D, D), dtype=tl.float32)
@@ -224,24 +182,24 @@ def bwd_dkdv_lin_kernel(
         # PSI and W share one row index: a separate base pointer for each costs registers (one program
         # fewer per SM at D = 64)
         per_row = bh * N + rows
-        do = load_rows(DO, rows, stride_don, valid, D)
-        psi = load_rows(PSI, per_row, D, valid, D)
+        do = common.load_rows(DO, rows, stride_don, valid, D)
+        psi = common.load_rows(PSI, per_row, D, valid, D)
         w = tl.load(W + per_row, mask=valid, other=0.0)
         # A_sel += psi^T dO; b_sel += psi^T (-w) as a 16-wide MMA
         a_sel = tl.dot(tl.trans(psi), do, a_sel)
         minus_w = tl.where(w_column[None, :] == 0, -w[:, None], 0.0).to(psi.dtype)
         b_sel = tl.dot(tl.trans(psi), minus_w, b_sel)
-    a_rest = load_square(A_ALL + bh * D * D, D) - a_sel
+    a_rest = common.load_square(A_ALL + bh * D * D, D) - a_sel
     b_rest = tl.load(B_ALL + bh * D + offs_d) - tl.sum(b_sel, axis=1)
-    phi_k = load_rows(PHI_K + bh * N * D, key_rows, D, key_valid, D)
-    v = load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
+    phi_k = common.load_rows(PHI_K + bh * N * D, key_rows, D, key_valid, D)
+    v = common.load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
     a_rest16 = a_rest.to(v.dtype)  # 16-bit operands: dK, dV are 16-bit; fp32 operands spilled here
     dv = tl.dot(phi_k, a_rest16)
-    store_rows(DV + b * stride_dvb + h * stride_dvh, key_rows, stride_dvn, key_valid, dv, D)
+    common.store_rows(DV + b * stride_dvb + h * stride_dvh, key_rows, stride_dvn, key_valid, dv, D)
     dphi = tl.dot(v, tl.trans(a_rest16)) + b_rest[None, :]
     phi_k32 = phi_k.to(tl.float32)
     dk = phi_k32 * (dphi - tl.sum(phi_k32 * dphi, axis=1)[:, None])
-    store_rows(DK + b * stride_dkb + h * stride_dkh, key_rows, stride_dkn, key_valid, dk, D)
+    common.store_rows(DK + b * stride_dkb + h * stride_dkh, key_rows, stride_dkn, key_valid, dk, D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "qk_scale", "sm_scale"])
@@ -255,28 +213,23 @@ def bwd_dkdv_kernel(
     """Sparse part of dK (GRAD_K) or dV for one key block over the query tiles that selected it (inverted
     index TILE_OFFSETS / TILE_IDS), added to the linear part already in DKV.  dK and dV are two launches
     with one fp32 accumulator each: both in one launch does not fit the register file."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    check_rows(BLOCK_N)
-    kb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    kb, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     DKV += b * stride_dkvb + h * stride_dkvh
-    key_rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_valid = key_rows < N
+    key_rows, key_valid = common.block_rows(kb, BLOCK_N, N)
     alpha = tl.load(ALPHA + h)
-    k = load_rows(K + b * stride_kb + h * stride_kh, key_rows, stride_kn, key_valid, D)
+    k = common.load_rows(K + b * stride_kb + h * stride_kh, key_rows, stride_kn, key_valid, D)
     if GRAD_K:
-        v = load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
+        v = common.load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
     acc = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     first = tl.load(TILE_OFFSETS + bh * nk + kb)
     last = tl.load(TILE_OFFSETS + bh * nk + kb + 1)
     for entry in range(first, last):
         rows = tl.load(TILE_IDS + entry) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = rows < N
-        q = load_rows(Q, rows, stride_qn, valid, D)
-        do = load_rows(DO, rows, stride_don, valid, D)
+        q = common.load_rows(Q, rows, stride_qn, valid, D)
+        do = common.load_rows(DO, rows, stride_don, valid, D)
         lse = tl.load(LSE + bh * N + rows, mask=valid, other=0.0)
         # P^T from the saved LSE (key rows x query columns, log2 units)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
@@ -294,5 +247,4 @@ def bwd_dkdv_kernel(
         scale = sm_scale
     else:
         scale = alpha
-    acc = acc * scale + load_rows(DKV, key_rows, stride_dkvn, key_valid, D).to(tl.float32)
-    store_rows(DKV, key_rows, stride_dkvn, key_valid, acc, D)
+    common.add_rows(DKV, key_rows, stride_dkvn, key_valid, acc * scale, D)

@@ -40,10 +40,21 @@ def check_rows(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def batch_head(H):
-    """This program's bh = b * H + h (the second grid axis, as int64), b and h."""
+def program_coords(H, D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This program's index on the first grid axis and its bh = b * H + h (the second axis, as int64), b and
+    h; checks at compile time that D and the program's two tile sizes are ones the kernels are written for."""
+    check_head_dim(D)
+    check_rows(ROWS)
+    check_rows(COLS)
     bh = tl.program_id(1).to(tl.int64)
-    return bh, bh // H, bh % H
+    return tl.program_id(0), bh, bh // H, bh % H
+
+
+@triton.jit
+def block_rows(index, BLOCK: tl.constexpr, N):
+    """The token rows of tile or block ``index`` (``BLOCK`` rows each) and which of them are < N."""
+    rows = index * BLOCK + tl.arange(0, BLOCK)
+    return rows, rows < N
 
 
 @triton.jit
@@ -57,6 +68,12 @@ def store_rows(ptr, rows, row_stride, valid, x, D: tl.constexpr):
     """Store a (len(rows), D) tile (cast to the buffer's dtype); invalid rows are skipped."""
     ptrs = ptr + rows[:, None] * row_stride + tl.arange(0, D)[None, :]
     tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def add_rows(ptr, rows, row_stride, valid, x, D: tl.constexpr):
+    """Add the fp32 tile ``x`` to the rows a previous launch stored (a gradient's other part), in fp32."""
+    store_rows(ptr, rows, row_stride, valid, x + load_rows(ptr, rows, row_stride, valid, D).to(tl.float32), D)
 
 
 @triton.jit

@@ -8,19 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton_common import (
-    batch_head,
-    check_head_dim,
-    check_rows,
-    load_rows,
-    load_square,
-    phi,
-    selected_key_rows,
-    split_outer_product,
-    store_rows,
-    store_square,
-    sum_selected_blocks,
-)
+from . import sla2_triton_common as common
 
 LINEAR_EPS = tl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
 FP8_MAX = tl.constexpr(448.0)  # largest finite FP8 e4m3 value
@@ -70,7 +58,7 @@ def _softmax_step(s, m_i, l_i, acc):
 @triton.jit
 def _phi_and_inv_den(q, z_rest, has_lin):
     """phi(Q) of a query tile (fp32) and 1/den = 1/(phi(Q) z_rest + eps) per row (0 if every block is selected)."""
-    phi_q = phi(q.to(tl.float32))
+    phi_q = common.phi(q.to(tl.float32))
     den = tl.sum(phi_q * z_rest[None, :], axis=1) + LINEAR_EPS
     return phi_q, tl.where(has_lin != 0, 1.0 / den, 0.0)
 
@@ -121,20 +109,16 @@ def q_prepass(
     D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr,
 ):
     """Per query block: its mean (for the router) and, if QUANT, INT8 of Q * scale with one scale per block."""
-    check_head_dim(D)
-    check_rows(BLOCK_Q)
-    qb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    qb, bh, b, h = common.program_coords(H, D, BLOCK_Q, BLOCK_Q)
     Q += b * stride_qb + h * stride_qh
     offs_d = tl.arange(0, D)
-    rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = rows < N
-    q = load_rows(Q, rows, stride_qn, valid, D).to(tl.float32)
+    rows, valid = common.block_rows(qb, BLOCK_Q, N)
+    q = common.load_rows(Q, rows, stride_qn, valid, D).to(tl.float32)
     count = tl.minimum(N - qb * BLOCK_Q, BLOCK_Q).to(tl.float32)
     tl.store(Q_MEAN + (bh * nq + qb) * D + offs_d, tl.sum(q, axis=0) / count)
     if QUANT > 0:
         q_int8, q_scale = _int8_tile(q * scale)
-        store_rows(Q_INT8 + bh * N * D, rows, D, valid, q_int8, D)
+        common.store_rows(Q_INT8 + bh * N * D, rows, D, valid, q_int8, D)
         tl.store(Q_SCALE + bh * nq + qb, q_scale)
 
 
@@ -149,30 +133,26 @@ def k_feats(
     the block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
     NEGATE_PHI (the forward): PHI_K holds -phi(K), so the linear loop accumulates H_all - H_sel directly;
     z per block stays positive."""
-    check_head_dim(D)
-    check_rows(BLOCK_N)
-    kb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    kb, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
     offs_d = tl.arange(0, D)
-    rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = rows < N
-    k = load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
+    rows, valid = common.block_rows(kb, BLOCK_N, N)
+    k = common.load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
     k32 = k.to(tl.float32)
     count = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
     block_sum = tl.sum(k32, axis=0)
     stats = (bh * nk + kb) * D + offs_d
     tl.store(K_SUM + stats, block_sum)
     tl.store(K_MEAN + stats, block_sum / count)
-    phi_k32 = tl.where(valid[:, None], phi(k32), 0.0)
+    phi_k32 = tl.where(valid[:, None], common.phi(k32), 0.0)
     if NEGATE_PHI:
         stored = -phi_k32
     else:
         stored = phi_k32
-    store_rows(PHI_K + bh * N * D, rows, D, valid, stored.to(k.dtype), D)
+    common.store_rows(PHI_K + bh * N * D, rows, D, valid, stored.to(k.dtype), D)
     # z of the 16-bit phi(K) the loops multiply with
     tl.store(Z_BLOCK + stats, tl.sum(phi_k32.to(k.dtype).to(tl.float32), axis=0))
     if NEED_V_ABSMAX:
-        v = load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
+        v = common.load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
         tl.store(V_ABSMAX + stats, tl.max(tl.abs(v.to(tl.float32)), axis=0))
 
 
@@ -184,13 +164,11 @@ def kv_outer(
 ):
     """Partial H_all = sum phi(K)^T V over one contiguous run of key blocks (a split-K GEMM; the caller
     sums the n_splits partials)."""
-    check_head_dim(D)
-    check_rows(BLOCK_N)
-    bh, b, h = batch_head(H)
+    split, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
     V += b * stride_vb + h * stride_vh
-    acc = split_outer_product(NEG_PHI_K + bh * N * D, V, stride_vn, nk, n_splits, N, D, BLOCK_N)
+    acc = common.split_outer_product(NEG_PHI_K + bh * N * D, V, stride_vn, nk, n_splits, N, D, BLOCK_N)
     # the buffer holds -phi(K) (k_feats NEGATE_PHI): store the partial of +H
-    store_square(H_PARTIAL + (bh * n_splits + tl.program_id(0)) * D * D, -acc, D)
+    common.store_square(H_PARTIAL + (bh * n_splits + split) * D * D, -acc, D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
@@ -202,21 +180,17 @@ def kv_quant(
     """INT8 of the smoothed K - mean(K) (one scale per key block); for QUANT == 2 also FP8 e4m3 of
     V / (max|V|[channel] / 448), stored (B*H, D, npad) token-contiguous (the K-major operand FP8 MMAs
     want for P @ V), zero-padded to whole key blocks so the sparse loop loads it unmasked."""
-    check_head_dim(D)
-    check_rows(BLOCK_N)
-    kb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    kb, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
     offs_d = tl.arange(0, D)
-    rows = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = rows < N
-    k = load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
+    rows, valid = common.block_rows(kb, BLOCK_N, N)
+    k = common.load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
     k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
     k_smooth = tl.where(valid[:, None], k.to(tl.float32) - k_mean[None, :], 0.0)
     k_int8, k_scale = _int8_tile(k_smooth)
-    store_rows(K_INT8 + bh * N * D, rows, D, valid, k_int8, D)
+    common.store_rows(K_INT8 + bh * N * D, rows, D, valid, k_int8, D)
     tl.store(K_SCALE + bh * nk + kb, k_scale)
     if QUANT == 2:
-        v = load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
+        v = common.load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
         v_scale = tl.maximum(tl.load(V_ABSMAX + bh * D + offs_d), 1e-8) / FP8_MAX
         v_scaled = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale[None, :], -FP8_MAX), FP8_MAX)
         v_scaled = tl.where(valid[:, None], v_scaled, 0.0)
@@ -237,19 +211,16 @@ def fwd_lin_kernel(
     """The linear branch's state of one query (routing) block: H_rest = H_all - H_sel (D x D, in the
     input dtype) and z_rest = z_all - z_sel.  The sparse launch's epilogue turns it into
     O_l = phi(Q) H_rest / (phi(Q) z_rest + eps), so this launch never reads Q or writes an N x D tensor."""
-    check_head_dim(D)
-    check_rows(BLOCK_N)
-    qb = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    qb, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
     V += b * stride_vb + h * stride_vh
     state = bh * nq + qb
     lut_row = LUT + state * n_sel
     # the buffer holds -phi(K) (k_feats NEGATE_PHI): starting from H_all the loop ends on H_all - H_sel
-    h_all = load_square(H_ALL + bh * D * D, D)
-    h_rest, z_sel = sum_selected_blocks(h_all, NEG_PHI_K + bh * N * D, V, Z_BLOCK + bh * nk * D, lut_row,
+    h_all = common.load_square(H_ALL + bh * D * D, D)
+    h_rest, z_sel = common.sum_selected_blocks(h_all, NEG_PHI_K + bh * N * D, V, Z_BLOCK + bh * nk * D, lut_row,
                                          n_sel, N, stride_vn, D, BLOCK_N)
     offs_d = tl.arange(0, D)
-    store_square(H_REST + state * D * D, h_rest.to(H_REST.dtype.element_ty), D)
+    common.store_square(H_REST + state * D * D, h_rest.to(H_REST.dtype.element_ty), D)
     tl.store(Z_REST + state * D + offs_d, tl.load(Z_ALL + bh * D + offs_d) - z_sel)
 
 
@@ -267,11 +238,7 @@ def fwd_sparse_kernel(
     FP8 for the low-bit modes), then the epilogue that finishes the linear branch from the routing
     block's state and mixes: O = alpha O_s + (1 - alpha) phi(Q) H_rest / den, in one MMA.  Writes 1/den
     per row (for the backward) and, if SAVE_LSE, the log2-sum-exp of the 16-bit logits."""
-    check_head_dim(D)
-    check_rows(BLOCK_M)
-    check_rows(BLOCK_N)
-    tile = tl.program_id(0)
-    bh, b, h = batch_head(H)
+    tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -279,13 +246,12 @@ def fwd_sparse_kernel(
     qb = (tile * BLOCK_M) // block_q
     state = bh * nq + qb
     offs_d = tl.arange(0, D)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < N
+    rows, row_valid = common.block_rows(tile, BLOCK_M, N)
 
     if QUANT == 0:
-        q = load_rows(Q, rows, stride_qn, row_valid, D)
+        q = common.load_rows(Q, rows, stride_qn, row_valid, D)
     else:
-        q = load_rows(Q_INT8 + bh * N * D, rows, D, row_valid, D)
+        q = common.load_rows(Q_INT8 + bh * N * D, rows, D, row_valid, D)
         q_scale = tl.load(Q_SCALE + bh * nq + qb)
         K_INT8 += bh * N * D
         K_SCALE += bh * nk
@@ -296,13 +262,13 @@ def fwd_sparse_kernel(
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lut_row = LUT + state * n_sel
     for step in range(0, n_sel):
-        cols, col_valid, block = selected_key_rows(lut_row, step, N, BLOCK_N)
+        cols, col_valid, block = common.selected_key_rows(lut_row, step, N, BLOCK_N)
         # S = Q K^T (log2 units; INT8 with per-block scales in the low-bit modes)
         if QUANT == 0:
-            k = load_rows(K, cols, stride_kn, col_valid, D)
+            k = common.load_rows(K, cols, stride_kn, col_valid, D)
             s = tl.dot(q, tl.trans(k)) * qk_scale
         else:
-            k_int8 = load_rows(K_INT8, cols, D, col_valid, D)
+            k_int8 = common.load_rows(K_INT8, cols, D, col_valid, D)
             s_scale = tl.load(K_SCALE + block) * q_scale
             s = tl.dot(q, tl.trans(k_int8), out_dtype=tl.int32).to(tl.float32) * s_scale
         s = tl.where(col_valid[None, :], s, float("-inf"))
@@ -313,7 +279,7 @@ def fwd_sparse_kernel(
             v_fp8 = tl.load(V_FP8 + offs_d[None, :] * npad + cols[:, None])
             acc = tl.dot(_to_fp8(p * FP8_MAX, FP8_EMULATE), v_fp8, acc)
         else:
-            v = load_rows(V, cols, stride_vn, col_valid, D)
+            v = common.load_rows(V, cols, stride_vn, col_valid, D)
             acc = tl.dot(p.to(v.dtype), v, acc)
 
     o_s = acc / l_i[:, None]
@@ -323,7 +289,7 @@ def fwd_sparse_kernel(
     if QUANT == 0:
         q16 = q
     else:
-        q16 = load_rows(Q, rows, stride_qn, row_valid, D)
+        q16 = common.load_rows(Q, rows, stride_qn, row_valid, D)
     if SAVE_LSE:
         lse = m_i + tl.log2(l_i)
         if QUANT > 0:
@@ -335,6 +301,6 @@ def fwd_sparse_kernel(
     alpha = tl.load(ALPHA + h)
     phi_q, inv_den = _phi_and_inv_den(q16, tl.load(Z_REST + state * D + offs_d), has_lin)
     tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
-    h_rest = load_square(H_REST + state * D * D, D)
+    h_rest = common.load_square(H_REST + state * D * D, D)
     o = tl.dot((phi_q * ((1.0 - alpha) * inv_den)[:, None]).to(h_rest.dtype), h_rest, alpha * o_s)
-    store_rows(O, rows, stride_on, row_valid, o, D)
+    common.store_rows(O, rows, stride_on, row_valid, o, D)
