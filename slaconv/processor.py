@@ -39,15 +39,23 @@ class SLA2Processor(torch.nn.Module):
         self.router_k = torch.nn.Parameter(eye)
         self.alpha_logit = torch.nn.Parameter(torch.full((heads,), math.log(alpha / (1 - alpha))))
         self.heads, self.head_dim = heads, head_dim
-        self.config = config if config is not None else SLA2Config()
         self.layer_name = layer_name
+        self.config = config if config is not None else SLA2Config()
         self.mode = "sla2"
         self.observer: Observer | None = None
 
     @property
-    def topk(self) -> float:
+    def config(self) -> SLA2Config:
+        """How attention runs; assigning a new one also resolves this layer's :attr:`topk`."""
+        return self._config
+
+    @config.setter
+    def config(self, config: SLA2Config) -> None:
+        self._config = config
+        # A plain float, not a lookup by layer name: torch.compile then guards on the value, which every
+        # layer shares, instead of on the name, which would recompile each block.
+        self.topk: float = config.topk_for(self.layer_name)
         """This layer's fraction of key blocks attended exactly."""
-        return self.config.topk_for(self.layer_name)
 
     @property
     def block_q(self) -> int:

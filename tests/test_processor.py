@@ -151,3 +151,19 @@ def test_family_detection():
     assert detect_family({"_class_name": "WanTransformer3DModel"}).name == "wan"
     with pytest.raises(UnsupportedModelError, match="UNet2DConditionModel"):
         detect_family({"_class_name": "UNet2DConditionModel"})
+
+
+def test_compiled_blocks_share_one_graph_across_layers():
+    """torch.compile of the repeated blocks must not specialise on the layer: one graph serves every SLA2
+    layer (a per-layer guard would recompile each block and hit the recompile limit on real models)."""
+    import torch._dynamo
+
+    model = make_wan(num_layers=4)
+    _install(model)
+    torch._dynamo.reset()
+    ref = model(**_inputs(model))[0]
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        out = model(**_inputs(model))[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, ref)
