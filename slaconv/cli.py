@@ -15,26 +15,12 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .command_group import SlaconvGroup
 from .config import BLOCK_SIZES, QUANT_MODES
-from .errors import EXIT_CODES, SlaconvError
+from .errors import EXIT_CODES
 from .recipe import OBJECTIVES
 
 EPILOG = "Exit codes:\n\n" + "\n\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
-
-
-class SlaconvGroup(click.Group):
-    """Turns :class:`SlaconvError` into ``error: <message>`` and its exit code, no traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except SlaconvError as exc:
-            message = str(exc).replace("\n", " ")
-            click.echo(f"error: {message}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
 
 
 def _emit(ctx: click.Context, data: dict, human: str) -> None:

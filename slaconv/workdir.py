@@ -272,6 +272,7 @@ class WorkDir:
 
         ``quant`` replaces the stored low-bit mode of the sparse branch."""
         config = self.read_sla2_config()
+        attention = config.attention if quant is None else config.attention.replace(quant=quant)  # checked first
         model_config = self.read_model_config()
         family = detect_family(model_config, config.family)
         model = load_model(ModelSource(self.path, None, None, model_config), family, dtype=dtype, device=device)
@@ -279,10 +280,20 @@ class WorkDir:
         unknown = [name for name in config.layers if name not in modules]
         if unknown:
             raise InputError(f"{self.SLA2_CONFIG} names layer '{unknown[0]}' that this model does not have")
-        attention = config.attention if quant is None else config.attention.replace(quant=quant)
         install_sla2(model, family, list(config.layers), attention)
         apply_sla2_state(model, self.read_sla2_state(), where=str(self.sla2_state_path))
         return model, family, config
+
+    def check_same_architecture(self, model_config: Mapping[str, Any], name: str) -> None:
+        """Raise :class:`InputError` naming the first setting in which ``model_config`` (another model's
+        ``config.json``) differs from this model's: the class and every setting both files record (diffusers'
+        other bookkeeping keys, ``_...``, and keys only one version of diffusers writes are ignored)."""
+        ours = self.read_model_config()
+        keys = ["_class_name"] + sorted(k for k in set(ours) & set(model_config) if not k.startswith("_"))
+        for key in keys:
+            if ours.get(key) != model_config.get(key):
+                raise InputError(f"{name} is not the architecture this model was converted from: {key} is "
+                                 f"{model_config.get(key)!r} there, {ours.get(key)!r} here")
 
     def load_base_model(self, *, dtype: str, device, base: str | None = None,
                         verify: bool = True) -> torch.nn.Module:
@@ -295,7 +306,9 @@ class WorkDir:
         """
         info = self.read_sla2_config().base_model or {}
         if base:
-            return load_model(resolve_model(base), dtype=dtype, device=device)
+            source = resolve_model(base)
+            self.check_same_architecture(source.config, base)
+            return load_model(source, dtype=dtype, device=device)
         local = self.read_local().get("base_path")
         if local and Path(local).is_dir():
             source = resolve_model(local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from helpers import dir_snapshot, fails, run, write_recipe
+import slaconv
+from helpers import dir_snapshot, fails, make_wan, run, write_recipe
+from slaconv.cli import main
+from slaconv.config import ConfigError
+from slaconv.errors import InputError
 
 
 def test_missing_local_model(tmp_path):
@@ -186,3 +192,56 @@ def test_convert_with_recipe_latents_that_do_not_tile(tmp_path, tiny_wan_dir):
     recipe = write_recipe(tmp_path / "odd.yaml", **{"data.width": 23})
     fails(3, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--recipe", recipe, match="patch size")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["convert", "--bogus"], "No such option '--bogus'"),
+    (["convert", "m", "-o", "w", "--quant", "fp4"], "'fp4' is not one of"),
+    (["convert"], "Missing argument 'MODEL'"),
+    (["nosuchverb"], "No such command 'nosuchverb'"),
+])
+def test_command_line_mistakes_are_one_line_exit_2(args, match):
+    line = fails(2, *args, match=match)
+    assert "--help" in line  # says where to look
+
+
+def test_global_flags_may_follow_the_verb(tmp_path, tiny_wan_dir):
+    res = CliRunner().invoke(main, ["convert", str(tiny_wan_dir), "-o", str(tmp_path / "w"), "--dry-run", "-q",
+                                    "--offline", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["dry_run"] and res.stderr == ""
+
+
+def test_missing_local_paths_are_input_errors_not_hub_lookups(tmp_path):
+    fails(3, "inspect", tmp_path / "nosuch_dir", match="does not exist")
+    fails(3, "inspect", "./nosuch_dir", match="does not exist")
+    with pytest.raises(InputError, match="does not exist"):
+        slaconv.from_pretrained(tmp_path / "nosuch_dir")
+
+
+def test_unreachable_hub_is_a_network_error(tmp_path):
+    """No network (and not --offline): exit 5 and a message about the network, not 'offline'."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2")
+    res = subprocess.run([sys.executable, "-m", "slaconv", "convert", "no-org/no-model", "-o", str(tmp_path / "w")],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 5, res.stderr
+    assert res.stderr.startswith("error: could not reach the Hub") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_base_of_another_architecture(tmp_path, tiny_wan_dir):
+    work = _workdir(tmp_path, tiny_wan_dir)
+    other = tmp_path / "other"
+    make_wan(num_layers=3).save_pretrained(other)
+    fails(3, "validate", work, "--base", other, match="num_layers is 3 there, 2 here")
+    assert not (work / "reports").exists()
+
+
+def test_unknown_quant_mode_fails_before_loading(tmp_path, tiny_wan_dir, monkeypatch):
+    work = _workdir(tmp_path, tiny_wan_dir)
+    import slaconv.workdir as workdir_module
+
+    monkeypatch.setattr(workdir_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match="quant must be one of"):
+        slaconv.from_pretrained(work, quant="fp4")
