@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .command_group import SlaconvGroup
-from .config import BLOCK_SIZES, QUANT_MODES
+from .config import BLOCK_SIZES, KERNEL_HEAD_DIMS, QUANT_MODES
 from .errors import EXIT_CODES
 from .recipe import OBJECTIVES
 
@@ -53,7 +53,8 @@ def _workdir(path: str):
     return WorkDir.open(path)
 
 
-def _block_size(ctx, param, value):
+def _int_choice(ctx, param, value):
+    """A numeric click.Choice's value as an int."""
     return None if value is None else int(value)
 
 
@@ -90,9 +91,9 @@ def main(ctx, offline, quiet, verbose):
 @click.option("--subfolder", help="Folder inside MODEL holding the transformer (e.g. 'transformer').")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
 @click.option("--topk", type=float, help="Fraction of key blocks kept per query block (sla2.topk).")
-@click.option("--block-q", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_block_size,
+@click.option("--block-q", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_int_choice,
               help="Query block size (sla2.block_q).")
-@click.option("--block-k", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_block_size,
+@click.option("--block-k", type=click.Choice([str(b) for b in BLOCK_SIZES]), callback=_int_choice,
               help="Key block size (sla2.block_k).")
 @click.option("--quant", type=click.Choice(QUANT_MODES), help="Low-bit mode of the sparse branch.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data for the alpha pass.")
@@ -132,7 +133,8 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @main.command()
 @click.argument("workdir")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data folder (else data-free).")
-@click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all", show_default=True)
+@click.option("--stage", type=click.Choice(["1", "2", "all"]), default="all", show_default=True,
+              help="1: router and alpha; 2: end-to-end fine-tuning (QAT); all: 1 then 2.")
 @click.option("--steps", type=int, help="Steps of the selected stage(s).")
 @click.option("--lr", type=float, help="Learning rate of the selected stage(s) (stage 1: the router's).")
 @click.option("--alpha-lr", type=float, help="Stage-1 learning rate of the alpha logits.")
@@ -188,7 +190,7 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
 @click.argument("workdir")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Inputs from a data folder (else synthetic).")
 @click.option("--base", help="The original model (default: the one recorded at convert time).")
-@click.option("--num-samples", type=int)
+@click.option("--num-samples", type=click.IntRange(min=1), help="Samples compared (default: validation.num_samples).")
 @click.option("--seed", type=int, help="Seed (validation.seed).")
 @click.option("--quant", type=click.Choice(QUANT_MODES), help="Validate in this low-bit mode.")
 @recipe_option
@@ -214,10 +216,10 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
 @main.command()
 @click.argument("workdir")
 @click.option("--repo-id", required=True, help="ORG/NAME on the Hub.")
-@click.option("--private", is_flag=True)
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
 @click.option("--revision", help="Branch to push to (created if missing).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
-@click.option("--commit-message")
+@click.option("--commit-message", help="Commit message (default: 'Upload SLA2 model with slaconv VERSION').")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token (default: HF_TOKEN or the cached login).")
 @click.option("--allow-failed-validation", is_flag=True, help="Push even though `validate` failed a quality gate.")
 @dry_run_option
@@ -277,12 +279,12 @@ def env_cmd(ctx, as_json):
 @main.command("synth-data")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--model", "model", required=True, help="Work dir or model folder whose config sets channels/text dim.")
-@click.option("--num-samples", default=8, show_default=True)
+@click.option("--num-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Samples to write.")
 @click.option("--frames", type=int, help="Latent frames (default: recipe data.frames).")
 @click.option("--height", type=int, help="Latent height.")
 @click.option("--width", type=int, help="Latent width.")
 @click.option("--text-len", type=int, help="Text tokens.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random latents and embeddings.")
 @recipe_option
 @json_option
 @click.pass_context
@@ -307,7 +309,8 @@ def synth_data(ctx, output, model, num_samples, frames, height, width, text_len,
 
 
 @main.command()
-@click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo's model, data and work dir.")
 @click.option("--fresh", is_flag=True, help="Delete OUT first.")
 @json_option
 @click.pass_context
@@ -322,11 +325,15 @@ def demo(ctx, out_dir, fresh, as_json):
 
 
 @main.command()
-@click.option("--seq-len", default=32760, show_default=True)
-@click.option("--heads", default=12, show_default=True)
-@click.option("--head-dim", default=128, show_default=True)
-@click.option("--topk", "topks", multiple=True, type=float, default=(0.10, 0.05, 0.03), show_default=True)
-@click.option("--quant", "quants", multiple=True, default=("none", "int8", "int8-fp8"), show_default=True)
+@click.option("--seq-len", default=32760, show_default=True, type=click.IntRange(min=1),
+              help="Tokens N (32,760: Wan2.1-1.3B at 480p).")
+@click.option("--heads", default=12, show_default=True, type=click.IntRange(min=1), help="Attention heads H.")
+@click.option("--head-dim", default=128, show_default=True, type=click.Choice([str(d) for d in KERNEL_HEAD_DIMS]), callback=_int_choice,
+              help="Head dim D.")
+@click.option("--topk", "topks", multiple=True, type=click.FloatRange(0, 1, min_open=True),
+              default=(0.10, 0.05, 0.03), show_default=True, help="Fractions of key blocks kept (repeatable).")
+@click.option("--quant", "quants", multiple=True, type=click.Choice(QUANT_MODES), default=QUANT_MODES,
+              show_default=True, help="Low-bit modes to time (repeatable).")
 @json_option
 @click.pass_context
 def bench(ctx, seq_len, heads, head_dim, topks, quants, as_json):

@@ -169,3 +169,11 @@ def test_progress_lines_without_a_terminal_and_quiet(tmp_path, tiny_wan_dir):
     assert any(line.startswith("stage 1: 3/3 (rel_mse=") and line.endswith(" s") for line in lines), lines
     res = CliRunner().invoke(main, ["-q", "calibrate", str(work), "--stage", "1", "--steps", "3"])
     assert res.exit_code == 0 and res.stderr == ""
+
+
+def test_every_option_says_what_it_does():
+    import click
+
+    undocumented = [f"{name} {p.opts[0]}" for name, cmd in [("slaconv", main), *main.commands.items()]
+                    for p in cmd.params if isinstance(p, click.Option) and not p.help]
+    assert undocumented == []
