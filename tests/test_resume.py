@@ -9,7 +9,7 @@ import pytest
 
 import slaconv.calibrate as cal
 from helpers import run, write_recipe
-from slaconv.calibrate import stage1, stage2
+from slaconv.calibrate import checkpoints
 from slaconv.workdir import WorkDir
 
 
@@ -19,8 +19,7 @@ class Killed(BaseException):
 
 def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
     """Run ``stage`` on ``work`` in-process and kill it right after it saved checkpoint ``kill_step``."""
-    stage_module = {1: stage1, 2: stage2}[stage]
-    real_save = stage_module.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(root, step, state, limit):
         path = real_save(root, step, state, limit)
@@ -28,10 +27,10 @@ def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
             raise Killed()
         return path
 
-    monkeypatch.setattr(stage_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         cal.calibrate(work, _recipe(work), stage=str(stage), show_progress=False)
-    monkeypatch.setattr(stage_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
 
 
 def _losses(work, stage):

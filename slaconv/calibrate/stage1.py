@@ -23,14 +23,7 @@ from ..observe import observing
 from ..progress import progress
 from ..utils.devices import DTYPES
 from ..workdir import WorkDir
-from .checkpoints import (
-    append_log,
-    check_finite,
-    first_last_loss,
-    load_checkpoint,
-    restart_log,
-    save_checkpoint,
-)
+from . import checkpoints
 from .distributed import (
     make_accelerator,
     mean_over_processes,
@@ -67,7 +60,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     log_path = WorkDir(workdir).log_path(1)
     start = 0
     if resume:
-        loaded = load_checkpoint(ckpt_root, resume)
+        loaded = checkpoints.load_checkpoint(ckpt_root, resume)
         if loaded is not None:
             start, state = loaded
             with torch.no_grad():
@@ -76,7 +69,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                     getattr(procs[name], tensor).copy_(value)
             optimizer.load_state_dict(state["optimizer"])
     if accelerator.is_main_process:
-        restart_log(log_path, start)
+        checkpoints.restart_log(log_path, start)
 
     tau, n_qb = cfg.tau, cfg.query_blocks_per_step
     losses: dict[str, float] = {}
@@ -117,25 +110,25 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
             layer_losses = mean_over_processes(accelerator, losses)
             mean_loss = sum(layer_losses.values()) / len(layer_losses)
-            check_finite(mean_loss, "stage-1 loss", ckpt_root)
+            checkpoints.check_finite(mean_loss, "stage-1 loss", ckpt_root)
             if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
                 for p in params:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
             if accelerator.is_main_process:
-                append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
+                checkpoints.append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
                                       "seconds": round(time.time() - t_step, 3),
                                       "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
             bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
             if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps \
                     and accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, {
+                checkpoints.save_checkpoint(ckpt_root, step + 1, {
                     "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone()
                                          for n, p in procs.items() for t, v in p.sla2_state().items()},
                     "optimizer": optimizer.state_dict()}, recipe.calibration.checkpoints_total_limit)
     seconds = round(time.time() - t0, 2)
     heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
-    first_last = first_last_loss(log_path)
+    first_last = checkpoints.first_last_loss(log_path)
     summary = {"stage1": {"steps": cfg.steps, "tau": tau, "lr": cfg.lr, "alpha_lr": cfg.alpha_lr,
                           "seconds": seconds, "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
                           "heldout_attention_rel_mse_before": heldout_before,

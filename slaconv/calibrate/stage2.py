@@ -21,14 +21,7 @@ from ..install import sla2_processors
 from ..progress import progress
 from ..utils.devices import DTYPES
 from ..workdir import WorkDir
-from .checkpoints import (
-    append_log,
-    check_finite,
-    first_last_loss,
-    load_checkpoint,
-    restart_log,
-    save_checkpoint,
-)
+from . import checkpoints
 from .distributed import (
     full_model_state,
     full_training_state,
@@ -63,8 +56,8 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.  Under
     # FSDP every rank loads them on the CPU and FSDP moves only its shard to the GPU while wrapping,
     # so no GPU ever holds the whole fp32 model.
-    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype="float32", device="cpu" if is_fsdp(accelerator) else device,
-                                           quant=quant)
+    load_device = "cpu" if is_fsdp(accelerator) else device
+    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype="float32", device=load_device, quant=quant)
     if cfg.objective == "diffusion" and data_dir is None:
         raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
     model.train()
@@ -87,13 +80,13 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if resume:
-        loaded = load_checkpoint(ckpt_root, resume)
+        loaded = checkpoints.load_checkpoint(ckpt_root, resume)
         if loaded is not None:
             start, state = loaded
             load_training_state(model, optimizer, state["model"], state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
     if accelerator.is_main_process:
-        restart_log(log_path, start)
+        checkpoints.restart_log(log_path, start)
     dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
     teacher_dtype = DTYPES[recipe.model.dtype]  # the teacher is loaded in the recipe dtype
     n_eval = recipe.calibration.eval_samples
@@ -152,18 +145,18 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             step_loss += float(loss.detach()) / cfg.grad_accum
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
-        check_finite(step_loss, "stage-2 loss", ckpt_root)
+        checkpoints.check_finite(step_loss, "stage-2 loss", ckpt_root)
         if accelerator.is_main_process:
-            append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+            checkpoints.append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                   "seconds": round(time.time() - t_step, 3)})
         bar.set_postfix(loss=f"{step_loss:.5f}")
         if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps:
             accelerator.wait_for_everyone()
             model_state, optim_state = full_training_state(accelerator, model, optimizer)  # every rank
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, {"stage": 2, "model": model_state, "optimizer": optim_state,
-                                                      "scheduler": scheduler.state_dict()},
-                                recipe.calibration.checkpoints_total_limit)
+                state = {"stage": 2, "model": model_state, "optimizer": optim_state,
+                         "scheduler": scheduler.state_dict()}
+                checkpoints.save_checkpoint(ckpt_root, step + 1, state, recipe.calibration.checkpoints_total_limit)
             del model_state, optim_state
     accelerator.wait_for_everyone()
     seconds = round(time.time() - t0, 2)
@@ -176,7 +169,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         net = _final_model(workdir, full_state, recipe.model.dtype, device, quant)
         heldout_after = score(net, DTYPES[recipe.model.dtype])  # as saved: weights in the recipe dtype
     del full_state
-    first_last = first_last_loss(log_path)
+    first_last = checkpoints.first_last_loss(log_path)
     summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr,
                           "teacher": cfg.teacher if cfg.objective == "distill" else None,
                           "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,

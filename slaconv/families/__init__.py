@@ -39,6 +39,8 @@ class Family:
     latent_channels: Callable[[Any], int]
     text_dim: Callable[[Any], int]
     patch_size: Callable[[Any], tuple[int, int, int]]
+    pipeline: Callable[[Any], tuple[str, str]]
+    """``pipeline(config)``: (diffusers pipeline class, Hub ``pipeline_tag``) that runs a model of this config."""
 
 
 _REGISTRY: dict[str, Family] = {}

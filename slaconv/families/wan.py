@@ -96,5 +96,8 @@ WAN = register(
         latent_channels=lambda cfg: cfg["in_channels"],
         text_dim=lambda cfg: cfg["text_dim"],
         patch_size=lambda cfg: tuple(cfg["patch_size"]),
+        # Image-to-video checkpoints carry an image-embedding projection.
+        pipeline=lambda cfg: (("WanImageToVideoPipeline", "image-to-video") if cfg.get("image_dim")
+                              else ("WanPipeline", "text-to-video")),
     )
 )
