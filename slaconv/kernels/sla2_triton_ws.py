@@ -102,7 +102,7 @@ def fwd_sparse_ws_kernel(
     common.store_rows(O + b * stride_ob + h * stride_oh, rows, stride_on, row_valid, o, D)
 
 
-def _scratch_allocator(device: torch.device):
+def scratch_allocator(device: torch.device):
     """Triton's allocator for the kernel's global scratch: its device-side TMA descriptors, 128 bytes per
     descriptor and program, taken from torch's caching allocator on ``device``."""
     def allocate(size: int, alignment: int, stream):
@@ -130,7 +130,7 @@ def launch_sparse_ws(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den,
     psi = torch.empty(grid[1], N, D, device=q.device, dtype=q.dtype)
     psi_rows[grid](q, alpha, z_rest, psi, inv_den, *strides[:3], N, H, nq, block_q, has_lin, D=D, BLOCK_M=BLOCK_M,
                    **row_launch)
-    triton.set_allocator(_scratch_allocator(q.device))
+    triton.set_allocator(scratch_allocator(q.device))
     fwd_sparse_ws_kernel[grid](
         q, k, v, lut, alpha, psi, h_rest, o, lse, *strides, N, H, n_sel, nq, block_q, qk_scale,
         D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SAVE_LSE=SAVE_LSE, **loop_launch,
