@@ -40,11 +40,12 @@ from slaconv.kernels import (  # noqa: E402
     sla2_triton,  # noqa: E402
     sla2_triton_backward,
     sla2_triton_forward,
+    sla2_triton_ws,
 )
 from slaconv.kernels.launch import DEFAULT_LAUNCH  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 
-KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward)
+KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward, sla2_triton_ws)
 _TORCH_TO_TRITON = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
@@ -151,6 +152,12 @@ def analyse(compiled) -> dict:
     for m in re.finditer(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx):
         mmas[m.group(1)] = mmas.get(m.group(1), 0) + 1
     return {
+        # warp specialization: the partitions Triton split the program into, the warps of all of them, the
+        # register budgets (setmaxnreg) it gives them and the TMA loads
+        "warp_specialize": compiled.asm["ttgir"].count("ttg.warp_specialize"),
+        "total_warps": compiled.metadata.num_warps,
+        "setmaxnreg": sorted({int(m) for m in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+        "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "registers": int(regs.group(1)) if regs else None,
         "spill_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
         "shared_bytes": compiled.metadata.shared,

@@ -84,3 +84,20 @@ def test_sweep_variants_compile_on_sm90(tmp_path, python):
     rows = _report(tmp_path, python, "--quant", "none")
     lin = next(r for r in rows if r["kernel"] == "fwd_lin_kernel")
     assert lin["ctas_per_sm"] >= 2, lin
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_warp_specialized_sparse_launch_is_split_on_sm90(tmp_path, python):
+    """LaunchConfig.sparse_ws: Triton splits the sparse loop into a producer warp group and two consumer
+    warp groups (12 warps; setmaxnreg lowers the producer's registers and raises the consumers'), its tiles
+    come by TMA, its MMAs are wgmma, and nothing spills.  A kernel change that loses the split still
+    computes the right numbers, so only this check notices."""
+    rows = _report(tmp_path, python, "--config", json.dumps({"sparse_ws": 1}))
+    names = {r["kernel"] for r in rows}
+    assert {"psi_rows", "fwd_sparse_ws_kernel"} <= names and "fwd_sparse_kernel" not in names, names
+    ws = next(r for r in rows if r["kernel"] == "fwd_sparse_ws_kernel")
+    assert ws["warp_specialize"] >= 1 and ws["total_warps"] == 12, ws
+    assert min(ws["setmaxnreg"]) <= 64 and max(ws["setmaxnreg"]) >= 200, ws["setmaxnreg"]
+    assert ws["tma_loads"] > 0 and any(m.startswith("wgmma") for m in ws["mma"]), ws
+    for r in rows:
+        assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r

@@ -213,8 +213,10 @@ def test_launch_settings_change_the_tiling_not_the_result(changes, block_q):
 
 
 def test_launch_config_is_checked_and_round_trips_through_the_op_arguments():
-    launch = dataclasses.replace(DEFAULT_LAUNCH, lin_stages=4, tile_m_fwd=64)
+    launch = dataclasses.replace(DEFAULT_LAUNCH, lin_stages=4, tile_m_fwd=64, sparse_ws=1)
     assert LaunchConfig.from_ints(launch.as_ints()) == launch
+    with pytest.raises(ValueError, match="sparse_ws"):
+        dataclasses.replace(DEFAULT_LAUNCH, sparse_ws=2)
     with pytest.raises(ValueError, match="tile_m_fwd"):
         dataclasses.replace(DEFAULT_LAUNCH, tile_m_fwd=96)
     with pytest.raises(ValueError, match="num_warps"):
@@ -268,6 +270,71 @@ def test_forward_against_dense_fp64(topk, bq):
     mask_tok = blk.repeat_interleave(bq, dim=2)[:, :, :n].repeat_interleave(64, dim=3)[..., :n]
     want = _dense_fp64(q, k, v, mask_tok, al)
     assert rel_l2(out, want) <= (1e-5 if DTYPE == torch.float32 else 1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# the warp-specialized sparse launch (LaunchConfig.sparse_ws)
+# --------------------------------------------------------------------------------------------------
+
+WS_LAUNCH = dataclasses.replace(DEFAULT_LAUNCH, sparse_ws=1)
+WS_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16  # 16-bit only; the interpreter's bf16 dot is wrong
+
+
+def _plain_and_ws_forward(q, k, v, rq, rk, al, topk, block_q, layout, launch=DEFAULT_LAUNCH):
+    """The forward op's outputs (O, LUT, LSE, 1/den, ...) with the plain and the warp-specialized sparse launch."""
+    args = (q, k, v, rq, rk, al, topk, block_q, 64, "none", layout, True)
+    return (S.sla2_fwd(*args, launch.as_ints()),
+            S.sla2_fwd(*args, dataclasses.replace(launch, sparse_ws=1).as_ints()))
+
+
+@pytest.mark.parametrize("layout,d,block_q,topk,tile_m", [("bnhd", 128, 128, 0.3, 128), ("bhnd", 64, 64, 0.5, 128),
+                                                        ("bnhd", 64, 128, 0.2, 64)])
+def test_warp_specialized_sparse_launch_matches_the_plain_one(layout, d, block_q, topk, tile_m):
+    """Two batches, ragged N, both layouts: the same O, LSE and 1/den as the plain sparse launch (bit for
+    bit under the interpreter, which runs the same arithmetic in the same order), and O within 16-bit
+    rounding of the fp32 reference."""
+    b, h, n = (2, 3, 1337) if HAS_CUDA else (2, 2, 333)
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, dtype=WS_DTYPE, seed=61 + d)
+    plain, ws = _plain_and_ws_forward(q, k, v, rq, rk, al, topk, block_q, layout,
+                                      dataclasses.replace(DEFAULT_LAUNCH, tile_m_fwd=tile_m))
+    assert torch.equal(plain[1], ws[1])  # the same LUT drives both
+    for name, got, want, tol in (("O", ws[0], plain[0], 5e-3), ("LSE", ws[2], plain[2], 1e-5),
+                                 ("1/den", ws[3], plain[3], 1e-5)):
+        if HAS_CUDA:
+            assert rel_l2(got, want) <= tol, (name, rel_l2(got, want))
+        else:
+            assert torch.equal(got, want), (name, (got.float() - want.float()).abs().max())
+    ref = _run_reference(q.float(), k.float(), v.float(), rq, rk, al, layout, topk=topk, block_q=block_q, block_k=64)
+    assert rel_l2(ws[0], ref) <= 1e-2, rel_l2(ws[0], ref)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="warp specialization and TMA need the GPU (compiled offline in "
+                    "test_kernel_codegen.py)")
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_warp_specialized_sparse_launch_at_wan_size(layout):
+    """Wan2.1-1.3B at 480p, (1, 12, 32760, 128) at 97% and 90% sparsity: the warp-specialized launch
+    against the fp32 reference on a few query blocks (the first, the ragged last, two inside) and against
+    the plain launch on every row."""
+    b, h, n, d = 1, 12, 32760, 128
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, dtype=torch.bfloat16, seed=71)
+    q_blocks = torch.tensor([0, 37, 128, reference.block_count(n, 128) - 1], device=DEVICE)
+    rows = (q_blocks.view(-1, 1) * 128 + torch.arange(128, device=DEVICE)).view(-1)
+    rows = rows[rows < n]
+    for topk in (0.03, 0.1):
+        plain, ws = _plain_and_ws_forward(q, k, v, rq, rk, al, topk, 128, layout)
+        assert rel_l2(ws[0], plain[0]) <= 5e-3 and rel_l2(ws[2], plain[2]) <= 1e-5, topk
+        ref = reference.sla2_attention_reference(*(_to_bhnd(t, layout) for t in (q, k, v)), rq, rk, al, topk=topk,
+                                                 q_blocks=q_blocks, chunk_q_blocks=2)
+        assert rel_l2(_to_bhnd(ws[0], layout)[:, :, rows], ref) <= 1e-2, topk
+
+
+def test_warp_specialized_sparse_launch_refuses_what_it_does_not_compute():
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", dtype=WS_DTYPE, seed=67)
+    with pytest.raises(ValueError, match="quant='none' only"):
+        _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=WS_LAUNCH, topk=0.3, quant="int8")
+    with pytest.raises(ValueError, match="dtypes"):
+        _run_kernel(q.float(), k.float(), v.float(), rq, rk, al, "bhnd", launch=WS_LAUNCH, topk=0.3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def test_lock_pins_every_dependency_the_package_names():
     for version in pins.values():
         assert "+" not in version, f"{LOCK.name} keeps a local version label: {version}"
     requirements = [Requirement(r) for r in importlib.metadata.requires("slaconv") or ()]
+    # the GPU benchmarks' extra is installed from wheels on the GPU machines, never by `make setup`
+    requirements = [r for r in requirements if str(r.marker) != 'extra == "bench"']
     missing = sorted({_normalize(r.name) for r in requirements} - set(pins))
     assert not missing, f"{LOCK.name} does not pin {missing}; run `make lock`"
     outside = [f"{r.name}=={pins[_normalize(r.name)]} ({r.specifier})" for r in requirements

@@ -45,12 +45,18 @@ class LaunchConfig:
     num_stages_bwd: int = 2
     """Stages of the sparse dQ and dK / dV loops: 2 fits two programs per SM (forward + backward 9%
     faster than at 3)."""
+    sparse_ws: int = 0
+    """1: the sparse forward launch runs the warp-specialized kernel (``sla2_triton_ws.py``: TMA
+    descriptors, a producer warp group and two consumer warp groups on sm_90; 4 warps asked, num_stages
+    as above; 16-bit inputs and ``quant="none"`` only).  0, the default, runs ``fwd_sparse_kernel``."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
+            elif f.name == "sparse_ws":
+                allowed = (0, 1)
             elif "warps" in f.name:
                 allowed = _WARPS
             else:

@@ -32,6 +32,7 @@ from ..config import KERNEL_HEAD_DIMS
 from . import reference
 from . import sla2_triton_backward as backward_kernels
 from . import sla2_triton_forward as forward_kernels
+from . import sla2_triton_ws as ws_kernels
 from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .spec import AttentionSpec, check_layout
 
@@ -153,6 +154,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
 
     ``save`` writes the LSE the backward needs (otherwise it comes back with 0 columns)."""
     _check_tensors(q, k, v, layout)
+    if launch.sparse_ws:
+        ws_kernels.check_supported(q.dtype, spec.quant)
     q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
@@ -216,6 +219,14 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     inv_den = torch.empty(BH, N, device=dev, dtype=f32)
     # the backward needs only the LSE beside O, 1/den and the totals (inference: not even the LSE)
     lse = torch.empty(BH, N if save else 0, device=dev, dtype=f32)
+    if launch.sparse_ws:
+        ws_kernels.launch_sparse_ws(
+            (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
+            (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, spec.block_q, qk_scale,
+            int(n_sel < nk), D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, SAVE_LSE=save, row_launch=_row_pass(),
+            loop_launch=_warps_stages(ws_kernels.WS_WARPS, launch.num_stages),
+        )
+        return o, lut, lse, inv_den, h_all, z_all
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
         q, k, v, q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum, lut, alpha, h_rest, z_rest,
         o, lse if save else inv_den, inv_den,  # inv_den stands in for an LSE that is not written

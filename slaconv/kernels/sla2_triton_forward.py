@@ -46,7 +46,7 @@ def _int8_tile(x):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc):
+def softmax_step(s, m_i, l_i, acc):
     """One online-softmax step on logits ``s`` (log2 units, masked to -inf): returns the block's
     probabilities P and the updated running max, row sum and rescaled accumulator (P @ V still to add)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -61,6 +61,28 @@ def _phi_and_inv_den(q, z_rest, has_lin):
     phi_q = common.phi(q.to(tl.float32))
     den = tl.sum(phi_q * z_rest[None, :], axis=1) + LINEAR_EPS
     return phi_q, tl.where(has_lin != 0, 1.0 / den, 0.0)
+
+
+@triton.jit
+def scaled_phi_rows(q16, ALPHA, Z_REST, INV_DEN, h, bh, state, rows, row_valid, N, has_lin, D: tl.constexpr):
+    """The linear branch's row factor of a query tile, psi = (1 - alpha) phi(Q) / den (fp32), and alpha;
+    stores 1/den per row.  ``q16`` is the 16-bit Q tile, ``state`` its routing block's index."""
+    alpha = tl.load(ALPHA + h)
+    phi_q, inv_den = _phi_and_inv_den(q16, tl.load(Z_REST + state * D + tl.arange(0, D)), has_lin)
+    tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
+    return phi_q * ((1.0 - alpha) * inv_den)[:, None], alpha
+
+
+@triton.jit
+def mix_and_store(o_s, q16, ALPHA, H_REST, Z_REST, O, INV_DEN, h, bh, state, rows, row_valid, stride_on, N, has_lin,
+                  D: tl.constexpr):
+    """The sparse launch's epilogue, after its loop: finish the linear branch from the routing block's state
+    and mix, O = alpha O_s + psi H_rest in one MMA (psi: :func:`scaled_phi_rows`); store O (``O`` points
+    at this (batch, head)) and 1/den per row.  ``o_s`` is the normalised sparse output."""
+    psi, alpha = scaled_phi_rows(q16, ALPHA, Z_REST, INV_DEN, h, bh, state, rows, row_valid, N, has_lin, D)
+    h_rest = common.load_square(H_REST + state * D * D, D)
+    o = tl.dot(psi.to(h_rest.dtype), h_rest, alpha * o_s)
+    common.store_rows(O, rows, stride_on, row_valid, o, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +295,7 @@ def fwd_sparse_kernel(
             s = tl.dot(q, tl.trans(k_int8), out_dtype=tl.int32).to(tl.float32) * s_scale
         s = tl.where(col_valid[None, :], s, float("-inf"))
         # P = exp2(S - running max); rescale the running sum and accumulator
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        p, m_i, l_i, acc = softmax_step(s, m_i, l_i, acc)
         # acc += P V (FP8: P scaled by 448, V by its per-channel scale; zero-padded V needs no mask)
         if QUANT == 2:
             v_fp8 = tl.load(V_FP8 + offs_d[None, :] * npad + cols[:, None])
@@ -297,10 +319,4 @@ def fwd_sparse_kernel(
             k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
             lse += tl.sum(q16.to(tl.float32) * k_mean[None, :], axis=1) * qk_scale
         tl.store(LSE + bh * N + rows, lse, mask=row_valid)
-    # epilogue: O = alpha O_s + ((1 - alpha) phi(Q) / den) H_rest
-    alpha = tl.load(ALPHA + h)
-    phi_q, inv_den = _phi_and_inv_den(q16, tl.load(Z_REST + state * D + offs_d), has_lin)
-    tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
-    h_rest = common.load_square(H_REST + state * D * D, D)
-    o = tl.dot((phi_q * ((1.0 - alpha) * inv_den)[:, None]).to(h_rest.dtype), h_rest, alpha * o_s)
-    common.store_rows(O, rows, stride_on, row_valid, o, D)
+    mix_and_store(o_s, q16, ALPHA, H_REST, Z_REST, O, INV_DEN, h, bh, state, rows, row_valid, stride_on, N, has_lin, D)
