@@ -68,4 +68,126 @@ WAN = FamilyTester(
     fusable=True,
 )
 
-TESTERS: dict[str, FamilyTester] = {t.family: t for t in (WAN,)}
+
+
+def _cogvideox_inputs(model, gen):
+    cfg = model.config
+    frames, height, width = 3, 16, 16  # 3 * 8 * 8 = 192 video tokens after 8 text tokens
+    kwargs = {
+        "hidden_states": torch.randn(1, frames, cfg.in_channels, height, width, generator=gen),
+        "encoder_hidden_states": torch.randn(1, 8, cfg.text_embed_dim, generator=gen),
+        "timestep": torch.randint(0, 1000, (1,), generator=gen),
+        "return_dict": False,
+    }
+    if cfg.use_rotary_positional_embeddings:  # as CogVideoXPipeline builds it (height, width in latent pixels)
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        p = cfg.patch_size
+        grid = (height // p, width // p)
+        crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
+        kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid, frames)
+    return kwargs
+
+
+COGVIDEOX = FamilyTester(
+    family="cogvideox",
+    class_name="CogVideoXTransformer3DModel",
+    init_dict={"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4,
+               "time_embed_dim": 2, "text_embed_dim": 8, "num_layers": 1, "sample_width": 8, "sample_height": 8,
+               "sample_frames": 8, "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 8},
+    inputs=_cogvideox_inputs,
+    layers=("transformer_blocks.0.attn1",),
+    data={"frames": 3, "height": 16, "width": 16, "text_len": 8},
+    fusable=True,
+    # CogVideoX-5B: RoPE on the video tokens; head dim 16 so that RoPE's t/h/w split has even parts
+    variants={"rope": {"use_rotary_positional_embeddings": True, "attention_head_dim": 16}},
+)
+
+
+def _flux_inputs(model, gen):
+    cfg = model.config
+    text = 64  # text first, a whole number of 64-token blocks: no reordering (the CLI chain uses 48)
+    kwargs = {
+        "hidden_states": torch.randn(1, 16 * 16, cfg.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(1, text, cfg.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+        "img_ids": torch.randn(16 * 16, 3, generator=gen),
+        "txt_ids": torch.randn(text, 3, generator=gen),
+        "timestep": torch.rand(1, generator=gen),
+        "return_dict": False,
+    }
+    if cfg.guidance_embeds:
+        kwargs["guidance"] = torch.tensor([3.5])
+    return kwargs
+
+
+FLUX = FamilyTester(
+    family="flux",
+    class_name="FluxTransformer2DModel",
+    init_dict={"patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+               "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+               "axes_dims_rope": [4, 4, 8]},
+    inputs=_flux_inputs,
+    layers=("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"),
+    data={"frames": 1, "height": 32, "width": 32, "text_len": 48},  # 256 image tokens after 48 text tokens
+    fusable=True,
+    variants={"guidance": {"guidance_embeds": True}},  # FLUX.1-dev; the base config is FLUX.1-schnell-like
+)
+
+
+def _hunyuan_video_inputs(model, gen):
+    cfg = model.config
+    mask = torch.ones(2, 12)
+    mask[1, 7:] = 0  # the second prompt has 7 real tokens and 5 of padding
+    return {
+        "hidden_states": torch.randn(2, cfg.in_channels, 1, 16, 16, generator=gen),  # 256 video tokens
+        "timestep": torch.randint(0, 1000, (2,), generator=gen).float(),
+        "encoder_hidden_states": torch.randn(2, 12, cfg.text_embed_dim, generator=gen),
+        "pooled_projections": torch.randn(2, cfg.pooled_projection_dim, generator=gen),
+        "encoder_attention_mask": mask,
+        "guidance": torch.randint(0, 1000, (2,), generator=gen).float(),
+        "return_dict": False,
+    }
+
+
+HUNYUAN_VIDEO = FamilyTester(
+    family="hunyuan_video",
+    class_name="HunyuanVideoTransformer3DModel",
+    init_dict={"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 10,
+               "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1, "patch_size": 1, "patch_size_t": 1,
+               "guidance_embeds": True, "text_embed_dim": 16, "pooled_projection_dim": 8, "rope_axes_dim": (2, 4, 4),
+               "image_condition_type": None},
+    inputs=_hunyuan_video_inputs,
+    layers=("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"),
+    data={"frames": 1, "height": 16, "width": 16, "text_len": 12},
+)
+
+
+def _ltx_video_inputs(model, gen):
+    cfg = model.config
+    mask = torch.ones(1, 16)
+    mask[0, 11:] = 0
+    return {
+        "hidden_states": torch.randn(1, 1 * 16 * 16, cfg.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(1, 16, cfg.caption_channels, generator=gen),
+        "timestep": torch.randint(0, 1000, (1,), generator=gen),
+        "encoder_attention_mask": mask,
+        "num_frames": 1,
+        "height": 16,
+        "width": 16,
+        "return_dict": False,
+    }
+
+
+LTX_VIDEO = FamilyTester(
+    family="ltx_video",
+    class_name="LTXVideoTransformer3DModel",
+    init_dict={"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+               "cross_attention_dim": 16, "num_layers": 1, "qk_norm": "rms_norm_across_heads", "caption_channels": 16},
+    inputs=_ltx_video_inputs,
+    layers=("transformer_blocks.0.attn1",),
+    data={"frames": 1, "height": 16, "width": 16, "text_len": 16},
+)
+
+TESTERS: dict[str, FamilyTester] = {t.family: t for t in (WAN, COGVIDEOX, FLUX, HUNYUAN_VIDEO, LTX_VIDEO)}
