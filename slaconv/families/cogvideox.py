@@ -89,7 +89,8 @@ def _alphas_cumprod(shift: float) -> torch.Tensor:
 def _ddpm_level(model, latents: torch.Tensor, timestep: torch.Tensor):
     """For flow-matching latents x = (1 - s) x0 + s noise at s = ``timestep`` / 1000 (B,): the same sample at
     unit norm, a x0 + b noise with a^2 + b^2 = 1 (same SNR), the coefficients (a, b) and the model's timestep
-    t at which its schedule has alpha_bar = a^2 (interpolated between the integer steps)."""
+    t at which its schedule has alpha_bar = a^2 (interpolated between the integer steps; step 0 for noise
+    below the schedule's first step)."""
     s = (timestep.double() / 1000).clamp(0, 1)
     norm = torch.sqrt((1 - s) ** 2 + s**2)
     a, b = (1 - s) / norm, s / norm
