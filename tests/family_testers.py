@@ -72,21 +72,21 @@ WAN = FamilyTester(
 
 def _cogvideox_inputs(model, gen):
     cfg = model.config
-    frames, height, width = 3, 16, 16  # 3 * 8 * 8 = 192 video tokens after 8 text tokens
+    frames, height, width = 4, 16, 16  # 4 * 8 * 8 = 256 video tokens after 8 text tokens
     kwargs = {
         "hidden_states": torch.randn(1, frames, cfg.in_channels, height, width, generator=gen),
         "encoder_hidden_states": torch.randn(1, 8, cfg.text_embed_dim, generator=gen),
         "timestep": torch.randint(0, 1000, (1,), generator=gen),
         "return_dict": False,
     }
-    if cfg.use_rotary_positional_embeddings:  # as CogVideoXPipeline builds it (height, width in latent pixels)
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    if cfg.use_rotary_positional_embeddings:  # built by CogVideoXPipeline's own method (sizes in pixels)
+        from types import SimpleNamespace
 
-        p = cfg.patch_size
-        grid = (height // p, width // p)
-        crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
-        kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid, frames)
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+        pipe = SimpleNamespace(transformer=model, vae_scale_factor_spatial=8)
+        kwargs["image_rotary_emb"] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            pipe, height * 8, width * 8, frames, "cpu")
     return kwargs
 
 
@@ -98,10 +98,13 @@ COGVIDEOX = FamilyTester(
                "sample_frames": 8, "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 8},
     inputs=_cogvideox_inputs,
     layers=("transformer_blocks.0.attn1",),
-    data={"frames": 3, "height": 16, "width": 16, "text_len": 8},
+    data={"frames": 4, "height": 16, "width": 16, "text_len": 8},
     fusable=True,
-    # CogVideoX-5B: RoPE on the video tokens; head dim 16 so that RoPE's t/h/w split has even parts
-    variants={"rope": {"use_rotary_positional_embeddings": True, "attention_head_dim": 16}},
+    # CogVideoX-5B: RoPE on the video tokens; head dim 16 so that RoPE's t/h/w split has even parts.
+    # CogVideoX 1.5: also patches of 2 frames, RoPE on a grid sliced from the training size.
+    variants={"rope": {"use_rotary_positional_embeddings": True, "attention_head_dim": 16},
+              "1.5": {"use_rotary_positional_embeddings": True, "attention_head_dim": 16, "patch_size_t": 2,
+                      "sample_height": 16, "sample_width": 16}},
 )
 
 
