@@ -113,3 +113,24 @@ def test_cli_chain_and_the_saved_model(tester, tmp_path):
         dense = _forward(model, kwargs)
     assert torch.equal(loaded, _expected_output(work, kwargs))
     assert not torch.allclose(loaded, dense)
+
+
+@pytest.mark.parametrize("tester", TESTERS.values(), ids=TESTERS)
+def test_compiled_blocks_trace_without_graph_breaks(tester):
+    """compile_repeated_blocks(fullgraph=True) traces the SLA2 processors (joint ones included: the text of the
+    call reaches them as plain values) and gives the eager output."""
+    import torch._dynamo
+
+    model = tester.build()
+    if not model._repeated_blocks:
+        pytest.skip(f"diffusers declares no repeated blocks for {tester.class_name}")
+    slaconv.sla2_(model, SETTINGS)
+    kwargs = tester.inputs(model, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = _forward(model, kwargs)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            model.compile_repeated_blocks(fullgraph=True, backend="eager")
+            compiled = _forward(model, kwargs)
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)
