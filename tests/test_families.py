@@ -84,7 +84,8 @@ def _expected_output(work, kwargs):
 
 @pytest.mark.parametrize("tester", TESTERS.values(), ids=TESTERS)
 def test_cli_chain_and_the_saved_model(tester, tmp_path):
-    """convert -> calibrate (both stages) -> validate on the CPU; from_pretrained gives the work dir's output."""
+    """convert -> calibrate (both stages, data-free) -> synth-data -> validate on the CPU; from_pretrained gives the
+    work dir's output."""
     source = tmp_path / "model"
     tester.build().save_pretrained(source)
     recipe = write_recipe(tmp_path / "r.yaml", **{f"data.{k}": v for k, v in tester.data.items()},
@@ -95,7 +96,9 @@ def test_cli_chain_and_the_saved_model(tester, tmp_path):
     assert out["family"] == tester.family and out["layers"] == list(tester.layers)
     cal = json.loads(run("calibrate", work, "--json").stdout)
     assert cal["stage1"]["steps"] == 2 and cal["stage2"]["steps"] == 2
-    report = json.loads(run("validate", work, "--json").stdout)
+    data = tmp_path / "data"  # validation on a data folder: pooled embeddings and text masks where the model takes them
+    run("synth-data", data, "--model", work, "--num-samples", 1)
+    report = json.loads(run("validate", work, "--data", data, "--json").stdout)
     assert [x["layer"] for x in report["layers"]] == list(tester.layers)
     for layer in report["layers"]:
         assert 0 < layer["sparsity"] < 1 and 0 <= layer["attention_rel_l2"] < 1

@@ -114,3 +114,21 @@ def test_cogvideox_v_prediction_reads_back_as_flow_velocity(sigma):
     v = (a * noise - b * x0).permute(0, 2, 1, 3, 4)
     velocity = fam.read_output(model, v, x_t, timestep)
     assert torch.allclose(velocity.double(), (noise - x0).double(), atol=1e-4)
+
+
+def test_synthetic_data_carries_pooled_embeddings_and_the_text_mask(tmp_path):
+    """Flux and HunyuanVideo data hold a pooled embedding, HunyuanVideo's a mask of the real (non-zero) text
+    tokens; a dataset without them (Wan's) is unchanged and its items hold neither."""
+    from slaconv.data import CalibrationDataset, write_synthetic_dataset
+
+    dims = dict(num_samples=3, channels=4, frames=1, height=8, width=8, text_len=12, text_dim=16, seed=5)
+    plain = CalibrationDataset(write_synthetic_dataset(tmp_path / "plain", **dims))
+    full = CalibrationDataset(write_synthetic_dataset(tmp_path / "full", pooled_dim=8, prompt_mask=True, **dims))
+    assert plain.keys() == ("latents", "prompt_embeds") and "pooled_shape" not in plain.manifest
+    assert full.keys() == ("latents", "prompt_embeds", "pooled_embeds", "prompt_mask")
+    for i in range(3):
+        a, b = plain[i], full[i]
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["prompt_embeds"], b["prompt_embeds"])
+        assert b["pooled_embeds"].shape == (8,)
+        real = b["prompt_embeds"].abs().sum(dim=1) > 0
+        assert torch.equal(b["prompt_mask"].bool(), real) and 0 < int(real.sum()) <= 12
