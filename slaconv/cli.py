@@ -303,7 +303,8 @@ def synth_data(ctx, output, model, num_samples, frames, height, width, text_len,
     d = rec.data
     path = write_synthetic_dataset(output, num_samples=num_samples, channels=family.latent_channels(src.config),
                                    frames=d.frames, height=d.height, width=d.width,
-                                   text_len=d.text_len, text_dim=family.text_dim(src.config), seed=seed)
+                                   text_len=d.text_len, text_dim=family.text_dim(src.config), seed=seed,
+                                   pooled_dim=family.pooled_dim(src.config) or 0, prompt_mask=family.text_mask)
     _emit(ctx, {"data_dir": str(path), "num_samples": num_samples},
           f"wrote {num_samples} synthetic samples to {path}")
 

@@ -52,11 +52,9 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
     measured: dict[str, torch.Tensor] = {}
 
     def observe(proc, q, k, v):
-        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
-        nk = reference.block_count(kh.shape[2], proc.block_k)
-        scores = reference.router_scores(qh, kh, proc.router_q, proc.router_k, proc.block_q, proc.block_k)
-        mask = reference.hard_topk_mask(scores, reference.topk_count(proc.topk, nk))
-        measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
+        mask = proc.block_mask(q, k)
+        measured[proc.layer_name] = reference.initial_alpha(q.transpose(1, 2), k.transpose(1, 2), mask,
+                                                            proc.block_q, proc.block_k)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
     with observing(procs.values(), observe):

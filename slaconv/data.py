@@ -4,10 +4,15 @@ A dataset is a directory holding ``dataset.json`` and one ``.safetensors`` file 
 
     dataset.json               {"format": "slaconv-data", "version": 1, "num_samples": N,
                                 "latent_shape": [C, F, H, W], "text_shape": [S, D],
-                                ["image_shape": [S_img, D_img],] "dtype": "float32",
+                                ["image_shape": [S_img, D_img],] ["pooled_shape": [P],]
+                                ["prompt_mask_shape": [S],] "dtype": "float32",
                                 "samples": ["sample_00000.safetensors", ...],
                                 "source": "synthetic" | "prepare" | ..., "seed": ...}
     sample_00000.safetensors   latents (C, F, H, W), prompt_embeds (S, D) [, image_embeds (S_img, D_img)]
+                               [, pooled_embeds (P,)] [, prompt_mask (S,)]
+
+``pooled_embeds`` is a pooled text embedding (Flux and HunyuanVideo take CLIP's); ``prompt_mask`` marks the
+real text tokens with 1 and padding with 0 (HunyuanVideo and LTX-Video attend only to real tokens).
 
 Every sample has the manifest's shapes and dtype, so samples stack into a batch without padding.
 Only JSON and safetensors are ever read (never pickles).  :class:`CalibrationDataset` checks every
@@ -42,12 +47,15 @@ MANIFEST = "dataset.json"
 SYNTHETIC_GENERATOR = "slaconv.data.synthetic/1"
 
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors header names
-# tensor name -> (manifest shape key, rank); image_embeds only when the manifest has image_shape
+# tensor name -> (manifest shape key, rank); the optional ones only when the manifest has their shape
 _KEYS = {
     "latents": ("latent_shape", 4),
     "prompt_embeds": ("text_shape", 2),
     "image_embeds": ("image_shape", 2),
+    "pooled_embeds": ("pooled_shape", 1),
+    "prompt_mask": ("prompt_mask_shape", 1),
 }
+_OPTIONAL = ("image_embeds", "pooled_embeds", "prompt_mask")
 _REQUIRED_MANIFEST = ("format", "version", "num_samples", "latent_shape", "text_shape", "dtype", "samples")
 
 
@@ -125,9 +133,9 @@ def _check_sample(path: Path, manifest: dict) -> str | None:
         return f"{path}: not a readable safetensors file ({first_line(exc)})"
     for key, (shape_key, rank) in _KEYS.items():
         expected = manifest.get(shape_key)
-        if key == "image_embeds" and expected is None:
+        if key in _OPTIONAL and expected is None:
             if key in headers:
-                return f"{path}: has image_embeds but {MANIFEST} has no image_shape"
+                return f"{path}: has {key} but {MANIFEST} has no {shape_key}"
             continue
         if key not in headers:
             return f"{path}: missing tensor '{key}' (has: {', '.join(sorted(headers)) or 'none'})"
@@ -150,7 +158,7 @@ class CalibrationDataset(Dataset):
     Construction reads the manifest and every sample's safetensors *header* (no tensor data) and
     raises :class:`InputError` on the first problem (with a count of any others).  ``expected_channels``
     and ``expected_text_dim`` are the model's ``in_channels`` and text width, when known.
-    Items: ``{"latents": (C, F, H, W), "prompt_embeds": (S, D)[, "image_embeds": (S_img, D_img)]}``.
+    Items: ``{"latents": (C, F, H, W), "prompt_embeds": (S, D)}`` and the optional tensors the manifest lists.
     """
 
     def __init__(self, root: str | os.PathLike, *, expected_channels: int | None = None,
@@ -194,7 +202,7 @@ class CalibrationDataset(Dataset):
 
     def keys(self) -> tuple[str, ...]:
         """The tensor names each item holds."""
-        return ("latents", "prompt_embeds") + (("image_embeds",) if self.image_shape else ())
+        return ("latents", "prompt_embeds") + tuple(k for k in _OPTIONAL if self.manifest.get(_KEYS[k][0]))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -292,7 +300,8 @@ def write_dataset(out_dir: str | os.PathLike, samples: list[Mapping[str, torch.T
         raise ValueError("write_dataset needs at least one sample")
     first = samples[0]
     if set(first) - set(_KEYS) or not {"latents", "prompt_embeds"} <= set(first):
-        raise ValueError(f"samples must hold latents, prompt_embeds and optionally image_embeds; got {sorted(first)}")
+        raise ValueError(f"samples must hold latents, prompt_embeds and optionally {', '.join(_OPTIONAL)}; "
+                         f"got {sorted(first)}")
     for i, s in enumerate(samples):
         if set(s) != set(first) or any(s[k].shape != first[k].shape or s[k].dtype != first[k].dtype for k in first):
             raise ValueError(f"sample {i} differs in keys, shapes or dtype from sample 0")
@@ -330,13 +339,14 @@ def _smooth_field(gen: torch.Generator, c: int, f: int, h: int, w: int) -> torch
 
 
 def synthetic_sample(seed: int, index: int, *, channels: int, frames: int, height: int, width: int,
-                     text_len: int, text_dim: int, image_len: int = 0, image_dim: int = 0,
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                     text_len: int, text_dim: int, image_len: int = 0, image_dim: int = 0, pooled_dim: int = 0,
+                     prompt_mask: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Sample ``index`` of the synthetic dataset ``seed`` (deterministic, CPU).
 
     Latents: smooth random fields with spatial/temporal structure, zero mean, unit variance.
     prompt_embeds: a random number of unit-variance token vectors sharing a per-prompt component,
-    then zero padding to ``text_len`` (as diffusers' Wan pipeline pads T5 outputs).
+    then zero padding to ``text_len`` (as diffusers' Wan pipeline pads T5 outputs); ``prompt_mask`` marks
+    those tokens.  pooled_embeds (``pooled_dim`` > 0): one unit-variance vector.
     """
     gen = torch.Generator().manual_seed(_sample_seed(seed, index))
     latents = _smooth_field(gen, channels, frames, height, width)
@@ -347,12 +357,17 @@ def synthetic_sample(seed: int, index: int, *, channels: int, frames: int, heigh
     out = {"latents": latents, "prompt_embeds": text}
     if image_len:
         out["image_embeds"] = torch.randn(image_len, image_dim, generator=gen)
+    if pooled_dim:
+        out["pooled_embeds"] = torch.randn(pooled_dim, generator=gen)
+    if prompt_mask:
+        out["prompt_mask"] = (torch.arange(text_len) < n_tok).float()
     return {k: v.to(dtype) for k, v in out.items()}
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, *, num_samples: int, channels: int, frames: int,
                             height: int, width: int, text_len: int, text_dim: int, seed: int = 0,
-                            dtype: torch.dtype | str = torch.float32, image_len: int = 0, image_dim: int = 0) -> Path:
+                            dtype: torch.dtype | str = torch.float32, image_len: int = 0, image_dim: int = 0,
+                            pooled_dim: int = 0, prompt_mask: bool = False) -> Path:
     """Write a deterministic synthetic dataset (see :func:`synthetic_sample`) to ``out_dir``.
 
     Same arguments give byte-identical files.  Written atomically (temp dir beside ``out_dir``, then
@@ -373,11 +388,16 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, *, num_samples: int, cha
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"synthetic data: seed must be an integer, got {seed!r}")
     kwargs = dict(channels=channels, frames=frames, height=height, width=width, text_len=text_len,
-                  text_dim=text_dim, image_len=image_len, image_dim=image_dim, dtype=dtype)
+                  text_dim=text_dim, image_len=image_len, image_dim=image_dim, pooled_dim=pooled_dim,
+                  prompt_mask=prompt_mask, dtype=dtype)
     shapes = {"latents": torch.empty(channels, frames, height, width, dtype=dtype),
               "prompt_embeds": torch.empty(text_len, text_dim)}
     if image_len:
         shapes["image_embeds"] = torch.empty(image_len, image_dim)
+    if pooled_dim:
+        shapes["pooled_embeds"] = torch.empty(pooled_dim)
+    if prompt_mask:
+        shapes["prompt_mask"] = torch.empty(text_len)
     manifest = _manifest(num_samples, shapes, source="synthetic", seed=seed,
                          extra={"generator": SYNTHETIC_GENERATOR})
     out = Path(out_dir)

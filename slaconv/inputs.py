@@ -19,13 +19,25 @@ def check_latent_shape(family: Family, model_config: dict, frames: int, height: 
                          f"the model's patch size {pt}x{ph}x{pw}")
 
 
+CONDITIONING = ("image_embeds", "pooled_embeds", "prompt_mask")
+"""Sample tensors beside latents and prompt_embeds that :attr:`Family.make_inputs` takes, where present."""
+
+
 def synthetic_batch(family: Family, model_config: dict, data_cfg: DataSettings, batch: int,
                     generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random latents at the recipe resolution and random text embeddings (seeded)."""
+    """Random latents at the recipe resolution and random text embeddings (seeded); for families that take
+    them, a pooled text embedding and a text mask keeping a random number of leading tokens."""
     c = family.latent_channels(model_config)
     latents = torch.randn(batch, c, data_cfg.frames, data_cfg.height, data_cfg.width, generator=generator)
     embeds = torch.randn(batch, data_cfg.text_len, family.text_dim(model_config), generator=generator)
-    return {"latents": latents, "prompt_embeds": embeds}
+    out = {"latents": latents, "prompt_embeds": embeds}
+    pooled = family.pooled_dim(model_config)
+    if pooled:
+        out["pooled_embeds"] = torch.randn(batch, pooled, generator=generator)
+    if family.text_mask:
+        real = torch.randint(1, data_cfg.text_len + 1, (batch, 1), generator=generator)
+        out["prompt_mask"] = (torch.arange(data_cfg.text_len).view(1, -1) < real).float()
+    return out
 
 
 def batches(family: Family, model_config: dict, data_cfg: DataSettings, batch: int, generator: torch.Generator,
@@ -47,9 +59,10 @@ def batches(family: Family, model_config: dict, data_cfg: DataSettings, batch: i
 
 def denoiser_forward(model, family: Family, batch: dict, x_t: torch.Tensor, sigma: torch.Tensor, device,
                      dtype: torch.dtype) -> torch.Tensor:
-    """The model's prediction for the noisy latents ``x_t`` at noise level ``sigma`` (timestep 1000 * sigma),
-    conditioned on ``batch``'s text (and image) embeddings, inputs moved to ``device`` in ``dtype``."""
-    image = batch["image_embeds"].to(device, dtype) if "image_embeds" in batch else None
-    kwargs = family.make_inputs(model, x_t.to(device, dtype), (sigma * 1000).to(device),
-                                batch["prompt_embeds"].to(device, dtype), image)
-    return model(**kwargs)[0]
+    """The model's flow-matching velocity for the noisy latents ``x_t`` at noise level ``sigma`` (timestep
+    1000 * sigma), conditioned on ``batch``'s text (and image) embeddings, inputs moved to ``device`` in
+    ``dtype``."""
+    conditioning = {key: batch[key].to(device, dtype) for key in CONDITIONING if key in batch}
+    x_t, timestep = x_t.to(device, dtype), (sigma * 1000).to(device)
+    kwargs = family.make_inputs(model, x_t, timestep, batch["prompt_embeds"].to(device, dtype), **conditioning)
+    return family.read_output(model, model(**kwargs)[0], x_t, timestep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -52,7 +53,30 @@ def install_sla2(model: torch.nn.Module, family: Family, layers: list[str],
         proc = family.make_processor(attn, config, name).to(param.device)
         attn.set_processor(proc)
         installed[name] = proc
+    _tell_processors_the_text(model, family, list(installed.values()))
     return installed
+
+
+_CONTEXT_HOOK = "_sla2_joint_text_hook"
+
+
+def _tell_processors_the_text(model: torch.nn.Module, family: Family, procs: list[SLA2Processor]) -> None:
+    """Joint-attention families: a forward pre-hook gives every SLA2 processor the call's text (length and real
+    tokens), which layers such as Flux's single-stream blocks cannot see themselves.  It runs outside the
+    transformer blocks, so compiled blocks read plain values (one host read per forward, not per layer)."""
+    old = getattr(model, _CONTEXT_HOOK, None)
+    if old is not None:
+        old.remove()
+    if family.forward_context is None:
+        return
+    signature = inspect.signature(model.forward)
+
+    def hook(module, args, kwargs):
+        context = family.forward_context(signature.bind_partial(*args, **kwargs).arguments)
+        for proc in procs:
+            proc.joint_text = context
+
+    setattr(model, _CONTEXT_HOOK, model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def sla2_(model: torch.nn.Module, config: SLA2Config | None = None, *, targets: Iterable[str] | None = None,

@@ -52,9 +52,7 @@ def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
             rows = torch.randperm(n, generator=gen)[:MAX_ROWS_PER_LAYER].sort().values.to(q.device)
         full = reference.full_attention_reference(qh, kh, vh, rows)
         sla = out.transpose(1, 2)[:, :, rows]
-        nk = reference.block_count(n, proc.block_k)
-        scores = reference.router_scores(qh, kh, proc.router_q, proc.router_k, proc.block_q, proc.block_k)
-        mask = reference.hard_topk_mask(scores, reference.topk_count(proc.topk, nk))
+        mask = proc.block_mask(q, k)
         token_density = mask.float().repeat_interleave(proc.block_k, dim=-1)[..., :n].mean()  # ragged last block
         s = stats.setdefault(proc.layer_name, {"rel_l2": [], "cosine": [], "sparsity": []})
         s["rel_l2"].append(_rel_l2(sla, full))

@@ -66,9 +66,10 @@ def _run_kernel(q, k, v, rq, rk, al, layout, launch=None, **spec):
     return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(**spec), layout=layout, launch=launch)
 
 
-def _forward_outputs(q, k, v, rq, rk, al, topk, block_q, block_k, quant, layout):
+def _forward_outputs(q, k, v, rq, rk, al, topk, block_q, block_k, quant, layout, always_kept=(0, 0)):
     """The forward op's outputs (O, LUT, LSE, 1/den, H_all, z_all) with the default launch settings."""
-    return S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, block_k, quant, layout, True, DEFAULT_LAUNCH.as_ints())
+    return S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, block_k, quant, *always_kept, layout, True,
+                      DEFAULT_LAUNCH.as_ints())
 
 
 def _run_reference(q, k, v, rq, rk, al, layout, **kw):
@@ -158,7 +159,7 @@ def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
     rows[5] = torch.round(rows[5] * 2) / 2  # many exact ties
     scores = rows.to(DEVICE).contiguous()
     lut = torch.empty(6, n_sel, dtype=torch.int32, device=DEVICE)
-    forward_kernels.topk_lut[(6,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk))
+    forward_kernels.topk_lut[(6,)](scores, lut, nk, n_sel, 0, 0, NK_P=triton.next_power_of_2(nk))
     lut = lut.cpu()
     for r in range(6):
         got = lut[r].tolist()
@@ -169,6 +170,41 @@ def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
         assert above <= set(got), (r, got)
         ties = [i for i in torch.nonzero(x == kth).flatten().tolist()][: n_sel - len(above)]
         assert set(got) == above | set(ties), (r, got)
+
+
+@pytest.mark.parametrize("nk,n_sel,kept", [(9, 5, (2, 5)), (9, 3, (0, 3)), (9, 9, (0, 9)), (300, 40, (291, 300)),
+                                           (64, 20, (10, 11))])
+def test_topk_lut_always_kept_range(nk, n_sel, kept):
+    """Blocks of the always-kept range are in every row whatever their scores (set to the row's lowest here),
+    and the other slots go to the best of the remaining blocks, as torch.topk ranks them."""
+    g = torch.Generator().manual_seed(nk + n_sel)
+    rows = torch.randn(4, nk, generator=g)
+    rows[:, kept[0]:kept[1]] = rows.min() - 1.0
+    rows[3] = torch.round(rows[3])  # ties among the routed blocks too
+    lut = torch.empty(4, n_sel, dtype=torch.int32, device=DEVICE)
+    forward_kernels.topk_lut[(4,)](rows.to(DEVICE).contiguous(), lut, nk, n_sel, *kept,
+                                   NK_P=triton.next_power_of_2(nk))
+    others = [j for j in range(nk) if not kept[0] <= j < kept[1]]
+    for r in range(4):
+        got = lut[r].cpu().tolist()
+        assert got == sorted(got) and len(set(got)) == n_sel, (r, got)
+        routed = sorted(others, key=lambda j: (-rows[r, j].item(), j))[: n_sel - (kept[1] - kept[0])]
+        assert set(got) == set(range(*kept)) | set(routed), (r, got)
+
+
+@pytest.mark.parametrize("kept,bq,layout", [((3, 4), 64, "bnhd"), ((0, 2), 128, "bhnd"), ((1, 4), 128, "bnhd")])
+def test_always_kept_forward_backward_matches_reference(kept, bq, layout):
+    """Joint attention's text range: the kernel's LUT holds it in every row and the forward and every
+    gradient match the reference with the same range."""
+    b, h, n = SIZES[0]
+    inputs = _inputs(b, h, n, 64, layout, seed=61 + bq)
+    kw = dict(topk=0.25, block_q=bq, block_k=64, quant="none", always_kept=kept)
+    _check_forward_and_gradients(inputs, layout, kw, grad_seed=5)
+    _, lut, *_ = _forward_outputs(*inputs, 0.25, bq, 64, "none", layout, kept)
+    nk = reference.block_count(n, 64)
+    assert lut.shape[-1] == (kept[1] - kept[0]) + reference.topk_count(0.25, nk - (kept[1] - kept[0]))
+    for j in range(*kept):
+        assert (lut == j).any(dim=-1).all()
 
 
 def test_forward_under_bf16_autocast():
@@ -259,11 +295,11 @@ def _dense_fp64(q, k, v, mask_tok, alpha_logit):
     return a * o_s + (1 - a) * o_l
 
 
-@pytest.mark.parametrize("topk,bq", [(0.25, 128), (0.6, 64)])
-def test_forward_against_dense_fp64(topk, bq):
+@pytest.mark.parametrize("topk,bq,kept", [(0.25, 128, (0, 0)), (0.6, 64, (0, 0)), (0.25, 64, (4, 6))])
+def test_forward_against_dense_fp64(topk, bq, kept):
     b, h, n = SIZES[1]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=11)
-    out, lut, *_ = _forward_outputs(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd")
+    out, lut, *_ = _forward_outputs(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd", kept)
     nk = reference.block_count(n, 64)
     blk = torch.zeros(b, h, lut.shape[2], nk, dtype=torch.bool, device=lut.device)
     blk.scatter_(-1, lut.long(), True)

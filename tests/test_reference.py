@@ -10,10 +10,11 @@ import torch
 from slaconv.kernels import reference as R
 
 
-def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None):
+def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None, always_kept=(0, 0)):
     """Straightforward dense fp64 SLA2: explicit block loops for pooling, N x N masked maps.
 
-    Returns (output, block mask).  Written from docs/design.md independently of kernels/reference.py.
+    ``always_kept``: key blocks every row selects besides the top-k of the others.  Returns (output, block
+    mask, scores).  Written from docs/design.md independently of kernels/reference.py.
     """
     q, k, v, wq, wk = (t.double() for t in (q, k, v, wq, wk))
     b, h, n, d = q.shape
@@ -22,11 +23,15 @@ def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None):
     qbar = torch.stack([q[:, :, i * bq:min(n, (i + 1) * bq)].mean(dim=2) for i in range(nq)], dim=2)
     kbar = torch.stack([ks[:, :, j * bk:min(n, (j + 1) * bk)].mean(dim=2) for j in range(nk)], dim=2)
     scores = (qbar @ wq) @ (kbar @ wk).transpose(-1, -2) / math.sqrt(d)
-    n_sel = min(max(round(topk * nk), 1), nk)
+    kept = list(range(*always_kept))
+    others = torch.tensor([j for j in range(nk) if j not in kept], dtype=torch.long)
+    n_sel = min(max(round(topk * len(others)), 1), len(others))
     if soft_mask is None:
-        order = scores.argsort(dim=-1, descending=True)
         mask = torch.zeros_like(scores)
-        mask.scatter_(-1, order[..., :n_sel], 1.0)
+        mask[..., kept] = 1.0
+        if len(others):
+            order = scores[..., others].argsort(dim=-1, descending=True)
+            mask.scatter_(-1, others[order[..., :n_sel]], 1.0)
     else:
         mask = soft_mask.double()
     tok = torch.zeros(b, h, n, n, dtype=torch.float64)
@@ -66,6 +71,28 @@ def test_reference_matches_fp64(n, bq, bk, topk, seed):
     out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=topk, block_q=bq, block_k=bk)
     err = (out.double() - expected).norm() / expected.norm()
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("n,bq,bk,topk,kept", [(256, 64, 64, 0.25, (3, 4)), (333, 128, 64, 0.3, (0, 2)),
+                                                (200, 64, 64, 0.01, (1, 4)), (130, 64, 64, 0.5, (0, 3))])
+def test_always_kept_range_matches_fp64(n, bq, bk, topk, kept):
+    """Joint attention's text blocks: kept in every row, not counted by top-k, and the output is SLA2 with
+    that mask (the linear branch leaves them out)."""
+    q, k, v, wq, wk, alpha = _inputs(1, 2, n, 32, n + kept[0])
+    expected, mask, _ = fp64_sla2(q, k, v, wq, wk, alpha, topk, bq, bk, always_kept=kept)
+    nk = math.ceil(n / bk)
+    scores = R.router_scores(q, k, wq, wk, bq, bk)
+    got_mask = R.selection_mask(scores, topk, kept)
+    assert torch.equal(got_mask.double(), mask)
+    assert (got_mask.sum(-1) == R.selection_count(topk, nk, kept)).all()
+    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=topk, block_q=bq, block_k=bk, always_kept=kept)
+    err = (out.double() - expected).norm() / expected.norm()
+    assert err < 1e-5, err
+    soft = R.selection_mask(scores, topk, kept, soft_tau=0.1)
+    assert torch.equal(soft[..., kept[0]:kept[1]], torch.ones_like(soft[..., kept[0]:kept[1]]))
+    assert torch.allclose(soft.sum(-1), torch.full_like(soft.sum(-1), R.selection_count(topk, nk, kept)), atol=1e-3)
+    with pytest.raises(ValueError, match="always_kept"):
+        R.selection_mask(scores, topk, (2, nk + 1))
 
 
 def test_soft_mask_at_zero_one_equals_hard():

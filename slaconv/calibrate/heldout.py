@@ -35,9 +35,7 @@ def heldout_attention_error(model, family, sampler: StepSampler, n: int, n_query
         rows = (blocks.view(-1, 1) * proc.block_q + torch.arange(proc.block_q, device=qh.device)).view(-1)
         rows = rows[rows < qh.shape[2]]
         target = reference.full_attention_reference(qh, kh, vh, rows)
-        pred = reference.sla2_attention_reference(qh, kh, vh, proc.router_q, proc.router_k, proc.alpha_logit,
-                                                  topk=proc.topk, block_q=proc.block_q, block_k=proc.block_k,
-                                                  q_blocks=blocks)
+        pred = proc.sparse_attention(q.float(), k.float(), v.float(), quant="none", q_blocks=blocks).transpose(1, 2)
         e = err.setdefault(proc.layer_name, [0.0, 0.0])
         e[0] += float(((pred - target) ** 2).sum())
         e[1] += float((target ** 2).sum())

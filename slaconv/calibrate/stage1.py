@@ -83,9 +83,8 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         rows = rows[rows < qh.shape[2]]
         with torch.enable_grad():
             target = reference.full_attention_reference(qh.float(), kh.float(), vh.float(), rows)
-            pred = reference.sla2_attention_reference(
-                qh.float(), kh.float(), vh.float(), proc.router_q, proc.router_k, proc.alpha_logit,
-                topk=proc.topk, block_q=proc.block_q, block_k=proc.block_k, soft_tau=tau, q_blocks=blocks)
+            pred = proc.sparse_attention(*(t.detach().float() for t in (q, k, v)), quant="none", soft_tau=tau,
+                                         q_blocks=blocks).transpose(1, 2)
             loss = torch.mean((pred - target) ** 2)
             loss.backward()
         losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)

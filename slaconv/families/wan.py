@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SLA2Config
 from ..errors import InputError
 from ..processor import SLA2Processor
-from . import Family, register
+from . import Family, heads_of_inner_dim, register
 
 
 def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -48,27 +47,9 @@ class SLA2WanAttnProcessor(SLA2Processor):
         return attn.to_out[1](out)
 
 
-def _load_class():
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel
-
-
-def _stock_processor():
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    return WanAttnProcessor()
-
-
-def _head_shape(attn) -> tuple[int, int]:
-    return attn.heads, attn.inner_dim // attn.heads
-
-
-def _make_processor(attn, config: SLA2Config, layer_name: str) -> SLA2WanAttnProcessor:
+def _self_attention_only(attn, layer_name: str) -> None:
     if getattr(attn, "is_cross_attention", False):
         raise InputError("SLA2 targets must be self-attention modules (attn1), not cross-attention")
-    heads, head_dim = _head_shape(attn)
-    return SLA2WanAttnProcessor(heads, head_dim, config, layer_name=layer_name)
 
 
 def _make_inputs(model, latents, timestep, prompt_embeds, image_embeds=None) -> dict:
@@ -87,11 +68,10 @@ WAN = register(
     Family(
         name="wan",
         class_names=("WanTransformer3DModel",),
-        load_class=_load_class,
         default_targets=(r"re:blocks\.\d+\.attn1",),
-        make_processor=_make_processor,
-        stock_processor=_stock_processor,
-        head_shape=_head_shape,
+        processor=SLA2WanAttnProcessor,
+        stock_processor_path="diffusers.models.transformers.transformer_wan.WanAttnProcessor",
+        head_shape=heads_of_inner_dim,
         make_inputs=_make_inputs,
         latent_channels=lambda cfg: cfg["in_channels"],
         text_dim=lambda cfg: cfg["text_dim"],
@@ -99,5 +79,6 @@ WAN = register(
         # Image-to-video checkpoints carry an image-embedding projection.
         pipeline=lambda cfg: (("WanImageToVideoPipeline", "image-to-video") if cfg.get("image_dim")
                               else ("WanPipeline", "text-to-video")),
+        check_target=_self_attention_only,
     )
 )

@@ -70,18 +70,18 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
                    block_k: int = 64, quant: str = "none", layout: str = "bnhd", soft_tau: float | None = None,
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
-                   launch: LaunchConfig | None = None) -> torch.Tensor:
+                   launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
     ``router_q``, ``router_k`` (H, D, D) and ``alpha_logit`` (H,) are the layer's learned parameters;
-    ``topk``, ``block_q``, ``block_k`` and ``quant`` are the fields of :class:`AttentionSpec` (documented
-    and checked there).  ``soft_tau`` switches to SoftTop-k (stage-1 calibration) and ``q_blocks``
+    ``topk``, ``block_q``, ``block_k``, ``quant`` and ``always_kept`` are the fields of :class:`AttentionSpec`
+    (documented and checked there).  ``soft_tau`` switches to SoftTop-k (stage-1 calibration) and ``q_blocks``
     computes only the given query blocks; both run on the reference path.  ``launch`` sets the Triton
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.
     """
-    spec = AttentionSpec(topk, block_q, block_k, quant)
+    spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
     chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
     if chosen == "triton":
@@ -92,6 +92,6 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = reference.sla2_attention_reference(
         q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
-        quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks,
+        quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks, always_kept=spec.always_kept,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

@@ -4,7 +4,8 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
 (B, N, H, D) layout that diffusers hands its processors.  The math is docs/design.md section 1:
 
 * router: ``S_c = (meanpool_bq(Q) W_q)(meanpool_bk(K - mean(K)) W_k)^T / sqrt(d)``, per head;
-* mask: hard top-k per query-block row (``n_k`` key blocks, at least one), or SoftTop-k;
+* mask: hard top-k per query-block row (``n_k`` key blocks, at least one), or SoftTop-k; an optional
+  always-kept range of key blocks (the text of joint attention) is selected in every row besides them;
 * ``O_s``: softmax over the selected key blocks only (renormalised);
 * ``O_l``: linear attention with ``phi = softmax over the head dim`` over exactly the complement;
 * ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head.
@@ -32,9 +33,12 @@ __all__ = [
     "block_count",
     "block_mean",
     "topk_count",
+    "selection_count",
+    "check_always_kept",
     "router_scores",
     "hard_topk_mask",
     "soft_topk_mask",
+    "selection_mask",
     "mask_to_lut",
     "feature_map",
     "fake_quant_int8_blocks",
@@ -70,6 +74,21 @@ def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
 def topk_count(topk: float, n_kblocks: int) -> int:
     """Key blocks kept per query-block row: ``clamp(round(topk * n_kblocks), 1, n_kblocks)``."""
     return int(min(max(round(topk * n_kblocks), 1), n_kblocks))
+
+
+def selection_count(topk: float, n_kblocks: int, always_kept: tuple[int, int] = (0, 0)) -> int:
+    """Key blocks selected per row: the ``always_kept`` range ``[start, end)`` plus
+    :func:`topk_count` of the other blocks (none when the range covers every block)."""
+    kept = always_kept[1] - always_kept[0]
+    return kept + topk_count(topk, n_kblocks - kept)
+
+
+def check_always_kept(always_kept: tuple[int, int], n_kblocks: int) -> None:
+    """Raise ``ValueError`` unless ``always_kept`` is a key-block range ``[start, end)`` within ``n_kblocks``."""
+    start, end = always_kept
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n_kblocks):
+        raise ValueError(f"always_kept must be a key-block range [start, end) within 0..{n_kblocks}, "
+                         f"got {always_kept!r}")
 
 
 def router_scores(
@@ -120,6 +139,25 @@ def soft_topk_mask(scores: torch.Tensor, n_select: int, tau: float = 0.1, iters:
     return torch.sigmoid(z + lam)
 
 
+def selection_mask(scores: torch.Tensor, topk: float, always_kept: tuple[int, int] = (0, 0),
+                   soft_tau: float | None = None) -> torch.Tensor:
+    """The block mask of the router's ``scores`` (B, H, nq, nk): every block of the ``always_kept`` range,
+    plus the :func:`topk_count` best of the others, hard (bool) or SoftTop-k at ``soft_tau`` (float, the
+    kept blocks at exactly 1).  The kept blocks take no part in the ranking."""
+    nk = scores.shape[-1]
+    check_always_kept(always_kept, nk)
+    start, end = always_kept
+    n_route = topk_count(topk, nk - (end - start))
+    if soft_tau is None:
+        ranked = scores.float().clone()
+        ranked[..., start:end] = float("inf")
+        return hard_topk_mask(ranked, (end - start) + n_route)
+    others = torch.cat([scores[..., :start], scores[..., end:]], dim=-1)
+    soft = soft_topk_mask(others, n_route, soft_tau) if n_route else others.float()  # no column left
+    kept = torch.ones(*scores.shape[:-1], end - start, device=scores.device)
+    return torch.cat([soft[..., :start], kept, soft[..., start:]], dim=-1)
+
+
 def mask_to_lut(mask: torch.Tensor) -> torch.Tensor:
     """Hard mask (B, H, nq, nk) with the same count per row -> sorted int32 key-block ids (B, H, nq, n)."""
     n = int(mask[0, 0, 0].sum()) if mask.numel() else 0
@@ -165,7 +203,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
                              block_k: int = 64, quant: str = "none", soft_tau: float | None = None,
                              q_blocks: torch.Tensor | None = None, chunk_q_blocks: int = 8,
-                             mask: torch.Tensor | None = None) -> torch.Tensor:
+                             mask: torch.Tensor | None = None,
+                             always_kept: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
@@ -178,18 +217,16 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             result is (B, H, len(q_blocks) * block_q clipped to N, D) in that order.  Used by
             stage-1 calibration to bound memory.
         mask: optional precomputed block mask (bool or float in [0, 1]), overriding the router.
+        always_kept: key-block range ``[start, end)`` every query block selects besides its top-k
+            (:func:`selection_mask`).
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     b, h, n, d = q.shape
-    nq, nk = block_count(n, block_q), block_count(n, block_k)
+    nq = block_count(n, block_q)
     if mask is None:
         scores = router_scores(q, k, router_q, router_k, block_q, block_k)
-        n_sel = topk_count(topk, nk)
-        if soft_tau is not None:
-            mask = soft_topk_mask(scores, n_sel, soft_tau)
-        else:
-            mask = hard_topk_mask(scores, n_sel)
+        mask = selection_mask(scores, topk, always_kept, soft_tau)
     weights = mask.float()
     if q_blocks is None:
         q_blocks = torch.arange(nq, device=q.device)

@@ -101,11 +101,12 @@ def _cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def router_lut(q_mean, k_mean, k_token_mean, router_q, router_k, n_sel):
+def router_lut(q_mean, k_mean, k_token_mean, router_q, router_k, n_sel, always_kept=(0, 0)):
     """Pooled router -> sorted int32 LUT (B, H, nq, n_sel) of the key blocks each query block attends to.
 
     ``q_mean`` (B, H, nq, D) and ``k_mean`` (B, H, nk, D) are the block means, ``k_token_mean`` (B, H, D)
-    the token mean of K, which the router removes from the key side."""
+    the token mean of K, which the router removes from the key side.  The key blocks of the ``always_kept``
+    range ``[start, end)`` are in every row; the other ``n_sel - (end - start)`` are the best-scoring."""
     # fp32 whatever the caller's autocast (stage 2 runs under bf16 autocast): the ranking needs it
     with torch.autocast(device_type=q_mean.device.type, enabled=False):
         q_proj = torch.matmul(q_mean.float(), router_q.float())
@@ -114,8 +115,9 @@ def router_lut(q_mean, k_mean, k_token_mean, router_q, router_k, n_sel):
     *lead, nq, nk = scores.shape
     lut = torch.empty(*lead, nq, n_sel, device=scores.device, dtype=torch.int32)
     # one program per row: bisection for the n_sel-th score + prefix-sum compaction
-    forward_kernels.topk_lut[(scores.numel() // nk,)](scores, lut, nk, n_sel, NK_P=triton.next_power_of_2(nk),
-                                              **({} if _interpreting() else {"num_warps": 4}))
+    forward_kernels.topk_lut[(scores.numel() // nk,)](scores, lut, nk, n_sel, *always_kept,
+                                                      NK_P=triton.next_power_of_2(nk),
+                                                      **({} if _interpreting() else {"num_warps": 4}))
     return lut
 
 
@@ -195,7 +197,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
                                 D=D, BLOCK_Q=spec.block_q, QUANT=quant)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
-                     router_q, router_k, n_sel)
+                     router_q, router_k, n_sel, spec.always_kept)
     # 5. low-bit copies: INT8 of the smoothed K, FP8 of V (token-contiguous)
     k_int8 = torch.empty(BH, N, D, device=dev, dtype=torch.int8) if quant else k_sum
     k_scale = torch.empty(BH, nk, device=dev, dtype=f32) if quant else k_sum
@@ -328,22 +330,23 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
 @torch.library.custom_op("slaconv::sla2_fwd", mutates_args=())
 def sla2_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
-    alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, layout: str, save: bool,
-    launch: list[int],
+    alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, kept_start: int,
+    kept_end: int, layout: str, save: bool, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all).
 
-    ``launch`` is :meth:`LaunchConfig.as_ints`."""
-    spec = AttentionSpec(topk, block_q, block_k, quant)
+    ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`."""
+    spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch))
 
 
 @sla2_fwd.register_fake
-def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, layout, save, launch):
+def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, kept_start, kept_end, layout, save,
+      launch):
     _check_tensors(q, k, v, layout)
     (B, H, N, D), _ = _dims(q, layout)
     nq, nk = _cdiv(N, block_q), _cdiv(N, block_k)
-    n_sel = AttentionSpec(topk, block_q, block_k, quant).selected_blocks(nk)
+    n_sel = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end)).selected_blocks(nk)
     f32 = torch.float32
     return (
         q.new_empty(q.shape),
@@ -372,7 +375,8 @@ def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, blo
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, layout, _save, launch = inputs
+    q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, _kept_start, _kept_end, layout, \
+        _save, launch = inputs
     o, lut, lse, inv_den, h_all, z_all = output
     ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all)
     ctx.settings = (block_q, block_k, layout, launch)
@@ -380,7 +384,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, do, *_unused):
     dq, dk, dv, dalpha = sla2_bwd(do, *ctx.saved_tensors, *ctx.settings)
-    return dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -397,5 +401,6 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     launch = DEFAULT_LAUNCH if launch is None else launch
     # the tensors only the backward reads are written only when a backward can follow
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha_logit))
+    kept_start, kept_end = spec.always_kept
     return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(spec.topk), int(spec.block_q),
-                    int(spec.block_k), spec.quant, layout, save, launch.as_ints())[0]
+                    int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints())[0]

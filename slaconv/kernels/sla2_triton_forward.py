@@ -90,13 +90,14 @@ def mix_and_store(o_s, q16, ALPHA, H_REST, Z_REST, O, INV_DEN, h, bh, state, row
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["nk", "n_sel"])
-def topk_lut(SCORES, LUT, nk, n_sel, NK_P: tl.constexpr):
+@triton.jit(do_not_specialize=["nk", "n_sel", "kept_start", "kept_end"])
+def topk_lut(SCORES, LUT, nk, n_sel, kept_start, kept_end, NK_P: tl.constexpr):
     """One row of router scores -> its ``n_sel`` highest key blocks, written in ascending block order.
 
     The n_sel-th largest score is found by a 32-step bisection on order-preserving integer keys (cost
     independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum
-    gives each selected block its slot, so the LUT row comes out sorted."""
+    gives each selected block its slot, so the LUT row comes out sorted.  Blocks in ``[kept_start, kept_end)``
+    rank above every score (their key lies beyond the bisection's range), so they are always taken."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NK_P)
     valid = offs < nk
@@ -104,6 +105,7 @@ def topk_lut(SCORES, LUT, nk, n_sel, NK_P: tl.constexpr):
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order == integer order
     key = tl.where(valid, key, -(2**40))
+    key = tl.where((offs >= kept_start) & (offs < kept_end), 2**40, key)
     lo = tl.full((), -(2**31), tl.int64)  # count(key >= lo) >= n_sel always holds
     hi = tl.full((), 2**31 - 1, tl.int64)
     for _ in range(32):
