@@ -157,7 +157,7 @@ def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int
 
 def stable_rank(a: torch.Tensor, iters: int = 30) -> float:
     """||A||_F^2 / sigma_max(A)^2, with sigma_max from power iteration on A^T A (seeded start vector)."""
-    v = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    v = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype).to(a.device)
     sigma2 = 0.0
     for _ in range(iters):
         w = a.t() @ (a @ v)
@@ -221,7 +221,7 @@ def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int,
     nk = reference.block_count(n, args.block_k)
     if mass is None:
         mass = block_mass(q, k, args.block_q, args.block_k)
-    eye = torch.eye(q.shape[1]).unsqueeze(0)
+    eye = torch.eye(q.shape[1], device=q.device).unsqueeze(0)
     heur = reference.router_scores(q[None, None], k[None, None], eye, eye, args.block_q, args.block_k)[0, 0]
     rec = {"blocks_for_90": blocks_for(mass, 0.9), "own_frame": own_frame_mass(mass, args.block_q, args.block_k,
                                                                                 tokens_per_frame)}

@@ -148,19 +148,24 @@ def constant_features(x: torch.Tensor) -> torch.Tensor:
     return torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
 
 
+def block_states(phi_k: torch.Tensor, v: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key block ``phi(K_j)^T V_j`` (B, H, nk, F, D) and ``phi(K_j)^T 1`` (B, H, nk, F)."""
+    b, h, n, f = phi_k.shape
+    fk = phi_k.view(b, h, -1, block_k, f)
+    return fk.transpose(-1, -2) @ v.view(b, h, -1, block_k, v.shape[-1]), fk.sum(dim=3)
+
+
 def kernel_tail(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int,
-                block_k: int, eps: float = reference.LINEAR_EPS) -> torch.Tensor:
+                block_k: int, eps: float = reference.LINEAR_EPS, states=None) -> torch.Tensor:
     """Linear attention over exactly the unselected key blocks, as the kernels compute it.
 
     ``phi(q_i) H_i / (phi(q_i) . z_i + eps)`` with ``H_i = H_all - sum_{j in M_i} phi(K_j)^T V_j`` and ``z_i``
     likewise; phi_q (B, H, Nq, F) for the query blocks of ``lut``, phi_k (B, H, N, F), v (B, H, N, D).
+    ``states``: :func:`block_states` of phi_k and v when the caller has them (phi_k and v are then unused).
     """
-    b, h, n, f = phi_k.shape
-    d = v.shape[-1]
+    states, sums = block_states(phi_k, v, block_k) if states is None else states
+    b, h, _, f, d = states.shape
     nq = lut.shape[2]
-    fk = phi_k.view(b, h, -1, block_k, f)
-    states = fk.transpose(-1, -2) @ v.view(b, h, -1, block_k, d)  # (B, H, nk, F, D)
-    sums = fk.sum(dim=3)  # (B, H, nk, F)
     h_rest = states.sum(dim=2, keepdim=True) - _gather_blocks(states, lut).sum(dim=3)  # (B, H, nq, F, D)
     z_rest = sums.sum(dim=2, keepdim=True) - _gather_blocks(sums, lut).sum(dim=3)  # (B, H, nq, F)
     fq = phi_q.reshape(b, h, nq, block_q, f)

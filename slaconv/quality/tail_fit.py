@@ -87,17 +87,21 @@ def hedgehog_loss(wq: torch.Tensor, wk: torch.Tensor, data: list[FitRows], fract
     """Mean over top-k fractions of the summed per-head relative squared error of the mixed output
     ``alpha O_s + (1 - alpha) O_hedgehog`` against the dense output, alpha per head in closed form over ``data``
     (the quantity the study reports, differentiable in the feature maps)."""
-    loss = 0.0
-    for f in fractions:
-        a2 = a1 = a0 = ref = 0.0
-        for r in data:
-            tail = te.kernel_tail(te.hedgehog_features(r.q, wq), te.hedgehog_features(r.k, wk), r.v, r.luts[f],
-                                  block_q, block_k)
+    sums = {f: [0.0, 0.0, 0.0] for f in fractions}  # a2, a1, a0 per fraction
+    ref = 0.0
+    for r in data:
+        phi_q = te.hedgehog_features(r.q, wq)
+        states = te.block_states(te.hedgehog_features(r.k, wk), r.v, block_k)  # shared by every fraction
+        ref = ref + r.o.square().sum(dim=(0, 2, 3))
+        for f in fractions:
+            tail = te.kernel_tail(phi_q, None, None, r.luts[f], block_q, block_k, states=states)
             x, y = r.o_s[f] - tail, tail - r.o
-            a2 = a2 + x.square().sum(dim=(0, 2, 3))
-            a1 = a1 + (x * y).sum(dim=(0, 2, 3))
-            a0 = a0 + y.square().sum(dim=(0, 2, 3))
-            ref = ref + r.o.square().sum(dim=(0, 2, 3))
+            acc = sums[f]
+            acc[0] = acc[0] + x.square().sum(dim=(0, 2, 3))
+            acc[1] = acc[1] + (x * y).sum(dim=(0, 2, 3))
+            acc[2] = acc[2] + y.square().sum(dim=(0, 2, 3))
+    loss = 0.0
+    for a2, a1, a0 in sums.values():
         alpha = te.least_squares_alpha(a2, a1)
         loss = loss + ((alpha.square() * a2 + 2 * alpha * a1 + a0) / ref).sum()
     return loss / len(fractions)

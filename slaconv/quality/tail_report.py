@@ -59,7 +59,7 @@ def fitted_alphas(stats: dict[str, torch.Tensor], mass_mean: torch.Tensor) -> di
         "head_qblock": te.least_squares_alpha(stats["a2"].sum(dim=0), stats["a1"].sum(dim=0)),
         "qblock_input": te.least_squares_alpha(stats["a2"], stats["a1"]),
         "converter": mass_mean.double().clamp(*CONVERTER_ALPHA_RANGE),
-        "one": torch.ones(stats["a2"].shape[1], dtype=torch.float64),
+        "one": torch.ones(stats["a2"].shape[1], dtype=torch.float64, device=stats["a2"].device),
     }
 
 

@@ -47,9 +47,9 @@ FRACTIONS = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 TRAIN_SIGMAS = (0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4)  # training sample i at TRAIN_SIGMAS[i % 8]
 
 
-def sample(hs: dict, i: int) -> dict:
-    """Sample ``i`` of a held-out-style set, as a batch of one."""
-    return {key: val[i : i + 1] for key, val in hs.items()}
+def sample(hs: dict, i: int, device="cpu") -> dict:
+    """Sample ``i`` of a held-out-style set, as a batch of one on ``device``."""
+    return {key: val[i : i + 1].to(device) for key, val in hs.items()}
 
 
 def tail_output(kind: str, q, k, v, lut, o_s, lse_s, dense, params: dict, block_q: int, block_k: int):
@@ -79,7 +79,7 @@ def fit_parameters(model, spec, n_tokens: int, counts: dict, args, log) -> tuple
     g = torch.Generator().manual_seed(args.seed)
     per_layer: list[list[tf.FitRows]] = [[] for _ in model.blocks]
     for i in range(args.train_videos):
-        for layer, (q, k, v) in enumerate(am.capture_qk(model, sample(ts, i), n_tokens, values=True)):
+        for layer, (q, k, v) in enumerate(am.capture_qk(model, sample(ts, i, args.device), n_tokens, values=True)):
             per_layer[layer].append(tf.fit_rows(q, k, v, counts, args.block_q, args.block_k, args.fit_blocks, g))
         log(f"training sample {i} (sigma {float(ts['sigma'][i]):.2f}) captured")
     params, summary = {}, {}
@@ -128,7 +128,7 @@ def stack_cell(cell: dict) -> dict:
     """Lists over samples -> tensors (S, H, nq); the mean selected mass per head."""
     stats = {t: {k: torch.cat([s[k] for s in v]) for k in v[0]} for t, v in cell["stats"].items()}
     direct = {t: torch.cat(v) for t, v in cell["direct"].items()}
-    m = torch.cat(cell["m"])
+    m = torch.cat(cell["m"]).cpu()
     quantiles = torch.quantile(m[torch.randperm(m.numel(), generator=torch.Generator().manual_seed(0))[:200_000]],
                                torch.tensor([0.1, 0.5, 0.9]))
     return {"stats": stats, "direct": direct, "mass_mean": torch.stack(cell["mass"]).mean(dim=0),
@@ -144,13 +144,14 @@ def replaced_output(row: tr.Row, fraction: float, count: int, layer_params: dict
     def hook(index, query, key, value):
         layer = index % len(alphas)
         q, k, v = (x.float().transpose(1, 2).contiguous() for x in (query, key, value))
-        lut = te.heuristic_lut(q, k, count, args.block_q, args.block_k)
-        o_s, lse_s = te.sparse_branch(q, k, v, lut, args.block_q, args.block_k)
-        dense = te.dense_attention(q, k, v) if row.tail == "exact" else None
-        p = {**layer_params[layer], "bias": layer_params[layer]["bias"][fraction]}
-        out = tail_output(row.tail, q, k, v, lut, o_s, lse_s, dense, p, args.block_q, args.block_k)
-        if row.mixing != "shared":
-            out = te.mix(o_s, out, alphas[layer][row.key].float())
+        with torch.autocast(q.device.type, enabled=False):  # the estimator in fp32 even under the model's autocast
+            lut = te.heuristic_lut(q, k, count, args.block_q, args.block_k)
+            o_s, lse_s = te.sparse_branch(q, k, v, lut, args.block_q, args.block_k)
+            dense = te.dense_attention(q, k, v) if row.tail == "exact" else None
+            p = {**layer_params[layer], "bias": layer_params[layer]["bias"][fraction]}
+            out = tail_output(row.tail, q, k, v, lut, o_s, lse_s, dense, p, args.block_q, args.block_k)
+            if row.mixing != "shared":
+                out = te.mix(o_s, out, alphas[layer][row.key].float())
         return out.transpose(1, 2).to(query.dtype)
 
     return hook
@@ -177,6 +178,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-k", type=positive_int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (a GPU runs the model under bf16 autocast)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timer = common.Timer()
@@ -185,7 +187,8 @@ def main(argv=None) -> None:
         print(f"[{timer():6.0f} s] {msg}", flush=True)
 
     spec, _ = common.trained_spec(args.model)
-    model = common.load_model(args.model, "cpu")
+    args.device = common.pick_device(args.device)
+    model = common.load_model(args.model, args.device)
     patch = tuple(model.config.patch_size)
     n_tokens = spec.tokens(patch)
     try:
@@ -207,7 +210,7 @@ def main(argv=None) -> None:
     head_records, original = [], []
     for i in range(args.heldout):
         with am.record_self_attention(n_tokens, values=True) as calls:
-            original.append(metrics.heldout_losses(model, sample(hs, i), "cpu", batch_size=1))
+            original.append(metrics.heldout_losses(model, sample(hs, i), args.device, batch_size=1))
         for layer, (q, k, v) in enumerate(calls):
             luts = {("heuristic", f): te.heuristic_lut(q, k, c, args.block_q, args.block_k) for f, c in counts.items()}
             if i in args.stats_videos:
@@ -240,13 +243,19 @@ def main(argv=None) -> None:
             for f in FRACTIONS:
                 per_layer = {layer: alphas[(layer, f)] for layer in cells}
                 with am.self_attention_hook(n_tokens, replaced_output(row, f, counts[f], params, per_layer, args)):
-                    est = metrics.heldout_losses(model, hs, "cpu", batch_size=1)
+                    est = metrics.heldout_losses(model, hs, args.device, batch_size=1)
                 losses.setdefault(row.key, {})[f] = {**tr.paired_bootstrap(est, original), "per_sample": est.tolist()}
                 log(f"loss {row.key} at {tr.pct(f)}: ratio {losses[row.key][f]['ratio']:.3f} "
                     f"{losses[row.key][f]['ratio_ci']}")
 
     write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, errors, losses, original, hs,
                   head_records, alphas)
+
+
+def device_words(args) -> str:
+    if args.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(args.device)} (model under bf16 autocast)"
+    return f"CPU ({args.threads} threads)"
 
 
 def write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, errors, losses, original, hs,
@@ -261,7 +270,7 @@ def write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, error
         qlines.append(f"| {layer} | " + " | ".join(" / ".join(f"{x:.2f}" for x in per[tr.pct(f)]) for f in FRACTIONS)
                       + " |")
     md = [f"# Tail estimators at fixed sparsity, no training ({args.model})", "",
-          f"{datetime.date.today()}, CPU ({args.threads} threads), {timer():.0f} s.  {n_tokens} tokens, blocks "
+          f"{datetime.date.today()}, {device_words(args)}, {timer():.0f} s.  {n_tokens} tokens, blocks "
           f"{args.block_q} q x {args.block_k} k, key blocks kept per query block {list(counts.values())} "
           f"(90 / 95 / 97 %).  Held-out samples: {args.heldout} of the benchmark's held-out stream "
           f"(sigma {[round(float(s), 2) for s in hs['sigma']]}); statistics and oracle router on samples "
