@@ -480,17 +480,22 @@ def test_least_squares_alpha_and_finer_mixing_are_never_worse():
 
 def test_tail_study_runs_end_to_end(tmp_path):
     """The study's command on a tiny 1-layer model: tables written, the exact tail with per-query alpha is exact,
-    finer alpha never worse, and the replaced forwards change the held-out loss."""
+    finer alpha never worse, the study's fp32 dense hook keeps the model's loss, the replaced forwards change it;
+    a spent --max-minutes cuts the Hedgehog fit to one step and the held-out sets to two samples."""
     from slaconv.quality import tail_study
 
     folder = tmp_path / "orig"
     common.build_model({**common.SMOKE_MODEL_CONFIG, "num_layers": 1}, seed=0).save_pretrained(folder / "model")
     (folder / "train_summary.json").write_text(json.dumps({"spec": sv.SMOKE_SPEC.to_dict(), "settings": {}}))
-    tail_study.main(["--model", str(folder / "model"), "--out", str(tmp_path / "out"), "--heldout", "2",
-                     "--stats-videos", "1", "--train-videos", "1", "--fit-blocks", "2", "--hedgehog-steps", "2",
-                     "--threads", "1"])
+    tail_study.main(["--model", str(folder / "model"), "--out", str(tmp_path / "out"), "--heldout", "3",
+                     "--stats-videos", "1", "--fractions", "0.03", "0.1", "--train-videos", "1", "--fit-blocks", "2",
+                     "--hedgehog-steps", "50", "--max-minutes", "1e-4", "--threads", "1"])
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "Tail estimators at fixed sparsity" in (tmp_path / "out" / "results.md").read_text()
+    assert set(res["errors"]["heuristic"]) == {"0.1", "0.03"}
+    assert res["settings"]["error_samples"] == 2 and res["settings"]["loss_samples"] == 2
+    assert {fit["hedgehog_fit"]["hedgehog"]["steps"] for fit in res["fits"].values()} == {1}
+    assert res["losses"]["dense_fp32"]["0.03"]["ratio"] == pytest.approx(1.0, abs=1e-4)
     for router in ("heuristic", "oracle"):
         for rows in res["errors"][router].values():
             assert rows["exact_query"]["mean"] < 1e-4

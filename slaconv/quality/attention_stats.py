@@ -208,8 +208,8 @@ def blocks_for(mass: torch.Tensor, share: float = 0.9) -> float:
 def own_frame_mass(mass: torch.Tensor, block_q: int, block_k: int, tokens_per_frame: int) -> float:
     """Mean share of a query block's mass on keys of its own frame (raster (frame, row, col) order)."""
     nq, nk = mass.shape
-    fq = torch.arange(nq) * block_q // tokens_per_frame
-    fk = torch.arange(nk) * block_k // tokens_per_frame
+    fq = torch.arange(nq, device=mass.device) * block_q // tokens_per_frame
+    fk = torch.arange(nk, device=mass.device) * block_k // tokens_per_frame
     return float((mass * (fq[:, None] == fk[None, :])).sum(dim=-1).mean())
 
 

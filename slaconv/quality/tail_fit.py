@@ -9,6 +9,7 @@ attention per step).  Masks are the identity router's, as after ``slaconv conver
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -108,15 +109,20 @@ def hedgehog_loss(wq: torch.Tensor, wk: torch.Tensor, data: list[FitRows], fract
 
 
 def train_hedgehog(data: list[FitRows], width: int, fractions, block_q: int, block_k: int, steps: int,
-                   lr: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                   lr: float, seed: int = 0, stop_at: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Untied query and key feature maps (H, D, width) for one layer, by Adam on :func:`hedgehog_loss` over
-    every sample in ``data`` at every step; returns them and the loss curve."""
+    every sample in ``data`` at every step; returns them and the loss curve.
+
+    ``stop_at`` (a ``time.monotonic()`` value) ends the fit early, after at least one step.
+    """
     heads, dim = data[0].q.shape[1], data[0].q.shape[-1]
     wq = hedgehog_init(heads, dim, width, seed).to(data[0].q.device).requires_grad_(True)
     wk = wq.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([wq, wk], lr=lr)
     curve = []
     for _ in range(steps):
+        if curve and stop_at is not None and time.monotonic() > stop_at:
+            break
         opt.zero_grad()
         loss = hedgehog_loss(wq, wk, data, fractions, block_q, block_k)
         loss.backward()

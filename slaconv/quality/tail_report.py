@@ -49,6 +49,7 @@ ROWS = (
 ROW_BY_KEY = {r.key: r for r in ROWS}
 MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one")
 SHARED_TAILS = ("pooled", "pooled_bias")
+DENSE_KEY = "dense_fp32"  # losses of the study's own fp32 dense attention through the same hook (row c)
 
 
 def fitted_alphas(stats: dict[str, torch.Tensor], mass_mean: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,7 +150,12 @@ def headline_markdown(errors: dict, losses: dict, fractions, original_loss: floa
         else:
             ratios = ["1 (= dense)"] * len(fractions)
         lines.append(f"| {row.label} | " + " | ".join(errs + ratios) + " |")
-    lines.append("| c. exact tail in the shared normaliser | " + " | ".join(
-        ["0"] * len(fractions) + ["1 (= dense)"] * len(fractions)) + " |")
+    if DENSE_KEY in losses:
+        dense = [f"{losses[DENSE_KEY][f]['ratio']:.4f} [{losses[DENSE_KEY][f]['ratio_ci'][0]:.4f}, "
+                 f"{losses[DENSE_KEY][f]['ratio_ci'][1]:.4f}]" for f in fractions]
+    else:
+        dense = ["1 (= dense)"] * len(fractions)
+    lines.append("| c. exact tail in the shared normaliser (= dense attention, fp32) | "
+                 + " | ".join(["0"] * len(fractions) + dense) + " |")
     lines.append(f"\nOriginal (dense) held-out loss on these samples: {original_loss:.4f}.")
     return "\n".join(lines)

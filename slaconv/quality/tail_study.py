@@ -23,13 +23,18 @@ noise levels, every layer; one map per layer shared by the three sparsities), an
 
     python -m slaconv.quality.tail_study --model benchmarks/quality/checkpoint/model --out OUT
 
-CPU, ~30 min on 2 busy cores with the defaults.  Writes OUT/results.md and OUT/results.json.
+``--device cuda`` runs the model under bf16 autocast (as the quality table does) and every estimator in fp32.
+``--max-minutes`` time-boxes the run: the Hedgehog fits stop early, fewer held-out samples get errors and
+fewer get the loss forwards, rather than the run overrunning (results.json records what was used).
+``--fractions`` picks a subset of the three top-k fractions.  Writes OUT/results.md and OUT/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,10 +46,29 @@ from slaconv.quality import common, metrics
 from slaconv.quality import tail_estimators as te
 from slaconv.quality import tail_fit as tf
 from slaconv.quality import tail_report as tr
-from slaconv.quality.command_line import non_negative_int, one_line_errors, positive_float, positive_int
+from slaconv.quality.command_line import fraction, non_negative_int, one_line_errors, positive_float, positive_int
 
 FRACTIONS = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 TRAIN_SIGMAS = (0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4)  # training sample i at TRAIN_SIGMAS[i % 8]
+SLA_PAPER_ABOVE_MEAN = 0.081  # share of attention weights above 1/N the SLA paper reports for Wan2.1
+# Shares of --max-minutes by which each phase must end: fits, attention errors, loss forwards.
+FIT_SHARE, ERROR_SHARE, LOSS_SHARE = 0.30, 0.55, 0.95
+
+
+class Budget:
+    """Points in time, as shares of a wall-clock budget in minutes; ``None`` minutes sets no limit."""
+
+    def __init__(self, minutes: float | None):
+        self.start = time.monotonic()
+        self.seconds = None if minutes is None else 60.0 * minutes
+
+    def until(self, share: float) -> float | None:
+        """The ``time.monotonic()`` value by which ``share`` of the budget is spent (None without a budget)."""
+        return None if self.seconds is None else self.start + share * self.seconds
+
+    def left(self, share: float) -> float:
+        """Seconds until ``share`` of the budget is spent (infinite without a budget)."""
+        return math.inf if self.seconds is None else self.until(share) - time.monotonic()
 
 
 def sample(hs: dict, i: int, device="cpu") -> dict:
@@ -72,9 +96,10 @@ def tail_output(kind: str, q, k, v, lut, o_s, lse_s, dense, params: dict, block_
 # ---------------------------------------------------------------------------------------- fitting
 
 
-def fit_parameters(model, spec, n_tokens: int, counts: dict, args, log) -> tuple[dict, dict]:
+def fit_parameters(model, spec, n_tokens: int, counts: dict, args, budget: Budget, log) -> tuple[dict, dict]:
     """Per layer and fraction the pooled bias, per layer the two Hedgehog maps (all training samples / the
-    first one); and a summary of the fits."""
+    first one); and a summary of the fits.  Each layer's Hedgehog fits share what is left of the fit budget
+    equally with the layers after it (four fifths of a layer's share to the fit on all samples)."""
     ts = metrics.heldout_set(spec, args.train_videos, seed=common.TRAIN_SEED, sigmas=TRAIN_SIGMAS)
     g = torch.Generator().manual_seed(args.seed)
     per_layer: list[list[tf.FitRows]] = [[] for _ in model.blocks]
@@ -84,16 +109,21 @@ def fit_parameters(model, spec, n_tokens: int, counts: dict, args, log) -> tuple
         log(f"training sample {i} (sigma {float(ts['sigma'][i]):.2f}) captured")
     params, summary = {}, {}
     for layer, data in enumerate(per_layer):
-        p = {"bias": {f: tf.fit_pooled_bias(data, f, args.block_q, args.block_k) for f in FRACTIONS}}
+        p = {"bias": {f: tf.fit_pooled_bias(data, f, args.block_q, args.block_k) for f in args.fractions}}
+        share = budget.left(FIT_SHARE) / (len(per_layer) - layer)
         fit = {}
-        for name, subset in (("hedgehog", data), ("hedgehog_one", data[:1])):
-            wq, wk, curve = tf.train_hedgehog(subset, args.hedgehog_width, FRACTIONS, args.block_q, args.block_k,
-                                              args.hedgehog_steps, args.hedgehog_lr, seed=args.seed)
-            p[name], fit[name] = (wq, wk), {"first": curve[0], "last": curve[-1]}
+        for name, subset, part in (("hedgehog", data, 0.8), ("hedgehog_one", data[:1], 0.2)):
+            stop_at = None if math.isinf(share) else time.monotonic() + part * share
+            wq, wk, curve = tf.train_hedgehog(subset, args.hedgehog_width, args.fractions, args.block_q,
+                                              args.block_k, args.hedgehog_steps, args.hedgehog_lr, seed=args.seed,
+                                              stop_at=stop_at)
+            p[name], fit[name] = (wq, wk), {"first": curve[0], "last": curve[-1], "steps": len(curve)}
         params[layer] = p
-        summary[layer] = {"pooled_bias": {str(f): p["bias"][f].tolist() for f in FRACTIONS}, "hedgehog_fit": fit}
-        log(f"layer {layer} fitted: pooled bias 97% {[round(x, 2) for x in p['bias'][0.03].tolist()]}, Hedgehog "
-            f"training loss {fit['hedgehog']['first']:.3f} -> {fit['hedgehog']['last']:.3f}")
+        last = args.fractions[-1]
+        summary[layer] = {"pooled_bias": {str(f): p["bias"][f].tolist() for f in args.fractions}, "hedgehog_fit": fit}
+        log(f"layer {layer} fitted: pooled bias {tr.pct(last)} {[round(x, 2) for x in p['bias'][last].tolist()]}, "
+            f"Hedgehog training loss {fit['hedgehog']['first']:.3f} -> {fit['hedgehog']['last']:.3f} in "
+            f"{fit['hedgehog']['steps']} steps")
     return params, summary
 
 
@@ -160,6 +190,30 @@ def replaced_output(row: tr.Row, fraction: float, count: int, layer_params: dict
 # ---------------------------------------------------------------------------------------- main
 
 
+def dense_output(query, key, value):
+    """A hook that puts the study's own fp32 dense attention in place of every self-attention output: the
+    loss of the exact estimators' limit through the same code path (bf16 vs fp32 attention is its only change)."""
+    q, k, v = (x.float().transpose(1, 2).contiguous() for x in (query, key, value))
+    with torch.autocast(q.device.type, enabled=False):
+        out = te.dense_attention(q, k, v)[0]
+    return out.transpose(1, 2).to(query.dtype)
+
+
+def loss_sample_count(model, hs: dict, n_tokens: int, n_sets: int, budget: Budget, args, log) -> int:
+    """How many held-out samples the loss forwards can afford: ``n_sets`` passes over them must end by
+    ``LOSS_SHARE`` of the budget.  Times one forward with the dense hook (the dearest one); at least 2."""
+    n = hs["sigma"].numel()
+    if budget.seconds is None:
+        return n
+    start = time.monotonic()
+    with am.self_attention_hook(n_tokens, lambda index, *qkv: dense_output(*qkv)):
+        metrics.heldout_losses(model, sample(hs, 0), args.device, batch_size=1)
+    per_forward = time.monotonic() - start
+    afford = int(budget.left(LOSS_SHARE) / (1.1 * per_forward * n_sets))
+    log(f"one replaced forward {per_forward:.2f} s: {n_sets} loss passes afford {afford} samples")
+    return max(min(2, n), min(n, afford))
+
+
 @one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -168,19 +222,25 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=positive_int, default=5, help="held-out samples (sigma cycles 0.15 ... 0.95)")
     ap.add_argument("--stats-videos", type=non_negative_int, nargs="*", default=[1, 3],
                     help="held-out sample indices that also get the attention statistics and the oracle router")
+    ap.add_argument("--fractions", type=fraction, nargs="+", default=list(FRACTIONS),
+                    help="top-k fractions (0.10 0.05 0.03 = 90 / 95 / 97 %% sparsity)")
     ap.add_argument("--train-videos", type=positive_int, default=8, help="training samples for the fitted estimators")
     ap.add_argument("--fit-blocks", type=positive_int, default=16, help="query blocks per training sample and layer")
     ap.add_argument("--hedgehog-width", type=positive_int, default=32, help="columns of W: 2x this many features")
     ap.add_argument("--hedgehog-steps", type=positive_int, default=60)
     ap.add_argument("--hedgehog-lr", type=positive_float, default=3e-2)
     ap.add_argument("--no-loss", action="store_true", help="attention errors only, no replaced forwards")
+    ap.add_argument("--max-minutes", type=positive_float, default=None,
+                    help="wall-clock budget: shortens the Hedgehog fits and the held-out sets to end in time")
     ap.add_argument("--block-q", type=positive_int, default=128)
     ap.add_argument("--block-k", type=positive_int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (a GPU runs the model under bf16 autocast)")
     args = ap.parse_args(argv)
+    args.fractions = sorted(set(args.fractions), reverse=True)
     torch.set_num_threads(args.threads)
+    budget = Budget(args.max_minutes)
     timer = common.Timer()
 
     def log(msg: str) -> None:
@@ -198,17 +258,20 @@ def main(argv=None) -> None:
     if any(i >= args.heldout for i in args.stats_videos):
         ap.error(f"--stats-videos must be below --heldout {args.heldout}")
     nk = n_tokens // args.block_k
-    counts = {f: reference.topk_count(f, nk) for f in FRACTIONS}
+    counts = {f: reference.topk_count(f, nk) for f in args.fractions}
     tokens_per_frame = n_tokens // (spec.frames // patch[0])
     stats_args = SimpleNamespace(block_q=args.block_q, block_k=args.block_k, tail_rank=True, token_topk=True)
     log(f"{n_tokens} tokens, {nk} key blocks; keep {list(counts.values())} per query block")
 
-    params, fit_summary = fit_parameters(model, spec, n_tokens, counts, args, log)
+    params, fit_summary = fit_parameters(model, spec, n_tokens, counts, args, budget, log)
 
     hs = metrics.heldout_set(spec, args.heldout)
     cells: dict = {layer: {} for layer in range(len(model.blocks))}
     head_records, original = [], []
     for i in range(args.heldout):
+        if i >= 2 and budget.left(ERROR_SHARE) < 0:
+            log(f"error budget spent: {i} of {args.heldout} held-out samples measured")
+            break
         with am.record_self_attention(n_tokens, values=True) as calls:
             original.append(metrics.heldout_losses(model, sample(hs, i), args.device, batch_size=1))
         for layer, (q, k, v) in enumerate(calls):
@@ -227,20 +290,31 @@ def main(argv=None) -> None:
                 measure_layer(q, k, v, oracle, params[layer], cells[layer], args.block_q, args.block_k)
         log(f"held-out sample {i} (sigma {float(hs['sigma'][i]):.2f}): loss {float(original[-1][0]):.4f}, "
             f"errors measured")
+    hs = {key: val[: len(original)] for key, val in hs.items()}
+    args.error_samples, args.loss_samples = len(original), 0
     cells = {layer: {key: stack_cell(c) for key, c in per.items()} for layer, per in cells.items()}
     errors = tr.error_table(cells)
     original = torch.cat(original)
 
     alphas = {}  # per layer and fraction, the fitted alphas of the rows that get a loss
     for layer, per in cells.items():
-        for f in FRACTIONS:
+        for f in args.fractions:
             cell = per[("heuristic", f)]
             alphas[(layer, f)] = {row.key: tr.fitted_alphas(cell["stats"][row.tail], cell["mass_mean"])[row.mixing]
                                   for row in tr.ROWS if row.loss and row.mixing != "shared"}
     losses: dict = {}
     if not args.no_loss:
-        for row in (r for r in tr.ROWS if r.loss):
-            for f in FRACTIONS:
+        loss_rows = [r for r in tr.ROWS if r.loss]
+        n_loss = loss_sample_count(model, hs, n_tokens, 1 + len(loss_rows) * len(args.fractions), budget, args, log)
+        hs, original = {key: val[:n_loss] for key, val in hs.items()}, original[:n_loss]
+        args.loss_samples = n_loss
+        with am.self_attention_hook(n_tokens, lambda index, *qkv: dense_output(*qkv)):
+            est = metrics.heldout_losses(model, hs, args.device, batch_size=1)
+        losses[tr.DENSE_KEY] = {f: {**tr.paired_bootstrap(est, original), "per_sample": est.tolist()}
+                                for f in args.fractions}
+        log(f"loss of the fp32 dense hook on {n_loss} samples: ratio {losses[tr.DENSE_KEY][args.fractions[0]]['ratio']:.4f}")
+        for row in loss_rows:
+            for f in args.fractions:
                 per_layer = {layer: alphas[(layer, f)] for layer in cells}
                 with am.self_attention_hook(n_tokens, replaced_output(row, f, counts[f], params, per_layer, args)):
                     est = metrics.heldout_losses(model, hs, args.device, batch_size=1)
@@ -262,35 +336,41 @@ def write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, error
                   head_records, alphas) -> None:
     """results.md (statistics, error tables, loss table) and results.json (everything)."""
     by_layer = am.summarize(head_records, "layer") if head_records else {}
-    quantiles = {str(layer): {tr.pct(f): per[("heuristic", f)]["m_quantiles"] for f in FRACTIONS}
+    quantiles = {str(layer): {tr.pct(f): per[("heuristic", f)]["m_quantiles"] for f in args.fractions}
                  for layer, per in cells.items()}
-    qlines = ["| layer | " + " | ".join(f"{tr.pct(f)}: p10 / p50 / p90" for f in FRACTIONS) + " |",
-              "|---|" + "---|" * len(FRACTIONS)]
+    qlines = ["| layer | " + " | ".join(f"{tr.pct(f)}: p10 / p50 / p90" for f in args.fractions) + " |",
+              "|---|" + "---|" * len(args.fractions)]
     for layer, per in quantiles.items():
-        qlines.append(f"| {layer} | " + " | ".join(" / ".join(f"{x:.2f}" for x in per[tr.pct(f)]) for f in FRACTIONS)
+        qlines.append(f"| {layer} | " + " | ".join(" / ".join(f"{x:.2f}" for x in per[tr.pct(f)]) for f in args.fractions)
                       + " |")
+    steps = [fit["hedgehog_fit"]["hedgehog"]["steps"] for fit in fit_summary.values()]
+    stats_samples = [i for i in args.stats_videos if i < args.error_samples]
     md = [f"# Tail estimators at fixed sparsity, no training ({args.model})", "",
           f"{datetime.date.today()}, {device_words(args)}, {timer():.0f} s.  {n_tokens} tokens, blocks "
           f"{args.block_q} q x {args.block_k} k, key blocks kept per query block {list(counts.values())} "
-          f"(90 / 95 / 97 %).  Held-out samples: {args.heldout} of the benchmark's held-out stream "
-          f"(sigma {[round(float(s), 2) for s in hs['sigma']]}); statistics and oracle router on samples "
-          f"{args.stats_videos}; pooled bias and Hedgehog maps fitted on {args.train_videos} training samples "
-          f"(sigma {list(TRAIN_SIGMAS[:args.train_videos])}), {args.fit_blocks} query blocks each, "
-          f"Hedgehog W {args.hedgehog_width} columns ({2 * args.hedgehog_width} features), "
-          f"{args.hedgehog_steps} Adam steps at lr {args.hedgehog_lr}.", ""]
+          f"({' / '.join(tr.pct(f) for f in counts)}).  Attention errors on the first {args.error_samples} "
+          f"samples of the benchmark's held-out stream (sigma cycling 0.15 ... 0.95), held-out loss on the first "
+          f"{args.loss_samples}; statistics and oracle router on samples {stats_samples}; pooled bias and Hedgehog "
+          f"maps fitted on {args.train_videos} training samples (sigma {list(TRAIN_SIGMAS[:args.train_videos])}), "
+          f"{args.fit_blocks} query blocks each, Hedgehog W {args.hedgehog_width} columns "
+          f"({2 * args.hedgehog_width} features), {min(steps)}-{max(steps)} Adam steps per layer at lr "
+          f"{args.hedgehog_lr}.", ""]
     if by_layer:
-        kc = [counts[f] for f in FRACTIONS]
-        md += ["## 1. The original's attention", "", am.table(by_layer, "layer", kc), ""]
+        nk = n_tokens // args.block_k
+        kc = [reference.topk_count(f, nk) for f in am.SPARSITIES]
+        md += ["## 1. The original's attention", "", am.table(by_layer, "layer", kc), "",
+               f"Weights above 1/N, all layers: {100 * by_layer['all']['above_mean']:.1f}% (the SLA paper reports "
+               f"{100 * SLA_PAPER_ABOVE_MEAN:.1f}% for Wan2.1).", ""]
     md += ["Mass the identity router's blocks hold, distribution over queries (all held-out samples):", "",
            "\n".join(qlines), ""]
     md += ["## 2. Attention error (relative L2 against dense, mean over layers; worst layer in brackets)", "",
-           "Identity router (the converter's):", "", tr.errors_markdown(errors, "heuristic", FRACTIONS), ""]
+           "Identity router (the converter's):", "", tr.errors_markdown(errors, "heuristic", args.fractions), ""]
     if "oracle" in errors:
-        md += [f"Oracle router (samples {args.stats_videos} only):", "",
-               tr.errors_markdown(errors, "oracle", FRACTIONS), ""]
+        md += [f"Oracle router (samples {stats_samples} only):", "",
+               tr.errors_markdown(errors, "oracle", args.fractions), ""]
     if losses:
         md += ["## 3. Held-out loss with the estimator in every self-attention layer", "",
-               tr.headline_markdown(errors, losses, FRACTIONS, float(original.mean())), ""]
+               tr.headline_markdown(errors, losses, args.fractions, float(original.mean())), ""]
     text = "\n".join(md)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
@@ -298,7 +378,7 @@ def write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, error
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "tokens": n_tokens, "kept_blocks": {str(f): c for f, c in counts.items()},
                      "spec": spec.to_dict(), "env": common.env_summary()},
-        "seconds": timer(), "heldout_sigma": hs["sigma"].tolist(), "original_losses": original.tolist(),
+        "seconds": timer(), "loss_sigma": hs["sigma"].tolist(), "original_losses": original.tolist(),
         "errors": {r: {str(f): v for f, v in per.items()} for r, per in errors.items()},
         "losses": {k: {str(f): v for f, v in per.items()} for k, per in losses.items()},
         "fits": fit_summary, "selected_mass_quantiles": quantiles, "attention_by_layer": by_layer,
