@@ -117,7 +117,8 @@ def fit_parameters(model, spec, n_tokens: int, counts: dict, args, budget: Budge
             wq, wk, curve = tf.train_hedgehog(subset, args.hedgehog_width, args.fractions, args.block_q,
                                               args.block_k, args.hedgehog_steps, args.hedgehog_lr, seed=args.seed,
                                               stop_at=stop_at)
-            p[name], fit[name] = (wq, wk), {"first": curve[0], "last": curve[-1], "steps": len(curve)}
+            p[name], fit[name] = (wq, wk), {"first": curve[0], "last": curve[-1], "steps": len(curve),
+                                            "curve": curve[:: max(1, len(curve) // 10)]}
         params[layer] = p
         last = args.fractions[-1]
         summary[layer] = {"pooled_bias": {str(f): p["bias"][f].tolist() for f in args.fractions}, "hedgehog_fit": fit}
