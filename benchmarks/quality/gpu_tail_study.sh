@@ -17,8 +17,8 @@ DEST="$OUT/tail_study"
 mkdir -p "$DEST"
 # shellcheck disable=SC2086  # TAIL_ARGS is a list of flags
 python3 -m slaconv.quality.tail_study --model "$MODEL" --out "$DEST" --device cuda \
-  --max-minutes "${MINUTES:-5}" --heldout 60 --stats-videos 1 3 --train-videos 16 --fit-blocks 32 \
-  --hedgehog-width 64 --hedgehog-steps 400 --hedgehog-lr 1e-2 --threads 8 ${TAIL_ARGS:-} \
+  --max-minutes "${MINUTES:-5}" --heldout 60 --stats-videos 1 3 --train-videos 16 --fit-blocks 64 \
+  --hedgehog-width 32 --hedgehog-steps 400 --hedgehog-lr 1e-2 --threads 8 ${TAIL_ARGS:-} \
   > "$DEST/tail_study.log" 2>&1
 rc=$?
 echo "tail study rc $rc"
