@@ -375,3 +375,134 @@ def test_stable_rank_matches_svd_and_the_tail_drops_the_kept_blocks():
     tail_p = p.masked_fill(mask.repeat_interleave(32, 0).repeat_interleave(16, 1), 0.0)
     st = torch.linalg.svdvals(tail_p)
     assert tail == pytest.approx(float((st**2).sum() / st[0] ** 2), rel=1e-3)
+
+
+def _tail_inputs(n=512, d=16, heads=2, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, d, generator=g) for _ in range(3))
+    return q * 1.5, k * 1.5, v  # sharper than unit logits, so blocks differ in mass
+
+
+def test_tail_estimators_match_an_independent_fp64_computation():
+    """Dense output and lse, the sparse branch, the exact tail and its mass, the linear tails (SLA2's phi, the
+    plain mean) against dense fp64 attention with the block mask expanded to tokens; the exact tail inside the
+    shared normaliser is dense attention; Hedgehog features are nonnegative and sum to 2."""
+    from slaconv.quality import tail_estimators as te
+
+    q, k, v = _tail_inputs()
+    bq, bk, n = 64, 32, q.shape[2]
+    lut = te.heuristic_lut(q, k, 3, bq, bk)
+    keep = te.lut_mask(lut, n // bk).repeat_interleave(bq, 2).repeat_interleave(bk, 3)  # (1, H, N, N) tokens
+    assert lut.shape == (1, 2, n // bq, 3) and int(keep[0, 0, 0].sum()) == 3 * bk
+    s = q.double() @ k.double().transpose(-1, -2) / 4.0
+    p = torch.softmax(s, dim=-1)
+    vd = v.double()
+
+    o, lse = te.dense_attention(q, k, v)
+    torch.testing.assert_close(o.double(), p @ vd, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=0, atol=2e-5)
+    o_s, lse_s = te.sparse_branch(q, k, v, lut, bq, bk)
+    p_sel = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    torch.testing.assert_close(o_s.double(), p_sel @ vd, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse_s.double(), torch.logsumexp(s.masked_fill(~keep, float("-inf")), -1),
+                               rtol=0, atol=2e-5)
+    o_t, m = te.exact_tail(o, lse, o_s, lse_s)
+    mass = (p * keep).sum(-1, keepdim=True)
+    assert 0.05 < float(mass.mean()) < 0.95
+    torch.testing.assert_close(m.double(), mass, rtol=0, atol=1e-5)
+    s_tail = s.masked_fill(keep, float("-inf"))
+    torch.testing.assert_close(o_t.double(), torch.softmax(s_tail, -1) @ vd, rtol=0, atol=1e-4)
+    # the exact tail inside the shared normaliser (its own lse beside the selected one) is dense attention
+    w = torch.sigmoid(lse_s.double() - torch.logsumexp(s_tail, -1)).unsqueeze(-1)
+    torch.testing.assert_close(w * o_s.double() + (1 - w) * o_t.double(), p @ vd, rtol=0, atol=1e-4)
+
+    rest = (~keep).double()
+    for phi in (te.softmax_features, te.constant_features):
+        kern = (phi(q).double() @ phi(k).double().transpose(-1, -2)) * rest
+        expect = (kern @ vd) / (kern.sum(-1, keepdim=True) + 1e-6)
+        torch.testing.assert_close(te.kernel_tail(phi(q), phi(k), v, lut, bq, bk).double(), expect, rtol=0, atol=1e-5)
+    torch.testing.assert_close(te.kernel_tail(te.constant_features(q), te.constant_features(k), v, lut, bq, bk).double(),
+                               (rest @ vd) / rest.sum(-1, keepdim=True), rtol=0, atol=1e-5)
+
+    w_hh = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
+    feats = te.hedgehog_features(q, w_hh)
+    assert feats.shape[-1] == 16 and feats.min() > 0
+    torch.testing.assert_close(feats.sum(-1), torch.full(feats.shape[:-1], 2.0), rtol=0, atol=1e-5)
+
+
+def test_pooled_tail_with_one_key_per_block_is_dense_attention_and_its_fitted_bias_is_zero():
+    """With one key per block the pooled logit q . k / sqrt(d) + log(1) is the exact logit, so the pooled tail in
+    the shared normaliser is dense attention (fp64 oracle), and the bias fit on such rows finds 0; with 32-key
+    blocks it is not exact."""
+    from slaconv.quality import tail_estimators as te
+    from slaconv.quality import tail_fit as tf
+
+    q, k, v = _tail_inputs(n=256)
+    dense = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, dim=-1) @ v.double()
+    for bk, exact in ((1, True), (32, False)):
+        lut = te.heuristic_lut(q, k, 3, 64, bk)
+        o_s, lse_s = te.sparse_branch(q, k, v, lut, 64, bk)
+        t, gap = te.pooled_parts(q, k, v, lut, lse_s, 64, bk)
+        err = float((te.pooled_mix(o_s, t, gap).double() - dense).norm() / dense.norm())
+        assert (err < 1e-5) if exact else (err > 1e-2), (bk, err)
+    rows = tf.fit_rows(q, k, v, {0.05: 3}, 64, 1, 2, torch.Generator().manual_seed(0))
+    assert tf.fit_pooled_bias([rows], 0.05, 64, 1).abs().max() <= 0.02 + 1e-6
+
+
+def test_least_squares_alpha_and_finer_mixing_are_never_worse():
+    """mix_stats' quadratic equals the directly computed mixed error; the least-squares per-head alpha is no worse
+    than 0.5, 0 or 1, per-query alpha no worse than per head; the Hedgehog fit lowers its loss."""
+    from slaconv.quality import tail_estimators as te
+    from slaconv.quality import tail_fit as tf
+
+    q, k, v = _tail_inputs()
+    lut = te.heuristic_lut(q, k, 2, 64, 32)
+    o, _ = te.dense_attention(q, k, v)
+    o_s, _ = te.sparse_branch(q, k, v, lut, 64, 32)
+    tail = te.kernel_tail(te.softmax_features(q), te.softmax_features(k), v, lut, 64, 32)
+    st = te.mix_stats(o, o_s, tail, 64)
+    alpha = te.least_squares_alpha(st["a2"].sum(dim=(0, 2)), st["a1"].sum(dim=(0, 2)))
+    assert 0 < float(alpha.min()) and float(alpha.max()) < 1
+
+    def err(a):
+        return te.mixed_squared_error(st, a.view(1, -1, 1)).sum(dim=(0, 2))
+
+    direct = (te.mix(o_s, tail, alpha.float()) - o).double().square().sum(dim=(0, 2, 3))
+    torch.testing.assert_close(err(alpha), direct, rtol=1e-4, atol=0)
+    for other in (0.5, 0.0, 1.0):
+        assert bool((err(alpha) <= err(torch.full_like(alpha, other)) + 1e-12).all())
+    assert bool((st["row_best"].sum(dim=(0, 2)) <= err(alpha) + 1e-12).all())
+
+    rows = tf.fit_rows(q, k, v, {0.1: 2}, 64, 32, 4, torch.Generator().manual_seed(0))
+    _, _, curve = tf.train_hedgehog([rows], 8, (0.1,), 64, 32, steps=20, lr=0.1)
+    assert curve[-1] < 0.9 * curve[0], curve
+
+
+def test_tail_study_runs_end_to_end(tmp_path):
+    """The study's command on a tiny 1-layer model: tables written, the exact tail with per-query alpha is exact,
+    finer alpha never worse, the study's fp32 dense hook keeps the model's loss, the replaced forwards change it;
+    a spent --max-minutes cuts the Hedgehog fit to one step and the held-out sets to two samples."""
+    from slaconv.quality import tail_study
+
+    folder = tmp_path / "orig"
+    common.build_model({**common.SMOKE_MODEL_CONFIG, "num_layers": 1}, seed=0).save_pretrained(folder / "model")
+    (folder / "train_summary.json").write_text(json.dumps({"spec": sv.SMOKE_SPEC.to_dict(), "settings": {}}))
+    tail_study.main(["--model", str(folder / "model"), "--out", str(tmp_path / "out"), "--heldout", "3",
+                     "--stats-videos", "1", "--fractions", "0.03", "0.1", "--train-videos", "1", "--fit-blocks", "2",
+                     "--hedgehog-steps", "50", "--max-minutes", "1e-4", "--threads", "1"])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "Tail estimators at fixed sparsity" in (tmp_path / "out" / "results.md").read_text()
+    assert set(res["errors"]["heuristic"]) == {"0.1", "0.03"}
+    assert res["settings"]["error_samples"] == 2 and res["settings"]["loss_samples"] == 2
+    assert {fit["hedgehog_fit"]["hedgehog"]["steps"] for fit in res["fits"].values()} == {1}
+    assert res["losses"]["dense_fp32"]["0.03"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    for router in ("heuristic", "oracle"):
+        for rows in res["errors"][router].values():
+            assert rows["exact_query"]["mean"] < 1e-4
+            for tail in ("exact", "linear", "mean", "hedgehog"):
+                assert rows[f"{tail}_query"]["mean"] <= rows[f"{tail}_head"]["mean"] + 1e-9
+            assert rows["exact_head"]["mean"] <= rows["sparse"]["mean"] + 1e-9
+    original = res["original_losses"]
+    assert len(original) == 2 and res["losses"]["linear_converter"]["0.03"]["per_sample"] != original
+    assert all(v["0.03"]["ratio_ci"][0] <= v["0.03"]["ratio"] <= v["0.03"]["ratio_ci"][1]
+               for v in res["losses"].values())

@@ -52,30 +52,51 @@ SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 
 
 @contextmanager
-def record_self_attention(n_tokens: int, values: bool = False):
-    """Record (q, k) -- or (q, k, v) with ``values`` -- of every attention call whose key length is ``n_tokens``.
+def self_attention_hook(n_tokens: int, hook):
+    """Call ``hook(index, query, key, value)`` at every attention call whose key length is ``n_tokens``.
 
     diffusers 0.42's WanAttnProcessor calls ``transformer_wan.dispatch_attention_fn(query, key, ...)``
     with (B, N, H, D) tensors after norm_q/norm_k and RoPE; cross-attention keys are the 4 class tokens,
-    so the key length picks the self-attention (attn1) calls.  Yields a list that fills with tuples in
-    (B, H, N, D) fp32 layout, in layer order.
+    so the key length picks the self-attention (attn1) calls.  ``index`` counts those calls from 0 (in
+    layer order, forward after forward).  The hook returns None to keep the layer's own attention output,
+    or a (B, N, H, D) tensor that replaces it.
     """
     from diffusers.models.transformers import transformer_wan as tw
 
     original = tw.dispatch_attention_fn
-    calls: list[tuple[torch.Tensor, ...]] = []
+    count = 0
 
     def wrapped(query, key, value, *args, **kwargs):
+        nonlocal count
         if key.shape[1] == n_tokens:
-            kept = (query, key, value) if values else (query, key)
-            calls.append(tuple(x.detach().float().transpose(1, 2).contiguous() for x in kept))
+            index, count = count, count + 1
+            out = hook(index, query, key, value)
+            if out is not None:
+                return out
         return original(query, key, value, *args, **kwargs)
 
     tw.dispatch_attention_fn = wrapped
     try:
-        yield calls
+        yield
     finally:
         tw.dispatch_attention_fn = original
+
+
+@contextmanager
+def record_self_attention(n_tokens: int, values: bool = False):
+    """Record (q, k) -- or (q, k, v) with ``values`` -- of every attention call whose key length is ``n_tokens``.
+
+    Yields a list that fills with tuples in (B, H, N, D) fp32 layout, in layer order (see
+    :func:`self_attention_hook`).
+    """
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def keep(index, query, key, value):
+        kept = (query, key, value) if values else (query, key)
+        calls.append(tuple(x.detach().float().transpose(1, 2).contiguous() for x in kept))
+
+    with self_attention_hook(n_tokens, keep):
+        yield calls
 
 
 @torch.no_grad()
@@ -136,7 +157,7 @@ def token_topk_mass(q: torch.Tensor, k: torch.Tensor, fractions, row_stride: int
 
 def stable_rank(a: torch.Tensor, iters: int = 30) -> float:
     """||A||_F^2 / sigma_max(A)^2, with sigma_max from power iteration on A^T A (seeded start vector)."""
-    v = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    v = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0), dtype=a.dtype).to(a.device)
     sigma2 = 0.0
     for _ in range(iters):
         w = a.t() @ (a @ v)
@@ -187,17 +208,20 @@ def blocks_for(mass: torch.Tensor, share: float = 0.9) -> float:
 def own_frame_mass(mass: torch.Tensor, block_q: int, block_k: int, tokens_per_frame: int) -> float:
     """Mean share of a query block's mass on keys of its own frame (raster (frame, row, col) order)."""
     nq, nk = mass.shape
-    fq = torch.arange(nq) * block_q // tokens_per_frame
-    fk = torch.arange(nk) * block_k // tokens_per_frame
+    fq = torch.arange(nq, device=mass.device) * block_q // tokens_per_frame
+    fk = torch.arange(nk, device=mass.device) * block_k // tokens_per_frame
     return float((mass * (fq[:, None] == fk[None, :])).sum(dim=-1).mean())
 
 
-def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int) -> dict:
-    """All numbers for one (layer, video, sigma, head): q, k are (N, D)."""
+def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int,
+                 mass: torch.Tensor | None = None) -> dict:
+    """All numbers for one (layer, video, sigma, head): q, k are (N, D); ``mass`` is their
+    :func:`block_mass` when the caller has it already."""
     n = q.shape[0]
     nk = reference.block_count(n, args.block_k)
-    mass = block_mass(q, k, args.block_q, args.block_k)
-    eye = torch.eye(q.shape[1]).unsqueeze(0)
+    if mass is None:
+        mass = block_mass(q, k, args.block_q, args.block_k)
+    eye = torch.eye(q.shape[1], device=q.device).unsqueeze(0)
     heur = reference.router_scores(q[None, None], k[None, None], eye, eye, args.block_q, args.block_k)[0, 0]
     rec = {"blocks_for_90": blocks_for(mass, 0.9), "own_frame": own_frame_mass(mass, args.block_q, args.block_k,
                                                                                 tokens_per_frame)}

@@ -1,7 +1,8 @@
 """Metrics of the quality benchmark.
 
 * :func:`heldout_fm_loss` -- flow-matching loss on held-out videos at fixed noise and fixed noise
-  levels (identical inputs for every model, so differences are the models' alone).
+  levels (identical inputs for every model, so differences are the models' alone); per sample,
+  :func:`heldout_losses`.
 * :func:`psnr` / :func:`ssim` -- fidelity of a model's samples to the original model's samples
   drawn from the same noise and class (latent space; values clamped to the data range [-1, 1]).
   SSIM is the standard Gaussian-window SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03), computed per
@@ -47,8 +48,8 @@ def heldout_set(spec: sv.VideoSpec, num: int, *, seed: int = common.HELDOUT_SEED
 
 
 @torch.no_grad()
-def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Tensor | None = None) -> dict:
-    """Mean MSE between the predicted velocity and ``noise - x0`` over the held-out set, plus per level.
+def heldout_losses(model, hs: dict, device, batch_size: int = 8, emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Per held-out sample, the MSE between the predicted velocity and ``noise - x0``: (num,) on the CPU.
 
     ``emb`` replaces the held-out set's (correct) class embeddings, e.g. by wrong or null ones.
     """
@@ -60,7 +61,12 @@ def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Ten
         x_t = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
         v = common.velocity(model, x_t, s, emb[sl].to(device))
         per_sample.append(((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3, 4)).cpu())
-    losses = torch.cat(per_sample)
+    return torch.cat(per_sample)
+
+
+def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Tensor | None = None) -> dict:
+    """Mean of :func:`heldout_losses` over the held-out set, plus per noise level."""
+    losses = heldout_losses(model, hs, device, batch_size, emb)
     by_sigma = {}
     for s in hs["sigma"].unique().tolist():
         by_sigma[f"{s:.2f}"] = float(losses[hs["sigma"] == s].mean())
