@@ -31,7 +31,7 @@ import math
 import os
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from slaconv.errors import InputError
 from slaconv.quality.render import to_device
+from slaconv.quality.specs import SpecMethods
 
 MOTIONS = ("pan left", "pan right", "pan up", "pan down", "zoom in", "zoom out", "turn left", "turn right",
            "cross-fade")
@@ -54,7 +55,7 @@ HELDOUT_PHOTOS = ("rocket.jpg", "retina.jpg", "cell.png", "clock_motion.png")
 
 
 @dataclass(frozen=True)
-class PhotoSpec:
+class PhotoSpec(SpecMethods):
     """Shape and content settings of a PhotoVideo stream (everything a sample depends on, with the seed)."""
 
     source: str = "photos"  # tells a saved spec from a SynthVideo one
@@ -100,15 +101,6 @@ class PhotoSpec:
         """The photos stream ``seed`` draws from."""
         return self.heldout_photos if seed == self.heldout_stream else self.train_photos
 
-    def tokens(self, patch=(1, 2, 2)) -> int:
-        return (self.frames // patch[0]) * (self.size // patch[1]) * (self.size // patch[2])
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PhotoSpec:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 SMOKE_PHOTO_SPEC = PhotoSpec(frames=4, size=32, photo_res=96)
@@ -359,7 +351,7 @@ def generate(seed: int, indices: Sequence[int], spec: PhotoSpec, labels: Sequenc
     params = [sample_params(seed, int(i), spec, sizes, None if labels is None else int(labels[j]))
               for j, i in enumerate(indices)]
     video = render(params, spec, bank)
-    return video, torch.tensor([p.label for p in params], device=video.device)
+    return video, to_device(torch.tensor([p.label for p in params]), video.device)
 
 
 # ------------------------------------------------------------------------------------------ commands
