@@ -13,7 +13,9 @@
 # the GPU trains; the new model's after it.
 #
 # Environment: PHOTOS (default .photos), OUT (default ./quality_out), WORK (default $TMPDIR/slaconv-natural),
-# STEPS (default 480), SEED (default 0), THREADS (CPU threads of attention_stats, default 16), PYTHON.
+# STEPS (default 480), SEED (default 0), THREADS (CPU threads of attention_stats, default 16), PYTHON;
+# SPEC and TRAIN_FLAGS (extra train_dit flags) only to try the plumbing at toy size on a CPU, e.g.
+# SPEC='{"source":"photos","frames":2,"size":32,"photo_res":96}' TRAIN_FLAGS=--smoke STEPS=2.
 # Writes $OUT/natural/: model/config.json, model/diffusion_pytorch_model.safetensors (fp16), train_summary.json
 # (which the benchmark's tools read next to a model folder), samples.png, stats.json, summary.md.
 set -euo pipefail
@@ -31,7 +33,7 @@ STATS_ARGS="--videos 2 --no-tail-rank"
 # 4 frames of 128 x 128 RGB: 16,384 tokens, 256 key blocks of 64 (97% sparsity keeps 8 of them). Large frames
 # rather than many: in CPU proxies, doubling the frames left the share of weights above 1/N unchanged, larger
 # frames lowered it. Each step: 8 videos and 32 single frames.
-SPEC='{"source":"photos","frames":4,"size":128,"photo_res":288}'
+SPEC=${SPEC:-'{"source":"photos","frames":4,"size":128,"photo_res":288}'}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
 if [[ ! -d "$PHOTOS" ]]; then
@@ -49,7 +51,7 @@ DEST=$(cd "$OUT/natural" && pwd)
 shipped=$!
 
 "$PY" -m slaconv.quality.train_dit --out "$WORK/dit" --spec "$SPEC" --steps "$STEPS" --max-minutes 0 \
-  --batch-size 8 --image-batch 32 --warmup 50 --seed "$SEED" --log-every 20 2>&1 | tee "$WORK/train.log"
+  --batch-size 8 --image-batch 32 --warmup 50 --seed "$SEED" --log-every 20 ${TRAIN_FLAGS:-} 2>&1 | tee "$WORK/train.log"
 
 if ! wait "$shipped"; then
   tail -5 "$WORK/stats_shipped.log" >&2
