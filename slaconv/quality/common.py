@@ -13,6 +13,7 @@ import torch
 
 from slaconv import flow
 from slaconv.errors import InputError
+from slaconv.quality import content
 from slaconv.quality import synthvideo as sv
 from slaconv.utils.devices import resolve_device
 from slaconv.utils.files import read_json, write_text_atomic
@@ -43,7 +44,7 @@ def spec_for(smoke: bool) -> sv.VideoSpec:
     return sv.SMOKE_SPEC if smoke else sv.VideoSpec()
 
 
-def trained_spec(model_dir: Path) -> tuple[sv.VideoSpec, float]:
+def trained_spec(model_dir: Path) -> tuple[content.Spec, float]:
     """The video spec and conditioning dropout the checkpoint was trained with.
 
     Read from ``train_summary.json`` next to the model folder (:mod:`slaconv.quality.train_dit` writes it
@@ -56,7 +57,7 @@ def trained_spec(model_dir: Path) -> tuple[sv.VideoSpec, float]:
     summary = read_json(path)
     if not isinstance(summary.get("spec"), dict):
         raise InputError(f"{path} has no video spec")
-    return sv.VideoSpec.from_dict(summary["spec"]), float(summary["settings"].get("cond_dropout", 0.0))
+    return content.spec_from_dict(summary["spec"]), float(summary["settings"].get("cond_dropout", 0.0))
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -25,25 +25,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from slaconv.errors import InputError
-from slaconv.quality import common
+from slaconv.quality import common, content
 from slaconv.quality import synthvideo as sv
 from slaconv.utils.files import read_json
 
 # ------------------------------------------------------------------------------ held-out set
 
 
-def heldout_set(spec: sv.VideoSpec, num: int, *, seed: int = common.HELDOUT_SEED,
+def heldout_set(spec: content.Spec, num: int, *, seed: int = common.HELDOUT_SEED,
                 sigmas=(0.15, 0.35, 0.55, 0.75, 0.95)) -> dict[str, torch.Tensor]:
     """Balanced held-out videos with their embeddings, fixed noise and fixed noise levels.
 
     Sample ``i`` is evaluated at ``sigmas[i % len(sigmas)]`` so every class meets every level.
     """
     labels = sv.balanced_labels(num, spec)
-    x0, y = sv.generate(seed, range(num), spec, labels=labels)
+    x0, y = content.generate(seed, range(num), spec, labels=labels)
     gen = torch.Generator().manual_seed(seed * 7919 + 11)
     noise = torch.randn(x0.shape, generator=gen)
     sigma = torch.tensor([sigmas[i % len(sigmas)] for i in range(num)], dtype=torch.float32)
-    emb = sv.class_embeddings(spec)[y]
+    emb = content.class_embeddings(spec)[y]
     return {"x0": x0, "labels": y, "emb": emb, "noise": noise, "sigma": sigma}
 
 
@@ -74,16 +74,16 @@ def heldout_fm_loss(model, hs: dict, device, batch_size: int = 8, emb: torch.Ten
 
 
 @torch.no_grad()
-def class_gain(model, hs: dict, spec: sv.VideoSpec, device, batch_size: int = 8) -> dict:
+def class_gain(model, hs: dict, spec: content.Spec, device, batch_size: int = 8) -> dict:
     """How much the model's velocity relies on the class: held-out loss with a wrong class (and with the
     null embedding) minus the loss with the right one, overall and per noise level.
 
     Near zero means the class has taught it nothing about shape (its samples cannot be recognisable);
     it grows as the model learns what each glyph looks like.  The wrong class is ``(y + K/2) mod K``.
     """
-    table = sv.class_embeddings(spec)
+    table = content.class_embeddings(spec)
     wrong = table[(hs["labels"] + spec.num_classes // 2) % spec.num_classes]
-    null = sv.null_embedding(spec).expand_as(hs["emb"])
+    null = content.null_embedding(spec).expand_as(hs["emb"])
     right = heldout_fm_loss(model, hs, device, batch_size)
     out = {}
     for name, emb in (("wrong_class", wrong), ("null", null)):
@@ -93,17 +93,19 @@ def class_gain(model, hs: dict, spec: sv.VideoSpec, device, batch_size: int = 8)
     return out
 
 
-def sampling_set(spec: sv.VideoSpec, per_class: int, *, seed: int = common.HELDOUT_SEED + 100) -> dict:
-    """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class.
+def sampling_set(spec: content.Spec, per_class: int, *, seed: int = common.HELDOUT_SEED + 100,
+                 labels=None) -> dict:
+    """Fixed noise and conditioning for sample-fidelity comparisons: ``per_class`` videos per class
+    (or one per entry of ``labels``).
 
     ``null`` is the unconditional embedding that guided samplers pair with ``emb``.
     """
-    num = per_class * spec.num_classes
-    labels = torch.tensor(sv.balanced_labels(num, spec))
+    labels = torch.tensor(sv.balanced_labels(per_class * spec.num_classes, spec) if labels is None else labels)
+    num = labels.shape[0]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(num, spec.channels, spec.frames, spec.size, spec.size, generator=gen)
-    return {"noise": noise, "labels": labels, "emb": sv.class_embeddings(spec)[labels],
-            "null": sv.null_embedding(spec)}
+    return {"noise": noise, "labels": labels, "emb": content.class_embeddings(spec)[labels],
+            "null": content.null_embedding(spec)}
 
 
 # ------------------------------------------------------------------------------ fidelity

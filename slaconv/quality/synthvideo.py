@@ -28,7 +28,7 @@ import argparse
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,13 +36,14 @@ import torch
 from slaconv.data import write_dataset
 from slaconv.quality.images import save_video_grid
 from slaconv.quality.render import GLYPHS, glyph_bank, render, to_device
+from slaconv.quality.specs import SpecMethods
 
 MOTIONS = ("linear", "bounce", "rotate")
 GENERATOR_VERSION = "synthvideo/1"
 
 
 @dataclass(frozen=True)
-class VideoSpec:
+class VideoSpec(SpecMethods):
     """Shape and content settings of a SynthVideo stream (everything a sample depends on, with the seed)."""
 
     frames: int = 8
@@ -64,15 +65,6 @@ class VideoSpec:
     texture: float = 0.0
     texture_cells: int = 16  # texture grid cells across the frame (16: features of ~2 tokens at 64 px, patch 2)
 
-    def tokens(self, patch=(1, 2, 2)) -> int:
-        return (self.frames // patch[0]) * (self.size // patch[1]) * (self.size // patch[2])
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VideoSpec:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 # --smoke (tests, CPU): 4 frames of 32 x 32 (1,024 tokens), 4 classes.

@@ -26,14 +26,15 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from slaconv.errors import DivergedError, UsageError
-from slaconv.quality import common, metrics
-from slaconv.quality import synthvideo as sv
+from slaconv.quality import common, content, metrics
+from slaconv.quality import photovideo as pv
 from slaconv.quality.command_line import (
     non_negative_float,
     non_negative_int,
@@ -43,7 +44,6 @@ from slaconv.quality.command_line import (
     training_parser,
 )
 from slaconv.quality.images import line_plot, save_video_grid
-from slaconv.quality.render import GLYPHS
 
 MAX_CHECKPOINT_MB = 16.0
 
@@ -89,7 +89,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
-def make_batch(step: int, batch_size: int, spec: sv.VideoSpec, dev: torch.device, glyphs: torch.Tensor,
+def make_batch(step: int, batch_size: int, spec: content.Spec, dev: torch.device, loaded,
                emb_table: torch.Tensor, null: torch.Tensor, cond_dropout: float, gen: torch.Generator,
                stream: int = common.TRAIN_SEED) -> dict:
     """Fresh training videos (indices never repeat), noise, noise levels and conditioning for one step.
@@ -97,7 +97,8 @@ def make_batch(step: int, batch_size: int, spec: sv.VideoSpec, dev: torch.device
     A share ``cond_dropout`` of the samples gets the null embedding instead of its class embedding,
     so the model also learns the unconditional velocity that classifier-free guidance needs.
     """
-    x0, y = sv.generate(stream, range(step * batch_size, (step + 1) * batch_size), spec, device=dev, glyphs=glyphs)
+    x0, y = content.generate(stream, range(step * batch_size, (step + 1) * batch_size), spec, device=dev,
+                             loaded=loaded)
     noise = torch.randn(x0.shape, generator=gen, device=dev)
     s = logit_normal(x0.shape[0], gen, dev)
     cond = emb_table[y]
@@ -116,15 +117,15 @@ def fm_loss(fwd, batch: dict, dev: torch.device) -> torch.Tensor:
     return torch.mean((pred.float() - batch["target"]) ** 2)
 
 
-def data_seconds_per_batch(spec: sv.VideoSpec, batch_size: int, dev: torch.device, glyphs: torch.Tensor,
+def data_seconds_per_batch(spec: content.Spec, batch_size: int, dev: torch.device, loaded,
                            repeats: int = 3) -> float:
     """Wall time to make one training batch, synchronised (the loop itself never waits for the GPU)."""
-    sv.generate(common.TRAIN_SEED, range(10**9 - batch_size, 10**9), spec, device=dev, glyphs=glyphs)  # warm-up
+    content.generate(common.TRAIN_SEED, range(10**9 - batch_size, 10**9), spec, device=dev, loaded=loaded)  # warm-up
     common.sync(dev)
     t = common.Timer()
     for r in range(repeats):
-        sv.generate(common.TRAIN_SEED, range(10**9 + r * batch_size, 10**9 + (r + 1) * batch_size), spec,
-                    device=dev, glyphs=glyphs)
+        content.generate(common.TRAIN_SEED, range(10**9 + r * batch_size, 10**9 + (r + 1) * batch_size), spec,
+                         device=dev, loaded=loaded)
     common.sync(dev)
     return t() / repeats
 
@@ -141,21 +142,27 @@ def save_fp16(model: torch.nn.Module, model_dir: Path) -> float:
     return size_mb
 
 
-def save_preview(model, out_png: Path, spec: sv.VideoSpec, dev: torch.device, steps: int, guidance: float) -> None:
-    """samples.png: per class, a real video, the model's guided sample and its unguided (guidance 1) sample."""
-    ss = metrics.sampling_set(spec, 1)
+def save_preview(model, out_png: Path, spec: content.Spec, dev: torch.device, steps: int, guidance: float) -> None:
+    """samples.png: per class, a real video, the model's guided sample and its unguided (guidance 1) sample.
+
+    PhotoVideo's held-out stream shows photos the model never saw, so its preview shows unseen camera
+    paths over the training photos instead (one per motion).
+    """
+    labels = content.preview_labels(spec)
+    stream, first = (common.TRAIN_SEED, 10**8) if content.is_photos(spec) else (common.HELDOUT_SEED, 0)
+    real, y = content.generate(stream, range(first, first + len(labels)), spec, labels=labels)
+    ss = metrics.sampling_set(spec, 1, labels=y.tolist())
     noise, emb = ss["noise"].to(dev), ss["emb"].to(dev)
     guided = common.sample(model, noise, emb, steps, guidance=guidance, null=ss["null"].to(dev)).cpu()
     plain = common.sample(model, noise, emb, steps).cpu() if guidance != 1.0 else None
-    real, _ = sv.generate(common.HELDOUT_SEED, range(spec.num_classes), spec,
-                          labels=sv.balanced_labels(spec.num_classes, spec))
     rows, names = [], []
-    for k in range(spec.num_classes):
+    for k, label in enumerate(y.tolist()):
+        name = content.label_name(spec, label)
         rows += [real[k], guided[k]]
-        names += [f"{GLYPHS[k]} real", f"{GLYPHS[k]} DiT g{guidance:g}"]
+        names += [f"{name} real", f"{name} DiT g{guidance:g}"]
         if plain is not None:
             rows.append(plain[k])
-            names.append(f"{GLYPHS[k]} DiT g1")
+            names.append(f"{name} DiT g1")
     save_video_grid(out_png, rows, row_labels=names, frames=list(range(0, spec.frames, max(1, spec.frames // 8))))
 
 
@@ -170,7 +177,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
           lr: float | None = None, warmup: int | None = None, ema_decay: float | None = None,
           cond_dropout: float | None = None, image_batch: int | None = None, guidance: float | None = None,
           max_minutes: float | None = None, compile_model: bool = False, device: str = "auto", seed: int = 0,
-          log_every: int | None = None, spec: sv.VideoSpec | None = None, model_config: dict | None = None,
+          log_every: int | None = None, spec: content.Spec | None = None, model_config: dict | None = None,
           on_step=None, log=print) -> dict:
     """Train the original DiT and write the checkpoint, log, loss curve, preview and summary to ``out``.
 
@@ -186,6 +193,7 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
         raise UsageError("guided sampling needs a model trained with conditioning dropout (--cond-dropout > 0)")
     spec = spec or common.spec_for(smoke)
     config = dict(model_config or (common.SMOKE_MODEL_CONFIG if smoke else common.MODEL_CONFIG))
+    config.update(in_channels=spec.channels, out_channels=spec.channels)  # PhotoVideo is RGB, SynthVideo RGB + mask
     dev = common.pick_device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,14 +207,14 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
     opt = torch.optim.AdamW(model.parameters(), lr=d["lr"], betas=(0.9, 0.99), weight_decay=0.01,
                             fused=dev.type == "cuda")
     fwd = torch.compile(model) if compile_model else model
-    emb_table = sv.class_embeddings(spec).to(dev)
-    null = sv.null_embedding(spec).to(dev)
-    glyphs = sv.glyph_bank(spec).to(dev)
+    emb_table = content.class_embeddings(spec).to(dev)
+    null = content.null_embedding(spec).to(dev)
+    loaded = content.assets(spec, dev)
     image_spec = dataclasses.replace(spec, frames=1)
     gen = torch.Generator(device=dev).manual_seed(seed + 29)  # noise, noise levels, dropout: on the device
-    data_s = data_seconds_per_batch(spec, d["batch_size"], dev, glyphs)
+    data_s = data_seconds_per_batch(spec, d["batch_size"], dev, loaded)
     if d["image_batch"]:
-        data_s += data_seconds_per_batch(image_spec, d["image_batch"], dev, glyphs)
+        data_s += data_seconds_per_batch(image_spec, d["image_batch"], dev, loaded)
     log(f"training {n_params / 1e6:.2f} M-parameter Wan DiT on {spec.tokens()} tokens/sample, "
         f"{d['steps']} steps x batch {d['batch_size']} (+ {d['image_batch']} single frames) on {dev}, "
         f"cond. dropout {d['cond_dropout']}, budget {max_minutes or '-'} min; "
@@ -230,11 +238,11 @@ def train(out: Path, *, smoke: bool = False, steps: int | None = None, batch_siz
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, progress, d["lr"], d["warmup"])
             opt.zero_grad(set_to_none=True)
-            batch = make_batch(step, d["batch_size"], spec, dev, glyphs, emb_table, null, d["cond_dropout"], gen)
+            batch = make_batch(step, d["batch_size"], spec, dev, loaded, emb_table, null, d["cond_dropout"], gen)
             loss = fm_loss(fwd, batch, dev)
             if d["image_batch"]:  # joint image-video training: single-frame clips, same weight as the videos
                 (0.5 * loss).backward()  # one graph at a time: the peak memory of one batch
-                images = make_batch(step, d["image_batch"], image_spec, dev, glyphs, emb_table, null,
+                images = make_batch(step, d["image_batch"], image_spec, dev, loaded, emb_table, null,
                                     d["cond_dropout"], gen, stream=common.IMAGE_SEED)
                 image_loss = fm_loss(fwd, images, dev)
                 (0.5 * image_loss).backward()
@@ -328,14 +336,19 @@ def main(argv=None) -> None:
                          "sees two input shapes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=positive_int)
+    ap.add_argument("--photos", type=Path, default=None,
+                    help="photo folder of the PhotoVideo source (default $SLACONV_PHOTOS, else scikit-image's data)")
     ap.add_argument("--spec", default="{}",
-                    help='JSON overrides of the video spec, e.g. \'{"texture": 0.15}\' (saved in train_summary.json, '
+                    help='JSON overrides of the video spec, e.g. \'{"texture": 0.15}\', or \'{"source": "photos"}\' '
+                         'for videos of photographs (saved in train_summary.json, '
                          "which the table, the classifier and attention_stats read)")
     args = ap.parse_args(argv)
     try:
-        spec = dataclasses.replace(common.spec_for(args.smoke), **json.loads(args.spec))
-    except (ValueError, TypeError) as e:  # bad JSON, or a key VideoSpec does not have
+        spec = content.spec_with(args.smoke, json.loads(args.spec))
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or a key VideoSpec does not have
         ap.error(f"--spec: {e}")
+    if args.photos is not None:
+        os.environ[pv.PHOTOS_ENV] = str(args.photos)  # read by every later photo_bank() of this process
     train(args.out, smoke=args.smoke, spec=spec, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
           warmup=args.warmup, ema_decay=args.ema, cond_dropout=args.cond_dropout, image_batch=args.image_batch,
           guidance=args.guidance, max_minutes=args.max_minutes, compile_model=args.compile, device=args.device,
