@@ -318,7 +318,7 @@ WS_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16  # 16-bit only; the int
 
 def _plain_and_ws_forward(q, k, v, rq, rk, al, topk, block_q, layout, launch=DEFAULT_LAUNCH):
     """The forward op's outputs (O, LUT, LSE, 1/den, ...) with the plain and the warp-specialized sparse launch."""
-    args = (q, k, v, rq, rk, al, topk, block_q, 64, "none", layout, True)
+    args = (q, k, v, rq, rk, al, topk, block_q, 64, "none", 0, 0, layout, True)
     return (S.sla2_fwd(*args, launch.as_ints()),
             S.sla2_fwd(*args, dataclasses.replace(launch, sparse_ws=1).as_ints()))
 
