@@ -141,9 +141,9 @@ def argument(call, name: str):
     return dict(zip(kernel.arg_names, args))[name]
 
 
-def sla2_rows(q, k, v, topk: float, layout: str):
+def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     """The LUT of one SLA2 forward and the SLA2 rows on it: (name, fn, output fn) each, the output
-    (B, H, N, D)."""
+    (B, H, N, D).  ``gluon=False`` leaves the Gluon rows out (a kernel that hangs cannot be stopped in-process)."""
     H, D = q.shape[2 if layout == "bnhd" else 1], q.shape[-1]
 
     def bhnd(o):
@@ -178,10 +178,12 @@ def sla2_rows(q, k, v, topk: float, layout: str):
         ("plain sparse launch", replay(plain), lambda: bhnd(o_plain)),
         ("warp-specialized sparse launch", ws_alone, lambda: bhnd(o_ws)),
         ("warp-specialized + psi row pass", ws_with_rows, lambda: bhnd(o_ws)),
-        gluon_row(op(GLUON_LAUNCH), lut, allocate, bhnd),
     ]
-    for name, launch in (("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH),
-                         ("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH)):
+    whole_ops = [("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
+    if gluon:
+        rows.append(gluon_row(op(GLUON_LAUNCH), lut, allocate, bhnd))
+        whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
+    for name, launch in whole_ops:
         outputs = {}
         run = op(launch)
 
@@ -415,6 +417,7 @@ def main(argv=None):
     ap.add_argument("--layout", default="bnhd", choices=["bnhd", "bhnd"], help="layout of Q, K, V (diffusers: bnhd)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-gluon", action="store_true", help="leave out the Gluon rows")
     a = ap.parse_args(argv)
     B, H, N, D = (int(x) for x in a.shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -436,7 +439,7 @@ def main(argv=None):
                               flush, "dense")
     del ref_dense
     for topk in a.topk:
-        lut, rows = sla2_rows(q, k, v, topk, a.layout)
+        lut, rows = sla2_rows(q, k, v, topk, a.layout, gluon=not a.no_gluon)
         n_sel, nk = lut.shape[-1], math.ceil(N / BLOCK_K)
         flops = sparse_flops(lut, D)
         print(f"--- top-k {topk}: {n_sel} of {nk} key blocks ({1 - n_sel / nk:.1%} sparse), {flops / 1e9:.1f} GFLOP")
