@@ -461,7 +461,8 @@ def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
     inputs, 64-query blocks, a device that is not a Hopper GPU; and not together with sparse_ws."""
     b, h, n = SIZES[0]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", dtype=WS_DTYPE, seed=97)
-    for kw, match in ((dict(quant="int8"), "quant='none' only"), (dict(block_q=64), "block_q=128")):
+    for kw, match in ((dict(quant="int8"), "quant='none' only"), (dict(block_q=64), "block_q=128"),
+                      (dict(block_k=128), "block_k=64")):
         with pytest.raises(gluon_kernels.GluonUnavailableError, match=match):
             _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=GLUON_LAUNCH, topk=0.3, **kw)
     with pytest.raises(gluon_kernels.GluonUnavailableError, match="dtypes"):

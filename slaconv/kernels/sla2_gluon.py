@@ -2,8 +2,8 @@
 
 Same LUT, inputs and outputs as ``fwd_sparse_kernel`` with ``quant="none"`` (O mixed with the linear
 branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE, the log2-sum-exp), 16-bit
-inputs, head dim 64 or 128, 128-query routing blocks.  Where ``fwd_sparse_kernel`` leaves the schedule to
-Triton, this kernel states it (FlashAttention-3's structure):
+inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  Where ``fwd_sparse_kernel`` leaves
+the schedule to Triton, this kernel states it (FlashAttention-3's structure):
 
 * one program per 128-row query tile, 12 warps: a **producer** partition (the default 4 warps, few
   registers) walks the tile's LUT row and issues TMA loads of the selected K and V blocks into a ring of
@@ -55,7 +55,8 @@ GLUON_HEAD_DIMS = (64, 128)
 GLUON_BLOCK_Q = 128
 """Query rows per program: two consumer warpgroups of 64 rows share one LUT row, so the routing block must
 be the whole tile."""
-GLUON_BLOCK_K = (64, 128)
+GLUON_BLOCK_K = 64
+"""Keys per selected block (one S tile of 64 x 64 per warpgroup and step)."""
 PRODUCER_WARPS = 4
 """Warps of the default partition (the producer); each consumer warpgroup adds 4 more: 12 warps in all."""
 CONSUMER_REGS = 240
@@ -249,9 +250,9 @@ def check_inputs(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, 
         raise GluonUnavailableError(f"the Gluon sparse launch takes dtypes {GLUON_DTYPES}, got {dtype}")
     if head_dim not in GLUON_HEAD_DIMS:
         raise GluonUnavailableError(f"the Gluon sparse launch takes head dims {GLUON_HEAD_DIMS}, got {head_dim}")
-    if block_q != GLUON_BLOCK_Q or block_k not in GLUON_BLOCK_K:
-        raise GluonUnavailableError(f"the Gluon sparse launch takes block_q={GLUON_BLOCK_Q} and block_k in "
-                                    f"{GLUON_BLOCK_K}, got block_q={block_q}, block_k={block_k}")
+    if block_q != GLUON_BLOCK_Q or block_k != GLUON_BLOCK_K:
+        raise GluonUnavailableError(f"the Gluon sparse launch takes block_q={GLUON_BLOCK_Q} and "
+                                    f"block_k={GLUON_BLOCK_K}, got block_q={block_q}, block_k={block_k}")
 
 
 def check_device(device: torch.device) -> None:
