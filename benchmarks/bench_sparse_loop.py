@@ -12,8 +12,11 @@ on those tensors and that LUT, in one process:
                            with the arguments the forward launched it with
   warp-specialized         ``fwd_sparse_ws_kernel`` alone, and with the ``psi_rows`` pass it needs
                            (``slaconv/kernels/sla2_triton_ws.py``)
-  SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain and
-                           ``sparse_ws=1``, for scale
+  Gluon                    ``fwd_sparse_gluon_kernel`` alone (``slaconv/kernels/sla2_gluon.py``: TMA
+                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue); a
+                           failure to compile or run is a failed row, the others still run
+  SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain,
+                           ``sparse_ws=1`` and ``sparse_gluon=1``, for scale
   flex                     compiled ``flex_attention`` with ``BlockMask.from_kv_blocks(...,
                            BLOCK_SIZE=(128, 64))``: the LUT as full blocks (no mask_mod), and as
                            partial blocks (a no-op mask_mod applied)
@@ -60,6 +63,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from slaconv.kernels import sla2_gluon as gluon_kernels
 from slaconv.kernels import sla2_triton as S
 from slaconv.kernels import sla2_triton_forward as forward_kernels
 from slaconv.kernels import sla2_triton_ws as ws_kernels
@@ -69,6 +73,7 @@ from slaconv.kernels.spec import AttentionSpec
 BLOCK_Q, BLOCK_K = 128, 64
 ALPHA_ONE_LOGIT = 30.0  # sigmoid(30) rounds to 1.0 in fp32: the SLA2 output is O_s, comparable to the others
 WS_LAUNCH = dataclasses.replace(DEFAULT_LAUNCH, sparse_ws=1)
+GLUON_LAUNCH = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=1)
 CUDNN_WHEELS = ("nvidia-cudnn-frontend>=1.32 (the bench extra) with nvidia-cutlass-dsl[cu13] and apache-tvm-ffi, "
                 "about 115 MB of wheels for py3.12 (benchmarks/gpu_setup.sh)")
 
@@ -136,9 +141,9 @@ def argument(call, name: str):
     return dict(zip(kernel.arg_names, args))[name]
 
 
-def sla2_rows(q, k, v, topk: float, layout: str):
+def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     """The LUT of one SLA2 forward and the SLA2 rows on it: (name, fn, output fn) each, the output
-    (B, H, N, D)."""
+    (B, H, N, D).  ``gluon=False`` leaves the Gluon rows out (a kernel that hangs cannot be stopped in-process)."""
     H, D = q.shape[2 if layout == "bnhd" else 1], q.shape[-1]
 
     def bhnd(o):
@@ -174,7 +179,11 @@ def sla2_rows(q, k, v, topk: float, layout: str):
         ("warp-specialized sparse launch", ws_alone, lambda: bhnd(o_ws)),
         ("warp-specialized + psi row pass", ws_with_rows, lambda: bhnd(o_ws)),
     ]
-    for name, launch in (("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)):
+    whole_ops = [("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
+    if gluon:
+        rows.append(gluon_row(op(GLUON_LAUNCH), lut, allocate, bhnd))
+        whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
+    for name, launch in whole_ops:
         outputs = {}
         run = op(launch)
 
@@ -183,6 +192,35 @@ def sla2_rows(q, k, v, topk: float, layout: str):
 
         rows.append((name, whole, lambda outputs=outputs: bhnd(outputs["o"])))
     return lut, rows
+
+
+def gluon_row(run, lut, allocate, bhnd):
+    """The Gluon sparse launch alone, replayed from one forward of ``run``; if that forward fails (the kernel
+    does not compile or launch), a row whose call raises the same error, so the table records it."""
+    name = "Gluon sparse launch (producer + ping-pong)"
+    try:
+        call = captured_launches(run, [(gluon_kernels, "fwd_sparse_gluon_kernel")])["fwd_sparse_gluon_kernel"]
+        if not torch.equal(lut, argument(call, "LUT")):
+            raise RuntimeError("the Gluon forward built a different LUT")
+    except Exception as exc:  # noqa: BLE001 - reported as a failed row by measure()
+        print(f"{name}: the capturing forward failed: {type(exc).__name__}: {str(exc)[:300]}")
+        error = exc
+
+        def fail():
+            raise error
+
+        def no_output():
+            raise KeyError(name)  # _poison: nothing to poison
+
+        return name, fail, no_output
+    loop = replay(call)
+
+    def alone():
+        triton.set_allocator(allocate)
+        loop()
+
+    o_gluon = argument(call, "O")
+    return name, alone, lambda: bhnd(o_gluon)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +417,7 @@ def main(argv=None):
     ap.add_argument("--layout", default="bnhd", choices=["bnhd", "bhnd"], help="layout of Q, K, V (diffusers: bnhd)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-gluon", action="store_true", help="leave out the Gluon rows")
     a = ap.parse_args(argv)
     B, H, N, D = (int(x) for x in a.shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -400,7 +439,7 @@ def main(argv=None):
                               flush, "dense")
     del ref_dense
     for topk in a.topk:
-        lut, rows = sla2_rows(q, k, v, topk, a.layout)
+        lut, rows = sla2_rows(q, k, v, topk, a.layout, gluon=not a.no_gluon)
         n_sel, nk = lut.shape[-1], math.ceil(N / BLOCK_K)
         flops = sparse_flops(lut, D)
         print(f"--- top-k {topk}: {n_sel} of {nk} key blocks ({1 - n_sel / nk:.1%} sparse), {flops / 1e9:.1f} GFLOP")

@@ -35,8 +35,10 @@ import triton  # noqa: E402
 from bench_attention import launch_config  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction  # noqa: E402
 
 from slaconv.kernels import (  # noqa: E402
+    sla2_gluon,
     sla2_triton,  # noqa: E402
     sla2_triton_backward,
     sla2_triton_forward,
@@ -45,7 +47,7 @@ from slaconv.kernels import (  # noqa: E402
 from slaconv.kernels.launch import DEFAULT_LAUNCH  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 
-KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward, sla2_triton_ws)
+KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward, sla2_triton_ws, sla2_gluon)
 _TORCH_TO_TRITON = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
@@ -78,6 +80,8 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
     try:
         for module, name, fn in saved:
             setattr(module, name, _Recorder(fn, launches))
+        # the tensors are on the CPU: the Gluon launch's device check would refuse before recording
+        sla2_gluon.check_device = _no_device_check
         g = torch.Generator().manual_seed(0)
         dims = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
         q, k, v = (torch.randn(dims, generator=g).to(dtype) for _ in range(3))
@@ -92,7 +96,15 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
+        sla2_gluon.check_device = _check_device
     return launches
+
+
+_check_device = sla2_gluon.check_device
+
+
+def _no_device_check(device) -> None:
+    return None
 
 
 def _signature(fn, args, kwargs):
@@ -134,7 +146,8 @@ def _signature(fn, args, kwargs):
 def compile_launch(fn, args, kwargs, arch=90):
     sig, constexprs, attrs = _signature(fn, args, kwargs)
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    return triton.compile(source(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def analyse(compiled) -> dict:

@@ -101,3 +101,27 @@ def test_warp_specialized_sparse_launch_is_split_on_sm90(tmp_path, python):
     assert ws["tma_loads"] > 0 and any(m.startswith("wgmma") for m in ws["mma"]), ws
     for r in rows:
         assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("shape,layout", [("1,2,1000,128", "bnhd"), ("2,2,777,64", "bhnd")])
+def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout):
+    """LaunchConfig.sparse_gluon: the Gluon kernel compiles for sm_90a with this Triton and Triton 3.6 into
+    a producer and two consumer warpgroups (12 warps; setmaxnreg gives the producer few registers and the
+    consumers many, within the SM's 64K at one program per SM), TMA loads and stores, wgmma for QK^T
+    (m64 x 64 keys) and for PV and the mix (m64 x D), no spills, and shared memory within an H100's."""
+    d = int(shape.split(",")[-1])
+    rows = _report(tmp_path, python, "--shape", shape, "--layout", layout, "--config", json.dumps({"sparse_gluon": 1}))
+    names = {r["kernel"] for r in rows}
+    assert "fwd_sparse_gluon_kernel" in names and "fwd_sparse_kernel" not in names, names
+    g = next(r for r in rows if r["kernel"] == "fwd_sparse_gluon_kernel")
+    assert g["warp_specialize"] >= 1 and g["total_warps"] == 12, g
+    producer_regs, consumer_regs = min(g["setmaxnreg"]), 240  # sla2_gluon.CONSUMER_REGS
+    assert producer_regs <= 32 and consumer_regs in g["setmaxnreg"], g["setmaxnreg"]
+    assert (4 * producer_regs + 8 * consumer_regs) * 32 <= 65536, g["setmaxnreg"]
+    assert g["loads"].get("cp.async.bulk.tensor.2d.shared", 0) > 0, g["loads"]  # K/V/Q/H_rest by TMA
+    assert g["loads"].get("cp.async.bulk.tensor.2d.global.shared", 0) > 0, g["loads"]  # O by TMA
+    assert {"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",
+            f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16"} <= set(g["mma"]), g["mma"]
+    assert g["spill_instructions"] == 0 and g["scalar_16bit_loads"] == 0, g
+    assert g["shared_bytes"] <= 232448 - 1024, g

@@ -13,10 +13,12 @@ import os
 import pytest
 import torch
 
+from slaconv.errors import SlaconvError
 from slaconv.kernels import reference
 
 triton = pytest.importorskip("triton")
 
+from slaconv.kernels import sla2_gluon as gluon_kernels  # noqa: E402
 from slaconv.kernels import sla2_triton as S  # noqa: E402
 from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E402
 from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
@@ -371,6 +373,106 @@ def test_warp_specialized_sparse_launch_refuses_what_it_does_not_compute():
         _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=WS_LAUNCH, topk=0.3, quant="int8")
     with pytest.raises(ValueError, match="dtypes"):
         _run_kernel(q.float(), k.float(), v.float(), rq, rk, al, "bhnd", launch=WS_LAUNCH, topk=0.3)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Gluon sparse launch (LaunchConfig.sparse_gluon)
+# --------------------------------------------------------------------------------------------------
+
+GLUON_LAUNCH = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=1)
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not IS_HOPPER, reason="Gluon kernels need an sm_90 GPU (they do not run under the "
+                                  "interpreter; test_kernel_codegen.py compiles them offline)")
+
+
+def _mismatch(name, got, want, dims, tol):
+    """Where ``got`` is furthest from ``want``: max |error| with its index (named by ``dims``; the token's
+    128-row tile and warpgroup half too), the values there, the rel. L2 and which tiles and halves hold
+    errors above ``tol``: enough to tell a ragged-tile, warpgroup or layout bug from a rounding drift."""
+    got, want = got.double(), want.double()
+    err = (got - want).abs().nan_to_num(float("inf"))
+    flat = int(err.argmax())
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape)]
+    where = dict(zip(dims, index))
+    token_dim = dims.index("token")
+    bad_tokens = (err > tol).nonzero()[:, token_dim].unique()
+    bad_tiles = sorted({int(t) // 128 for t in bad_tokens})
+    bad_halves = sorted({int(t) % 128 // 64 for t in bad_tokens})
+    return (f"{name}: max |err| {err.max().item():.3e} at {where} (tile {where['token'] // 128}, warpgroup "
+            f"{where['token'] % 128 // 64}): got {got.flatten()[flat].item():.5g}, want {want.flatten()[flat].item():.5g}; "
+            f"rel L2 {rel_l2(got, want):.2e}; {int((~torch.isfinite(got)).sum())} non-finite; tokens over {tol:g}: "
+            f"{len(bad_tokens)} in tiles {bad_tiles[:8]}{'...' if len(bad_tiles) > 8 else ''}, warpgroups {bad_halves}")
+
+
+def _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout):
+    """The Gluon launch's O, LSE and 1/den against the plain sparse launch on every row (the same LUT),
+    with a message that says where they differ.  Returns the Gluon O."""
+    args = (q, k, v, rq, rk, al, topk, 128, 64, "none", layout, True)
+    plain = S.sla2_fwd(*args, DEFAULT_LAUNCH.as_ints())
+    gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints())
+    assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
+    o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
+    # O: bf16 outputs of the same math in a different order (1-2 ulp); LSE in log2 units; 1/den in fp32
+    for name, got, want, dims, rel, tol in (("O", gluon[0], plain[0], o_dims, 5e-3, 3e-2),
+                                            ("LSE", gluon[2], plain[2], ("batch*head", "token"), 1e-5, 1e-3),
+                                            ("1/den", gluon[3], plain[3], ("batch*head", "token"), 1e-5, 1e-4)):
+        assert rel_l2(got, want) <= rel and torch.isfinite(got).all(), _mismatch(name, got, want, dims, tol)
+    return gluon[0]
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("b,h,n,d", [(2, 3, 4096, 64), (2, 3, 4001, 64), (2, 3, 4096, 128), (2, 3, 4001, 128),
+                                     (1, 12, 32760, 128)])
+def test_gluon_sparse_launch_matches_plain_launch_and_reference(layout, b, h, n, d):
+    """N = 4096, a ragged N and Wan2.1-1.3B at 480p (1, 12, 32760, 128); D = 64 and 128, both layouts, 90%
+    and 97% sparsity: the Gluon launch against the plain sparse launch on every row and against the fp32
+    reference on the first, two inner and the ragged last query block."""
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, dtype=torch.bfloat16, seed=83 + d + n)
+    nq = reference.block_count(n, 128)
+    q_blocks = torch.tensor(sorted({0, min(37, nq - 2), nq // 2, nq - 1}), device=DEVICE)
+    rows = (q_blocks.view(-1, 1) * 128 + torch.arange(128, device=DEVICE)).view(-1)
+    rows = rows[rows < n]
+    for topk in (0.1, 0.03):
+        o = _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout)
+        ref = reference.sla2_attention_reference(*(_to_bhnd(t.float(), layout) for t in (q, k, v)), rq, rk, al,
+                                                 topk=topk, q_blocks=q_blocks, chunk_q_blocks=2)
+        got = _to_bhnd(o, layout)[:, :, rows]
+        assert rel_l2(got, ref) <= 1e-2, _mismatch(f"O vs reference, top-k {topk}", got, ref,
+                                                   ("batch", "head", "token", "channel"), 5e-2)
+
+
+@needs_hopper
+def test_gluon_sparse_launch_compiles_once_for_any_n_and_topk():
+    def variants():
+        return sum(len(cache[0]) for cache in gluon_kernels.fwd_sparse_gluon_kernel.device_caches.values())
+
+    counts = []
+    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5)]:
+        q, k, v, rq, rk, al = _inputs(1, 2, n, 128, "bnhd", dtype=torch.bfloat16, seed=n)
+        _run_kernel(q, k, v, rq, rk, al, "bnhd", launch=GLUON_LAUNCH, topk=topk)
+        torch.cuda.synchronize()
+        counts.append(variants())
+    assert counts[0] > 0 and len(set(counts)) == 1, counts
+
+
+def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
+    """One-line GluonUnavailableError (a usage error) before anything is launched: low-bit modes, 32-bit
+    inputs, 64-query blocks, a device that is not a Hopper GPU; and not together with sparse_ws."""
+    b, h, n = SIZES[0]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", dtype=WS_DTYPE, seed=97)
+    for kw, match in ((dict(quant="int8"), "quant='none' only"), (dict(block_q=64), "block_q=128"),
+                      (dict(block_k=128), "block_k=64")):
+        with pytest.raises(gluon_kernels.GluonUnavailableError, match=match):
+            _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=GLUON_LAUNCH, topk=0.3, **kw)
+    with pytest.raises(gluon_kernels.GluonUnavailableError, match="dtypes"):
+        _run_kernel(q.float(), k.float(), v.float(), rq, rk, al, "bhnd", launch=GLUON_LAUNCH, topk=0.3)
+    if not IS_HOPPER:
+        with pytest.raises(gluon_kernels.GluonUnavailableError, match="needs a Hopper GPU"):
+            _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=GLUON_LAUNCH, topk=0.3)
+    assert issubclass(gluon_kernels.GluonUnavailableError, SlaconvError)
+    with pytest.raises(ValueError, match="sparse_ws and sparse_gluon"):
+        dataclasses.replace(GLUON_LAUNCH, sparse_ws=1)
 
 
 # --------------------------------------------------------------------------------------------------

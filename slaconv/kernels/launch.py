@@ -49,13 +49,17 @@ class LaunchConfig:
     """1: the sparse forward launch runs the warp-specialized kernel (``sla2_triton_ws.py``: TMA
     descriptors, a producer warp group and two consumer warp groups on sm_90; 4 warps asked, num_stages
     as above; 16-bit inputs and ``quant="none"`` only).  0, the default, runs ``fwd_sparse_kernel``."""
+    sparse_gluon: int = 0
+    """1: the sparse forward launch runs the Gluon kernel (``sla2_gluon.py``: an explicit TMA producer and two
+    ping-ponging wgmma consumer warpgroups; Hopper GPUs, 16-bit inputs, ``quant="none"``, 128-query blocks;
+    num_stages K/V slots).  Not with ``sparse_ws``.  0, the default, until the GPU measures it faster."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
-            elif f.name == "sparse_ws":
+            elif f.name in ("sparse_ws", "sparse_gluon"):
                 allowed = (0, 1)
             elif "warps" in f.name:
                 allowed = _WARPS
@@ -63,6 +67,8 @@ class LaunchConfig:
                 allowed = _STAGES
             if isinstance(value, bool) or value not in allowed:
                 raise ValueError(f"LaunchConfig.{f.name} must be one of {tuple(allowed)}, got {value!r}")
+        if self.sparse_ws and self.sparse_gluon:
+            raise ValueError("LaunchConfig.sparse_ws and sparse_gluon pick different sparse launches: set one")
 
     def as_ints(self) -> list[int]:
         """The fields in order, as the custom ops take them; :meth:`from_ints` reads them back."""
