@@ -407,7 +407,7 @@ def _mismatch(name, got, want, dims, tol):
 def _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout):
     """The Gluon launch's O, LSE and 1/den against the plain sparse launch on every row (the same LUT),
     with a message that says where they differ.  Returns the Gluon O."""
-    args = (q, k, v, rq, rk, al, topk, 128, 64, "none", layout, True)
+    args = (q, k, v, rq, rk, al, topk, 128, 64, "none", 0, 0, layout, True)
     plain = S.sla2_fwd(*args, DEFAULT_LAUNCH.as_ints())
     gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints())
     assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
