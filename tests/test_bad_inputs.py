@@ -245,3 +245,17 @@ def test_unknown_quant_mode_fails_before_loading(tmp_path, tiny_wan_dir, monkeyp
     monkeypatch.setattr(workdir_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match="quant must be one of"):
         slaconv.from_pretrained(work, quant="fp4")
+
+
+def test_convert_refuses_a_model_that_is_already_converted(tmp_path, tiny_wan_dir):
+    """A work dir (or a downloaded SLA2 package, which has sla2.safetensors) as MODEL: converting it again would
+    silently drop its router, alpha and recipe, so convert refuses and says what to do instead."""
+    work = _workdir(tmp_path, tiny_wan_dir)
+    before = dir_snapshot(work)
+    line = fails(3, "convert", work, "-o", tmp_path / "again", match="already an SLA2 model")
+    assert f"slaconv calibrate {work}" in line and "original model" in line
+    fails(3, "convert", work, "-o", tmp_path / "again", "--dry-run", match="already an SLA2 model")
+    package = tmp_path / "package"  # what a Hub download of the weights holds: no sla2_config.json
+    shutil.copytree(work, package, ignore=shutil.ignore_patterns("sla2_config.json", "recipe.yaml", "local.json"))
+    fails(3, "convert", package, "-o", tmp_path / "again", match="already an SLA2 model")
+    assert dir_snapshot(work) == before and not (tmp_path / "again").exists()
