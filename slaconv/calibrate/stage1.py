@@ -72,7 +72,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         checkpoints.restart_log(log_path, start)
 
     tau, n_qb = cfg.tau, cfg.query_blocks_per_step
-    losses: dict[str, float] = {}
+    errors: dict[str, float] = {}
     step_gen = {"gen": None}
 
     def observe(proc, q, k, v):
@@ -87,7 +87,10 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                          q_blocks=blocks).transpose(1, 2)
             loss = torch.mean((pred - target) ** 2)
             loss.backward()
-        losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
+        # the relative error's numerator and denominator apart: averaged over processes separately, their
+        # ratio is the one a single process with the whole global batch computes
+        errors[f"{proc.layer_name}\0error"] = float(loss)
+        errors[f"{proc.layer_name}\0target"] = float(torch.mean(target ** 2))
         return proc.dense_attention(q, k, v)
 
     dtype = DTYPES[recipe.model.dtype]
@@ -103,11 +106,12 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             batch = sampler.batch(step)
             step_gen["gen"] = sampler.generator(step, salt=1)
             x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            losses.clear()
+            errors.clear()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
-            layer_losses = mean_over_processes(accelerator, losses)
+            means = mean_over_processes(accelerator, errors)
+            layer_losses = {name: means[f"{name}\0error"] / max(means[f"{name}\0target"], 1e-12) for name in procs}
             mean_loss = sum(layer_losses.values()) / len(layer_losses)
             checkpoints.check_finite(mean_loss, "stage-1 loss", ckpt_root)
             if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
