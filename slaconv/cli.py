@@ -141,15 +141,22 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @click.option("--objective", type=click.Choice(OBJECTIVES), help="Stage-2 objective.")
 @click.option("--batch-size", type=int, help="Batch size of the selected stage(s).")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
-@click.option("--resume", help="'latest' or a checkpoint folder.")
+@click.option("--resume", help="'latest' (this run's last checkpoint; a stage it completed is skipped) or a "
+                               "checkpoint folder.")
+@click.option("--overwrite", is_flag=True, help="Discard the checkpoints of another, unfinished run and start afresh.")
 @recipe_option
 @device_option
 @dry_run_option
 @json_option
 @click.pass_context
-def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, batch_size, seed, resume, recipe, device,
-              dry_run, as_json):
-    """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir."""
+def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, batch_size, seed, resume, overwrite,
+              recipe, device, dry_run, as_json):
+    """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir.
+
+    A run is one stage with one recipe from one starting point: --resume continues only the same run, and a
+    new run refuses to start over another run's unfinished checkpoints unless --overwrite.  Each stage keeps
+    the best state its held-out score reached; one that ends worse than it started exits 6 and leaves the
+    weights as they were."""
     from . import calibrate as stages
 
     _common(ctx, as_json)
@@ -170,7 +177,7 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
               f"would run stage {stage} on {wd}:\n" + json.dumps(calibration, indent=2))
         return
     out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
-                           show_progress=not ctx.obj["quiet"])
+                           show_progress=not ctx.obj["quiet"], overwrite=overwrite)
     lines = [f"calibrated {wd}"]
     def fmt(x):
         return "n/a" if x is None else f"{x:.4g}"
