@@ -1,13 +1,18 @@
 """Calibration runs: every run has an identity, so runs never mix; a resume continues exactly the run it names,
-skipping a stage that run completed; and a run that leaves the model worse than it
+skipping a stage that run completed; Ctrl-C says how to resume; and a run that leaves the model worse than it
 started never replaces the weights it started from."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
+from click.testing import CliRunner
+
 from helpers import dir_snapshot, fails, kill_after_checkpoint, run, write_recipe
+from slaconv.calibrate import checkpoints
+from slaconv.cli import main
 
 STAGE1 = {"calibration.stage1.steps": 6, "calibration.checkpoint_every": 2, "calibration.eval_samples": 1}
 
@@ -95,3 +100,29 @@ def test_resume_skips_the_stage_the_run_completed(tmp_path, tiny_wan_dir, monkey
     assert _summary(work, 1) == stage1_summary
     assert _losses(work, 2) == _losses(fresh, 2)
     assert _same_files(work, fresh, "sla2.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, tiny_wan_dir, monkeypatch):
+    work = _converted(tmp_path, tiny_wan_dir, **STAGE1)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(work, fresh)
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_interrupt(root, step, *rest, **kwargs):
+        path = real_save(root, step, *rest, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_interrupt)
+    res = CliRunner().invoke(main, ["-q", "calibrate", str(work), "--stage", "1", "--seed", "3"])
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    assert res.exit_code == 130, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), res.stderr
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[:2] == ["slaconv", "calibrate"] and command[-2:] == ["--resume", "latest"]
+    run(*command[1:])
+    run("calibrate", fresh, "--stage", "1", "--seed", "3")
+    assert _losses(work, 1) == _losses(fresh, 1)
+    assert _same_files(work, fresh, "sla2.safetensors")
