@@ -85,6 +85,22 @@ def test_runs_and_checkpoints_of_another_run_are_refused(tmp_path, tiny_wan_dir,
     assert _same_files(work, clean, "sla2.safetensors")
 
 
+def test_a_checkpoint_of_the_same_run_resumes_in_another_work_dir(tmp_path, tiny_wan_dir, monkeypatch):
+    """Two copies of one converted dir start the same run: the second resumes from the first's checkpoint
+    (copied in, with the run's log records) and ends where an uninterrupted run ends."""
+    work = _converted(tmp_path, tiny_wan_dir, **STAGE1)
+    copy, fresh = tmp_path / "copy", tmp_path / "fresh"
+    shutil.copytree(work, copy)
+    shutil.copytree(work, fresh)
+    kill_after_checkpoint(monkeypatch, 4, work, "--stage", "1")
+    run("calibrate", copy, "--stage", "1", "--resume", work / "checkpoints" / "stage1" / "checkpoint-4")
+    run("calibrate", fresh, "--stage", "1")
+    assert [r["step"] for r in _log(copy, 1)] == [1, 2, 3, 4, 5, 6]
+    assert _losses(copy, 1) == _losses(fresh, 1)
+    assert _same_files(copy, fresh, "sla2.safetensors")
+    assert _summary(copy, 1)["run_id"] == _summary(fresh, 1)["run_id"]
+
+
 def test_resume_skips_the_stage_the_run_completed(tmp_path, tiny_wan_dir, monkeypatch):
     work = _converted(tmp_path, tiny_wan_dir, **{"calibration.stage1.steps": 4, "calibration.stage2.steps": 4,
                                                  "calibration.checkpoint_every": 2, "calibration.eval_samples": 1})
