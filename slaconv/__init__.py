@@ -6,15 +6,16 @@ In Python::
 
     slaconv.sla2_(model, slaconv.SLA2Config(topk=0.05))  # a diffusers transformer in memory, in place
     model = slaconv.from_pretrained("org/model-sla2")      # a converted model from the Hub or a folder
+    model.save_pretrained("folder")                         # the same layout again (slaconv.save_pretrained)
 
-``sla2_`` and ``from_pretrained`` are imported on first use, so ``import slaconv`` stays light.
+``sla2_``, ``from_pretrained`` and ``save_pretrained`` are imported on first use, so ``import slaconv`` stays light.
 """
 
 from .config import SLA2Config
 
 __version__ = "0.1.0"
 
-_LAZY = {"sla2_": "install", "from_pretrained": "loading"}
+_LAZY = {"sla2_": "install", "from_pretrained": "loading", "save_pretrained": "loading"}
 
 
 def __getattr__(name: str):
@@ -31,4 +32,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["__version__", "SLA2Config", "from_pretrained", "sla2_"]
+__all__ = ["__version__", "SLA2Config", "from_pretrained", "save_pretrained", "sla2_"]

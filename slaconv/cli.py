@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .command_group import SlaconvGroup
+from .command_group import INTERRUPTED_EXIT_CODE, SlaconvGroup
 from .config import BLOCK_SIZES, KERNEL_HEAD_DIMS, QUANT_MODES
 from .errors import EXIT_CODES
 from .recipe import OBJECTIVES
@@ -51,6 +52,30 @@ def _workdir(path: str):
     from .workdir import WorkDir
 
     return WorkDir.open(path)
+
+
+def _resume_command(ctx: click.Context) -> str:
+    """The command line that resumes the interrupted command of ``ctx``: the options the user gave (global
+    ones that matter too), ``--resume latest`` in place of any ``--resume``."""
+    def given(context, skip=()):
+        words = []
+        for param in context.command.params:
+            source = context.get_parameter_source(param.name)
+            value = context.params.get(param.name)
+            if param.name in skip or source != click.core.ParameterSource.COMMANDLINE or value in (None, False):
+                continue
+            if isinstance(param, click.Argument):
+                words.append(str(value))
+            elif param.is_flag:
+                words.append(max(param.opts, key=len))
+            else:
+                words += [max(param.opts, key=len), str(value)]
+        return words
+
+    root = ctx.find_root()
+    words = ["slaconv", *given(root, skip=("quiet", "verbose")), ctx.info_name,
+             *given(ctx, skip=("resume", "overwrite", "dry_run")), "--resume", "latest"]
+    return shlex.join(words)
 
 
 def _int_choice(ctx, param, value):
@@ -141,15 +166,22 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
 @click.option("--objective", type=click.Choice(OBJECTIVES), help="Stage-2 objective.")
 @click.option("--batch-size", type=int, help="Batch size of the selected stage(s).")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
-@click.option("--resume", help="'latest' or a checkpoint folder.")
+@click.option("--resume", help="'latest' (this run's last checkpoint; a stage it completed is skipped) or a "
+                               "checkpoint folder.")
+@click.option("--overwrite", is_flag=True, help="Discard the checkpoints of another, unfinished run and start afresh.")
 @recipe_option
 @device_option
 @dry_run_option
 @json_option
 @click.pass_context
-def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, batch_size, seed, resume, recipe, device,
-              dry_run, as_json):
-    """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir."""
+def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, batch_size, seed, resume, overwrite,
+              recipe, device, dry_run, as_json):
+    """Stage 1 (router + alpha) and/or stage 2 (QAT fine-tune) on a work dir.
+
+    A run is one stage with one recipe from one starting point: --resume continues only the same run, and a
+    new run refuses to start over another run's unfinished checkpoints unless --overwrite.  Each stage keeps
+    the best state its held-out score reached; one that ends worse than it started exits 6 and leaves the
+    weights as they were."""
     from . import calibrate as stages
 
     _common(ctx, as_json)
@@ -169,8 +201,15 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
         _emit(ctx, {"dry_run": True, "work_dir": str(wd), "stage": stage, "recipe": calibration},
               f"would run stage {stage} on {wd}:\n" + json.dumps(calibration, indent=2))
         return
-    out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
-                           show_progress=not ctx.obj["quiet"])
+    try:
+        out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
+                               show_progress=not ctx.obj["quiet"], overwrite=overwrite)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            launcher = " (under the same launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            click.echo(f"interrupted; the checkpoints are kept{launcher}, resume with: {_resume_command(ctx)}",
+                       err=True)
+        ctx.exit(INTERRUPTED_EXIT_CODE)
     lines = [f"calibrated {wd}"]
     def fmt(x):
         return "n/a" if x is None else f"{x:.4g}"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .families import detect_family
 from .inputs import batches, check_latent_shape, denoiser_forward
 from .install import resolve_targets, sla2_, sla2_processors
 from .kernels import reference
 from .observe import observing
 from .recipe import Recipe
-from .source import content_hash, load_model, resolve_model, sla_checkpoint_info
+from .source import ModelSource, content_hash, load_model, resolve_model, sla_checkpoint_info
 from .utils.devices import DTYPES
 from .utils.files import atomic_dir
 from .workdir import WorkDir, new_config
@@ -26,11 +27,26 @@ from .workdir import WorkDir, new_config
 logger = logging.getLogger(__name__)
 
 
+def refuse_converted(source: ModelSource, model: str) -> None:
+    """:class:`InputError` when ``source`` is already an SLA2 model (a work dir, or a package's weights, which
+    hold ``sla2.safetensors``): converting it again would silently drop its router, alpha and recipe."""
+    if not (WorkDir.is_workdir(source.path) or (source.path / WorkDir.SLA2_STATE).is_file()):
+        return
+    base = None
+    if WorkDir.is_workdir(source.path):
+        info = WorkDir(source.path).read_sla2_config().base_model or {}
+        base = info.get("id") or WorkDir(source.path).read_local().get("base_path")
+    original = f"its original model ({base})" if base else "its original model"
+    raise InputError(f"{model} is already an SLA2 model: train it further with 'slaconv calibrate {model}', "
+                     f"or convert {original} to start over")
+
+
 def plan(model: str, recipe: Recipe, *, subfolder=None, revision=None, offline=False) -> dict:
     """What ``convert`` would do, without loading weights: family, layers, settings."""
     from accelerate import init_empty_weights
 
     source = resolve_model(model, subfolder=subfolder, revision=revision, offline=offline)
+    refuse_converted(source, model)
     family = detect_family(source.config, recipe.model.family)
     with init_empty_weights():
         skeleton = family.load_class().from_config(source.config)
@@ -84,6 +100,7 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     out_dir = Path(out_dir)
     WorkDir.check_output(out_dir, overwrite)
     source = resolve_model(model, subfolder=subfolder, revision=revision, offline=offline)
+    refuse_converted(source, model)
     family = detect_family(source.config, recipe.model.family)
     is_local = model == str(source.path) or Path(model).expanduser().exists()
     base = {"id": None if is_local else model, "name": source.path.name if subfolder is None else Path(model).name,

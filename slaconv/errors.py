@@ -21,7 +21,7 @@ EXIT_CODES = {
     EXIT_INPUT: "input not found or not usable (model, work dir, data, safetensors file)",
     EXIT_GATE: "validation ran but a quality gate failed",
     EXIT_HUB: "Hugging Face Hub error (network, authentication, offline mode)",
-    EXIT_DIVERGED: "training diverged (NaN/inf); the last good checkpoint is kept",
+    EXIT_DIVERGED: "training diverged or left the model worse than it started; the work dir keeps its weights",
     EXIT_OUTPUT: "output directory already holds something else",
     EXIT_OOM: "out of memory (the message says what to change)",
 }

@@ -102,8 +102,8 @@ def sla2_(model: torch.nn.Module, config: SLA2Config | None = None, *, targets: 
     """
     if not (isinstance(alpha_init, (int, float)) and 0 < alpha_init < 1):
         raise ValueError(f"alpha_init must be in (0, 1), got {alpha_init!r}")
-    if family is None:  # a model built in memory has no _class_name in its config; its class says the same
-        family = detect_family({**(getattr(model, "config", None) or {}), "_class_name": type(model).__name__})
+    if family is None:
+        family = family_of(model)
     elif isinstance(family, str):
         family = get_family(family)
     layers = resolve_targets(model, family, targets or (), ignore or ())
@@ -111,7 +111,15 @@ def sla2_(model: torch.nn.Module, config: SLA2Config | None = None, *, targets: 
     with torch.no_grad():
         for proc in installed.values():
             proc.alpha_logit.fill_(math.log(alpha_init / (1 - alpha_init)))
+    from .loading import bind_save_pretrained  # loading imports this module
+
+    bind_save_pretrained(model)
     return installed
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family of a diffusers model in memory (its config has no ``_class_name``; its class says the same)."""
+    return detect_family({**(getattr(model, "config", None) or {}), "_class_name": type(model).__name__})
 
 
 def sla2_processors(model: torch.nn.Module) -> dict[str, SLA2Processor]:

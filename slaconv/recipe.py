@@ -43,6 +43,11 @@ def _is_int(x: Any, minimum: int | None = None) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and (minimum is None or x >= minimum)
 
 
+WRITTEN_WHEN_SET = "written_when_set"
+"""Field metadata of a key added after recipes were first saved: left out of :meth:`_Section.to_dict` at its
+default, so the recipe files and hashes of earlier work dirs stay as they were."""
+
+
 class _Section:
     """Behaviour shared by every recipe section (all frozen dataclasses)."""
 
@@ -51,6 +56,8 @@ class _Section:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get(WRITTEN_WHEN_SET) and value == f.default:
+                continue
             out[f.name] = value.to_dict() if isinstance(value, _Section) else _plain(value)
         return out
 
@@ -229,7 +236,13 @@ class CalibrationSettings(_Section):
     checkpoints_total_limit: int = 2
     """Checkpoints kept per stage; older ones are deleted."""
     eval_samples: int = 2
-    """Fixed held-out samples (own seed) scored before and after each stage."""
+    """Fixed held-out samples (own seed) scored at the start of each stage, at every checkpoint and at the end:
+    a stage keeps its best scored state; 0 turns scoring off (a stage then keeps its last state)."""
+    divergence_factor: float = field(default=2.0, metadata={WRITTEN_WHEN_SET: True})
+    """A stage stops as diverged when a held-out score exceeds this multiple of the best so far."""
+    heldout_tolerance: float = field(default=0.02, metadata={WRITTEN_WHEN_SET: True})
+    """A stage whose best state scores more than this fraction worse than its start fails (exit 6) and leaves
+    the work dir's weights as they were; within it (the held-out samples are few) the best state is kept."""
     stage1: Stage1Settings = field(default_factory=Stage1Settings)
     stage2: Stage2Settings = field(default_factory=Stage2Settings)
 
@@ -238,6 +251,10 @@ class CalibrationSettings(_Section):
         _check(_is_int(self.eval_samples, 0), "calibration.eval_samples must be >= 0")
         _check(_is_int(self.checkpoints_total_limit, 1), "calibration.checkpoints_total_limit must be >= 1")
         _check(_is_int(self.checkpoint_every, 1), "calibration.checkpoint_every must be >= 1")
+        _check(_is_number(self.divergence_factor) and self.divergence_factor > 1,
+               "calibration.divergence_factor must be a number > 1")
+        _check(_is_number(self.heldout_tolerance) and self.heldout_tolerance >= 0,
+               "calibration.heldout_tolerance must be a number >= 0")
 
 
 @dataclass(frozen=True)

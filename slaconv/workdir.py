@@ -263,7 +263,8 @@ class WorkDir:
     def save_model(self, model: torch.nn.Module, family: Family) -> None:
         """Plain diffusers weights (stock processors) + ``sla2.safetensors`` into this folder."""
         with stock_processors(model, family):
-            model.save_pretrained(self.path, safe_serialization=True)
+            # the class's method: slaconv replaces the instance's with one that writes this whole layout
+            type(model).save_pretrained(model, self.path, safe_serialization=True)
         save_file(sla2_state_dict(model), str(self.sla2_state_path), metadata={"format": FORMAT_NAME})
 
     def load_model(self, *, dtype: str = "float32", device: str | torch.device = "cpu",

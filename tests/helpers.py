@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -80,3 +81,28 @@ def fails(code, *args, match):
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert match in lines[0], lines[0]
     return lines[0]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: escapes every ``except Exception`` (and the CLI's Ctrl-C handling)."""
+
+
+def kill_after_checkpoint(monkeypatch, kill_step: int, *args, stage: int | None = None) -> None:
+    """Run ``slaconv calibrate ARGS`` in-process and kill it right after it saved checkpoint ``kill_step`` (of
+    ``stage``, or of any stage)."""
+    from slaconv.calibrate import checkpoints
+
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_die(root, step, *rest, **kwargs):
+        path = real_save(root, step, *rest, **kwargs)
+        if step == kill_step and (stage is None or Path(root).name == f"stage{stage}"):
+            raise Killed()
+        return path
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(Killed):
+            CliRunner().invoke(main, ["-q", "calibrate", *map(str, args)])
+    finally:
+        monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)

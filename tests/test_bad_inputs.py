@@ -142,13 +142,16 @@ def test_block_size_and_quant_flags_take_only_supported_values(tmp_path, tiny_wa
     assert not (tmp_path / "w").exists()
 
 
-def test_nan_during_calibration_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_wan_dir):
-    work = _workdir(tmp_path, tiny_wan_dir, **{"calibration.stage2.steps": 6, "calibration.stage2.grad_clip": 0.0})
+@pytest.mark.parametrize("eval_samples,match", [(2, "stage 2 left the model worse than it started"),
+                                                 (0, "the stage-2 loss became nan")])
+def test_nan_during_calibration_stops_and_keeps_the_weights(tmp_path, tiny_wan_dir, eval_samples, match):
+    """lr 1e30: the first update wrecks the weights.  With held-out samples the first checkpoint's score shows
+    it; without them the next loss is NaN.  Either way: exit 6, one line, the work dir's weights untouched."""
+    work = _workdir(tmp_path, tiny_wan_dir, **{"calibration.stage2.steps": 6, "calibration.stage2.grad_clip": 0.0,
+                                               "calibration.eval_samples": eval_samples})
     weights_before = dir_snapshot(work)["diffusion_pytorch_model.safetensors"]
-    line = fails(6, "calibrate", work, "--stage", "2", "--lr", 1e30, match="stage-2 loss became")
-    assert "last good checkpoint" in line
-    ckpts = sorted((work / "checkpoints" / "stage2").iterdir())
-    assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)
+    line = fails(6, "calibrate", work, "--stage", "2", "--lr", 1e30, match=match)
+    assert "keeps its weights" in line and "--overwrite" in line
     assert dir_snapshot(work)["diffusion_pytorch_model.safetensors"] == weights_before
 
 
@@ -245,3 +248,17 @@ def test_unknown_quant_mode_fails_before_loading(tmp_path, tiny_wan_dir, monkeyp
     monkeypatch.setattr(workdir_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match="quant must be one of"):
         slaconv.from_pretrained(work, quant="fp4")
+
+
+def test_convert_refuses_a_model_that_is_already_converted(tmp_path, tiny_wan_dir):
+    """A work dir (or a downloaded SLA2 package, which has sla2.safetensors) as MODEL: converting it again would
+    silently drop its router, alpha and recipe, so convert refuses and says what to do instead."""
+    work = _workdir(tmp_path, tiny_wan_dir)
+    before = dir_snapshot(work)
+    line = fails(3, "convert", work, "-o", tmp_path / "again", match="already an SLA2 model")
+    assert f"slaconv calibrate {work}" in line and "original model" in line
+    fails(3, "convert", work, "-o", tmp_path / "again", "--dry-run", match="already an SLA2 model")
+    package = tmp_path / "package"  # what a Hub download of the weights holds: no sla2_config.json
+    shutil.copytree(work, package, ignore=shutil.ignore_patterns("sla2_config.json", "recipe.yaml", "local.json"))
+    fails(3, "convert", package, "-o", tmp_path / "again", match="already an SLA2 model")
+    assert dir_snapshot(work) == before and not (tmp_path / "again").exists()

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import fails, run, write_recipe
+from slaconv.statefile import load_state
 
 
 def test_both_stages_reduce_held_out_error(tmp_path, tiny_wan_dir):
@@ -66,3 +67,43 @@ def test_frozen_parts_stay_bitwise_unchanged(tmp_path, tiny_wan_dir):
 def test_frozen_settings_are_checked(tmp_path, tiny_wan_dir, overrides, message):
     recipe = write_recipe(tmp_path / "r.yaml", **overrides)
     fails(2, "convert", tiny_wan_dir, "-o", tmp_path / "w", "--recipe", recipe, match=message)
+
+
+def _log(work, stage):
+    return [json.loads(line) for line in (work / "logs" / f"stage{stage}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage,flags", [("1", ["--lr", 1.0, "--alpha-lr", 50]), ("2", ["--lr", 1.0])])
+def test_a_stage_that_makes_the_model_worse_leaves_its_weights_alone(tmp_path, tiny_wan_dir, stage, flags):
+    """Learning rates far too high: stage 2's held-out loss runs away (the run stops at the first checkpoint),
+    stage 1's held-out error ends above where it started.  Exit 6 with one line, the weights untouched."""
+    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage1.steps": 6, "calibration.stage2.steps": 12,
+                                                  "calibration.checkpoint_every": 2})
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
+    files = ("sla2.safetensors", "diffusion_pytorch_model.safetensors", "sla2_config.json")
+    before = {name: (work / name).read_bytes() for name in files}
+    line = fails(6, "calibrate", work, "--stage", stage, *flags, match=f"stage {stage} left the model worse")
+    assert "keeps its weights" in line
+    assert {name: (work / name).read_bytes() for name in files} == before
+    if stage == "2":
+        assert "rose to" in line and [r["step"] for r in _log(work, 2)] == [1, 2]  # stopped as diverged
+
+
+def test_a_stage_keeps_its_best_held_out_state(tmp_path, tiny_wan_dir):
+    """alpha_lr 1: stage 1's held-out error is lowest after the first checkpoint and rises after it; the stage
+    saves that checkpoint's state (which pruning kept), not its last one, and reports its score."""
+    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage1.steps": 8, "calibration.stage1.alpha_lr": 1.0,
+                                                  "calibration.checkpoint_every": 2})
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
+    out = json.loads(run("calibrate", work, "--stage", "1", "--json").stdout)["stage1"]
+    scores = {r["step"]: r["heldout"] for r in _log(work, 1) if "heldout" in r}
+    assert sorted(scores) == [2, 4, 6, 8]
+    best = min(scores, key=scores.get)
+    assert best < 8 and scores[8] > scores[best], scores  # the test needs a run whose last state is not its best
+    assert out["kept_step"] == best and out["heldout_attention_rel_mse_after"] == scores[best]
+    assert out["heldout_attention_rel_mse_after"] < out["heldout_attention_rel_mse_before"]
+    kept = load_state(work / "checkpoints" / "stage1" / f"checkpoint-{best}")["sla2"]
+    saved = _sla2(work)
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[key], kept[key]) for key in saved)

@@ -30,6 +30,17 @@ def _losses(work, stage):
     return [json.loads(x)[key] for x in (work / "logs" / f"stage{stage}.jsonl").read_text().splitlines()]
 
 
+# lr 1e-3 moves the tiny model far from its dense teacher (the held-out loss rises ~60x in two steps): wanted
+# here, where only the agreement between process counts matters, so the guards against a worse model are off
+TRAIN_ANYWAY = {"calibration.divergence_factor": 1e30, "calibration.heldout_tolerance": 1e30}
+
+
+def _layer_losses(work):
+    """Stage 1's per-layer relative errors, step by step."""
+    records = [json.loads(x) for x in (work / "logs" / "stage1.jsonl").read_text().splitlines()]
+    return [[r["layers"][name] for name in sorted(r["layers"])] for r in records]
+
+
 def _close(a, b, tol):
     return len(a) == len(b) and all(abs(x - y) <= tol * abs(x) for x, y in zip(a, b))
 
@@ -77,9 +88,9 @@ def test_two_processes_match_one_process_with_same_global_batch(tmp_path, tiny_w
     for stage in (1, 2):
         a, b = _losses(one, stage), _losses(two, stage)
         assert len(a) == len(b) == 3
-        # stage 1 logs a ratio of per-process means, so only the stage-2 loss must match tightly
-        tol = 1e-4 if stage == 2 else 5e-2
-        assert _close(a, b, tol), (stage, a, b)
+        assert _close(a, b, 1e-4), (stage, a, b)
+    layers_one, layers_two = (_layer_losses(w) for w in (one, two))
+    assert all(_close(x, y, 1e-4) for x, y in zip(layers_one, layers_two)), (layers_one, layers_two)
     sa, sb = load_file(str(one / "sla2.safetensors")), load_file(str(two / "sla2.safetensors"))
     assert all((sa[k] - sb[k]).abs().max() < 1e-4 for k in sa)
 
@@ -92,7 +103,7 @@ def test_fsdp_two_processes_match_one_process_and_save_the_same_format(tmp_path,
         "model.dtype": "bfloat16", "calibration.stage2.steps": 3, "calibration.stage2.lr": 1e-3,
         "calibration.stage2.warmup_steps": 0, "calibration.stage2.gradient_checkpointing": True,
         # clipping acts at every step, so a norm over one shard instead of the whole model would show
-        "calibration.stage2.grad_clip": 1e-3, "calibration.checkpoint_every": 2})
+        "calibration.stage2.grad_clip": 1e-3, "calibration.checkpoint_every": 2, **TRAIN_ANYWAY})
     one, two = tmp_path / "one", tmp_path / "two"
     run("convert", tiny_wan_dir, "-o", one, "--recipe", recipe)
     shutil.copytree(one, two)
@@ -105,6 +116,7 @@ def test_fsdp_two_processes_match_one_process_and_save_the_same_format(tmp_path,
     # the bf16 teacher's targets round differently at batch 2 than at batch 1 (~1e-4 relative)
     assert _close(_losses(one, 2), _losses(two, 2), 1e-3), (_losses(one, 2), _losses(two, 2))
     assert abs(fsdp["heldout_loss_after"] - single["heldout_loss_after"]) <= 1e-2 * single["heldout_loss_after"]
+    assert fsdp["kept_step"] == single["kept_step"] and fsdp["run_id"] == single["run_id"]
     assert _layout(two) == _layout(one) == _layout(converted)  # the format never depends on the process count
     assert {str(dt) for f in _layout(two).values() for _, dt in f.values()} == {"torch.bfloat16", "torch.float32"}
     assert _relative_distance(one, two, converted) < 0.05  # bf16 saves: a few elements round the other way
@@ -129,7 +141,8 @@ def test_fsdp_runs_the_triton_op_under_gradient_checkpointing(tmp_path):
         "data.height": 16, "data.width": 16, "calibration.stage2.steps": 2, "calibration.stage2.lr": 1e-3,
         "calibration.stage2.warmup_steps": 0, "calibration.stage2.gradient_checkpointing": True,
         # the low-bit modes round: tiny differences between batch 2 and 2 x batch 1 can flip a rounding
-        "calibration.stage2.quant": "none", "calibration.eval_samples": 1, "calibration.stage2.teacher": "precompute"})
+        "calibration.stage2.quant": "none", "calibration.eval_samples": 1, "calibration.stage2.teacher": "precompute",
+        **TRAIN_ANYWAY})
     one, two = tmp_path / "one", tmp_path / "two"
     run("convert", base, "-o", one, "--recipe", recipe)
     shutil.copytree(one, two)

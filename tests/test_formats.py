@@ -75,6 +75,44 @@ def test_save_load_round_trip_is_bit_exact(calibrated, tmp_path):
         assert torch.equal(proc.router_q.detach(), trained[f"{name}.router_q"])
 
 
+def test_save_pretrained_of_a_loaded_model_round_trips(calibrated, tmp_path):
+    """model.save_pretrained on a model from slaconv.from_pretrained writes the SLA2 layout (plain diffusers
+    weights, sla2.safetensors, sla2_config.json with its summaries), which both loaders read back exactly."""
+    from diffusers import WanTransformer3DModel
+
+    model = slaconv.from_pretrained(calibrated)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    again = slaconv.from_pretrained(saved)
+    state_a, state_b = model.state_dict(), again.state_dict()
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
+    _, info = WanTransformer3DModel.from_pretrained(saved, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
+    original, copy = (json.loads((d / "sla2_config.json").read_text()) for d in (calibrated, saved))
+    assert copy == original
+    assert (saved / "sla2.safetensors").read_bytes() == (calibrated / "sla2.safetensors").read_bytes()
+    other = tmp_path / "other"
+    slaconv.save_pretrained(again, other)  # the function behind it
+    assert {p.name for p in other.iterdir()} == {p.name for p in saved.iterdir()}
+    for name in ("sla2.safetensors", "sla2_config.json", "diffusion_pytorch_model.safetensors"):
+        assert (other / name).read_bytes() == (saved / name).read_bytes(), name
+
+
+def test_save_pretrained_of_a_model_converted_in_memory(tmp_path):
+    from helpers import make_wan
+
+    model = make_wan()
+    slaconv.sla2_(model, SLA2Config(topk=0.5, block_q=64, block_k=64, quant="none"), alpha_init=0.3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = slaconv.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs())[0], loaded(**_inputs())[0])
+    assert sla2_processors(loaded)["blocks.1.attn1"].config == SLA2Config(topk=0.5, block_q=64, block_k=64,
+                                                                           quant="none")
+
+
 @pytest.mark.parametrize("damage,match", [
     ("missing", "missing SLA2 tensors"),
     ("extra", "unexpected SLA2 tensors"),

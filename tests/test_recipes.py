@@ -255,6 +255,17 @@ def test_recipe_yaml_and_hash_of_earlier_work_dirs_are_unchanged(tmp_path: Path)
                                    "calibration.stage2.quant": "none", "validation.timesteps": "[700, 200]"})
 
 
+def test_keys_added_later_are_written_only_when_set(tmp_path: Path):
+    """calibration.divergence_factor and heldout_tolerance came after recipes were first saved: at their
+    defaults they stay out of the resolved recipe (its hash with them); set, they are written and read back."""
+    assert "divergence_factor" not in Recipe().dump() and "heldout_tolerance" not in Recipe().dump()
+    r = Recipe().override({"calibration.divergence_factor": 3.0, "calibration.heldout_tolerance": 0.1})
+    assert r.hash() != Recipe().hash()
+    r.save(tmp_path / "r.yaml")
+    back = load_recipe(tmp_path / "r.yaml")
+    assert back == r and back.calibration.divergence_factor == 3.0 and back.calibration.heldout_tolerance == 0.1
+
+
 def test_sla2_section_builds_the_attention_config():
     r = load_recipe(None, {"sla2.topk": "0.1", "sla2.block_q": 64, "sla2.quant": "none",
                            "sla2.topk_per_layer": {"blocks.1.attn1": 0.2}})

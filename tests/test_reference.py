@@ -45,6 +45,8 @@ def fp64_sla2(q, k, v, wq, wk, alpha_logit, topk, bq, bk, soft_mask=None, always
     a = (phi_q @ phi_k.transpose(-1, -2)) * (1 - tok)
     o_l = (a @ v) / (a.sum(dim=-1, keepdim=True) + R.LINEAR_EPS)
     alpha = torch.sigmoid(alpha_logit.double()).view(1, h, 1, 1)
+    # a row that selects every key block leaves the linear branch nothing: its output is O_s alone
+    alpha = torch.where((tok == 1).all(dim=-1, keepdim=True), torch.ones_like(alpha), alpha)
     return alpha * o_s + (1 - alpha) * o_l, mask, scores
 
 
@@ -129,12 +131,52 @@ def test_soft_topk_gradients_reach_router():
 
 
 def test_all_blocks_selected_gives_pure_sparse_branch():
+    """topk 1: every row selects every block, so the output is full attention (O_s) whatever alpha is, and
+    alpha gets no gradient; q, k, v get full attention's gradients (fp64 autograd oracle)."""
     q, k, v, wq, wk, _ = _inputs(1, 2, 150, 32, 6)
-    alpha = torch.tensor([0.3, -1.2])
-    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=1.0, block_q=64, block_k=64)
-    full = R.full_attention_reference(q, k, v)
-    a = torch.sigmoid(alpha).view(1, 2, 1, 1)
-    assert torch.allclose(out, a * full, atol=1e-5)
+    alpha = torch.tensor([0.3, -1.2], requires_grad=True)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = R.sla2_attention_reference(*leaves, wq, wk, alpha, topk=1.0, block_q=64, block_k=64)
+    oracle = [t.double().requires_grad_(True) for t in (q, k, v)]
+    full = torch.softmax(oracle[0] @ oracle[1].transpose(-1, -2) / math.sqrt(32), dim=-1) @ oracle[2]
+    assert (out.double() - full).norm() / full.norm() < 1e-5
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, [*leaves, alpha], grad_out)
+    want = torch.autograd.grad(full, oracle, grad_out.double())
+    for got, ref in zip(grads, want):
+        assert (got.double() - ref).norm() / ref.norm() < 1e-5
+    assert torch.count_nonzero(grads[3]) == 0
+
+
+def test_rows_selecting_every_block_take_the_sparse_branch_alone():
+    """Per query-block row: rows whose mask selects every key block give O_s and no alpha gradient, the others
+    mix both branches; output and gradients against the fp64 oracle, on a mask that mixes both kinds of row."""
+    q, k, v, wq, wk, alpha = _inputs(2, 3, 300, 32, 12)
+    nq, nk = math.ceil(300 / 64), math.ceil(300 / 64)
+    mask = torch.rand(2, 3, nq, nk, generator=torch.Generator().manual_seed(2)) < 0.5
+    mask[..., 0] = True  # every row keeps at least one block
+    mask[:, :, 1] = True  # query block 1 selects everything ...
+    mask[1, 2, 3] = True  # ... and so does block 3 of one (batch, head)
+    mask[0, :, 2] = False  # while block 2 of batch 0 keeps only one
+    mask[0, :, 2, 4] = True
+    assert not mask.all(-1).all() and mask.all(-1).any()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, alpha)]
+    out = R.sla2_attention_reference(*leaves[:3], wq, wk, leaves[3], topk=0.5, block_q=64, block_k=64,
+                                     mask=mask)
+    oracle = [t.double().requires_grad_(True) for t in (q, k, v, alpha)]
+    want, _, _ = fp64_sla2(*oracle[:3], wq, wk, oracle[3], 0.5, 64, 64, soft_mask=mask.double())
+    assert (out.double() - want).norm() / want.norm() < 1e-5
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    grads_want = torch.autograd.grad(want, oracle, grad_out.double())
+    for name, got, ref in zip("q k v alpha".split(), grads, grads_want):
+        assert (got.double() - ref).norm() / ref.norm() < 1e-5, name
+    # alpha's gradient comes from the mixed rows only: with every row full it would be zero
+    only_full = mask.clone()
+    only_full[:] = True
+    out_full = R.sla2_attention_reference(*leaves[:3], wq, wk, leaves[3], topk=0.5, block_q=64, block_k=64,
+                                          mask=only_full)
+    assert torch.count_nonzero(torch.autograd.grad(out_full, leaves[3], grad_out)[0]) == 0
 
 
 def test_topk_count_rounds_and_keeps_at_least_one_block():

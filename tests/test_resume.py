@@ -8,29 +8,8 @@ import shutil
 import pytest
 
 import slaconv.calibrate as cal
-from helpers import run, write_recipe
-from slaconv.calibrate import checkpoints
+from helpers import kill_after_checkpoint, run, write_recipe
 from slaconv.workdir import WorkDir
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL: escapes every ``except Exception``."""
-
-
-def _kill_after_checkpoint(work, stage, kill_step, monkeypatch):
-    """Run ``stage`` on ``work`` in-process and kill it right after it saved checkpoint ``kill_step``."""
-    real_save = checkpoints.save_checkpoint
-
-    def save_then_die(root, step, state, limit):
-        path = real_save(root, step, state, limit)
-        if step == kill_step:
-            raise Killed()
-        return path
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        cal.calibrate(work, _recipe(work), stage=str(stage), show_progress=False)
-    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
 
 
 def _losses(work, stage):
@@ -47,13 +26,19 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, mon
     shutil.copytree(fresh, killed)
     run("calibrate", fresh, "--stage", stage)
 
-    _kill_after_checkpoint(killed, stage, 4, monkeypatch)
+    kill_after_checkpoint(monkeypatch, 4, killed, "--stage", stage)
     cfg = json.loads((killed / "sla2_config.json").read_text())
     assert not (cfg["calibration"] or {}).get(f"stage{stage}"), "a killed stage must not look finished"
 
     run("calibrate", killed, "--stage", stage, "--resume", "latest")
     assert _losses(killed, stage) == _losses(fresh, stage)
     assert (killed / "sla2.safetensors").read_bytes() == (fresh / "sla2.safetensors").read_bytes()
+    # the summary describes the whole run: where it started, and the time of both segments
+    a, b = (json.loads((w / "sla2_config.json").read_text())["calibration"][f"stage{stage}"] for w in (fresh, killed))
+    before = "heldout_attention_rel_mse_before" if stage == 1 else "heldout_loss_before"
+    assert b[before] == a[before] is not None
+    step_seconds = sum(json.loads(line)["seconds"] for line in (killed / "logs" / f"stage{stage}.jsonl").open())
+    assert b["seconds"] >= step_seconds - 0.01, (b["seconds"], step_seconds)
 
 
 def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_wan_dir):
@@ -63,20 +48,19 @@ def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_wan_dir):
     run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe)
     run("calibrate", work, "--stage", "1")
     names = sorted(p.name for p in (work / "checkpoints" / "stage1").iterdir())
-    assert names == ["checkpoint-5", "checkpoint-6"]
+    # the newest two, and the one with the best held-out score (the state a run may end up keeping)
+    records = [json.loads(line) for line in (work / "logs" / "stage1.jsonl").open()]
+    scores = {r["step"]: r["heldout"] for r in records if r["step"] < 7}
+    assert sorted(scores) == [1, 2, 3, 4, 5, 6]
+    best = min(scores, key=lambda step: (scores[step], -step))
+    assert names == sorted({f"checkpoint-{step}" for step in (5, 6, best)})
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
-    root = tmp_path / "ck"
-    cal.save_checkpoint(root, 2, {"x": 1}, 5)
+    root = tmp_path / "stage1"
+    cal.save_checkpoint(root, 2, {"x": 1}, 5, "run")
     (root / "checkpoint-3").mkdir()  # a kill mid-save: no COMPLETE marker
     assert [s for s, _ in cal.list_checkpoints(root)] == [2]
-
-
-def _recipe(work):
-    from slaconv.recipe import load_recipe
-
-    return load_recipe(work / "recipe.yaml")
 
 
 def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan_dir, monkeypatch):
@@ -111,6 +95,6 @@ def test_precomputed_teacher_targets_equal_the_online_teacher(tmp_path, tiny_wan
     name = "diffusion_pytorch_model.safetensors"
     assert (pre / name).read_bytes() == (online / name).read_bytes()
 
-    _kill_after_checkpoint(resumed, 2, 2, monkeypatch)
+    kill_after_checkpoint(monkeypatch, 2, resumed, "--stage", 2)
     run("calibrate", resumed, "--stage", "2", "--resume", "latest")
     assert _losses(resumed, 2) == _losses(online, 2)

@@ -6,7 +6,8 @@ weight and alpha with the router frozen and the sparse branch in the recipe's lo
 the dense teacher's velocity or the flow-matching target.
 
 Every step's randomness is a function of (seed, step) (:mod:`.sampler`), so a resumed run replays
-exactly the batches, noise and timesteps of an uninterrupted one.
+exactly the batches, noise and timesteps of an uninterrupted one.  Each stage's run has an identity
+(:mod:`.runs`): runs never mix their checkpoints or logs, and each keeps the best state it reached.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..recipe import Recipe
 from ..workdir import WorkDir
+from . import checkpoints
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import full_model_state, full_training_state, load_training_state
 from .heldout import heldout_attention_error, heldout_loss
@@ -47,31 +49,44 @@ def _oom(stage: str) -> OutOfMemoryError:
 
 
 def calibrate(workdir: Path, recipe: Recipe, *, stage: str = "all", data_dir=None, resume=None, device="cpu",
-              show_progress=True) -> dict:
-    """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries."""
+              show_progress=True, overwrite=False) -> dict:
+    """Run stage 1, stage 2 or both on a work dir written by ``convert``; returns their summaries.
+
+    ``resume``: ``latest`` continues this run where its checkpoints left it and skips a stage it completed;
+    a checkpoint folder resumes its own stage there (the other stage, with ``all``, as with ``latest``).
+    ``overwrite`` discards another run's unfinished checkpoints instead of refusing to start
+    (:func:`.runs.plan_run`).  ``skipped_stages`` lists the stages a resume found completed."""
     workdir = Path(workdir)
     WorkDir(workdir).read_sla2_config()
-    out = {"work_dir": str(workdir), "recipe_hash": recipe.hash()}
-    WorkDir(workdir).write_recipe(recipe)
+    out = {"work_dir": str(workdir), "recipe_hash": recipe.hash(), "skipped_stages": []}
+    resumed_stage = None
+    if resume not in (None, "latest"):
+        checkpoints.find_checkpoint(WorkDir(workdir).checkpoints_dir(1), resume)  # a complete checkpoint?
+        resumed_stage = str(checkpoints.checkpoint_run(Path(resume))["stage"])
     for name, run in (("1", run_stage1), ("2", run_stage2)):
         if stage in (name, "all"):
+            stage_resume = resume if resumed_stage in (None, name) else "latest"
             settings = recipe.calibration.stage1 if name == "1" else recipe.calibration.stage2
             logger.info(f"stage {name}: {settings.steps} steps on {device}"
-                        + (f", resuming from {resume}" if resume else ""))
+                        + (f", resuming from {stage_resume}" if stage_resume else ""))
             try:
-                out.update(run(workdir, recipe, data_dir=data_dir, resume=resume, device=device,
-                               show_progress=show_progress))
+                result = run(workdir, recipe, data_dir=data_dir, resume=stage_resume, device=device,
+                             show_progress=show_progress, overwrite=overwrite)
             except torch.OutOfMemoryError:
                 raise _oom(name) from None
+            if result.pop("skipped", None):
+                out["skipped_stages"].append(name)
+            out.update(result)
             out.setdefault("loss_curve", {})[f"stage{name}"] = loss_curve(workdir, int(name))
     return out
 
 
 def loss_curve(workdir: Path, stage: int) -> list[dict]:
     """One record per logged step of a stage: step, loss (stage 1: mean relative attention MSE over
-    layers), learning rate (stage 2) and wall seconds; stage 1's per-layer detail stays in the log."""
+    layers), learning rate (stage 2), wall seconds and, at checkpoints and the last step, the held-out score;
+    stage 1's per-layer detail stays in the log."""
     path = WorkDir(workdir).log_path(stage)
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [{k: v for k, v in r.items() if k != "layers"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("layers", "run_id")} for r in records]

@@ -1,18 +1,22 @@
-"""A stage's checkpoints (``checkpoints/stage<n>/checkpoint-<step>/``) and its JSONL step log."""
+"""A stage's checkpoints (``checkpoints/stage<n>/checkpoint-<step>/``) and its JSONL step log.
+
+Each checkpoint holds the training state (``state.safetensors`` + ``state.json``), ``run.json`` naming the run
+that wrote it (:mod:`.runs`) and, written last, a ``COMPLETE`` marker; each log record names its run too.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
 
-from ..errors import DivergedError, InputError
+from ..errors import InputError
 from ..statefile import load_state, save_state
-from ..utils.files import atomic_dir
+from ..utils.files import atomic_dir, read_json
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
+RUN_FILE = "run.json"
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -27,39 +31,53 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(root: Path, step: int, state: dict, limit: int) -> Path:
-    """Write ``checkpoint-<step>/`` atomically (a ``COMPLETE`` marker last), then prune old ones."""
+def save_checkpoint(root: Path, step: int, state: dict, limit: int, run_id: str, keep: int | None = None) -> Path:
+    """Write ``checkpoint-<step>/`` of run ``run_id`` atomically (a ``COMPLETE`` marker last), then prune all
+    but the newest ``limit`` ones and checkpoint ``keep`` (the state the run may end up keeping)."""
     final = root / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         save_state(tmp, state)
+        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": _stage_of(root), "step": step}))
         (tmp / "COMPLETE").write_text(f"{step}\n")
-    for _, old in list_checkpoints(root)[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+    found = list_checkpoints(root)
+    for old_step, old in found[:-limit]:
+        if old_step != keep:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
-    """(step, state) of the checkpoint ``resume`` names: ``latest`` under ``root`` (None if there is
-    none yet) or a checkpoint folder's path."""
+def checkpoint_run(path: Path) -> dict:
+    """``run.json`` of a checkpoint: ``run_id``, ``stage`` and ``step`` (``run_id`` None for a checkpoint written
+    before runs had identities)."""
+    path = Path(path)
+    if not (path / RUN_FILE).is_file():
+        step = CHECKPOINT_RE.match(path.name)
+        return {"run_id": None, "stage": _stage_of(path.parent), "step": int(step.group(1)) if step else 0}
+    return read_json(path / RUN_FILE)
+
+
+def _stage_of(root: Path) -> int | None:
+    """The stage whose checkpoints ``root`` (``.../stage<n>``) holds."""
+    match = re.fullmatch(r"stage(\d)", Path(root).name)
+    return int(match.group(1)) if match else None
+
+
+def find_checkpoint(root: Path, resume: str) -> tuple[int, Path] | None:
+    """(step, path) of the checkpoint ``resume`` names: ``latest`` under ``root`` (None if there is none) or a
+    checkpoint folder's path (:class:`InputError` if it is not a complete one)."""
     if resume == "latest":
         found = list_checkpoints(root)
-        if not found:
-            return None
-        step, path = found[-1]
-    else:
-        path = Path(resume)
-        if not (path / "COMPLETE").is_file():
-            raise InputError(f"{path} is not a complete checkpoint")
-        step = int(CHECKPOINT_RE.match(path.name).group(1)) if CHECKPOINT_RE.match(path.name) else 0
-    return step, load_state(path)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise InputError(f"{path} is not a complete checkpoint")
+    return checkpoint_run(path)["step"], path
 
 
-def check_finite(value: float, what: str, ckpt_root: Path) -> None:
-    """Stop with :class:`DivergedError`, naming the last good checkpoint, when ``value`` is not finite."""
-    if not math.isfinite(value):
-        found = list_checkpoints(ckpt_root)
-        kept = f"; last good checkpoint: {found[-1][1]}" if found else "; no checkpoint was written yet"
-        raise DivergedError(f"{what} became {value}{kept} (lower the learning rate)")
+def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
+    """(step, state) of the checkpoint ``resume`` names (see :func:`find_checkpoint`)."""
+    found = find_checkpoint(root, resume)
+    return None if found is None else (found[0], load_state(found[1]))
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -69,15 +87,16 @@ def append_log(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def restart_log(path: Path, step: int) -> None:
-    """Prepare the log of a run starting at ``step``: a fresh run (step 0) removes the old log, a
-    resumed one drops the records after ``step`` (it logs those steps again)."""
+def restart_log(path: Path, step: int, run_id: str) -> None:
+    """Prepare the log of run ``run_id`` starting at ``step``: a fresh run (step 0) removes the old log, a
+    resumed one keeps only its own records up to ``step`` (it logs the later steps again)."""
     if not path.exists():
         return
     if step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step and json.loads(line).get("run_id") == run_id]
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -10,6 +10,7 @@ ranking, which quantisation noise would only blur.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -32,17 +33,25 @@ from .distributed import (
 )
 from .heldout import heldout_attention_error, heldout_sampler
 from .results import data_name, save_results
+from .runs import begin_run
 from .sampler import StepSampler
 
 
-def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True,
+               overwrite=False) -> dict:
     """Stage 1 on every process of the launch (data-parallel): train the routers and alphas of the
-    frozen model; the main process saves them."""
-    cfg = recipe.calibration.stage1
+    frozen model; the main process saves the best state the run reached.  ``resume`` and ``overwrite``: see
+    :func:`slaconv.calibrate.runs.plan_run`; a stage this run completed comes back as ``{"stage1": its
+    summary, "skipped": "1"}``."""
+    cfg, calibration = recipe.calibration.stage1, recipe.calibration
     reset_peak_memory()
     accelerator = make_accelerator(device)
     device = accelerator.device
-    model, family, _ = WorkDir(workdir).load_model(dtype=recipe.model.dtype, device=device)
+    work = WorkDir(workdir)
+    start = begin_run(work, recipe, 1, accelerator, resume=resume, overwrite=overwrite)
+    if start.completed is not None:
+        return {"stage1": start.completed, "skipped": "1"}
+    model, family, _ = work.load_model(dtype=recipe.model.dtype, device=device)
     model.requires_grad_(False)
     procs = sla2_processors(model)
     params = []
@@ -53,26 +62,23 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
     routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
     alphas = [proc.alpha_logit for proc in procs.values()]
     optimizer = torch.optim.Adam([{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}])
-    model_config = WorkDir(workdir).read_model_config()
+    model_config = work.read_model_config()
     sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = WorkDir(workdir).checkpoints_dir(1)
-    log_path = WorkDir(workdir).log_path(1)
-    start = 0
-    if resume:
-        loaded = checkpoints.load_checkpoint(ckpt_root, resume)
-        if loaded is not None:
-            start, state = loaded
-            with torch.no_grad():
-                for key, value in state["sla2"].items():
-                    name, tensor = key.rsplit(".", 1)
-                    getattr(procs[name], tensor).copy_(value)
-            optimizer.load_state_dict(state["optimizer"])
-    if accelerator.is_main_process:
-        checkpoints.restart_log(log_path, start)
+    ckpt_root, log_path = work.checkpoints_dir(1), work.log_path(1)
+
+    def load_sla2(state: dict) -> None:
+        with torch.no_grad():
+            for key, value in state["sla2"].items():
+                name, tensor = key.rsplit(".", 1)
+                getattr(procs[name], tensor).copy_(value)
+
+    if start.state is not None:
+        load_sla2(start.state)
+        optimizer.load_state_dict(start.state["optimizer"])
 
     tau, n_qb = cfg.tau, cfg.query_blocks_per_step
-    losses: dict[str, float] = {}
+    errors: dict[str, float] = {}
     step_gen = {"gen": None}
 
     def observe(proc, q, k, v):
@@ -87,52 +93,67 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                          q_blocks=blocks).transpose(1, 2)
             loss = torch.mean((pred - target) ** 2)
             loss.backward()
-        losses[proc.layer_name] = float(loss) / max(float(torch.mean(target ** 2)), 1e-12)
+        # the relative error's numerator and denominator apart: averaged over processes separately, their
+        # ratio is the one a single process with the whole global batch computes
+        errors[f"{proc.layer_name}\0error"] = float(loss)
+        errors[f"{proc.layer_name}\0target"] = float(torch.mean(target ** 2))
         return proc.dense_attention(q, k, v)
 
     dtype = DTYPES[recipe.model.dtype]
-    n_eval = recipe.calibration.eval_samples
     eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
-    heldout_before = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
-    with observing(procs.values(), observe):
-        bar = progress(range(start, cfg.steps), desc="stage 1",
-                       enabled=show_progress and accelerator.is_main_process, initial=start, total=cfg.steps)
-        t0 = time.time()
-        for step in bar:
-            t_step = time.time()
-            batch = sampler.batch(step)
-            step_gen["gen"] = sampler.generator(step, salt=1)
-            x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
-            losses.clear()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
-            layer_losses = mean_over_processes(accelerator, losses)
-            mean_loss = sum(layer_losses.values()) / len(layer_losses)
-            checkpoints.check_finite(mean_loss, "stage-1 loss", ckpt_root)
-            if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
-                for p in params:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            optimizer.step()
-            if accelerator.is_main_process:
-                checkpoints.append_log(log_path, {"step": step + 1, "loss_rel_mse_mean": mean_loss,
-                                      "seconds": round(time.time() - t_step, 3),
-                                      "layers": {k: round(v, 6) for k, v in layer_losses.items()}})
-            bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
-            if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps \
-                    and accelerator.is_main_process:
-                checkpoints.save_checkpoint(ckpt_root, step + 1, {
-                    "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone()
-                                         for n, p in procs.items() for t, v in p.sla2_state().items()},
-                    "optimizer": optimizer.state_dict()}, recipe.calibration.checkpoints_total_limit)
-    seconds = round(time.time() - t0, 2)
-    heldout_after = heldout_attention_error(model, family, eval_sampler, n_eval, n_qb, device, dtype)
+
+    def evaluate():
+        return heldout_attention_error(model, family, eval_sampler, calibration.eval_samples, n_qb, device, dtype)
+
+    measured = start.progress
+    if start.step == 0:
+        measured.before = evaluate()
+    diverged, done = None, start.step
+    bar = progress(range(start.step, cfg.steps), desc="stage 1",
+                   enabled=show_progress and accelerator.is_main_process, initial=start.step, total=cfg.steps)
+    t0 = time.time()
+    for step in bar:
+        t_step = time.time()
+        batch = sampler.batch(step)
+        step_gen["gen"] = sampler.generator(step, salt=1)
+        x_t = flow.add_noise(batch["latents"], batch["noise"], batch["sigma"])
+        errors.clear()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad(), observing(procs.values(), observe):
+            denoiser_forward(model, family, batch, x_t, batch["sigma"], device, dtype)
+        means = mean_over_processes(accelerator, errors)
+        layer_losses = {name: means[f"{name}\0error"] / max(means[f"{name}\0target"], 1e-12) for name in procs}
+        mean_loss = sum(layer_losses.values()) / len(layer_losses)
+        if not math.isfinite(mean_loss):
+            diverged = f"the stage-1 loss became {mean_loss} at step {step + 1}"
+            break
+        if accelerator.num_processes > 1:  # data-parallel: average the router/alpha gradients
+            for p in params:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        optimizer.step()
+        done = step + 1
+        record = {"step": done, "loss_rel_mse_mean": mean_loss, "seconds": round(time.time() - t_step, 3),
+                  "layers": {k: round(v, 6) for k, v in layer_losses.items()}}
+        diverged = start.end_step(record, calibration, cfg.steps, evaluate, log_path, accelerator.is_main_process)
+        bar.set_postfix(rel_mse=f"{mean_loss:.4f}")
+        if diverged:
+            break
+        if done % calibration.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            checkpoints.save_checkpoint(ckpt_root, done, {
+                "stage": 1, "sla2": {f"{n}.{t}": v.detach().cpu().clone()
+                                     for n, p in procs.items() for t, v in p.sla2_state().items()},
+                "optimizer": optimizer.state_dict(), "run": start.checkpoint_meta(time.time() - t0)},
+                calibration.checkpoints_total_limit, start.run_id, keep=measured.best_step)
+    seconds = time.time() - t0
+    kept = measured.kept_step(1, done, calibration.heldout_tolerance, diverged)
+    if kept != done:
+        load_sla2(start.kept_state(kept))
     first_last = checkpoints.first_last_loss(log_path)
     summary = {"stage1": {"steps": cfg.steps, "tau": tau, "lr": cfg.lr, "alpha_lr": cfg.alpha_lr,
-                          "seconds": seconds, "rel_mse_first": first_last[0], "rel_mse_last": first_last[1],
-                          "heldout_attention_rel_mse_before": heldout_before,
-                          "heldout_attention_rel_mse_after": heldout_after,
-                          "data": data_name(data_dir), **peak_memory(accelerator)}}
+                          **start.summary(kept, seconds), "rel_mse_first": first_last[0],
+                          "rel_mse_last": first_last[1], "heldout_attention_rel_mse_before": measured.before,
+                          "heldout_attention_rel_mse_after": measured.score_of(kept),
+                          "diverged": diverged, "data": data_name(data_dir), **peak_memory(accelerator)}}
     for p in params:
         p.requires_grad_(False)
     accelerator.wait_for_everyone()

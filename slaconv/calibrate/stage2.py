@@ -9,6 +9,8 @@ from the accelerate config.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .distributed import (
 )
 from .heldout import heldout_loss, heldout_sampler
 from .results import data_name, save_results
+from .runs import begin_run
 from .sampler import StepSampler
 from .teacher import TeacherTargets, stage2_target
 
@@ -45,21 +48,28 @@ def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
     return net.eval().requires_grad_(False)
 
 
-def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True) -> dict:
+def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, device="cpu", show_progress=True,
+               overwrite=False) -> dict:
     """Stage 2 on every process of the launch (one, DDP or FSDP from the accelerate config): fine-tune
-    the weights and alpha with the router frozen; the main process saves the result in the recipe dtype."""
-    cfg = recipe.calibration.stage2
+    the weights and alpha with the router frozen; the main process saves the best state the run reached, in
+    the recipe dtype.  ``resume`` and ``overwrite``: see :func:`slaconv.calibrate.runs.plan_run`; a stage this
+    run completed comes back as ``{"stage2": its summary, "skipped": "2"}``."""
+    cfg, calibration = recipe.calibration.stage2, recipe.calibration
+    if cfg.objective == "diffusion" and data_dir is None:
+        raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
     reset_peak_memory()
     accelerator = make_accelerator(device, cfg.grad_accum)
     device = accelerator.device
+    work = WorkDir(workdir)
+    start = begin_run(work, recipe, 2, accelerator, resume=resume, overwrite=overwrite)
+    if start.completed is not None:
+        return {"stage2": start.completed, "skipped": "2"}
     quant = cfg.quant or recipe.sla2.quant
     # fp32 master weights (bf16 autocast on GPU): lr-1e-5 updates would vanish in bf16 weights.  Under
     # FSDP every rank loads them on the CPU and FSDP moves only its shard to the GPU while wrapping,
     # so no GPU ever holds the whole fp32 model.
     load_device = "cpu" if is_fsdp(accelerator) else device
-    model, family, sla2_cfg = WorkDir(workdir).load_model(dtype="float32", device=load_device, quant=quant)
-    if cfg.objective == "diffusion" and data_dir is None:
-        raise InputError("stage 2 with objective 'diffusion' needs real data (--data DIR)")
+    model, family, _ = work.load_model(dtype="float32", device=load_device, quant=quant)
     model.train()
     model.requires_grad_(True)
     for proc in sla2_processors(model).values():
@@ -72,24 +82,17 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                                   weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model_config = WorkDir(workdir).read_model_config()
+    model_config = work.read_model_config()
     sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    ckpt_root = WorkDir(workdir).checkpoints_dir(2)
-    log_path = WorkDir(workdir).log_path(2)
+    ckpt_root, log_path = work.checkpoints_dir(2), work.log_path(2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = 0
-    if resume:
-        loaded = checkpoints.load_checkpoint(ckpt_root, resume)
-        if loaded is not None:
-            start, state = loaded
-            load_training_state(model, optimizer, state["model"], state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-    if accelerator.is_main_process:
-        checkpoints.restart_log(log_path, start)
+    if start.state is not None:
+        load_training_state(model, optimizer, start.state["model"], start.state["optimizer"])
+        scheduler.load_state_dict(start.state["scheduler"])
     dtype = torch.float32  # inputs of the fp32 master model (autocast runs the matmuls in bf16 on GPU)
     teacher_dtype = DTYPES[recipe.model.dtype]  # the teacher is loaded in the recipe dtype
-    n_eval = recipe.calibration.eval_samples
+    n_eval = calibration.eval_samples
     eval_sampler = heldout_sampler(family, model_config, recipe, data_dir)
 
     def forward(net, batch, x_t, sigma, student_dtype=dtype):
@@ -97,33 +100,36 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
 
     targets = None
     show = show_progress and accelerator.is_main_process
-    every = recipe.calibration.checkpoint_every
+    every = calibration.checkpoint_every
     ga = cfg.grad_accum
     if cfg.objective == "distill":
         targets = TeacherTargets(
             lambda net, b, x, sg: denoiser_forward(net, family, b, x, sg, device, teacher_dtype),
-            lambda verify: WorkDir(workdir).load_base_model(dtype=recipe.model.dtype, device=device,
-                                           verify=verify).requires_grad_(False),
+            lambda verify: work.load_base_model(dtype=recipe.model.dtype, device=device,
+                                                verify=verify).requires_grad_(False),
             accelerator.autocast, device, cfg.teacher)
 
     def train_chunk(step):  # (precompute) the micro-batches up to the next checkpoint: one interval at a time
         return sampler, range(step * ga, min(cfg.steps, (step // every + 1) * every) * ga)
 
     if targets is not None:
-        targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start)}, show)
+        targets.precompute({"eval": (eval_sampler, range(n_eval)), "train": train_chunk(start.step)}, show)
 
-    def score(net, student_dtype=dtype):
+    def score(net, student_dtype=dtype):  # under FSDP a forward is a collective: every rank calls this
         def run(n, b, x, s):
             return forward(n, b, x, s, student_dtype)
 
         return heldout_loss(run, net, targets, eval_sampler, n_eval, device, accelerator.autocast)
 
-    heldout_before = score(model) if start == 0 else None  # every rank: under FSDP a forward is a collective
-    bar = progress(range(start, cfg.steps), desc="stage 2", enabled=show_progress and accelerator.is_main_process,
-                   initial=start, total=cfg.steps)
+    measured = start.progress
+    if start.step == 0:
+        measured.before = score(model)
+    diverged, done = None, start.step
+    bar = progress(range(start.step, cfg.steps), desc="stage 2",
+                   enabled=show_progress and accelerator.is_main_process, initial=start.step, total=cfg.steps)
     t0 = time.time()
     for step in bar:
-        if targets is not None and step != start and step % every == 0:
+        if targets is not None and step != start.step and step % every == 0:
             targets.precompute({"train": train_chunk(step)}, show)
         t_step = time.time()
         step_loss = 0.0
@@ -145,38 +151,48 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             step_loss += float(loss.detach()) / cfg.grad_accum
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
-        checkpoints.check_finite(step_loss, "stage-2 loss", ckpt_root)
-        if accelerator.is_main_process:
-            checkpoints.append_log(log_path, {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                  "seconds": round(time.time() - t_step, 3)})
+        done = step + 1  # the weights in memory are this step's, finite or not
+        if not math.isfinite(step_loss):
+            diverged = f"the stage-2 loss became {step_loss} at step {done}"
+            break
+        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                  "seconds": round(time.time() - t_step, 3)}
+        diverged = start.end_step(record, calibration, cfg.steps, functools.partial(score, model), log_path,
+                                  accelerator.is_main_process)
         bar.set_postfix(loss=f"{step_loss:.5f}")
-        if (step + 1) % recipe.calibration.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if diverged:
+            break
+        if done % every == 0 and done < cfg.steps:
             accelerator.wait_for_everyone()
             model_state, optim_state = full_training_state(accelerator, model, optimizer)  # every rank
             if accelerator.is_main_process:
                 state = {"stage": 2, "model": model_state, "optimizer": optim_state,
-                         "scheduler": scheduler.state_dict()}
-                checkpoints.save_checkpoint(ckpt_root, step + 1, state, recipe.calibration.checkpoints_total_limit)
+                         "scheduler": scheduler.state_dict(), "run": start.checkpoint_meta(time.time() - t0)}
+                checkpoints.save_checkpoint(ckpt_root, done, state, calibration.checkpoints_total_limit,
+                                            start.run_id, keep=measured.best_step)
             del model_state, optim_state
     accelerator.wait_for_everyone()
-    seconds = round(time.time() - t0, 2)
+    seconds = time.time() - t0
+    kept = measured.kept_step(2, done, calibration.heldout_tolerance, diverged)  # every rank: all raise alike
     training_peak = peak_memory(accelerator).get("peak_gpu_memory_gb_per_rank")  # before the main process's save
     full_state = full_model_state(accelerator, model)  # every rank; under FSDP it gathers the shards
     del model, optimizer, scheduler
     accelerator.free_memory()
     net, heldout_after = None, None
     if accelerator.is_main_process:
-        net = _final_model(workdir, full_state, recipe.model.dtype, device, quant)
+        kept_state = full_state if kept == done else start.kept_state(kept)["model"]
+        net = _final_model(workdir, kept_state, recipe.model.dtype, device, quant)
         heldout_after = score(net, DTYPES[recipe.model.dtype])  # as saved: weights in the recipe dtype
+        del kept_state
     del full_state
     first_last = checkpoints.first_last_loss(log_path)
     summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr,
                           "teacher": cfg.teacher if cfg.objective == "distill" else None,
-                          "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_after,
+                          "heldout_loss_before": measured.before, "heldout_loss_after": heldout_after,
                           "quant": quant, "batch_size": cfg.batch_size,
                           "grad_accum": cfg.grad_accum, "processes": accelerator.num_processes,
                           "distributed": accelerator.distributed_type.value,
-                          "seconds": seconds, "loss_first": first_last[0],
+                          **start.summary(kept, seconds), "diverged": diverged, "loss_first": first_last[0],
                           "loss_last": first_last[1], "data": data_name(data_dir), **peak_memory(accelerator)}}
     if training_peak is not None:
         summary["stage2"]["peak_gpu_memory_gb_per_rank_training"] = training_peak

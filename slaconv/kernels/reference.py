@@ -8,7 +8,8 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
   always-kept range of key blocks (the text of joint attention) is selected in every row besides them;
 * ``O_s``: softmax over the selected key blocks only (renormalised);
 * ``O_l``: linear attention with ``phi = softmax over the head dim`` over exactly the complement;
-* ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head.
+* ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head; a row that selects
+  every key block has no linear branch, and its output is ``O_s``.
 
 Memory stays bounded: queries are processed a chunk of query blocks at a time, so the largest
 temporary is ``(B, H, chunk * b_q, N)``, never a whole ``N x N`` map per head.  A soft block mask
@@ -269,7 +270,10 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         phi_q = feature_map(q[:, :, rows])
         kern = (phi_q @ phi_k.transpose(-1, -2)) * (1.0 - w)
         o_l = (kern @ vf) / (kern.sum(dim=-1, keepdim=True) + LINEAR_EPS)
-        outs.append(alpha * o_s + (1.0 - alpha) * o_l)
+        # a row that selects every key block leaves the linear branch nothing: its output is O_s alone
+        # (and alpha gets no gradient from it)
+        row_alpha = torch.where((w >= 1).all(dim=-1, keepdim=True), torch.ones_like(alpha), alpha)
+        outs.append(row_alpha * o_s + (1.0 - row_alpha) * o_l)
     return torch.cat(outs, dim=2).to(q.dtype)
 
 

@@ -97,6 +97,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _mix_ratio(alpha_logit: torch.Tensor, n_sel: int, nk: int) -> torch.Tensor:
+    """alpha = sigmoid(alpha_logit) per head, or 1 when every row selects every key block: then the linear
+    branch has nothing to cover and the output is O_s alone (with alpha 1 the backward's alpha gradient,
+    (1 - alpha) rowsum(dO * O) - u, is exactly zero as well)."""
+    if n_sel == nk:
+        return torch.ones_like(alpha_logit, dtype=torch.float32)
+    return torch.sigmoid(alpha_logit.detach().float()).contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # router, LUT and the inverted index (small tensors)
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +227,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
     )
     # 7. sparse launch and the epilogue that mixes in the linear branch
-    alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
+    alpha = _mix_ratio(alpha_logit, n_sel, nk)
     o = torch.empty(q.shape, device=dev, dtype=q.dtype)
     _, o_strides = _dims(o, layout)
     inv_den = torch.empty(BH, N, device=dev, dtype=f32)
@@ -266,7 +275,7 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     n_sel = lut.shape[-1]
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * reference.LOG2E
-    alpha = torch.sigmoid(alpha_logit.detach().float()).contiguous()
+    alpha = _mix_ratio(alpha_logit, n_sel, nk)
     sparse_launch = _warps_stages(launch.num_warps_bwd, launch.num_stages_bwd)
     linear_launch = _warps_stages(launch.lin_warps, launch.lin_stages)
 
