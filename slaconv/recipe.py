@@ -247,7 +247,7 @@ class Gates(_Section):
     The defaults were measured (``python -m slaconv.quality.gate_table``; docs/design.md, section 5) on the
     quality benchmark's trained DiT at 75% sparsity and on the demo's random-weight tiny Wan: calibrated
     models read attention rel. L2 0.13-0.18 (0.17-0.29 at 90-97% on the DiT's full-size videos), velocity rel.
-    L2 0.01-0.15, sample PSNR 15.5 dB and up, and at most 0.71x their convert-only velocity error; broken ones
+    L2 0.01-0.15, sample PSNR 15.5 dB and up, and at most 0.70x their convert-only velocity error; broken ones
     (router randomised, alpha forced to 0, stage 2 at lr 1.0) cross at least one gate, except a randomised
     router on random weights, where there is no structure for a router to find.
     """

@@ -43,7 +43,7 @@ DIT_OVERRIDE = {"frames": 1, "topks": [0.25], "block_q": 64, "stage1": {"steps":
 ROWS = ("dense control", "convert only", "stage 1 only", "calibrated", "router randomised", "alpha forced to 0",
         "ruined (lr 1.0)")
 METRICS = (("attention_rel_l2_mean", "{:.4f}"), ("velocity_rel_l2_mean", "{:.4f}"), ("sample_rel_l2", "{:.4f}"),
-           ("sample_psnr_db", "{:.2f}"), ("sparsity_mean", "{:.3f}"))
+           ("sample_psnr_db", "{:.2f}"), ("velocity_vs_convert_only", "{:.2f}"), ("sparsity_mean", "{:.3f}"))
 
 
 def demo_inputs(out: Path) -> tuple[Path, Path, Path]:
