@@ -261,26 +261,28 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
 @click.option("--commit-message", help="Commit message (default: 'Upload SLA2 model with slaconv VERSION').")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token (default: HF_TOKEN or the cached login).")
 @click.option("--allow-failed-validation", is_flag=True, help="Push even though `validate` failed a quality gate.")
+@click.option("--allow-unvalidated", is_flag=True,
+              help="Push without a current validation (never validated, or the weights changed since); the model "
+                   "card then says 'not validated'.")
 @dry_run_option
 @json_option
 @click.pass_context
 def push(ctx, workdir, repo_id, private, revision, create_pr, commit_message, token, allow_failed_validation,
-         dry_run, as_json):
-    """Package WORKDIR (model card, checksums) and upload it to the Hub."""
-    from .errors import QualityGateError
+         allow_unvalidated, dry_run, as_json):
+    """Package WORKDIR (model card, checksums) and upload it to the Hub.
+
+    Refused (exit 9) unless a validation measured exactly these weights, and (exit 4) if that validation failed."""
     from .push import push as do_push
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
-    report = wd.read_validation_report()
-    if report is not None and not report.get("passed", True) and not allow_failed_validation:
-        raise QualityGateError("this model failed validation; fix it or pass --allow-failed-validation to push anyway")
     if ctx.obj["offline"] and not dry_run:
         from .errors import HubError
 
         raise HubError("push needs the network; drop --offline (or use --dry-run)")
     out = do_push(wd.path, repo_id, private=private, revision=revision, create_pr=create_pr,
-                  commit_message=commit_message, token=token, dry_run=dry_run)
+                  commit_message=commit_message, token=token, dry_run=dry_run, allow_unvalidated=allow_unvalidated,
+                  allow_failed_validation=allow_failed_validation)
     files = out.get("files", [])
     if dry_run:
         human = f"dry run: would upload {len(files)} files to {repo_id}:\n  " + "\n  ".join(map(str, files))

@@ -8,6 +8,7 @@ full-attention probability mass the initial mask selects, measured on one calibr
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .errors import InputError
 from .families import detect_family
 from .inputs import batches, check_latent_shape, denoiser_forward
-from .install import resolve_targets, sla2_, sla2_processors
+from .install import install_sla2, resolve_targets, sla2_, sla2_processors
 from .kernels import reference
 from .observe import observing
 from .recipe import Recipe
@@ -122,6 +123,7 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
         alpha_init = {"method": "calibrate", "selected_mass": mass}
         logger.info(f"initial alpha: the initial router's blocks hold {mass['mean']:.1%} of the attention mass "
                     f"(lowest layer {mass['lowest_layer']}: {mass['lowest_layer_mean']:.1%})")
+    alpha_init["initial_alpha_logit"] = {name: [float(a) for a in p.alpha_logit.detach()] for name, p in procs.items()}
     layers = list(procs)
     logger.info(f"SLA2 installed on {len(layers)} layers (top-k {s.topk}, quant {s.quant})")
     config = new_config(attention=s.attention_config(), family=family, layers=layers, recipe_hash=recipe.hash(),
@@ -135,3 +137,33 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     logger.info(f"wrote {out_dir}")
     return {"work_dir": str(out_dir), "family": family.name, "layers": layers, "alpha": alphas,
             "selected_mass": mass, "base_model": base}
+
+
+def install_convert_only(model, family, config, attention, recipe: Recipe, model_config: dict, data_dir=None,
+                         device="cpu") -> str:
+    """Put SLA2 on ``model`` (the original) as ``convert`` left it: the layers of ``config`` (a work dir's
+    ``sla2_config.json`` record) running with ``attention``, identity routers and the initial alpha.
+
+    Returns where alpha came from: the exact logits recorded at convert time; for a work dir converted before
+    they were recorded, the recipe's fixed value, or one more measurement as convert makes it (on ``data_dir``
+    or synthetic inputs, so close to the original but not necessarily equal)."""
+    procs = install_sla2(model, family, list(config.layers), attention)
+    alpha_init = config.alpha_init or {}
+    recorded = alpha_init.get("initial_alpha_logit")
+    if recorded is not None:
+        with torch.no_grad():
+            for name, proc in procs.items():
+                logits = torch.tensor(recorded.get(name, []), dtype=torch.float32)
+                if logits.shape != proc.alpha_logit.shape:
+                    raise InputError(f"sla2_config.json: alpha_init.initial_alpha_logit of {name} has shape "
+                                     f"{tuple(logits.shape)}, expected {tuple(proc.alpha_logit.shape)}")
+                proc.alpha_logit.copy_(logits)
+        return "recorded at convert"
+    fixed = recipe.sla2.alpha_init
+    if alpha_init.get("method") == "fixed" and not isinstance(fixed, str):
+        with torch.no_grad():
+            for proc in procs.values():
+                proc.alpha_logit.fill_(math.log(fixed / (1 - fixed)))
+        return "the recipe's fixed value"
+    calibrate_alpha(model, family, model_config, recipe, data_dir, device)
+    return "re-measured (not recorded at convert)"

@@ -13,6 +13,7 @@ EXIT_HUB = 5
 EXIT_DIVERGED = 6
 EXIT_OUTPUT = 7
 EXIT_OOM = 8
+EXIT_UNVALIDATED = 9
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -24,6 +25,7 @@ EXIT_CODES = {
     EXIT_DIVERGED: "training diverged or left the model worse than it started; the work dir keeps its weights",
     EXIT_OUTPUT: "output directory already holds something else",
     EXIT_OOM: "out of memory (the message says what to change)",
+    EXIT_UNVALIDATED: "no current validation: never validated, or the weights changed since (push refuses it)",
 }
 
 
@@ -67,3 +69,9 @@ class OutputExistsError(SlaconvError):
 
 class OutOfMemoryError(SlaconvError):
     exit_code = EXIT_OOM
+
+
+class UnvalidatedError(SlaconvError):
+    """No validation measured the model as it is now (never validated, stale, or of unknown freshness)."""
+
+    exit_code = EXIT_UNVALIDATED

@@ -7,24 +7,31 @@ from pathlib import Path
 
 import torch
 
+from .checksums import CHECKSUMS_FILE
 from .config import FORMAT_NAME
 from .hubfetch import fetch_snapshot
+from .validation_state import hub_validation_state, validation_state
 from .workdir import WorkDir
 
 
 def inspect_target(target: str, revision: str | None = None) -> dict:
     """Layers, top-k, real sparsity (if validated), alpha per head, the attention mass the initial router's
-    blocks held at convert time (``alpha_init: calibrate``), and stage summaries."""
+    blocks held at convert time (``alpha_init: calibrate``), stage summaries, and whether the validation
+    measured these weights (a local folder's files are hashed; a Hub repo is checked against its
+    ``checksums.sha256``, without downloading the weights)."""
     path = Path(target)
-    if not path.exists():
+    local = path.exists()
+    if not local:
         path = fetch_snapshot(target, revision=revision, what="SLA2 model",
                               allow_patterns=[WorkDir.SLA2_CONFIG, WorkDir.SLA2_STATE, WorkDir.MODEL_CONFIG,
-                                              WorkDir.VALIDATION_REPORT])
+                                              WorkDir.VALIDATION_REPORT, CHECKSUMS_FILE])
     work = WorkDir(path)
     config = work.read_sla2_config()
+    freshness = validation_state(work) if local else hub_validation_state(work)
     state = work.read_sla2_state()
     report = work.read_validation_report() or {}
-    validation = {x["layer"]: x for x in report.get("layers", [])}
+    # a stale report's per-layer figures describe other weights: not shown beside these
+    validation = {x["layer"]: x for x in report.get("layers", [])} if freshness.status != "stale" else {}
     initial_mass = ((config.alpha_init or {}).get("selected_mass") or {}).get("per_head", {})
     layers = []
     for name in config.layers:
@@ -52,6 +59,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         "layers": layers,
         "calibration": config.calibration,
         "validation": config.validation,
+        "validation_state": freshness.to_dict(),
     }
 
 
@@ -71,7 +79,11 @@ def render(info: dict) -> str:
         mass = f"{x['initial_mass']:.3f}" if x.get("initial_mass") is not None else "-"
         alpha = " ".join(f"{a:.2f}" for a in (x["alpha"] or []))
         lines.append(f"{x['layer']:<28} {x['topk']:>6} {sp:>9} {err:>8} {mass:>9} {x['router_moved']!s:>13}  {alpha}")
-    for key in ("calibration", "validation"):
-        if info.get(key):
-            lines += ["", f"{key}: " + json.dumps(info[key], default=str)]
+    if info.get("calibration"):
+        lines += ["", "calibration: " + json.dumps(info["calibration"], default=str)]
+    state = info["validation_state"]
+    lines += ["", f"validation: {state['label']}"]
+    if info.get("validation"):
+        of = " (of other weights)" if state["status"] == "stale" else ""
+        lines += [f"validation summary{of}: " + json.dumps(info["validation"], default=str)]
     return "\n".join(lines)

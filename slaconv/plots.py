@@ -29,7 +29,7 @@ def bar_chart(path: Path, labels: list[str], series: dict[str, list[float]], tit
         x0 = left + 10 + i * group_w
         for j, vals in enumerate(series.values()):
             v = vals[i] if vals[i] == vals[i] else 0.0
-            h = plot_h * v / vmax
+            h = plot_h * max(v, 0.0) / vmax  # the axis starts at 0 (e.g. 1 - cosine is -1e-7 for exact attention)
             draw.rectangle((x0 + j * bar_w, height - bottom - h, x0 + (j + 1) * bar_w - 2, height - bottom),
                            fill=colours[j % len(colours)])
         draw.text((x0, height - bottom + 4 + 12 * (i % 3)), label[-14:], fill="black")

@@ -28,6 +28,7 @@ from .checksums import CHECKSUMS_FILE, write_checksums
 from .errors import HubError, InputError, UsageError
 from .modelcard import CARD_MARKER, build_model_card
 from .utils.files import write_text_atomic
+from .validation_state import ValidationState, require_validated, validation_state
 from .workdir import SLA2_TENSORS, WorkDir
 
 README = "README.md"
@@ -55,28 +56,6 @@ def _offline() -> bool:
         return bool(constants.is_offline_mode())
     except Exception:  # pragma: no cover - very old huggingface_hub
         return False
-
-
-def _weight_files(workdir: Path) -> list[str]:
-    """The diffusers weight files of a work dir (single file, or index + every shard it names)."""
-    index = workdir / WorkDir.WEIGHTS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"{index} is not a valid safetensors shard index") from None
-        for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or not (workdir / shard).is_file():
-                raise InputError(f"{workdir}: shard {shard!r} named in {index.name} is missing")
-        return [index.name, *shards]
-    single = workdir / WorkDir.WEIGHTS
-    if single.is_file():
-        return [single.name]
-    raise InputError(
-        f"{workdir} holds no diffusers weights ({WorkDir.WEIGHTS} or a sharded index): "
-        "run `slaconv convert` first"
-    )
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -136,7 +115,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
         raise InputError(f"{root} is not a slaconv work directory: missing {', '.join(missing)}")
     work = WorkDir(root)
     config = work.read_sla2_config()
-    for name in _weight_files(root):
+    for name in WorkDir(root).weight_files():
         if name.endswith(".safetensors"):
             read_safetensors_header(root / name)
     _check_sla2_tensors(work, config.layers)
@@ -150,7 +129,7 @@ def collect_files(workdir: str | os.PathLike) -> list[str]:
     whether or not they exist yet (push writes them).
     """
     root = Path(workdir)
-    files = {*REQUIRED, *_weight_files(root), README, CHECKSUMS_FILE}
+    files = {*REQUIRED, *WorkDir(root).weight_files(), README, CHECKSUMS_FILE}
     files.update(name for name in OPTIONAL_TOP if (root / name).is_file())
     reports = root / WorkDir.REPORTS
     if reports.is_dir():
@@ -179,9 +158,9 @@ def _card_state(root: Path) -> str:
     return "generated"
 
 
-def _card_text(root: Path, card_state: str, repo_id: str) -> str:
+def _card_text(root: Path, card_state: str, repo_id: str, validation: ValidationState) -> str:
     if card_state == "generated":
-        return build_model_card(root, repo_id=repo_id)
+        return build_model_card(root, repo_id=repo_id, validation=validation)
     return (root / README).read_text(encoding="utf-8")
 
 
@@ -239,10 +218,15 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     dry_run: bool = False,
+    allow_unvalidated: bool = False,
+    allow_failed_validation: bool = False,
 ) -> dict[str, Any]:
     """Upload a slaconv work directory to the Hub repo ``repo_id`` and return a summary dict.
 
-    Steps: check the work dir (:class:`InputError` if it is not a converted model), refuse offline
+    Steps: check the work dir (:class:`InputError` if it is not a converted model) and its validation
+    (:func:`slaconv.validation_state.require_validated`: a model without a current validation -- never
+    validated, or weights or settings changed since -- is refused unless ``allow_unvalidated``, one whose
+    current validation failed unless ``allow_failed_validation``; the card then says so), refuse offline
     mode, create the repo if needed (``private`` applies on creation; pushing with ``private=True``
     to an existing *public* repo is refused), create branch ``revision`` if it does not exist, write
     ``README.md`` (unless hand-written) and ``checksums.sha256`` into the work dir, then upload the
@@ -251,10 +235,11 @@ def push(
     nothing makes no commit (and opens no PR) and reports the current head commit.
 
     Returns ``{"repo_id", "revision", "commit_oid", "commit_url", "pr_url", "files", "card",
-    "private", "endpoint", "dry_run"}`` (plus ``"card_text"`` when ``dry_run``). ``dry_run=True``
+    "private", "endpoint", "dry_run", "validation"}`` (plus ``"card_text"`` when ``dry_run``). ``dry_run=True``
     validates and lists without writing anything or making a request.
 
-    Raises :class:`InputError` (bad work dir), :class:`UsageError` (malformed ``repo_id``, or
+    Raises :class:`InputError` (bad work dir), :class:`UnvalidatedError` and :class:`QualityGateError` (see
+    above), :class:`UsageError` (malformed ``repo_id``, or
     ``create_pr`` with a ``revision``), :class:`HubError` (offline mode, network, authentication or
     any Hub-side failure; one line, never containing the token).
     """
@@ -270,6 +255,9 @@ def push(
     if create_pr:
         revision = None
 
+    validation = validation_state(WorkDir(root))
+    require_validated(validation, allow_unvalidated=allow_unvalidated,
+                      allow_failed_validation=allow_failed_validation)
     files = collect_files(root)
     card_state = _card_state(root)
     result: dict[str, Any] = {
@@ -283,12 +271,13 @@ def push(
         "private": bool(private),
         "endpoint": endpoint,
         "dry_run": bool(dry_run),
+        "validation": validation.to_dict(),
     }
     if dry_run:
         from huggingface_hub import constants
 
         result["endpoint"] = endpoint or constants.ENDPOINT
-        result["card_text"] = _card_text(root, card_state, repo_id)
+        result["card_text"] = _card_text(root, card_state, repo_id, validation)
         return result
     if _offline():
         raise HubError("cannot push while offline (HF_HUB_OFFLINE=1): unset it to upload")
@@ -323,7 +312,7 @@ def push(
 
         # The only two files push writes into the work dir (see the module docstring).
         if card_state == "generated":
-            write_text_atomic(root / README, _card_text(root, card_state, repo_id))
+            write_text_atomic(root / README, _card_text(root, card_state, repo_id, validation))
         write_checksums(root, [f for f in files if f != CHECKSUMS_FILE])
 
         info = api.upload_folder(

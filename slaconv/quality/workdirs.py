@@ -25,18 +25,24 @@ def copy_workdir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def edit_sla2_state(workdir: Path, *, alpha_logit: float | None = None, zero_router: bool = False) -> dict:
+def edit_sla2_state(workdir: Path, *, alpha_logit: float | None = None, zero_router: bool = False,
+                    random_router_seed: int | None = None) -> dict:
     """Rewrite the work dir's SLA2 state in place: every alpha logit set to ``alpha_logit``, and/or the router's
-    projections zeroed.  Each edit is appended to the work dir's ``ablation.json``."""
+    projections zeroed, or replaced by standard normal matrices drawn with ``random_router_seed``.  Each edit
+    is appended to the work dir's ``ablation.json``."""
     path = WorkDir(workdir).sla2_state_path
     state = load_file(str(path))
-    for key in list(state):
+    gen = torch.Generator().manual_seed(random_router_seed) if random_router_seed is not None else None
+    for key in sorted(state):
         if alpha_logit is not None and key.endswith(".alpha_logit"):
             state[key] = torch.full_like(state[key], alpha_logit)
-        if zero_router and (key.endswith(".router_q") or key.endswith(".router_k")):
-            state[key] = torch.zeros_like(state[key])
+        if key.endswith(".router_q") or key.endswith(".router_k"):
+            if zero_router:
+                state[key] = torch.zeros_like(state[key])
+            elif gen is not None:
+                state[key] = torch.randn(state[key].shape, generator=gen)
     save_file(state, str(path), metadata={"format": FORMAT_NAME})
-    note = {"alpha_logit": alpha_logit, "zero_router": zero_router}
+    note = {"alpha_logit": alpha_logit, "zero_router": zero_router, "random_router_seed": random_router_seed}
     log = workdir / "ablation.json"
     edits = json.loads(log.read_text()) if log.is_file() else []
     log.write_text(json.dumps(edits + [note], indent=2) + "\n")
