@@ -92,14 +92,16 @@ def test_joint_attention_matches_fp64_oracle(visual, text, text_first, valid, bq
 
 
 def test_joint_attention_on_the_triton_kernels():
-    """The same on the Triton path (interpreter on the CPU; head dim 64, fp32)."""
+    """The same on the Triton path (the GPU where there is one, else the interpreter; head dim 64, fp32)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     proc = _processor(64, 0.3, 64, 64, seed=3)
     q, k, v = _qkv(1, 200 + 40, 64, seed=4)
-    proc.sparse_attention = _with_backend(proc.sparse_attention, "triton")
-    with torch.no_grad():
-        got = proc.attend_joint(q, k, v, text_tokens=40, text_first=True)
     want = joint_oracle(q, k, v, proc, 40, True)
-    assert _rel(got, want) < 1e-4, _rel(got, want)
+    proc.to(device).sparse_attention = _with_backend(proc.sparse_attention, "triton")
+    with torch.no_grad():
+        got = proc.attend_joint(q.to(device), k.to(device), v.to(device), text_tokens=40, text_first=True).cpu()
+    # fp32 dots are exact under the interpreter and TF32 (10-bit mantissa) on the GPU
+    assert _rel(got, want) < (5e-3 if device == "cuda" else 1e-4), _rel(got, want)
 
 
 def _with_backend(fn, backend):

@@ -143,7 +143,8 @@ def test_all_blocks_selected_gives_the_sparse_branch_alone(dtype):
     assert inv_den.abs().max().item() == 0.0
     oracle = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     full = torch.softmax(oracle[0] @ oracle[1].transpose(-1, -2) / math.sqrt(64), dim=-1) @ oracle[2]
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # fp32 dots are exact under the interpreter and TF32 (10-bit mantissa) on the GPU
+    tol = (5e-3 if HAS_CUDA else 1e-5) if dtype == torch.float32 else 1e-2
     assert rel_l2(o, full) <= tol, (seed, rel_l2(o, full))
 
     qk, kk, vk, ak = _leaf(q, k, v, al)

@@ -124,7 +124,10 @@ def test_prepare_then_calibrate(tmp_path, tiny_pipeline, media):
     model_dir = tmp_path / "transformer"
     make_wan(in_channels=Z_DIM, out_channels=Z_DIM, text_dim=TEXT_DIM).save_pretrained(model_dir)
     work = tmp_path / "work"
-    run("convert", model_dir, "-o", work, "--recipe", write_recipe(tmp_path / "r.yaml"))
+    # one step on a random tiny model may move the held-out loss (~1e-6) by a few percent either way: this
+    # checks the data flows, so the worse-than-start guard is widened
+    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.heldout_tolerance": 1.0})
+    run("convert", model_dir, "-o", work, "--recipe", recipe)
     cal = json.loads(run("calibrate", work, "--data", out, "--steps", 1, "--json").stdout)
     assert cal["stage1"]["steps"] == 1 and cal["stage2"]["steps"] == 1
 
