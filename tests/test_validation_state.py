@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import slaconv
 from helpers import fails, run, write_recipe
 from hubfake import use_as_default_endpoint
-from slaconv.errors import EXIT_GATE, EXIT_UNVALIDATED
+from slaconv.errors import EXIT_DIVERGED, EXIT_GATE, EXIT_UNVALIDATED
 from slaconv.modelcard import build_model_card
 from slaconv.validation_state import validation_state
 from slaconv.workdir import WorkDir
@@ -64,9 +64,15 @@ def test_a_fresh_validation_is_current_and_recorded_in_report_and_config(work):
     assert ModelCard(card).data.eval_results  # the metrics this validation measured
 
 
-def test_recalibrating_makes_the_validation_stale_and_push_refuses_it(work):
+def test_recalibrating_makes_the_validation_stale_and_push_refuses_it(work, tmp_path):
     work, data = work
-    run("calibrate", work, "--data", data, "--stage", "2", "--lr", "1.0")  # ruins the weights
+    # a run that makes the model worse is refused and leaves the validated weights in place
+    run("calibrate", work, "--data", data, "--stage", "2", "--lr", "1.0", code=EXIT_DIVERGED)
+    assert _state(work)["status"] == "current"
+    # with the divergence guard opened wide, the same run saves the ruined weights
+    reckless = write_recipe(tmp_path / "reckless.yaml", **{"calibration.heldout_tolerance": 1e12,
+                                                           "calibration.divergence_factor": 1e12})
+    run("calibrate", work, "--data", data, "--stage", "2", "--lr", "1.0", "--recipe", reckless, "--overwrite")
     state = _state(work)
     assert state["status"] == "stale" and "diffusion_pytorch_model.safetensors" in state["detail"]
     assert "stale (weights changed since validation)" in run("inspect", work).stdout
