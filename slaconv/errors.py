@@ -36,6 +36,8 @@ class SlaconvError(Exception):
 
 
 class UsageError(SlaconvError):
+    """A command line or API call asks for something slaconv does not do."""
+
     exit_code = EXIT_USAGE
 
 
@@ -44,6 +46,8 @@ class RecipeError(UsageError):
 
 
 class InputError(SlaconvError):
+    """A model, work dir, data dir or file is missing or not usable."""
+
     exit_code = EXIT_INPUT
 
 
@@ -52,22 +56,32 @@ class UnsupportedModelError(InputError):
 
 
 class QualityGateError(SlaconvError):
+    """Validation ran and a quality gate failed."""
+
     exit_code = EXIT_GATE
 
 
 class HubError(SlaconvError):
+    """The Hugging Face Hub could not be reached, refused the request, or the model is not cached offline."""
+
     exit_code = EXIT_HUB
 
 
 class DivergedError(SlaconvError):
+    """Calibration diverged or left the model worse than it started; the work dir keeps its weights."""
+
     exit_code = EXIT_DIVERGED
 
 
 class OutputExistsError(SlaconvError):
+    """The output directory already holds something slaconv will not overwrite unasked."""
+
     exit_code = EXIT_OUTPUT
 
 
 class OutOfMemoryError(SlaconvError):
+    """The device ran out of memory; the message says which setting to lower."""
+
     exit_code = EXIT_OOM
 
 
