@@ -247,6 +247,7 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
     """Compare the SLA2 model with the original; non-zero exit when a quality gate fails."""
     from . import validate as stage
     from .errors import QualityGateError
+    from .validation_report import terminal_summary
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
@@ -254,9 +255,10 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
     try:
         report = stage.validate(wd, rec, data_dir=data_dir, base=base, device=device, quant=quant)
     except QualityGateError:
-        _emit(ctx, wd.read_validation_report(), wd.validation_markdown_path.read_text())
+        report = wd.read_validation_report()
+        _emit(ctx, report, terminal_summary(wd, report))
         raise
-    _emit(ctx, report, wd.validation_markdown_path.read_text())
+    _emit(ctx, report, terminal_summary(wd, report))
 
 
 @main.command()
