@@ -35,7 +35,7 @@ def write_reports(work: WorkDir, report: dict, masks: dict | None) -> None:
               "SLA2 vs full attention, per layer")
     if masks:
         name, mask = next(iter(masks.items()))
-        mask_image(out / PLOT_FILES[1], mask, f"router mask {name} head 0 (dark = sparse)")
+        mask_image(out / PLOT_FILES[1], mask, f"router block mask of {name}, first sample, heads 0-{len(mask) - 1}")
     write_text_atomic(work.validation_markdown_path, markdown_report(report))
 
 
