@@ -79,3 +79,14 @@ def test_a_full_disk_says_so_and_what_was_kept(work, monkeypatch):
     assert "checkpoint-3" in line and "checkpoint-2" in line and "--resume latest" in line
     assert _steps(work) == [1, 2]
     assert (work / "sla2.safetensors").read_bytes() == before  # the work dir's weights are untouched
+
+
+def test_a_full_disk_elsewhere_is_one_line_too(tmp_path, tiny_wan_dir, monkeypatch):
+    from slaconv import workdir
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "sla2_config.json")
+
+    monkeypatch.setattr(workdir, "write_json", full)
+    fails(EXIT_DISK_FULL, "convert", tiny_wan_dir, "-o", tmp_path / "w", match="the disk is full (writing sla2_config")
+    assert not (tmp_path / "w").exists()  # the half-made work dir is not left behind
