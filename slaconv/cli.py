@@ -33,10 +33,16 @@ def _emit(ctx: click.Context, data: dict, human: str) -> None:
         click.echo(human)
 
 
-def _device(requested: str) -> str:
-    from .utils.devices import resolve_device
+class DeviceType(click.ParamType):
+    """A ``--device`` value, checked while the command line is parsed (before anything loads): a name torch does
+    not know or slaconv does not run on exits 2, a GPU this machine lacks exits 3."""
 
-    return resolve_device(requested)
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from .utils.devices import resolve_device
+
+        return resolve_device(value)
 
 
 def _recipe(recipe_path, work, overrides: dict):
@@ -85,7 +91,8 @@ def _int_choice(ctx, param, value):
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout (for scripts).")
 recipe_option = click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+device_option = click.option("--device", type=DeviceType(), default="auto", show_default=True,
+                             help="auto, cpu, cuda, cuda:N.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Resolve everything and report the plan; change nothing.")
 
 
@@ -145,7 +152,7 @@ def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, qua
               f"quant {rec.sla2.quant}):\n  " + "\n  ".join(plan["layers"]))
         return
     out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],
-                        overwrite=overwrite, data_dir=data_dir, device=_device(device))
+                        overwrite=overwrite, data_dir=data_dir, device=device)
     text = f"converted {len(out['layers'])} layers of {model} ({out['family']}) -> {output}"
     mass = out["selected_mass"]
     if mass is not None:
@@ -202,7 +209,7 @@ def calibrate(ctx, workdir, data_dir, stage, steps, lr, alpha_lr, objective, bat
               f"would run stage {stage} on {wd}:\n" + json.dumps(calibration, indent=2))
         return
     try:
-        out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=_device(device),
+        out = stages.calibrate(wd, rec, stage=stage, data_dir=data_dir, resume=resume, device=device,
                                show_progress=not ctx.obj["quiet"], overwrite=overwrite)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -240,16 +247,18 @@ def validate(ctx, workdir, data_dir, base, num_samples, seed, quant, recipe, dev
     """Compare the SLA2 model with the original; non-zero exit when a quality gate fails."""
     from . import validate as stage
     from .errors import QualityGateError
+    from .validation_report import terminal_summary
 
     _common(ctx, as_json)
     wd = _workdir(workdir)
     rec = _recipe(recipe, wd, {"validation.num_samples": num_samples, "validation.seed": seed})
     try:
-        report = stage.validate(wd, rec, data_dir=data_dir, base=base, device=_device(device), quant=quant)
+        report = stage.validate(wd, rec, data_dir=data_dir, base=base, device=device, quant=quant)
     except QualityGateError:
-        _emit(ctx, wd.read_validation_report(), wd.validation_markdown_path.read_text())
+        report = wd.read_validation_report()
+        _emit(ctx, report, terminal_summary(wd, report))
         raise
-    _emit(ctx, report, wd.validation_markdown_path.read_text())
+    _emit(ctx, report, terminal_summary(wd, report))
 
 
 @main.command()
@@ -425,7 +434,7 @@ def prepare(ctx, output, pipeline, captions, media_dir, height, width, num_frame
               f"would encode {p['num_samples']} samples with {pipeline} -> {output} "
               f"(latents {p['latent_shape']}, prompt_embeds {p['text_shape']}):\n  " + "\n  ".join(rows) + note)
         return
-    out = stage.prepare_dataset(output, device=_device(device), dtype=dtype, seed=seed,
+    out = stage.prepare_dataset(output, device=device, dtype=dtype, seed=seed,
                                 show_progress=not ctx.obj["quiet"], **kwargs)
     _emit(ctx, out, f"wrote {out['num_samples']} samples to {out['data_dir']} "
                     f"(latents {out['latent_shape']}, prompt_embeds {out['text_shape']}, {out['dtype']})")

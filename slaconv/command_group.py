@@ -7,12 +7,13 @@ stderr.  The global flags may also follow the verb (``slaconv convert ... -q``):
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
 import click
 
-from .errors import SlaconvError
+from .errors import EXIT_DISK_FULL, SlaconvError
 
 GLOBAL_FLAGS = ("--offline", "-q", "--quiet", "-v", "--verbose")
 """The group's options that take no value, accepted anywhere on the command line."""
@@ -63,6 +64,13 @@ class SlaconvGroup(click.Group):
         except SlaconvError as exc:
             click.echo(f"error: {_one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            click.echo(f"error: the disk is full (writing {exc.filename or 'a file'}); the command stopped there and "
+                       "wrote nothing after it (a new work dir or checkpoint appears only once whole): free space and "
+                       "run it again", err=True)
+            ctx.exit(EXIT_DISK_FULL)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(INTERRUPTED_EXIT_CODE)

@@ -14,6 +14,7 @@ EXIT_DIVERGED = 6
 EXIT_OUTPUT = 7
 EXIT_OOM = 8
 EXIT_UNVALIDATED = 9
+EXIT_DISK_FULL = 10
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -26,6 +27,7 @@ EXIT_CODES = {
     EXIT_OUTPUT: "output directory already holds something else",
     EXIT_OOM: "out of memory (the message says what to change)",
     EXIT_UNVALIDATED: "no current validation: never validated, or the weights changed since (push refuses it)",
+    EXIT_DISK_FULL: "disk full while writing (the message says what was kept)",
 }
 
 
@@ -89,3 +91,9 @@ class UnvalidatedError(SlaconvError):
     """No validation measured the model as it is now (never validated, stale, or of unknown freshness)."""
 
     exit_code = EXIT_UNVALIDATED
+
+
+class DiskFullError(SlaconvError):
+    """A write ran out of disk space; the message says what was kept."""
+
+    exit_code = EXIT_DISK_FULL

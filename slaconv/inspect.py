@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from .checksums import CHECKSUMS_FILE
 from .config import FORMAT_NAME
 from .hubfetch import fetch_snapshot
+from .text_table import fields, number, table
 from .validation_state import hub_validation_state, validation_state
 from .workdir import WorkDir
 
@@ -64,26 +64,29 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
 
 
 def render(info: dict) -> str:
-    """The human-readable table of :func:`inspect_target`'s result."""
+    """The human-readable text of :func:`inspect_target`'s result: aligned tables, 4 significant digits."""
     base = info.get("base_model") or {}
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
         f"{len(info['layers'])} SLA2 layers",
         "",
-        f"{'layer':<28} {'topk':>6} {'sparsity':>9} {'rel.L2':>8} {'init mass':>9} {'router moved':>13}  alpha per head",
     ]
-    for x in info["layers"]:
-        sp = f"{x['sparsity']:.3f}" if x["sparsity"] is not None else "-"
-        err = f"{x['attention_rel_l2']:.4f}" if x["attention_rel_l2"] is not None else "-"
-        mass = f"{x['initial_mass']:.3f}" if x.get("initial_mass") is not None else "-"
-        alpha = " ".join(f"{a:.2f}" for a in (x["alpha"] or []))
-        lines.append(f"{x['layer']:<28} {x['topk']:>6} {sp:>9} {err:>8} {mass:>9} {x['router_moved']!s:>13}  {alpha}")
-    if info.get("calibration"):
-        lines += ["", "calibration: " + json.dumps(info["calibration"], default=str)]
+    rows = [[x["layer"], number(x["topk"]), number(x["sparsity"]), number(x["attention_rel_l2"]),
+             number(x.get("initial_mass")), number(x["router_moved"]),
+             " ".join(f"{a:.2f}" for a in (x["alpha"] or [])) or "-"] for x in info["layers"]]
+    lines += table(["layer", "topk", "sparsity", "rel. L2", "init mass", "router moved", "alpha per head"], rows)
+    calibration = info.get("calibration") or {}
+    if calibration:
+        lines += ["", "calibration:", *fields({k: v for k, v in calibration.items() if not isinstance(v, dict)})]
+        for stage, summary in calibration.items():
+            if isinstance(summary, dict):
+                lines += [f"  {stage}:", *fields(summary, skip=("loss_curve",), indent="    ")]
     state = info["validation_state"]
     lines += ["", f"validation: {state['label']}"]
     if info.get("validation"):
         of = " (of other weights)" if state["status"] == "stale" else ""
-        lines += [f"validation summary{of}: " + json.dumps(info["validation"], default=str)]
+        lines += [f"validation summary{of}:", *fields(info["validation"], skip=("weights_digest",))]
+        if info["validation"].get("weights_digest"):
+            lines += [f"  measured weights: {info['validation']['weights_digest']}"]
     return "\n".join(lines)

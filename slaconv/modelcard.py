@@ -338,7 +338,8 @@ def build_model_card(workdir: str | Path, *, repo_id: str | None = None,
         "import slaconv",
         f"from diffusers import {pipeline_cls}",
         "",
-        f'transformer = slaconv.from_pretrained("{repo}")',
+        f'transformer = slaconv.from_pretrained("{repo}", torch_dtype=torch.bfloat16)'
+        "  # the pipeline does not cast a transformer handed to it",
         f'pipe = {pipeline_cls}.from_pretrained("{base_ref}"{rev_arg}, transformer=transformer,'
         " torch_dtype=torch.bfloat16)",
         'pipe.to("cuda")',

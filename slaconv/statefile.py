@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .errors import InputError
+from .utils.messages import first_line
 
 _TENSOR = "__tensor__"
 
@@ -54,5 +58,15 @@ def save_state(folder: Path, state: dict) -> None:
 
 
 def load_state(folder: Path) -> dict:
-    tensors = load_file(str(Path(folder) / "state.safetensors"))
-    return _unflatten(json.loads((Path(folder) / "state.json").read_text()), tensors)
+    """The state :func:`save_state` wrote to ``folder``; :class:`InputError` naming the file when one of the two
+    files is missing, truncated or not what :func:`save_state` writes."""
+    folder = Path(folder)
+    blob, tree = folder / "state.safetensors", folder / "state.json"
+    try:
+        tensors = load_file(str(blob))
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"{blob} is corrupt or unreadable ({first_line(exc)})") from None
+    try:
+        return _unflatten(json.loads(tree.read_text()), tensors)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{tree} is corrupt or unreadable ({first_line(exc)})") from None

@@ -36,6 +36,7 @@ from .validation_report import write_reports
 from .workdir import WorkDir
 
 MAX_ROWS_PER_LAYER = 4096  # query rows compared per layer and sample (full attention is O(rows * N))
+MASK_HEADS_SHOWN = 4  # heads drawn in router_mask.png
 BASELINES = ("dense", "convert_only")
 PSNR_IDENTICAL = 99.0
 """The sample PSNR's ceiling: what identical samples read (their true PSNR is infinite), and samples that differ
@@ -81,7 +82,7 @@ def _layer_metrics(model, family, batch, sigma, device, dtype, gen):
         s["rel_l2"].append(_rel_l2(sla, full))
         s["cosine"].append(_cosine(sla, full))
         s["sparsity"].append(1.0 - float(token_density))
-        masks.setdefault(proc.layer_name, mask[0, 0].cpu())
+        masks.setdefault(proc.layer_name, mask[0, :MASK_HEADS_SHOWN].cpu())
         return out
 
     x_t = flow.add_noise(batch["latents"], batch["noise"], sigma)

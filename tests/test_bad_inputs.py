@@ -262,3 +262,13 @@ def test_convert_refuses_a_model_that_is_already_converted(tmp_path, tiny_wan_di
     shutil.copytree(work, package, ignore=shutil.ignore_patterns("sla2_config.json", "recipe.yaml", "local.json"))
     fails(3, "convert", package, "-o", tmp_path / "again", match="already an SLA2 model")
     assert dir_snapshot(work) == before and not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("verb", ["convert", "calibrate", "validate"])
+def test_device_is_checked_before_anything_runs(tmp_path, tiny_wan_dir, verb):
+    work = _workdir(tmp_path, tiny_wan_dir) if verb in ("calibrate", "validate") else None
+    args = {"convert": [tiny_wan_dir, "-o", tmp_path / "w2", "--dry-run"], "calibrate": [work, "--dry-run"],
+            "validate": [tmp_path / "no-such-work-dir"]}[verb]
+    fails(2, verb, *args, "--device", "foo", match="unknown device 'foo'")
+    fails(2, verb, *args, "--device", "mps", match="device 'mps' is not supported")
+    assert not (tmp_path / "w2").exists()

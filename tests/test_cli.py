@@ -88,10 +88,42 @@ def test_validate_gate_failure_exits_4_after_writing_reports(tmp_path, tiny_wan_
     run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--topk", 0.3)
     res = run("validate", work, code=4)
     assert "quality gate failed" in res.stderr and "attention_rel_l2_max" in res.stderr
+    assert res.stdout.startswith("validation FAILED (attention_rel_l2_max)")
+    assert str(work / "reports" / "validation.md") in res.stdout
     assert json.loads((work / "reports" / "validation.json").read_text())["passed"] is False
     res = run("push", work, "--repo-id", "me/m", "--dry-run", code=4)
     assert "--allow-failed-validation" in res.stderr
     run("push", work, "--repo-id", "me/m", "--dry-run", "--allow-failed-validation")
+
+
+def test_validate_and_inspect_print_readable_text(tmp_path, tiny_wan_dir):
+    """The terminal gets aligned tables, 4 significant digits and the report paths, not markdown or JSON."""
+    work = tmp_path / "w"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", write_recipe(tmp_path / "r.yaml"))
+    run("calibrate", work, "--stage", "1", "--steps", 2)
+    out = run("validate", work).stdout
+    assert out.startswith("validation PASSED") or out.startswith("validation FAILED")
+    assert "![" not in out and "|" not in out and "#" not in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("metric"))
+    assert "this model" in header and "convert only" in header and header.rstrip().endswith("gate")
+    row = next(line for line in lines if line.startswith("sample PSNR (dB)"))
+    assert len(row) <= len(header)  # cells line up under the header
+    written = lines[lines.index("reports written:") + 1:]
+    for name in ("validation.json", "validation.md", "layer_error.png", "router_mask.png"):
+        assert f"  {work / 'reports' / name}" in written
+
+    text = run("inspect", work).stdout
+    assert "{" not in text  # no JSON in the human output
+    lines = text.splitlines()
+    assert "calibration:" in lines and "  stage1:" in lines
+    header = next(line for line in lines if line.split() == ["field", "value", "unit"])
+    stage1 = json.loads((work / "sla2_config.json").read_text())["calibration"]["stage1"]
+    value = stage1["heldout_attention_rel_mse_before"]
+    row = next(line for line in lines if line.strip().startswith("heldout_attention_rel_mse_before"))
+    assert row.split()[1] == f"{value:.4g}" and len(row.rstrip()) <= len(header)
+    seconds = next(line for line in lines if line.strip().startswith("seconds"))
+    assert seconds.split()[-1] == "s"
 
 
 def test_overwrite_requires_flag(tmp_path, tiny_wan_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_push_download_roundtrip(fake_hub, workdir, tmp_path, capsys):
     assert {"sla2", "sparse-attention", "slaconv", "wan"} <= set(card.data.tags)
     psnr = [r for r in card.data.eval_results if r.metric_type == "sample_psnr_db"]
     assert psnr and psnr[0].metric_value == pytest.approx(33.5)
-    assert 'slaconv.from_pretrained("acme/wan-sla2")' in card.text
+    assert 'slaconv.from_pretrained("acme/wan-sla2",' in card.text
     assert fake_hub.validated_yaml, "README upload must go through /api/validate-yaml"
 
     # the token reached the Hub API, never the CDN, and nothing printed or returned it
@@ -216,7 +217,7 @@ def test_user_written_readme_is_kept(fake_hub, workdir):
 def test_repo_id_without_namespace(fake_hub, workdir):
     result = push(workdir, "wan-sla2", token=fake_hub.test_token, endpoint=fake_hub.endpoint)
     assert result["repo_id"] == "user/wan-sla2"  # the token's user, as the Hub resolves it
-    assert 'slaconv.from_pretrained("user/wan-sla2")' in fake_hub.files("user/wan-sla2")["README.md"].decode()
+    assert 'slaconv.from_pretrained("user/wan-sla2",' in fake_hub.files("user/wan-sla2")["README.md"].decode()
 
 
 def test_token_from_env(fake_hub, workdir, monkeypatch):
@@ -373,7 +374,25 @@ def test_card_without_validation_and_local_base(tmp_path):
     card = ModelCard(build_model_card(wd))
     assert card.data.base_model is None and card.data.eval_results is None
     assert "is **not validated**" in card.text and CARD_MARKER in card.text
-    assert 'slaconv.from_pretrained("ORG/NAME")' in card.text
+    assert 'slaconv.from_pretrained("ORG/NAME",' in card.text
+
+
+def _transformer_dtype(text: str) -> str | None:
+    """The ``torch_dtype`` the first Python snippet in ``text`` loads its ``transformer`` in (None: not given)."""
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["transformer"]:
+            return next((ast.unparse(k.value) for k in node.value.keywords if k.arg == "torch_dtype"), None)
+    raise AssertionError("no transformer = ... in the snippet")
+
+
+def test_loading_snippets_put_the_transformer_in_the_pipelines_dtype(tmp_path):
+    """A transformer passed to a pipeline keeps its own dtype: the snippet must load it in bf16 itself."""
+    card = build_model_card(make_workdir(tmp_path / "wd"))
+    assert _transformer_dtype(card) == "torch.bfloat16"
+    assert "torch_dtype=torch.bfloat16" in card.split("transformer=transformer", 1)[1].split("\n", 1)[0]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert _transformer_dtype(readme.split("### Python", 1)[1]) == "torch.bfloat16"
 
 
 def test_card_failed_validation_and_odd_values(tmp_path):

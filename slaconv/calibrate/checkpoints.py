@@ -6,12 +6,13 @@ that wrote it (:mod:`.runs`) and, written last, a ``COMPLETE`` marker; each log 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import DiskFullError, InputError
 from ..statefile import load_state, save_state
 from ..utils.files import atomic_dir, read_json
 
@@ -35,10 +36,18 @@ def save_checkpoint(root: Path, step: int, state: dict, limit: int, run_id: str,
     """Write ``checkpoint-<step>/`` of run ``run_id`` atomically (a ``COMPLETE`` marker last), then prune all
     but the newest ``limit`` ones and checkpoint ``keep`` (the state the run may end up keeping)."""
     final = root / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        save_state(tmp, state)
-        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": _stage_of(root), "step": step}))
-        (tmp / "COMPLETE").write_text(f"{step}\n")
+    try:
+        with atomic_dir(final) as tmp:
+            save_state(tmp, state)
+            (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": _stage_of(root), "step": step}))
+            (tmp / "COMPLETE").write_text(f"{step}\n")
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        kept = ", ".join(p.name for _, p in list_checkpoints(root)) or "no checkpoint"
+        raise DiskFullError(f"the disk is full: {final.name} was not written (nothing of it kept); {root} keeps "
+                            f"{kept} and the work dir's weights are unchanged; free space, then rerun with "
+                            "--resume latest") from None
     found = list_checkpoints(root)
     for old_step, old in found[:-limit]:
         if old_step != keep:
@@ -74,10 +83,23 @@ def find_checkpoint(root: Path, resume: str) -> tuple[int, Path] | None:
     return checkpoint_run(path)["step"], path
 
 
+def read_checkpoint(path: Path) -> dict:
+    """The training state of the checkpoint folder ``path``; a corrupt one is an :class:`InputError` naming its
+    file and the other complete checkpoints beside it (any of them resumes with ``--resume PATH``)."""
+    path = Path(path)
+    try:
+        return load_state(path)
+    except InputError as exc:
+        others = [p.name for _, p in list_checkpoints(path.parent) if p.name != path.name]
+        hint = (f"the other complete checkpoints ({', '.join(others)}) resume with --resume {path.parent}/NAME"
+                if others else "no other complete checkpoint is left; start the run again with --overwrite")
+        raise InputError(f"{exc}; {hint}") from None
+
+
 def load_checkpoint(root: Path, resume: str) -> tuple[int, dict] | None:
     """(step, state) of the checkpoint ``resume`` names (see :func:`find_checkpoint`)."""
     found = find_checkpoint(root, resume)
-    return None if found is None else (found[0], load_state(found[1]))
+    return None if found is None else (found[0], read_checkpoint(found[1]))
 
 
 def append_log(path: Path, record: dict) -> None:

@@ -30,7 +30,6 @@ from pathlib import Path
 from ..errors import DivergedError, InputError, OutputExistsError
 from ..recipe import Recipe
 from ..source import content_hash
-from ..statefile import load_state
 from ..workdir import WorkDir
 from . import checkpoints
 
@@ -155,7 +154,7 @@ class RunStart:
 
     def kept_state(self, step: int) -> dict:
         """The training state of the checkpoint at ``step`` (the run's best, which pruning keeps)."""
-        return load_state(self.checkpoint_root / f"checkpoint-{step}")
+        return checkpoints.read_checkpoint(self.checkpoint_root / f"checkpoint-{step}")
 
 
 def begin_run(work: WorkDir, recipe: Recipe, stage: int, accelerator, *, resume: str | None,
@@ -199,7 +198,7 @@ def plan_run(work: WorkDir, recipe: Recipe, stage: int, weights: str, *, world: 
         if checkpoints.checkpoint_run(path)["run_id"] != start.run_id:
             raise InputError(f"checkpoint {path} belongs to another run (it started from other weights or with other "
                              "settings than this one); resume it where it ran, or start this run without --resume")
-        state = load_state(path)
+        state = checkpoints.read_checkpoint(path)
         if path.parent.resolve() != root.resolve():
             if own and own_run != start.run_id:
                 _check_clear(work, stage, own, own_finished, overwrite, start.run_id)
@@ -207,7 +206,7 @@ def plan_run(work: WorkDir, recipe: Recipe, stage: int, weights: str, *, world: 
             start.adopt = (path, {step, state["run"]["best_step"]})
         return _resumed(start, step, state)
     if resume and own and own_run == start.run_id:
-        return _resumed(start, own[0], load_state(own[1]))
+        return _resumed(start, own[0], checkpoints.read_checkpoint(own[1]))
     if resume and done.get("settings_id") == sid and (own is None or own_finished):
         logger.info(f"stage {stage}: already completed by this run, skipped")
         start.completed = done

@@ -24,7 +24,11 @@ def resolve_device(requested: str | torch.device) -> str:
         return name
     kind, _, index = name.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
-        raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
+        try:
+            torch.device(name)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+        raise UsageError(f"device '{name}' is not supported (slaconv runs on auto, cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():
         raise InputError(f"device '{name}' requested but no CUDA GPU is available")
     if index and int(index) >= torch.cuda.device_count():
