@@ -182,7 +182,8 @@ def test_conditioning_constants_are_the_pipelines_defaults():
 def test_synthetic_data_carries_pooled_embeddings_and_the_text_mask(tmp_path):
     """Flux and HunyuanVideo data hold a pooled embedding, HunyuanVideo's a mask of the real (non-zero) text
     tokens; a dataset without them (Wan's) is unchanged and its items hold neither."""
-    from slaconv.data import CalibrationDataset, write_synthetic_dataset
+    from slaconv.data import CalibrationDataset
+    from slaconv.synthetic_data import write_synthetic_dataset
 
     dims = dict(num_samples=3, channels=4, frames=1, height=8, width=8, text_len=12, text_dim=16, seed=5)
     plain = CalibrationDataset(write_synthetic_dataset(tmp_path / "plain", **dims))
