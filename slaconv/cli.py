@@ -340,9 +340,9 @@ def env_cmd(ctx, as_json):
 @click.pass_context
 def synth_data(ctx, output, model, num_samples, frames, height, width, text_len, seed, recipe, as_json):
     """Write a small synthetic calibration set in the --data format."""
-    from .data import write_synthetic_dataset
     from .families import detect_family
     from .source import resolve_model
+    from .synthetic_data import write_synthetic_dataset
     from .workdir import WorkDir
 
     _common(ctx, as_json)

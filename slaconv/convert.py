@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import KERNEL_HEAD_DIMS
 from .errors import InputError
 from .families import detect_family
 from .inputs import batches, check_latent_shape, denoiser_forward
@@ -42,16 +43,35 @@ def refuse_converted(source: ModelSource, model: str) -> None:
                      f"or convert {original} to start over")
 
 
-def plan(model: str, recipe: Recipe, *, subfolder=None, revision=None, offline=False) -> dict:
-    """What ``convert`` would do, without loading weights: family, layers, settings."""
+def skeleton(source: ModelSource, family) -> torch.nn.Module:
+    """The model of ``source`` built without weights (its modules and shapes only)."""
     from accelerate import init_empty_weights
 
+    with init_empty_weights():
+        return family.load_class().from_config(source.config)
+
+
+def refuse_kernel_shapes(source: ModelSource, family, recipe: Recipe, device: str) -> None:
+    """On a GPU, an :class:`InputError` naming the first target layer whose head dim the Triton kernels do not
+    take, before any weight loads (on the CPU every head dim runs the PyTorch reference, as all calls do there)."""
+    if not str(device).startswith("cuda"):
+        return
+    net = skeleton(source, family)
+    modules = dict(net.named_modules())
+    for name in resolve_targets(net, family, recipe.sla2.targets, recipe.sla2.ignore):
+        heads, head_dim = family.head_shape(modules[name])
+        if head_dim not in KERNEL_HEAD_DIMS:
+            raise InputError(f"{name} has {heads} heads of head dim {head_dim}; the SLA2 kernels take head dims "
+                             f"{', '.join(map(str, KERNEL_HEAD_DIMS))} (convert with --device cpu to run the "
+                             "PyTorch reference instead)")
+
+
+def plan(model: str, recipe: Recipe, *, subfolder=None, revision=None, offline=False) -> dict:
+    """What ``convert`` would do, without loading weights: family, layers, settings."""
     source = resolve_model(model, subfolder=subfolder, revision=revision, offline=offline)
     refuse_converted(source, model)
     family = detect_family(source.config, recipe.model.family)
-    with init_empty_weights():
-        skeleton = family.load_class().from_config(source.config)
-    layers = resolve_targets(skeleton, family, recipe.sla2.targets, recipe.sla2.ignore)
+    layers = resolve_targets(skeleton(source, family), family, recipe.sla2.targets, recipe.sla2.ignore)
     return {"model": model, "path": str(source.path), "family": family.name, "layers": layers,
             "num_layers": len(layers), "sla2": recipe.sla2.to_dict()}
 
@@ -107,6 +127,7 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     base = {"id": None if is_local else model, "name": source.path.name if subfolder is None else Path(model).name,
             "revision": source.revision, "subfolder": subfolder, "content_hash": content_hash(source.path),
             "sla_checkpoint": sla_checkpoint_info(source.path)}
+    refuse_kernel_shapes(source, family, recipe, device)
     logger.info(f"loading {model} ({family.name} family, {recipe.model.dtype}) on {device}")
     net = load_model(source, family, dtype=recipe.model.dtype, device=device)
     s = recipe.sla2

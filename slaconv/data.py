@@ -1,4 +1,5 @@
-"""Calibration data: the ``--data DIR`` format, its loader, and a synthetic writer.
+"""Calibration data: the ``--data DIR`` format, its loader and its writer (synthetic data:
+:mod:`slaconv.synthetic_data`).
 
 A dataset is a directory holding ``dataset.json`` and one ``.safetensors`` file per sample::
 
@@ -22,7 +23,6 @@ file's header up front, so a bad dataset fails before any model is loaded, with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
@@ -44,8 +43,6 @@ FORMAT = "slaconv-data"
 VERSION = 1
 MANIFEST = "dataset.json"
 # Bump when the synthetic generator's output changes, so an old directory is not mistaken for a new one.
-SYNTHETIC_GENERATOR = "slaconv.data.synthetic/1"
-
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors header names
 # tensor name -> (manifest shape key, rank); the optional ones only when the manifest has their shape
 _KEYS = {
@@ -260,8 +257,9 @@ def _is_dataset_with(root: Path, manifest: dict) -> bool:
     return existing == manifest
 
 
-def _write_atomic(out: Path, manifest: dict, samples: Iterable[Mapping[str, torch.Tensor]]) -> Path:
-    """Write samples + manifest into a temporary folder beside ``out``, then rename it to ``out``."""
+def write_samples(out: Path, manifest: dict, samples: Iterable[Mapping[str, torch.Tensor]]) -> Path:
+    """Write samples + manifest into a temporary folder beside ``out``, then rename it to ``out``
+    (``manifest`` from :func:`new_manifest`, one sample per name in its ``samples``)."""
     with atomic_dir(out) as tmp:
         for name, sample in zip(manifest["samples"], samples, strict=True):
             tensors = {k: v.detach().contiguous().cpu() for k, v in sample.items()}
@@ -270,7 +268,7 @@ def _write_atomic(out: Path, manifest: dict, samples: Iterable[Mapping[str, torc
     return out
 
 
-def _refuse_existing(out: Path, manifest: dict | None) -> bool:
+def holds_dataset(out: Path, manifest: dict | None) -> bool:
     """True if ``out`` already holds this exact dataset; raise if it holds anything else."""
     if not out.exists():
         return False
@@ -305,13 +303,14 @@ def write_dataset(out_dir: str | os.PathLike, samples: list[Mapping[str, torch.T
     for i, s in enumerate(samples):
         if set(s) != set(first) or any(s[k].shape != first[k].shape or s[k].dtype != first[k].dtype for k in first):
             raise ValueError(f"sample {i} differs in keys, shapes or dtype from sample 0")
-    manifest = _manifest(len(samples), first, source=source, seed=seed, extra=extra)
-    _refuse_existing(out, None)
-    return _write_atomic(out, manifest, samples)
+    manifest = new_manifest(len(samples), first, source=source, seed=seed, extra=extra)
+    holds_dataset(out, None)
+    return write_samples(out, manifest, samples)
 
 
-def _manifest(n: int, shapes: Mapping[str, Any], *, source: str, seed: int | None,
-              extra: Mapping[str, Any] | None = None) -> dict:
+def new_manifest(n: int, shapes: Mapping[str, Any], *, source: str, seed: int | None,
+                 extra: Mapping[str, Any] | None = None) -> dict:
+    """The ``dataset.json`` of ``n`` samples shaped like ``shapes`` (tensors by sample key)."""
     manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "num_samples": n}
     for key, (shape_key, _) in _KEYS.items():
         if key in shapes:
@@ -322,86 +321,3 @@ def _manifest(n: int, shapes: Mapping[str, Any], *, source: str, seed: int | Non
     manifest["seed"] = seed
     manifest.update(extra or {})
     return manifest
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    # Sample i depends only on (seed, i): growing num_samples keeps earlier samples unchanged.
-    return int.from_bytes(hashlib.sha256(f"slaconv-synthetic:{seed}:{index}".encode()).digest()[:8], "little") >> 1
-
-
-def _smooth_field(gen: torch.Generator, c: int, f: int, h: int, w: int) -> torch.Tensor:
-    """Unit-variance field per channel: coarse noise upsampled (structure) + a little fine noise."""
-    coarse = torch.randn(1, c, f // 4 + 2, h // 8 + 2, w // 8 + 2, generator=gen)
-    smooth = F.interpolate(coarse, size=(f, h, w), mode="trilinear", align_corners=True)[0]
-    x = smooth + 0.25 * torch.randn(c, f, h, w, generator=gen)
-    x = x + 0.5 * torch.randn(c, 1, 1, 1, generator=gen)  # per-channel offsets, as real VAE latents have
-    return (x - x.mean()) / x.std()
-
-
-def synthetic_sample(seed: int, index: int, *, channels: int, frames: int, height: int, width: int,
-                     text_len: int, text_dim: int, image_len: int = 0, image_dim: int = 0, pooled_dim: int = 0,
-                     prompt_mask: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Sample ``index`` of the synthetic dataset ``seed`` (deterministic, CPU).
-
-    Latents: smooth random fields with spatial/temporal structure, zero mean, unit variance.
-    prompt_embeds: a random number of unit-variance token vectors sharing a per-prompt component,
-    then zero padding to ``text_len`` (as diffusers' Wan pipeline pads T5 outputs); ``prompt_mask`` marks
-    those tokens.  pooled_embeds (``pooled_dim`` > 0): one unit-variance vector.
-    """
-    gen = torch.Generator().manual_seed(_sample_seed(seed, index))
-    latents = _smooth_field(gen, channels, frames, height, width)
-    n_tok = int(torch.randint(min(8, text_len), text_len + 1, (1,), generator=gen))
-    base = torch.randn(1, text_dim, generator=gen)
-    text = torch.zeros(text_len, text_dim)
-    text[:n_tok] = (0.6 * base + 0.8 * torch.randn(n_tok, text_dim, generator=gen))
-    out = {"latents": latents, "prompt_embeds": text}
-    if image_len:
-        out["image_embeds"] = torch.randn(image_len, image_dim, generator=gen)
-    if pooled_dim:
-        out["pooled_embeds"] = torch.randn(pooled_dim, generator=gen)
-    if prompt_mask:
-        out["prompt_mask"] = (torch.arange(text_len) < n_tok).float()
-    return {k: v.to(dtype) for k, v in out.items()}
-
-
-def write_synthetic_dataset(out_dir: str | os.PathLike, *, num_samples: int, channels: int, frames: int,
-                            height: int, width: int, text_len: int, text_dim: int, seed: int = 0,
-                            dtype: torch.dtype | str = torch.float32, image_len: int = 0, image_dim: int = 0,
-                            pooled_dim: int = 0, prompt_mask: bool = False) -> Path:
-    """Write a deterministic synthetic dataset (see :func:`synthetic_sample`) to ``out_dir``.
-
-    Same arguments give byte-identical files.  Written atomically (temp dir beside ``out_dir``, then
-    rename).  If ``out_dir`` already holds exactly this dataset it is left as is and returned;
-    any other non-empty ``out_dir`` raises :class:`OutputExistsError`.
-    """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UsageError(f"synthetic data: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    dims = dict(num_samples=num_samples, channels=channels, frames=frames, height=height, width=width,
-                text_len=text_len, text_dim=text_dim)
-    for name, v in dims.items():
-        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            raise UsageError(f"synthetic data: {name} must be a positive integer, got {v!r}")
-    if (image_len > 0) != (image_dim > 0):
-        raise UsageError("synthetic data: image_len and image_dim must both be positive or both 0")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UsageError(f"synthetic data: seed must be an integer, got {seed!r}")
-    kwargs = dict(channels=channels, frames=frames, height=height, width=width, text_len=text_len,
-                  text_dim=text_dim, image_len=image_len, image_dim=image_dim, pooled_dim=pooled_dim,
-                  prompt_mask=prompt_mask, dtype=dtype)
-    shapes = {"latents": torch.empty(channels, frames, height, width, dtype=dtype),
-              "prompt_embeds": torch.empty(text_len, text_dim)}
-    if image_len:
-        shapes["image_embeds"] = torch.empty(image_len, image_dim)
-    if pooled_dim:
-        shapes["pooled_embeds"] = torch.empty(pooled_dim)
-    if prompt_mask:
-        shapes["prompt_mask"] = torch.empty(text_len)
-    manifest = _manifest(num_samples, shapes, source="synthetic", seed=seed,
-                         extra={"generator": SYNTHETIC_GENERATOR})
-    out = Path(out_dir)
-    if _refuse_existing(out, manifest):
-        return out
-    samples = (synthetic_sample(seed, i, **kwargs) for i in range(num_samples))
-    return _write_atomic(out, manifest, samples)

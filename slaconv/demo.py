@@ -48,9 +48,9 @@ def build_tiny_wan(folder: Path, seed: int = 0) -> Path:
 def run_demo(out: Path, *, fresh: bool = False, show_progress: bool = True, log=print) -> dict:
     from .calibrate import calibrate
     from .convert import convert
-    from .data import write_synthetic_dataset
     from .errors import QualityGateError, SlaconvError
     from .push import push
+    from .synthetic_data import write_synthetic_dataset
     from .validate import validate
     from .workdir import WorkDir
 

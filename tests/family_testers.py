@@ -35,6 +35,8 @@ class FamilyTester:
     """The stock processor also runs on fused QKV projections (``fuse_qkv_projections()``)."""
     variants: dict[str, dict] = field(default_factory=dict)
     """Named init-dict overrides that change the attention path (RoPE on or off, guidance...)."""
+    off_kernel: dict = field(default_factory=lambda: {"attention_head_dim": 48})
+    """Init-dict overrides giving head dim 48, one the SLA2 kernels do not take (RoPE axes resized to fit)."""
 
     def build(self, seed: int = 0, variant: str | None = None) -> torch.nn.Module:
         """The tiny model with random weights from ``seed``, in eval mode."""
@@ -136,6 +138,7 @@ FLUX = FamilyTester(
     data={"frames": 1, "height": 32, "width": 32, "text_len": 48},  # 256 image tokens after 48 text tokens
     fusable=True,
     variants={"guidance": {"guidance_embeds": True}},  # FLUX.1-dev; the base config is FLUX.1-schnell-like
+    off_kernel={"attention_head_dim": 48, "axes_dims_rope": [8, 8, 32]},
 )
 
 
@@ -164,6 +167,7 @@ HUNYUAN_VIDEO = FamilyTester(
     inputs=_hunyuan_video_inputs,
     layers=("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"),
     data={"frames": 1, "height": 16, "width": 16, "text_len": 12},
+    off_kernel={"attention_head_dim": 48, "rope_axes_dim": (8, 20, 20)},
 )
 
 
@@ -191,6 +195,7 @@ LTX_VIDEO = FamilyTester(
     inputs=_ltx_video_inputs,
     layers=("transformer_blocks.0.attn1",),
     data={"frames": 1, "height": 16, "width": 16, "text_len": 16},
+    off_kernel={"attention_head_dim": 48, "cross_attention_dim": 96},  # the text is projected to the inner dim
 )
 
 TESTERS: dict[str, FamilyTester] = {t.family: t for t in (WAN, COGVIDEOX, FLUX, HUNYUAN_VIDEO, LTX_VIDEO)}

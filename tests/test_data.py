@@ -14,11 +14,10 @@ from slaconv.data import (
     CalibrationDataset,
     collate,
     dataset_summary,
-    synthetic_sample,
     write_dataset,
-    write_synthetic_dataset,
 )
 from slaconv.errors import InputError, OutputExistsError, UsageError
+from slaconv.synthetic_data import synthetic_sample, write_synthetic_dataset
 
 SHAPE = dict(channels=4, frames=3, height=8, width=12, text_len=10, text_dim=16)
 

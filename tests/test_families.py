@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import slaconv
 from family_testers import TESTERS
-from helpers import run, write_recipe
+from helpers import fails, run, write_recipe
 from slaconv.config import SLA2Config
 from slaconv.families import get_family
 from slaconv.install import set_mode, sla2_processors
@@ -116,6 +116,22 @@ def test_cli_chain_and_the_saved_model(tester, tmp_path):
         dense = _forward(model, kwargs)
     assert torch.equal(loaded, _expected_output(work, kwargs))
     assert not torch.allclose(loaded, dense)
+
+
+@pytest.mark.parametrize("tester", TESTERS.values(), ids=TESTERS)
+def test_convert_on_a_gpu_refuses_a_head_dim_the_kernels_do_not_take(tester, tmp_path, monkeypatch):
+    """One error line, exit 3, before any weight reaches the (pretended) GPU; the CPU converts the same model."""
+    import diffusers
+
+    source = tmp_path / "model"
+    getattr(diffusers, tester.class_name)(**{**tester.init_dict, **tester.off_kernel}).save_pretrained(source)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    line = fails(3, "convert", source, "-o", tmp_path / "work", "--device", "cuda", match="head dim 48")
+    assert tester.layers[0] in line and "64, 128" in line
+    assert not (tmp_path / "work").exists()
+    monkeypatch.undo()
+    recipe = write_recipe(tmp_path / "r.yaml", **{f"data.{k}": v for k, v in tester.data.items()})
+    run("convert", source, "-o", tmp_path / "work", "--recipe", recipe, "--device", "cpu")
 
 
 @pytest.mark.parametrize("tester", TESTERS.values(), ids=TESTERS)

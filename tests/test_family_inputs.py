@@ -116,10 +116,74 @@ def test_cogvideox_v_prediction_reads_back_as_flow_velocity(sigma):
     assert torch.allclose(velocity.double(), (noise - x0).double(), atol=1e-4)
 
 
+@pytest.mark.parametrize("variant,shift", [(None, 3.0), ("rope", 1.0)])  # CogVideoX-2B, CogVideoX-5B
+@pytest.mark.parametrize("step", [37, 400, 921])
+def test_cogvideox_inputs_match_the_scheduler_at_its_own_steps(variant, shift, step):
+    """At the flow level whose SNR is that of the scheduler's step t, the model gets the scheduler's own
+    ``add_noise`` sample at timestep t, and its ``get_velocity`` target reads back as noise - x0."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    scheduler = CogVideoXDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       snr_shift_scale=shift)
+    fam, model = get_family("cogvideox"), TESTERS["cogvideox"].build(variant=variant)
+    alpha_bar = scheduler.alphas_cumprod[step].double()
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    sigma = float(b / (a + b))  # (1 - sigma) / sigma = a / b: the same SNR
+    g = torch.Generator().manual_seed(step)
+    x0, noise = torch.randn(2, 4, 4, 16, 16, generator=g), torch.randn(2, 4, 4, 16, 16, generator=g)
+    timestep = torch.full((2,), 1000 * sigma)
+    kwargs = fam.make_inputs(model, (1 - sigma) * x0 + sigma * noise, timestep, torch.randn(2, 8, 8, generator=g))
+    t = torch.full((2,), step)
+    torch.testing.assert_close(kwargs["timestep"], t.float(), atol=2e-3, rtol=0)
+    want = scheduler.add_noise(x0, noise, t).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(kwargs["hidden_states"], want, atol=1e-5, rtol=1e-5)
+    v = scheduler.get_velocity(x0, noise, t).permute(0, 2, 1, 3, 4)
+    velocity = fam.read_output(model, v, (1 - sigma) * x0 + sigma * noise, timestep)
+    torch.testing.assert_close(velocity, noise - x0, atol=1e-4, rtol=1e-4)
+
+
+def test_conditioning_constants_are_the_pipelines_defaults():
+    """Flux's and HunyuanVideo's embedded guidance, LTX-Video's frame rate and VAE compression: the values the
+    diffusers pipelines use by default, passed to the model in the pipelines' scale."""
+    import inspect
+
+    from diffusers import FluxPipeline, HunyuanVideoPipeline, LTXPipeline
+
+    from slaconv.families import flux, hunyuan_video, ltx_video
+
+    def default(pipeline, name):
+        return inspect.signature(pipeline.__call__).parameters[name].default
+
+    assert default(FluxPipeline, "guidance_scale") == flux.GUIDANCE_SCALE
+    assert default(HunyuanVideoPipeline, "guidance_scale") == hunyuan_video.GUIDANCE_SCALE
+    assert default(LTXPipeline, "frame_rate") == ltx_video.FRAME_RATE
+    pipe = LTXPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    assert ltx_video.VAE_COMPRESSION == (pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio,
+                                         pipe.vae_spatial_compression_ratio)
+
+    g = torch.Generator().manual_seed(5)
+    model = TESTERS["hunyuan_video"].build()
+    kwargs = get_family("hunyuan_video").make_inputs(model, torch.randn(2, 4, 1, 16, 16, generator=g),
+                                                     torch.tensor([300.0, 700.0]), torch.randn(2, 12, 16, generator=g),
+                                                     pooled_embeds=torch.randn(2, 8, generator=g))
+    assert torch.equal(kwargs["guidance"], torch.full((2,), hunyuan_video.GUIDANCE_SCALE) * 1000.0)
+    model = TESTERS["flux"].build(variant="guidance")
+    kwargs = get_family("flux").make_inputs(model, torch.randn(2, 1, 1, 12, 10, generator=g),
+                                            torch.tensor([400.0, 400.0]), torch.randn(2, 7, 32, generator=g),
+                                            pooled_embeds=torch.randn(2, 32, generator=g))
+    assert torch.equal(kwargs["guidance"], torch.full((2,), flux.GUIDANCE_SCALE))
+    model = TESTERS["ltx_video"].build()
+    kwargs = get_family("ltx_video").make_inputs(model, torch.randn(1, 4, 1, 16, 16, generator=g),
+                                                 torch.tensor([400.0]), torch.randn(1, 16, 16, generator=g))
+    assert kwargs["rope_interpolation_scale"] == (8 / 25, 32, 32)
+
+
 def test_synthetic_data_carries_pooled_embeddings_and_the_text_mask(tmp_path):
     """Flux and HunyuanVideo data hold a pooled embedding, HunyuanVideo's a mask of the real (non-zero) text
     tokens; a dataset without them (Wan's) is unchanged and its items hold neither."""
-    from slaconv.data import CalibrationDataset, write_synthetic_dataset
+    from slaconv.data import CalibrationDataset
+    from slaconv.synthetic_data import write_synthetic_dataset
 
     dims = dict(num_samples=3, channels=4, frames=1, height=8, width=8, text_len=12, text_dim=16, seed=5)
     plain = CalibrationDataset(write_synthetic_dataset(tmp_path / "plain", **dims))

@@ -22,7 +22,8 @@ from ..processor import RotaryCallSignature, SLA2Processor
 from . import Family, heads_of_inner_dim, register
 
 OFS = 2.0
-"""The ``ofs`` conditioning CogVideoX1.5's pipelines pass to models that embed it."""
+"""The ``ofs`` conditioning diffusers' ``CogVideoXImageToVideoPipeline`` passes to a model that embeds it
+(``ofs_embed_dim`` set; ``CogVideoXPipeline``'s text-to-video models do not embed it)."""
 
 
 class SLA2CogVideoXAttnProcessor(RotaryCallSignature, SLA2Processor):
@@ -70,14 +71,17 @@ def _latent_channels(config) -> int:
 
 
 def _snr_shift(config) -> float:
-    """The SNR shift of the published scheduler configs: 3.0 for CogVideoX-2B (the one checkpoint without
-    RoPE), 1.0 for the 5B models."""
+    """The SNR shift (``snr_shift_scale``) of the published ``CogVideoXDDIMScheduler`` configs that
+    ``CogVideoXPipeline`` runs with: 3.0 for CogVideoX-2B (the one checkpoint without RoPE, and the scheduler's
+    default), 1.0 for the 5B models."""
     return 1.0 if config.get("use_rotary_positional_embeddings") else 3.0
 
 
 @functools.lru_cache(maxsize=2)
 def _alphas_cumprod(shift: float) -> torch.Tensor:
-    """alpha_bar of the model's training noise schedule: scaled-linear betas, SNR ``shift``, zero terminal SNR."""
+    """alpha_bar of the model's training noise schedule, built by diffusers' ``CogVideoXDDIMScheduler`` as the
+    published configs set it: scaled-linear betas 0.00085 to 0.012 (the scheduler's defaults), SNR ``shift``,
+    zero terminal SNR, v-prediction (which :func:`_read_output` inverts as the scheduler's ``step`` does)."""
     from diffusers import CogVideoXDDIMScheduler
 
     scheduler = CogVideoXDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -133,7 +137,7 @@ def _make_inputs(model, latents, timestep, prompt_embeds) -> dict:
     kwargs = {
         "hidden_states": x.permute(0, 2, 1, 3, 4),  # the model takes (B, F, C, H, W)
         "encoder_hidden_states": prompt_embeds,
-        "timestep": t.to(torch.float32),
+        "timestep": t.to(torch.float32),  # CogVideoXPipeline passes the scheduler's step index t as is
         "return_dict": False,
     }
     if model.config.use_rotary_positional_embeddings:

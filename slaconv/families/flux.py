@@ -17,7 +17,8 @@ from . import DOUBLE_AND_SINGLE_STREAM, Family, heads_of_head_dim, register
 from .packing import pack, unpack
 
 GUIDANCE_SCALE = 3.5
-"""What FluxPipeline passes as ``guidance`` by default (FLUX.1-dev is guidance-distilled)."""
+"""``FluxPipeline``'s default ``guidance_scale``, which it passes unscaled as ``guidance`` to a model with
+``guidance_embeds`` (FLUX.1-dev is guidance-distilled)."""
 
 
 class SLA2FluxAttnProcessor(SLA2Processor):
@@ -83,10 +84,10 @@ def _make_inputs(model, latents, timestep, prompt_embeds, pooled_embeds=None, pr
     image_ids[..., 1] = torch.arange(height // 2, device=latents.device).view(-1, 1)
     image_ids[..., 2] = torch.arange(width // 2, device=latents.device).view(1, -1)
     kwargs = {
-        "hidden_states": pack(latents, 1, 2),
+        "hidden_states": pack(latents, 1, 2),  # FluxPipeline._pack_latents; ids: _prepare_latent_image_ids
         "encoder_hidden_states": prompt_embeds,
         "pooled_projections": pooled_embeds,
-        "timestep": timestep / 1000,  # the model scales it (and guidance) by 1000 itself
+        "timestep": timestep / 1000,  # as FluxPipeline passes it: the model scales it (and guidance) by 1000
         "img_ids": image_ids.view(-1, 3).to(latents.dtype),
         "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
         "return_dict": False,

@@ -19,7 +19,8 @@ from ..processor import JointText, RotaryCallSignature, SLA2Processor
 from . import DOUBLE_AND_SINGLE_STREAM, Family, heads_of_inner_dim, register
 
 GUIDANCE_SCALE = 6.0
-"""HunyuanVideoPipeline's default embedded guidance (the model is guidance-distilled)."""
+"""``HunyuanVideoPipeline``'s default ``guidance_scale``, the embedded guidance of the guidance-distilled model;
+the pipeline passes it times 1000 as ``guidance``, as :func:`_make_inputs` does."""
 
 
 def _rotate_video(x: torch.Tensor, rotary_emb, text_tokens: int, apply_rotary_emb) -> torch.Tensor:

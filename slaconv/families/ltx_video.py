@@ -15,9 +15,10 @@ from . import Family, heads_of_head_dim, register
 from .packing import pack, unpack
 
 FRAME_RATE = 25
-"""LTXPipeline's default frame rate, which sets the temporal RoPE scale."""
+"""``LTXPipeline``'s default ``frame_rate``, which sets the temporal RoPE scale."""
 VAE_COMPRESSION = (8, 32, 32)
-"""The LTX-Video VAE's (temporal, height, width) compression: the RoPE grid's scale in pixels."""
+"""The LTX-Video VAE's (temporal, height, width) compression, as ``LTXPipeline`` reads it from its VAE (and
+assumes without one): the RoPE grid's scale in pixels, ``rope_interpolation_scale`` = (8 / frame rate, 32, 32)."""
 
 
 class SLA2LTXVideoAttnProcessor(SLA2Processor):
@@ -59,9 +60,9 @@ def _make_inputs(model, latents, timestep, prompt_embeds, prompt_mask=None) -> d
         prompt_mask = torch.ones(prompt_embeds.shape[:2], device=latents.device)
     t_scale, h_scale, w_scale = VAE_COMPRESSION
     return {
-        "hidden_states": pack(latents, patch_t, patch),
+        "hidden_states": pack(latents, patch_t, patch),  # LTXPipeline._pack_latents
         "encoder_hidden_states": prompt_embeds,
-        "timestep": timestep,
+        "timestep": timestep,  # LTXPipeline passes the scheduler's 1000 * sigma
         "encoder_attention_mask": prompt_mask,
         "num_frames": frames // patch_t,
         "height": height // patch,

@@ -48,9 +48,9 @@ METRICS = (("attention_rel_l2_mean", "{:.4f}"), ("velocity_rel_l2_mean", "{:.4f}
 
 def demo_inputs(out: Path) -> tuple[Path, Path, Path]:
     """(base model, data, recipe) of ``slaconv demo``."""
-    from slaconv.data import write_synthetic_dataset
     from slaconv.demo import DEMO_RECIPE, TINY_WAN, build_tiny_wan
     from slaconv.recipe import Recipe
+    from slaconv.synthetic_data import write_synthetic_dataset
 
     recipe = Recipe.from_dict(DEMO_RECIPE)
     recipe.save(out / "recipe.yaml")
