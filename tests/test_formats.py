@@ -16,6 +16,7 @@ from slaconv.config import SLA2Config
 from slaconv.errors import InputError
 from slaconv.install import sla2_processors
 from slaconv.processor import hedgehog_init
+from slaconv.push import check_workdir
 from slaconv.workdir import WorkDir
 
 
@@ -134,10 +135,13 @@ def test_hedgehog_work_dir_stores_feature_weights_and_round_trips(tmp_path, tiny
     with torch.no_grad():
         assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
     assert (saved / "sla2.safetensors").read_bytes() == (work / "sla2.safetensors").read_bytes()
+    check_workdir(work)
     stored.pop("blocks.0.attn1.feature_k")
     save_file(stored, str(work / "sla2.safetensors"))
     with pytest.raises(InputError, match="missing SLA2 tensors"):
         slaconv.from_pretrained(work)
+    with pytest.raises(InputError, match="lacks blocks.0.attn1.feature_k"):  # what push checks first
+        check_workdir(work)
 
 
 @pytest.mark.parametrize("damage,match", [
