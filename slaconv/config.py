@@ -24,8 +24,9 @@ BLOCK_SIZES = (64, 128)
 """Query and key block sizes the kernels are built for."""
 KERNEL_HEAD_DIMS = (64, 128)
 """Head dims the Triton kernels take; other head dims run the PyTorch reference."""
-FEATURE_MAPS = ("softmax",)
-"""The linear branch's feature map phi: softmax over the head dimension."""
+FEATURE_MAPS = ("softmax", "hedgehog")
+"""The linear branch's feature map phi: softmax over the head dimension, or the learned Hedgehog map
+``[softmax(x W), softmax(-x W)]`` with one (d, d/2) weight per head, untied for queries and keys."""
 ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
 

@@ -1,7 +1,8 @@
 """The family-independent half of an SLA2 attention processor.
 
 An :class:`SLA2Processor` is an ``nn.Module`` so its parameters (``router_q``, ``router_k``
-[H, d, d], ``alpha_logit`` [H], all fp32) live in the model's state and follow ``.to()``,
+[H, d, d], ``alpha_logit`` [H], and with the hedgehog feature map ``feature_q``, ``feature_k`` [H, d, d/2], all
+fp32) live in the model's state and follow ``.to()``,
 ``requires_grad_`` and wrappers such as FSDP.  A family subclass computes Q, K, V exactly as the
 stock processor does and calls :meth:`attend` (self-attention) or :meth:`attend_joint` (text and
 visual tokens in one sequence), which run SLA2 (or dense attention while the processor is in
@@ -52,6 +53,15 @@ class RotaryCallSignature:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
+def hedgehog_init(heads: int, head_dim: int) -> torch.Tensor:
+    """Starting Hedgehog weights (H, d, d/2): the first d/2 columns of the identity, per head.
+
+    Then ``phi(x) = [softmax(x[:d/2]), softmax(-x[:d/2])]``: a softmax map over half the head dim plus its
+    mirror, close to the softmax map the linear branch uses without learned weights."""
+    eye = torch.eye(head_dim, dtype=torch.float32)[:, : head_dim // 2]
+    return eye.expand(heads, head_dim, head_dim // 2).clone()
+
+
 class SLA2Processor(torch.nn.Module):
     """SLA2 state and dispatch for one self-attention layer (tensors in (B, N, H, D) layout)."""
 
@@ -69,8 +79,16 @@ class SLA2Processor(torch.nn.Module):
         self.router_k = torch.nn.Parameter(eye)
         self.alpha_logit = torch.nn.Parameter(torch.full((heads,), math.log(alpha / (1 - alpha))))
         self.heads, self.head_dim = heads, head_dim
+        config = config if config is not None else SLA2Config()
+        if config.feature_map == "hedgehog":
+            if head_dim % 2:
+                raise ValueError(f"the hedgehog feature map needs an even head dim, got {head_dim}")
+            self.feature_q = torch.nn.Parameter(hedgehog_init(heads, head_dim))
+            self.feature_k = torch.nn.Parameter(hedgehog_init(heads, head_dim))
+        else:
+            self.feature_q = self.feature_k = None
         self.layer_name = layer_name
-        self.config = config if config is not None else SLA2Config()
+        self.config = config
         self.mode = "sla2"
         self.observer: Observer | None = None
         self.text_span: tuple[int, int] = NO_TEXT
@@ -86,6 +104,9 @@ class SLA2Processor(torch.nn.Module):
 
     @config.setter
     def config(self, config: SLA2Config) -> None:
+        if (config.feature_map == "hedgehog") != (self.feature_q is not None):
+            raise ValueError(f"{self.layer_name or 'SLA2 processor'}: cannot switch the feature map to "
+                             f"{config.feature_map!r} on an installed processor (its learned state differs)")
         self._config = config
         # A plain float, not a lookup by layer name: torch.compile then guards on the value, which every
         # layer shares, instead of on the name, which would recompile each block.
@@ -109,8 +130,12 @@ class SLA2Processor(torch.nn.Module):
                 f"blocks=({self.block_q}, {self.block_k}), quant={self.quant}, mode={self.mode}")
 
     def sla2_state(self) -> dict[str, torch.Tensor]:
-        """The learned tensors by name: ``router_q``, ``router_k``, ``alpha_logit``."""
-        return {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
+        """The learned tensors by name: ``router_q``, ``router_k``, ``alpha_logit`` (and ``feature_q``,
+        ``feature_k`` with the hedgehog feature map)."""
+        state = {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
+        if self.feature_q is not None:
+            state.update(feature_q=self.feature_q, feature_k=self.feature_k)
+        return state
 
     def always_kept(self, text_span: tuple[int, int] | None = None) -> tuple[int, int]:
         """The key-block range [start, end) holding the tokens of ``text_span`` (default :attr:`text_span`)."""
@@ -129,7 +154,8 @@ class SLA2Processor(torch.nn.Module):
         kwargs.setdefault("quant", self.quant)
         out = sla2_attention(
             q, k, v, self.router_q, self.router_k, self.alpha_logit, topk=self.topk, block_q=self.block_q,
-            block_k=self.block_k, layout="bnhd", always_kept=self.always_kept(span), **kwargs,
+            block_k=self.block_k, layout="bnhd", always_kept=self.always_kept(span), feature_q=self.feature_q,
+            feature_k=self.feature_k, **kwargs,
         )
         start, stop = span
         if start == stop:

@@ -29,7 +29,7 @@ from .errors import HubError, InputError, UsageError
 from .modelcard import CARD_MARKER, build_model_card
 from .utils.files import write_text_atomic
 from .validation_state import ValidationState, require_validated, validation_state
-from .workdir import SLA2_TENSORS, WorkDir
+from .workdir import HEDGEHOG_TENSORS, SLA2_TENSORS, WorkDir
 
 README = "README.md"
 REQUIRED = (WorkDir.MODEL_CONFIG, WorkDir.SLA2_STATE, WorkDir.SLA2_CONFIG)
@@ -89,11 +89,13 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...]) -> None:
-    """Every layer listed in sla2_config.json has router_q, router_k and alpha_logit in sla2.safetensors."""
+def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...], feature_map: str) -> None:
+    """Every layer listed in sla2_config.json has router_q, router_k and alpha_logit (and with the hedgehog
+    feature map feature_q and feature_k) in sla2.safetensors."""
     keys = set(read_safetensors_header(work.sla2_state_path)) - {"__metadata__"}
+    leaves = SLA2_TENSORS + (HEDGEHOG_TENSORS if feature_map == "hedgehog" else ())
     for layer in layers:
-        for leaf in SLA2_TENSORS:
+        for leaf in leaves:
             if f"{layer}.{leaf}" not in keys:
                 raise InputError(
                     f"{work.sla2_state_path} lacks {layer}.{leaf} (listed in {WorkDir.SLA2_CONFIG} layers)"
@@ -105,7 +107,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
 
     Checks: the required files exist, ``sla2_config.json`` reads (:meth:`WorkDir.read_sla2_config`), every
     weight file (and every shard the index names) is a complete safetensors file, and ``sla2.safetensors``
-    holds the three tensors of every listed layer. Only headers are read.
+    holds the learned tensors of every listed layer. Only headers are read.
     """
     root = Path(workdir).expanduser()
     if not root.is_dir():
@@ -118,7 +120,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     for name in WorkDir(root).weight_files():
         if name.endswith(".safetensors"):
             read_safetensors_header(root / name)
-    _check_sla2_tensors(work, config.layers)
+    _check_sla2_tensors(work, config.layers, config.attention.feature_map)
     return root.resolve()
 
 

@@ -111,6 +111,8 @@ class SLA2Settings(_Section):
     block_q: int = SLA2Config.block_q
     block_k: int = SLA2Config.block_k
     quant: str = SLA2Config.quant
+    feature_map: str = field(default=SLA2Config.feature_map, metadata={WRITTEN_WHEN_SET: True})
+    """The linear branch's phi: ``softmax`` (over the head dim) or ``hedgehog`` (learned, per head)."""
     alpha_init: str | float = "calibrate"
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
 
@@ -131,7 +133,7 @@ class SLA2Settings(_Section):
         """The attention settings these give every converted layer."""
         try:
             return SLA2Config(topk=self.topk, block_q=self.block_q, block_k=self.block_k, quant=self.quant,
-                              topk_per_layer=self.topk_per_layer or {})
+                              feature_map=self.feature_map, topk_per_layer=self.topk_per_layer or {})
         except ConfigError as exc:
             raise RecipeError(f"sla2.{exc}") from None
 
@@ -163,6 +165,8 @@ class Stage1Settings(_Section):
     left alpha nearly unmoved while the router drifted, and the held-out hard-mask error rose; router 1e-4
     with alpha 5e-2 lowered it 0.348 -> 0.285 in 20 steps (alpha alone: 0.288)."""
     alpha_lr: float = 5e-2
+    feature_lr: float = field(default=3e-2, metadata={WRITTEN_WHEN_SET: True})
+    """The hedgehog feature weights' learning rate (used only with ``sla2.feature_map: hedgehog``)."""
     tau: float = 0.1
     batch_size: int = 1
     query_blocks_per_step: int = 8
@@ -173,9 +177,7 @@ class Stage1Settings(_Section):
         _check(_is_int(self.batch_size, 1), "calibration.stage1.batch_size must be >= 1")
         _check(_is_number(self.tau) and self.tau > 0, "calibration.stage1.tau must be > 0")
         _check(_is_number(self.alpha_lr) and self.alpha_lr >= 0, "calibration.stage1.alpha_lr must be >= 0")
-        _check(self.steps == 0 or self.lr > 0 or self.alpha_lr > 0,
-               "calibration.stage1: lr and alpha_lr are both 0, so there is nothing to train "
-               "(set steps: 0 to skip stage 1)")
+        _check(_is_number(self.feature_lr) and self.feature_lr >= 0, "calibration.stage1.feature_lr must be >= 0")
         _check(_is_int(self.query_blocks_per_step, 1), "calibration.stage1.query_blocks_per_step must be >= 1")
 
 
@@ -317,6 +319,13 @@ class Recipe(_Section):
     data: DataSettings = field(default_factory=DataSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def __post_init__(self) -> None:
+        s1 = self.calibration.stage1
+        trains_features = self.sla2.feature_map == "hedgehog" and s1.feature_lr > 0
+        _check(s1.steps == 0 or s1.lr > 0 or s1.alpha_lr > 0 or trains_features,
+               "calibration.stage1: lr and alpha_lr are both 0 (and no feature map is learned), so there is "
+               "nothing to train (set steps: 0 to skip stage 1)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:

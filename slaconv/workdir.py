@@ -4,6 +4,7 @@ Layout::
 
     config.json, diffusion_pytorch_model*.safetensors   plain diffusers weights (dense-loadable)
     sla2.safetensors                                    "<layer>.router_q|router_k|alpha_logit", fp32
+                                                        (+ "feature_q|feature_k" with the hedgehog feature map)
     sla2_config.json                                    format, settings, layers, provenance, summaries
     recipe.yaml                                         the resolved recipe
     local.json                                          machine-local facts (never pushed)
@@ -42,6 +43,8 @@ from .source import ModelSource, content_hash, load_model, resolve_model
 from .utils.files import read_json, write_json
 
 SLA2_TENSORS = ("router_q", "router_k", "alpha_logit")
+HEDGEHOG_TENSORS = ("feature_q", "feature_k")
+"""The learned tensors a layer has besides :data:`SLA2_TENSORS` when its feature map is hedgehog."""
 ROUTER = {"projections": "per-head d x d, no bias", "init": "identity"}
 _REQUIRED_KEYS = ("layers", "block_q", "block_k", "topk", "quant")
 # sla2_config.json's keys, in the order slaconv has always written them; the SLA2Config fields are the settings.
@@ -382,7 +385,7 @@ def sla2_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def apply_sla2_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "SLA2 state") -> None:
     """Copy SLA2 tensors into installed processors; missing, extra or mis-shaped keys are errors."""
     procs = sla2_processors(model)
-    expected = {f"{n}.{t}": getattr(p, t) for n, p in procs.items() for t in SLA2_TENSORS}
+    expected = {f"{n}.{t}": tensor for n, p in procs.items() for t, tensor in p.sla2_state().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:

@@ -15,6 +15,8 @@ from helpers import run, write_recipe
 from slaconv.config import SLA2Config
 from slaconv.errors import InputError
 from slaconv.install import sla2_processors
+from slaconv.processor import hedgehog_init
+from slaconv.push import check_workdir
 from slaconv.workdir import WorkDir
 
 
@@ -111,6 +113,35 @@ def test_save_pretrained_of_a_model_converted_in_memory(tmp_path):
         assert torch.equal(model(**_inputs())[0], loaded(**_inputs())[0])
     assert sla2_processors(loaded)["blocks.1.attn1"].config == SLA2Config(topk=0.5, block_q=64, block_k=64,
                                                                            quant="none")
+
+
+def test_hedgehog_work_dir_stores_feature_weights_and_round_trips(tmp_path, tiny_wan_dir):
+    work, saved = tmp_path / "w", tmp_path / "saved"
+    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage2.steps": 0})
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--feature-map", "hedgehog")
+    run("calibrate", work, "--stage", "1")
+    assert json.loads((work / "sla2_config.json").read_text())["feature_map"] == "hedgehog"
+    assert "feature map hedgehog" in run("inspect", work).stdout
+    stored = load_file(str(work / "sla2.safetensors"))
+    model = slaconv.from_pretrained(work)
+    for name, proc in sla2_processors(model).items():
+        assert proc.config.feature_map == "hedgehog"
+        for t in ("feature_q", "feature_k"):
+            assert stored[f"{name}.{t}"].shape == (2, 24, 12)
+            assert not torch.equal(stored[f"{name}.{t}"], hedgehog_init(2, 24))  # stage 1 trained them
+            assert torch.equal(getattr(proc, t).detach(), stored[f"{name}.{t}"])
+    model.save_pretrained(saved)
+    again = slaconv.from_pretrained(saved)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
+    assert (saved / "sla2.safetensors").read_bytes() == (work / "sla2.safetensors").read_bytes()
+    check_workdir(work)
+    stored.pop("blocks.0.attn1.feature_k")
+    save_file(stored, str(work / "sla2.safetensors"))
+    with pytest.raises(InputError, match="missing SLA2 tensors"):
+        slaconv.from_pretrained(work)
+    with pytest.raises(InputError, match="lacks blocks.0.attn1.feature_k"):  # what push checks first
+        check_workdir(work)
 
 
 @pytest.mark.parametrize("damage,match", [

@@ -72,6 +72,27 @@ def test_processor_parameters_are_in_state_dict_fp32():
     assert torch.equal(proc.router_q[0], torch.eye(24))
 
 
+def test_hedgehog_processors_hold_feature_weights_and_run_them():
+    model = make_wan()
+    procs = _install(model, feature_map="hedgehog")
+    keys = {k for k in model.state_dict() if ".processor.feature" in k}
+    assert keys == {f"blocks.{i}.attn1.processor.feature_{t}" for i in range(2) for t in "qk"}
+    proc = procs["blocks.0.attn1"]
+    assert set(proc.sla2_state()) == {"router_q", "router_k", "alpha_logit", "feature_q", "feature_k"}
+    assert proc.feature_q.dtype == torch.float32 and proc.feature_q.shape == (2, 24, 12)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 256, 2, 24, generator=g) for _ in range(3))
+    out = proc.sparse_attention(q, k, v)
+    with torch.no_grad():
+        proc.feature_k.copy_(torch.randn(2, 24, 12, generator=g))
+    assert not torch.allclose(proc.sparse_attention(q, k, v), out, atol=1e-4)  # the weights are used
+    with pytest.raises(RuntimeError, match="hedgehog"):
+        proc.sparse_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="feature map"):
+        proc.config = proc.config.replace(feature_map="softmax")
+    assert _install(make_wan())["blocks.0.attn1"].feature_q is None
+
+
 def test_targets_and_ignore_patterns():
     model = make_wan()
     fam = get_family("wan")

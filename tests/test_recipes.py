@@ -148,6 +148,8 @@ def _variant(tmp_path: Path, patch: dict) -> Path:
     ({"sla2": {"block_q": 96}}, "sla2.block_q must be one of"),
     ({"sla2": {"block_k": 32}}, "sla2.block_k must be one of"),
     ({"sla2": {"quant": "fp4"}}, "sla2.quant must be one of"),
+    ({"sla2": {"feature_map": "cosine"}}, "sla2.feature_map must be one of"),
+    ({"calibration": {"stage1": {"feature_lr": -1.0}}}, "calibration.stage1.feature_lr must be >= 0"),
     ({"calibration": {"stage2": {"objective": "mse"}}}, "objective must be one of"),
     ({"calibration": {"stage2": {"lr": "1e-5"}}}, "stage2.lr must be > 0"),  # YAML string, not a float
     ({"data": {"height": 0}}, "data.height must be a positive integer"),
@@ -268,6 +270,22 @@ def test_keys_added_later_are_written_only_when_set(tmp_path: Path):
     r.save(tmp_path / "r.yaml")
     back = load_recipe(tmp_path / "r.yaml")
     assert back == r and back.calibration.divergence_factor == 3.0 and back.calibration.heldout_tolerance == 0.1
+    for key, value in (("sla2.feature_map", "hedgehog"), ("calibration.stage1.feature_lr", 0.1)):
+        assert key.rsplit(".", 1)[1] not in Recipe().dump()
+        changed = Recipe().override({key: value})
+        assert changed.hash() != Recipe().hash()
+        changed.save(tmp_path / "r.yaml")
+        assert load_recipe(tmp_path / "r.yaml") == changed
+
+
+def test_stage1_with_only_the_feature_rate_trains_a_hedgehog_map_only():
+    frozen = {"calibration.stage1.lr": 0.0, "calibration.stage1.alpha_lr": 0.0}
+    r = Recipe().override({"sla2.feature_map": "hedgehog", **frozen})
+    assert r.sla2.attention_config().feature_map == "hedgehog"
+    with pytest.raises(RecipeError, match="nothing to train"):
+        Recipe().override(frozen)
+    with pytest.raises(RecipeError, match="nothing to train"):
+        r.override({"calibration.stage1.feature_lr": 0.0})
 
 
 def test_sla2_section_builds_the_attention_config():

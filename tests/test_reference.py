@@ -229,3 +229,54 @@ def test_initial_alpha_is_selected_mass():
     tok = mask.float().repeat_interleave(64, 2).repeat_interleave(64, 3)
     expected = (p * tok).sum(-1).mean(dim=(0, 2))
     assert torch.allclose(alpha, expected, atol=1e-5)
+
+
+def fp64_hedgehog(x, w):
+    """[softmax(x W_h), softmax(-x W_h)] per head, in fp64, with explicit per-head products."""
+    proj = torch.stack([x[:, i].double() @ w[i].double() for i in range(x.shape[1])], dim=1)
+    e_pos, e_neg = torch.exp(proj - proj.amax(-1, keepdim=True)), torch.exp(-proj - (-proj).amax(-1, keepdim=True))
+    return torch.cat([e_pos / e_pos.sum(-1, keepdim=True), e_neg / e_neg.sum(-1, keepdim=True)], dim=-1)
+
+
+def test_hedgehog_features_are_nonnegative_halves_summing_to_one():
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(2, 3, 50, 16, generator=g) * 3, torch.randn(3, 16, 8, generator=g)
+    phi = R.feature_map(x, w)
+    assert phi.shape == (2, 3, 50, 16) and phi.dtype == torch.float32
+    assert (phi >= 0).all()
+    for half in (phi[..., :8], phi[..., 8:]):
+        assert torch.allclose(half.sum(-1), torch.ones(2, 3, 50), atol=1e-6)
+    assert torch.allclose(phi.double(), fp64_hedgehog(x, w), atol=1e-6)
+
+
+@pytest.mark.parametrize("n,bq,bk,topk", [(256, 64, 64, 0.25), (333, 128, 64, 0.3), (130, 64, 128, 0.01)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_with_hedgehog_features_matches_fp64(n, bq, bk, topk, seed):
+    """The linear branch with learned features against a dense fp64 computation of its definition."""
+    q, k, v, wq, wk, alpha = _inputs(2, 3, n, 32, seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    fq, fk = (torch.randn(3, 32, 16, generator=g) * 0.5 for _ in range(2))
+    expected_sparse, mask, _ = fp64_sla2(q, k, v, wq, wk, alpha, topk, bq, bk)
+    tok = mask.repeat_interleave(bq, dim=2)[:, :, :n].repeat_interleave(bk, dim=3)[..., :n]
+    a = (fp64_hedgehog(q, fq) @ fp64_hedgehog(k, fk).transpose(-1, -2)) * (1 - tok)
+    o_l = (a @ v.double()) / (a.sum(dim=-1, keepdim=True) + R.LINEAR_EPS)
+    a_soft = (torch.softmax(q.double(), -1) @ torch.softmax(k.double(), -1).transpose(-1, -2)) * (1 - tok)
+    o_l_soft = (a_soft @ v.double()) / (a_soft.sum(dim=-1, keepdim=True) + R.LINEAR_EPS)
+    # the fp64 oracle mixes O_s and softmax-feature O_l; swap in the hedgehog O_l with the same row alpha
+    full_rows = (tok == 1).all(dim=-1, keepdim=True)
+    a_row = torch.where(full_rows, torch.ones(1), torch.sigmoid(alpha.double()).view(1, 3, 1, 1))
+    expected = expected_sparse + (1 - a_row) * (o_l - o_l_soft)
+    out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=topk, block_q=bq, block_k=bk,
+                                     feature_q=fq, feature_k=fk)
+    err = (out.double() - expected).norm() / expected.norm()
+    assert err < 1e-5, err
+    softmax_out = R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=topk, block_q=bq, block_k=bk)
+    if not full_rows.all():  # the feature map really changes the result where a linear branch exists
+        assert (softmax_out.double() - expected).norm() / expected.norm() > 1e-3
+
+
+def test_feature_weights_come_in_pairs():
+    q, k, v, wq, wk, alpha = _inputs(1, 3, 128, 32, 0)
+    with pytest.raises(ValueError, match="together"):
+        R.sla2_attention_reference(q, k, v, wq, wk, alpha, topk=0.5, block_q=64, block_k=64,
+                                   feature_q=torch.zeros(3, 32, 16))

@@ -1,4 +1,5 @@
-"""Stage 1 of calibration: train each layer's router and alpha against full attention.
+"""Stage 1 of calibration: train each layer's router and alpha (and hedgehog feature weights) against full
+attention.
 
 The frozen model runs on calibration inputs at sampled noise levels with dense attention, and every
 target layer, as the forward reaches it, computes its own loss -- the MSE between full attention
@@ -61,7 +62,11 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             params.append(p)
     routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
     alphas = [proc.alpha_logit for proc in procs.values()]
-    optimizer = torch.optim.Adam([{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}])
+    features = [p for proc in procs.values() if proc.feature_q is not None for p in (proc.feature_q, proc.feature_k)]
+    groups = [{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}]
+    if features:
+        groups.append({"params": features, "lr": cfg.feature_lr})
+    optimizer = torch.optim.Adam(groups)
     model_config = work.read_model_config()
     sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
@@ -150,6 +155,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         load_sla2(start.kept_state(kept))
     first_last = checkpoints.first_last_loss(log_path)
     summary = {"stage1": {"steps": cfg.steps, "tau": tau, "lr": cfg.lr, "alpha_lr": cfg.alpha_lr,
+                          **({"feature_lr": cfg.feature_lr} if features else {}),
                           **start.summary(kept, seconds), "rel_mse_first": first_last[0],
                           "rel_mse_last": first_last[1], "heldout_attention_rel_mse_before": measured.before,
                           "heldout_attention_rel_mse_after": measured.score_of(kept),

@@ -32,6 +32,7 @@ def _kernel_backend():
 
 
 _warned_head_dims: set[int] = set()
+_warned_feature_map = False
 
 
 def _warn_reference_on_gpu(head_dim: int) -> None:
@@ -41,8 +42,20 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
+def _warn_hedgehog_on_gpu() -> None:
+    global _warned_feature_map
+    if not _warned_feature_map:
+        _warned_feature_map = True
+        warnings.warn("SLA2: the Triton kernels do not compute the hedgehog feature map yet; running the "
+                      "PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
+
+
+def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
+                   hedgehog: bool = False) -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
+
+    The kernels cover hard top-k over every query block with softmax features; ``hedgehog`` (learned
+    feature weights) runs on the reference, and asking for ``triton`` then is an error.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -58,9 +71,16 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         and not partial
     )
     if requested == "triton":
+        if hedgehog:
+            raise RuntimeError("the Triton SLA2 kernel does not compute the hedgehog feature map yet; "
+                               "use backend='reference'")
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
+    if hedgehog:
+        if q.is_cuda:
+            _warn_hedgehog_on_gpu()
+        return "reference"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
     return "triton" if kernel_ok and q.is_cuda else "reference"
@@ -70,7 +90,8 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
                    block_k: int = 64, quant: str = "none", layout: str = "bnhd", soft_tau: float | None = None,
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
-                   launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                   launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0),
+                   feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None) -> torch.Tensor:
     """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
@@ -79,11 +100,13 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     (documented and checked there).  ``soft_tau`` switches to SoftTop-k (stage-1 calibration) and ``q_blocks``
     computes only the given query blocks; both run on the reference path.  ``launch`` sets the Triton
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
-    defaults if None); the reference ignores it.
+    defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
+    feature map's weights (:func:`slaconv.kernels.reference.feature_map`), computed on the reference path.
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
-    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
+    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
+                            hedgehog=feature_q is not None or feature_k is not None)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
@@ -93,5 +116,6 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     out = reference.sla2_attention_reference(
         q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
         quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks, always_kept=spec.always_kept,
+        feature_q=feature_q, feature_k=feature_k,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

@@ -7,7 +7,8 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
 * mask: hard top-k per query-block row (``n_k`` key blocks, at least one), or SoftTop-k; an optional
   always-kept range of key blocks (the text of joint attention) is selected in every row besides them;
 * ``O_s``: softmax over the selected key blocks only (renormalised);
-* ``O_l``: linear attention with ``phi = softmax over the head dim`` over exactly the complement;
+* ``O_l``: linear attention over exactly the complement, with ``phi = softmax over the head dim`` or, given
+  per-head feature weights ``W`` (H, d, d/2), the Hedgehog map ``phi(x) = [softmax(x W), softmax(-x W)]``;
 * ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head; a row that selects
   every key block has no linear branch, and its output is ``O_s``.
 
@@ -166,9 +167,16 @@ def mask_to_lut(mask: torch.Tensor) -> torch.Tensor:
     return idx.sort(dim=-1).values.to(torch.int32)
 
 
-def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi for the linear branch: softmax over the head dimension, in fp32."""
-    return torch.softmax(x.float(), dim=-1)
+def feature_map(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """phi for the linear branch on (B, H, N, d) ``x``, in fp32.
+
+    Without ``weight``: softmax over the head dimension.  With per-head ``weight`` (H, d, d/2): the Hedgehog
+    map ``[softmax(x W_h), softmax(-x W_h)]``, whose two halves each sum to 1 and whose width is d again.
+    """
+    if weight is None:
+        return torch.softmax(x.float(), dim=-1)
+    proj = torch.einsum("bhnd,hde->bhne", x.float(), weight.float())
+    return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
 
 
 def _straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
@@ -204,8 +212,9 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              router_k: torch.Tensor, alpha_logit: torch.Tensor, *, topk: float, block_q: int = 128,
                              block_k: int = 64, quant: str = "none", soft_tau: float | None = None,
                              q_blocks: torch.Tensor | None = None, chunk_q_blocks: int = 8,
-                             mask: torch.Tensor | None = None,
-                             always_kept: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                             mask: torch.Tensor | None = None, always_kept: tuple[int, int] = (0, 0),
+                             feature_q: torch.Tensor | None = None,
+                             feature_k: torch.Tensor | None = None) -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
@@ -220,9 +229,13 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask: optional precomputed block mask (bool or float in [0, 1]), overriding the router.
         always_kept: key-block range ``[start, end)`` every query block selects besides its top-k
             (:func:`selection_mask`).
+        feature_q, feature_k: per-head Hedgehog weights (H, d, d/2) of the linear branch's feature map
+            for queries and keys (:func:`feature_map`); both or neither (then phi is softmax over d).
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if (feature_q is None) != (feature_k is None):
+        raise ValueError("feature_q and feature_k must be given together")
     b, h, n, d = q.shape
     nq = block_count(n, block_q)
     if mask is None:
@@ -246,7 +259,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         v_sparse = fake_quant_fp8(vf, v_scale)
     else:
         v_sparse = vf
-    phi_k = feature_map(k)
+    phi_k = feature_map(k, feature_k)
     alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
 
     outs = []
@@ -267,7 +280,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             p = fake_quant_fp8(p, torch.tensor(1.0 / FP8_E4M3_MAX, device=q.device))
         o_s = (p @ v_sparse) / denom
 
-        phi_q = feature_map(q[:, :, rows])
+        phi_q = feature_map(q[:, :, rows], feature_q)
         kern = (phi_q @ phi_k.transpose(-1, -2)) * (1.0 - w)
         o_l = (kern @ vf) / (kern.sum(dim=-1, keepdim=True) + LINEAR_EPS)
         # a row that selects every key block leaves the linear branch nothing: its output is O_s alone
