@@ -5,22 +5,27 @@ branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE,
 inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  Where ``fwd_sparse_kernel`` leaves
 the schedule to Triton, this kernel states it (FlashAttention-3's structure):
 
-* one program per 128-row query tile, 12 warps: a **producer** partition (the default 4 warps, few
-  registers) walks the tile's LUT row and issues TMA loads of the selected K and V blocks into a ring of
-  ``STAGES`` shared-memory slots, each guarded by a ``ready`` mbarrier (bytes landed) and an ``empty``
-  mbarrier (both consumers done with it);
-* two **consumer** warpgroups of 64 query rows each (``setmaxnreg`` raises their registers) run the
-  online softmax with asynchronous wgmma: S = Q K^T, exp2, O += P V;
-* **ping-pong**: a pair of turn mbarriers lets only one consumer run its softmax at a time, so one
-  warpgroup's exponentials overlap the other's tensor-core work;
-* the epilogue of each consumer finishes the linear branch and mixes (:func:`mix_linear_tail`, the one
-  place that knows the linear branch) and stores O through TMA.
+* **persistent**: the work items (one 128-row query tile of one (batch, head) each, tile-fastest) are
+  spread over one program per SM, each looping over its items; a program has 12 warps: a **producer**
+  partition (the default 4 warps, few registers) issues the TMA loads of each item's Q tile, its selected
+  K and V blocks into a ring of ``STAGES`` shared-memory slots (``ready`` mbarriers count the bytes in,
+  ``empty`` mbarriers wait for both consumers) and its H_rest.  The ring runs on across items, so the
+  next tile's Q and first K/V blocks load while the consumers finish the current tile;
+* two **consumer** warpgroups of 64 query rows each (``setmaxnreg`` raises their registers) first turn
+  their Q rows into the linear branch's weights psi (staged in shared memory, which frees the Q buffer
+  after the last QK^T), then run the online softmax with asynchronous wgmma;
+* **intra-warpgroup overlap** (``OVERLAP``): QK^T of block j+1 and PV of block j are in flight while the
+  exponentials of block j+1 run (FlashAttention-3's two-stage pipeline);
+* **ping-pong**: a pair of turn mbarriers lets only one consumer run its exponentials at a time, so one
+  warpgroup's softmax overlaps the other's tensor-core work;
+* the epilogue mixes in one wgmma, O = alpha O_s + psi H_rest (:func:`linear_tail_weights` is the one
+  place that knows the linear branch), and stores O through TMA from the psi buffer.
 
-Q, K, V and O are read and written through device-side tensor descriptors, one (N, D) view per (batch,
-head) with the tensor's token stride, so both layouts work and a ragged last tile or key block reads zeros
-past N (TMA bounds) and stores nothing there; logits of keys past N are set to -inf.  N and top-k are
-runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global scratch
-from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
+Q, K, V and O are read and written through device-side 4-d tensor descriptors, (batch, head, token, dim)
+with the tensor's strides, made once per program: both layouts work, and a ragged last tile or key block
+reads zeros past N (TMA bounds) and stores nothing there; logits of keys past N are set to -inf.  N and
+top-k are runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global
+scratch from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
 
 Selected with ``LaunchConfig(sparse_gluon=1)``; :func:`check_supported` raises
 :class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run.
@@ -72,69 +77,99 @@ class GluonUnavailableError(UsageError):
 
 
 @gluon.jit
-def mix_linear_tail(o_s, q, alpha, h_rest, z_rest_ptr, has_lin, D: gl.constexpr, O_LAYOUT: gl.constexpr):
-    """The epilogue's linear branch and mix, for one warpgroup's 64 rows: the one function that knows how
-    the tail beyond the selected blocks is estimated.
+def linear_tail_weights(q, alpha, z_rest_ptr, has_lin, D: gl.constexpr, LAYOUT: gl.constexpr):
+    """The linear branch's row weights for one warpgroup's 64 rows: the one function that knows how the tail
+    beyond the selected blocks is estimated (the epilogue then adds psi H_rest to alpha O_s in one MMA).
 
-    ``o_s`` is the normalised sparse output (fp32, ``O_LAYOUT``), ``q`` the 16-bit Q rows in the same
-    layout, ``h_rest`` the routing block's H_rest (D x D, shared memory) and ``z_rest_ptr`` its z_rest.
-    Returns O = alpha O_s + psi H_rest with psi = (1 - alpha) phi(Q) / den, den = phi(Q) z_rest + eps
-    (psi rounded to 16 bits before the MMA, as ``fwd_sparse_kernel`` does), and 1/den per row (0 when
-    every block is selected: then the linear branch is exactly 0)."""
+    ``q`` is the 16-bit Q rows (``LAYOUT``), ``z_rest_ptr`` the routing block's z_rest.  Returns
+    psi = (1 - alpha) phi(Q) / den (fp32; the caller rounds it to 16 bits for the MMA, as
+    ``fwd_sparse_kernel`` does) with den = phi(Q) z_rest + eps, and 1/den per row (0 when every block is
+    selected: then the linear branch is exactly 0)."""
     qf = q.to(gl.float32)
     e = gl.exp(qf - gl.expand_dims(gl.max(qf, axis=1), 1))
     phi_q = e / gl.expand_dims(gl.sum(e, axis=1), 1)
-    z_rest = gl.load(z_rest_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, O_LAYOUT)))
+    z_rest = gl.load(z_rest_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT)))
     den = gl.sum(phi_q * gl.expand_dims(z_rest, 0), axis=1) + LINEAR_EPS
     inv_den = (has_lin != 0).to(gl.float32) / den
-    psi = phi_q * gl.expand_dims((1.0 - alpha) * inv_den, 1)
-    psi16 = gl.convert_layout(psi.to(q.dtype), gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
-    return warpgroup_mma(psi16, h_rest, o_s * alpha), inv_den
+    return phi_q * gl.expand_dims((1.0 - alpha) * inv_den, 1), inv_den
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_ring, v_ring, ready, empty, lut_row, n_sel,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the selected K and V blocks into the ring, ``STAGES`` ahead of the consumers."""
-    for step in range(n_sel):
-        slot = step % STAGES
-        # a fresh mbarrier counts its phase before the first as complete: the first lap does not wait
-        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-        block = gl.load(lut_row + step)
-        mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [block * BLOCK_N, 0], ready.index(slot), k_ring.index(slot))
-        _tma_load(v_desc, [block * BLOCK_N, 0], ready.index(slot), v_ring.index(slot))
+def _work_item(item, nq, H):
+    """Work item -> (query tile, batch, head).  Items run tile-fastest, so the programs resident at one time
+    work on few heads and share their K and V blocks in L2."""
+    bh = item // nq
+    return item % nq, bh // H, bh % H
 
 
 @gluon.jit
-def _consumer(q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, my_turn, their_turn, o_desc,
-              lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-              WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              SAVE_LSE: gl.constexpr):
-    """One warpgroup's 64 query rows: the online softmax over the ring, then the epilogue."""
+def _tile4(buf, ROWS: gl.constexpr, D: gl.constexpr):
+    """A (ROWS, D) shared tile as the (1, 1, ROWS, D) box of the 4-d (batch, head, token, dim) descriptors:
+    a reshape that keeps the bytes and the swizzle."""
+    return buf.reshape([1, 1, ROWS, D])
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, h_desc, q_tiles, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free,
+              h_ready, h_free, LUT, n_items, nq, H, n_sel,
+              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads, item after item: the tile's Q once both consumers are past their last QK^T of the previous
+    tile, its selected K and V blocks into the ring (one ring for all items, so the next tile's first blocks
+    arrive while the consumers finish the current one), then its H_rest once the previous mix is done.
+    A fresh mbarrier counts its phase before the first as complete: the first waits on the free/empty
+    barriers pass at once."""
+    step = 0
+    lap = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        tile, b, h = _work_item(item, nq, H)
+        mbarrier.wait(q_free, (lap & 1) ^ 1)
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            _tma_load(q_desc, [b, h, tile * 128 + half * 64, 0], q_ready, _tile4(q_tiles.index(half), 64, D))
+        lut_row = LUT + item.to(gl.int64) * n_sel
+        for j in range(n_sel):
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+            block = gl.load(lut_row + j)
+            mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [b, h, block * BLOCK_N, 0], ready.index(slot),
+                      _tile4(k_ring.index(slot), BLOCK_N, D))
+            _tma_load(v_desc, [b, h, block * BLOCK_N, 0], ready.index(slot),
+                      _tile4(v_ring.index(slot), BLOCK_N, D))
+            step += 1
+        mbarrier.wait(h_free, (lap & 1) ^ 1)
+        mbarrier.expect(h_ready, h_desc.block_type.nbytes)
+        _tma_load(h_desc, [item * D, 0], h_ready, h_rest)
+        lap += 1
+
+
+@gluon.jit
+def _masked_logits(s, block, cols, N, qk_scale, BLOCK_N: gl.constexpr):
+    """Scaled logits of key block ``block``; keys past N (the ragged last block, zeros through TMA) -> -inf."""
+    return gl.where(gl.expand_dims(cols < N - block * BLOCK_N, 0), s * qk_scale, float("-inf"))
+
+
+@gluon.jit
+def _serial_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn, lut_row, N, n_sel, qk_scale,
+                 step, turn_phase, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The online softmax with every MMA waited for at once: QK^T(j), softmax(j), PV(j), in turn."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-    S_ROW: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-    O_ROW: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-
-    q = q_tiles.index(WG)
-    m_i = gl.full([64], float("-inf"), gl.float32, S_ROW)
-    l_i = gl.zeros([64], gl.float32, S_ROW)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, S_LAYOUT))
     acc = gl.zeros([64, D], gl.float32, O_LAYOUT)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, S_LAYOUT)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
-    turn_phase = 0
-    mbarrier.wait(q_bar, 0)
-    for step in range(n_sel):
+    for j in range(n_sel):
         slot = step % STAGES
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        block = gl.load(lut_row + step)
+        block = gl.load(lut_row + j)  # its latency hides behind the MMA
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        # keys past N (the ragged last block) read as zeros through TMA: mask their logits
-        s = gl.where(gl.expand_dims(cols < N - block * BLOCK_N, 0), s * qk_scale, float("-inf"))
+        mbarrier.arrive(q_free, pred=j == n_sel - 1)
+        s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
         # ping-pong: one warpgroup at a time runs its exponentials while the other's MMAs proceed
         mbarrier.wait(my_turn, turn_phase)
         turn_phase ^= 1
@@ -144,95 +179,186 @@ def _consumer(q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, my_tu
         mbarrier.arrive(their_turn)
         l_i = l_i * rescale + gl.sum(p, axis=1)
         m_i = m_new
-        acc = acc * gl.expand_dims(gl.convert_layout(rescale, O_ROW), 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, O_LAYOUT)), 1)
         p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
         acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
         mbarrier.arrive(empty.index(slot))
+        step += 1
+    return acc, m_i, l_i, step, turn_phase
 
-    rows = row0 + WG * 64 + gl.arange(0, 64, layout=O_ROW)
-    row_valid = rows < N
-    if SAVE_LSE:
-        gl.store(LSE + bh * N + rows, gl.convert_layout(m_i + gl.log2(l_i), O_ROW), mask=row_valid)
-    o_s = acc / gl.expand_dims(gl.convert_layout(l_i, O_ROW), 1)
-    mbarrier.wait(h_bar, 0)
-    o, inv_den = mix_linear_tail(o_s, q.load(O_LAYOUT), gl.load(ALPHA + h), h_rest, z_rest_ptr, has_lin, D, O_LAYOUT)
-    gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
-    # this warpgroup's Q rows are no longer read: their buffer stages O for the TMA store (clipped at N)
-    q.store(o.to(q.dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [row0 + WG * 64, 0], q)
+
+@gluon.jit
+def _pipelined_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn, lut_row, N, n_sel, qk_scale,
+                    step, turn_phase, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The online softmax with QK^T(j+1) and PV(j) in flight while the softmax of block j+1 runs
+    (FlashAttention-3's intra-warpgroup overlap): per step, issue QK^T(j+1) then PV(j), wait for the first,
+    run the exponentials, wait for the second, rescale.  The accumulator absorbs PV(j) under the old row
+    maximum before the rescale, so O_j = (O_{j-1} + P_j V_j) exp2(m_j - m_{j+1}) as in the serial loop."""
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, S_LAYOUT)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+
+    slot = step % STAGES
+    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+    s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    block = gl.load(lut_row)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    mbarrier.arrive(q_free, pred=n_sel == 1)
+    s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
+    mbarrier.wait(my_turn, turn_phase)
+    turn_phase ^= 1
+    m_i = gl.max(s, axis=1)
+    p = gl.exp2(s - gl.expand_dims(m_i, 1))
+    mbarrier.arrive(their_turn)
+    l_i = gl.sum(p, axis=1)
+    p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
+    acc = gl.zeros([64, D], gl.float32, O_LAYOUT)
+    for j in range(1, n_sel):
+        next_slot = (step + 1) % STAGES
+        mbarrier.wait(ready.index(next_slot), ((step + 1) // STAGES) & 1)
+        s = warpgroup_mma(q, k_ring.index(next_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+        block = gl.load(lut_row + j)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # groups retire in order: QK^T(j) is done
+        mbarrier.arrive(q_free, pred=j == n_sel - 1)
+        s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
+        mbarrier.wait(my_turn, turn_phase)
+        turn_phase ^= 1
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        rescale = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        mbarrier.arrive(their_turn)
+        l_i = l_i * rescale + gl.sum(p, axis=1)
+        m_i = m_new
+        acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+        mbarrier.arrive(empty.index(slot))
+        acc = acc * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, O_LAYOUT)), 1)
+        p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
+        step += 1
+        slot = next_slot
+    acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+    mbarrier.arrive(empty.index(slot))
+    return acc, m_i, l_i, step + 1, turn_phase
+
+
+@gluon.jit
+def _consumer(q_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+              my_turn, their_turn, o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, n_items, nq, H, N, n_sel, qk_scale,
+              has_lin, WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr):
+    """One warpgroup's 64 query rows of each item: psi from Q first (staged in shared memory for the mix, so
+    the Q buffer is free for the next tile as soon as the last QK^T is done), the online softmax over the
+    ring, then the mix O = alpha O_s + psi H_rest and the TMA store of O from the same staging buffer."""
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    O_ROW: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    q = q_tiles.index(WG)
+    stage = staging.index(WG)
+    step = 0
+    lap = 0
+    turn_phase = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        tile, b, h = _work_item(item, nq, H)
+        bh = item.to(gl.int64) // nq
+        rows = tile * 128 + WG * 64 + gl.arange(0, 64, layout=O_ROW)
+        row_valid = rows < N
+        alpha = gl.load(ALPHA + h)
+        mbarrier.wait(q_ready, lap & 1)
+        psi, inv_den = linear_tail_weights(q.load(O_LAYOUT), alpha, Z_REST + item.to(gl.int64) * D, has_lin, D,
+                                           O_LAYOUT)
+        gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
+        tma.store_wait(0)  # the previous item's O has left the staging buffer
+        stage.store(psi.to(q.dtype))
+        fence_async_shared()
+        lut_row = LUT + item.to(gl.int64) * n_sel
+        if OVERLAP:
+            acc, m_i, l_i, step, turn_phase = _pipelined_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn,
+                                                              their_turn, lut_row, N, n_sel, qk_scale, step,
+                                                              turn_phase, D, BLOCK_N, STAGES)
+        else:
+            acc, m_i, l_i, step, turn_phase = _serial_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn,
+                                                           their_turn, lut_row, N, n_sel, qk_scale, step,
+                                                           turn_phase, D, BLOCK_N, STAGES)
+        if SAVE_LSE:
+            gl.store(LSE + bh * N + rows, gl.convert_layout(m_i + gl.log2(l_i), O_ROW), mask=row_valid)
+        o_s = acc / gl.expand_dims(gl.convert_layout(l_i, O_ROW), 1)
+        mbarrier.wait(h_ready, lap & 1)
+        o = warpgroup_mma(stage, h_rest, o_s * alpha)
+        mbarrier.arrive(h_free)
+        stage.store(o.to(q.dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [b, h, tile * 128 + WG * 64, 0], _tile4(stage, 64, D))  # clipped at N
+        lap += 1
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["N", "H", "n_sel", "nq", "qk_scale", "has_lin"])
+@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "qk_scale", "has_lin"])
 def fwd_sparse_gluon_kernel(
     Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    N, H, n_sel, nq, qk_scale, has_lin,
-    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr,
+    N, B, H, n_sel, nq, qk_scale, has_lin,
+    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
     ROWS_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, SQUARE_LAYOUT: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    ROWS4_LAYOUT: gl.constexpr, KV4_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
-    """One 128-row query tile (= one routing block) of one (batch, head): grid (tiles, B*H)."""
-    tile = gl.program_id(0)
-    bh = gl.program_id(1).to(gl.int64)
-    b = bh // H
-    h = bh % H
-    row0 = tile * 128
-    state = bh * nq + tile
-    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [N, D], [stride_qn, 1], [64, D],
-                                        ROWS_LAYOUT)
-    o_desc = tma.make_tensor_descriptor(O + b * stride_ob + h * stride_oh, [N, D], [stride_on, 1], [64, D],
-                                        ROWS_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, [N, D], [stride_kn, 1], [BLOCK_N, D],
-                                        KV_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, [N, D], [stride_vn, 1], [BLOCK_N, D],
-                                        KV_LAYOUT)
-    h_desc = tma.make_tensor_descriptor(H_REST + state * D * D, [D, D], [D, 1], [D, D], SQUARE_LAYOUT)
+    """The B*H*nq work items (one 128-row query tile = one routing block of one (batch, head)) on a 1-d grid
+    of any size: program p runs items p, p + P, p + 2P, ...  (P programs: as many as SMs for the persistent
+    schedule, one per item for the plain one)."""
+    q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
+                                        ROWS4_LAYOUT)
+    o_desc = tma.make_tensor_descriptor(O, [B, H, N, D], [stride_ob, stride_oh, stride_on, 1], [1, 1, 64, D],
+                                        ROWS4_LAYOUT)
+    k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK_N, D],
+                                        KV4_LAYOUT)
+    v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK_N, D],
+                                        KV4_LAYOUT)
+    n_items = B * H * nq
+    h_desc = tma.make_tensor_descriptor(H_REST, [n_items * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
     dtype: gl.constexpr = Q.dtype.element_ty
 
     q_tiles = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)
+    staging = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)  # psi, then O
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
     h_rest = gl.allocate_shared_memory(dtype, [D, D], SQUARE_LAYOUT)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    h_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_ready, q_free, h_ready, h_free = tile_bars.index(0), tile_bars.index(1), tile_bars.index(2), tile_bars.index(3)
     for slot in gl.static_range(STAGES):
         mbarrier.init(ready.index(slot), count=1)
         mbarrier.init(empty.index(slot), count=2)  # released by both consumers
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(h_bar, count=1)
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_free, count=2)
+    mbarrier.init(h_ready, count=1)
+    mbarrier.init(h_free, count=2)
     fence_async_shared()
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    _tma_load(q_desc, [row0, 0], q_bar, q_tiles.index(0))
-    _tma_load(q_desc, [row0 + 64, 0], q_bar, q_tiles.index(1))
-    mbarrier.expect(h_bar, h_desc.block_type.nbytes)
-    _tma_load(h_desc, [0, 0], h_bar, h_rest)
     mbarrier.arrive(turns.index(0))  # consumer 0 takes the first softmax turn
 
-    lut_row = LUT + state * n_sel
-    z_rest_ptr = Z_REST + state * D
     gl.warp_specialize([
-        (_producer, (k_desc, v_desc, k_ring, v_ring, ready, empty, lut_row, n_sel, BLOCK_N, STAGES)),
-        (_consumer, (q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, turns.index(0), turns.index(1),
-                     o_desc, lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-                     0, D, BLOCK_N, STAGES, SAVE_LSE)),
-        (_consumer, (q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, turns.index(1), turns.index(0),
-                     o_desc, lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-                     1, D, BLOCK_N, STAGES, SAVE_LSE)),
+        (_producer, (q_desc, k_desc, v_desc, h_desc, q_tiles, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free,
+                     h_ready, h_free, LUT, n_items, nq, H, n_sel, D, BLOCK_N, STAGES)),
+        (_consumer, (q_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                     turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, n_items, nq, H, N,
+                     n_sel, qk_scale, has_lin, 0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP)),
+        (_consumer, (q_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                     turns.index(1), turns.index(0), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, n_items, nq, H, N,
+                     n_sel, qk_scale, has_lin, 1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 def shared_bytes(head_dim: int, block_k: int, stages: int, elem_bytes: int = 2) -> int:
-    """Shared memory of one program: Q (128 rows), the K/V ring and H_rest (the barriers are a few bytes)."""
-    return elem_bytes * head_dim * (128 + 2 * stages * block_k + head_dim)
+    """Shared memory of one program: Q and the psi / O staging tile (128 rows each), the K/V ring and H_rest
+    (the barriers are a few bytes)."""
+    return elem_bytes * head_dim * (2 * 128 + 2 * stages * block_k + head_dim)
 
 
 def ring_stages(head_dim: int, block_k: int, stages: int) -> int:
@@ -270,22 +396,38 @@ def check_supported(device: torch.device, dtype: torch.dtype, head_dim: int, blo
 
 
 def shared_layouts(dtype: torch.dtype, head_dim: int, block_k: int) -> dict:
-    """The NVMMA shared-memory layouts (swizzles) of the Q/O tiles, K/V blocks and H_rest: constexprs."""
+    """The NVMMA shared-memory layouts (swizzles) of the Q / psi / O tiles, K/V blocks and H_rest, and of the
+    same tiles as (1, 1, rows, D) boxes of the 4-d descriptors: constexprs."""
     gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return {"ROWS_LAYOUT": gl.NVMMASharedLayout.get_default_for([64, head_dim], gl_dtype),
             "KV_LAYOUT": gl.NVMMASharedLayout.get_default_for([block_k, head_dim], gl_dtype),
-            "SQUARE_LAYOUT": gl.NVMMASharedLayout.get_default_for([head_dim, head_dim], gl_dtype)}
+            "SQUARE_LAYOUT": gl.NVMMASharedLayout.get_default_for([head_dim, head_dim], gl_dtype),
+            "ROWS4_LAYOUT": gl.NVMMASharedLayout.get_default_for([1, 1, 64, head_dim], gl_dtype),
+            "KV4_LAYOUT": gl.NVMMASharedLayout.get_default_for([1, 1, block_k, head_dim], gl_dtype)}
+
+
+def persistent_programs(n_items: int, device: torch.device) -> int:
+    """Programs of the persistent schedule: one per SM (the shared memory of one program fills an SM), at
+    most one per item.  Off a GPU (the offline compile report) every item gets a program."""
+    if device.type != "cuda":
+        return n_items
+    return min(n_items, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, strides, N, H, n_sel, nq,
-                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, num_stages: int):
-    """The sparse forward on ``grid`` (tiles of 128 rows, B*H) in one Gluon launch.  ``strides`` are the
-    (batch, head, token) strides of q, k, v and o in that order; the other arguments are those of
-    ``fwd_sparse_kernel`` (``lse`` may be any fp32 buffer when SAVE_LSE is false).  The caller has run
-    :func:`check_supported`."""
+                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, num_stages: int,
+                        persistent: bool = True, overlap: bool = True):
+    """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
+    are the (batch, head, token) strides of q, k, v and o in that order; the other arguments are those of
+    ``fwd_sparse_kernel`` (``lse`` may be any fp32 buffer when SAVE_LSE is false).  ``persistent``: one
+    program per SM loops over the items (else one program per item); ``overlap``: QK^T(j+1) runs during
+    softmax(j) (else each MMA is waited for at once).  The caller has run :func:`check_supported`."""
+    tiles, bh = grid
+    n_items = tiles * bh
+    programs = persistent_programs(n_items, q.device) if persistent else n_items
     triton.set_allocator(scratch_allocator(q.device))
-    fwd_sparse_gluon_kernel[grid](
-        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *strides, N, H, n_sel, nq, qk_scale, has_lin,
-        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, num_stages), SAVE_LSE=SAVE_LSE,
+    fwd_sparse_gluon_kernel[(programs, )](
+        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *strides, N, bh // H, H, n_sel, nq, qk_scale, has_lin,
+        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, num_stages), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS, **shared_layouts(q.dtype, D, BLOCK_N),
     )
