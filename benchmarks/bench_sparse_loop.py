@@ -13,8 +13,10 @@ on those tensors and that LUT, in one process:
   warp-specialized         ``fwd_sparse_ws_kernel`` alone, and with the ``psi_rows`` pass it needs
                            (``slaconv/kernels/sla2_triton_ws.py``)
   Gluon                    ``fwd_sparse_gluon_kernel`` alone (``slaconv/kernels/sla2_gluon.py``: TMA
-                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue); a
-                           failure to compile or run is a failed row, the others still run
+                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue), four
+                           schedules: one program per query tile or persistent (one per SM), each with
+                           the serial or the overlapped (QK^T(j+1) during softmax(j)) loop; a failure to
+                           compile or run is a failed row, the others still run
   SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain,
                            ``sparse_ws=1`` and ``sparse_gluon=1``, for scale
   flex                     compiled ``flex_attention`` with ``BlockMask.from_kv_blocks(...,
@@ -181,7 +183,7 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     ]
     whole_ops = [("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
     if gluon:
-        rows.append(gluon_row(op(GLUON_LAUNCH), lut, allocate, bhnd))
+        rows += gluon_rows(op(GLUON_LAUNCH), lut, allocate, bhnd)
         whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
     for name, launch in whole_ops:
         outputs = {}
@@ -194,33 +196,48 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     return lut, rows
 
 
-def gluon_row(run, lut, allocate, bhnd):
-    """The Gluon sparse launch alone, replayed from one forward of ``run``; if that forward fails (the kernel
-    does not compile or launch), a row whose call raises the same error, so the table records it."""
-    name = "Gluon sparse launch (producer + ping-pong)"
+GLUON_SCHEDULES = (
+    # (row, one program per work item?, OVERLAP): the schedule sparse_gluon=1 runs is the last
+    ("Gluon, program per tile, serial loop", True, False),
+    ("Gluon, program per tile, overlapped loop", True, True),
+    ("Gluon, persistent, serial loop", False, False),
+    ("Gluon, persistent + overlapped loop (sparse_gluon=1)", False, True),
+)
+
+
+def gluon_rows(run, lut, allocate, bhnd):
+    """The Gluon sparse launch alone under each of :data:`GLUON_SCHEDULES`, replayed from one forward of
+    ``run`` with the grid (one program per (query tile, batch*head) item, or the persistent one the forward
+    launched) and the loop (``OVERLAP``) of the row.  If that forward fails (the kernel does not compile or
+    launch), rows whose calls raise the same error, so the table records it."""
     try:
         call = captured_launches(run, [(gluon_kernels, "fwd_sparse_gluon_kernel")])["fwd_sparse_gluon_kernel"]
         if not torch.equal(lut, argument(call, "LUT")):
             raise RuntimeError("the Gluon forward built a different LUT")
-    except Exception as exc:  # noqa: BLE001 - reported as a failed row by measure()
-        print(f"{name}: the capturing forward failed: {type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:  # noqa: BLE001 - reported as failed rows by measure()
+        print(f"Gluon rows: the capturing forward failed: {type(exc).__name__}: {str(exc)[:300]}")
         error = exc
 
         def fail():
             raise error
 
         def no_output():
-            raise KeyError(name)  # _poison: nothing to poison
+            raise KeyError("Gluon")  # _poison: nothing to poison
 
-        return name, fail, no_output
-    loop = replay(call)
-
-    def alone():
-        triton.set_allocator(allocate)
-        loop()
-
+        return [(name, fail, no_output) for name, _, _ in GLUON_SCHEDULES]
+    kernel, persistent_grid, args, kwargs = call
+    items = (math.prod(lut.shape[:-1]), )
     o_gluon = argument(call, "O")
-    return name, alone, lambda: bhnd(o_gluon)
+    rows = []
+    for name, per_item, overlap in GLUON_SCHEDULES:
+        loop = replay((kernel, items if per_item else persistent_grid, args, kwargs | {"OVERLAP": overlap}))
+
+        def alone(loop=loop):
+            triton.set_allocator(allocate)
+            loop()
+
+        rows.append((name, alone, lambda: bhnd(o_gluon)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

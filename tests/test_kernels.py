@@ -7,6 +7,7 @@ anything imports Triton) on small shapes; with CUDA the same tests run on the GP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -471,16 +472,60 @@ def test_gluon_sparse_launch_matches_plain_launch_and_reference(layout, b, h, n,
 
 @needs_hopper
 def test_gluon_sparse_launch_compiles_once_for_any_n_and_topk():
+    """One compiled kernel serves every N and top-k, and is right for each (against the plain launch): a
+    ragged N, one selected block (the pipelined loop's prologue alone), as many as the ring has slots, more,
+    and all of them (no linear branch)."""
     def variants():
         return sum(len(cache[0]) for cache in gluon_kernels.fwd_sparse_gluon_kernel.device_caches.values())
 
     counts = []
-    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5)]:
+    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5), (4001, 0.01), (4001, 0.05), (4001, 1.0)]:
         q, k, v, rq, rk, al = _inputs(1, 2, n, 128, "bnhd", dtype=torch.bfloat16, seed=n)
-        _run_kernel(q, k, v, rq, rk, al, "bnhd", launch=GLUON_LAUNCH, topk=topk)
+        _check_gluon_against_plain(q, k, v, rq, rk, al, topk, "bnhd")
         torch.cuda.synchronize()
         counts.append(variants())
     assert counts[0] > 0 and len(set(counts)) == 1, counts
+
+
+def _gluon_outputs(q, k, v, rq, rk, al, topk, layout, **schedule):
+    """(O, LSE, 1/den) of the Gluon launch run with ``schedule`` (launch_sparse_gluon's keywords)."""
+    launch = gluon_kernels.launch_sparse_gluon
+    gluon_kernels.launch_sparse_gluon = functools.partial(launch, **schedule)
+    try:
+        o, _, lse, inv_den, _, _ = S.sla2_fwd(q, k, v, rq, rk, al, topk, 128, 64, "none", 0, 0, layout, True,
+                                              GLUON_LAUNCH.as_ints())
+    finally:
+        gluon_kernels.launch_sparse_gluon = launch
+    return o, lse, inv_den
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("topk", [0.03, 0.1, 0.3])
+def test_gluon_schedules_agree(layout, topk, monkeypatch):
+    """Every schedule of the Gluon launch computes the same rows: one program per work item, and persistent
+    programs (as many as SMs, and 5, so that each loops over ~40 items: the K/V ring, the Q / H_rest
+    barriers and the softmax turns run on across tiles with n_sel not a multiple of the ring's slots).
+    Schedules with the same loop are bit-identical (the same math per item); the overlapped loop adds
+    PV(j) before the rescale instead of after, so it agrees with the serial one to bf16 rounding."""
+    q, k, v, rq, rk, al = _inputs(2, 3, 4001, 128, layout, dtype=torch.bfloat16, seed=131)
+    few = functools.partial(min, 5)
+    results = {}
+    for overlap in (True, False):
+        per_item = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, persistent=False, overlap=overlap)
+        per_sm = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, persistent=True, overlap=overlap)
+        with monkeypatch.context() as m:
+            m.setattr(gluon_kernels, "persistent_programs", lambda n_items, device: few(n_items))
+            five = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, persistent=True, overlap=overlap)
+        for name, a, b, c in zip(("O", "LSE", "1/den"), per_item, per_sm, five):
+            assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(a, c), (name, overlap)
+        results[overlap] = per_item
+    o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
+    for name, got, want, dims, rel, tol in zip(("O", "LSE", "1/den"), results[True], results[False],
+                                               (o_dims, ("batch*head", "token"), ("batch*head", "token")),
+                                               (5e-3, 1e-6, 0.0), (3e-2, 1e-4, 0.0)):
+        assert rel_l2(got, want) <= rel, _mismatch(name, got, want, dims, tol)
+    _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout)
 
 
 def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
