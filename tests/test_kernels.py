@@ -528,6 +528,31 @@ def test_gluon_schedules_agree(layout, topk, monkeypatch):
     _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout)
 
 
+def test_gluon_where_it_applies_and_the_plain_launch_elsewhere(monkeypatch):
+    """LaunchConfig.sparse_gluon=2 (what the default becomes once the GPU measures Gluon faster): the Gluon
+    launch for 16-bit, quant="none" calls on a Hopper GPU (the outputs of sparse_gluon=1, bit for bit), the
+    plain launch for everything else (the default's outputs, bit for bit), and no usage error anywhere."""
+    auto = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=2)
+    assert LaunchConfig.from_ints(auto.as_ints()) == auto
+    dataclasses.replace(auto, sparse_ws=1)  # the warp-specialized launch wins; not a conflict
+    with pytest.raises(ValueError, match="sparse_gluon"):
+        dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=3)
+    launched = []
+    real = gluon_kernels.launch_sparse_gluon
+    monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", dtype=WS_DTYPE, seed=101)
+    for quant in ("none", "int8"):
+        args = (q, k, v, rq, rk, al, 0.3, 128, 64, quant, 0, 0, "bnhd", True)
+        expect_gluon = IS_HOPPER and quant == "none"
+        want = S.sla2_fwd(*args, (GLUON_LAUNCH if expect_gluon else DEFAULT_LAUNCH).as_ints())
+        launched.clear()
+        got = S.sla2_fwd(*args, auto.as_ints())
+        assert len(launched) == int(expect_gluon), (quant, launched)
+        for name, a, b_ in zip(("O", "LUT", "LSE", "1/den"), got[:4], want[:4]):
+            assert torch.equal(a, b_), (quant, name)
+
+
 def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
     """One-line GluonUnavailableError (a usage error) before anything is launched: low-bit modes, 32-bit
     inputs, 64-query blocks, a device that is not a Hopper GPU; and not together with sparse_ws."""

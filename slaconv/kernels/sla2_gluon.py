@@ -27,8 +27,9 @@ reads zeros past N (TMA bounds) and stores nothing there; logits of keys past N 
 top-k are runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global
 scratch from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
 
-Selected with ``LaunchConfig(sparse_gluon=1)``; :func:`check_supported` raises
-:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run.
+Selected with ``LaunchConfig(sparse_gluon=1)``, where :func:`check_supported` raises
+:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run, or with
+``sparse_gluon=2`` where it :func:`applies` (the plain launch elsewhere).
 Gluon kernels do not run under ``TRITON_INTERPRET``: CPU tests compile this one for sm_90a
 (``tests/test_kernel_codegen.py``) and the GPU tests compare it with the reference (``tests/test_kernels.py``).
 """
@@ -393,6 +394,15 @@ def check_supported(device: torch.device, dtype: torch.dtype, head_dim: int, blo
     """:func:`check_inputs` and :func:`check_device`: what the forward calls before any launch."""
     check_inputs(dtype, head_dim, block_q, block_k, quant)
     check_device(device)
+
+
+def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str) -> bool:
+    """Whether the kernel computes this call on this device (``LaunchConfig.sparse_gluon=2`` picks it then)."""
+    try:
+        check_supported(device, dtype, head_dim, block_q, block_k, quant)
+    except GluonUnavailableError:
+        return False
+    return True
 
 
 def shared_layouts(dtype: torch.dtype, head_dim: int, block_k: int) -> dict:
