@@ -48,6 +48,10 @@ plain sparse launch 275 / 300 / 320 (the kernels README's profile: 0.71 ms at 97
 350 / 390 / 420, with its row pass 310 / 360 / 400; flex, full blocks 260 / 280 / 300, partial a little lower;
 cuDNN bf16 430 / 470 / 500 and FP8 550 / 620 / 680 (if its wheels are installed at all); dense: cuDNN
 about 560 and Flash about 360 dense TFLOP/s.
+
+Predictions for the four Gluon schedules, written before their first run (H100, same shape, sparse TFLOP/s
+at 97 / 90%; the earlier per-tile serial kernel measured 297 / 415): program per tile, serial loop 295 / 410;
+per tile, overlapped 330 / 470; persistent, serial 340 / 440; persistent + overlapped 390 / 500.
 """
 
 from __future__ import annotations
