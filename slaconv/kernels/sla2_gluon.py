@@ -151,6 +151,18 @@ def _masked_logits(s, block, cols, N, qk_scale, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _softmax_step(s, m_i, l_i, my_turn, their_turn, turn_phase):
+    """One block's online-softmax update: (P, new row max, new row sum, rescale of the old accumulator, turn
+    phase).  Ping-pong: one warpgroup at a time runs its exponentials while the other's MMAs proceed."""
+    mbarrier.wait(my_turn, turn_phase)
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    rescale = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    mbarrier.arrive(their_turn)
+    return p, m_new, l_i * rescale + gl.sum(p, axis=1), rescale, turn_phase ^ 1
+
+
+@gluon.jit
 def _serial_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn, lut_row, N, n_sel, qk_scale,
                  step, turn_phase, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The online softmax with every MMA waited for at once: QK^T(j), softmax(j), PV(j), in turn."""
@@ -171,15 +183,7 @@ def _serial_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn, l
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(q_free, pred=j == n_sel - 1)
         s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
-        # ping-pong: one warpgroup at a time runs its exponentials while the other's MMAs proceed
-        mbarrier.wait(my_turn, turn_phase)
-        turn_phase ^= 1
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        rescale = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        mbarrier.arrive(their_turn)
-        l_i = l_i * rescale + gl.sum(p, axis=1)
-        m_i = m_new
+        p, m_i, l_i, rescale, turn_phase = _softmax_step(s, m_i, l_i, my_turn, their_turn, turn_phase)
         acc = acc * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, O_LAYOUT)), 1)
         p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
         acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
@@ -210,12 +214,9 @@ def _pipelined_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(q_free, pred=n_sel == 1)
     s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
-    mbarrier.wait(my_turn, turn_phase)
-    turn_phase ^= 1
-    m_i = gl.max(s, axis=1)
-    p = gl.exp2(s - gl.expand_dims(m_i, 1))
-    mbarrier.arrive(their_turn)
-    l_i = gl.sum(p, axis=1)
+    p, m_i, l_i, _, turn_phase = _softmax_step(s, gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT)),
+                                               gl.zeros([64], gl.float32, gl.SliceLayout(1, S_LAYOUT)), my_turn,
+                                               their_turn, turn_phase)
     p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
     acc = gl.zeros([64, D], gl.float32, O_LAYOUT)
     for j in range(1, n_sel):
@@ -227,14 +228,7 @@ def _pipelined_loop(q, k_ring, v_ring, ready, empty, q_free, my_turn, their_turn
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # groups retire in order: QK^T(j) is done
         mbarrier.arrive(q_free, pred=j == n_sel - 1)
         s = _masked_logits(s, block, cols, N, qk_scale, BLOCK_N)
-        mbarrier.wait(my_turn, turn_phase)
-        turn_phase ^= 1
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        rescale = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        mbarrier.arrive(their_turn)
-        l_i = l_i * rescale + gl.sum(p, axis=1)
-        m_i = m_new
+        p, m_i, l_i, rescale, turn_phase = _softmax_step(s, m_i, l_i, my_turn, their_turn, turn_phase)
         acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
         mbarrier.arrive(empty.index(slot))
         acc = acc * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, O_LAYOUT)), 1)
