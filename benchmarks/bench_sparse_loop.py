@@ -13,10 +13,11 @@ on those tensors and that LUT, in one process:
   warp-specialized         ``fwd_sparse_ws_kernel`` alone, and with the ``psi_rows`` pass it needs
                            (``slaconv/kernels/sla2_triton_ws.py``)
   Gluon                    ``fwd_sparse_gluon_kernel`` alone (``slaconv/kernels/sla2_gluon.py``: TMA
-                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue), four
-                           schedules: one program per query tile or persistent (one per SM), each with
-                           the serial or the overlapped (QK^T(j+1) during softmax(j)) loop; a failure to
-                           compile or run is a failed row, the others still run
+                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue), five
+                           schedules: one program per query tile or persistent (one per SM), the serial or
+                           the overlapped (QK^T(j+1) during softmax(j)) loop, a K/V ring of 3 or (the
+                           launch's own) 4 slots; a failure to compile or run is a failed row, the others
+                           still run
   SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain,
                            ``sparse_ws=1`` and ``sparse_gluon=1``, for scale
   flex                     compiled ``flex_attention`` with ``BlockMask.from_kv_blocks(...,
@@ -49,9 +50,10 @@ plain sparse launch 275 / 300 / 320 (the kernels README's profile: 0.71 ms at 97
 cuDNN bf16 430 / 470 / 500 and FP8 550 / 620 / 680 (if its wheels are installed at all); dense: cuDNN
 about 560 and Flash about 360 dense TFLOP/s.
 
-Predictions for the four Gluon schedules, written before their first run (H100, same shape, sparse TFLOP/s
-at 97 / 90%; the earlier per-tile serial kernel measured 297 / 415): program per tile, serial loop 295 / 410;
-per tile, overlapped 330 / 470; persistent, serial 340 / 440; persistent + overlapped 390 / 500.
+Predictions for the five Gluon schedules, written before their first run (H100, same shape, sparse TFLOP/s
+at 97 / 90%; the earlier per-tile serial kernel, 3 slots, measured 297 / 415): program per tile, serial
+loop, 3 slots 295 / 410; per tile, overlapped (4 slots) 340 / 470; persistent, serial 330 / 440; persistent
++ overlapped, 3 slots 360 / 460; persistent + overlapped, 4 slots 400 / 500.
 """
 
 from __future__ import annotations
@@ -201,18 +203,20 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
 
 
 GLUON_SCHEDULES = (
-    # (row, one program per work item?, OVERLAP): the schedule sparse_gluon=1 runs is the last
-    ("Gluon, program per tile, serial loop", True, False),
-    ("Gluon, program per tile, overlapped loop", True, True),
-    ("Gluon, persistent, serial loop", False, False),
-    ("Gluon, persistent + overlapped loop (sparse_gluon=1)", False, True),
+    # (row, one program per work item?, OVERLAP, K/V ring slots or None for the launch's own): the schedule
+    # sparse_gluon=1 runs is the last; the first is the earlier kernel's (per tile, serial, 3 slots)
+    ("Gluon, program per tile, serial loop, 3 slots", True, False, 3),
+    ("Gluon, program per tile, overlapped loop", True, True, None),
+    ("Gluon, persistent, serial loop", False, False, None),
+    ("Gluon, persistent + overlapped loop, 3 slots", False, True, 3),
+    ("Gluon, persistent + overlapped loop (sparse_gluon=1)", False, True, None),
 )
 
 
 def gluon_rows(run, lut, allocate, bhnd):
     """The Gluon sparse launch alone under each of :data:`GLUON_SCHEDULES`, replayed from one forward of
     ``run`` with the grid (one program per (query tile, batch*head) item, or the persistent one the forward
-    launched) and the loop (``OVERLAP``) of the row.  If that forward fails (the kernel does not compile or
+    launched), the loop (``OVERLAP``) and the ring depth (``STAGES``) of the row.  If that forward fails (the kernel does not compile or
     launch), rows whose calls raise the same error, so the table records it."""
     try:
         call = captured_launches(run, [(gluon_kernels, "fwd_sparse_gluon_kernel")])["fwd_sparse_gluon_kernel"]
@@ -228,13 +232,14 @@ def gluon_rows(run, lut, allocate, bhnd):
         def no_output():
             raise KeyError("Gluon")  # _poison: nothing to poison
 
-        return [(name, fail, no_output) for name, _, _ in GLUON_SCHEDULES]
+        return [(name, fail, no_output) for name, *_ in GLUON_SCHEDULES]
     kernel, persistent_grid, args, kwargs = call
     items = (math.prod(lut.shape[:-1]), )
     o_gluon = argument(call, "O")
     rows = []
-    for name, per_item, overlap in GLUON_SCHEDULES:
-        loop = replay((kernel, items if per_item else persistent_grid, args, kwargs | {"OVERLAP": overlap}))
+    for name, per_item, overlap, slots in GLUON_SCHEDULES:
+        schedule = {"OVERLAP": overlap} | ({"STAGES": slots} if slots else {})
+        loop = replay((kernel, items if per_item else persistent_grid, args, kwargs | schedule))
 
         def alone(loop=loop):
             triton.set_allocator(allocate)

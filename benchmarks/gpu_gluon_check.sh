@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Gluon sparse launch on one Hopper GPU, at most 9 minutes (each step has its own time limit): a short
 # compile-and-launch probe, its GPU tests (every schedule: one program per tile or persistent, serial or
-# overlapped loop), then the sparse loop alone (plain / warp-specialized / the four Gluon schedules, with the
+# overlapped loop), then the sparse loop alone (plain / warp-specialized / five Gluon schedules, with the
 # yardsticks) at (1, 12, 32760, 128), 97% and 90%, then the whole-op forward at 97% with the default and the
 # Gluon launch against cuDNN and Flash SDPA.  A failing step does not stop the ones after it.
 # Six files go to $OUT/gluon (default ./bench_out/gluon):

@@ -68,8 +68,13 @@ PRODUCER_WARPS = 4
 CONSUMER_REGS = 240
 """Registers per thread the consumers claim with setmaxnreg; the producer keeps 24 (4 x 24 + 8 x 240 warps'
 worth fits the SM's 64K registers at one program per SM)."""
-SHARED_BYTES_LIMIT = 220 * 1024
-"""Shared memory the ring may grow to (an H100 gives a program 227 KB): stages beyond it are dropped."""
+SHARED_BYTES_LIMIT = 227 * 1024 - 2048
+"""Shared memory the tiles and the ring may fill: an H100 gives a program 227 KiB, less room for the
+mbarriers and alignment.  Slots beyond it are dropped."""
+GLUON_RING_SLOTS = 4
+"""K/V slots of the ring (fewer where shared memory runs out: D = 128 fits 4).  The overlapped loop holds
+two slots per consumer (PV(j) and QK^T(j+1) in flight), so the producer's lead is the rest: two blocks at
+4 slots, one at 3."""
 LINEAR_EPS = gl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
 
 
@@ -356,7 +361,7 @@ def shared_bytes(head_dim: int, block_k: int, stages: int, elem_bytes: int = 2) 
     return elem_bytes * head_dim * (2 * 128 + 2 * stages * block_k + head_dim)
 
 
-def ring_stages(head_dim: int, block_k: int, stages: int) -> int:
+def ring_stages(head_dim: int, block_k: int, stages: int = GLUON_RING_SLOTS) -> int:
     """``stages`` slots, fewer if the ring would not fit :data:`SHARED_BYTES_LIMIT` (at least 2)."""
     while stages > 2 and shared_bytes(head_dim, block_k, stages) > SHARED_BYTES_LIMIT:
         stages -= 1
@@ -419,19 +424,20 @@ def persistent_programs(n_items: int, device: torch.device) -> int:
 
 
 def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, strides, N, H, n_sel, nq,
-                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, num_stages: int,
-                        persistent: bool = True, overlap: bool = True):
+                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool,
+                        persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
     """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
     are the (batch, head, token) strides of q, k, v and o in that order; the other arguments are those of
     ``fwd_sparse_kernel`` (``lse`` may be any fp32 buffer when SAVE_LSE is false).  ``persistent``: one
     program per SM loops over the items (else one program per item); ``overlap``: QK^T(j+1) runs during
-    softmax(j) (else each MMA is waited for at once).  The caller has run :func:`check_supported`."""
+    softmax(j) (else each MMA is waited for at once); ``ring_slots``: K/V slots (:func:`ring_stages`).  The
+    caller has run :func:`check_supported`."""
     tiles, bh = grid
     n_items = tiles * bh
     programs = persistent_programs(n_items, q.device) if persistent else n_items
     triton.set_allocator(scratch_allocator(q.device))
     fwd_sparse_gluon_kernel[(programs, )](
         q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *strides, N, bh // H, H, n_sel, nq, qk_scale, has_lin,
-        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, num_stages), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
+        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS, **shared_layouts(q.dtype, D, BLOCK_N),
     )
