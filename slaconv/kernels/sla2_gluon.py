@@ -1,8 +1,9 @@
 """The sparse forward launch written in Gluon for Hopper (sm_90): an explicit producer / consumer split.
 
-Same LUT, inputs and outputs as ``fwd_sparse_kernel`` with ``quant="none"`` (O mixed with the linear
-branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE, the log2-sum-exp), 16-bit
-inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  Where ``fwd_sparse_kernel`` leaves
+Same LUT, inputs and outputs as ``fwd_sparse_kernel`` with ``quant="none"`` or ``"int8-fp8"`` (O mixed with
+the linear branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE, the
+log2-sum-exp), 16-bit inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  ``int8-fp8``
+reads the forward's INT8 Q / K - mean(K) and FP8 V^T copies: QK^T as INT8 wgmma, PV as FP8 wgmma.  Where ``fwd_sparse_kernel`` leaves
 the schedule to Triton, this kernel states it (FlashAttention-3's structure):
 
 * **persistent**: the work items (one 128-row query tile of one (batch, head) each, tile-fastest) are
@@ -55,6 +56,8 @@ from .sla2_triton_ws import scratch_allocator
 
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_HEAD_DIMS = (64, 128)
+GLUON_QUANT_MODES = ("none", "int8-fp8")
+GLUON_QUANT_IDS = {"none": 0, "int8-fp8": 2}  # the QUANT ids of fwd_sparse_kernel
 GLUON_BLOCK_Q = 128
 """Query rows per program: two consumer warpgroups of 64 rows share one LUT row, so the routing block must
 be the whole tile."""
@@ -78,35 +81,52 @@ class GluonUnavailableError(UsageError):
     """The Gluon sparse launch was asked for where it cannot run: no Hopper GPU, or inputs it does not take."""
 
 
-@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "qk_scale", "has_lin"])
+@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "nk", "npad", "qk_scale", "inv_n", "has_lin"])
 def fwd_sparse_gluon_kernel(
-    Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN,
+    Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN, Q_INT8, Q_SCALE, K_INT8, K_SCALE, V_FP8, V_ABSMAX, K_SUM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    N, B, H, n_sel, nq, qk_scale, has_lin,
+    N, B, H, n_sel, nq, nk, npad, qk_scale, inv_n, has_lin,
     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+    QUANT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ROWS_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, SQUARE_LAYOUT: gl.constexpr,
-    ROWS4_LAYOUT: gl.constexpr, KV4_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    ROWS4_LAYOUT: gl.constexpr, KV4_LAYOUT: gl.constexpr, Q8_LAYOUT: gl.constexpr, Q8_BOX_LAYOUT: gl.constexpr,
+    K8_LAYOUT: gl.constexpr, K8_BOX_LAYOUT: gl.constexpr, V8_LAYOUT: gl.constexpr, V8_BOX_LAYOUT: gl.constexpr,
+    P8_LAYOUT: gl.constexpr,
+    S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, MIX_LAYOUT: gl.constexpr,
 ):
     """The B*H*nq work items (one 128-row query tile = one routing block of one (batch, head)) on a 1-d grid
     of any size: program p runs items p, p + P, p + 2P, ...  (P programs: as many as SMs for the persistent
-    schedule, one per item for the plain one)."""
+    schedule, one per item for the plain one).  QUANT == 2 (``int8-fp8``) reads the forward's INT8 Q and K
+    and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read."""
     q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
     o_desc = tma.make_tensor_descriptor(O, [B, H, N, D], [stride_ob, stride_oh, stride_on, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK_N, D],
-                                        KV4_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK_N, D],
-                                        KV4_LAYOUT)
     n_items = B * H * nq
     h_desc = tma.make_tensor_descriptor(H_REST, [n_items * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
     dtype: gl.constexpr = Q.dtype.element_ty
-
     q_tiles = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)
+    if QUANT == 2:
+        q8_desc = tma.make_tensor_descriptor(Q_INT8, [B * H, N, D], [N * D, D, 1], [1, 64, D], Q8_BOX_LAYOUT)
+        k_desc = tma.make_tensor_descriptor(K_INT8, [B * H, N, D], [N * D, D, 1], [1, BLOCK_N, D], K8_BOX_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V_FP8, [B * H, D, npad], [D * npad, npad, 1], [1, D, BLOCK_N],
+                                            V8_BOX_LAYOUT)
+        q8_tiles = gl.allocate_shared_memory(gl.int8, [2, 64, D], Q8_LAYOUT)
+        k_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], K8_LAYOUT)
+        v_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BLOCK_N], V8_LAYOUT)
+        p_tiles = gl.allocate_shared_memory(gl.float8e4nv, [2, 64, BLOCK_N], P8_LAYOUT)
+    else:
+        k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK_N, D],
+                                            KV4_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK_N, D],
+                                            KV4_LAYOUT)
+        q8_desc = q_desc
+        q8_tiles = q_tiles
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
+        p_tiles = q_tiles  # P stays in registers
     staging = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)  # psi, then O
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
     h_rest = gl.allocate_shared_memory(dtype, [D, D], SQUARE_LAYOUT)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -126,34 +146,39 @@ def fwd_sparse_gluon_kernel(
     mbarrier.arrive(turns.index(0))  # consumer 0 takes the first softmax turn
 
     gl.warp_specialize([
-        (producer, (q_desc, k_desc, v_desc, h_desc, q_tiles, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free,
-                     h_ready, h_free, LUT, n_items, nq, H, n_sel, D, BLOCK_N, STAGES)),
-        (consumer, (q_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
-                     turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, n_items, nq, H, N,
-                     n_sel, qk_scale, has_lin, 0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP)),
-        (consumer, (q_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
-                     turns.index(1), turns.index(0), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, n_items, nq, H, N,
-                     n_sel, qk_scale, has_lin, 1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP)),
+        (producer, (q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
+                    q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, D, BLOCK_N, STAGES, QUANT)),
+        (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                    turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
+                    V_ABSMAX, K_SUM, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+                    0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, S_LAYOUT, O_LAYOUT, P_LAYOUT, MIX_LAYOUT)),
+        (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                    turns.index(1), turns.index(0), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
+                    V_ABSMAX, K_SUM, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+                    1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, S_LAYOUT, O_LAYOUT, P_LAYOUT, MIX_LAYOUT)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-def shared_bytes(head_dim: int, block_k: int, stages: int, elem_bytes: int = 2) -> int:
-    """Shared memory of one program: Q and the psi / O staging tile (128 rows each), the K/V ring and H_rest
-    (the barriers are a few bytes)."""
-    return elem_bytes * head_dim * (2 * 128 + 2 * stages * block_k + head_dim)
+def shared_bytes(head_dim: int, block_k: int, stages: int, quant: str = "none") -> int:
+    """Shared memory of one program: the 16-bit Q and psi / O staging tiles (128 rows each) and H_rest, the
+    K/V ring (1-byte elements for ``int8-fp8``, which also keeps the INT8 Q tile and the FP8 P tiles); the
+    barriers are a few bytes."""
+    lowbit = quant == "int8-fp8"
+    ring = stages * 2 * block_k * head_dim * (1 if lowbit else 2)
+    return 2 * head_dim * (2 * 128 + head_dim) + ring + ((128 * head_dim + 128 * block_k) if lowbit else 0)
 
 
-def ring_stages(head_dim: int, block_k: int, stages: int = GLUON_RING_SLOTS) -> int:
+def ring_stages(head_dim: int, block_k: int, stages: int = GLUON_RING_SLOTS, quant: str = "none") -> int:
     """``stages`` slots, fewer if the ring would not fit :data:`SHARED_BYTES_LIMIT` (at least 2)."""
-    while stages > 2 and shared_bytes(head_dim, block_k, stages) > SHARED_BYTES_LIMIT:
+    while stages > 2 and shared_bytes(head_dim, block_k, stages, quant) > SHARED_BYTES_LIMIT:
         stages -= 1
     return stages
 
 
 def check_inputs(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str) -> None:
     """Raise :class:`GluonUnavailableError` (one line) unless the kernel computes this call."""
-    if quant != "none":
-        raise GluonUnavailableError(f"the Gluon sparse launch computes quant='none' only, got quant={quant!r}")
+    if quant not in GLUON_QUANT_MODES:
+        raise GluonUnavailableError(f"the Gluon sparse launch computes quant in {GLUON_QUANT_MODES}, got {quant!r}")
     if dtype not in GLUON_DTYPES:
         raise GluonUnavailableError(f"the Gluon sparse launch takes dtypes {GLUON_DTYPES}, got {dtype}")
     if head_dim not in GLUON_HEAD_DIMS:
@@ -186,15 +211,32 @@ def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: in
     return True
 
 
-def shared_layouts(dtype: torch.dtype, head_dim: int, block_k: int) -> dict:
-    """The NVMMA shared-memory layouts (swizzles) of the Q / psi / O tiles, K/V blocks and H_rest, and of the
-    same tiles as (1, 1, rows, D) boxes of the 4-d descriptors: constexprs."""
+def kernel_layouts(dtype: torch.dtype, head_dim: int, block_k: int, quant: str) -> dict:
+    """The kernel's layout constexprs: NVMMA shared layouts (swizzles) of the Q / psi / O tiles, K/V blocks and
+    H_rest, of the same tiles as boxes of the 4-d descriptors, of the INT8 / FP8 tiles and their 3-d boxes;
+    and the wgmma register layouts of S, O and P (8-bit operands take k = 32 and P k_width 4) and of the
+    16-bit mix."""
     gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return {"ROWS_LAYOUT": gl.NVMMASharedLayout.get_default_for([64, head_dim], gl_dtype),
-            "KV_LAYOUT": gl.NVMMASharedLayout.get_default_for([block_k, head_dim], gl_dtype),
-            "SQUARE_LAYOUT": gl.NVMMASharedLayout.get_default_for([head_dim, head_dim], gl_dtype),
-            "ROWS4_LAYOUT": gl.NVMMASharedLayout.get_default_for([1, 1, 64, head_dim], gl_dtype),
-            "KV4_LAYOUT": gl.NVMMASharedLayout.get_default_for([1, 1, block_k, head_dim], gl_dtype)}
+    shared = gl.NVMMASharedLayout.get_default_for
+    k_step, p_width = (32, 4) if quant == "int8-fp8" else (16, 2)
+
+    def mma(n, k):
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
+
+    o_layout = mma(head_dim, k_step)
+    return {"ROWS_LAYOUT": shared([64, head_dim], gl_dtype), "KV_LAYOUT": shared([block_k, head_dim], gl_dtype),
+            "SQUARE_LAYOUT": shared([head_dim, head_dim], gl_dtype),
+            "ROWS4_LAYOUT": shared([1, 1, 64, head_dim], gl_dtype),
+            "KV4_LAYOUT": shared([1, 1, block_k, head_dim], gl_dtype),
+            "Q8_LAYOUT": shared([64, head_dim], gl.int8), "Q8_BOX_LAYOUT": shared([1, 64, head_dim], gl.int8),
+            "K8_LAYOUT": shared([block_k, head_dim], gl.int8),
+            "K8_BOX_LAYOUT": shared([1, block_k, head_dim], gl.int8),
+            "V8_LAYOUT": shared([head_dim, block_k], gl.float8e4nv),
+            "V8_BOX_LAYOUT": shared([1, head_dim, block_k], gl.float8e4nv),
+            "P8_LAYOUT": shared([64, block_k], gl.float8e4nv),
+            "S_LAYOUT": mma(block_k, k_step), "O_LAYOUT": o_layout,
+            "P_LAYOUT": gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=p_width),
+            "MIX_LAYOUT": mma(head_dim, 16)}
 
 
 def persistent_programs(n_items: int, device: torch.device) -> int:
@@ -205,21 +247,24 @@ def persistent_programs(n_items: int, device: torch.device) -> int:
     return min(n_items, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, strides, N, H, n_sel, nq,
-                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool,
+def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, lowbit, strides, N, H, n_sel,
+                        nq, nk, qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, quant: str = "none",
                         persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
     """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
-    are the (batch, head, token) strides of q, k, v and o in that order; the other arguments are those of
-    ``fwd_sparse_kernel`` (``lse`` may be any fp32 buffer when SAVE_LSE is false).  ``persistent``: one
-    program per SM loops over the items (else one program per item); ``overlap``: QK^T(j+1) runs during
-    softmax(j) (else each MMA is waited for at once); ``ring_slots``: K/V slots (:func:`ring_stages`).  The
-    caller has run :func:`check_supported`."""
+    are the (batch, head, token) strides of q, k, v and o in that order; ``lowbit`` is the forward's
+    (q_int8, q_scale, k_int8, k_scale, v_fp8 (B*H, D, npad), v_absmax, k_sum), read for
+    ``quant="int8-fp8"`` only; the other arguments are those of ``fwd_sparse_kernel`` (``lse`` may be any
+    fp32 buffer when SAVE_LSE is false).  ``persistent``: one program per SM loops over the items (else one
+    program per item); ``overlap``: QK^T(j+1) runs during softmax(j) (else each MMA is waited for at once);
+    ``ring_slots``: K/V slots (:func:`ring_stages`).  The caller has run :func:`check_supported`."""
     tiles, bh = grid
     n_items = tiles * bh
     programs = persistent_programs(n_items, q.device) if persistent else n_items
     triton.set_allocator(scratch_allocator(q.device))
     fwd_sparse_gluon_kernel[(programs, )](
-        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *strides, N, bh // H, H, n_sel, nq, qk_scale, has_lin,
-        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS, **shared_layouts(q.dtype, D, BLOCK_N),
+        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *lowbit, *strides, N, bh // H, H, n_sel, nq, nk,
+        nk * BLOCK_N, qk_scale, 1.0 / N, has_lin,
+        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots, quant), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
+        QUANT=GLUON_QUANT_IDS[quant], CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS,
+        **kernel_layouts(q.dtype, D, BLOCK_N, quant),
     )

@@ -246,8 +246,9 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     if use_gluon:
         gluon_kernels.launch_sparse_gluon(
             (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
-            (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, qk_scale, int(n_sel < nk),
-            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save,
+            (q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum),
+            (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
+            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant,
         )
         return o, lut, lse, inv_den, h_all, z_all
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
