@@ -56,8 +56,8 @@ class LaunchConfig:
     TMA producer and two ping-ponging wgmma consumer warpgroups with QK^T(j+1) overlapping softmax(j); Hopper
     GPUs, 16-bit inputs, ``quant="none"`` or ``"int8-fp8"``, 128-query and 64-key blocks; its own K/V ring
     depth), and refuses calls it does not compute.  2: the Gluon kernel where it applies, the plain launch
-    elsewhere (and where ``sparse_ws`` asks for the warp-specialized one).  0, the default, until the GPU measures Gluon faster:
-    then the default becomes 2 (``benchmarks/gpu_gluon_check.sh`` measures it)."""
+    elsewhere (and where ``sparse_ws`` asks for the warp-specialized one).  0, the default, until the GPU
+    measures Gluon faster: then the default becomes 2 (``benchmarks/gpu_gluon_check.sh`` measures it)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
