@@ -18,6 +18,8 @@ on those tensors and that LUT, in one process:
                            the overlapped (QK^T(j+1) during softmax(j)) loop, a K/V ring of 3 or (the
                            launch's own) 4 slots; a failure to compile or run is a failed row, the others
                            still run
+  plain / Gluon int8-fp8   the same two launches with ``quant="int8-fp8"`` (INT8 QK^T, FP8 PV) on the
+                           same LUT: the persistent, overlapped Gluon schedule only
   SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain,
                            ``sparse_ws=1`` and ``sparse_gluon=1``, for scale
   flex                     compiled ``flex_attention`` with ``BlockMask.from_kv_blocks(...,
@@ -53,7 +55,8 @@ about 560 and Flash about 360 dense TFLOP/s.
 Predictions for the five Gluon schedules, written before their first run (H100, same shape, sparse TFLOP/s
 at 97 / 90%; the earlier per-tile serial kernel, 3 slots, measured 297 / 415): program per tile, serial
 loop, 3 slots 295 / 410; per tile, overlapped (4 slots) 340 / 470; persistent, serial 330 / 440; persistent
-+ overlapped, 3 slots 360 / 460; persistent + overlapped, 4 slots 400 / 500.
++ overlapped, 3 slots 360 / 460; persistent + overlapped, 4 slots 400 / 500; int8-fp8: plain 330 / 450,
+Gluon 450 / 600.
 """
 
 from __future__ import annotations
@@ -191,6 +194,20 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     if gluon:
         rows += gluon_rows(op(GLUON_LAUNCH), lut, allocate, bhnd)
         whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
+    # the low-bit sparse loops: INT8 QK^T and FP8 PV on the same LUT (the router does not quantise)
+    spec_lowbit = AttentionSpec(topk, BLOCK_Q, BLOCK_K, "int8-fp8")
+
+    def op_lowbit(launch):
+        return lambda: S.forward(q, k, v, eye, eye, alpha_logit, spec_lowbit, layout, False, launch)[0]
+
+    plain_lowbit = captured_launches(op_lowbit(DEFAULT_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])
+    plain_lowbit = plain_lowbit["fwd_sparse_kernel"]
+    if not torch.equal(lut, argument(plain_lowbit, "LUT")):
+        raise RuntimeError("the int8-fp8 forward built a different LUT")
+    o_plain_lowbit = argument(plain_lowbit, "O")
+    rows.append(("plain sparse launch, int8-fp8", replay(plain_lowbit), lambda: bhnd(o_plain_lowbit)))
+    if gluon:
+        rows += gluon_rows(op_lowbit(GLUON_LAUNCH), lut, allocate, bhnd, GLUON_LOWBIT_SCHEDULES)
     for name, launch in whole_ops:
         outputs = {}
         run = op(launch)
@@ -211,13 +228,15 @@ GLUON_SCHEDULES = (
     ("Gluon, persistent + overlapped loop, 3 slots", False, True, 3),
     ("Gluon, persistent + overlapped loop (sparse_gluon=1)", False, True, None),
 )
+GLUON_LOWBIT_SCHEDULES = (("Gluon int8-fp8, persistent + overlapped (sparse_gluon=1)", False, True, None), )
 
 
-def gluon_rows(run, lut, allocate, bhnd):
-    """The Gluon sparse launch alone under each of :data:`GLUON_SCHEDULES`, replayed from one forward of
-    ``run`` with the grid (one program per (query tile, batch*head) item, or the persistent one the forward
-    launched), the loop (``OVERLAP``) and the ring depth (``STAGES``) of the row.  If that forward fails (the kernel does not compile or
-    launch), rows whose calls raise the same error, so the table records it."""
+def gluon_rows(run, lut, allocate, bhnd, schedules=GLUON_SCHEDULES):
+    """The Gluon sparse launch alone under each of ``schedules`` (:data:`GLUON_SCHEDULES`), replayed from
+    one forward of ``run`` with the grid (one program per (query tile, batch*head) item, or the persistent
+    one the forward launched), the loop (``OVERLAP``) and the ring depth (``STAGES``) of the row.  If that
+    forward fails (the kernel does not compile or launch), rows whose calls raise the same error, so the
+    table records it."""
     try:
         call = captured_launches(run, [(gluon_kernels, "fwd_sparse_gluon_kernel")])["fwd_sparse_gluon_kernel"]
         if not torch.equal(lut, argument(call, "LUT")):
@@ -232,12 +251,12 @@ def gluon_rows(run, lut, allocate, bhnd):
         def no_output():
             raise KeyError("Gluon")  # _poison: nothing to poison
 
-        return [(name, fail, no_output) for name, *_ in GLUON_SCHEDULES]
+        return [(name, fail, no_output) for name, *_ in schedules]
     kernel, persistent_grid, args, kwargs = call
     items = (math.prod(lut.shape[:-1]), )
     o_gluon = argument(call, "O")
     rows = []
-    for name, per_item, overlap, slots in GLUON_SCHEDULES:
+    for name, per_item, overlap, slots in schedules:
         schedule = {"OVERLAP": overlap} | ({"STAGES": slots} if slots else {})
         loop = replay((kernel, items if per_item else persistent_grid, args, kwargs | schedule))
 
