@@ -3,9 +3,8 @@
 # compile-and-launch probe, its GPU tests (every schedule: one program per tile or persistent, serial or
 # overlapped loop; "none" and "int8-fp8"), then the sparse loop alone (plain / warp-specialized / five Gluon
 # schedules; plain and Gluon int8-fp8; the yardsticks) at (1, 12, 32760, 128), 97% and 90%, then the whole-op
-# forward at 97% with
-# the default launch and with sparse_gluon=2 (the candidate default) against cuDNN and Flash SDPA.  A failing
-# step does not stop the ones after it.
+# forward at 97% with the default launch and with sparse_gluon=2 (the candidate default) against cuDNN and
+# Flash SDPA.  A failing step does not stop the ones after it.
 # Six files go to $OUT/gluon (default ./bench_out/gluon):
 #   check.log        everything printed, in order          pytest.log      the GPU tests' summary
 #   sparse_loop.md   sparse-loop table (.json beside it)    attention_default.md / attention_gluon.md
