@@ -13,8 +13,13 @@ on those tensors and that LUT, in one process:
   warp-specialized         ``fwd_sparse_ws_kernel`` alone, and with the ``psi_rows`` pass it needs
                            (``slaconv/kernels/sla2_triton_ws.py``)
   Gluon                    ``fwd_sparse_gluon_kernel`` alone (``slaconv/kernels/sla2_gluon.py``: TMA
-                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue); a
-                           failure to compile or run is a failed row, the others still run
+                           producer, two ping-ponging wgmma consumer warpgroups, the mix epilogue), five
+                           schedules: one program per query tile or persistent (one per SM), the serial or
+                           the overlapped (QK^T(j+1) during softmax(j)) loop, a K/V ring of 3 or (the
+                           launch's own) 4 slots; a failure to compile or run is a failed row, the others
+                           still run
+  plain / Gluon int8-fp8   the same two launches with ``quant="int8-fp8"`` (INT8 QK^T, FP8 PV) on the
+                           same LUT: the persistent, overlapped Gluon schedule only
   SLA2 forward             the whole op (router, pre-passes, linear and sparse launches), plain,
                            ``sparse_ws=1`` and ``sparse_gluon=1``, for scale
   flex                     compiled ``flex_attention`` with ``BlockMask.from_kv_blocks(...,
@@ -46,6 +51,12 @@ plain sparse launch 275 / 300 / 320 (the kernels README's profile: 0.71 ms at 97
 350 / 390 / 420, with its row pass 310 / 360 / 400; flex, full blocks 260 / 280 / 300, partial a little lower;
 cuDNN bf16 430 / 470 / 500 and FP8 550 / 620 / 680 (if its wheels are installed at all); dense: cuDNN
 about 560 and Flash about 360 dense TFLOP/s.
+
+Predictions for the five Gluon schedules, written before their first run (H100, same shape, sparse TFLOP/s
+at 97 / 90%; the earlier per-tile serial kernel, 3 slots, measured 297 / 415): program per tile, serial
+loop, 3 slots 295 / 410; per tile, overlapped (4 slots) 340 / 470; persistent, serial 330 / 440; persistent
++ overlapped, 3 slots 360 / 460; persistent + overlapped, 4 slots 400 / 500; int8-fp8: plain 330 / 450,
+Gluon 450 / 600.
 """
 
 from __future__ import annotations
@@ -181,8 +192,22 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     ]
     whole_ops = [("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
     if gluon:
-        rows.append(gluon_row(op(GLUON_LAUNCH), lut, allocate, bhnd))
+        rows += gluon_rows(op(GLUON_LAUNCH), lut, allocate, bhnd)
         whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
+    # the low-bit sparse loops: INT8 QK^T and FP8 PV on the same LUT (the router does not quantise)
+    spec_lowbit = AttentionSpec(topk, BLOCK_Q, BLOCK_K, "int8-fp8")
+
+    def op_lowbit(launch):
+        return lambda: S.forward(q, k, v, eye, eye, alpha_logit, spec_lowbit, layout, False, launch)[0]
+
+    plain_lowbit = captured_launches(op_lowbit(DEFAULT_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])
+    plain_lowbit = plain_lowbit["fwd_sparse_kernel"]
+    if not torch.equal(lut, argument(plain_lowbit, "LUT")):
+        raise RuntimeError("the int8-fp8 forward built a different LUT")
+    o_plain_lowbit = argument(plain_lowbit, "O")
+    rows.append(("plain sparse launch, int8-fp8", replay(plain_lowbit), lambda: bhnd(o_plain_lowbit)))
+    if gluon:
+        rows += gluon_rows(op_lowbit(GLUON_LAUNCH), lut, allocate, bhnd, GLUON_LOWBIT_SCHEDULES)
     for name, launch in whole_ops:
         outputs = {}
         run = op(launch)
@@ -194,33 +219,53 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     return lut, rows
 
 
-def gluon_row(run, lut, allocate, bhnd):
-    """The Gluon sparse launch alone, replayed from one forward of ``run``; if that forward fails (the kernel
-    does not compile or launch), a row whose call raises the same error, so the table records it."""
-    name = "Gluon sparse launch (producer + ping-pong)"
+GLUON_SCHEDULES = (
+    # (row, one program per work item?, OVERLAP, K/V ring slots or None for the launch's own): the schedule
+    # sparse_gluon=1 runs is the last; the first is the earlier kernel's (per tile, serial, 3 slots)
+    ("Gluon, program per tile, serial loop, 3 slots", True, False, 3),
+    ("Gluon, program per tile, overlapped loop", True, True, None),
+    ("Gluon, persistent, serial loop", False, False, None),
+    ("Gluon, persistent + overlapped loop, 3 slots", False, True, 3),
+    ("Gluon, persistent + overlapped loop (sparse_gluon=1)", False, True, None),
+)
+GLUON_LOWBIT_SCHEDULES = (("Gluon int8-fp8, persistent + overlapped (sparse_gluon=1)", False, True, None), )
+
+
+def gluon_rows(run, lut, allocate, bhnd, schedules=GLUON_SCHEDULES):
+    """The Gluon sparse launch alone under each of ``schedules`` (:data:`GLUON_SCHEDULES`), replayed from
+    one forward of ``run`` with the grid (one program per (query tile, batch*head) item, or the persistent
+    one the forward launched), the loop (``OVERLAP``) and the ring depth (``STAGES``) of the row.  If that
+    forward fails (the kernel does not compile or launch), rows whose calls raise the same error, so the
+    table records it."""
     try:
         call = captured_launches(run, [(gluon_kernels, "fwd_sparse_gluon_kernel")])["fwd_sparse_gluon_kernel"]
         if not torch.equal(lut, argument(call, "LUT")):
             raise RuntimeError("the Gluon forward built a different LUT")
-    except Exception as exc:  # noqa: BLE001 - reported as a failed row by measure()
-        print(f"{name}: the capturing forward failed: {type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:  # noqa: BLE001 - reported as failed rows by measure()
+        print(f"Gluon rows: the capturing forward failed: {type(exc).__name__}: {str(exc)[:300]}")
         error = exc
 
         def fail():
             raise error
 
         def no_output():
-            raise KeyError(name)  # _poison: nothing to poison
+            raise KeyError("Gluon")  # _poison: nothing to poison
 
-        return name, fail, no_output
-    loop = replay(call)
-
-    def alone():
-        triton.set_allocator(allocate)
-        loop()
-
+        return [(name, fail, no_output) for name, *_ in schedules]
+    kernel, persistent_grid, args, kwargs = call
+    items = (math.prod(lut.shape[:-1]), )
     o_gluon = argument(call, "O")
-    return name, alone, lambda: bhnd(o_gluon)
+    rows = []
+    for name, per_item, overlap, slots in schedules:
+        schedule = {"OVERLAP": overlap} | ({"STAGES": slots} if slots else {})
+        loop = replay((kernel, items if per_item else persistent_grid, args, kwargs | schedule))
+
+        def alone(loop=loop):
+            triton.set_allocator(allocate)
+            loop()
+
+        rows.append((name, alone, lambda: bhnd(o_gluon)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 # Compiling for the GPU needs the kernels in compiled mode, which triton.jit fixes when a module is
@@ -171,6 +172,10 @@ def analyse(compiled) -> dict:
         "total_warps": compiled.metadata.num_warps,
         "setmaxnreg": sorted({int(m) for m in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
         "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        # wgmma.wait_group N sites by N (N = 1: an MMA group stays in flight past the wait) and whether the
+        # program reads the grid size (a persistent loop striding over work items)
+        "wgmma_waits": dict(Counter(int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
+        "reads_grid_size": bool(re.search(r"%nctaid\.x", ptx)),
         "registers": int(regs.group(1)) if regs else None,
         "spill_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
         "shared_bytes": compiled.metadata.shared,

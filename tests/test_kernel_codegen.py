@@ -104,14 +104,22 @@ def test_warp_specialized_sparse_launch_is_split_on_sm90(tmp_path, python):
 
 
 @pytest.mark.parametrize("python", PYTHONS)
-@pytest.mark.parametrize("shape,layout", [("1,2,1000,128", "bnhd"), ("2,2,777,64", "bhnd")])
-def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout):
+@pytest.mark.parametrize("shape,layout,quant", [("1,2,1000,128", "bnhd", "none"), ("2,2,777,64", "bhnd", "none"),
+                                                ("1,2,1000,128", "bhnd", "int8-fp8")])
+def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout, quant):
     """LaunchConfig.sparse_gluon: the Gluon kernel compiles for sm_90a with this Triton and Triton 3.6 into
     a producer and two consumer warpgroups (12 warps; setmaxnreg gives the producer few registers and the
-    consumers many, within the SM's 64K at one program per SM), TMA loads and stores, wgmma for QK^T
-    (m64 x 64 keys) and for PV and the mix (m64 x D), no spills, and shared memory within an H100's."""
+    consumers many, within the SM's 64K at one program per SM), TMA loads and stores through 4-d (batch,
+    head, token, dim) descriptors, wgmma for QK^T (m64 x 64 keys) and for PV and the mix (m64 x D), no
+    spills (with and without the LSE a backward needs), and shared memory within an H100's.  int8-fp8 reads
+    its INT8 / FP8 copies through 3-d descriptors and runs QK^T as INT8 and PV as FP8 wgmma (the mix stays
+    16-bit).  The schedule is the one the source states: a persistent loop (the program reads the grid size
+    to stride over work items) and, per consumer, one wait that leaves an MMA group in flight (QK^T(j+1)
+    done while PV(j) runs on) beside the four full waits (first QK^T, PV in the loop, last PV, mix)."""
     d = int(shape.split(",")[-1])
-    rows = _report(tmp_path, python, "--shape", shape, "--layout", layout, "--config", json.dumps({"sparse_gluon": 1}))
+    extra = ["--backward"] if shape.endswith("128") else []  # a forward that saves the LSE
+    rows = _report(tmp_path, python, "--shape", shape, "--layout", layout, "--quant", quant, *extra,
+                   "--config", json.dumps({"sparse_gluon": 1}))
     names = {r["kernel"] for r in rows}
     assert "fwd_sparse_gluon_kernel" in names and "fwd_sparse_kernel" not in names, names
     g = next(r for r in rows if r["kernel"] == "fwd_sparse_gluon_kernel")
@@ -119,9 +127,17 @@ def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout):
     producer_regs, consumer_regs = min(g["setmaxnreg"]), 240  # sla2_gluon.CONSUMER_REGS
     assert producer_regs <= 32 and consumer_regs in g["setmaxnreg"], g["setmaxnreg"]
     assert (4 * producer_regs + 8 * consumer_regs) * 32 <= 65536, g["setmaxnreg"]
-    assert g["loads"].get("cp.async.bulk.tensor.2d.shared", 0) > 0, g["loads"]  # K/V/Q/H_rest by TMA
-    assert g["loads"].get("cp.async.bulk.tensor.2d.global.shared", 0) > 0, g["loads"]  # O by TMA
-    assert {"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",
-            f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16"} <= set(g["mma"]), g["mma"]
+    assert g["loads"].get("cp.async.bulk.tensor.4d.shared", 0) > 0, g["loads"]  # Q (16-bit) by TMA
+    assert g["loads"].get("cp.async.bulk.tensor.2d.shared", 0) > 0, g["loads"]  # H_rest by TMA
+    assert g["loads"].get("cp.async.bulk.tensor.4d.global.shared", 0) > 0, g["loads"]  # O by TMA
+    assert g["reads_grid_size"], g
+    assert g["wgmma_waits"] == {"0": 8, "1": 2}, g["wgmma_waits"]
+    mix = f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16"
+    if quant == "none":
+        assert {"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", mix} <= set(g["mma"]), g["mma"]
+    else:
+        assert g["loads"].get("cp.async.bulk.tensor.3d.shared", 0) > 0, g["loads"]  # INT8 Q, K and FP8 V^T
+        assert {"wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8", mix,
+                f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3"} <= set(g["mma"]), g["mma"]
     assert g["spill_instructions"] == 0 and g["scalar_16bit_loads"] == 0, g
     assert g["shared_bytes"] <= 232448 - 1024, g

@@ -7,6 +7,7 @@ anything imports Triton) on small shapes; with CUDA the same tests run on the GP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -431,10 +432,11 @@ def _mismatch(name, got, want, dims, tol):
             f"{len(bad_tokens)} in tiles {bad_tiles[:8]}{'...' if len(bad_tiles) > 8 else ''}, warpgroups {bad_halves}")
 
 
-def _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout):
-    """The Gluon launch's O, LSE and 1/den against the plain sparse launch on every row (the same LUT),
-    with a message that says where they differ.  Returns the Gluon O."""
-    args = (q, k, v, rq, rk, al, topk, 128, 64, "none", 0, 0, layout, True)
+def _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout, quant="none"):
+    """The Gluon launch's O, LSE and 1/den against the plain sparse launch on every row (the same LUT and,
+    for int8-fp8, the same INT8 / FP8 copies), with a message that says where they differ.  Returns the
+    Gluon O."""
+    args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
     plain = S.sla2_fwd(*args, DEFAULT_LAUNCH.as_ints())
     gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints())
     assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
@@ -470,17 +472,110 @@ def test_gluon_sparse_launch_matches_plain_launch_and_reference(layout, b, h, n,
 
 
 @needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("b,h,n", [(2, 3, 4001), (1, 12, 32760)])
+def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
+    """quant="int8-fp8" (INT8 QK^T on the forward's INT8 Q and K - mean(K), FP8 PV on its FP8 V^T, P staged
+    in shared memory): against the plain launch's int8-fp8 on every row (the same quantised operands: O to
+    bf16 rounding, the LSE with its mean(K) correction, 1/den) and against the fp32 reference on four query
+    blocks, within the low-bit error of the plain launch's own tests."""
+    q, k, v, rq, rk, al = _inputs(b, h, n, 128, layout, dtype=torch.bfloat16, seed=7 + n)
+    nq = reference.block_count(n, 128)
+    q_blocks = torch.tensor(sorted({0, min(37, nq - 2), nq // 2, nq - 1}), device=DEVICE)
+    rows = (q_blocks.view(-1, 1) * 128 + torch.arange(128, device=DEVICE)).view(-1)
+    rows = rows[rows < n]
+    for topk in (0.1, 0.03):
+        o = _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout, quant="int8-fp8")
+        ref = reference.sla2_attention_reference(*(_to_bhnd(t.float(), layout) for t in (q, k, v)), rq, rk, al,
+                                                 topk=topk, q_blocks=q_blocks, chunk_q_blocks=2)
+        got = _to_bhnd(o, layout)[:, :, rows]
+        assert rel_l2(got, ref) <= 5e-2, _mismatch(f"O vs reference, top-k {topk}", got, ref,
+                                                   ("batch", "head", "token", "channel"), 2e-1)
+
+
+@needs_hopper
 def test_gluon_sparse_launch_compiles_once_for_any_n_and_topk():
+    """One compiled kernel serves every N and top-k, and is right for each (against the plain launch): a
+    ragged N, one selected block (the pipelined loop's prologue alone), as many as the ring has slots, more,
+    and all of them (no linear branch)."""
     def variants():
         return sum(len(cache[0]) for cache in gluon_kernels.fwd_sparse_gluon_kernel.device_caches.values())
 
     counts = []
-    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5)]:
+    for n, topk in [(1000, 0.2), (1537, 0.2), (2048, 0.07), (777, 0.5), (4001, 0.01), (4001, 0.05), (4001, 1.0)]:
         q, k, v, rq, rk, al = _inputs(1, 2, n, 128, "bnhd", dtype=torch.bfloat16, seed=n)
-        _run_kernel(q, k, v, rq, rk, al, "bnhd", launch=GLUON_LAUNCH, topk=topk)
+        _check_gluon_against_plain(q, k, v, rq, rk, al, topk, "bnhd")
         torch.cuda.synchronize()
         counts.append(variants())
     assert counts[0] > 0 and len(set(counts)) == 1, counts
+
+
+def _gluon_outputs(q, k, v, rq, rk, al, topk, layout, quant, **schedule):
+    """(O, LSE, 1/den) of the Gluon launch run with ``schedule`` (launch_sparse_gluon's keywords)."""
+    launch = gluon_kernels.launch_sparse_gluon
+    gluon_kernels.launch_sparse_gluon = functools.partial(launch, **schedule)
+    try:
+        o, _, lse, inv_den, _, _ = S.sla2_fwd(q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True,
+                                              GLUON_LAUNCH.as_ints())
+    finally:
+        gluon_kernels.launch_sparse_gluon = launch
+    return o, lse, inv_den
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("quant,topk", [("none", 0.03), ("none", 0.1), ("none", 0.3), ("int8-fp8", 0.03),
+                                        ("int8-fp8", 0.3)])
+def test_gluon_schedules_agree(layout, quant, topk, monkeypatch):
+    """Every schedule of the Gluon launch computes the same rows: one program per work item, and persistent
+    programs (as many as SMs, and 5 with a 2-slot ring, so that each loops over ~40 items: the K/V ring, the
+    Q / H_rest barriers and the softmax turns run on across tiles, n_sel not always a multiple of the slots).
+    Schedules with the same loop are bit-identical (the same math per item); the overlapped loop adds
+    PV(j) before the rescale instead of after, so it agrees with the serial one to bf16 rounding."""
+    q, k, v, rq, rk, al = _inputs(2, 3, 4001, 128, layout, dtype=torch.bfloat16, seed=131)
+    few = functools.partial(min, 5)
+    results = {}
+    for overlap in (True, False):
+        per_item = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, quant, persistent=False, overlap=overlap)
+        per_sm = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, quant, persistent=True, overlap=overlap)
+        with monkeypatch.context() as m:
+            m.setattr(gluon_kernels, "persistent_programs", lambda n_items, device: few(n_items))
+            five = _gluon_outputs(q, k, v, rq, rk, al, topk, layout, quant, persistent=True, overlap=overlap,
+                                  ring_slots=2)
+        for name, a, b, c in zip(("O", "LSE", "1/den"), per_item, per_sm, five):
+            assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(a, c), (name, overlap)
+        results[overlap] = per_item
+    o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
+    for name, got, want, dims, rel, tol in zip(("O", "LSE", "1/den"), results[True], results[False],
+                                               (o_dims, ("batch*head", "token"), ("batch*head", "token")),
+                                               (5e-3, 1e-6, 0.0), (3e-2, 1e-4, 0.0)):
+        assert rel_l2(got, want) <= rel, _mismatch(name, got, want, dims, tol)
+    _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout, quant)
+
+
+def test_gluon_where_it_applies_and_the_plain_launch_elsewhere(monkeypatch):
+    """LaunchConfig.sparse_gluon=2 (what the default becomes once the GPU measures Gluon faster): the Gluon
+    launch for 16-bit "none" and "int8-fp8" calls on a Hopper GPU (the outputs of sparse_gluon=1, bit for bit), the
+    plain launch for everything else (the default's outputs, bit for bit), and no usage error anywhere."""
+    auto = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=2)
+    assert LaunchConfig.from_ints(auto.as_ints()) == auto
+    dataclasses.replace(auto, sparse_ws=1)  # the warp-specialized launch wins; not a conflict
+    with pytest.raises(ValueError, match="sparse_gluon"):
+        dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=3)
+    launched = []
+    real = gluon_kernels.launch_sparse_gluon
+    monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    b, h, n = SIZES[1]
+    q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bnhd", dtype=WS_DTYPE, seed=101)
+    for quant in ("none", "int8", "int8-fp8"):
+        args = (q, k, v, rq, rk, al, 0.3, 128, 64, quant, 0, 0, "bnhd", True)
+        expect_gluon = IS_HOPPER and quant in gluon_kernels.GLUON_QUANT_MODES
+        want = S.sla2_fwd(*args, (GLUON_LAUNCH if expect_gluon else DEFAULT_LAUNCH).as_ints())
+        launched.clear()
+        got = S.sla2_fwd(*args, auto.as_ints())
+        assert len(launched) == int(expect_gluon), (quant, launched)
+        for name, a, b_ in zip(("O", "LUT", "LSE", "1/den"), got[:4], want[:4]):
+            assert torch.equal(a, b_), (quant, name)
 
 
 def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
@@ -488,7 +583,7 @@ def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
     inputs, 64-query blocks, a device that is not a Hopper GPU; and not together with sparse_ws."""
     b, h, n = SIZES[0]
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", dtype=WS_DTYPE, seed=97)
-    for kw, match in ((dict(quant="int8"), "quant='none' only"), (dict(block_q=64), "block_q=128"),
+    for kw, match in ((dict(quant="int8"), "computes quant in"), (dict(block_q=64), "block_q=128"),
                       (dict(block_k=128), "block_k=64")):
         with pytest.raises(gluon_kernels.GluonUnavailableError, match=match):
             _run_kernel(q, k, v, rq, rk, al, "bhnd", launch=GLUON_LAUNCH, topk=0.3, **kw)

@@ -52,24 +52,29 @@ class LaunchConfig:
     Experimental: on an H100 with Triton 3.6 it writes wrong rows (the GPU tests mark it as a known
     defect); the benchmarks keep it only as a timing of Triton's automatic split."""
     sparse_gluon: int = 0
-    """1: the sparse forward launch runs the Gluon kernel (``sla2_gluon.py``: an explicit TMA producer and two
-    ping-ponging wgmma consumer warpgroups; Hopper GPUs, 16-bit inputs, ``quant="none"``, 128-query blocks;
-    num_stages K/V slots).  Not with ``sparse_ws``.  0, the default, until the GPU measures it faster."""
+    """1: the sparse forward launch runs the Gluon kernel (``sla2_gluon.py``: persistent programs, an explicit
+    TMA producer and two ping-ponging wgmma consumer warpgroups with QK^T(j+1) overlapping softmax(j); Hopper
+    GPUs, 16-bit inputs, ``quant="none"`` or ``"int8-fp8"``, 128-query and 64-key blocks; its own K/V ring
+    depth), and refuses calls it does not compute.  2: the Gluon kernel where it applies, the plain launch
+    elsewhere (and where ``sparse_ws`` asks for the warp-specialized one).  0, the default, until the GPU
+    measures Gluon faster: then the default becomes 2 (``benchmarks/gpu_gluon_check.sh`` measures it)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
-            elif f.name in ("sparse_ws", "sparse_gluon"):
+            elif f.name == "sparse_ws":
                 allowed = (0, 1)
+            elif f.name == "sparse_gluon":
+                allowed = (0, 1, 2)
             elif "warps" in f.name:
                 allowed = _WARPS
             else:
                 allowed = _STAGES
             if isinstance(value, bool) or value not in allowed:
                 raise ValueError(f"LaunchConfig.{f.name} must be one of {tuple(allowed)}, got {value!r}")
-        if self.sparse_ws and self.sparse_gluon:
+        if self.sparse_ws and self.sparse_gluon == 1:
             raise ValueError("LaunchConfig.sparse_ws and sparse_gluon pick different sparse launches: set one")
 
     def as_ints(self) -> list[int]:

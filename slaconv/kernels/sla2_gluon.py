@@ -1,29 +1,39 @@
 """The sparse forward launch written in Gluon for Hopper (sm_90): an explicit producer / consumer split.
 
-Same LUT, inputs and outputs as ``fwd_sparse_kernel`` with ``quant="none"`` (O mixed with the linear
-branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE, the log2-sum-exp), 16-bit
-inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  Where ``fwd_sparse_kernel`` leaves
+Same LUT, inputs and outputs as ``fwd_sparse_kernel`` with ``quant="none"`` or ``"int8-fp8"`` (O mixed with
+the linear branch from the routing block's H_rest / z_rest, 1/den per row and, if SAVE_LSE, the
+log2-sum-exp), 16-bit inputs, head dim 64 or 128, 128-query routing blocks of 64-key blocks.  ``int8-fp8``
+reads the forward's INT8 Q / K - mean(K) and FP8 V^T copies: QK^T as INT8 wgmma, PV as FP8 wgmma.  Where ``fwd_sparse_kernel`` leaves
 the schedule to Triton, this kernel states it (FlashAttention-3's structure):
 
-* one program per 128-row query tile, 12 warps: a **producer** partition (the default 4 warps, few
-  registers) walks the tile's LUT row and issues TMA loads of the selected K and V blocks into a ring of
-  ``STAGES`` shared-memory slots, each guarded by a ``ready`` mbarrier (bytes landed) and an ``empty``
-  mbarrier (both consumers done with it);
-* two **consumer** warpgroups of 64 query rows each (``setmaxnreg`` raises their registers) run the
-  online softmax with asynchronous wgmma: S = Q K^T, exp2, O += P V;
-* **ping-pong**: a pair of turn mbarriers lets only one consumer run its softmax at a time, so one
-  warpgroup's exponentials overlap the other's tensor-core work;
-* the epilogue of each consumer finishes the linear branch and mixes (:func:`mix_linear_tail`, the one
-  place that knows the linear branch) and stores O through TMA.
+* **persistent**: the work items (one 128-row query tile of one (batch, head) each, tile-fastest) are
+  spread over one program per SM, each looping over its items; a program has 12 warps: a **producer**
+  partition (the default 4 warps, few registers) issues the TMA loads of each item's Q tile, its selected
+  K and V blocks into a ring of ``STAGES`` shared-memory slots (``ready`` mbarriers count the bytes in,
+  ``empty`` mbarriers wait for both consumers) and its H_rest.  The ring runs on across items, so the
+  next tile's Q and first K/V blocks load while the consumers finish the current tile;
+* two **consumer** warpgroups of 64 query rows each (``setmaxnreg`` raises their registers) first turn
+  their Q rows into the linear branch's weights psi (staged in shared memory, which frees the Q buffer
+  after the last QK^T), then run the online softmax with asynchronous wgmma;
+* **intra-warpgroup overlap** (``OVERLAP``): QK^T of block j+1 and PV of block j are in flight while the
+  exponentials of block j+1 run (FlashAttention-3's two-stage pipeline);
+* **ping-pong**: a pair of turn mbarriers lets only one consumer run its exponentials at a time, so one
+  warpgroup's softmax overlaps the other's tensor-core work;
+* the epilogue mixes in one wgmma, O = alpha O_s + psi H_rest (``linear_tail_weights`` is the one
+  place that knows the linear branch), and stores O through TMA from the psi buffer.
 
-Q, K, V and O are read and written through device-side tensor descriptors, one (N, D) view per (batch,
-head) with the tensor's token stride, so both layouts work and a ragged last tile or key block reads zeros
-past N (TMA bounds) and stores nothing there; logits of keys past N are set to -inf.  N and top-k are
-runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global scratch
-from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
+This module holds the kernel (shared memory, barriers, descriptors, the split) and its host side; the
+partitions are in ``sla2_gluon_partitions.py``.
 
-Selected with ``LaunchConfig(sparse_gluon=1)``; :func:`check_supported` raises
-:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run.
+Q, K, V and O are read and written through device-side 4-d tensor descriptors, (batch, head, token, dim)
+with the tensor's strides, made once per program: both layouts work, and a ragged last tile or key block
+reads zeros past N (TMA bounds) and stores nothing there; logits of keys past N are set to -inf.  N and
+top-k are runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global
+scratch from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
+
+Selected with ``LaunchConfig(sparse_gluon=1)``, where :func:`check_supported` raises
+:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run, or with
+``sparse_gluon=2`` where it :func:`applies` (the plain launch elsewhere).
 Gluon kernels do not run under ``TRITON_INTERPRET``: CPU tests compile this one for sm_90a
 (``tests/test_kernel_codegen.py``) and the GPU tests compare it with the reference (``tests/test_kernels.py``).
 """
@@ -38,20 +48,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
 )
 
 from ..errors import UsageError
+from .sla2_gluon_partitions import consumer, producer
 from .sla2_triton_ws import scratch_allocator
-
-# Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; 3.8 adds
-# async_load / async_store and 3.9 turns the old names into errors.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_HEAD_DIMS = (64, 128)
+GLUON_QUANT_MODES = ("none", "int8-fp8")
+GLUON_QUANT_IDS = {"none": 0, "int8-fp8": 2}  # the QUANT ids of fwd_sparse_kernel
 GLUON_BLOCK_Q = 128
 """Query rows per program: two consumer warpgroups of 64 rows share one LUT row, so the routing block must
 be the whole tile."""
@@ -62,190 +68,117 @@ PRODUCER_WARPS = 4
 CONSUMER_REGS = 240
 """Registers per thread the consumers claim with setmaxnreg; the producer keeps 24 (4 x 24 + 8 x 240 warps'
 worth fits the SM's 64K registers at one program per SM)."""
-SHARED_BYTES_LIMIT = 220 * 1024
-"""Shared memory the ring may grow to (an H100 gives a program 227 KB): stages beyond it are dropped."""
-LINEAR_EPS = gl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
+SHARED_BYTES_LIMIT = 227 * 1024 - 2048
+"""Shared memory the tiles and the ring may fill: an H100 gives a program 227 KiB, less room for the
+mbarriers and alignment.  Slots beyond it are dropped."""
+GLUON_RING_SLOTS = 4
+"""K/V slots of the ring (fewer where shared memory runs out: D = 128 fits 4).  The overlapped loop holds
+two slots per consumer (PV(j) and QK^T(j+1) in flight), so the producer's lead is the rest: two blocks at
+4 slots, one at 3."""
 
 
 class GluonUnavailableError(UsageError):
     """The Gluon sparse launch was asked for where it cannot run: no Hopper GPU, or inputs it does not take."""
 
 
-@gluon.jit
-def mix_linear_tail(o_s, q, alpha, h_rest, z_rest_ptr, has_lin, D: gl.constexpr, O_LAYOUT: gl.constexpr):
-    """The epilogue's linear branch and mix, for one warpgroup's 64 rows: the one function that knows how
-    the tail beyond the selected blocks is estimated.
-
-    ``o_s`` is the normalised sparse output (fp32, ``O_LAYOUT``), ``q`` the 16-bit Q rows in the same
-    layout, ``h_rest`` the routing block's H_rest (D x D, shared memory) and ``z_rest_ptr`` its z_rest.
-    Returns O = alpha O_s + psi H_rest with psi = (1 - alpha) phi(Q) / den, den = phi(Q) z_rest + eps
-    (psi rounded to 16 bits before the MMA, as ``fwd_sparse_kernel`` does), and 1/den per row (0 when
-    every block is selected: then the linear branch is exactly 0)."""
-    qf = q.to(gl.float32)
-    e = gl.exp(qf - gl.expand_dims(gl.max(qf, axis=1), 1))
-    phi_q = e / gl.expand_dims(gl.sum(e, axis=1), 1)
-    z_rest = gl.load(z_rest_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, O_LAYOUT)))
-    den = gl.sum(phi_q * gl.expand_dims(z_rest, 0), axis=1) + LINEAR_EPS
-    inv_den = (has_lin != 0).to(gl.float32) / den
-    psi = phi_q * gl.expand_dims((1.0 - alpha) * inv_den, 1)
-    psi16 = gl.convert_layout(psi.to(q.dtype), gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
-    return warpgroup_mma(psi16, h_rest, o_s * alpha), inv_den
-
-
-@gluon.jit
-def _producer(k_desc, v_desc, k_ring, v_ring, ready, empty, lut_row, n_sel,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the selected K and V blocks into the ring, ``STAGES`` ahead of the consumers."""
-    for step in range(n_sel):
-        slot = step % STAGES
-        # a fresh mbarrier counts its phase before the first as complete: the first lap does not wait
-        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-        block = gl.load(lut_row + step)
-        mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [block * BLOCK_N, 0], ready.index(slot), k_ring.index(slot))
-        _tma_load(v_desc, [block * BLOCK_N, 0], ready.index(slot), v_ring.index(slot))
-
-
-@gluon.jit
-def _consumer(q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, my_turn, their_turn, o_desc,
-              lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-              WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              SAVE_LSE: gl.constexpr):
-    """One warpgroup's 64 query rows: the online softmax over the ring, then the epilogue."""
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-    S_ROW: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-    O_ROW: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-
-    q = q_tiles.index(WG)
-    m_i = gl.full([64], float("-inf"), gl.float32, S_ROW)
-    l_i = gl.zeros([64], gl.float32, S_ROW)
-    acc = gl.zeros([64, D], gl.float32, O_LAYOUT)
-    s_zero = gl.zeros([64, BLOCK_N], gl.float32, S_LAYOUT)
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
-    turn_phase = 0
-    mbarrier.wait(q_bar, 0)
-    for step in range(n_sel):
-        slot = step % STAGES
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        block = gl.load(lut_row + step)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        # keys past N (the ragged last block) read as zeros through TMA: mask their logits
-        s = gl.where(gl.expand_dims(cols < N - block * BLOCK_N, 0), s * qk_scale, float("-inf"))
-        # ping-pong: one warpgroup at a time runs its exponentials while the other's MMAs proceed
-        mbarrier.wait(my_turn, turn_phase)
-        turn_phase ^= 1
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        rescale = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        mbarrier.arrive(their_turn)
-        l_i = l_i * rescale + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = acc * gl.expand_dims(gl.convert_layout(rescale, O_ROW), 1)
-        p16 = gl.convert_layout(p.to(q.dtype), P_LAYOUT)
-        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index(slot))
-
-    rows = row0 + WG * 64 + gl.arange(0, 64, layout=O_ROW)
-    row_valid = rows < N
-    if SAVE_LSE:
-        gl.store(LSE + bh * N + rows, gl.convert_layout(m_i + gl.log2(l_i), O_ROW), mask=row_valid)
-    o_s = acc / gl.expand_dims(gl.convert_layout(l_i, O_ROW), 1)
-    mbarrier.wait(h_bar, 0)
-    o, inv_den = mix_linear_tail(o_s, q.load(O_LAYOUT), gl.load(ALPHA + h), h_rest, z_rest_ptr, has_lin, D, O_LAYOUT)
-    gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
-    # this warpgroup's Q rows are no longer read: their buffer stages O for the TMA store (clipped at N)
-    q.store(o.to(q.dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [row0 + WG * 64, 0], q)
-    tma.store_wait(0)
-
-
-@gluon.jit(do_not_specialize=["N", "H", "n_sel", "nq", "qk_scale", "has_lin"])
+@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "nk", "npad", "qk_scale", "inv_n", "has_lin"])
 def fwd_sparse_gluon_kernel(
-    Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN,
+    Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN, Q_INT8, Q_SCALE, K_INT8, K_SCALE, V_FP8, V_ABSMAX, K_SUM,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    N, H, n_sel, nq, qk_scale, has_lin,
-    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr,
+    N, B, H, n_sel, nq, nk, npad, qk_scale, inv_n, has_lin,
+    D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
+    QUANT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ROWS_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, SQUARE_LAYOUT: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    ROWS4_LAYOUT: gl.constexpr, KV4_LAYOUT: gl.constexpr, Q8_LAYOUT: gl.constexpr, Q8_BOX_LAYOUT: gl.constexpr,
+    K8_LAYOUT: gl.constexpr, K8_BOX_LAYOUT: gl.constexpr, V8_LAYOUT: gl.constexpr, V8_BOX_LAYOUT: gl.constexpr,
+    P8_LAYOUT: gl.constexpr,
+    S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, MIX_LAYOUT: gl.constexpr,
 ):
-    """One 128-row query tile (= one routing block) of one (batch, head): grid (tiles, B*H)."""
-    tile = gl.program_id(0)
-    bh = gl.program_id(1).to(gl.int64)
-    b = bh // H
-    h = bh % H
-    row0 = tile * 128
-    state = bh * nq + tile
-    q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [N, D], [stride_qn, 1], [64, D],
-                                        ROWS_LAYOUT)
-    o_desc = tma.make_tensor_descriptor(O + b * stride_ob + h * stride_oh, [N, D], [stride_on, 1], [64, D],
-                                        ROWS_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, [N, D], [stride_kn, 1], [BLOCK_N, D],
-                                        KV_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, [N, D], [stride_vn, 1], [BLOCK_N, D],
-                                        KV_LAYOUT)
-    h_desc = tma.make_tensor_descriptor(H_REST + state * D * D, [D, D], [D, 1], [D, D], SQUARE_LAYOUT)
+    """The B*H*nq work items (one 128-row query tile = one routing block of one (batch, head)) on a 1-d grid
+    of any size: program p runs items p, p + P, p + 2P, ...  (P programs: as many as SMs for the persistent
+    schedule, one per item for the plain one).  QUANT == 2 (``int8-fp8``) reads the forward's INT8 Q and K
+    and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read."""
+    q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
+                                        ROWS4_LAYOUT)
+    o_desc = tma.make_tensor_descriptor(O, [B, H, N, D], [stride_ob, stride_oh, stride_on, 1], [1, 1, 64, D],
+                                        ROWS4_LAYOUT)
+    n_items = B * H * nq
+    h_desc = tma.make_tensor_descriptor(H_REST, [n_items * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
     dtype: gl.constexpr = Q.dtype.element_ty
-
     q_tiles = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
+    if QUANT == 2:
+        q8_desc = tma.make_tensor_descriptor(Q_INT8, [B * H, N, D], [N * D, D, 1], [1, 64, D], Q8_BOX_LAYOUT)
+        k_desc = tma.make_tensor_descriptor(K_INT8, [B * H, N, D], [N * D, D, 1], [1, BLOCK_N, D], K8_BOX_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V_FP8, [B * H, D, npad], [D * npad, npad, 1], [1, D, BLOCK_N],
+                                            V8_BOX_LAYOUT)
+        q8_tiles = gl.allocate_shared_memory(gl.int8, [2, 64, D], Q8_LAYOUT)
+        k_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], K8_LAYOUT)
+        v_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D, BLOCK_N], V8_LAYOUT)
+        p_tiles = gl.allocate_shared_memory(gl.float8e4nv, [2, 64, BLOCK_N], P8_LAYOUT)
+    else:
+        k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK_N, D],
+                                            KV4_LAYOUT)
+        v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK_N, D],
+                                            KV4_LAYOUT)
+        q8_desc = q_desc
+        q8_tiles = q_tiles
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], KV_LAYOUT)
+        p_tiles = q_tiles  # P stays in registers
+    staging = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)  # psi, then O
     h_rest = gl.allocate_shared_memory(dtype, [D, D], SQUARE_LAYOUT)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    h_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_ready, q_free, h_ready, h_free = tile_bars.index(0), tile_bars.index(1), tile_bars.index(2), tile_bars.index(3)
     for slot in gl.static_range(STAGES):
         mbarrier.init(ready.index(slot), count=1)
         mbarrier.init(empty.index(slot), count=2)  # released by both consumers
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(h_bar, count=1)
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_free, count=2)
+    mbarrier.init(h_ready, count=1)
+    mbarrier.init(h_free, count=2)
     fence_async_shared()
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    _tma_load(q_desc, [row0, 0], q_bar, q_tiles.index(0))
-    _tma_load(q_desc, [row0 + 64, 0], q_bar, q_tiles.index(1))
-    mbarrier.expect(h_bar, h_desc.block_type.nbytes)
-    _tma_load(h_desc, [0, 0], h_bar, h_rest)
     mbarrier.arrive(turns.index(0))  # consumer 0 takes the first softmax turn
 
-    lut_row = LUT + state * n_sel
-    z_rest_ptr = Z_REST + state * D
     gl.warp_specialize([
-        (_producer, (k_desc, v_desc, k_ring, v_ring, ready, empty, lut_row, n_sel, BLOCK_N, STAGES)),
-        (_consumer, (q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, turns.index(0), turns.index(1),
-                     o_desc, lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-                     0, D, BLOCK_N, STAGES, SAVE_LSE)),
-        (_consumer, (q_tiles, k_ring, v_ring, h_rest, ready, empty, q_bar, h_bar, turns.index(1), turns.index(0),
-                     o_desc, lut_row, z_rest_ptr, ALPHA, LSE, INV_DEN, h, bh, row0, N, n_sel, qk_scale, has_lin,
-                     1, D, BLOCK_N, STAGES, SAVE_LSE)),
+        (producer, (q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
+                    q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, D, BLOCK_N, STAGES, QUANT)),
+        (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                    turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
+                    V_ABSMAX, K_SUM, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+                    0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, S_LAYOUT, O_LAYOUT, P_LAYOUT, MIX_LAYOUT)),
+        (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
+                    turns.index(1), turns.index(0), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
+                    V_ABSMAX, K_SUM, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+                    1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, S_LAYOUT, O_LAYOUT, P_LAYOUT, MIX_LAYOUT)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-def shared_bytes(head_dim: int, block_k: int, stages: int, elem_bytes: int = 2) -> int:
-    """Shared memory of one program: Q (128 rows), the K/V ring and H_rest (the barriers are a few bytes)."""
-    return elem_bytes * head_dim * (128 + 2 * stages * block_k + head_dim)
+def shared_bytes(head_dim: int, block_k: int, stages: int, quant: str = "none") -> int:
+    """Shared memory of one program: the 16-bit Q and psi / O staging tiles (128 rows each) and H_rest, the
+    K/V ring (1-byte elements for ``int8-fp8``, which also keeps the INT8 Q tile and the FP8 P tiles); the
+    barriers are a few bytes."""
+    lowbit = quant == "int8-fp8"
+    ring = stages * 2 * block_k * head_dim * (1 if lowbit else 2)
+    return 2 * head_dim * (2 * 128 + head_dim) + ring + ((128 * head_dim + 128 * block_k) if lowbit else 0)
 
 
-def ring_stages(head_dim: int, block_k: int, stages: int) -> int:
+def ring_stages(head_dim: int, block_k: int, stages: int = GLUON_RING_SLOTS, quant: str = "none") -> int:
     """``stages`` slots, fewer if the ring would not fit :data:`SHARED_BYTES_LIMIT` (at least 2)."""
-    while stages > 2 and shared_bytes(head_dim, block_k, stages) > SHARED_BYTES_LIMIT:
+    while stages > 2 and shared_bytes(head_dim, block_k, stages, quant) > SHARED_BYTES_LIMIT:
         stages -= 1
     return stages
 
 
 def check_inputs(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str) -> None:
     """Raise :class:`GluonUnavailableError` (one line) unless the kernel computes this call."""
-    if quant != "none":
-        raise GluonUnavailableError(f"the Gluon sparse launch computes quant='none' only, got quant={quant!r}")
+    if quant not in GLUON_QUANT_MODES:
+        raise GluonUnavailableError(f"the Gluon sparse launch computes quant in {GLUON_QUANT_MODES}, got {quant!r}")
     if dtype not in GLUON_DTYPES:
         raise GluonUnavailableError(f"the Gluon sparse launch takes dtypes {GLUON_DTYPES}, got {dtype}")
     if head_dim not in GLUON_HEAD_DIMS:
@@ -269,23 +202,69 @@ def check_supported(device: torch.device, dtype: torch.dtype, head_dim: int, blo
     check_device(device)
 
 
-def shared_layouts(dtype: torch.dtype, head_dim: int, block_k: int) -> dict:
-    """The NVMMA shared-memory layouts (swizzles) of the Q/O tiles, K/V blocks and H_rest: constexprs."""
+def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str) -> bool:
+    """Whether the kernel computes this call on this device (``LaunchConfig.sparse_gluon=2`` picks it then)."""
+    try:
+        check_supported(device, dtype, head_dim, block_q, block_k, quant)
+    except GluonUnavailableError:
+        return False
+    return True
+
+
+def kernel_layouts(dtype: torch.dtype, head_dim: int, block_k: int, quant: str) -> dict:
+    """The kernel's layout constexprs: NVMMA shared layouts (swizzles) of the Q / psi / O tiles, K/V blocks and
+    H_rest, of the same tiles as boxes of the 4-d descriptors, of the INT8 / FP8 tiles and their 3-d boxes;
+    and the wgmma register layouts of S, O and P (8-bit operands take k = 32 and P k_width 4) and of the
+    16-bit mix."""
     gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return {"ROWS_LAYOUT": gl.NVMMASharedLayout.get_default_for([64, head_dim], gl_dtype),
-            "KV_LAYOUT": gl.NVMMASharedLayout.get_default_for([block_k, head_dim], gl_dtype),
-            "SQUARE_LAYOUT": gl.NVMMASharedLayout.get_default_for([head_dim, head_dim], gl_dtype)}
+    shared = gl.NVMMASharedLayout.get_default_for
+    k_step, p_width = (32, 4) if quant == "int8-fp8" else (16, 2)
+
+    def mma(n, k):
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
+
+    o_layout = mma(head_dim, k_step)
+    return {"ROWS_LAYOUT": shared([64, head_dim], gl_dtype), "KV_LAYOUT": shared([block_k, head_dim], gl_dtype),
+            "SQUARE_LAYOUT": shared([head_dim, head_dim], gl_dtype),
+            "ROWS4_LAYOUT": shared([1, 1, 64, head_dim], gl_dtype),
+            "KV4_LAYOUT": shared([1, 1, block_k, head_dim], gl_dtype),
+            "Q8_LAYOUT": shared([64, head_dim], gl.int8), "Q8_BOX_LAYOUT": shared([1, 64, head_dim], gl.int8),
+            "K8_LAYOUT": shared([block_k, head_dim], gl.int8),
+            "K8_BOX_LAYOUT": shared([1, block_k, head_dim], gl.int8),
+            "V8_LAYOUT": shared([head_dim, block_k], gl.float8e4nv),
+            "V8_BOX_LAYOUT": shared([1, head_dim, block_k], gl.float8e4nv),
+            "P8_LAYOUT": shared([64, block_k], gl.float8e4nv),
+            "S_LAYOUT": mma(block_k, k_step), "O_LAYOUT": o_layout,
+            "P_LAYOUT": gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=p_width),
+            "MIX_LAYOUT": mma(head_dim, 16)}
 
 
-def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, strides, N, H, n_sel, nq,
-                        qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, num_stages: int):
-    """The sparse forward on ``grid`` (tiles of 128 rows, B*H) in one Gluon launch.  ``strides`` are the
-    (batch, head, token) strides of q, k, v and o in that order; the other arguments are those of
-    ``fwd_sparse_kernel`` (``lse`` may be any fp32 buffer when SAVE_LSE is false).  The caller has run
-    :func:`check_supported`."""
+def persistent_programs(n_items: int, device: torch.device) -> int:
+    """Programs of the persistent schedule: one per SM (the shared memory of one program fills an SM), at
+    most one per item.  Off a GPU (the offline compile report) every item gets a program."""
+    if device.type != "cuda":
+        return n_items
+    return min(n_items, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, lowbit, strides, N, H, n_sel,
+                        nq, nk, qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, quant: str = "none",
+                        persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
+    """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
+    are the (batch, head, token) strides of q, k, v and o in that order; ``lowbit`` is the forward's
+    (q_int8, q_scale, k_int8, k_scale, v_fp8 (B*H, D, npad), v_absmax, k_sum), read for
+    ``quant="int8-fp8"`` only; the other arguments are those of ``fwd_sparse_kernel`` (``lse`` may be any
+    fp32 buffer when SAVE_LSE is false).  ``persistent``: one program per SM loops over the items (else one
+    program per item); ``overlap``: QK^T(j+1) runs during softmax(j) (else each MMA is waited for at once);
+    ``ring_slots``: K/V slots (:func:`ring_stages`).  The caller has run :func:`check_supported`."""
+    tiles, bh = grid
+    n_items = tiles * bh
+    programs = persistent_programs(n_items, q.device) if persistent else n_items
     triton.set_allocator(scratch_allocator(q.device))
-    fwd_sparse_gluon_kernel[grid](
-        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *strides, N, H, n_sel, nq, qk_scale, has_lin,
-        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, num_stages), SAVE_LSE=SAVE_LSE,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS, **shared_layouts(q.dtype, D, BLOCK_N),
+    fwd_sparse_gluon_kernel[(programs, )](
+        q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *lowbit, *strides, N, bh // H, H, n_sel, nq, nk,
+        nk * BLOCK_N, qk_scale, 1.0 / N, has_lin,
+        D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots, quant), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
+        QUANT=GLUON_QUANT_IDS[quant], CONSUMER_REGS=CONSUMER_REGS, num_warps=PRODUCER_WARPS,
+        **kernel_layouts(q.dtype, D, BLOCK_N, quant),
     )

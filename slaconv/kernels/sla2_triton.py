@@ -168,8 +168,10 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     _check_tensors(q, k, v, layout)
     if launch.sparse_ws:
         ws_kernels.check_supported(q.dtype, spec.quant)
-    if launch.sparse_gluon:
+    if launch.sparse_gluon == 1:
         gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant)
+    use_gluon = launch.sparse_gluon == 1 or (launch.sparse_gluon == 2 and not launch.sparse_ws and gluon_kernels.applies(
+        q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
     q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
@@ -241,11 +243,12 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             loop_launch=_warps_stages(ws_kernels.WS_WARPS, launch.num_stages),
         )
         return o, lut, lse, inv_den, h_all, z_all
-    if launch.sparse_gluon:
+    if use_gluon:
         gluon_kernels.launch_sparse_gluon(
             (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
-            (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, qk_scale, int(n_sel < nk),
-            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, num_stages=launch.num_stages,
+            (q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum),
+            (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
+            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant,
         )
         return o, lut, lse, inv_den, h_all, z_all
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
