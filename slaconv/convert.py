@@ -81,8 +81,8 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
                     device="cpu") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Set each layer's alpha to the full-attention mass selected by its initial (identity) router.
 
-    With ``mixing: query`` the alpha logit is instead the mean log gap between the pooled and the exact tail mass
-    (:func:`reference.initial_query_shift`), so each query's alpha starts at its selected mass on average.
+    With ``mixing: query`` the alpha logit is instead, per head, the one that minimises the attention error of
+    the per-query mix on the same pass (:func:`reference.fit_query_shift`).
     Returns (sigmoid of each head's alpha logit, the measured selected mass per head)."""
     gen = torch.Generator().manual_seed(recipe.calibration.seed)
     batch = next(batches(family, model_config, recipe.data, 1, gen, data_dir))
@@ -96,7 +96,8 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
         measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
         if proc.config.mixing == "query":
-            shifts[proc.layer_name] = reference.initial_query_shift(qh, kh, mask, proc.block_q, proc.block_k)
+            shifts[proc.layer_name] = reference.fit_query_shift(qh, kh, v.transpose(1, 2), mask, proc.block_q,
+                                                                proc.block_k, proc.feature_q, proc.feature_k)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
     with observing(procs.values(), observe):

@@ -52,7 +52,7 @@ __all__ = [
     "sla2_attention_reference",
     "full_attention_reference",
     "initial_alpha",
-    "initial_query_shift",
+    "fit_query_shift",
 ]
 
 
@@ -356,24 +356,40 @@ def initial_alpha(
     return (p * w).sum(dim=-1).mean(dim=(0, 2))
 
 
-@torch.no_grad()
-def initial_query_shift(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, block_q: int, block_k: int,
-                        max_rows: int = 1024) -> torch.Tensor:
-    """Per head, the mean over (a sample of) rows of ``lse_pool - lse_tail``: how far, in log scale, the pooled
-    estimate of the unselected keys' mass (:func:`pooled_tail_lse`) falls below the exact one; (H,) in fp32.
 
-    As the ``alpha_logit`` of ``mixing: query`` it makes alpha_i the row's selected mass on average in log-odds,
-    the per-query counterpart of :func:`initial_alpha`.  Rows that select every key block are left out (a head
-    with no other row gets 0).
+SHIFT_GRID = (-8.0, 8.0, 0.02)
+"""The candidates :func:`fit_query_shift` tries: start, stop and step of a grid of alpha logits."""
+
+
+@torch.no_grad()
+def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_q: int,
+                    block_k: int, feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                    max_q_blocks: int = 8) -> torch.Tensor:
+    """Per head, the ``alpha_logit`` of ``mixing: query`` that minimises the squared error of SLA2's output against
+    full attention on (a sample of) ``max_q_blocks`` query blocks, searched on :data:`SHIFT_GRID`: (H,) fp32.
+
+    The mix is ``alpha_i O_s + (1 - alpha_i) O_l`` with ``alpha_i = sigmoid(lse_sel - lse_tail + c)``, so the
+    error is a quadratic in alpha_i per row and each candidate costs a pass over per-row scalars.
     """
     b, h, n, d = q.shape
     gen = torch.Generator(device="cpu").manual_seed(0)
-    rows = torch.randperm(n, generator=gen)[:max_rows].sort().values.to(q.device)
-    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+    blocks = torch.randperm(block_count(n, block_q), generator=gen)[:max_q_blocks].sort().values.to(q.device)
+    eye = torch.eye(d, device=q.device).expand(h, d, d)
+    branch = {}
+    for name, logit in (("sparse", math.inf), ("linear", -math.inf)):
+        branch[name] = sla2_attention_reference(
+            q, k, v, eye, eye, torch.full((h,), logit, device=q.device), topk=1.0, block_q=block_q,
+            block_k=block_k, q_blocks=blocks, mask=mask, feature_q=feature_q, feature_k=feature_k).float()
+    rows = (blocks.view(-1, 1) * block_q + torch.arange(block_q, device=q.device).view(1, -1)).view(-1)
+    rows = rows[rows < n]
+    dense = full_attention_reference(q, k, v, q_rows=rows).float()
     row_mask = mask.float()[:, :, rows // block_q]
-    w = _expand_blocks(row_mask, block_k, n)
-    lse_tail = torch.logsumexp(s + torch.log1p(-w), dim=-1)
-    gap = pooled_tail_lse(q[:, :, rows], k, row_mask, block_k)[..., 0] - lse_tail
-    has_tail = torch.isfinite(lse_tail)
-    total = torch.where(has_tail, gap, torch.zeros_like(gap)).sum(dim=(0, 2))
-    return total / has_tail.sum(dim=(0, 2)).clamp_min(1)
+    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+    lse_sel = torch.logsumexp(s + torch.log(_expand_blocks(row_mask, block_k, n)), dim=-1)
+    gap = (lse_sel - pooled_tail_lse(q[:, :, rows], k, row_mask, block_k)[..., 0]).double()
+    x = (branch["sparse"] - branch["linear"]).double()
+    a2, a1 = x.square().sum(-1), (x * (branch["linear"] - dense).double()).sum(-1)  # (B, H, R)
+    grid = torch.arange(*SHIFT_GRID, dtype=torch.float64, device=q.device)
+    errors = torch.stack([(a.square() * a2 + 2 * a * a1).sum(dim=(0, 2)) for a in
+                          (torch.sigmoid(gap + c) for c in grid)], dim=-1)  # (H, G)
+    return grid[errors.argmin(dim=-1)].float()
