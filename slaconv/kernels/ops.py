@@ -32,8 +32,7 @@ def _kernel_backend():
 
 
 _warned_head_dims: set[int] = set()
-_warned_feature_map = False
-_warned_query_mixing = False
+_warned_missing: set[str] = set()
 
 
 def _warn_reference_on_gpu(head_dim: int) -> None:
@@ -43,20 +42,12 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def _warn_hedgehog_on_gpu() -> None:
-    global _warned_feature_map
-    if not _warned_feature_map:
-        _warned_feature_map = True
-        warnings.warn("SLA2: the Triton kernels do not compute the hedgehog feature map yet; running the "
-                      "PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
-
-
-def _warn_query_mixing_on_gpu() -> None:
-    global _warned_query_mixing
-    if not _warned_query_mixing:
-        _warned_query_mixing = True
-        warnings.warn("SLA2: the Triton kernels do not compute the per-query mixing yet; running the "
-                      "PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
+def _warn_not_in_kernels(what: str) -> None:
+    """Once per feature: the kernels lack ``what``, so the GPU runs the reference."""
+    if what not in _warned_missing:
+        _warned_missing.add(what)
+        warnings.warn(f"SLA2: the Triton kernels do not compute {what} yet; running the PyTorch reference on "
+                      "the GPU (correct, much slower)", stacklevel=3)
 
 
 def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
@@ -91,11 +82,9 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
     if hedgehog or query_mixing:
-        if q.is_cuda:
-            if hedgehog:
-                _warn_hedgehog_on_gpu()
-            if query_mixing:
-                _warn_query_mixing_on_gpu()
+        for what, used in (("the hedgehog feature map", hedgehog), ("the per-query mixing", query_mixing)):
+            if used and q.is_cuda:
+                _warn_not_in_kernels(what)
         return "reference"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
