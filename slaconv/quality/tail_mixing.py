@@ -22,7 +22,7 @@ import torch
 
 from slaconv.quality import tail_estimators as te
 
-TAILS = ("linear", "hedgehog")
+TAILS = ("exact", "linear", "hedgehog")
 MIXINGS = ("shift", "affine", "mass", "head_train")
 SHIFT_GRID = torch.arange(-8.0, 8.0 + 1e-9, 0.02)
 
@@ -41,7 +41,8 @@ def mass_gap(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, lse_s: torch.T
 
 
 def tail_of(kind: str, q, k, v, lut, block_q: int, block_k: int, features) -> torch.Tensor:
-    """The linear-attention tail of ``kind`` over the unselected blocks; ``features`` = (W_q, W_k) for hedgehog."""
+    """The linear-attention tail of ``kind`` over the unselected blocks; ``features`` = (W_q, W_k) for hedgehog.
+    (The exact tail needs the dense output: :func:`tail_estimators.exact_tail`.)"""
     if kind == "linear":
         fq, fk = te.softmax_features(q), te.softmax_features(k)
     else:
@@ -103,7 +104,10 @@ def fit_layer(data, features, fractions, block_q: int, block_k: int) -> dict:
         for kind in TAILS:
             parts = []
             for r in data:
-                tail = tail_of(kind, r.q, r.k, r.v, r.luts[f], block_q, block_k, features)
+                if kind == "exact":
+                    tail = te.exact_tail(r.o, r.lse, r.o_s[f], r.lse_s[f])[0]
+                else:
+                    tail = tail_of(kind, r.q, r.k, r.v, r.luts[f], block_q, block_k, features)
                 gap = mass_gap(r.q, r.k, r.luts[f], r.lse_s[f], block_q, block_k).double()
                 m = torch.exp(r.lse_s[f] - r.lse).clamp(max=1.0).double()
                 lse_tail = r.lse.double() + torch.log1p(-m)

@@ -48,7 +48,8 @@ ROWS = (
     Row("hedgehog_one_head", "g. Hedgehog phi, fitted on one training video, alpha per head", "hedgehog_one", "head"),
     Row("hedgehog_query", "g. Hedgehog phi (training videos), alpha per query (closed form)", "hedgehog", "query"),
     *(Row(f"{tail}_{mixing}", f"h. {name}, {how}", tail, mixing)
-      for tail, name in (("linear", "linear branch"), ("hedgehog", "Hedgehog phi")) for mixing, how in (
+      for tail, name in (("exact", "exact tail"), ("linear", "linear branch"), ("hedgehog", "Hedgehog phi"))
+      for mixing, how in (
           ("head_train", "alpha per head fitted on training videos"),
           ("shift", "alpha per query from the pooled tail mass, per-head shift fitted on training videos"),
           ("affine", "alpha per query, per-head affine map of the pooled log-odds (training videos)"),
