@@ -29,6 +29,14 @@ FEATURE_MAPS = ("softmax", "hedgehog")
 ``[softmax(x W), softmax(-x W)]`` with one (d, d/2) weight per head, untied for queries and keys."""
 ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
+MIXINGS = ("head", "query")
+"""How the mix ``alpha O_s + (1 - alpha) O_l`` takes alpha: one per head, ``sigmoid(alpha_logit)``, or one per
+query row, ``sigmoid(lse_sel - lse_tail + alpha_logit)`` from the sparse branch's log row sum and a block-pooled
+estimate of the unselected keys' softmax mass (docs/design.md section 1)."""
+
+
+WRITTEN_WHEN_SET = ("mixing",)
+"""Settings :meth:`SLA2Config.to_dict` leaves out at their default (work dirs written before them read the same)."""
 
 
 class ConfigError(UsageError, ValueError):
@@ -56,6 +64,7 @@ class SLA2Config:
     quant: str = "int8-fp8"
     feature_map: str = "softmax"
     alpha_granularity: str = "head"
+    mixing: str = "head"
     topk_per_layer: Mapping[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -73,7 +82,8 @@ class SLA2Config:
         for key in ("block_q", "block_k"):
             if getattr(self, key) not in BLOCK_SIZES:
                 raise ConfigError(f"{key} must be one of {BLOCK_SIZES}, got {getattr(self, key)!r}")
-        choices = {"quant": QUANT_MODES, "feature_map": FEATURE_MAPS, "alpha_granularity": ALPHA_GRANULARITIES}
+        choices = {"quant": QUANT_MODES, "feature_map": FEATURE_MAPS, "alpha_granularity": ALPHA_GRANULARITIES,
+                   "mixing": MIXINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -90,9 +100,15 @@ class SLA2Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready mapping; :meth:`from_dict` reads it back."""
+        """Plain JSON-ready mapping; :meth:`from_dict` reads it back.
+
+        Settings added after the format was first written (:data:`WRITTEN_WHEN_SET`) appear only when they differ
+        from their default, so a model that does not use them keeps the same ``sla2_config.json`` and digests."""
         out = dataclasses.asdict(self)
         out["topk_per_layer"] = dict(self.topk_per_layer)
+        for name in WRITTEN_WHEN_SET:
+            if out[name] == _DEFAULTS[name]:
+                del out[name]
         return out
 
     @classmethod
@@ -104,3 +120,6 @@ class SLA2Config:
         if unknown and not ignore_unknown:
             raise ConfigError(f"unknown SLA2 setting '{unknown[0]}' (known: {', '.join(sorted(names))})")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SLA2Config)}

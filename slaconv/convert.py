@@ -81,17 +81,23 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
                     device="cpu") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Set each layer's alpha to the full-attention mass selected by its initial (identity) router.
 
-    Returns (alpha per head after clamping to [0.02, 0.98], the measured selected mass per head)."""
+    With ``mixing: query`` the alpha logit is instead, per head, the one that minimises the attention error of
+    the per-query mix on the same pass (:func:`reference.fit_query_shift`).
+    Returns (sigmoid of each head's alpha logit, the measured selected mass per head)."""
     gen = torch.Generator().manual_seed(recipe.calibration.seed)
     batch = next(batches(family, model_config, recipe.data, 1, gen, data_dir))
     check_latent_shape(family, model_config, *batch["latents"].shape[2:], where=str(data_dir or "recipe data"))
     procs = sla2_processors(model)
     measured: dict[str, torch.Tensor] = {}
+    shifts: dict[str, torch.Tensor] = {}
 
     def observe(proc, q, k, v):
         mask = proc.block_mask(q, k)
-        measured[proc.layer_name] = reference.initial_alpha(q.transpose(1, 2), k.transpose(1, 2), mask,
-                                                            proc.block_q, proc.block_k)
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
+        if proc.config.mixing == "query":
+            shifts[proc.layer_name] = reference.fit_query_shift(qh, kh, v.transpose(1, 2), mask, proc.block_q,
+                                                                proc.block_k, proc.feature_q, proc.feature_k)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
     with observing(procs.values(), observe):
@@ -99,7 +105,7 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
         denoiser_forward(model, family, batch, batch["latents"], torch.full((1,), 0.5), device, dtype)
     for name, proc in procs.items():
         alpha = measured[name].clamp(0.02, 0.98)
-        proc.alpha_logit.copy_(torch.log(alpha / (1 - alpha)))
+        proc.alpha_logit.copy_(shifts[name] if name in shifts else torch.log(alpha / (1 - alpha)))
     alphas = {name: [round(float(a), 4) for a in torch.sigmoid(p.alpha_logit)] for name, p in procs.items()}
     return alphas, {name: [round(float(m), 4) for m in measured[name]] for name in procs}
 

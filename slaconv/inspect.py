@@ -55,7 +55,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         "family": config.family,
         "base_model": config.base_model,
         "block_q": attention.block_q, "block_k": attention.block_k, "topk": attention.topk,
-        "quant": attention.quant, "feature_map": attention.feature_map,
+        "quant": attention.quant, "feature_map": attention.feature_map, "mixing": attention.mixing,
         "layers": layers,
         "calibration": config.calibration,
         "validation": config.validation,
@@ -69,7 +69,7 @@ def render(info: dict) -> str:
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
-        f"feature map {info['feature_map']}, {len(info['layers'])} SLA2 layers",
+        f"feature map {info['feature_map']}, alpha per {info['mixing']}, {len(info['layers'])} SLA2 layers",
         "",
     ]
     rows = [[x["layer"], number(x["topk"]), number(x["sparsity"]), number(x["attention_rel_l2"]),

@@ -185,6 +185,7 @@ def _settings_table(sla2: dict) -> list[str]:
         ("feature_map", "linear-branch feature map"),
         ("quant", "sparse-branch quantization (Q,K / P,V)"),
         ("alpha_granularity", "sparse/linear mix granularity"),
+        ("mixing", "sparse/linear mix: alpha per"),
     ]:
         if sla2.get(key) is not None:
             rows.append((label, sla2[key]))

@@ -113,6 +113,9 @@ class SLA2Settings(_Section):
     quant: str = SLA2Config.quant
     feature_map: str = field(default=SLA2Config.feature_map, metadata={WRITTEN_WHEN_SET: True})
     """The linear branch's phi: ``softmax`` (over the head dim) or ``hedgehog`` (learned, per head)."""
+    mixing: str = field(default=SLA2Config.mixing, metadata={WRITTEN_WHEN_SET: True})
+    """How alpha mixes the branches: ``head`` (one per head) or ``query`` (per query row from the estimated tail
+    mass, the per-head alpha logit a log-scale correction of it)."""
     alpha_init: str | float = "calibrate"
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
 
@@ -133,7 +136,8 @@ class SLA2Settings(_Section):
         """The attention settings these give every converted layer."""
         try:
             return SLA2Config(topk=self.topk, block_q=self.block_q, block_k=self.block_k, quant=self.quant,
-                              feature_map=self.feature_map, topk_per_layer=self.topk_per_layer or {})
+                              feature_map=self.feature_map, mixing=self.mixing,
+                              topk_per_layer=self.topk_per_layer or {})
         except ConfigError as exc:
             raise RecipeError(f"sla2.{exc}") from None
 

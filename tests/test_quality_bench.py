@@ -478,6 +478,44 @@ def test_least_squares_alpha_and_finer_mixing_are_never_worse():
     assert curve[-1] < 0.9 * curve[0], curve
 
 
+def test_pooled_mass_alpha_fits_minimise_the_error_on_their_rows():
+    """The per-query alphas from the pooled tail mass: the fitted shift beats its neighbours and the mass-matched
+    shift, the affine map beats the shift, the per-head alpha is least squares, all on the rows they were fitted on;
+    the mass-matched shift is the mean of lse_pool - lse_tail from a dense fp64 computation."""
+    from slaconv.quality import tail_estimators as te
+    from slaconv.quality import tail_fit as tf
+    from slaconv.quality import tail_mixing as tm
+
+    q, k, v = _tail_inputs()
+    rows = tf.fit_rows(q, k, v, {0.1: 2}, 64, 32, 4, torch.Generator().manual_seed(0))
+    features = (tf.hedgehog_init(2, 16, 8, seed=1), tf.hedgehog_init(2, 16, 8, seed=2))
+    fits = tm.fit_layer([rows], features, (0.1,), 64, 32)[0.1]
+    lut = rows.luts[0.1]
+    gap = tm.mass_gap(rows.q, k, lut, rows.lse_s[0.1], 64, 32)
+    for kind in tm.TAILS:
+        if kind == "exact":
+            tail = te.exact_tail(rows.o, rows.lse, rows.o_s[0.1], rows.lse_s[0.1])[0]
+        else:
+            tail = tm.tail_of(kind, rows.q, k, v, lut, 64, 32, features)
+
+        def err(mixing, p, kind=kind, tail=tail):
+            a = tm.alpha(mixing, p, gap).float()
+            return (a * rows.o_s[0.1] + (1 - a) * tail - rows.o).double().square().sum(dim=(0, 2, 3))
+
+        p = fits[kind]
+        shift = err("shift", p["shift"])
+        for other in (p["shift"] - 0.1, p["shift"] + 0.1, p["mass"]):
+            assert bool((shift <= err("shift", other) + 1e-9).all())
+        assert bool((err("affine", p["affine"]) <= shift * (1 + 1e-4)).all())
+        for delta in (-0.01, 0.01):
+            assert bool((err("head_train", p["head_train"]) <= err("head_train", p["head_train"] + delta) + 1e-9).all())
+    s = rows.q.double() @ k.double().transpose(-1, -2) / 4.0
+    selected = te.lut_mask(lut, 16).repeat_interleave(64, 2).repeat_interleave(32, 3)
+    lse_tail = torch.logsumexp(s.masked_fill(selected, float("-inf")), dim=-1)
+    lse_pool = rows.lse_s[0.1].double() - gap.double()
+    torch.testing.assert_close(fits["linear"]["mass"], (lse_pool - lse_tail).mean(dim=(0, 2)), rtol=0, atol=1e-4)
+
+
 def test_tail_study_runs_end_to_end(tmp_path):
     """The study's command on a tiny 1-layer model: tables written, the exact tail with per-query alpha is exact,
     finer alpha never worse, the study's fp32 dense hook keeps the model's loss, the replaced forwards change it;
@@ -501,6 +539,9 @@ def test_tail_study_runs_end_to_end(tmp_path):
             assert rows["exact_query"]["mean"] < 1e-4
             for tail in ("exact", "linear", "mean", "hedgehog"):
                 assert rows[f"{tail}_query"]["mean"] <= rows[f"{tail}_head"]["mean"] + 1e-9
+            for tail in ("linear", "hedgehog"):  # alphas fitted on other rows: worse than the closed form here
+                for mixing in ("head_train", "shift", "affine", "mass"):
+                    assert rows[f"{tail}_query"]["mean"] <= rows[f"{tail}_{mixing}"]["mean"] + 1e-9
             assert rows["exact_head"]["mean"] <= rows["sparse"]["mean"] + 1e-9
     original = res["original_losses"]
     assert len(original) == 2 and res["losses"]["linear_converter"]["0.03"]["per_sample"] != original

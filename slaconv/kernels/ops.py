@@ -32,7 +32,7 @@ def _kernel_backend():
 
 
 _warned_head_dims: set[int] = set()
-_warned_feature_map = False
+_warned_missing: set[str] = set()
 
 
 def _warn_reference_on_gpu(head_dim: int) -> None:
@@ -42,20 +42,21 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def _warn_hedgehog_on_gpu() -> None:
-    global _warned_feature_map
-    if not _warned_feature_map:
-        _warned_feature_map = True
-        warnings.warn("SLA2: the Triton kernels do not compute the hedgehog feature map yet; running the "
-                      "PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
+def _warn_not_in_kernels(what: str) -> None:
+    """Once per feature: the kernels lack ``what``, so the GPU runs the reference."""
+    if what not in _warned_missing:
+        _warned_missing.add(what)
+        warnings.warn(f"SLA2: the Triton kernels do not compute {what} yet; running the PyTorch reference on "
+                      "the GPU (correct, much slower)", stacklevel=3)
 
 
 def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
-                   hedgehog: bool = False) -> str:
+                   hedgehog: bool = False, query_mixing: bool = False) -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
 
-    The kernels cover hard top-k over every query block with softmax features; ``hedgehog`` (learned
-    feature weights) runs on the reference, and asking for ``triton`` then is an error.
+    The kernels cover hard top-k over every query block with softmax features and alpha per head; ``hedgehog``
+    (learned feature weights) and ``query_mixing`` (alpha per query) run on the reference, and asking for
+    ``triton`` then is an error.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -74,12 +75,16 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         if hedgehog:
             raise RuntimeError("the Triton SLA2 kernel does not compute the hedgehog feature map yet; "
                                "use backend='reference'")
+        if query_mixing:
+            raise RuntimeError("the Triton SLA2 kernel does not compute the per-query mixing yet; "
+                               "use backend='reference'")
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
-    if hedgehog:
-        if q.is_cuda:
-            _warn_hedgehog_on_gpu()
+    if hedgehog or query_mixing:
+        for what, used in (("the hedgehog feature map", hedgehog), ("the per-query mixing", query_mixing)):
+            if used and q.is_cuda:
+                _warn_not_in_kernels(what)
         return "reference"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
@@ -91,7 +96,8 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    block_k: int = 64, quant: str = "none", layout: str = "bnhd", soft_tau: float | None = None,
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
                    launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0),
-                   feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None) -> torch.Tensor:
+                   feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                   mixing: str = "head") -> torch.Tensor:
     """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
@@ -102,11 +108,14 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
     feature map's weights (:func:`slaconv.kernels.reference.feature_map`), computed on the reference path.
+    ``mixing``: ``head`` (alpha per head) or ``query`` (alpha per query row from the estimated tail mass,
+    :data:`slaconv.config.MIXINGS`), the latter on the reference path.
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
     chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
-                            hedgehog=feature_q is not None or feature_k is not None)
+                            hedgehog=feature_q is not None or feature_k is not None,
+                            query_mixing=mixing == "query")
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
@@ -116,6 +125,6 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     out = reference.sla2_attention_reference(
         q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
         quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks, always_kept=spec.always_kept,
-        feature_q=feature_q, feature_k=feature_k,
+        feature_q=feature_q, feature_k=feature_k, mixing=mixing,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

@@ -9,8 +9,11 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
 * ``O_s``: softmax over the selected key blocks only (renormalised);
 * ``O_l``: linear attention over exactly the complement, with ``phi = softmax over the head dim`` or, given
   per-head feature weights ``W`` (H, d, d/2), the Hedgehog map ``phi(x) = [softmax(x W), softmax(-x W)]``;
-* ``O = alpha * O_s + (1 - alpha) * O_l`` with ``alpha = sigmoid(alpha_logit)`` per head; a row that selects
-  every key block has no linear branch, and its output is ``O_s``.
+* ``O = alpha * O_s + (1 - alpha) * O_l`` with, per ``mixing``, ``alpha = sigmoid(alpha_logit)`` per head
+  (``head``) or per query row ``alpha_i = sigmoid(lse_sel,i - lse_tail,i + alpha_logit)`` (``query``), where
+  ``lse_sel`` is the sparse branch's own log row sum and ``lse_tail`` the log-sum-exp over the unselected key
+  blocks of the pooled logits ``q . mean(K_j) / sqrt(d) + ln n_j`` (both detached, :func:`pooled_tail_lse`);
+  a row that selects every key block has no linear branch, and its output is ``O_s``.
 
 Memory stays bounded: queries are processed a chunk of query blocks at a time, so the largest
 temporary is ``(B, H, chunk * b_q, N)``, never a whole ``N x N`` map per head.  A soft block mask
@@ -24,7 +27,7 @@ import math
 
 import torch
 
-from ..config import QUANT_MODES
+from ..config import MIXINGS, QUANT_MODES
 
 LOG2E = 1.4426950408889634
 FP8_E4M3_MAX = 448.0
@@ -43,11 +46,13 @@ __all__ = [
     "selection_mask",
     "mask_to_lut",
     "feature_map",
+    "pooled_tail_lse",
     "fake_quant_int8_blocks",
     "fake_quant_fp8",
     "sla2_attention_reference",
     "full_attention_reference",
     "initial_alpha",
+    "fit_query_shift",
 ]
 
 
@@ -179,6 +184,18 @@ def feature_map(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Te
     return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
 
 
+def pooled_tail_lse(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Per row, the log-sum-exp over key blocks j of ``q . mean(K_j) / sqrt(d) + ln n_j + ln(1 - m_j)``: an estimate
+    of the log of the unselected keys' unnormalised softmax mass, pooled per key block (Jensen: never above the
+    exact one).  q (B, H, R, d), k (B, H, N, d), ``weights`` the rows' block mask m (B, H, R, n_kblocks), 1 on
+    the selected blocks (a row with every block selected gets -inf); returns (B, H, R, 1) in fp32, detached."""
+    with torch.no_grad():
+        n, nk = k.shape[2], weights.shape[-1]
+        counts = (n - block_k * torch.arange(nk, device=k.device)).clamp(max=block_k).float()  # ragged last block
+        logits = (q.float() @ block_mean(k, block_k).transpose(-1, -2)) / math.sqrt(q.shape[-1]) + counts.log()
+        return torch.logsumexp(logits + torch.log1p(-weights.float().clamp(max=1.0)), dim=-1, keepdim=True)
+
+
 def _straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return x + (xq - x).detach()
 
@@ -214,7 +231,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              q_blocks: torch.Tensor | None = None, chunk_q_blocks: int = 8,
                              mask: torch.Tensor | None = None, always_kept: tuple[int, int] = (0, 0),
                              feature_q: torch.Tensor | None = None,
-                             feature_k: torch.Tensor | None = None) -> torch.Tensor:
+                             feature_k: torch.Tensor | None = None, mixing: str = "head") -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
@@ -231,11 +248,16 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             (:func:`selection_mask`).
         feature_q, feature_k: per-head Hedgehog weights (H, d, d/2) of the linear branch's feature map
             for queries and keys (:func:`feature_map`); both or neither (then phi is softmax over d).
+        mixing: ``head`` (alpha per head) or ``query`` (alpha per row from the estimated tail mass, with
+            ``alpha_logit`` a per-head log-scale correction; the sparse log row sum is taken from the same,
+            possibly quantised, scores the sparse branch uses).
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     if (feature_q is None) != (feature_k is None):
         raise ValueError("feature_q and feature_k must be given together")
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     b, h, n, d = q.shape
     nq = block_count(n, block_q)
     if mask is None:
@@ -249,10 +271,11 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kf, vf = k.float(), v.float()
     if quant != "none":
         # Softmax is invariant to shifting K by its token mean; quantise the smoothed K.
-        k_for_scores = fake_quant_int8_blocks(kf - kf.mean(dim=2, keepdim=True).detach(), block_k)
+        k_pooled = kf - kf.mean(dim=2, keepdim=True).detach()
+        k_for_scores = fake_quant_int8_blocks(k_pooled, block_k)
         q_for_scores = fake_quant_int8_blocks(q.float() * (sm_scale * LOG2E), block_q)
     else:
-        k_for_scores = kf
+        k_for_scores = k_pooled = kf
         q_for_scores = q.float() * (sm_scale * LOG2E)
     if quant == "int8-fp8":
         v_scale = vf.detach().abs().amax(dim=2, keepdim=True).clamp_min(1e-8) / FP8_E4M3_MAX
@@ -260,7 +283,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         v_sparse = vf
     phi_k = feature_map(k, feature_k)
-    alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
+    head_alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
 
     outs = []
     for start in range(0, len(q_blocks), chunk_q_blocks):
@@ -279,6 +302,12 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if quant == "int8-fp8":
             p = fake_quant_fp8(p, torch.tensor(1.0 / FP8_E4M3_MAX, device=q.device))
         o_s = (p @ v_sparse) / denom
+        if mixing == "query":  # the pooled estimate keys by the same K as the scores, so the two logs agree
+            lse_sel = (row_max + torch.log2(denom.detach())) / LOG2E
+            lse_tail = pooled_tail_lse(q[:, :, rows], k_pooled, weights[:, :, row_block], block_k)
+            alpha = torch.sigmoid(lse_sel - lse_tail + alpha_logit.float().view(1, h, 1, 1))
+        else:
+            alpha = head_alpha
 
         phi_q = feature_map(q[:, :, rows], feature_q)
         kern = (phi_q @ phi_k.transpose(-1, -2)) * (1.0 - w)
@@ -325,3 +354,42 @@ def initial_alpha(
     p = torch.softmax(s, dim=-1)
     w = _expand_blocks(mask.float()[:, :, rows // block_q], block_k, n)
     return (p * w).sum(dim=-1).mean(dim=(0, 2))
+
+
+
+SHIFT_GRID = (-8.0, 8.0, 0.02)
+"""The candidates :func:`fit_query_shift` tries: start, stop and step of a grid of alpha logits."""
+
+
+@torch.no_grad()
+def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_q: int,
+                    block_k: int, feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                    max_q_blocks: int = 8) -> torch.Tensor:
+    """Per head, the ``alpha_logit`` of ``mixing: query`` that minimises the squared error of SLA2's output against
+    full attention on (a sample of) ``max_q_blocks`` query blocks, searched on :data:`SHIFT_GRID`: (H,) fp32.
+
+    The mix is ``alpha_i O_s + (1 - alpha_i) O_l`` with ``alpha_i = sigmoid(lse_sel - lse_tail + c)``, so the
+    error is a quadratic in alpha_i per row and each candidate costs a pass over per-row scalars.
+    """
+    b, h, n, d = q.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    blocks = torch.randperm(block_count(n, block_q), generator=gen)[:max_q_blocks].sort().values.to(q.device)
+    eye = torch.eye(d, device=q.device).expand(h, d, d)
+    branch = {}
+    for name, logit in (("sparse", math.inf), ("linear", -math.inf)):
+        branch[name] = sla2_attention_reference(
+            q, k, v, eye, eye, torch.full((h,), logit, device=q.device), topk=1.0, block_q=block_q,
+            block_k=block_k, q_blocks=blocks, mask=mask, feature_q=feature_q, feature_k=feature_k).float()
+    rows = (blocks.view(-1, 1) * block_q + torch.arange(block_q, device=q.device).view(1, -1)).view(-1)
+    rows = rows[rows < n]
+    dense = full_attention_reference(q, k, v, q_rows=rows).float()
+    row_mask = mask.float()[:, :, rows // block_q]
+    s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+    lse_sel = torch.logsumexp(s + torch.log(_expand_blocks(row_mask, block_k, n)), dim=-1)
+    gap = (lse_sel - pooled_tail_lse(q[:, :, rows], k, row_mask, block_k)[..., 0]).double()
+    x = (branch["sparse"] - branch["linear"]).double()
+    a2, a1 = x.square().sum(-1), (x * (branch["linear"] - dense).double()).sum(-1)  # (B, H, R)
+    grid = torch.arange(*SHIFT_GRID, dtype=torch.float64, device=q.device)
+    errors = torch.stack([(a.square() * a2 + 2 * a * a1).sum(dim=(0, 2)) for a in
+                          (torch.sigmoid(gap + c) for c in grid)], dim=-1)  # (H, G)
+    return grid[errors.argmin(dim=-1)].float()

@@ -186,16 +186,24 @@ def pooled_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.T
     ``lse_s - lse_pooled`` (B, H, Nq): the shared normaliser gives the selected blocks the weight
     ``sigmoid(gap - bias)`` (:func:`pooled_mix`).
     """
-    b, h, nq_rows, d = q.shape
+    b, h, _, d = q.shape
     nk = k.shape[2] // block_k
-    k_bar = k.view(b, h, nk, block_k, d).mean(dim=3)
     v_bar = v.view(b, h, nk, block_k, d).mean(dim=3)
-    logits = (q @ k_bar.transpose(-1, -2)) / math.sqrt(d) + math.log(block_k)  # (B, H, Nq, nk)
-    selected = lut_mask(lut, nk).repeat_interleave(block_q, dim=2)
-    logits = logits.masked_fill(selected, float("-inf"))
+    logits = pooled_logits(q, k, lut, block_q, block_k)
     lse_p = torch.logsumexp(logits, dim=-1)
     t = torch.softmax(logits, dim=-1) @ v_bar
     return torch.nan_to_num(t), lse_s - lse_p
+
+
+def pooled_logits(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Per row and key block the pooled logit ``q . mean(K_j) / sqrt(d) + log(b_k)``, -inf on the selected blocks:
+    (B, H, Nq, nk).  Its log-sum-exp estimates the log of the tail's unnormalised softmax mass."""
+    b, h, _, d = q.shape
+    nk = k.shape[2] // block_k
+    k_bar = k.view(b, h, nk, block_k, d).mean(dim=3)
+    logits = (q @ k_bar.transpose(-1, -2)) / math.sqrt(d) + math.log(block_k)
+    selected = lut_mask(lut, nk).repeat_interleave(block_q, dim=2)
+    return logits.masked_fill(selected, float("-inf"))
 
 
 def pooled_mix(o_s: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, bias: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -28,6 +28,8 @@ class FitRows:
     luts: dict[float, torch.Tensor]
     o_s: dict[float, torch.Tensor]
     lse_s: dict[float, torch.Tensor]
+    lse: torch.Tensor | None = None
+    """The dense log-sum-exp of each chosen row (1, H, R)."""
 
 
 def fit_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: dict[float, int], block_q: int,
@@ -40,12 +42,12 @@ def fit_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: dict[flo
     blocks = torch.randperm(nq, generator=generator)[:n_blocks].sort().values
     rows = (blocks.view(-1, 1) * block_q + torch.arange(block_q).view(1, -1)).view(-1).to(q.device)
     q_sub = q[:, :, rows].contiguous()
-    o, _ = te.dense_attention(q_sub, k, v)
+    o, lse = te.dense_attention(q_sub, k, v)
     luts, o_s, lse_s = {}, {}, {}
     for f, count in counts.items():
         luts[f] = te.heuristic_lut(q, k, count, block_q, block_k)[:, :, blocks.to(q.device)].contiguous()
         o_s[f], lse_s[f] = te.sparse_branch(q_sub, k, v, luts[f], block_q, block_k)
-    return FitRows(q_sub, k, v, o, luts, o_s, lse_s)
+    return FitRows(q_sub, k, v, o, luts, o_s, lse_s, lse)
 
 
 # ---------------------------------------------------------------------------------------- pooled bias

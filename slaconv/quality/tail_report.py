@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from slaconv.quality import tail_estimators as te
+from slaconv.quality import tail_mixing as tm
 
 CONVERTER_ALPHA_RANGE = (0.02, 0.98)  # slaconv convert clamps the measured selected mass to this range
 
@@ -25,7 +26,8 @@ class Row:
     key: str
     label: str
     tail: str  # "exact", "linear", "mean", "hedgehog", "hedgehog_one", "pooled", "pooled_bias"
-    mixing: str  # "one" (alpha = 1), "head", "head_qblock", "qblock_input", "query", "converter", "shared"
+    mixing: str  # "one" (alpha = 1), "head", "head_qblock", "qblock_input", "query", "converter", "shared",
+    #              or one of tail_mixing.MIXINGS (fitted on training videos)
     loss: bool = False  # also measured as held-out loss with the replacement in every layer
 
 
@@ -45,10 +47,18 @@ ROWS = (
     Row("hedgehog_head", "g. Hedgehog phi, fitted on training videos, alpha per head", "hedgehog", "head", True),
     Row("hedgehog_one_head", "g. Hedgehog phi, fitted on one training video, alpha per head", "hedgehog_one", "head"),
     Row("hedgehog_query", "g. Hedgehog phi (training videos), alpha per query (closed form)", "hedgehog", "query"),
+    *(Row(f"{tail}_{mixing}", f"h. {name}, {how}", tail, mixing)
+      for tail, name in (("exact", "exact tail"), ("linear", "linear branch"), ("hedgehog", "Hedgehog phi"))
+      for mixing, how in (
+          ("head_train", "alpha per head fitted on training videos"),
+          ("shift", "alpha per query from the pooled tail mass, per-head shift fitted on training videos"),
+          ("affine", "alpha per query, per-head affine map of the pooled log-odds (training videos)"),
+          ("mass", "alpha per query, per-head shift = mean log gap of the pooled tail mass (training)")))
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one")
 SHARED_TAILS = ("pooled", "pooled_bias")
+DIRECT_ROWS = tuple(r.key for r in ROWS if r.mixing in ("shared", *tm.MIXINGS))  # errors measured, not fitted
 DENSE_KEY = "dense_fp32"  # losses of the study's own fp32 dense attention through the same hook (row c)
 
 
@@ -72,8 +82,8 @@ def _broadcast(alpha: torch.Tensor) -> torch.Tensor:
 
 def row_squared_errors(row: Row, cell: dict) -> torch.Tensor:
     """Squared error per (sample, head) of one estimator in one (layer, router, fraction) cell."""
-    if row.mixing == "shared":
-        return cell["direct"][row.tail].sum(dim=-1)
+    if row.key in DIRECT_ROWS:
+        return cell["direct"][row.key].sum(dim=-1)
     stats = cell["stats"][row.tail]
     if row.mixing == "query":
         return stats["row_best"].sum(dim=-1)

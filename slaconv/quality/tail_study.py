@@ -45,6 +45,7 @@ from slaconv.quality import attention_stats as am
 from slaconv.quality import common, metrics
 from slaconv.quality import tail_estimators as te
 from slaconv.quality import tail_fit as tf
+from slaconv.quality import tail_mixing as tm
 from slaconv.quality import tail_report as tr
 from slaconv.quality.command_line import fraction, non_negative_int, one_line_errors, positive_float, positive_int
 
@@ -119,9 +120,12 @@ def fit_parameters(model, spec, n_tokens: int, counts: dict, args, budget: Budge
                                               stop_at=stop_at)
             p[name], fit[name] = (wq, wk), {"first": curve[0], "last": curve[-1], "steps": len(curve),
                                             "curve": curve[:: max(1, len(curve) // 10)]}
+        p["query_alpha"] = tm.fit_layer(data, p["hedgehog"], args.fractions, args.block_q, args.block_k)
         params[layer] = p
         last = args.fractions[-1]
-        summary[layer] = {"pooled_bias": {str(f): p["bias"][f].tolist() for f in args.fractions}, "hedgehog_fit": fit}
+        summary[layer] = {"pooled_bias": {str(f): p["bias"][f].tolist() for f in args.fractions}, "hedgehog_fit": fit,
+                          "query_alpha": {str(f): {t: {m: x.tolist() for m, x in per.items()} for t, per in by.items()}
+                                          for f, by in p["query_alpha"].items()}}
         log(f"layer {layer} fitted: pooled bias {tr.pct(last)} {[round(x, 2) for x in p['bias'][last].tolist()]}, "
             f"Hedgehog training loss {fit['hedgehog']['first']:.3f} -> {fit['hedgehog']['last']:.3f} in "
             f"{fit['hedgehog']['steps']} steps")
@@ -132,7 +136,7 @@ def fit_parameters(model, spec, n_tokens: int, counts: dict, args, budget: Budge
 
 
 def new_cell() -> dict:
-    return {"stats": {t: [] for t in tr.MIXED_TAILS}, "direct": {t: [] for t in tr.SHARED_TAILS},
+    return {"stats": {t: [] for t in tr.MIXED_TAILS}, "direct": {t: [] for t in tr.DIRECT_ROWS},
             "mass": [], "m": []}
 
 
@@ -146,9 +150,13 @@ def measure_layer(q, k, v, luts: dict, params: dict, cells: dict, block_q: int, 
         m = te.exact_tail(*dense, o_s, lse_s)[1]
         cell["mass"].append(m[0, :, :, 0].mean(dim=-1))
         cell["m"].append(m.flatten())
+        tails = {}
         for kind in tr.MIXED_TAILS:
-            tail = tail_output(kind, q, k, v, lut, o_s, lse_s, dense, params, block_q, block_k)
-            cell["stats"][kind].append(te.mix_stats(o, o_s, tail, block_q))
+            tails[kind] = tail_output(kind, q, k, v, lut, o_s, lse_s, dense, params, block_q, block_k)
+            cell["stats"][kind].append(te.mix_stats(o, o_s, tails[kind], block_q))
+        gap = tm.mass_gap(q, k, lut, lse_s, block_q, block_k)
+        for name, err in tm.measure(o, o_s, tails, gap, params["query_alpha"][key[1]], block_q).items():
+            cell["direct"][name].append(err)
         for kind in tr.SHARED_TAILS:
             est = tail_output(kind, q, k, v, lut, o_s, lse_s, dense, {"bias": params["bias"][key[1]]}, block_q,
                               block_k)

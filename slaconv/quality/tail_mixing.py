@@ -1,0 +1,129 @@
+"""Alpha per query from an estimate of the tail's softmax mass, for the tail-estimator study.
+
+SLA2's ``mixing: query`` (docs/design.md section 1) mixes row i as ``alpha_i O_s + (1 - alpha_i) T`` with
+
+    alpha_i = sigmoid(gap_i + c_h),   gap_i = lse_sel,i - lse_pool,i
+
+where ``lse_sel`` is the sparse branch's own log row sum and ``lse_pool`` the log-sum-exp of the pooled logits
+of the unselected key blocks (:func:`tail_estimators.pooled_logits`).  The study compares ways of choosing the
+per-head ``c_h`` on training rows, and one refinement, a per-head affine map ``sigmoid(a_h gap_i + c_h)``:
+
+* ``shift``: the c_h minimising the summed squared attention error (a 0.02 grid over [-8, 8]);
+* ``affine``: (a_h, c_h) minimising it, by L-BFGS from (1, the shift);
+* ``mass``: the mean over rows of ``lse_pool - lse_tail`` (the exact tail's log mass), so that alpha_i is on
+  average the selected mass in log-odds: the counterpart of ``convert``'s selected-mass start of a per-head alpha;
+* ``head_train``: no per-query alpha, a per-head least-squares alpha fitted on the same training rows (the fair
+  per-head comparison: the study's other per-head rows fit alpha on the held-out samples themselves).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slaconv.quality import tail_estimators as te
+
+TAILS = ("exact", "linear", "hedgehog")
+MIXINGS = ("shift", "affine", "mass", "head_train")
+SHIFT_GRID = torch.arange(-8.0, 8.0 + 1e-9, 0.02)
+
+
+def row_terms(o: torch.Tensor, o_s: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row (B, H, N), float64: the squared error of ``alpha O_s + (1 - alpha) T`` is ``a2 alpha^2 + 2 a1 alpha
+    + a0``."""
+    x, y = (o_s - tail).double(), (tail - o).double()
+    return x.square().sum(-1), (x * y).sum(-1), y.square().sum(-1)
+
+
+def mass_gap(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, lse_s: torch.Tensor, block_q: int,
+             block_k: int) -> torch.Tensor:
+    """``lse_sel - lse_pool`` per row (B, H, Nq): the log-odds of the selected blocks against the pooled tail."""
+    return lse_s - torch.logsumexp(te.pooled_logits(q, k, lut, block_q, block_k), dim=-1)
+
+
+def tail_of(kind: str, q, k, v, lut, block_q: int, block_k: int, features) -> torch.Tensor:
+    """The linear-attention tail of ``kind`` over the unselected blocks; ``features`` = (W_q, W_k) for hedgehog.
+    (The exact tail needs the dense output: :func:`tail_estimators.exact_tail`.)"""
+    if kind == "linear":
+        fq, fk = te.softmax_features(q), te.softmax_features(k)
+    else:
+        fq, fk = te.hedgehog_features(q, features[0]), te.hedgehog_features(k, features[1])
+    return te.kernel_tail(fq, fk, v, lut, block_q, block_k)
+
+
+def _error(a2, a1, a0, alpha):
+    return (alpha.square() * a2 + 2 * alpha * a1 + a0).sum(dim=-1)
+
+
+@torch.no_grad()
+def _fit_shift(a2, a1, a0, gap) -> torch.Tensor:
+    grid = SHIFT_GRID.double().to(gap.device)
+    errs = torch.stack([_error(a2, a1, a0, torch.sigmoid(gap + c)) for c in grid], dim=-1)  # (H, G)
+    return grid[errs.argmin(dim=-1)]
+
+
+def _fit_affine(a2, a1, a0, gap, shift) -> torch.Tensor:
+    params = torch.stack([torch.ones_like(shift), shift]).requires_grad_(True)  # (2, H)
+    opt = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+    scale = float(_error(a2, a1, a0, torch.sigmoid(gap + shift.unsqueeze(-1))).sum().clamp_min(1e-30))
+
+    def closure():
+        opt.zero_grad()
+        loss = _error(a2, a1, a0, torch.sigmoid(params[0].unsqueeze(-1) * gap + params[1].unsqueeze(-1))).sum()
+        (loss / scale).backward()
+        return loss / scale
+
+    opt.step(closure)
+    return params.detach()
+
+
+def fit(a2, a1, a0, gap, log_mass_error) -> dict[str, torch.Tensor]:
+    """Every mixing's per-head parameters from training rows (H, R) in float64; ``log_mass_error`` is
+    ``lse_pool - lse_tail`` per row (nan where the selected blocks hold all of the mass)."""
+    shift = _fit_shift(a2, a1, a0, gap)
+    return {"shift": shift, "affine": _fit_affine(a2, a1, a0, gap, shift),
+            "mass": log_mass_error.nanmean(dim=-1),
+            "head_train": te.least_squares_alpha(a2.sum(dim=-1), a1.sum(dim=-1))}
+
+
+def alpha(mixing: str, params: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """Alpha per row (B, H, N, 1) of ``mixing`` with its fitted per-head ``params``, from ``gap`` (B, H, N)."""
+    gap = gap.double()
+    if mixing == "head_train":
+        return params.view(1, -1, 1, 1).expand(*gap.shape, 1)
+    if mixing == "affine":
+        a, c = params[0].view(1, -1, 1), params[1].view(1, -1, 1)
+        return torch.sigmoid(a * gap + c).unsqueeze(-1)
+    return torch.sigmoid(gap + params.view(1, -1, 1)).unsqueeze(-1)
+
+
+def fit_layer(data, features, fractions, block_q: int, block_k: int) -> dict:
+    """{fraction: {tail: {mixing: per-head params}}} for one layer from its training rows (``tail_fit.FitRows``
+    with the dense log-sum-exp); ``features`` = the layer's fitted Hedgehog (W_q, W_k)."""
+    out: dict = {}
+    for f in fractions:
+        for kind in TAILS:
+            parts = []
+            for r in data:
+                if kind == "exact":
+                    tail = te.exact_tail(r.o, r.lse, r.o_s[f], r.lse_s[f])[0]
+                else:
+                    tail = tail_of(kind, r.q, r.k, r.v, r.luts[f], block_q, block_k, features)
+                gap = mass_gap(r.q, r.k, r.luts[f], r.lse_s[f], block_q, block_k).double()
+                m = torch.exp(r.lse_s[f] - r.lse).clamp(max=1.0).double()
+                lse_tail = r.lse.double() + torch.log1p(-m)
+                lse_pool = r.lse_s[f].double() - gap
+                parts.append((*row_terms(r.o, r.o_s[f], tail), gap, torch.where(m < 1 - 1e-6, lse_pool - lse_tail,
+                                                                                 torch.nan)))
+            stacked = [torch.cat([p[i][0] for p in parts], dim=-1) for i in range(5)]  # (H, R)
+            out.setdefault(f, {})[kind] = fit(*stacked)
+    return out
+
+
+def measure(o, o_s, tails: dict, gap: torch.Tensor, params: dict, block_q: int) -> dict[str, torch.Tensor]:
+    """Squared error per (B, H, query block) of every (tail, mixing) on one held-out layer: {"tail_mixing": ...}."""
+    out = {}
+    for kind in TAILS:
+        for mixing in MIXINGS:
+            a = alpha(mixing, params[kind][mixing], gap).to(o.dtype)
+            out[f"{kind}_{mixing}"] = te.squared_error_per_block(o, a * o_s + (1 - a) * tails[kind], block_q)
+    return out
