@@ -1,0 +1,67 @@
+"""Host side of the linear branch's two options in the Triton kernels: the Hedgehog feature map and
+alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its launches.
+
+* **Hedgehog** ``phi(x) = [softmax(x W), softmax(-x W)]`` with W (H, D, D/2) per head.  The kernels take
+  the signed stack ``[W, -W]`` (H, D, D) in the input dtype, so one MMA per tile gives both halves' logits
+  (:func:`signed_weights`).  Their backward returns the gradient of those stacked logits; dX and the
+  stack's gradient are two batched GEMMs here (:func:`logit_grads_to_inputs`): cuBLAS runs them near peak,
+  and a fused Triton epilogue would add a D x D operand to launches that are already register bound.
+* **Per-query mixing**: ``alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit_h)``.  The sparse launch
+  has LSE_sel (its own running max and sum); LSE_tail, over the key blocks a row's query block did not
+  select, comes from ``tail_lse_kernel`` (:func:`tail_lse`), one pass of 1/block_k the cost of a dense
+  Q K^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import sla2_triton_forward as forward_kernels
+
+__all__ = ["MIXINGS", "check_mixing", "signed_weights", "logit_grads_to_inputs", "tail_lse"]
+
+MIXINGS = ("head", "query")
+"""How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
+
+TAIL_CHUNK = 64  # key blocks per MMA step of tail_lse_kernel
+
+
+def check_mixing(mixing: str) -> None:
+    """Raise ``ValueError`` unless ``mixing`` is one of :data:`MIXINGS`."""
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+
+
+def signed_weights(weight: torch.Tensor, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Hedgehog weights (H, D, D/2) -> the kernels' signed stack ``[W, -W]`` (H, D, D), contiguous in
+    ``dtype``; differentiable, so the stack's gradient reaches ``weight``."""
+    if tuple(weight.shape) != (heads, head_dim, head_dim // 2):
+        raise ValueError(f"hedgehog feature weights must be (H, D, D/2) = ({heads}, {head_dim}, {head_dim // 2}), "
+                         f"got {tuple(weight.shape)}")
+    return torch.cat([weight, -weight], dim=-1).to(dtype).contiguous()
+
+
+def logit_grads_to_inputs(dlogits: torch.Tensor, x: torch.Tensor, w_signed: torch.Tensor,
+                          dx: torch.Tensor) -> torch.Tensor:
+    """From the gradient of the stacked logits ``x [W, -W]`` (``dlogits`` (B, H, N, D)): writes the linear
+    part of dX = dlogits [W, -W]^T into ``dx`` and returns the stack's gradient sum_b x^T dlogits (H, D, D),
+    fp32.  ``x`` and ``dx`` are (B, H, N, D) views of the user tensors (any token stride)."""
+    dx.copy_(torch.matmul(dlogits, w_signed.transpose(-1, -2)))
+    return torch.matmul(x.transpose(-1, -2), dlogits).float().sum(dim=0)
+
+
+def tail_lse(q, q_strides, k_mean, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
+             tile_m: int, launch_options: dict) -> torch.Tensor:
+    """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
+    not select, log2-sum-exp of q . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) the block
+    means, ``lut`` (B, H, nq, n_sel)); -inf where every block is selected."""
+    bh, nk, d = k_mean.shape
+    nq, n_sel = lut.shape[-2:]
+    selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
+    selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
+    lse_tail = torch.empty(bh, n, device=q.device, dtype=torch.float32)
+    forward_kernels.tail_lse_kernel[(-(-n // tile_m), bh)](
+        q, k_mean, selected, lse_tail, *q_strides, n, heads, nq, nk, block_q, block_k, qk_scale,
+        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, **launch_options,
+    )
+    return lse_tail
