@@ -32,7 +32,6 @@ def _kernel_backend():
 
 
 _warned_head_dims: set[int] = set()
-_warned_feature_map = False
 
 
 def _warn_reference_on_gpu(head_dim: int) -> None:
@@ -42,20 +41,10 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def _warn_hedgehog_on_gpu() -> None:
-    global _warned_feature_map
-    if not _warned_feature_map:
-        _warned_feature_map = True
-        warnings.warn("SLA2: the Triton kernels do not compute the hedgehog feature map yet; running the "
-                      "PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
-
-
-def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
-                   hedgehog: bool = False) -> str:
+def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
 
-    The kernels cover hard top-k over every query block with softmax features; ``hedgehog`` (learned
-    feature weights) runs on the reference, and asking for ``triton`` then is an error.
+    The kernels cover hard top-k over every query block, with softmax or Hedgehog features.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -71,16 +60,9 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         and not partial
     )
     if requested == "triton":
-        if hedgehog:
-            raise RuntimeError("the Triton SLA2 kernel does not compute the hedgehog feature map yet; "
-                               "use backend='reference'")
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
-    if hedgehog:
-        if q.is_cuda:
-            _warn_hedgehog_on_gpu()
-        return "reference"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
     return "triton" if kernel_ok and q.is_cuda else "reference"
@@ -101,15 +83,15 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     computes only the given query blocks; both run on the reference path.  ``launch`` sets the Triton
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
-    feature map's weights (:func:`slaconv.kernels.reference.feature_map`), computed on the reference path.
+    feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
-    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
-                            hedgehog=feature_q is not None or feature_k is not None)
+    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
+            feature_q=feature_q, feature_k=feature_k,
         )
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
