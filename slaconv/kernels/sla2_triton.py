@@ -14,7 +14,10 @@ b_q = 64), z per key block (B*H*nk*D fp32), the LUT (B*H*nq*n_sel int32), D x D 
 backward: O (which the next layer keeps anyway), the LUT, the LSE and 1/den (two fp32 per row) and the
 D x D totals; the backward recomputes phi(Q), phi(K) and the linear numerator instead of saving O_s,
 O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B layer at 480p), and builds the inverted index
-(B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.
+(B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.  Hedgehog features add phi(Q) as a
+forward temporary and, in the backward, the gradients of the stacked logits of Q and K (B*H*N*D each, input
+dtype); alpha per query adds LSE_tail, the saved alpha per row (one fp32 per row each) and the selection
+table (B*H*nq*nk int8).
 
 The kernels live in ``sla2_triton_forward.py`` and ``sla2_triton_backward.py``, their shared device
 functions in ``sla2_triton_common.py``; this module holds the launches and the autograd function.
