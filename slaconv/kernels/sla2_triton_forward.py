@@ -248,15 +248,17 @@ def kv_quant(
 
 @triton.jit(do_not_specialize=["N", "H", "nq", "nk", "block_q", "block_k", "qk_scale"])
 def tail_lse_kernel(
-    Q, K_MEAN, SELECTED, LSE_TAIL,
-    stride_qb, stride_qh, stride_qn, N, H, nq, nk, block_q, block_k, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    Q, K_MEAN, SELECTED, K_SUM, LSE_TAIL,
+    stride_qb, stride_qh, stride_qn, N, H, nq, nk, block_q, block_k, qk_scale, inv_n,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
 ):
     """LSE_tail per query row of one tile (log2 units): the log-sum-exp over the key blocks j its query block
     did *not* select of q . kbar_j / sqrt(D) + ln n_j (kbar_j the block's mean key, n_j its tokens), the
     mass estimate of per-query mixing; -inf when every block is selected.  CHUNK key blocks per step, one
     (BLOCK_M x D) x (D x CHUNK) MMA each: the whole pass is 1/block_k of a dense Q K^T.  SELECTED is the
-    (B*H*nq, nk) int8 selection table of the LUT."""
+    (B*H*nq, nk) int8 selection table of the LUT; K_MEAN the (B*H, nk, D) block means in Q's dtype.
+    SHIFTED (the low-bit modes, whose sparse loop sees K - mean(K)): LSE_tail in that frame, i.e. minus
+    q . mean(K) log2(e)/sqrt(D), so the sparse launch compares it with its own LSE without Q in 16 bits."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows, row_valid = common.block_rows(tile, BLOCK_M, N)
@@ -278,6 +280,9 @@ def tail_lse_kernel(
         m_i = m_new
     # l_i >= 1 once any block counted (its max term is exp2(0))
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
+    if SHIFTED:
+        k_token_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+        lse -= tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
     tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
 
 
@@ -376,27 +381,28 @@ def fwd_sparse_kernel(
     if QUANT == 2:
         v_scale = tl.maximum(tl.load(V_ABSMAX + bh * D + offs_d), 1e-8) / FP8_MAX
         o_s = o_s * (v_scale / FP8_MAX)[None, :]
-    if QUANT == 0:
-        q16 = q
-    else:
-        q16 = common.load_rows(Q, rows, stride_qn, row_valid, D)
-    # the log2-sum-exp of the selected logits (the backward's LSE, and LSE_sel of per-query mixing)
+    # the log2-sum-exp of the loop's logits: LSE_sel of per-query mixing, in the frame of the loop's logits
+    # (K - mean(K) in the low-bit modes), the frame the tail launch gives LSE_tail in
     lse = m_i + tl.log2(l_i)
-    if QUANT > 0:
-        # the INT8 logits used K - mean(K); the 16-bit backward needs the LSE of the unshifted logits
-        k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
-        lse += tl.sum(q16.to(tl.float32) * k_mean[None, :], axis=1) * qk_scale
-    if SAVE_LSE:
-        tl.store(LSE + bh * N + rows, lse, mask=row_valid)
-    if HEDGEHOG:
-        phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, row_valid, D).to(tl.float32)
-    else:
-        phi_q = common.phi(q16.to(tl.float32))
     if MIX_ROWS:
         alpha = row_mix_ratio(lse, LSE_TAIL, tl.load(ALPHA + h), bh * N + rows, row_valid, has_lin)
         if SAVE_LSE:
             tl.store(ALPHA_ROWS + bh * N + rows, alpha, mask=row_valid)
     else:
         alpha = tl.load(ALPHA + h)
+    if QUANT == 0:
+        q16 = q
+    elif SAVE_LSE or not HEDGEHOG:  # Hedgehog inference needs no 16-bit Q here: fewer registers
+        q16 = common.load_rows(Q, rows, stride_qn, row_valid, D)
+    if SAVE_LSE:
+        if QUANT > 0:
+            # the INT8 logits used K - mean(K); the 16-bit backward needs the LSE of the unshifted logits
+            k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+            lse += tl.sum(q16.to(tl.float32) * k_mean[None, :], axis=1) * qk_scale
+        tl.store(LSE + bh * N + rows, lse, mask=row_valid)
+    if HEDGEHOG:
+        phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, row_valid, D).to(tl.float32)
+    else:
+        phi_q = common.phi(q16.to(tl.float32))
     mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, state, rows, row_valid, stride_on, N, has_lin,
                   D, MIX_ROWS)

@@ -51,17 +51,20 @@ def logit_grads_to_inputs(dlogits: torch.Tensor, x: torch.Tensor, w_signed: torc
 
 
 def tail_lse(q, q_strides, k_mean, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
-             tile_m: int, launch_options: dict) -> torch.Tensor:
+             tile_m: int, launch_options: dict, k_sum: torch.Tensor | None = None) -> torch.Tensor:
     """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
     not select, log2-sum-exp of q . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) the block
-    means, ``lut`` (B, H, nq, n_sel)); -inf where every block is selected."""
+    means, ``lut`` (B, H, nq, n_sel)); -inf where every block is selected.  Given ``k_sum`` (B*H, D), the
+    token sums of K, it is shifted into the low-bit sparse loop's frame (logits of K - mean(K))."""
     bh, nk, d = k_mean.shape
     nq, n_sel = lut.shape[-2:]
     selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
     selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
     lse_tail = torch.empty(bh, n, device=q.device, dtype=torch.float32)
+    # every tile reads all block means: in Q's dtype that traffic halves, and they are MMA operands anyway
     forward_kernels.tail_lse_kernel[(-(-n // tile_m), bh)](
-        q, k_mean, selected, lse_tail, *q_strides, n, heads, nq, nk, block_q, block_k, qk_scale,
-        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, **launch_options,
+        q, k_mean.to(q.dtype), selected, k_mean if k_sum is None else k_sum, lse_tail, *q_strides, n, heads, nq,
+        nk, block_q, block_k, qk_scale, 1.0 / n,
+        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, SHIFTED=k_sum is not None, **launch_options,
     )
     return lse_tail
