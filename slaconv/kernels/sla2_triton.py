@@ -284,7 +284,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
         q, k, v, q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum, lut, alpha, h_rest, z_rest,
         o, lse if save else inv_den, inv_den,  # inv_den stands in for an LSE that is not written
-        phi_q, lse_tail, alpha_rows,
+        phi_q, lse_tail, alpha_rows if alpha_rows.numel() else inv_den,  # as for the LSE: no empty buffers
         *q_strides, *k_strides, *v_strides, *o_strides,
         N, H, n_sel, nq, nk, spec.block_q, qk_scale, 1.0 / N, npad, int(n_sel < nk),
         D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, QUANT=quant, FP8_EMULATE=fp8_emulate, SAVE_LSE=save,
