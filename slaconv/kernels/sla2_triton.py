@@ -338,21 +338,18 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     _, dq_strides = _dims(dq, layout)
     _, dk_strides = _dims(dk, layout)
     _, dv_strides = _dims(dv, layout)
-    # with Hedgehog features the linear launches write the gradient of the stacked logits [X W, -X W] into
-    # (B, H, N, D) buffers; two GEMMs turn each into the linear part of dX and the weights' gradient
-    dlogits_q = dlogits_k = None
-    if hedgehog:
-        dlogits_q, dlogits_k = (torch.empty(B, H, N, D, device=dev, dtype=q.dtype) for _ in range(2))
-    dlogits_strides = (H * N * D, N * D, D)
+    # with Hedgehog features the linear launches also write the gradient of the stacked logits [X W, -X W]
+    # (B*H, N, D): one GEMM per side turns it into the weights' gradient
+    dlogits_q, dlogits_k = (torch.empty(BH, N, D, device=dev, dtype=q.dtype) if hedgehog else z_block
+                            for _ in range(2))
+    feature_q_arg, feature_k_arg = (feature_q, feature_k) if hedgehog else (z_block, z_block)
     # 2. linear part of dQ; also w = rowsum(dO * O_l) for the launches below
     w = torch.empty(BH, N, device=dev, dtype=f32)
     backward_kernels.bwd_dq_lin_kernel[(_cdiv(N, lin_tile_m), BH)](
-        v, do, dlogits_q if hedgehog else dq, z_block, lut, w, inv_den, h_all, z_all, alpha, phi_q, phi_k,
-        *v_strides, *do_strides, *(dlogits_strides if hedgehog else dq_strides), N, H, n_sel, nq, nk, block_q,
+        v, do, dq, z_block, lut, w, inv_den, h_all, z_all, alpha, phi_q, phi_k, feature_q_arg, dlogits_q,
+        *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q,
         D=D, BLOCK_M=lin_tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, **linear_launch,
     )
-    if hedgehog:
-        dfeature_q = linear.logit_grads_to_inputs(dlogits_q, _as_bhnd(q, layout), feature_q, _as_bhnd(dq, layout))
     # 3. per row: delta for the sparse launches; per tile: partial b totals and the alpha gradient
     delta = torch.empty(BH, N, device=dev, dtype=f32)
     b_partial = torch.empty(BH, n_tiles, D, device=dev, dtype=f32)
@@ -380,12 +377,10 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     # 6. dK and dV over the inverted index: the linear part, then the sparse part of each
     tile_offsets, tile_ids = inverted_index(lut, N, block_q, nk, tile_m)
     backward_kernels.bwd_dkdv_lin_kernel[(nk, BH)](
-        v, do, dlogits_k if hedgehog else dk, dv, tile_offsets, tile_ids, w, a_all, b_all, psi, phi_k,
-        *v_strides, *do_strides, *(dlogits_strides if hedgehog else dk_strides), *dv_strides, N, H, nk,
+        v, do, dk, dv, tile_offsets, tile_ids, w, a_all, b_all, psi, phi_k,
+        *v_strides, *do_strides, *dk_strides, *dv_strides, N, H, nk, feature_k_arg, dlogits_k,
         D=D, BLOCK_M=tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, **linear_launch,
     )
-    if hedgehog:
-        dfeature_k = linear.logit_grads_to_inputs(dlogits_k, _as_bhnd(k, layout), feature_k, _as_bhnd(dk, layout))
     for grad, grad_strides, grad_k in ((dk, dk_strides, True), (dv, dv_strides, False)):
         backward_kernels.bwd_dkdv_kernel[(nk, BH)](
             q, k, v, do, grad, tile_offsets, tile_ids, lse, delta, alpha,
@@ -394,7 +389,8 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
         )
     if not hedgehog:
         return dq, dk, dv, dalpha, None, None
-    return dq, dk, dv, dalpha, dfeature_q, dfeature_k
+    return (dq, dk, dv, dalpha, linear.signed_weight_grad(_as_bhnd(q, layout), dlogits_q.view(B, H, N, D)),
+            linear.signed_weight_grad(_as_bhnd(k, layout), dlogits_k.view(B, H, N, D)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,16 @@ def phi_rows(
     common.store_rows(PHI + bh * N * D, rows, D, valid, feats.to(x.dtype), D)
 
 
+@triton.jit
+def logits_to_input_grad(dlogits, W_SIGNED, DLOGITS, rows, valid, dtype: tl.constexpr, D: tl.constexpr):
+    """Hedgehog: store the gradient of a tile's stacked logits [X W, -X W] (rows of the contiguous DLOGITS, in
+    ``dtype``, for the weights' gradient) and return the tile's dX = dlogits [W, -W]^T (fp32) from this head's
+    signed stack W_SIGNED."""
+    dlogits16 = dlogits.to(dtype)
+    common.store_rows(DLOGITS, rows, D, valid, dlogits16, D)
+    return tl.dot(dlogits16, tl.trans(common.load_square(W_SIGNED, D)))
+
+
 @triton.jit(do_not_specialize=["N", "H"])
 def phi_to_psi(
     PHI, INV_DEN, ALPHA, N, H,
@@ -87,7 +97,7 @@ def bwd_outer(
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
 def bwd_dq_lin_kernel(
-    V, DO, DQ, Z_BLOCK, LUT, W, INV_DEN, H_ALL, Z_ALL, ALPHA, PHI_Q, PHI_K,
+    V, DO, DQ, Z_BLOCK, LUT, W, INV_DEN, H_ALL, Z_ALL, ALPHA, PHI_Q, PHI_K, W_SIGNED, DLOGITS,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     N, H, n_sel, nq, nk, block_q,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEDGEHOG: tl.constexpr = False,
@@ -96,8 +106,9 @@ def bwd_dq_lin_kernel(
     """Linear part of dQ (writes DQ): dphi(q) = g H_rest^T + c z_rest, through phi's softmax Jacobian;
     g = (1 - alpha) dO / den.  O_l is not saved by the forward: its numerator phi(Q) H_rest is recomputed
     here (one MMA) to give w = rowsum(dO * O_l), written for the later launches (u = (1 - alpha) w,
-    c = -u / den).  With HEDGEHOG, DQ receives the gradient of the stacked logits [Q W, -Q W] instead
-    (:func:`common.features_backward`; the host turns it into dQ and dW).  MIX_ROWS: alpha per row."""
+    c = -u / den).  With HEDGEHOG the Jacobian gives the gradient of the stacked logits [Q W, -Q W]
+    (:func:`common.features_backward`): DQ receives it times [W, -W]^T (this head's W_SIGNED), and DLOGITS
+    ((B*H, N, D), the input dtype) the gradient itself, for the host's dW.  MIX_ROWS: alpha per row."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     V += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, D)
@@ -121,6 +132,8 @@ def bwd_dq_lin_kernel(
     g = (do.to(tl.float32) * ((1.0 - alpha) * inv_den)[:, None]).to(do.dtype)
     dphi = tl.dot(g, tl.trans(h_rest)) + c[:, None] * z_rest[None, :]
     dq = common.features_backward(phi_q.to(tl.float32), dphi, HEDGEHOG, D)
+    if HEDGEHOG:
+        dq = logits_to_input_grad(dq, W_SIGNED + h * D * D, DLOGITS + bh * N * D, rows, valid, do.dtype, D)
     common.store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dqn, valid, dq, D)
 
 
@@ -167,14 +180,14 @@ def bwd_dq_kernel(
 def bwd_dkdv_lin_kernel(
     V, DO, DK, DV, TILE_OFFSETS, TILE_IDS, W, A_ALL, B_ALL, PSI, PHI_K,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, N, H, nk,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, N, H, nk, W_SIGNED, DLOGITS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEDGEHOG: tl.constexpr = False,
 ):
     """Linear part of dK, dV for one key block (writes DK, DV): over the query tiles that selected it,
     A_sel = sum phi(Q)^T g = sum psi^T dO and b_sel = sum c phi(Q) = -sum w psi (both on the tensor
     cores: the loop only loads two 16-bit tiles and a row vector); with A_rest = A_all - A_sel and
     b_rest = b_all - b_sel: dV = phi(K) A_rest, dphi(K) = V A_rest^T + b_rest, through phi's Jacobian.  With
-    HEDGEHOG, DK receives the gradient of the stacked logits [K W, -K W] instead (the host forms dK, dW)."""
+    HEDGEHOG as in :func:`bwd_dq_lin_kernel`: dK through [W, -W], and DLOGITS the stacked logits' gradient."""
     kb, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     DO += b * stride_dob + h * stride_doh
     offs_d = tl.arange(0, D)
@@ -207,6 +220,8 @@ def bwd_dkdv_lin_kernel(
     common.store_rows(DV + b * stride_dvb + h * stride_dvh, key_rows, stride_dvn, key_valid, dv, D)
     dphi = tl.dot(v, tl.trans(a_rest16)) + b_rest[None, :]
     dk = common.features_backward(phi_k.to(tl.float32), dphi, HEDGEHOG, D)
+    if HEDGEHOG:
+        dk = logits_to_input_grad(dk, W_SIGNED + h * D * D, DLOGITS + bh * N * D, key_rows, key_valid, v.dtype, D)
     common.store_rows(DK + b * stride_dkb + h * stride_dkh, key_rows, stride_dkn, key_valid, dk, D)
 
 

@@ -3,9 +3,9 @@ alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its
 
 * **Hedgehog** ``phi(x) = [softmax(x W), softmax(-x W)]`` with W (H, D, D/2) per head.  The kernels take
   the signed stack ``[W, -W]`` (H, D, D) in the input dtype, so one MMA per tile gives both halves' logits
-  (:func:`signed_weights`).  Their backward returns the gradient of those stacked logits; dX and the
-  stack's gradient are two batched GEMMs here (:func:`logit_grads_to_inputs`): cuBLAS runs them near peak,
-  and a fused Triton epilogue would add a D x D operand to launches that are already register bound.
+  (:func:`signed_weights`).  Their backward's linear launches form dX with one more MMA per tile and also
+  write the gradient of the stacked logits; the stack's gradient, a reduction over every token, is a
+  batched GEMM here (:func:`signed_weight_grad`).
 * **Per-query mixing**: ``alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit_h)``.  The sparse launch
   has LSE_sel (its own running max and sum); LSE_tail, over the key blocks a row's query block did not
   select, comes from ``tail_lse_kernel`` (:func:`tail_lse`), one pass of 1/block_k the cost of a dense
@@ -18,7 +18,7 @@ import torch
 
 from . import sla2_triton_forward as forward_kernels
 
-__all__ = ["MIXINGS", "check_mixing", "signed_weights", "logit_grads_to_inputs", "tail_lse"]
+__all__ = ["MIXINGS", "check_mixing", "signed_weights", "signed_weight_grad", "tail_lse"]
 
 MIXINGS = ("head", "query")
 """How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
@@ -41,13 +41,12 @@ def signed_weights(weight: torch.Tensor, heads: int, head_dim: int, dtype: torch
     return torch.cat([weight, -weight], dim=-1).to(dtype).contiguous()
 
 
-def logit_grads_to_inputs(dlogits: torch.Tensor, x: torch.Tensor, w_signed: torch.Tensor,
-                          dx: torch.Tensor) -> torch.Tensor:
-    """From the gradient of the stacked logits ``x [W, -W]`` (``dlogits`` (B, H, N, D)): writes the linear
-    part of dX = dlogits [W, -W]^T into ``dx`` and returns the stack's gradient sum_b x^T dlogits (H, D, D),
-    fp32.  ``x`` and ``dx`` are (B, H, N, D) views of the user tensors (any token stride)."""
-    dx.copy_(torch.matmul(dlogits, w_signed.transpose(-1, -2)))
-    return torch.matmul(x.transpose(-1, -2), dlogits).float().sum(dim=0)
+def signed_weight_grad(x: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+    """The signed stack's gradient sum_b x^T dlogits (H, D, D), fp32, from the gradient of the stacked logits
+    ``x [W, -W]`` (``dlogits`` (B, H, N, D), contiguous).  ``x`` is a (B, H, N, D) view of a user tensor:
+    one batched GEMM per batch entry reads it through its strides (a (B, H) batch of a (B, N, H, D) tensor
+    does not flatten, and torch.matmul would copy it)."""
+    return sum(torch.bmm(x[b].transpose(1, 2), dlogits[b]).float() for b in range(x.shape[0]))
 
 
 def tail_lse(q, q_strides, k_mean, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
