@@ -486,8 +486,25 @@ def test_linear_options_are_checked():
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w)
     with pytest.raises(ValueError, match=r"\(H, D, D/2\)"):
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w[..., :16], feature_k=w)
-    with pytest.raises(ValueError, match="per head only"):
-        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=WS_LAUNCH)
+    for launch in (WS_LAUNCH, GLUON_LAUNCH):
+        with pytest.raises(ValueError, match="per head only"):
+            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=launch)
+        with pytest.raises(ValueError, match="per head only"):
+            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=launch)
+
+
+def test_gluon_where_it_applies_leaves_the_linear_options_to_the_plain_launch(monkeypatch):
+    """LaunchConfig.sparse_gluon=2 with Hedgehog features or alpha per query: the plain launch, bit for bit."""
+    launched = []
+    real = gluon_kernels.launch_sparse_gluon
+    monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 128, 0.3, "bnhd", WS_DTYPE, True, 7)
+    auto = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=2)
+    for (feature_q, feature_k), mixing in (((wq, wk), "head"), ((None, None), "query")):
+        outs = [S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(0.3), layout="bnhd", launch=launch,
+                                        feature_q=feature_q, feature_k=feature_k, mixing=mixing)
+                for launch in (auto, DEFAULT_LAUNCH)]
+        assert torch.equal(*outs) and not launched, mixing
 
 
 # --------------------------------------------------------------------------------------------------
