@@ -493,7 +493,7 @@ def test_linear_options_are_checked():
             S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=launch)
 
 
-def test_gluon_where_it_applies_leaves_the_linear_options_to_the_plain_launch(monkeypatch):
+def test_auto_sparse_launch_runs_the_linear_options_on_the_plain_launch(monkeypatch):
     """LaunchConfig.sparse_gluon=2 with Hedgehog features or alpha per query: the plain launch, bit for bit."""
     launched = []
     real = gluon_kernels.launch_sparse_gluon
