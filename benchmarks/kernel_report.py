@@ -1,7 +1,7 @@
 """Compile every SLA2 kernel for Hopper offline (no GPU needed) and report what the hardware will run.
 
     python benchmarks/kernel_report.py [--shape B,H,N,D] [--topk 0.03] [--quant none] [--arch 90]
-                                       [--backward] [--json FILE]
+                                       [--backward] [--hedgehog] [--mixing head|query] [--json FILE]
 
 The SLA2 forward (and optionally backward) is driven exactly as in production, but every Triton launch is
 intercepted: the arguments are recorded and each kernel is compiled for ``sm_<arch>`` with the
@@ -72,8 +72,10 @@ class _Recorder:
         return launch
 
 
-def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_LAUNCH, dtype=torch.bfloat16):
-    """Run the production driver on CPU tensors with every kernel replaced by a recorder."""
+def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_LAUNCH, dtype=torch.bfloat16,
+                    hedgehog=False, mixing="head"):
+    """Run the production driver on CPU tensors with every kernel replaced by a recorder; ``hedgehog`` and
+    ``mixing`` pick the linear branch's feature map and alpha (:func:`sla2_triton.sla2_attention_triton`)."""
     B, H, N, D = shape
     launches = []
     saved = [(module, name, obj) for module in KERNEL_MODULES for name, obj in vars(module).items()
@@ -89,11 +91,12 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
         eye = torch.eye(D).expand(H, D, D).contiguous()
         alpha = torch.zeros(H)
         spec = AttentionSpec(topk, 128, 64, quant)
-        out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch)
+        features = [torch.randn(H, D, D, generator=g).to(dtype) for _ in range(2)] if hedgehog else [None, None]
+        out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch, *features, mixing)
         if backward:
-            o, lut, lse, inv_den, h_all, z_all = out
+            o, lut, lse, inv_den, h_all, z_all, alpha_rows = out
             sla2_triton.backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, inv_den, h_all, z_all, 128, 64,
-                                 layout, launch)
+                                 layout, launch, *features, alpha_rows)
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
@@ -200,6 +203,8 @@ def main(argv=None):
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int8-fp8"])
     ap.add_argument("--layout", default="bnhd", choices=["bnhd", "bhnd"])
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
+    ap.add_argument("--hedgehog", action="store_true", help="Hedgehog features instead of softmax")
+    ap.add_argument("--mixing", default="head", choices=["head", "query"], help="alpha per head or per query")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--config", default="",
@@ -209,7 +214,8 @@ def main(argv=None):
     launch = launch_config(a.config)
     rows = []
     print(f"triton {triton.__version__}, sm_{a.arch}, shape {shape}, topk {a.topk}, quant {a.quant}, {a.layout}")
-    for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout, launch):
+    for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout, launch,
+                                                  hedgehog=a.hedgehog, mixing=a.mixing):
         const = {k: v for k, v in kwargs.items() if k.isupper()}
         info = analyse(compile_launch(fn, args, kwargs, a.arch))
         info |= {"kernel": fn.__name__, "grid": list(grid), "constexprs": const,

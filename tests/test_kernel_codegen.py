@@ -72,6 +72,20 @@ def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, python, quant, la
 
 
 @pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("quant,extra", [("none", ["--backward"]), ("int8-fp8", [])])
+def test_hedgehog_and_query_mixing_launches_compile_on_sm90(tmp_path, python, quant, extra):
+    """Hedgehog features and alpha per query: every launch (forward; backward in 16 bits) compiles for Hopper
+    with vectorised tile loads and no spills, the feature passes and the tail launch on the tensor cores."""
+    rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query", *extra)
+    by_name = {r["kernel"]: r for r in rows}
+    assert {"tail_lse_kernel", "k_feats", "q_prepass", "fwd_sparse_kernel"} <= set(by_name), set(by_name)
+    for name in ("tail_lse_kernel", "k_feats", "q_prepass") + (("phi_rows",) if extra else ()):
+        assert by_name[name]["mma"], (name, "no tensor-core instructions")
+    for r in rows:
+        assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
 def test_sweep_variants_compile_on_sm90(tmp_path, python):
     """Every launch variant the GPU sweep tries (bench_attention.py --auto) compiles for Hopper without
     spills, so no GPU time is spent finding a compile error; with the defaults the linear launch fits

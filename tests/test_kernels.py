@@ -331,6 +331,183 @@ def test_forward_against_dense_fp64(topk, bq, kept):
 
 
 # --------------------------------------------------------------------------------------------------
+# Hedgehog features and alpha per query, against an independent fp64 oracle
+# --------------------------------------------------------------------------------------------------
+
+
+def _fp64_linear_options(q, k, v, blocks, alpha_logit, block_q, block_k, feature_q=None, feature_k=None,
+                         mixing="head"):
+    """SLA2 on (B, H, N, D) in fp64 from the block selection ``blocks`` (B, H, nq, nk) bool, with Hedgehog
+    features [softmax(x W), softmax(-x W)] when weights are given and alpha per head or, with
+    ``mixing="query"``, per row: sigmoid(LSE_sel - LSE_tail + alpha_logit) with LSE_tail over the unselected
+    blocks of q . kbar_j / sqrt(d) + ln n_j (both detached).  Returns (O, alpha per row)."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, n, d = q.shape
+    nk = blocks.shape[-1]
+    row_blocks = blocks.repeat_interleave(block_q, dim=2)[:, :, :n]  # (B, H, N, nk)
+    mask = row_blocks.repeat_interleave(block_k, dim=3)[..., :n]
+    s_sel = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, float("-inf"))
+    o_s = torch.softmax(s_sel, dim=-1) @ v
+
+    def feats(x, w):
+        if w is None:
+            return torch.softmax(x, dim=-1)
+        proj = torch.einsum("bhnd,hde->bhne", x, w.double())
+        return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
+
+    kern = (feats(q, feature_q) @ feats(k, feature_k).transpose(-1, -2)) * (~mask)
+    o_l = (kern @ v) / (kern.sum(-1, keepdim=True) + 1e-6)
+    logit = alpha_logit.double().view(1, h, 1, 1)
+    if mixing == "query":
+        with torch.no_grad():
+            counts = (n - torch.arange(nk, dtype=torch.float64, device=q.device) * block_k).clamp(max=block_k)
+            padded = torch.nn.functional.pad(k, (0, 0, 0, nk * block_k - n))
+            k_bar = padded.view(b, h, nk, block_k, d).sum(dim=3) / counts.view(-1, 1)
+            tail = q @ k_bar.transpose(-1, -2) / math.sqrt(d) + counts.log()
+            lse_tail = torch.logsumexp(tail.masked_fill(row_blocks, float("-inf")), dim=-1, keepdim=True)
+            mass_ratio = torch.logsumexp(s_sel, dim=-1, keepdim=True) - lse_tail
+        logit = logit + mass_ratio
+    alpha = torch.where(mask.all(dim=-1, keepdim=True), torch.ones_like(logit), torch.sigmoid(logit))
+    return alpha * o_s + (1 - alpha) * o_l, alpha.expand(b, h, n, 1)[..., 0]
+
+
+def _linear_option_inputs(n, d, block_q, topk, layout, dtype, hedgehog, seed):
+    """Fresh inputs, Hedgehog weights (or None) and the reference router's block selection."""
+    b, h = 1, 2
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = [(0.3 * torch.randn(h, d, d // 2, generator=g)).to(DEVICE) for _ in range(2)] if hedgehog else [None] * 2
+    qh, kh = _to_bhnd(q, layout).float(), _to_bhnd(k, layout).float()
+    blocks = reference.selection_mask(reference.router_scores(qh, kh, rq, rk, block_q, 64), topk)
+    return (q, k, v, rq, rk, al), weights, blocks
+
+
+LINEAR_OPTION_CASES = [
+    # (layout, N, D, block_q, topk, mixing, hedgehog)
+    ("bnhd", 333, 64, 128, 0.3, "head", True),
+    ("bhnd", 200, 128, 64, 0.5, "query", False),
+    ("bnhd", 333, 64, 64, 0.2, "query", True),
+    ("bhnd", 200, 64, 64, 1.0, "query", True),  # every block selected: alpha 1, no alpha gradient
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+@pytest.mark.parametrize("case", LINEAR_OPTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_hedgehog_and_query_mixing_forward_backward_match_fp64(case, dtype):
+    """O and the gradients of q, k, v, the alpha logit and both Hedgehog weights against fp64 autograd."""
+    layout, n, d, block_q, topk, mixing, hedgehog = case
+    if dtype != torch.float32 and not (hedgehog and mixing == "query"):
+        pytest.skip("16 bits: one case with both options keeps the interpreter time small")
+    seed = int(torch.randint(1 << 30, ()))
+    inputs, weights, blocks = _linear_option_inputs(n, d, block_q, topk, layout, dtype, hedgehog, seed)
+    q, k, v, rq, rk, al = inputs
+    leaves = _leaf(q, k, v, al) + [w.clone().requires_grad_(True) for w in weights if w is not None]
+    feats = leaves[4:] if hedgehog else [None, None]
+    out = S.sla2_attention_triton(*leaves[:3], rq, rk, leaves[3], AttentionSpec(topk, block_q, 64), layout=layout,
+                                  feature_q=feats[0], feature_k=feats[1], mixing=mixing)
+    oracle = [t.detach().double().requires_grad_(True) for t in leaves]
+    want, _ = _fp64_linear_options(*(_to_bhnd(t, layout) for t in oracle[:3]), blocks, oracle[3], block_q, 64,
+                                   *(oracle[4:] if hedgehog else []), mixing=mixing)
+    want = _to_bhnd(want, layout)
+    out_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 and not HAS_CUDA else (1e-2, 2e-2)
+    assert rel_l2(out, want) <= out_tol, (seed, rel_l2(out, want))
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, leaves, go)
+    grads_want = torch.autograd.grad(want, oracle, go.double())
+    for name, g, gw in zip("q k v alpha_logit feature_q feature_k".split(), grads, grads_want):
+        assert g.shape == gw.shape and torch.isfinite(g).all(), name
+        if topk == 1.0 and name == "alpha_logit":
+            assert torch.count_nonzero(g) == 0
+            continue
+        assert rel_l2(g, gw) <= grad_tol, (seed, name, rel_l2(g, gw))
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_query_mixing_alpha_per_row_matches_fp64(quant):
+    """The forward's alpha per row (LSE_sel from the sparse loop, LSE_tail from the block means) itself; in
+    the low-bit modes LSE_sel comes from the INT8 logits of K - mean(K), and LSE_tail is shifted to match."""
+    n, d, block_q, topk = 333, 64, 128, 0.3
+    seed = int(torch.randint(1 << 30, ()))
+    (q, k, v, rq, rk, al), _, blocks = _linear_option_inputs(n, d, block_q, topk, "bhnd", DTYPE, False, seed)
+    k = k + 2.0  # a large key mean: the shift moves LSE_sel by several units
+    alpha_rows = S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, 64, quant, 0, 0, "bhnd", True,
+                            DEFAULT_LAUNCH.as_ints(), None, None, "query")[-1]
+    _, want = _fp64_linear_options(q, k, v, blocks, al, block_q, 64, mixing="query")
+    assert alpha_rows.shape == (2, n)
+    assert (want.std(dim=-1) > 0.01).all()  # alpha differs between rows
+    exact = DTYPE == torch.float32 and not HAS_CUDA and quant == "none"
+    tol = 1e-5 if exact else 2e-2  # int8 logits move LSE_sel by a few hundredths
+    assert (alpha_rows.double() - want.reshape(2, n)).abs().max().item() <= tol, seed
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
+def test_lowbit_forward_with_hedgehog_and_query_mixing(quant):
+    """The low-bit forwards with both options: within the quantisation error of the fp64 oracle."""
+    layout, n, d, block_q, topk = "bnhd", 333, 64, 128, 0.3
+    seed = int(torch.randint(1 << 30, ()))
+    (q, k, v, rq, rk, al), (wq, wk), blocks = _linear_option_inputs(n, d, block_q, topk, layout, DTYPE, True, seed)
+    out = S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, block_q, 64, quant), layout=layout,
+                                  feature_q=wq, feature_k=wk, mixing="query")
+    want, _ = _fp64_linear_options(*(_to_bhnd(t, layout) for t in (q, k, v)), blocks, al, block_q, 64, wq, wk,
+                                   mixing="query")
+    want = _to_bhnd(want, layout)
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), want.flatten(), dim=0).item()
+    assert rel_l2(out, want) <= 5e-2 and cos >= 0.999, (seed, rel_l2(out, want), cos)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="realistic size: GPU only")
+def test_hedgehog_and_query_mixing_at_realistic_size():
+    """bf16 at (1, 4, 8190, 128), 97%: forward and gradients against the fp64 oracle on the GPU."""
+    n, d, block_q, topk = 8190, 128, 128, 0.03
+    inputs, weights, blocks = _linear_option_inputs(n, d, block_q, topk, "bnhd", torch.bfloat16, True, 41)
+    q, k, v, rq, rk, al = inputs
+    leaves = _leaf(q, k, v, al) + [w.clone().requires_grad_(True) for w in weights]
+    out = S.sla2_attention_triton(*leaves[:3], rq, rk, leaves[3], AttentionSpec(topk, block_q, 64), layout="bnhd",
+                                  feature_q=leaves[4], feature_k=leaves[5], mixing="query")
+    oracle = [t.detach().double().requires_grad_(True) for t in leaves]
+    want, _ = _fp64_linear_options(*(_to_bhnd(t, "bnhd") for t in oracle[:3]), blocks, oracle[3], block_q, 64,
+                                   *oracle[4:], mixing="query")
+    want = _to_bhnd(want, "bnhd")
+    assert rel_l2(out, want) <= 1e-2, rel_l2(out, want)
+    go = torch.randn_like(out)
+    for name, g, gw in zip("q k v alpha_logit feature_q feature_k".split(), torch.autograd.grad(out, leaves, go),
+                           torch.autograd.grad(want, oracle, go.double())):
+        assert rel_l2(g, gw) <= 2e-2, (name, rel_l2(g, gw))
+
+
+def test_linear_options_are_checked():
+    q = torch.randn(1, 2, 100, 64, device=DEVICE, dtype=DTYPE)
+    rq = torch.eye(64).repeat(2, 1, 1).to(DEVICE)
+    al, w = torch.zeros(2, device=DEVICE), torch.zeros(2, 64, 32, device=DEVICE)
+    spec = AttentionSpec(0.3)
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="block")
+    with pytest.raises(ValueError, match="together"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w)
+    with pytest.raises(ValueError, match=r"\(H, D, D/2\)"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w[..., :16], feature_k=w)
+    for launch in (WS_LAUNCH, GLUON_LAUNCH):
+        with pytest.raises(ValueError, match="per head only"):
+            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=launch)
+        with pytest.raises(ValueError, match="per head only"):
+            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=launch)
+
+
+def test_auto_sparse_launch_runs_the_linear_options_on_the_plain_launch(monkeypatch):
+    """LaunchConfig.sparse_gluon=2 with Hedgehog features or alpha per query: the plain launch, bit for bit."""
+    launched = []
+    real = gluon_kernels.launch_sparse_gluon
+    monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 128, 0.3, "bnhd", WS_DTYPE, True, 7)
+    auto = dataclasses.replace(DEFAULT_LAUNCH, sparse_gluon=2)
+    for (feature_q, feature_k), mixing in (((wq, wk), "head"), ((None, None), "query")):
+        outs = [S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(0.3), layout="bnhd", launch=launch,
+                                        feature_q=feature_q, feature_k=feature_k, mixing=mixing)
+                for launch in (auto, DEFAULT_LAUNCH)]
+        assert torch.equal(*outs) and not launched, mixing
+
+
+# --------------------------------------------------------------------------------------------------
 # the warp-specialized sparse launch (LaunchConfig.sparse_ws)
 # --------------------------------------------------------------------------------------------------
 
@@ -723,6 +900,32 @@ def test_torch_compile_fullgraph_no_graph_break(launch):
     assert qk.grad is not None and mod.alpha_logit.grad is not None
     explain = torch._dynamo.explain(Attn())(q, k, v)
     assert explain.graph_break_count == 0
+
+
+def test_torch_compile_with_hedgehog_and_query_mixing():
+    """The custom ops' fake implementations cover the optional feature weights and alpha per row: one graph,
+    and the compiled gradients (the weights' included) equal the eager ones."""
+    (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 64, 0.3, "bnhd", DTYPE, True, 43)
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha_logit, self.wq, self.wk = (torch.nn.Parameter(t.clone()) for t in (al, wq, wk))
+
+        def forward(self, q, k, v):
+            return S.sla2_attention_triton(q, k, v, rq, rk, self.alpha_logit, AttentionSpec(0.3, 64), layout="bnhd",
+                                           feature_q=self.wq, feature_k=self.wk, mixing="query")
+
+    torch._dynamo.reset()
+    mod = Attn()
+    grads = []
+    for fn in (torch.compile(mod, fullgraph=True, backend="aot_eager"), mod):
+        mod.zero_grad()
+        leaves = _leaf(q, k, v)
+        fn(*leaves).float().square().sum().backward()
+        grads.append([t.grad.clone() for t in (*leaves, mod.alpha_logit, mod.wq, mod.wk)])
+    for name, compiled, eager in zip("q k v alpha_logit feature_q feature_k".split(), *grads):
+        assert rel_l2(compiled, eager) < 1e-6, name
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the interpreter has no compile cache to count; checked on the GPU run")

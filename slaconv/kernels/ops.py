@@ -32,7 +32,6 @@ def _kernel_backend():
 
 
 _warned_head_dims: set[int] = set()
-_warned_missing: set[str] = set()
 
 
 def _warn_reference_on_gpu(head_dim: int) -> None:
@@ -42,21 +41,10 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def _warn_not_in_kernels(what: str) -> None:
-    """Once per feature: the kernels lack ``what``, so the GPU runs the reference."""
-    if what not in _warned_missing:
-        _warned_missing.add(what)
-        warnings.warn(f"SLA2: the Triton kernels do not compute {what} yet; running the PyTorch reference on "
-                      "the GPU (correct, much slower)", stacklevel=3)
-
-
-def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
-                   hedgehog: bool = False, query_mixing: bool = False) -> str:
+def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
 
-    The kernels cover hard top-k over every query block with softmax features and alpha per head; ``hedgehog``
-    (learned feature weights) and ``query_mixing`` (alpha per query) run on the reference, and asking for
-    ``triton`` then is an error.
+    The kernels cover hard top-k over every query block, with softmax or Hedgehog features.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -72,20 +60,9 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         and not partial
     )
     if requested == "triton":
-        if hedgehog:
-            raise RuntimeError("the Triton SLA2 kernel does not compute the hedgehog feature map yet; "
-                               "use backend='reference'")
-        if query_mixing:
-            raise RuntimeError("the Triton SLA2 kernel does not compute the per-query mixing yet; "
-                               "use backend='reference'")
         if not kernel_ok:
             raise RuntimeError("the Triton SLA2 kernel cannot run this call (device, head dim or mode)")
         return "triton"
-    if hedgehog or query_mixing:
-        for what, used in (("the hedgehog feature map", hedgehog), ("the per-query mixing", query_mixing)):
-            if used and q.is_cuda:
-                _warn_not_in_kernels(what)
-        return "reference"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
     return "triton" if kernel_ok and q.is_cuda else "reference"
@@ -107,18 +84,17 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     computes only the given query blocks; both run on the reference path.  ``launch`` sets the Triton
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
-    feature map's weights (:func:`slaconv.kernels.reference.feature_map`), computed on the reference path.
+    feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
     ``mixing``: ``head`` (alpha per head) or ``query`` (alpha per query row from the estimated tail mass,
-    :data:`slaconv.config.MIXINGS`), the latter on the reference path.
+    :data:`slaconv.config.MIXINGS`).
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
-    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
-                            hedgehog=feature_q is not None or feature_k is not None,
-                            query_mixing=mixing == "query")
+    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
+            feature_q=feature_q, feature_k=feature_k, mixing=mixing,
         )
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -14,7 +14,10 @@ b_q = 64), z per key block (B*H*nk*D fp32), the LUT (B*H*nq*n_sel int32), D x D 
 backward: O (which the next layer keeps anyway), the LUT, the LSE and 1/den (two fp32 per row) and the
 D x D totals; the backward recomputes phi(Q), phi(K) and the linear numerator instead of saving O_s,
 O_l, phi(Q), phi(K) (4 x B*H*N*D: 0.4 GB per Wan2.1-1.3B layer at 480p), and builds the inverted index
-(B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.
+(B*H*nt*n_sel int32).  Nothing O(N^2), no per-key-block D x D state.  Hedgehog features add phi(Q) as a
+forward temporary and, in the backward, the gradients of the stacked logits of Q and K (B*H*N*D each, input
+dtype); alpha per query adds LSE_tail, the saved alpha per row (one fp32 per row each) and the selection
+table (B*H*nq*nk int8).
 
 The kernels live in ``sla2_triton_forward.py`` and ``sla2_triton_backward.py``, their shared device
 functions in ``sla2_triton_common.py``; this module holds the launches and the autograd function.
@@ -33,6 +36,7 @@ from . import reference
 from . import sla2_gluon as gluon_kernels
 from . import sla2_triton_backward as backward_kernels
 from . import sla2_triton_forward as forward_kernels
+from . import sla2_triton_linear as linear
 from . import sla2_triton_ws as ws_kernels
 from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .spec import AttentionSpec, check_layout
@@ -69,6 +73,11 @@ def _dims(x: torch.Tensor, layout: str):
         return (b, h, n, d), (x.stride(0), x.stride(2), x.stride(1))
     b, h, n, d = x.shape
     return (b, h, n, d), (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _as_bhnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A (B, H, N, D) view of a tensor in ``layout``."""
+    return x.transpose(1, 2) if layout == "bnhd" else x
 
 
 def _unit_head_stride(x: torch.Tensor) -> torch.Tensor:
@@ -161,17 +170,28 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 
 
 def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layout: str, save: bool,
-            launch: LaunchConfig):
-    """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all).
+            launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head"):
+    """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
-    ``save`` writes the LSE the backward needs (otherwise it comes back with 0 columns)."""
+    ``save`` writes the LSE (and with ``mixing="query"`` alpha per row) the backward needs; otherwise they
+    come back with 0 columns.  ``feature_q``, ``feature_k``: the Hedgehog signed stacks (H, D, D)
+    (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features)."""
     _check_tensors(q, k, v, layout)
+    linear.check_mixing(mixing)
+    hedgehog, mix_rows = feature_q is not None, mixing == "query"
+    if (feature_k is not None) != hedgehog:
+        raise ValueError("feature_q and feature_k must be given together")
+    if (hedgehog or mix_rows) and (launch.sparse_ws or launch.sparse_gluon == 1):
+        raise ValueError("the warp-specialized and Gluon sparse launches compute softmax features and alpha "
+                         "per head only")
     if launch.sparse_ws:
         ws_kernels.check_supported(q.dtype, spec.quant)
     if launch.sparse_gluon == 1:
         gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant)
-    use_gluon = launch.sparse_gluon == 1 or (launch.sparse_gluon == 2 and not launch.sparse_ws and gluon_kernels.applies(
-        q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
+    # sparse_gluon 2: the Gluon launch where it applies (softmax features, alpha per head among the conditions)
+    use_gluon = launch.sparse_gluon == 1 or (
+        launch.sparse_gluon == 2 and not launch.sparse_ws and not (hedgehog or mix_rows)
+        and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
     q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
@@ -192,8 +212,9 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     v_absmax_block = torch.empty(BH, nk, D, device=dev, dtype=f32) if quant == 2 else z_block
     neg_phi_k = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
     forward_kernels.k_feats[(nk, BH)](
-        k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, *k_strides, *v_strides, N, H, nk,
-        D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, **_row_pass(),
+        k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, feature_k if hedgehog else k_mean,
+        *k_strides, *v_strides, N, H, nk,
+        D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog, **_row_pass(),
     )
     # 2. H_all = sum phi(K)^T V as a split-K GEMM; the totals over key blocks
     n_splits = _split_count(BH, nk)
@@ -203,12 +224,14 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     h_all = h_partial.sum(dim=1)
     k_sum, z_all = block_sums.sum(dim=2)
     v_absmax = v_absmax_block.amax(dim=1) if quant == 2 else k_sum  # k_sum: a stand-in, not read
-    # 3. per query block: mean of Q (router) and INT8 Q
+    # 3. per query block: mean of Q (router), INT8 Q, Hedgehog features of Q
     q_mean = torch.empty(BH, nq, D, device=dev, dtype=f32)
     q_int8 = torch.empty(BH, N, D, device=dev, dtype=torch.int8) if quant else q_mean
     q_scale = torch.empty(BH, nq, device=dev, dtype=f32) if quant else q_mean
-    forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, *q_strides, N, H, nq, qk_scale,
-                                D=D, BLOCK_Q=spec.block_q, QUANT=quant)
+    phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype) if hedgehog else q_mean
+    forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if hedgehog else q_mean, phi_q,
+                                        *q_strides, N, H, nq, qk_scale,
+                                        D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=hedgehog)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
                      router_q, router_k, n_sel, spec.always_kept)
@@ -228,8 +251,15 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         v, neg_phi_k, z_block, lut, h_all, z_all, h_rest, z_rest, *v_strides, N, H, n_sel, nq, nk,
         D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
     )
-    # 7. sparse launch and the epilogue that mixes in the linear branch
-    alpha = _mix_ratio(alpha_logit, n_sel, nk)
+    # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
+    if mix_rows:
+        lse_tail = linear.tail_lse(q, q_strides, k_mean, lut, N, H, spec.block_q, spec.block_k, qk_scale, tile_m,
+                                   _warps_stages(launch.num_warps, 2), k_sum if quant else None)
+        alpha = alpha_logit.detach().float().contiguous()  # the kernel adds each row's log mass ratio
+    else:
+        lse_tail = k_mean  # not read
+        alpha = _mix_ratio(alpha_logit, n_sel, nk)
+    alpha_rows = torch.empty(BH, N if save and mix_rows else 0, device=dev, dtype=f32)
     o = torch.empty(q.shape, device=dev, dtype=q.dtype)
     _, o_strides = _dims(o, layout)
     inv_den = torch.empty(BH, N, device=dev, dtype=f32)
@@ -242,7 +272,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             int(n_sel < nk), D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, SAVE_LSE=save, row_launch=_row_pass(),
             loop_launch=_warps_stages(ws_kernels.WS_WARPS, launch.num_stages),
         )
-        return o, lut, lse, inv_den, h_all, z_all
+        return o, lut, lse, inv_den, h_all, z_all, alpha_rows
     if use_gluon:
         gluon_kernels.launch_sparse_gluon(
             (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
@@ -250,21 +280,25 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
             D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant,
         )
-        return o, lut, lse, inv_den, h_all, z_all
+        return o, lut, lse, inv_den, h_all, z_all, alpha_rows
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
         q, k, v, q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum, lut, alpha, h_rest, z_rest,
         o, lse if save else inv_den, inv_den,  # inv_den stands in for an LSE that is not written
+        phi_q, lse_tail, alpha_rows if alpha_rows.numel() else inv_den,  # as for the LSE: no empty buffers
         *q_strides, *k_strides, *v_strides, *o_strides,
         N, H, n_sel, nq, nk, spec.block_q, qk_scale, 1.0 / N, npad, int(n_sel < nk),
         D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, QUANT=quant, FP8_EMULATE=fp8_emulate, SAVE_LSE=save,
-        **_warps_stages(launch.num_warps, launch.num_stages),
+        HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, **_warps_stages(launch.num_warps, launch.num_stages),
     )
-    return o, lut, lse, inv_den, h_all, z_all
+    return o, lut, lse, inv_den, h_all, z_all, alpha_rows
 
 
 def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q: int, block_k: int,
-             layout: str, launch: LaunchConfig):
-    """Every launch of one backward: returns (dQ, dK, dV, d alpha_logit), 16-bit math on the original Q, K, V."""
+             layout: str, launch: LaunchConfig, feature_q=None, feature_k=None, alpha_rows=None):
+    """Every launch of one backward: returns (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), 16-bit
+    math on the original Q, K, V.  ``feature_q``, ``feature_k``: the forward's Hedgehog signed stacks or
+    None (their gradients are then None); ``alpha_rows``: the forward's alpha per row with
+    ``mixing="query"``, else None or empty."""
     do, q, k, v, o = (_unit_head_stride(t) for t in (do, q, k, v, o))
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
@@ -278,7 +312,9 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     n_sel = lut.shape[-1]
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * reference.LOG2E
-    alpha = _mix_ratio(alpha_logit, n_sel, nk)
+    hedgehog = feature_q is not None
+    mix_rows = alpha_rows is not None and alpha_rows.numel() > 0
+    alpha = alpha_rows if mix_rows else _mix_ratio(alpha_logit, n_sel, nk)
     sparse_launch = _warps_stages(launch.num_warps_bwd, launch.num_stages_bwd)
     linear_launch = _warps_stages(launch.lin_warps, launch.lin_stages)
 
@@ -288,10 +324,13 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     k_block_sum = torch.empty(BH, nk, D, device=dev, dtype=f32)
     z_block = torch.empty(BH, nk, D, device=dev, dtype=f32)
     phi_k = torch.empty(BH, N, D, device=dev, dtype=k.dtype)
-    forward_kernels.k_feats[(nk, BH)](k, v, k_mean, k_block_sum, z_block, z_block, phi_k, *k_strides, *v_strides,
-                              N, H, nk, D=D, BLOCK_N=block_k, NEED_V_ABSMAX=False, NEGATE_PHI=False, **_row_pass())
+    forward_kernels.k_feats[(nk, BH)](k, v, k_mean, k_block_sum, z_block, z_block, phi_k,
+                                      feature_k if hedgehog else z_block, *k_strides, *v_strides, N, H, nk,
+                                      D=D, BLOCK_N=block_k, NEED_V_ABSMAX=False, NEGATE_PHI=False,
+                                      HEDGEHOG=hedgehog, **_row_pass())
     phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype)  # becomes psi in place (step 4)
-    backward_kernels.phi_rows[(n_tiles, BH)](q, phi_q, *q_strides, N, H, D=D, BLOCK=tile_m, **_row_pass())
+    backward_kernels.phi_rows[(n_tiles, BH)](q, phi_q, feature_q if hedgehog else z_block, *q_strides, N, H,
+                                             D=D, BLOCK=tile_m, HEDGEHOG=hedgehog, **_row_pass())
 
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
@@ -299,21 +338,28 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     _, dq_strides = _dims(dq, layout)
     _, dk_strides = _dims(dk, layout)
     _, dv_strides = _dims(dv, layout)
+    # with Hedgehog features the linear launches also write the gradient of the stacked logits [X W, -X W]
+    # (B*H, N, D): one GEMM per side turns it into the weights' gradient
+    dlogits_q, dlogits_k = (torch.empty(BH, N, D, device=dev, dtype=q.dtype) if hedgehog else z_block
+                            for _ in range(2))
+    feature_q_arg, feature_k_arg = (feature_q, feature_k) if hedgehog else (z_block, z_block)
     # 2. linear part of dQ; also w = rowsum(dO * O_l) for the launches below
     w = torch.empty(BH, N, device=dev, dtype=f32)
     backward_kernels.bwd_dq_lin_kernel[(_cdiv(N, lin_tile_m), BH)](
-        v, do, dq, z_block, lut, w, inv_den, h_all, z_all, alpha, phi_q, phi_k,
+        v, do, dq, z_block, lut, w, inv_den, h_all, z_all, alpha, phi_q, phi_k, feature_q_arg, dlogits_q,
         *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q,
-        D=D, BLOCK_M=lin_tile_m, BLOCK_N=block_k, **linear_launch,
+        D=D, BLOCK_M=lin_tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, **linear_launch,
     )
     # 3. per row: delta for the sparse launches; per tile: partial b totals and the alpha gradient
     delta = torch.empty(BH, N, device=dev, dtype=f32)
     b_partial = torch.empty(BH, n_tiles, D, device=dev, dtype=f32)
     dalpha_partial = torch.empty(BH, n_tiles, device=dev, dtype=f32)
     backward_kernels.bwd_rows[(n_tiles, BH)](phi_q, do, o, w, inv_den, alpha, delta, b_partial, dalpha_partial,
-                                    *do_strides, *o_strides, N, H, n_tiles, D=D, BLOCK_M=tile_m, **_row_pass())
+                                             *do_strides, *o_strides, N, H, n_tiles, D=D, BLOCK_M=tile_m,
+                                             MIX_ROWS=mix_rows, **_row_pass())
     # 4. psi = (1 - alpha) phi(Q) / den in phi(Q)'s buffer; A_all = sum psi^T dO as a split-K GEMM
-    backward_kernels.phi_to_psi[(n_tiles, BH)](phi_q, inv_den, alpha, N, H, D=D, BLOCK=tile_m, **_row_pass())
+    backward_kernels.phi_to_psi[(n_tiles, BH)](phi_q, inv_den, alpha, N, H, D=D, BLOCK=tile_m, MIX_ROWS=mix_rows,
+                                               **_row_pass())
     psi = phi_q
     n_splits = _split_count(BH, n_tiles)
     a_partial = torch.empty(BH, n_splits, D, D, device=dev, dtype=f32)
@@ -326,22 +372,25 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     backward_kernels.bwd_dq_kernel[(n_tiles, BH)](
         q, k, v, do, dq, lut, lse, delta, alpha,
         *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q, qk_scale,
-        sm_scale, D=D, BLOCK_M=tile_m, BLOCK_N=block_k, **sparse_launch,
+        sm_scale, D=D, BLOCK_M=tile_m, BLOCK_N=block_k, MIX_ROWS=mix_rows, **sparse_launch,
     )
     # 6. dK and dV over the inverted index: the linear part, then the sparse part of each
     tile_offsets, tile_ids = inverted_index(lut, N, block_q, nk, tile_m)
     backward_kernels.bwd_dkdv_lin_kernel[(nk, BH)](
         v, do, dk, dv, tile_offsets, tile_ids, w, a_all, b_all, psi, phi_k,
-        *v_strides, *do_strides, *dk_strides, *dv_strides, N, H, nk,
-        D=D, BLOCK_M=tile_m, BLOCK_N=block_k, **linear_launch,
+        *v_strides, *do_strides, *dk_strides, *dv_strides, N, H, nk, feature_k_arg, dlogits_k,
+        D=D, BLOCK_M=tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, **linear_launch,
     )
     for grad, grad_strides, grad_k in ((dk, dk_strides, True), (dv, dv_strides, False)):
         backward_kernels.bwd_dkdv_kernel[(nk, BH)](
             q, k, v, do, grad, tile_offsets, tile_ids, lse, delta, alpha,
             *q_strides, *k_strides, *v_strides, *do_strides, *grad_strides, N, H, nk, qk_scale, sm_scale,
-            D=D, BLOCK_M=tile_m, BLOCK_N=block_k, GRAD_K=grad_k, **sparse_launch,
+            D=D, BLOCK_M=tile_m, BLOCK_N=block_k, GRAD_K=grad_k, MIX_ROWS=mix_rows, **sparse_launch,
         )
-    return dq, dk, dv, dalpha
+    if not hedgehog:
+        return dq, dk, dv, dalpha, None, None
+    return (dq, dk, dv, dalpha, linear.signed_weight_grad(_as_bhnd(q, layout), dlogits_q.view(B, H, N, D)),
+            linear.signed_weight_grad(_as_bhnd(k, layout), dlogits_k.view(B, H, N, D)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,18 +402,21 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
 def sla2_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, kept_start: int,
-    kept_end: int, layout: str, save: bool, launch: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all).
+    kept_end: int, layout: str, save: bool, launch: list[int], feature_q: torch.Tensor | None = None,
+    feature_k: torch.Tensor | None = None, mixing: str = "head",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
-    ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`."""
+    ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`;
+    ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head" or "query"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
-    return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch))
+    return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch),
+                   feature_q, feature_k, mixing)
 
 
 @sla2_fwd.register_fake
 def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, kept_start, kept_end, layout, save,
-      launch):
+      launch, feature_q=None, feature_k=None, mixing="head"):
     _check_tensors(q, k, v, layout)
     (B, H, N, D), _ = _dims(q, layout)
     nq, nk = _cdiv(N, block_q), _cdiv(N, block_k)
@@ -377,6 +429,7 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, k
         q.new_empty((B * H, N), dtype=f32),
         q.new_empty((B * H, D, D), dtype=f32),
         q.new_empty((B * H, D), dtype=f32),
+        q.new_empty((B * H, N if save and mixing == "query" else 0), dtype=f32),
     )
 
 
@@ -385,28 +438,46 @@ def sla2_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha_logit: torch.Tensor,
     lut: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, inv_den: torch.Tensor, h_all: torch.Tensor,
     z_all: torch.Tensor, block_q: int, block_k: int, layout: str, launch: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`backward` as a custom op: (dQ, dK, dV, d alpha_logit), straight-through for the low-bit modes."""
-    return backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, block_k, layout,
-                    LaunchConfig.from_ints(launch))
+    feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+    alpha_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`backward` as a custom op: (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), straight-through
+    for the low-bit modes; the feature gradients are empty without Hedgehog features."""
+    dq, dk, dv, dalpha, dfq, dfk = backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q,
+                                            block_k, layout, LaunchConfig.from_ints(launch), feature_q, feature_k,
+                                            alpha_rows)
+    if dfq is None:
+        dfq, dfk = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dalpha, dfq, dfk
 
 
 @sla2_bwd.register_fake
-def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, block_k, layout, launch):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape)
+def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, block_k, layout, launch,
+      feature_q=None, feature_k=None, alpha_rows=None):
+    def feature_grad(w):
+        return q.new_empty(0) if w is None else w.new_empty(w.shape, dtype=torch.float32)
+
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape),
+            feature_grad(feature_q), feature_grad(feature_k))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, _kept_start, _kept_end, layout, \
-        _save, launch = inputs
-    o, lut, lse, inv_den, h_all, z_all = output
-    ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all)
+        _save, launch, feature_q, feature_k, _mixing = inputs
+    o, lut, lse, inv_den, h_all, z_all, alpha_rows = output
+    ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows)
     ctx.settings = (block_q, block_k, layout, launch)
 
 
 def _autograd_backward(ctx, do, *_unused):
-    dq, dk, dv, dalpha = sla2_bwd(do, *ctx.saved_tensors, *ctx.settings)
-    return dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None
+    q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows = ctx.saved_tensors
+    dq, dk, dv, dalpha, dfq, dfk = sla2_bwd(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all,
+                                            *ctx.settings, feature_q, feature_k, alpha_rows)
+    if feature_q is None:
+        dfq = dfk = None
+    else:
+        dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
+    return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None)
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -414,15 +485,28 @@ sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor,
                           router_k: torch.Tensor, alpha_logit: torch.Tensor, spec: AttentionSpec, *,
-                          layout: str = "bnhd", launch: LaunchConfig | None = None) -> torch.Tensor:
+                          layout: str = "bnhd", launch: LaunchConfig | None = None,
+                          feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                          mixing: str = "head") -> torch.Tensor:
     """SLA2 attention with the Triton kernels on q, k, v in ``layout``; returns the output in that layout
     and dtype.  ``spec`` holds the settings (:class:`AttentionSpec`), ``launch`` the tile sizes, warps and
-    stages (:data:`DEFAULT_LAUNCH` if None).  Differentiable w.r.t. q, k, v and alpha_logit (the hard
-    top-k router gets no gradient)."""
+    stages (:data:`DEFAULT_LAUNCH` if None).  ``feature_q``, ``feature_k`` (H, D, D/2): the Hedgehog feature
+    map's weights (both or neither; softmax features without).  ``mixing``: ``"head"`` (alpha =
+    sigmoid(alpha_logit) per head) or ``"query"`` (alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit)
+    per query row, both log-sum-exps detached).  Differentiable w.r.t. q, k, v, alpha_logit and the feature
+    weights (the hard top-k router gets no gradient)."""
     _check_tensors(q, k, v, layout)
+    linear.check_mixing(mixing)
+    if (feature_q is None) != (feature_k is None):
+        raise ValueError("feature_q and feature_k must be given together")
     launch = DEFAULT_LAUNCH if launch is None else launch
+    if feature_q is not None:
+        (_, heads, _, head_dim), _ = _dims(q, layout)
+        feature_q, feature_k = (linear.signed_weights(w, heads, head_dim, q.dtype) for w in (feature_q, feature_k))
     # the tensors only the backward reads are written only when a backward can follow
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha_logit))
+    grad_inputs = [t for t in (q, k, v, alpha_logit, feature_q, feature_k) if t is not None]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs)
     kept_start, kept_end = spec.always_kept
     return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(spec.topk), int(spec.block_q),
-                    int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints())[0]
+                    int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints(),
+                    feature_q, feature_k, mixing)[0]

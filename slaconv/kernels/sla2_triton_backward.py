@@ -14,29 +14,42 @@ from . import sla2_triton_common as common
 
 @triton.jit(do_not_specialize=["N", "H"])
 def phi_rows(
-    X, PHI, stride_xb, stride_xh, stride_xn, N, H,
-    D: tl.constexpr, BLOCK: tl.constexpr,
+    X, PHI, W_SIGNED, stride_xb, stride_xh, stride_xn, N, H,
+    D: tl.constexpr, BLOCK: tl.constexpr, HEDGEHOG: tl.constexpr = False,
 ):
-    """phi(X) = softmax over the head dim of one tile of rows, stored (B*H, N, D) in X's dtype."""
+    """phi(X) of one tile of rows (softmax over the head dim, or with HEDGEHOG the Hedgehog map of this
+    head's signed weights W_SIGNED (H, D, D)), stored (B*H, N, D) in X's dtype."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK, BLOCK)
     rows, valid = common.block_rows(tile, BLOCK, N)
     x = common.load_rows(X + b * stride_xb + h * stride_xh, rows, stride_xn, valid, D)
-    common.store_rows(PHI + bh * N * D, rows, D, valid, common.phi(x.to(tl.float32)).to(x.dtype), D)
+    feats = common.features(x, W_SIGNED + h * D * D, HEDGEHOG, D)
+    common.store_rows(PHI + bh * N * D, rows, D, valid, feats.to(x.dtype), D)
+
+
+@triton.jit
+def logits_to_input_grad(dlogits, W_SIGNED, DLOGITS, rows, valid, dtype: tl.constexpr, D: tl.constexpr):
+    """Hedgehog: store the gradient of a tile's stacked logits [X W, -X W] (rows of the contiguous DLOGITS, in
+    ``dtype``, for the weights' gradient) and return the tile's dX = dlogits [W, -W]^T (fp32) from this head's
+    signed stack W_SIGNED."""
+    dlogits16 = dlogits.to(dtype)
+    common.store_rows(DLOGITS, rows, D, valid, dlogits16, D)
+    return tl.dot(dlogits16, tl.trans(common.load_square(W_SIGNED, D)))
 
 
 @triton.jit(do_not_specialize=["N", "H"])
 def phi_to_psi(
     PHI, INV_DEN, ALPHA, N, H,
-    D: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, MIX_ROWS: tl.constexpr = False,
 ):
     """In place: phi(Q) -> psi = (1 - alpha) phi(Q) / den, the row scaling of the linear branch's gradient
     g = (1 - alpha) dO / den moved onto phi(Q), so the backward's D x D reductions (A = sum psi^T dO) are
-    plain load + MMA loops on two 16-bit tiles."""
+    plain load + MMA loops on two 16-bit tiles.  alpha: per head, or with MIX_ROWS per row."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK, BLOCK)
     PHI += bh * N * D
     rows, valid = common.block_rows(tile, BLOCK, N)
     phi = common.load_rows(PHI, rows, D, valid, D)
-    scale = (1.0 - tl.load(ALPHA + h)) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
+    alpha = common.load_alpha(ALPHA, h, bh * N + rows, valid, MIX_ROWS)
+    scale = (1.0 - alpha) * tl.load(INV_DEN + bh * N + rows, mask=valid, other=0.0)
     common.store_rows(PHI, rows, D, valid, (phi.to(tl.float32) * scale[:, None]).to(phi.dtype), D)
 
 
@@ -44,18 +57,19 @@ def phi_to_psi(
 def bwd_rows(
     PHI_Q, DO, O, W, INV_DEN, ALPHA, DELTA, B_PARTIAL, DALPHA_PARTIAL,
     stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, N, H, n_tiles,
-    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, MIX_ROWS: tl.constexpr = False,
 ):
     """Per row of one query tile (one program each, no loop), from the output O (not O_s: O is kept by the
     next layer anyway) and w = rowsum(dO * O_l) from the dQ-linear launch, with u = (1 - alpha) w and
     c = -u / den: delta = alpha rowsum(dO * O_s) = rowsum(dO * O) - u.  Per-tile partials (summed by the
     caller, deterministic): b = sum c phi(q) and the alpha-logit gradient
-    alpha (1 - alpha) sum dO (O_s - O_l) = sum (1 - alpha) rowsum(dO * O) - u."""
+    alpha (1 - alpha) sum dO (O_s - O_l) = sum (1 - alpha) rowsum(dO * O) - u, which with MIX_ROWS (alpha
+    per row; its two log-sum-exps carry no gradient) is the same sum with each row's alpha."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     offs_d = tl.arange(0, D)
-    alpha = tl.load(ALPHA + h)
     rows, valid = common.block_rows(tile, BLOCK_M, N)
     per_row = bh * N + rows
+    alpha = common.load_alpha(ALPHA, h, per_row, valid, MIX_ROWS)
     do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D).to(tl.float32)
     o = common.load_rows(O + b * stride_ob + h * stride_oh, rows, stride_on, valid, D).to(tl.float32)
     do_dot_o = tl.sum(do * o, axis=1)
@@ -83,15 +97,18 @@ def bwd_outer(
 
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q"])
 def bwd_dq_lin_kernel(
-    V, DO, DQ, Z_BLOCK, LUT, W, INV_DEN, H_ALL, Z_ALL, ALPHA, PHI_Q, PHI_K,
+    V, DO, DQ, Z_BLOCK, LUT, W, INV_DEN, H_ALL, Z_ALL, ALPHA, PHI_Q, PHI_K, W_SIGNED, DLOGITS,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     N, H, n_sel, nq, nk, block_q,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEDGEHOG: tl.constexpr = False,
+    MIX_ROWS: tl.constexpr = False,
 ):
     """Linear part of dQ (writes DQ): dphi(q) = g H_rest^T + c z_rest, through phi's softmax Jacobian;
     g = (1 - alpha) dO / den.  O_l is not saved by the forward: its numerator phi(Q) H_rest is recomputed
     here (one MMA) to give w = rowsum(dO * O_l), written for the later launches (u = (1 - alpha) w,
-    c = -u / den)."""
+    c = -u / den).  With HEDGEHOG the Jacobian gives the gradient of the stacked logits [Q W, -Q W]
+    (:func:`common.features_backward`): DQ receives it times [W, -W]^T (this head's W_SIGNED), and DLOGITS
+    ((B*H, N, D), the input dtype) the gradient itself, for the host's dW.  MIX_ROWS: alpha per row."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     V += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, D)
@@ -102,7 +119,7 @@ def bwd_dq_lin_kernel(
                                         Z_BLOCK + bh * nk * D, lut_row, n_sel, N, stride_vn, D, BLOCK_N)
     h_rest = (common.load_square(H_ALL + bh * D * D, D) - h_sel).to(DO.dtype.element_ty)
     z_rest = tl.load(Z_ALL + bh * D + offs_d) - z_sel
-    alpha = tl.load(ALPHA + h)
+    alpha = common.load_alpha(ALPHA, h, per_row, valid, MIX_ROWS)
     inv_den = tl.load(INV_DEN + per_row, mask=valid, other=0.0)
     do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, valid, D)
     phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, valid, D)
@@ -114,8 +131,9 @@ def bwd_dq_lin_kernel(
     # dphi(Q) = g H_rest^T + c z_rest, then through phi's Jacobian
     g = (do.to(tl.float32) * ((1.0 - alpha) * inv_den)[:, None]).to(do.dtype)
     dphi = tl.dot(g, tl.trans(h_rest)) + c[:, None] * z_rest[None, :]
-    phi_q32 = phi_q.to(tl.float32)
-    dq = phi_q32 * (dphi - tl.sum(phi_q32 * dphi, axis=1)[:, None])
+    dq = common.features_backward(phi_q.to(tl.float32), dphi, HEDGEHOG, D)
+    if HEDGEHOG:
+        dq = logits_to_input_grad(dq, W_SIGNED + h * D * D, DLOGITS + bh * N * D, rows, valid, do.dtype, D)
     common.store_rows(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dqn, valid, dq, D)
 
 
@@ -125,21 +143,24 @@ def bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     N, H, n_sel, nq, nk, block_q, qk_scale, sm_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIX_ROWS: tl.constexpr = False,
 ):
-    """Sparse part of dQ over the LUT row, added to the linear part already in DQ."""
+    """Sparse part of dQ over the LUT row, added to the linear part already in DQ.  MIX_ROWS: alpha per row."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DQ += b * stride_dqb + h * stride_dqh
     rows, row_valid = common.block_rows(tile, BLOCK_M, N)
     per_row = bh * N + rows
-    alpha = tl.load(ALPHA + h)
     do = common.load_rows(DO + b * stride_dob + h * stride_doh, rows, stride_don, row_valid, D)
     q = common.load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
     lse = tl.load(LSE + per_row, mask=row_valid, other=0.0)
     delta = tl.load(DELTA + per_row, mask=row_valid, other=0.0)
-    do_s = (do.to(tl.float32) * alpha).to(do.dtype)  # the sparse branch's share of dO
+    # the sparse branch's share of dO
+    if MIX_ROWS:
+        do_s = (do.to(tl.float32) * common.load_alpha(ALPHA, h, per_row, row_valid, MIX_ROWS)[:, None]).to(do.dtype)
+    else:
+        do_s = (do.to(tl.float32) * tl.load(ALPHA + h)).to(do.dtype)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lut_row = LUT + (bh * nq + (tile * BLOCK_M) // block_q) * n_sel
     for step in range(0, n_sel):
@@ -159,13 +180,14 @@ def bwd_dq_kernel(
 def bwd_dkdv_lin_kernel(
     V, DO, DK, DV, TILE_OFFSETS, TILE_IDS, W, A_ALL, B_ALL, PSI, PHI_K,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, N, H, nk,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, N, H, nk, W_SIGNED, DLOGITS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEDGEHOG: tl.constexpr = False,
 ):
     """Linear part of dK, dV for one key block (writes DK, DV): over the query tiles that selected it,
     A_sel = sum phi(Q)^T g = sum psi^T dO and b_sel = sum c phi(Q) = -sum w psi (both on the tensor
     cores: the loop only loads two 16-bit tiles and a row vector); with A_rest = A_all - A_sel and
-    b_rest = b_all - b_sel: dV = phi(K) A_rest, dphi(K) = V A_rest^T + b_rest, through phi's Jacobian."""
+    b_rest = b_all - b_sel: dV = phi(K) A_rest, dphi(K) = V A_rest^T + b_rest, through phi's Jacobian.  With
+    HEDGEHOG as in :func:`bwd_dq_lin_kernel`: dK through [W, -W], and DLOGITS the stacked logits' gradient."""
     kb, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     DO += b * stride_dob + h * stride_doh
     offs_d = tl.arange(0, D)
@@ -197,8 +219,9 @@ def bwd_dkdv_lin_kernel(
     dv = tl.dot(phi_k, a_rest16)
     common.store_rows(DV + b * stride_dvb + h * stride_dvh, key_rows, stride_dvn, key_valid, dv, D)
     dphi = tl.dot(v, tl.trans(a_rest16)) + b_rest[None, :]
-    phi_k32 = phi_k.to(tl.float32)
-    dk = phi_k32 * (dphi - tl.sum(phi_k32 * dphi, axis=1)[:, None])
+    dk = common.features_backward(phi_k.to(tl.float32), dphi, HEDGEHOG, D)
+    if HEDGEHOG:
+        dk = logits_to_input_grad(dk, W_SIGNED + h * D * D, DLOGITS + bh * N * D, key_rows, key_valid, v.dtype, D)
     common.store_rows(DK + b * stride_dkb + h * stride_dkh, key_rows, stride_dkn, key_valid, dk, D)
 
 
@@ -209,16 +232,19 @@ def bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dkvb, stride_dkvh, stride_dkvn,
     N, H, nk, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRAD_K: tl.constexpr,
+    MIX_ROWS: tl.constexpr = False,
 ):
     """Sparse part of dK (GRAD_K) or dV for one key block over the query tiles that selected it (inverted
     index TILE_OFFSETS / TILE_IDS), added to the linear part already in DKV.  dK and dV are two launches
-    with one fp32 accumulator each: both in one launch does not fit the register file."""
+    with one fp32 accumulator each: both in one launch does not fit the register file.  MIX_ROWS: alpha per
+    query row, applied inside the loop instead of once at the end."""
     kb, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     DKV += b * stride_dkvb + h * stride_dkvh
     key_rows, key_valid = common.block_rows(kb, BLOCK_N, N)
-    alpha = tl.load(ALPHA + h)
+    if not MIX_ROWS:
+        alpha = tl.load(ALPHA + h)
     k = common.load_rows(K + b * stride_kb + h * stride_kh, key_rows, stride_kn, key_valid, D)
     if GRAD_K:
         v = common.load_rows(V + b * stride_vb + h * stride_vh, key_rows, stride_vn, key_valid, D)
@@ -234,17 +260,27 @@ def bwd_dkdv_kernel(
         # P^T from the saved LSE (key rows x query columns, log2 units)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.where(valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        if MIX_ROWS:
+            row_alpha = common.load_alpha(ALPHA, h, bh * N + rows, valid, MIX_ROWS)
         if GRAD_K:
             # dS^T = P^T (alpha dP^T - delta); dK += dS^T Q
             delta = tl.load(DELTA + bh * N + rows, mask=valid, other=0.0)
             dp_t = tl.dot(v, tl.trans(do))
-            ds_t = p_t * (dp_t * alpha - delta[None, :])
+            if MIX_ROWS:
+                ds_t = p_t * (dp_t * row_alpha[None, :] - delta[None, :])
+            else:
+                ds_t = p_t * (dp_t * alpha - delta[None, :])
             acc = tl.dot(ds_t.to(q.dtype), q, acc)
+        elif MIX_ROWS:
+            # dV += P^T (alpha dO), alpha per query row
+            acc = tl.dot(p_t.to(do.dtype), (do.to(tl.float32) * row_alpha[:, None]).to(do.dtype), acc)
         else:
             # dV += P^T dO (alpha applied once below)
             acc = tl.dot(p_t.to(do.dtype), do, acc)
     if GRAD_K:
         scale = sm_scale
+    elif MIX_ROWS:
+        scale = 1.0
     else:
         scale = alpha
     common.add_rows(DKV, key_rows, stride_dkvn, key_valid, acc * scale, D)

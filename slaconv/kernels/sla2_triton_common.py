@@ -98,6 +98,60 @@ def phi(x):
 
 
 @triton.jit
+def hedgehog(x, W_SIGNED, D: tl.constexpr):
+    """The Hedgehog feature map of a tile ``x`` (rows, D) in its own dtype, fp32 out:
+    [softmax(x W), softmax(-x W)] from this head's signed stack W_SIGNED = [W, -W] (D x D, contiguous,
+    x's dtype).  One MMA gives both halves' logits; each half is normalised on its own."""
+    logits = tl.dot(x, load_square(W_SIGNED, D))
+    upper = (tl.arange(0, D) >= D // 2)[None, :]
+    max_lo = tl.max(tl.where(upper, float("-inf"), logits), axis=1)
+    max_hi = tl.max(tl.where(upper, logits, float("-inf")), axis=1)
+    e = tl.exp(logits - tl.where(upper, max_hi[:, None], max_lo[:, None]))
+    sum_lo = tl.sum(tl.where(upper, 0.0, e), axis=1)
+    sum_hi = tl.sum(tl.where(upper, e, 0.0), axis=1)
+    return e / tl.where(upper, sum_hi[:, None], sum_lo[:, None])
+
+
+@triton.jit
+def features(x, W_SIGNED, HEDGEHOG: tl.constexpr, D: tl.constexpr):
+    """The linear branch's features of a tile ``x`` (rows, D), fp32: :func:`hedgehog` with this head's
+    signed weights if HEDGEHOG, else :func:`phi` (softmax over the head dim; W_SIGNED is not read)."""
+    if HEDGEHOG:
+        feats = hedgehog(x, W_SIGNED, D)
+    else:
+        feats = phi(x.to(tl.float32))
+    return feats
+
+
+@triton.jit
+def features_backward(feats, dfeats, HEDGEHOG: tl.constexpr, D: tl.constexpr):
+    """Through the features' softmax Jacobian (fp32 tiles): the gradient of the softmax logits from the
+    features and their gradient.  Softmax: the logits are the input rows, so this is their gradient.
+    HEDGEHOG: each half is its own softmax, and the result is the gradient of the stacked logits
+    [x W, -x W], from which the caller forms dx and dW with the signed weights."""
+    if HEDGEHOG:
+        upper = (tl.arange(0, D) >= D // 2)[None, :]
+        prod = feats * dfeats
+        dot_lo = tl.sum(tl.where(upper, 0.0, prod), axis=1)
+        dot_hi = tl.sum(tl.where(upper, prod, 0.0), axis=1)
+        dlogits = feats * (dfeats - tl.where(upper, dot_hi[:, None], dot_lo[:, None]))
+    else:
+        dlogits = feats * (dfeats - tl.sum(feats * dfeats, axis=1)[:, None])
+    return dlogits
+
+
+@triton.jit
+def load_alpha(ALPHA, h, per_row, valid, MIX_ROWS: tl.constexpr):
+    """The mixing ratio: this head's scalar ``ALPHA[h]``, or with MIX_ROWS one per row, ``ALPHA[per_row]``
+    (rows past N read 1, so they add nothing to a (1 - alpha) term)."""
+    if MIX_ROWS:
+        alpha = tl.load(ALPHA + per_row, mask=valid, other=1.0)
+    else:
+        alpha = tl.load(ALPHA + h)
+    return alpha
+
+
+@triton.jit
 def selected_key_rows(lut_row, step, N, BLOCK_N: tl.constexpr):
     """Token rows of the key block at position ``step`` of a LUT row, which of them exist, and the block id."""
     block = tl.load(lut_row + step)

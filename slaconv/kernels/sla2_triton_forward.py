@@ -13,6 +13,7 @@ from . import sla2_triton_common as common
 LINEAR_EPS = tl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
 FP8_MAX = tl.constexpr(448.0)  # largest finite FP8 e4m3 value
 INT8_MAX = tl.constexpr(127.0)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -56,33 +57,50 @@ def softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
-def _phi_and_inv_den(q, z_rest, has_lin):
-    """phi(Q) of a query tile (fp32) and 1/den = 1/(phi(Q) z_rest + eps) per row (0 if every block is selected)."""
-    phi_q = common.phi(q.to(tl.float32))
-    den = tl.sum(phi_q * z_rest[None, :], axis=1) + LINEAR_EPS
-    return phi_q, tl.where(has_lin != 0, 1.0 / den, 0.0)
+def _psi(phi_q, alpha, Z_REST, INV_DEN, bh, state, rows, row_valid, N, has_lin, D: tl.constexpr):
+    """psi = (1 - alpha) phi(Q) / den (fp32) from the features of a query tile, den = phi(Q) z_rest + eps
+    (1/den = 0 if every block is selected); stores 1/den per row.  ``alpha``: a scalar or one per row."""
+    den = tl.sum(phi_q * tl.load(Z_REST + state * D + tl.arange(0, D))[None, :], axis=1) + LINEAR_EPS
+    inv_den = tl.where(has_lin != 0, 1.0 / den, 0.0)
+    tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
+    return phi_q * ((1.0 - alpha) * inv_den)[:, None]
 
 
 @triton.jit
 def scaled_phi_rows(q16, ALPHA, Z_REST, INV_DEN, h, bh, state, rows, row_valid, N, has_lin, D: tl.constexpr):
-    """The linear branch's row factor of a query tile, psi = (1 - alpha) phi(Q) / den (fp32), and alpha;
-    stores 1/den per row.  ``q16`` is the 16-bit Q tile, ``state`` its routing block's index."""
+    """The linear branch's row factor of a query tile with softmax features and one alpha per head,
+    psi = (1 - alpha) phi(Q) / den (fp32), and alpha; stores 1/den per row.  ``q16`` is the 16-bit Q tile,
+    ``state`` its routing block's index."""
     alpha = tl.load(ALPHA + h)
-    phi_q, inv_den = _phi_and_inv_den(q16, tl.load(Z_REST + state * D + tl.arange(0, D)), has_lin)
-    tl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
-    return phi_q * ((1.0 - alpha) * inv_den)[:, None], alpha
+    return _psi(common.phi(q16.to(tl.float32)), alpha, Z_REST, INV_DEN, bh, state, rows, row_valid, N, has_lin,
+                D), alpha
 
 
 @triton.jit
-def mix_and_store(o_s, q16, ALPHA, H_REST, Z_REST, O, INV_DEN, h, bh, state, rows, row_valid, stride_on, N, has_lin,
-                  D: tl.constexpr):
+def mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, state, rows, row_valid, stride_on, N, has_lin,
+                  D: tl.constexpr, MIX_ROWS: tl.constexpr):
     """The sparse launch's epilogue, after its loop: finish the linear branch from the routing block's state
-    and mix, O = alpha O_s + psi H_rest in one MMA (psi: :func:`scaled_phi_rows`); store O (``O`` points
-    at this (batch, head)) and 1/den per row.  ``o_s`` is the normalised sparse output."""
-    psi, alpha = scaled_phi_rows(q16, ALPHA, Z_REST, INV_DEN, h, bh, state, rows, row_valid, N, has_lin, D)
+    and mix, O = alpha O_s + psi H_rest in one MMA (psi: :func:`_psi` of the features ``phi_q``); store O
+    (``O`` points at this (batch, head)) and 1/den per row.  ``o_s`` is the normalised sparse output,
+    ``alpha`` this head's scalar or, with MIX_ROWS, one per row."""
+    psi = _psi(phi_q, alpha, Z_REST, INV_DEN, bh, state, rows, row_valid, N, has_lin, D)
     h_rest = common.load_square(H_REST + state * D * D, D)
-    o = tl.dot(psi.to(h_rest.dtype), h_rest, alpha * o_s)
+    if MIX_ROWS:
+        o_sparse = alpha[:, None] * o_s
+    else:
+        o_sparse = alpha * o_s
+    o = tl.dot(psi.to(h_rest.dtype), h_rest, o_sparse)
     common.store_rows(O, rows, stride_on, row_valid, o, D)
+
+
+@triton.jit
+def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, per_row, row_valid, has_lin):
+    """alpha per query row: sigmoid(LSE_sel - LSE_tail + alpha_logit) with both log-sum-exps in log2 units
+    (LSE_tail of the blocks the row's query block did not select, from :func:`tail_lse_kernel`); 1 when
+    every block is selected."""
+    lse_tail = tl.load(LSE_TAIL + per_row, mask=row_valid, other=float("-inf"))
+    logit = (lse_sel - lse_tail) * LN2 + alpha_logit
+    return tl.where(has_lin != 0, 1.0 / (1.0 + tl.exp(-logit)), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,35 +146,42 @@ def topk_lut(SCORES, LUT, nk, n_sel, kept_start, kept_end, NK_P: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "H", "nq", "scale"])
 def q_prepass(
-    Q, Q_MEAN, Q_INT8, Q_SCALE,
+    Q, Q_MEAN, Q_INT8, Q_SCALE, W_SIGNED, PHI_Q,
     stride_qb, stride_qh, stride_qn, N, H, nq, scale,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr, HEDGEHOG: tl.constexpr = False,
 ):
-    """Per query block: its mean (for the router) and, if QUANT, INT8 of Q * scale with one scale per block."""
+    """Per query block: its mean (for the router), if QUANT INT8 of Q * scale with one scale per block, and
+    if HEDGEHOG the Hedgehog features of Q (:func:`common.hedgehog`, this head's signed weights
+    W_SIGNED (H, D, D)) stored in Q's dtype for the sparse launch's epilogue."""
     qb, bh, b, h = common.program_coords(H, D, BLOCK_Q, BLOCK_Q)
     Q += b * stride_qb + h * stride_qh
     offs_d = tl.arange(0, D)
     rows, valid = common.block_rows(qb, BLOCK_Q, N)
-    q = common.load_rows(Q, rows, stride_qn, valid, D).to(tl.float32)
+    q16 = common.load_rows(Q, rows, stride_qn, valid, D)
+    q = q16.to(tl.float32)
     count = tl.minimum(N - qb * BLOCK_Q, BLOCK_Q).to(tl.float32)
     tl.store(Q_MEAN + (bh * nq + qb) * D + offs_d, tl.sum(q, axis=0) / count)
     if QUANT > 0:
         q_int8, q_scale = _int8_tile(q * scale)
         common.store_rows(Q_INT8 + bh * N * D, rows, D, valid, q_int8, D)
         tl.store(Q_SCALE + bh * nq + qb, q_scale)
+    if HEDGEHOG:
+        common.store_rows(PHI_Q + bh * N * D, rows, D, valid, common.hedgehog(q16, W_SIGNED + h * D * D, D), D)
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def k_feats(
-    K, V, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX, PHI_K,
+    K, V, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX, PHI_K, W_SIGNED,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, N, H, nk,
     D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_V_ABSMAX: tl.constexpr, NEGATE_PHI: tl.constexpr,
+    HEDGEHOG: tl.constexpr = False,
 ):
     """Per key block, one program each (no loop, so the pass runs at full occupancy): the block's mean of K
     (router) and sum (for mean(K)), phi(K) (stored), its column sums z (Z_BLOCK) and, if NEED_V_ABSMAX,
     the block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
     NEGATE_PHI (the forward): PHI_K holds -phi(K), so the linear loop accumulates H_all - H_sel directly;
-    z per block stays positive."""
+    z per block stays positive.  phi is softmax over the head dim, or with HEDGEHOG the Hedgehog map of this
+    head's signed weights W_SIGNED (H, D, D) (:func:`common.features`)."""
     kb, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
     offs_d = tl.arange(0, D)
     rows, valid = common.block_rows(kb, BLOCK_N, N)
@@ -167,7 +192,7 @@ def k_feats(
     stats = (bh * nk + kb) * D + offs_d
     tl.store(K_SUM + stats, block_sum)
     tl.store(K_MEAN + stats, block_sum / count)
-    phi_k32 = tl.where(valid[:, None], common.phi(k32), 0.0)
+    phi_k32 = tl.where(valid[:, None], common.features(k, W_SIGNED + h * D * D, HEDGEHOG, D), 0.0)
     if NEGATE_PHI:
         stored = -phi_k32
     else:
@@ -221,6 +246,46 @@ def kv_quant(
         tl.store(V_FP8 + (bh * D + offs_d[None, :]) * npad + rows[:, None], _to_fp8(v_scaled, FP8_EMULATE))
 
 
+@triton.jit(do_not_specialize=["N", "H", "nq", "nk", "block_q", "block_k", "qk_scale"])
+def tail_lse_kernel(
+    Q, K_MEAN, SELECTED, K_SUM, LSE_TAIL,
+    stride_qb, stride_qh, stride_qn, N, H, nq, nk, block_q, block_k, qk_scale, inv_n,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
+):
+    """LSE_tail per query row of one tile (log2 units): the log-sum-exp over the key blocks j its query block
+    did *not* select of q . kbar_j / sqrt(D) + ln n_j (kbar_j the block's mean key, n_j its tokens), the
+    mass estimate of per-query mixing; -inf when every block is selected.  CHUNK key blocks per step, one
+    (BLOCK_M x D) x (D x CHUNK) MMA each: the whole pass is 1/block_k of a dense Q K^T.  SELECTED is the
+    (B*H*nq, nk) int8 selection table of the LUT; K_MEAN the (B*H, nk, D) block means in Q's dtype.
+    SHIFTED (the low-bit modes, whose sparse loop sees K - mean(K)): LSE_tail in that frame, i.e. minus
+    q . mean(K) log2(e)/sqrt(D), so the sparse launch compares it with its own LSE without Q in 16 bits."""
+    tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows, row_valid = common.block_rows(tile, BLOCK_M, N)
+    q = common.load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
+    selected_row = SELECTED + (bh * nq + (tile * BLOCK_M) // block_q) * nk
+    # a finite start: a chunk with every block selected leaves exp2(-inf - m) = 0, never nan
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, nk, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        exists = blocks < nk
+        k_bar = tl.load(K_MEAN + (bh * nk + blocks)[:, None] * D + offs_d[None, :], mask=exists[:, None], other=0.0)
+        rest = (tl.load(selected_row + blocks, mask=exists, other=1) == 0) & exists
+        log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
+        s = tl.dot(q, tl.trans(k_bar.to(q.dtype))) * qk_scale + log2_count[None, :]
+        s = tl.where(rest[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    # l_i >= 1 once any block counted (its max term is exp2(0))
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
+    if SHIFTED:
+        k_token_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+        lse -= tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
+    tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
+
+
 # --------------------------------------------------------------------------------------------------
 # the linear and sparse launches
 # --------------------------------------------------------------------------------------------------
@@ -251,17 +316,23 @@ def fwd_lin_kernel(
 @triton.jit(do_not_specialize=["N", "H", "n_sel", "nq", "nk", "block_q", "qk_scale", "inv_n", "has_lin"])
 def fwd_sparse_kernel(
     Q, K, V, Q_INT8, Q_SCALE, K_INT8, K_SCALE, V_FP8, V_ABSMAX, K_SUM, LUT, ALPHA, H_REST, Z_REST,
-    O, LSE, INV_DEN,
+    O, LSE, INV_DEN, PHI_Q, LSE_TAIL, ALPHA_ROWS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, has_lin,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-    FP8_EMULATE: tl.constexpr, SAVE_LSE: tl.constexpr,
+    FP8_EMULATE: tl.constexpr, SAVE_LSE: tl.constexpr, HEDGEHOG: tl.constexpr = False,
+    MIX_ROWS: tl.constexpr = False,
 ):
     """One query tile: the sparse branch over its LUT row (online softmax in exp2; QK^T in INT8 and PV in
     FP8 for the low-bit modes), then the epilogue that finishes the linear branch from the routing
     block's state and mixes: O = alpha O_s + (1 - alpha) phi(Q) H_rest / den, in one MMA.  Writes 1/den
-    per row (for the backward) and, if SAVE_LSE, the log2-sum-exp of the 16-bit logits."""
+    per row (for the backward) and, if SAVE_LSE, the log2-sum-exp of the 16-bit logits.
+
+    phi(Q) is softmax over the head dim of the Q tile, or with HEDGEHOG read from PHI_Q (q_prepass).
+    alpha is ALPHA[h] (sigmoid of the head's logit, from the host), or with MIX_ROWS one per row from the
+    loop's own log-sum-exp, LSE_TAIL and the head's logit ALPHA[h] (:func:`row_mix_ratio`), stored in
+    ALPHA_ROWS when SAVE_LSE."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -310,15 +381,28 @@ def fwd_sparse_kernel(
     if QUANT == 2:
         v_scale = tl.maximum(tl.load(V_ABSMAX + bh * D + offs_d), 1e-8) / FP8_MAX
         o_s = o_s * (v_scale / FP8_MAX)[None, :]
+    # the log2-sum-exp of the loop's logits: LSE_sel of per-query mixing, in the frame of the loop's logits
+    # (K - mean(K) in the low-bit modes), the frame the tail launch gives LSE_tail in
+    lse = m_i + tl.log2(l_i)
+    if MIX_ROWS:
+        alpha = row_mix_ratio(lse, LSE_TAIL, tl.load(ALPHA + h), bh * N + rows, row_valid, has_lin)
+        if SAVE_LSE:
+            tl.store(ALPHA_ROWS + bh * N + rows, alpha, mask=row_valid)
+    else:
+        alpha = tl.load(ALPHA + h)
     if QUANT == 0:
         q16 = q
-    else:
+    elif SAVE_LSE or not HEDGEHOG:  # Hedgehog inference needs no 16-bit Q here: fewer registers
         q16 = common.load_rows(Q, rows, stride_qn, row_valid, D)
     if SAVE_LSE:
-        lse = m_i + tl.log2(l_i)
         if QUANT > 0:
             # the INT8 logits used K - mean(K); the 16-bit backward needs the LSE of the unshifted logits
             k_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
             lse += tl.sum(q16.to(tl.float32) * k_mean[None, :], axis=1) * qk_scale
         tl.store(LSE + bh * N + rows, lse, mask=row_valid)
-    mix_and_store(o_s, q16, ALPHA, H_REST, Z_REST, O, INV_DEN, h, bh, state, rows, row_valid, stride_on, N, has_lin, D)
+    if HEDGEHOG:
+        phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, row_valid, D).to(tl.float32)
+    else:
+        phi_q = common.phi(q16.to(tl.float32))
+    mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, state, rows, row_valid, stride_on, N, has_lin,
+                  D, MIX_ROWS)

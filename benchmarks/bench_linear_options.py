@@ -1,0 +1,185 @@
+"""What the linear branch's options cost in the Triton kernels: Hedgehog features and alpha per query.
+
+    python benchmarks/bench_linear_options.py [--topk 0.03 0.05] [--rep 100] [--out DIR] [--no-check]
+
+At (1, 12, 32760, 128) bf16 (Wan2.1-1.3B), for each top-k: the whole SLA2 op with softmax or Hedgehog
+features and alpha per head or per query, in 16 bits (``none``) and ``int8-fp8``, forward and forward +
+backward, beside cuDNN SDPA timed in the same run; each row's overhead is against softmax / per head in the
+same mode.  Then a per-kernel profile (torch.profiler) of Hedgehog / per query at the first top-k, which
+shows the feature pre-passes, the tail log-sum-exp launch and the feature-gradient GEMMs on their own (GPU
+ms per call of each kernel).
+Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
+Writes bench_linear_options.json and .md to --out (default $OUT or ./bench_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from slaconv.kernels import reference
+from slaconv.kernels import sla2_triton as S
+from slaconv.kernels.spec import AttentionSpec
+
+SHAPE = (1, 12, 32760, 128)
+OPTIONS = [("softmax", "head"), ("hedgehog", "head"), ("softmax", "query"), ("hedgehog", "query")]
+QUANTS = ("none", "int8-fp8")
+
+
+def make_inputs(b, h, n, d, seed=0):
+    """bf16 Q, K, V in (B, N, H, D), identity routers, alpha logits and Hedgehog weights (H, D, D/2)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    eye = torch.eye(d, device="cuda").repeat(h, 1, 1)
+    al = torch.randn(h, generator=g, device="cuda")
+    wq, wk = (torch.randn(h, d, d // 2, generator=g, device="cuda") / math.sqrt(d) for _ in range(2))
+    return q, k, v, eye, eye.clone(), al, wq, wk
+
+
+def run(tensors, topk, quant, feature, mixing):
+    q, k, v, rq, rk, al, wq, wk = tensors
+    weights = (wq, wk) if feature == "hedgehog" else (None, None)
+    return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout="bnhd",
+                                   feature_q=weights[0], feature_k=weights[1], mixing=mixing)
+
+
+def bench_forward(fn, rep):
+    return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+
+
+def bench_forward_backward(tensors, topk, quant, feature, mixing, go, rep):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    leaves[3], leaves[4] = tensors[3], tensors[4]  # the router gets no gradient
+
+    def step():
+        run(leaves, topk, quant, feature, mixing).backward(go)
+
+    grads = [t for i, t in enumerate(leaves) if i not in (3, 4)]
+    return triton.testing.do_bench(step, warmup=max(10, rep // 4), rep=2 * rep, grad_to_none=grads,
+                                   return_mode="median")
+
+
+def check_hedgehog(tensors, results):
+    """Hedgehog / per head against the reference on four query blocks, 16 bits and int8-fp8, at 97%."""
+    q, k, v, rq, rk, al, wq, wk = tensors
+    n = q.shape[1]
+    blocks = torch.tensor([0, 37, 128, reference.block_count(n, 128) - 1], device="cuda")
+    rows = (blocks.view(-1, 1) * 128 + torch.arange(128, device="cuda")).view(-1)
+    rows = rows[rows < n]
+    for quant in QUANTS:
+        out = run(tensors, 0.03, quant, "hedgehog", "head").transpose(1, 2)[:, :, rows]
+        ref = reference.sla2_attention_reference(*(t.transpose(1, 2) for t in (q, k, v)), rq, rk, al, topk=0.03,
+                                                 quant=quant, q_blocks=blocks, chunk_q_blocks=2, feature_q=wq,
+                                                 feature_k=wk)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        ok = err <= (1e-2 if quant == "none" else 5e-2)
+        results["check"].append(dict(quant=quant, rel_l2=err, ok=ok))
+        print(f"check hedgehog/head {quant}: rel_l2 {err:.2e} {'OK' if ok else 'FAIL'}")
+
+
+def sdpa_rows(tensors, go, rep):
+    q, k, v = (t.transpose(1, 2) for t in tensors[:3])
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        fwd = bench_forward(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rep)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+
+        def step():
+            torch.nn.functional.scaled_dot_product_attention(*leaves).backward(go.transpose(1, 2))
+
+        fb = triton.testing.do_bench(step, warmup=max(10, rep // 4), rep=2 * rep, grad_to_none=leaves,
+                                     return_mode="median")
+    return fwd, fb
+
+
+def kernel_times(label, fn, calls=3):
+    """GPU time per call of each kernel ``fn`` launches (torch.profiler), in ms, longest first; printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    # kernel events only: an operator's row would count its kernels a second time
+    times = {e.key: e.self_device_time_total / 1e3 / calls for e in prof.key_averages()
+             if e.device_type == DeviceType.CUDA}
+    times = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    print(f"--- GPU ms per call, {label}: total {sum(times.values()):.3f}")
+    for name, ms in times.items():
+        print(f"{ms:8.3f}  {name[:100]}")
+    return times
+
+
+def markdown(results):
+    lines = [f"{results['date']} {results['card']} torch {results['torch']} triton {results['triton']}",
+             f"command: {results['command']}", "",
+             f"cuDNN SDPA: forward {results['cudnn']['fwd']:.3f} ms, forward+backward {results['cudnn']['fb']:.3f} ms",
+             "", "| top-k | quant | features | alpha | fwd ms | vs softmax/head | x cuDNN | fwd+bwd ms | vs softmax/head "
+             "| x cuDNN |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['topk']} | {r['quant']} | {r['feature']} | {r['mixing']} | {r['fwd']:.3f} | "
+                     f"{100 * r['fwd_overhead']:+.1f}% | {r['x_cudnn_fwd']:.1f} | {r['fb']:.3f} | "
+                     f"{100 * r['fb_overhead']:+.1f}% | {r['x_cudnn_fb']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--topk", type=float, nargs="+", default=[0.03, 0.05], help="top-k fractions (97%%, 95%%)")
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    results = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), shape=SHAPE,
+                   check=[], rows=[], profile={})
+    tensors = make_inputs(*SHAPE, seed=2)
+    go = torch.randn_like(tensors[0])
+    if not args.no_check:
+        check_hedgehog(tensors, results)
+    cudnn_fwd, cudnn_fb = sdpa_rows(tensors, go, args.rep)
+    results["cudnn"] = dict(fwd=cudnn_fwd, fb=cudnn_fb)
+    print(f"cuDNN SDPA: fwd {cudnn_fwd:.3f} ms, fwd+bwd {cudnn_fb:.3f} ms")
+    for topk in args.topk:
+        for quant in QUANTS:
+            base = None
+            for feature, mixing in OPTIONS:
+                fwd = bench_forward(lambda: run(tensors, topk, quant, feature, mixing), args.rep)  # noqa: B023
+                fb = bench_forward_backward(tensors, topk, quant, feature, mixing, go, args.rep)
+                base = base or (fwd, fb)
+                row = dict(topk=topk, quant=quant, feature=feature, mixing=mixing, fwd=fwd, fb=fb,
+                           fwd_overhead=fwd / base[0] - 1, fb_overhead=fb / base[1] - 1,
+                           x_cudnn_fwd=cudnn_fwd / fwd, x_cudnn_fb=cudnn_fb / fb)
+                results["rows"].append(row)
+                print(json.dumps(row))
+                torch.cuda.empty_cache()
+    topk = args.topk[0]
+    results["profile"]["fwd hedgehog/query"] = kernel_times(
+        "forward, hedgehog / query", lambda: run(tensors, topk, "none", "hedgehog", "query"))
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    results["profile"]["fwd+bwd hedgehog/query"] = kernel_times(
+        "forward + backward, hedgehog / query",
+        lambda: run(leaves, topk, "none", "hedgehog", "query").backward(go))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_linear_options.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out / "bench_linear_options.md").write_text(table + "\n")
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

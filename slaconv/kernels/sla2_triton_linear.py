@@ -1,0 +1,69 @@
+"""Host side of the linear branch's two options in the Triton kernels: the Hedgehog feature map and
+alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its launches.
+
+* **Hedgehog** ``phi(x) = [softmax(x W), softmax(-x W)]`` with W (H, D, D/2) per head.  The kernels take
+  the signed stack ``[W, -W]`` (H, D, D) in the input dtype, so one MMA per tile gives both halves' logits
+  (:func:`signed_weights`).  Their backward's linear launches form dX with one more MMA per tile and also
+  write the gradient of the stacked logits; the stack's gradient, a reduction over every token, is a
+  batched GEMM here (:func:`signed_weight_grad`).
+* **Per-query mixing**: ``alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit_h)``.  The sparse launch
+  has LSE_sel (its own running max and sum); LSE_tail, over the key blocks a row's query block did not
+  select, comes from ``tail_lse_kernel`` (:func:`tail_lse`), one pass of 1/block_k the cost of a dense
+  Q K^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import sla2_triton_forward as forward_kernels
+
+__all__ = ["MIXINGS", "check_mixing", "signed_weights", "signed_weight_grad", "tail_lse"]
+
+MIXINGS = ("head", "query")
+"""How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
+
+TAIL_CHUNK = 64  # key blocks per MMA step of tail_lse_kernel
+
+
+def check_mixing(mixing: str) -> None:
+    """Raise ``ValueError`` unless ``mixing`` is one of :data:`MIXINGS`."""
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+
+
+def signed_weights(weight: torch.Tensor, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Hedgehog weights (H, D, D/2) -> the kernels' signed stack ``[W, -W]`` (H, D, D), contiguous in
+    ``dtype``; differentiable, so the stack's gradient reaches ``weight``."""
+    if tuple(weight.shape) != (heads, head_dim, head_dim // 2):
+        raise ValueError(f"hedgehog feature weights must be (H, D, D/2) = ({heads}, {head_dim}, {head_dim // 2}), "
+                         f"got {tuple(weight.shape)}")
+    return torch.cat([weight, -weight], dim=-1).to(dtype).contiguous()
+
+
+def signed_weight_grad(x: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+    """The signed stack's gradient sum_b x^T dlogits (H, D, D), fp32, from the gradient of the stacked logits
+    ``x [W, -W]`` (``dlogits`` (B, H, N, D), contiguous).  ``x`` is a (B, H, N, D) view of a user tensor:
+    one batched GEMM per batch entry reads it through its strides (a (B, H) batch of a (B, N, H, D) tensor
+    does not flatten, and torch.matmul would copy it)."""
+    return sum(torch.bmm(x[b].transpose(1, 2), dlogits[b]).float() for b in range(x.shape[0]))
+
+
+def tail_lse(q, q_strides, k_mean, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
+             tile_m: int, launch_options: dict, k_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
+    not select, log2-sum-exp of q . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) the block
+    means, ``lut`` (B, H, nq, n_sel)); -inf where every block is selected.  Given ``k_sum`` (B*H, D), the
+    token sums of K, it is shifted into the low-bit sparse loop's frame (logits of K - mean(K))."""
+    bh, nk, d = k_mean.shape
+    nq, n_sel = lut.shape[-2:]
+    selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
+    selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
+    lse_tail = torch.empty(bh, n, device=q.device, dtype=torch.float32)
+    # every tile reads all block means: in Q's dtype that traffic halves, and they are MMA operands anyway
+    forward_kernels.tail_lse_kernel[(-(-n // tile_m), bh)](
+        q, k_mean.to(q.dtype), selected, k_mean if k_sum is None else k_sum, lse_tail, *q_strides, n, heads, nq,
+        nk, block_q, block_k, qk_scale, 1.0 / n,
+        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, SHIFTED=k_sum is not None, **launch_options,
+    )
+    return lse_tail
