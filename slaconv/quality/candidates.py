@@ -96,7 +96,8 @@ SMOKE = {"topks": [0.10], "seeds": [0, 1], "sample_topks": [0.10], "jobs": 2}
 
 
 def parse_definition(text: str) -> Candidate:
-    """``NAME:key=value,key=value`` (values parsed as YAML) -> a :class:`Candidate` with those overrides."""
+    """``NAME:key=value,key=value`` (values parsed as YAML, and numbers such as ``1e-5`` as numbers) -> a
+    :class:`Candidate` with those overrides."""
     name, sep, body = text.partition(":")
     if not sep or not name.strip():
         raise UsageError(f"--define {text!r}: expected NAME:key=value[,key=value]")
@@ -105,7 +106,13 @@ def parse_definition(text: str) -> Candidate:
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(f"--define {text!r}: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        overrides[key.strip()] = parsed
     return Candidate(name.strip(), overrides)
 
 
