@@ -31,6 +31,16 @@ def heldout_digest(hs: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def use_tf32(device: str) -> bool:
+    """On CUDA, TF32 matmuls (as the original was trained with): every row and the original's own scores run
+    with the same setting.  Returns whether it is on."""
+    if not str(device).startswith("cuda"):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def video_spec(job: dict):
     """The spec the original was trained on, with the job's frame count."""
     import dataclasses
@@ -58,6 +68,7 @@ def run_row(job: dict, log=print) -> dict:
     timer = common.Timer()
     folder = Path(job["folder"])
     work, recipe, data = folder / "work", job["recipe"], job["data"]
+    use_tf32(job["device"])
     cli = SlaconvCLI(False, job["device"], log)
     conv = cli("convert", job["model"], "-o", str(work), "--recipe", recipe, "--data", data, "--overwrite")
     stages: dict = {}

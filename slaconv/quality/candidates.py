@@ -50,7 +50,7 @@ import yaml
 from slaconv.errors import RecipeError, UsageError
 from slaconv.quality import candidate_report, common
 from slaconv.quality import synthvideo as sv
-from slaconv.quality.candidate_row import score
+from slaconv.quality.candidate_row import score, use_tf32
 from slaconv.quality.command_line import fraction, one_line_errors, positive_float, positive_int
 from slaconv.quality.table import check_inputs, write_recipe
 from slaconv.quality.table_settings import table_settings
@@ -75,11 +75,17 @@ class Candidate:
         return {**dataclasses.asdict(self), "overrides": dict(self.overrides)}
 
 
+REFERENCE_PATH = {"calibration.stage2.gradient_checkpointing": True}
+"""The hedgehog map runs the PyTorch reference on the GPU, whose dense (N x N) intermediates for 8,192 tokens at
+batch 4 would hold ~100 GB for the backward pass; checkpointing recomputes them per block instead.  It changes
+memory and time, not the arithmetic of the budget (steps, batch, lr, data)."""
+
 CANDIDATES = {c.name: c for c in (
     Candidate("paper"),
-    Candidate("hedgehog", {"sla2.feature_map": "hedgehog"}, slots=3),
+    Candidate("hedgehog", {"sla2.feature_map": "hedgehog", **REFERENCE_PATH}, slots=6),
     Candidate("query-alpha", {"sla2.mixing": "query"}),
-    Candidate("hedgehog+query-alpha", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query"}, slots=3),
+    Candidate("hedgehog+query-alpha", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query", **REFERENCE_PATH},
+              slots=6),
     Candidate("uneven-budget", {"sla2.budget": "per_layer"}),
     Candidate("sparse-only", pin_alpha=True),
     Candidate("heuristic-router", stage1=False),
@@ -138,20 +144,26 @@ def candidate_recipe(path: Path, settings: dict, spec, candidate: Candidate, top
 
 def run_jobs(jobs: list[dict], slots: int, deadline: float | None, log) -> dict[str, str]:
     """Run every job as a process, at most ``slots`` job slots at once, in order; returns each job's end state
-    (``done``, ``failed: ...``, ``cut by the time box`` or ``not started``)."""
-    pending, running, state = list(jobs), {}, {}
+    (``done``, ``failed: ...``, ``cut by the time box`` or ``not started``).  Past ``deadline`` (monotonic
+    seconds) the running jobs are ended; a job is not started when the median finished job would not end by it."""
+    pending, running, state, durations = list(jobs), {}, {}, []
     while pending or running:
         now = time.monotonic()
+        # a row that would not end in time is not started: the median finished row's time must still fit
+        expected = sorted(durations)[len(durations) // 2] if durations else 0.0
+        if deadline is not None and pending and not running and now + expected > deadline:
+            now = deadline + 1
         if deadline is not None and now > deadline:
-            for job, (proc, _) in running.items():
+            for job, (proc, _, _) in running.items():
                 proc.terminate()
                 proc.wait()
                 state[job] = "cut by the time box"
             for job in pending:
                 state[job["id"]] = "not started"
             break
-        used = sum(job["slots"] for _, job in running.values())
-        while pending and (not running or used + pending[0]["slots"] <= slots):
+        used = sum(job["slots"] for _, job, _ in running.values())
+        while pending and (not running or used + pending[0]["slots"] <= slots) and (
+                deadline is None or now + expected <= deadline):
             job = pending.pop(0)
             folder = Path(job["folder"])
             folder.mkdir(parents=True, exist_ok=True)
@@ -159,12 +171,13 @@ def run_jobs(jobs: list[dict], slots: int, deadline: float | None, log) -> dict[
             with open(folder / "row.log", "w") as logfile:
                 proc = subprocess.Popen([sys.executable, "-m", "slaconv.quality.candidate_row",
                                          str(folder / "job.json")], stdout=logfile, stderr=subprocess.STDOUT)
-            running[job["id"]] = (proc, job)
+            running[job["id"]] = (proc, job, now)
             used += job["slots"]
             log(f"[start] {job['id']} ({len(running)} running)")
-        for job_id, (proc, job) in list(running.items()):
+        for job_id, (proc, job, started) in list(running.items()):
             if proc.poll() is not None:
                 del running[job_id]
+                durations.append(time.monotonic() - started)
                 tail = (Path(job["folder"]) / "row.log").read_text().strip().splitlines()
                 state[job_id] = "done" if proc.returncode == 0 else f"failed: {(tail or ['?'])[-1]}"
                 log(f"[{'end' if proc.returncode == 0 else 'FAILED'}] {job_id}: {state[job_id]}")
@@ -196,6 +209,7 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
                              dtype=torch.float32 if smoke else torch.float16, null_every=settings["calib_null_every"])
 
     dev = common.pick_device(device)
+    tf32 = use_tf32(str(dev))
     row_eval = {"model": str(model_dir), "frames": settings.get("frames"), "heldout_samples": settings["heldout_samples"],
                 "sample_per_class": settings["sample_per_class"], "sample_steps": settings["sample_steps"],
                 "guidance": settings["guidance"]}
@@ -203,29 +217,30 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
     torch.save(original.pop("samples"), out / "original_samples.pt")
 
     skipped, jobs = {}, []
-    for seed in settings["seeds"]:
-        plan = [(DENSE_CONTROL, 1.0)] + [(catalogue[n], t) for t in settings["topks"] for n in chosen]
-        for cand, topk in plan:
-            if cand.name in skipped:
-                continue
-            tag = "dense" if cand is DENSE_CONTROL else f"{round((1 - topk) * 100)}"
-            job_id = f"{cand.name}/{tag}/s{seed}"
-            recipe = out / "recipes" / f"{job_id.replace('/', '_')}.yaml"
-            reason = candidate_recipe(recipe, settings, spec, cand, topk, seed, objective)
-            if reason:
-                skipped[cand.name] = reason
-                log(f"[SKIPPED] candidate {cand.name}: {reason}")
-                continue
-            jobs.append({**row_eval, "id": job_id, "candidate": cand.name, "topk": topk, "seed": seed,
-                         "recipe": str(recipe), "data": str(data_dir), "device": str(dev),
-                         "folder": str(out / "rows" / job_id.replace("/", "_")), "stage1": cand.stage1,
-                         "pin_alpha": cand.pin_alpha, "slots": min(cand.slots, settings["jobs"]),
-                         "samples": cand is not DENSE_CONTROL and topk in settings["sample_topks"]})
+    # in the order a time box should keep them: the controls, then sparsity by sparsity (sparsest first), seeds
+    plan = [(DENSE_CONTROL, 1.0, seed) for seed in settings["seeds"]]
+    plan += [(catalogue[n], t, seed) for t in settings["topks"] for seed in settings["seeds"] for n in chosen]
+    for cand, topk, seed in plan:
+        if cand.name in skipped:
+            continue
+        tag = "dense" if cand is DENSE_CONTROL else f"{round((1 - topk) * 100)}"
+        job_id = f"{cand.name}/{tag}/s{seed}"
+        recipe = out / "recipes" / f"{job_id.replace('/', '_')}.yaml"
+        reason = candidate_recipe(recipe, settings, spec, cand, topk, seed, objective)
+        if reason:
+            skipped[cand.name] = reason
+            log(f"[SKIPPED] candidate {cand.name}: {reason}")
+            continue
+        jobs.append({**row_eval, "id": job_id, "candidate": cand.name, "topk": topk, "seed": seed,
+                     "recipe": str(recipe), "data": str(data_dir), "device": str(dev),
+                     "folder": str(out / "rows" / job_id.replace("/", "_")), "stage1": cand.stage1,
+                     "pin_alpha": cand.pin_alpha, "slots": min(cand.slots, settings["jobs"]),
+                     "samples": cand is not DENSE_CONTROL and topk in settings["sample_topks"]})
     log(f"[plan] {len(jobs)} rows, {settings['jobs']} job slots, skipped: {', '.join(skipped) or 'none'}")
     state = run_jobs(jobs, settings["jobs"], deadline, log)
     rows = [read_json(Path(j["folder"]) / "row.json") for j in jobs if state.get(j["id"]) == "done"]
     result = {
-        "settings": {**settings, "objective": objective, "smoke": smoke, "device": str(dev)},
+        "settings": {**settings, "objective": objective, "smoke": smoke, "device": str(dev), "tf32": tf32},
         "candidates": {n: catalogue[n].to_dict() for n in chosen}, "dense_control": DENSE_CONTROL.to_dict(),
         "skipped": skipped, "row_state": state, "model": str(model_dir), "spec": spec.to_dict(),
         "original": original, "seconds_total": None, "env": common.env_summary(),
