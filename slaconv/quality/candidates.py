@@ -51,7 +51,7 @@ from slaconv.errors import RecipeError, UsageError
 from slaconv.quality import candidate_report, common
 from slaconv.quality import synthvideo as sv
 from slaconv.quality.candidate_row import score, use_tf32
-from slaconv.quality.command_line import fraction, one_line_errors, positive_float, positive_int
+from slaconv.quality.command_line import add_model_arguments, fraction, one_line_errors, positive_float, positive_int
 from slaconv.quality.table import check_inputs, write_recipe
 from slaconv.quality.table_settings import table_settings
 from slaconv.recipe import load_recipe
@@ -255,10 +255,7 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
 @one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="the trained original (diffusers folder)")
-    ap.add_argument("--classifier", type=Path, help="folder written by slaconv.quality.train_classifier")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny settings for CPU tests")
+    add_model_arguments(ap)
     ap.add_argument("--candidates", help=f"comma-separated names (default: all of {', '.join(CANDIDATES)})")
     ap.add_argument("--define", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="a further candidate from dotted recipe keys, e.g. 'lr3:calibration.stage1.lr=3e-4'")
