@@ -1,13 +1,15 @@
 """How many key blocks each converted layer attends to exactly: the sparsity budget.
 
 ``sla2.budget: uniform`` gives every layer the recipe's ``topk``.  ``per_layer`` spends the same total number
-of key blocks unevenly: layers whose attention is diffuse get more, sharp layers fewer.  The statistic is the
+of key blocks unevenly: each block goes to the layer where it holds the most attention mass.  The statistic is the
 *oracle block mass curve* of each layer, measured at convert time on calibration samples with dense attention:
 for every query block, the full-attention probability mass that its ``c`` heaviest key blocks hold, averaged
 over the sampled query blocks, heads and samples, for ``c = 0 .. m`` (``m`` key blocks outside the always-kept
 range).  Each curve is concave (a row's blocks are summed in decreasing order, and an average of concave curves
 is concave), so greedily handing the next block to the layer whose mass gains most from it maximises the total
-mass the sparse branch keeps for the given number of blocks.  The allocation is stored as
+mass the sparse branches keep for the given number of blocks.  Which layers that favours depends on the budget:
+a layer whose first few blocks hold most of its mass gains little from more, a layer whose mass is spread evenly
+gains 1/m per block, and a layer in between gains most from its next blocks.  The allocation is stored as
 ``topk_per_layer`` (what the processors and kernels run with) and, with the curves' values at the chosen and at
 the uniform counts, as the work dir's ``budget`` record.
 """

@@ -117,7 +117,7 @@ class SLA2Settings(_Section):
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
     budget: str = field(default="uniform", metadata={WRITTEN_WHEN_SET: True})
     """``uniform``: every layer keeps ``topk``.  ``per_layer``: ``convert`` spends the same number of key blocks
-    unevenly, more where a layer's attention is diffuse (:mod:`slaconv.budget`), and stores the result as the
+    unevenly, each block where it holds the most attention mass (:mod:`slaconv.budget`), and stores the result as the
     work dir's per-layer top-k."""
 
     def __post_init__(self) -> None:

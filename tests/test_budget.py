@@ -62,7 +62,7 @@ def test_greedy_allocation_is_the_best_split_of_the_blocks():
             assert sum(float(curves[n][c]) for n, c in counts.items()) == pytest.approx(best, abs=1e-12)
 
 
-def test_diffuse_layers_get_more_blocks_sharp_ones_fewer_same_total():
+def test_blocks_go_where_the_next_block_holds_the_most_mass_same_total():
     m = 32
     diffuse = torch.linspace(0, 1, m + 1)  # every block holds 1/m
     sharp = concave_curve([0.6, 0.2] + [0.2 / (m - 2)] * (m - 2))
