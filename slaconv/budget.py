@@ -9,7 +9,10 @@ range).  Each curve is concave (a row's blocks are summed in decreasing order, a
 is concave), so greedily handing the next block to the layer whose mass gains most from it maximises the total
 mass the sparse branches keep for the given number of blocks.  Which layers that favours depends on the budget:
 a layer whose first few blocks hold most of its mass gains little from more, a layer whose mass is spread evenly
-gains 1/m per block, and a layer in between gains most from its next blocks.  The allocation is stored as
+gains 1/m per block, and a layer in between gains most from its next blocks.  ``per_layer_tail`` instead gives
+each layer blocks in proportion to the mass its uniform count leaves unselected: the more diffuse a layer, the
+more blocks, whatever they hold (it keeps less mass in all than greedy, by construction; it is the rule to
+test the hypothesis that diffuse layers need more).  The allocation is stored as
 ``topk_per_layer`` (what the processors and kernels run with) and, with the curves' values at the chosen and at
 the uniform counts, as the work dir's ``budget`` record.
 """
@@ -113,15 +116,43 @@ def measure_mass_curves(model, family, procs: dict, model_config: dict, recipe: 
     return {name: sums[name] / len(BUDGET_SIGMAS) for name in procs}
 
 
-def per_layer_budget(curves: dict[str, torch.Tensor], topk: float) -> tuple[dict[str, float], dict]:
-    """(``topk_per_layer`` fractions, the work dir's ``budget`` record) for the greedy allocation that spends
-    the blocks ``topk`` gives every layer.  A layer's fraction is its count over its ``m`` allocatable blocks,
-    which :func:`slaconv.kernels.reference.topk_count` turns back into the count exactly."""
+def tail_proportional_blocks(curves: dict[str, torch.Tensor], uniform: dict[str, int]) -> dict[str, int]:
+    """Key blocks per layer in proportion to the mass its ``uniform`` count leaves unselected (``1 - curve``),
+    rounded to the uniform total by handing the remaining blocks to the largest shortfalls, each within 1 ..
+    ``len(curve) - 1``: the more diffuse a layer's attention, the more blocks."""
+    total = sum(uniform.values())
+    tails = {name: max(1.0 - float(c[uniform[name]]), 1e-9) for name, c in curves.items()}
+    shares = {name: total * t / sum(tails.values()) for name, t in tails.items()}
+    limits = {name: len(c) - 1 for name, c in curves.items()}
+    counts = {name: min(max(int(share), 1), limits[name]) for name, share in shares.items()}
+    while sum(counts.values()) != total:  # one block at a time: to the largest shortfall, or from the largest excess
+        step = 1 if sum(counts.values()) < total else -1
+        movable = [n for n in curves if 1 <= counts[n] + step <= limits[n]]
+        name = max(movable, key=lambda n: step * (shares[n] - counts[n]))
+        counts[name] += step
+    return counts
+
+
+ALLOCATIONS = {
+    "per_layer": (STATISTIC + ", greedy marginal mass", lambda curves, uniform: allocate_blocks(
+        curves, sum(uniform.values()))),
+    "per_layer_tail": ("unselected oracle mass at the uniform count, blocks in proportion", tail_proportional_blocks),
+}
+"""``sla2.budget`` values other than ``uniform``: (what the allocation follows, the allocation)."""
+
+
+def per_layer_budget(curves: dict[str, torch.Tensor], topk: float,
+                     method: str = "per_layer") -> tuple[dict[str, float], dict]:
+    """(``topk_per_layer`` fractions, the work dir's ``budget`` record) for the allocation ``method`` (a key of
+    :data:`ALLOCATIONS`) of the blocks ``topk`` gives every layer.  A layer's fraction is its count over its
+    ``m`` allocatable blocks, which :func:`slaconv.kernels.reference.topk_count` turns back into the count
+    exactly."""
     uniform = {name: reference.topk_count(topk, len(c) - 1) for name, c in curves.items()}
-    counts = allocate_blocks(curves, sum(uniform.values()))
+    statistic, allocate = ALLOCATIONS[method]
+    counts = allocate(curves, uniform)
     fractions = {name: counts[name] / (len(curves[name]) - 1) for name in curves}
     record = {
-        "method": "per_layer", "statistic": STATISTIC, "sigmas": list(BUDGET_SIGMAS),
+        "method": method, "statistic": statistic, "sigmas": list(BUDGET_SIGMAS),
         "layers": {name: {"blocks": counts[name], "uniform_blocks": uniform[name], "key_blocks": len(c) - 1,
                           "mass_uniform": round(float(c[uniform[name]]), 4),
                           "mass_allocated": round(float(c[counts[name]]), 4)}

@@ -137,9 +137,9 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     procs = sla2_(net, attention, targets=s.targets, ignore=s.ignore, family=family,
                   **({"alpha_init": s.alpha_init} if fixed_alpha else {}))
     budget = None
-    if s.budget == "per_layer":  # before alpha: the initial alpha is the mass of each layer's own top-k
+    if s.budget != "uniform":  # before alpha: the initial alpha is the mass of each layer's own top-k
         curves = measure_mass_curves(net, family, procs, source.config, recipe, data_dir, device)
-        per_layer, budget = per_layer_budget(curves, s.topk)
+        per_layer, budget = per_layer_budget(curves, s.topk, s.budget)
         attention = attention.replace(topk_per_layer=per_layer)
         for proc in procs.values():
             proc.config = attention

@@ -10,7 +10,7 @@ import torch
 
 import slaconv
 from helpers import fails, run, write_recipe
-from slaconv.budget import allocate_blocks, block_mass_curve, per_layer_budget
+from slaconv.budget import allocate_blocks, block_mass_curve, per_layer_budget, tail_proportional_blocks
 from slaconv.install import sla2_processors
 from slaconv.kernels import reference
 from slaconv.workdir import WorkDir
@@ -78,6 +78,22 @@ def test_blocks_go_where_the_next_block_holds_the_most_mass_same_total():
         assert reference.topk_count(fraction, m) == blocks[name]
 
 
+def test_tail_proportional_gives_diffuse_layers_more_same_total():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        curves = {f"l{i}": concave_curve((torch.rand(16, generator=g) ** (1 + 4 * i)).tolist()) for i in range(4)}
+        curves = {n: c / c[-1] for n, c in curves.items()}  # each row's mass sums to 1
+        uniform = dict.fromkeys(curves, 3)
+        counts = tail_proportional_blocks(curves, uniform)
+        assert sum(counts.values()) == 12 and all(1 <= c <= 16 for c in counts.values())
+        tails = {n: 1 - float(c[3]) for n, c in curves.items()}
+        for a, b in itertools.combinations(curves, 2):  # more left out at the uniform count: at least as many
+            if tails[a] > tails[b]:
+                assert counts[a] >= counts[b]
+        shares = {n: 12 * t / sum(tails.values()) for n, t in tails.items()}
+        assert all(abs(counts[n] - shares[n]) < 1 + 1e-9 for n in curves if shares[n] >= 1)
+
+
 def test_allocation_refuses_an_impossible_total():
     curves = {"a": concave_curve([0.5, 0.5]), "b": concave_curve([1.0])}
     with pytest.raises(ValueError, match="cannot spend 4 key blocks"):
@@ -90,14 +106,16 @@ def per_layer_recipe(tmp_path, **extra):
                                                 "data.width": 32, **extra})
 
 
-def test_convert_allocates_per_layer_and_the_work_dir_round_trips(tmp_path, tiny_wan_dir):
+@pytest.mark.parametrize("method", ["per_layer", "per_layer_tail"])
+def test_convert_allocates_per_layer_and_the_work_dir_round_trips(tmp_path, tiny_wan_dir, method):
     work = tmp_path / "w"
-    run("convert", tiny_wan_dir, "-o", work, "--recipe", per_layer_recipe(tmp_path))
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", per_layer_recipe(tmp_path, **{"sla2.budget": method}))
     stored = json.loads((work / "sla2_config.json").read_text())
     layers = stored["budget"]["layers"]
-    assert stored["budget"]["method"] == "per_layer" and set(layers) == set(stored["layers"])
+    assert stored["budget"]["method"] == method and set(layers) == set(stored["layers"])
     assert sum(x["blocks"] for x in layers.values()) == sum(x["uniform_blocks"] for x in layers.values()) == 2 * 2
-    assert sum(x["mass_allocated"] for x in layers.values()) >= sum(x["mass_uniform"] for x in layers.values())
+    if method == "per_layer":  # the most mass any split of these blocks keeps
+        assert sum(x["mass_allocated"] for x in layers.values()) >= sum(x["mass_uniform"] for x in layers.values())
     assert stored["topk_per_layer"] == {name: x["blocks"] / 8 for name, x in layers.items()}
 
     model = slaconv.from_pretrained(work)
@@ -110,7 +128,7 @@ def test_convert_allocates_per_layer_and_the_work_dir_round_trips(tmp_path, tiny
     assert (work / "sla2_config.json").read_text() == text
 
     shown = run("inspect", work).output
-    assert "budget per_layer" in shown
+    assert f"budget {method}" in shown
     assert all(f"({x['blocks']} blocks)" in shown for x in layers.values())
 
 

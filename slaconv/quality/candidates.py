@@ -9,7 +9,8 @@ stage-1 and stage-2 budget (steps, batch, lr, data, seed) at every sparsity and 
     hedgehog               sla2.feature_map: hedgehog (stage 1 learns the feature weights)
     query-alpha            sla2.mixing: query
     hedgehog+query-alpha   both
-    uneven-budget          sla2.budget: per_layer (the same key blocks in all, spent by oracle block mass)
+    uneven-budget          sla2.budget: per_layer (the same key blocks in all, each where it holds most mass)
+    uneven-budget-tail     sla2.budget: per_layer_tail (blocks in proportion to the mass left out: diffuse first)
     sparse-only            alpha pinned to 1 before and after stage 1
     heuristic-router       no stage 1: SLA's pooled router as convert leaves it
     dense control          (once per seed) top-k 1, alpha 1, bf16: the original fine-tuned by the same stage 2
@@ -87,6 +88,7 @@ CANDIDATES = {c.name: c for c in (
     Candidate("hedgehog+query-alpha", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query", **REFERENCE_PATH},
               slots=6),
     Candidate("uneven-budget", {"sla2.budget": "per_layer"}),
+    Candidate("uneven-budget-tail", {"sla2.budget": "per_layer_tail"}),
     Candidate("sparse-only", pin_alpha=True),
     Candidate("heuristic-router", stage1=False),
 )}
