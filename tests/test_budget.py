@@ -131,6 +131,10 @@ def test_convert_allocates_per_layer_and_the_work_dir_round_trips(tmp_path, tiny
     assert f"budget {method}" in shown
     assert all(f"({x['blocks']} blocks)" in shown for x in layers.values())
 
+    run("calibrate", work)  # both stages keep the allocation
+    after = json.loads((work / "sla2_config.json").read_text())
+    assert after["topk_per_layer"] == stored["topk_per_layer"] and after["budget"] == stored["budget"]
+
 
 def test_uniform_budget_writes_no_budget_record(tmp_path, tiny_wan_dir):
     work = tmp_path / "w"

@@ -11,6 +11,7 @@ seeds.  It writes ``row.json`` (per-triple losses, stage summaries, seconds) and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -43,8 +44,6 @@ def use_tf32(device: str) -> bool:
 
 def video_spec(job: dict):
     """The spec the original was trained on, with the job's frame count."""
-    import dataclasses
-
     spec, _ = common.trained_spec(Path(job["model"]))
     return dataclasses.replace(spec, frames=job["frames"]) if job.get("frames") else spec
 
