@@ -27,6 +27,10 @@ KERNEL_HEAD_DIMS = (64, 128)
 FEATURE_MAPS = ("softmax", "hedgehog")
 """The linear branch's feature map phi: softmax over the head dimension, or the learned Hedgehog map
 ``[softmax(x W), softmax(-x W)]`` with one (d, d/2) weight per head, untied for queries and keys."""
+BUDGETS = ("uniform", "per_layer", "per_layer_tail")
+"""How a recipe's ``topk`` is spent over the layers: the same in every layer, or allocated per layer at convert
+time from calibration samples (:mod:`slaconv.budget`): each block where it holds the most attention mass, or
+blocks in proportion to the mass a layer's uniform count leaves out."""
 ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
 MIXINGS = ("head", "query")

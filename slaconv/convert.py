@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import measure_mass_curves, per_layer_budget
 from .config import KERNEL_HEAD_DIMS
 from .errors import InputError
 from .families import detect_family
@@ -138,8 +139,18 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
     net = load_model(source, family, dtype=recipe.model.dtype, device=device)
     s = recipe.sla2
     fixed_alpha = s.alpha_init != "calibrate"
-    procs = sla2_(net, s.attention_config(), targets=s.targets, ignore=s.ignore, family=family,
+    attention = s.attention_config()
+    procs = sla2_(net, attention, targets=s.targets, ignore=s.ignore, family=family,
                   **({"alpha_init": s.alpha_init} if fixed_alpha else {}))
+    budget = None
+    if s.budget != "uniform":  # before alpha: the initial alpha is the mass of each layer's own top-k
+        curves = measure_mass_curves(net, family, procs, source.config, recipe, data_dir, device)
+        per_layer, budget = per_layer_budget(curves, s.topk, s.budget)
+        attention = attention.replace(topk_per_layer=per_layer)
+        for proc in procs.values():
+            proc.config = attention
+        logger.info("per-layer budget (key blocks): " + ", ".join(
+            f"{name} {x['blocks']}" for name, x in budget["layers"].items()))
     mass = None
     if fixed_alpha:
         alphas = {n: [s.alpha_init] * p.heads for n, p in procs.items()}
@@ -152,9 +163,9 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
                     f"(lowest layer {mass['lowest_layer']}: {mass['lowest_layer_mean']:.1%})")
     alpha_init["initial_alpha_logit"] = {name: [float(a) for a in p.alpha_logit.detach()] for name, p in procs.items()}
     layers = list(procs)
-    logger.info(f"SLA2 installed on {len(layers)} layers (top-k {s.topk}, quant {s.quant})")
-    config = new_config(attention=s.attention_config(), family=family, layers=layers, recipe_hash=recipe.hash(),
-                        base=base, alpha_init=alpha_init)
+    logger.info(f"SLA2 installed on {len(layers)} layers (top-k {s.topk}, {s.budget} budget, quant {s.quant})")
+    config = new_config(attention=attention, family=family, layers=layers, recipe_hash=recipe.hash(),
+                        base=base, alpha_init=alpha_init, budget=budget)
     with atomic_dir(out_dir) as tmp:
         work = WorkDir(tmp)
         work.save_model(net, family)
@@ -163,7 +174,8 @@ def convert(model: str, out_dir: Path, recipe: Recipe, *, subfolder=None, revisi
         work.write_recipe(recipe)
     logger.info(f"wrote {out_dir}")
     return {"work_dir": str(out_dir), "family": family.name, "layers": layers, "alpha": alphas,
-            "selected_mass": mass, "base_model": base}
+            "selected_mass": mass, "base_model": base, "topk_per_layer": dict(attention.topk_per_layer),
+            "budget": budget}
 
 
 def install_convert_only(model, family, config, attention, recipe: Recipe, model_config: dict, data_dir=None,

@@ -33,6 +33,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
     # a stale report's per-layer figures describe other weights: not shown beside these
     validation = {x["layer"]: x for x in report.get("layers", [])} if freshness.status != "stale" else {}
     initial_mass = ((config.alpha_init or {}).get("selected_mass") or {}).get("per_head", {})
+    allocated = (config.budget or {}).get("layers", {})
     layers = []
     for name in config.layers:
         logit = state.get(f"{name}.alpha_logit")
@@ -41,6 +42,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         layers.append({
             "layer": name,
             "topk": config.attention.topk_for(name),
+            "blocks": allocated.get(name, {}).get("blocks"),
             "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
             "initial_mass": (round(sum(initial_mass[name]) / len(initial_mass[name]), 4)
                              if initial_mass.get(name) else None),
@@ -56,6 +58,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         "base_model": config.base_model,
         "block_q": attention.block_q, "block_k": attention.block_k, "topk": attention.topk,
         "quant": attention.quant, "feature_map": attention.feature_map, "mixing": attention.mixing,
+        "budget": (config.budget or {}).get("method", "uniform"),
         "layers": layers,
         "calibration": config.calibration,
         "validation": config.validation,
@@ -70,9 +73,12 @@ def render(info: dict) -> str:
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
         f"feature map {info['feature_map']}, alpha per {info['mixing']}, {len(info['layers'])} SLA2 layers",
-        "",
     ]
-    rows = [[x["layer"], number(x["topk"]), number(x["sparsity"]), number(x["attention_rel_l2"]),
+    if info["budget"] != "uniform":
+        lines.append(f"budget {info['budget']}: each layer's top-k and key blocks allocated at convert")
+    lines.append("")
+    rows = [[x["layer"], number(x["topk"]) + (f" ({x['blocks']} blocks)" if x.get("blocks") else ""),
+             number(x["sparsity"]), number(x["attention_rel_l2"]),
              number(x.get("initial_mass")), number(x["router_moved"]),
              " ".join(f"{a:.2f}" for a in (x["alpha"] or [])) or "-"] for x in info["layers"]]
     lines += table(["layer", "topk", "sparsity", "rel. L2", "init mass", "router moved", "alpha per head"], rows)

@@ -92,3 +92,57 @@ def mask_image(path: Path, mask: torch.Tensor, title: str, scale: int | None = N
         draw.text((x, top + panel_h + 4), "key block ->", fill="black")
     _vertical_text(img, (4, top), axis_label)
     img.save(path)
+
+
+def line_chart(path: Path, x_labels: list[str], series: dict[str, list[tuple[float, float, float] | None]],
+               hlines: dict[str, float], title: str, x_title: str) -> None:
+    """One line per series over the categorical ``x_labels``, each point ``(value, low, high)`` drawn with an
+    interval bar (``None``: no point), and labelled horizontal reference lines; the y axis spans every value."""
+    colours = [COLOURS[j % len(COLOURS)] if j < len(COLOURS) else
+               ((37 * j) % 200, (91 * j) % 200, (151 * j) % 200) for j in range(len(series) + len(hlines))]
+    entries = [*series, *hlines]
+    left, right, top, plot_h, plot_w = 70, 20, 26 + LINE * len(entries), 260, max(360, 110 * len(x_labels))
+    width, height = left + plot_w + right, top + plot_h + 2 * LINE + 12
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 4), title, fill="black")
+    _legend(draw, left, 20, list(zip(colours, entries)))
+    values = [v for points in series.values() for p in points if p is not None for v in p] + list(hlines.values())
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    axis_y = top + plot_h
+
+    def y_of(v: float) -> float:
+        return axis_y - plot_h * (v - lo) / (hi - lo)
+
+    draw.line((left, top, left, axis_y), fill="black")
+    draw.line((left, axis_y, left + plot_w, axis_y), fill="black")
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        v = lo + frac * (hi - lo)
+        draw.text((4, y_of(v) - 6), f"{v:.4g}", fill="black")
+    step = plot_w / max(len(x_labels), 1)
+    for i, label in enumerate(x_labels):
+        draw.text((left + step * (i + 0.5) - 3 * len(label), axis_y + 4), label, fill="black")
+    for j, v in enumerate(hlines.values()):
+        colour = colours[len(series) + j]
+        for x in range(left, left + plot_w, 8):  # dashed
+            draw.line((x, y_of(v), x + 4, y_of(v)), fill=colour, width=2)
+    for j, points in enumerate(series.values()):
+        colour, offset = colours[j], (j - (len(series) - 1) / 2) * 4  # spread the bars of one label apart
+        xy = []
+        for i, point in enumerate(points):
+            if point is None:
+                continue
+            x = left + step * (i + 0.5) + offset
+            value, low, high = point
+            draw.line((x, y_of(low), x, y_of(high)), fill=colour, width=1)
+            draw.line((x - 3, y_of(low), x + 3, y_of(low)), fill=colour)
+            draw.line((x - 3, y_of(high), x + 3, y_of(high)), fill=colour)
+            xy.append((x, y_of(value)))
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+    draw.text((left + plot_w - 6 * len(x_title), height - LINE - 2), x_title, fill="black")
+    img.save(path)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .config import QUANT_MODES, ConfigError, SLA2Config
+from .config import BUDGETS, QUANT_MODES, ConfigError, SLA2Config
 from .errors import InputError, RecipeError
 from .utils.files import write_text_atomic
 from .utils.messages import first_line
@@ -118,6 +118,11 @@ class SLA2Settings(_Section):
     mass, the per-head alpha logit a log-scale correction of it)."""
     alpha_init: str | float = "calibrate"
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
+    budget: str = field(default="uniform", metadata={WRITTEN_WHEN_SET: True})
+    """``uniform``: every layer keeps ``topk``.  ``per_layer``: ``convert`` spends the same number of key blocks
+    unevenly, each block where it holds the most attention mass; ``per_layer_tail``: in proportion to the mass
+    the uniform count leaves out, more to diffuse layers (:mod:`slaconv.budget`).  Either is stored as the work
+    dir's per-layer top-k."""
 
     def __post_init__(self) -> None:
         for key in ("targets", "ignore"):
@@ -128,6 +133,9 @@ class SLA2Settings(_Section):
         _check(self.topk_per_layer is None or isinstance(self.topk_per_layer, Mapping),
                "sla2.topk_per_layer must be a mapping of layer name to top-k")
         self.attention_config()
+        _check(self.budget in BUDGETS, f"sla2.budget must be one of {BUDGETS}, got {self.budget!r}")
+        _check(self.budget == "uniform" or not self.topk_per_layer,
+               f"sla2.budget: {self.budget} allocates every layer's top-k itself; leave sla2.topk_per_layer empty")
         a = self.alpha_init
         _check(a == "calibrate" or (_is_number(a) and 0 < a < 1),
                f"sla2.alpha_init must be 'calibrate' or in (0, 1), got {a!r}")

@@ -50,7 +50,7 @@ _REQUIRED_KEYS = ("layers", "block_q", "block_k", "topk", "quant")
 # sla2_config.json's keys, in the order slaconv has always written them; the SLA2Config fields are the settings.
 _SETTINGS = ("block_q", "block_k", "topk", "topk_per_layer", "feature_map", "quant", "alpha_granularity")
 _RECORD_KEYS = ("format", "format_version", "slaconv_version", "family", "base_model", *_SETTINGS, "router",
-                "layers", "recipe_hash", "calibration", "validation", "alpha_init")
+                "layers", "recipe_hash", "calibration", "validation", "alpha_init", "budget")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,10 @@ class WorkDirConfig:
     """How convert set alpha: ``method`` and, for ``calibrate``, the ``selected_mass`` it measured."""
     calibration: dict | None = None
     validation: dict | None = None
+    budget: dict | None = None
+    """How ``convert`` allocated the per-layer top-k (``sla2.budget: per_layer``; see :mod:`slaconv.budget`):
+    ``method``, ``statistic`` and per layer the blocks chosen, the uniform count and the mass each holds.  None
+    (and absent from the file) for a uniform budget."""
     router: dict = field(default_factory=lambda: dict(ROUTER))
     extra: dict = field(default_factory=dict)
     """Keys this slaconv does not know (e.g. a hand-added ``license``), written back unchanged."""
@@ -79,10 +83,11 @@ class WorkDirConfig:
         values = {"format": FORMAT_NAME, "slaconv_version": self.slaconv_version, "family": self.family,
                   "base_model": self.base_model, "router": self.router, "layers": list(self.layers),
                   "recipe_hash": self.recipe_hash, "calibration": self.calibration,
-                  "validation": self.validation, "alpha_init": self.alpha_init, **settings}
+                  "validation": self.validation, "alpha_init": self.alpha_init, "budget": self.budget, **settings}
         out = {key: values[key] for key in _RECORD_KEYS}
-        if out["alpha_init"] is None:
-            del out["alpha_init"]
+        for optional in ("alpha_init", "budget"):  # absent unless set, as in the files of earlier slaconv
+            if out[optional] is None:
+                del out[optional]
         out.update((key, value) for key, value in settings.items() if key not in out)  # settings added later
         return {**out, **self.extra}
 
@@ -401,7 +406,7 @@ def apply_sla2_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
 
 
 def new_config(*, attention: SLA2Config, family: Family, layers: list[str], recipe_hash: str, base: dict,
-               alpha_init: dict) -> WorkDirConfig:
+               alpha_init: dict, budget: dict | None = None) -> WorkDirConfig:
     """The ``sla2_config.json`` record of a freshly converted model (no stage run yet)."""
     return WorkDirConfig(attention=attention, layers=tuple(layers), family=family.name, base_model=base,
-                         slaconv_version=__version__, recipe_hash=recipe_hash, alpha_init=alpha_init)
+                         slaconv_version=__version__, recipe_hash=recipe_hash, alpha_init=alpha_init, budget=budget)

@@ -270,6 +270,7 @@ def test_work_dir_written_by_earlier_slaconv_loads_bit_exact_and_rewrites_unchan
     assert config.attention == SLA2Config(topk=0.4, block_q=64, block_k=64, quant="int8-fp8")
     assert config.attention.mixing == "head" and "mixing" not in work.measured_settings()  # digests unchanged
     assert config.layers == ("blocks.0.attn1", "blocks.1.attn1") and config.extra == {"license": "apache-2.0"}
+    assert config.budget is None  # written before per-layer budgets: a uniform one, and it stays absent
     work.write_sla2_config(config)
     assert (calibrated / "sla2_config.json").read_text() == SLA2_CONFIG_0_1_0
 

@@ -79,3 +79,11 @@ def one_line_errors(main):
             raise SystemExit(exc.exit_code) from None
 
     return wrapper
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model, --classifier, --out and --smoke, as the drivers that convert the trained original take them."""
+    ap.add_argument("--model", required=True, type=Path, help="the trained original (diffusers folder)")
+    ap.add_argument("--classifier", type=Path, help="folder written by slaconv.quality.train_classifier")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings for CPU tests")

@@ -46,7 +46,14 @@ import yaml
 from slaconv.errors import InputError, UsageError
 from slaconv.quality import common, metrics, report
 from slaconv.quality import synthvideo as sv
-from slaconv.quality.command_line import fraction, non_negative_float, one_line_errors, positive_float, positive_int
+from slaconv.quality.command_line import (
+    add_model_arguments,
+    fraction,
+    non_negative_float,
+    one_line_errors,
+    positive_float,
+    positive_int,
+)
 from slaconv.quality.scoring import Evaluator
 from slaconv.quality.slaconv_cli import SlaconvCLI, StepFailed, stage_summary
 from slaconv.quality.table_settings import table_settings
@@ -291,10 +298,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 @one_line_errors
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="the trained original (diffusers folder)")
-    ap.add_argument("--classifier", type=Path, help="folder written by slaconv.quality.train_classifier")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny settings for CPU tests")
+    add_model_arguments(ap)
     ap.add_argument("--objective", choices=["distill", "diffusion"], default="distill")
     ap.add_argument("--topk", type=fraction, action="append", help="override the sparsities (repeat)")
     ap.add_argument("--stage1-steps", type=positive_int)

@@ -1,0 +1,81 @@
+"""The candidate comparison (slaconv.quality.candidates) end to end at smoke size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from slaconv.errors import UsageError
+from slaconv.quality import candidates, common, metrics
+from slaconv.quality import synthvideo as sv
+from slaconv.quality.candidate_row import heldout_digest
+from slaconv.quality.tail_report import paired_bootstrap
+
+
+@pytest.fixture(scope="module")
+def smoke_original(tmp_path_factory):
+    """An untrained smoke-size DiT with the training summary and a judge of the same videos."""
+    root = tmp_path_factory.mktemp("original")
+    common.build_model(common.SMOKE_MODEL_CONFIG).save_pretrained(root / "model")
+    (root / "train_summary.json").write_text(json.dumps({"spec": sv.SMOKE_SPEC.to_dict(),
+                                                         "settings": {"cond_dropout": 0.1}}))
+    metrics.save_classifier(metrics.FrameClassifier(), root / "clf", {"summary": {"spec": sv.SMOKE_SPEC.to_dict()}})
+    return root
+
+
+def test_comparison_end_to_end(smoke_original, tmp_path):
+    out = tmp_path / "cmp"
+    extra = candidates.parse_definition("slow-router:calibration.stage1.lr=1e-5")
+    res = candidates.run(smoke_original / "model", out, classifier_dir=smoke_original / "clf", smoke=True,
+                         settings_override={"seeds": [0]},
+                         names=["paper", "query-alpha", "slow-router"], defined=[extra], device="cpu",
+                         log=lambda *_: None)
+    assert json.loads((out / "results.json").read_text())["skipped"] == res["skipped"]
+    assert (out / "loss_vs_sparsity.png").stat().st_size > 0
+    # a setting the installed schema rejects: skipped, and said so at the top of results.md
+    assert "sla2.mixing" in res["skipped"]["query-alpha"]
+    md = (out / "results.md").read_text()
+    assert md.index("**Skipped candidates**") < md.index("## Held-out loss") and "**query-alpha**" in md
+    assert res["row_state"] == {"dense control/dense/s0": "done", "paper/90/s0": "done",
+                                "slow-router/90/s0": "done"}
+
+    # every row was scored on the original's triples, and its intervals pair those triples
+    hs = metrics.heldout_set(sv.SMOKE_SPEC, res["settings"]["heldout_samples"])
+    assert res["original"]["heldout_digest"] == heldout_digest(hs)
+    base = torch.tensor(res["original"]["heldout_losses"], dtype=torch.float64)
+    rows = {r["id"]: r for r in res["rows"]}
+    control = torch.tensor(rows["dense control/dense/s0"]["heldout_losses"], dtype=torch.float64)
+    for name in ("paper/90/s0", "slow-router/90/s0"):
+        row = rows[name]
+        assert row["same_triples"] and row["heldout_digest"] == heldout_digest(hs)
+        est = torch.tensor(row["heldout_losses"], dtype=torch.float64)
+        assert row["vs_original"] == paired_bootstrap(est, base)
+        assert row["vs_control"] == paired_bootstrap(est, control)
+        lo, hi = row["vs_original"]["ratio_ci"]
+        assert lo <= row["vs_original"]["ratio"] <= hi
+        assert row["samples"]["psnr"] is not None and 0 <= row["samples"]["accuracy"] <= 1
+    assert "vs_control" not in rows["dense control/dense/s0"]
+    assert rows["slow-router/90/s0"]["calibration"]["stage1"]["lr"] == 1e-5  # the override reached the CLI
+    assert {(e["candidate"], e["topk"]) for e in res["summary"]} == {
+        ("dense control", 1.0), ("paper", 0.10), ("slow-router", 0.10)}
+
+
+def test_time_box_and_failures_are_reported(tmp_path):
+    job = {"id": "broken/90/s0", "folder": str(tmp_path / "broken"), "slots": 1}
+    state = candidates.run_jobs([job, {**job, "id": "later/90/s0", "folder": str(tmp_path / "later")}], 1,
+                                time.monotonic() + 60, lambda *_: None)
+    assert state["broken/90/s0"].startswith("failed: ") and state["later/90/s0"].startswith("failed: ")
+    assert candidates.run_jobs([job], 1, time.monotonic() - 1, lambda *_: None) == {"broken/90/s0": "not started"}
+
+
+def test_definitions_and_names_are_checked(smoke_original, tmp_path):
+    c = candidates.parse_definition("mine:sla2.feature_map=hedgehog, calibration.stage1.steps=3")
+    assert c.name == "mine" and c.overrides == {"sla2.feature_map": "hedgehog", "calibration.stage1.steps": 3}
+    with pytest.raises(UsageError, match="expected NAME:key=value"):
+        candidates.parse_definition("no-colon")
+    with pytest.raises(UsageError, match="unknown candidate 'nope'"):
+        candidates.run(smoke_original / "model", tmp_path, smoke=True, names=["nope"], device="cpu",
+                       log=lambda *_: None)
