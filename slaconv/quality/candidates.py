@@ -76,17 +76,11 @@ class Candidate:
         return {**dataclasses.asdict(self), "overrides": dict(self.overrides)}
 
 
-REFERENCE_PATH = {"calibration.stage2.gradient_checkpointing": True}
-"""The hedgehog map runs the PyTorch reference on the GPU, whose dense (N x N) intermediates for 8,192 tokens at
-batch 4 would hold ~100 GB for the backward pass; checkpointing recomputes them per block instead.  It changes
-memory and time, not the arithmetic of the budget (steps, batch, lr, data)."""
-
 CANDIDATES = {c.name: c for c in (
     Candidate("paper"),
-    Candidate("hedgehog", {"sla2.feature_map": "hedgehog", **REFERENCE_PATH}, slots=6),
+    Candidate("hedgehog", {"sla2.feature_map": "hedgehog"}),
     Candidate("query-alpha", {"sla2.mixing": "query"}),
-    Candidate("hedgehog+query-alpha", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query", **REFERENCE_PATH},
-              slots=6),
+    Candidate("hedgehog+query-alpha", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query"}),
     Candidate("uneven-budget", {"sla2.budget": "per_layer"}),
     Candidate("uneven-budget-tail", {"sla2.budget": "per_layer_tail"}),
     Candidate("sparse-only", pin_alpha=True),
