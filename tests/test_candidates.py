@@ -29,16 +29,17 @@ def smoke_original(tmp_path_factory):
 def test_comparison_end_to_end(smoke_original, tmp_path):
     out = tmp_path / "cmp"
     extra = candidates.parse_definition("slow-router:calibration.stage1.lr=1e-5")
+    unknown = candidates.parse_definition("tail-sampler:sla2.tail_sampler=pooled")
     res = candidates.run(smoke_original / "model", out, classifier_dir=smoke_original / "clf", smoke=True,
                          settings_override={"seeds": [0]},
-                         names=["paper", "query-alpha", "slow-router"], defined=[extra], device="cpu",
+                         names=["paper", "tail-sampler", "slow-router"], defined=[extra, unknown], device="cpu",
                          log=lambda *_: None)
     assert json.loads((out / "results.json").read_text())["skipped"] == res["skipped"]
     assert (out / "loss_vs_sparsity.png").stat().st_size > 0
     # a setting the installed schema rejects: skipped, and said so at the top of results.md
-    assert "sla2.mixing" in res["skipped"]["query-alpha"]
+    assert "sla2.tail_sampler" in res["skipped"]["tail-sampler"]
     md = (out / "results.md").read_text()
-    assert md.index("**Skipped candidates**") < md.index("## Held-out loss") and "**query-alpha**" in md
+    assert md.index("**Skipped candidates**") < md.index("## Held-out loss") and "**tail-sampler**" in md
     assert res["row_state"] == {"dense control/dense/s0": "done", "paper/90/s0": "done",
                                 "slow-router/90/s0": "done"}
 
