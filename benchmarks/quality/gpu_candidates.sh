@@ -2,7 +2,8 @@
 # The candidate comparison on one CUDA GPU, time-boxed to fit one 10-minute call: the shipped checkpoint
 # (benchmarks/quality/checkpoint/, or MODEL= and CLASSIFIER=) converted by the real CLI once per candidate,
 # sparsity and seed, rows running as parallel processes that share the GPU; then its headline files
-# (results.md, results.json, loss_vs_sparsity.png, candidates.log) copied flat into $OUT (default ./candidates_out).
+# (results.md, results.json, loss_vs_sparsity.png, candidates.log, row_logs.txt) copied flat into $OUT
+# (default ./candidates_out).
 #
 #   source benchmarks/gpu_setup.sh; bash benchmarks/quality/gpu_candidates.sh
 #
@@ -27,6 +28,8 @@ for f in results.md results.json loss_vs_sparsity.png; do
   [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT/"
 done
 cp "$WORK.log" "$OUT/candidates.log"
+# every row's own log in one file, so a slow or failed row can be read afterwards
+find "$WORK" -name row.log -print0 2>/dev/null | sort -z | xargs -0 -r tail -n 40 > "$OUT/row_logs.txt"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >> "$OUT/candidates.log" 2>/dev/null
 echo "candidates rc $rc"
 head -60 "$WORK/results.md" 2>/dev/null || tail -30 "$WORK.log"
