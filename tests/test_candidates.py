@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -70,6 +71,17 @@ def test_time_box_and_failures_are_reported(tmp_path):
                                 time.monotonic() + 60, lambda *_: None)
     assert state["broken/90/s0"].startswith("failed: ") and state["later/90/s0"].startswith("failed: ")
     assert candidates.run_jobs([job], 1, time.monotonic() - 1, lambda *_: None) == {"broken/90/s0": "not started"}
+
+
+def test_row_end_states_name_the_cause(tmp_path):
+    log = tmp_path / "row.log"
+    log.write_text("  $ slaconv convert ...  -> exit 0, 1.0 s\nerror: the recipe is invalid\n")
+    assert candidates.end_state(0, log) == "done"
+    assert candidates.end_state(2, log) == "failed: exit 2: error: the recipe is invalid"
+    assert candidates.end_state(-9, log) == "failed: killed by signal 9 (out of memory?)"
+    assert candidates.end_state(-15, tmp_path / "missing.log") == "failed: killed by signal 15"
+    env = candidates.row_environment(4)
+    assert int(env["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 4)
 
 
 def test_definitions_and_names_are_checked(smoke_original, tmp_path):

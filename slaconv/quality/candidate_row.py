@@ -69,15 +69,23 @@ def run_row(job: dict, log=print) -> dict:
     work, recipe, data = folder / "work", job["recipe"], job["data"]
     use_tf32(job["device"])
     cli = SlaconvCLI(False, job["device"], log)
+
+    def step(what: str) -> None:  # a line before each step, so a slow or stuck row shows where it is
+        log(f"[{timer():.0f} s] {what}")
+
+    step("convert")
     conv = cli("convert", job["model"], "-o", str(work), "--recipe", recipe, "--data", data, "--overwrite")
     stages: dict = {}
     if job["pin_alpha"]:
         edit_sla2_state(work, alpha_logit=PIN)
     if job["stage1"]:
+        step("stage 1")
         stages.update(stage_summary(cli("calibrate", str(work), "--data", data, "--stage", "1", "--recipe", recipe)))
         if job["pin_alpha"]:
             edit_sla2_state(work, alpha_logit=PIN)  # stage 1 moved it by at most steps x lr; pin it again
+    step("stage 2")
     stages.update(stage_summary(cli("calibrate", str(work), "--data", data, "--stage", "2", "--recipe", recipe)))
+    step("score")
     device = common.pick_device(job["device"])
     result = score(load_sla2(work, device), job, device)
     samples = result.pop("samples", None)
@@ -88,6 +96,7 @@ def run_row(job: dict, log=print) -> dict:
            "topk_per_layer": conv.get("topk_per_layer") or {}, "budget": conv.get("budget"),
            "calibration": stages, "cli_calls": cli.calls, "seconds": round(timer(), 1)}
     common.write_json(folder / "row.json", row)
+    step("done")
     return row
 
 

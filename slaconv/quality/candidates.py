@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,25 @@ def candidate_recipe(path: Path, settings: dict, spec, candidate: Candidate, top
     return None
 
 
+def row_environment(slots: int) -> dict[str, str]:
+    """The environment of a row process: its share of the CPU threads, so that ``slots`` processes' intra-op
+    thread pools do not oversubscribe the cores (each would otherwise start one thread per core)."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, slots)))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+
+
+def end_state(returncode: int, row_log: Path) -> str:
+    """``done``, or ``failed: ...`` with the row log's last line; a row killed by a signal says which (SIGKILL
+    is what the kernel's out-of-memory killer sends)."""
+    if returncode == 0:
+        return "done"
+    if returncode < 0:
+        hint = " (out of memory?)" if returncode == -9 else ""
+        return f"failed: killed by signal {-returncode}{hint}"
+    tail = row_log.read_text().strip().splitlines() if row_log.exists() else []
+    return f"failed: exit {returncode}: {(tail or ['?'])[-1].strip()}"
+
+
 def run_jobs(jobs: list[dict], slots: int, deadline: float | None, log) -> dict[str, str]:
     """Run every job as a process, at most ``slots`` job slots at once, in order; returns each job's end state
     (``done``, ``failed: ...``, ``cut by the time box`` or ``not started``).  Past ``deadline`` (monotonic
@@ -166,7 +186,8 @@ def run_jobs(jobs: list[dict], slots: int, deadline: float | None, log) -> dict[
             common.write_json(folder / "job.json", job)
             with open(folder / "row.log", "w") as logfile:
                 proc = subprocess.Popen([sys.executable, "-m", "slaconv.quality.candidate_row",
-                                         str(folder / "job.json")], stdout=logfile, stderr=subprocess.STDOUT)
+                                         str(folder / "job.json")], stdout=logfile, stderr=subprocess.STDOUT,
+                                        env=row_environment(slots))
             running[job["id"]] = (proc, job, now)
             used += job["slots"]
             log(f"[start] {job['id']} ({len(running)} running)")
@@ -174,9 +195,9 @@ def run_jobs(jobs: list[dict], slots: int, deadline: float | None, log) -> dict[
             if proc.poll() is not None:
                 del running[job_id]
                 durations.append(time.monotonic() - started)
-                tail = (Path(job["folder"]) / "row.log").read_text().strip().splitlines()
-                state[job_id] = "done" if proc.returncode == 0 else f"failed: {(tail or ['?'])[-1]}"
-                log(f"[{'end' if proc.returncode == 0 else 'FAILED'}] {job_id}: {state[job_id]}")
+                state[job_id] = end_state(proc.returncode, Path(job["folder"]) / "row.log")
+                log(f"[{'end' if proc.returncode == 0 else 'FAILED'}] {job_id} after {durations[-1]:.0f} s: "
+                    f"{state[job_id]}")
         time.sleep(0.2)
     return state
 
