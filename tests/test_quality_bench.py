@@ -180,6 +180,34 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
             == settings["timestep_shift"])
 
 
+def test_design_choices_reach_every_converted_row_and_bad_ones_stop_the_table(tmp_path):
+    """--sla2 feature_map=hedgehog lands in the recipe of every row; a value the schema does not know, or a
+    key that is not a design choice, stops the table before any row with the reason."""
+    import yaml
+
+    from slaconv.quality import table as quality_table
+    from slaconv.quality.table_settings import table_settings
+
+    args = quality_table.argparse.Namespace(**{k: None for k in (
+        "topk", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_batch_size", "stage2_lr", "calib_shift",
+        "block_q", "guidance", "rows", "frames", "heldout_samples", "sample_steps", "sample_per_class",
+        "calib_samples")}, sla2=["feature_map=hedgehog", "mixing = query"])
+    over = quality_table.settings_from_args(args)
+    assert over["sla2"] == {"feature_map": "hedgehog", "mixing": "query"}
+    settings = table_settings(True, over)
+    recipe = yaml.safe_load(quality_table.write_recipe(tmp_path / "r.yaml", settings, sv.SMOKE_SPEC,
+                                                       topk=0.05).read_text())
+    assert recipe["sla2"]["feature_map"] == "hedgehog" and recipe["sla2"]["mixing"] == "query"
+    assert recipe["sla2"]["topk"] == 0.05
+    quality_table.check_sla2_choices(tmp_path / "ok.yaml", settings, sv.SMOKE_SPEC)
+    with pytest.raises(UsageError, match="--sla2: .*feature_map"):
+        quality_table.check_sla2_choices(tmp_path / "bad.yaml", table_settings(True, {"sla2": {"feature_map": "cosine"}}),
+                                         sv.SMOKE_SPEC)
+    for bad in ("topk=0.5", "feature_map", "feature_map="):
+        with pytest.raises(UsageError, match="--sla2"):
+            quality_table.sla2_setting(bad)
+
+
 def test_ssim_and_psnr():
     x = torch.rand(2, 4, 3, 32, 32) * 2 - 1
     assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-5)

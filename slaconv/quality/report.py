@@ -20,6 +20,12 @@ def accuracy_cell(row: dict) -> str:
     return f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
+def design(settings: dict) -> str:
+    """The converted rows' design choices (``--sla2``), or the paper's configuration."""
+    chosen = settings.get("sla2") or {}
+    return ", ".join(f"{k} {v}" for k, v in chosen.items()) or "the paper's (softmax feature map, alpha per head)"
+
+
 def markdown(result: dict) -> str:
     """results.md: the settings in one paragraph, the table of rows, the validate table and the samples."""
     s = result["settings"]
@@ -28,7 +34,7 @@ def markdown(result: dict) -> str:
         "# SLA2 quality benchmark (SynthVideo DiT)",
         "",
         f"{result['tokens_per_sample']:,} tokens/sample, blocks {s['block_q']}x{s['block_k']}, low-bit mode "
-        f"{s['quant']}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
+        f"{s['quant']}; design: {design(s)}; stage 1: {s['stage1']['steps']} steps (lr {s['stage1']['lr']}); stage 2: "
         f"{s['stage2']['steps']} steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']}, objective "
         f"{s['objective']}, calibration noise shift {s['stage2'].get('timestep_shift', s['timestep_shift'])}); "
         f"{s['calib_samples']} calibration videos (1 round of the classes in {s['calib_null_every']} with the null "

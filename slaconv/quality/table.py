@@ -96,9 +96,26 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
                       if isinstance(v, dict) and isinstance(ref[k], dict) and k != "topk_per_layer" else v)
         return out
 
+    known = keep_known(recipe, Recipe().to_dict())
+    # the design choices (--sla2) go in as given: the schema, not this filter, judges them (a recipe
+    # leaves out keys at their defaults, so the filter's reference does not list them)
+    known["sla2"].update(settings.get("sla2", {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(keep_known(recipe, Recipe().to_dict()), sort_keys=False))
+    path.write_text(yaml.safe_dump(known, sort_keys=False))
     return path
+
+
+def check_sla2_choices(path: Path, settings: dict, spec: sv.VideoSpec) -> None:
+    """Refuse ``--sla2`` choices the installed recipe schema rejects (a value it does not know) before any
+    row runs, with the schema's own message."""
+    from slaconv.errors import RecipeError
+    from slaconv.recipe import load_recipe
+
+    write_recipe(path, settings, spec, topk=settings["topks"][0])
+    try:
+        load_recipe(path)
+    except RecipeError as exc:
+        raise UsageError(f"--sla2: {exc}") from None
 
 
 def check_inputs(model_dir: Path, classifier_dir: Path | None, settings: dict, explicit_guidance: bool,
@@ -142,6 +159,9 @@ def run(model_dir: Path, out: Path, *, classifier_dir: Path | None = None, smoke
         f"{spec.min_objects}-{spec.max_objects}, glyph scale {spec.min_scale}-{spec.max_scale}; guidance "
         f"{settings['guidance']:g}")
     cli = SlaconvCLI(subprocess_mode, str(dev), log)
+    if settings.get("sla2"):
+        check_sla2_choices(out / "recipes" / "choices.yaml", settings, spec)
+        log(f"[sla2] every converted row: {', '.join(f'{k}={v}' for k, v in settings['sla2'].items())}")
 
     log(f"[data] {settings['calib_samples']} calibration videos -> {out / 'data'}")
     data_dir = out / "data"
@@ -292,7 +312,25 @@ def settings_from_args(args: argparse.Namespace) -> dict:
                 "calib_samples"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
+    if args.sla2:
+        over["sla2"] = dict(sla2_setting(text) for text in args.sla2)
     return over
+
+
+SLA2_ROW_KEYS = ("feature_map", "mixing", "budget")
+"""The ``sla2`` recipe keys ``--sla2`` may set: the design choices.  Top-k, blocks and quantisation are the
+table's own axes and have their own flags."""
+
+
+def sla2_setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--sla2`` -> (key, value), for one of :data:`SLA2_ROW_KEYS`."""
+    key, eq, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not eq or not value:
+        raise UsageError(f"--sla2 {text!r}: expected KEY=VALUE, e.g. feature_map=hedgehog")
+    if key not in SLA2_ROW_KEYS:
+        raise UsageError(f"--sla2 {text!r}: {key!r} is not one of {', '.join(SLA2_ROW_KEYS)}")
+    return key, value
 
 
 @one_line_errors
@@ -327,6 +365,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-steps", type=positive_int)
     ap.add_argument("--sample-per-class", type=positive_int)
     ap.add_argument("--calib-samples", type=positive_int)
+    ap.add_argument("--sla2", action="append", metavar="KEY=VALUE",
+                    help="a design choice for every converted row (repeat): feature_map=hedgehog, mixing=query, "
+                         "budget=per_layer; default: the paper's configuration")
     ap.add_argument("--subprocess", action="store_true", help="run `python -m slaconv` instead of in-process CliRunner")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,7 @@ def table_settings(smoke: bool, override: dict | None = None) -> dict:
     settings = copy.deepcopy(SMOKE_SETTINGS if smoke else GPU_SETTINGS)
     for key, value in (override or {}).items():
         if isinstance(value, dict):
-            settings[key].update(value)
+            settings.setdefault(key, {}).update(value)
         else:
             settings[key] = value
     return settings
