@@ -284,6 +284,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stage1-steps", type=positive_int)
     ap.add_argument("--stage2-steps", type=positive_int)
     ap.add_argument("--heldout-samples", type=positive_int)
+    ap.add_argument("--frames", type=positive_int,
+                    help="frames per video instead of the trained spec's (fewer: shorter sequences, faster rows)")
     ap.add_argument("--objective", choices=["diffusion", "distill"], default="diffusion",
                     help="stage 2's objective for every row (default diffusion: with distill the dense control "
                          "is the original itself)")
@@ -292,7 +294,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     over: dict = {"stage1": {}, "stage2": {}}
     for flag, key in (("topk", "topks"), ("seeds", "seeds"), ("sample_topk", "sample_topks"), ("jobs", "jobs"),
-                      ("heldout_samples", "heldout_samples")):
+                      ("heldout_samples", "heldout_samples"), ("frames", "frames")):
         if getattr(args, flag) is not None:
             over[key] = getattr(args, flag)
     for stage in ("stage1", "stage2"):
