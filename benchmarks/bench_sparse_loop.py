@@ -78,7 +78,7 @@ from slaconv.kernels import sla2_gluon as gluon_kernels
 from slaconv.kernels import sla2_triton as S
 from slaconv.kernels import sla2_triton_forward as forward_kernels
 from slaconv.kernels import sla2_triton_ws as ws_kernels
-from slaconv.kernels.launch import DEFAULT_LAUNCH
+from slaconv.kernels.launch import DEFAULT_LAUNCH, PLAIN_LAUNCH
 from slaconv.kernels.spec import AttentionSpec
 
 BLOCK_Q, BLOCK_K = 128, 64
@@ -167,7 +167,7 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     def op(launch):
         return lambda: S.forward(q, k, v, eye, eye, alpha_logit, spec, layout, False, launch)[0]
 
-    plain = captured_launches(op(DEFAULT_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])["fwd_sparse_kernel"]
+    plain = captured_launches(op(PLAIN_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])["fwd_sparse_kernel"]
     ws = captured_launches(op(WS_LAUNCH), [(ws_kernels, "psi_rows"), (ws_kernels, "fwd_sparse_ws_kernel")])
     lut = argument(plain, "LUT")
     if not torch.equal(lut, argument(ws["fwd_sparse_ws_kernel"], "LUT")):
@@ -190,7 +190,7 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
         ("warp-specialized sparse launch", ws_alone, lambda: bhnd(o_ws)),
         ("warp-specialized + psi row pass", ws_with_rows, lambda: bhnd(o_ws)),
     ]
-    whole_ops = [("SLA2 forward, whole op, plain", DEFAULT_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
+    whole_ops = [("SLA2 forward, whole op, plain", PLAIN_LAUNCH), ("SLA2 forward, whole op, sparse_ws=1", WS_LAUNCH)]
     if gluon:
         rows += gluon_rows(op(GLUON_LAUNCH), lut, allocate, bhnd)
         whole_ops.append(("SLA2 forward, whole op, sparse_gluon=1", GLUON_LAUNCH))
@@ -200,7 +200,7 @@ def sla2_rows(q, k, v, topk: float, layout: str, gluon: bool = True):
     def op_lowbit(launch):
         return lambda: S.forward(q, k, v, eye, eye, alpha_logit, spec_lowbit, layout, False, launch)[0]
 
-    plain_lowbit = captured_launches(op_lowbit(DEFAULT_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])
+    plain_lowbit = captured_launches(op_lowbit(PLAIN_LAUNCH), [(forward_kernels, "fwd_sparse_kernel")])
     plain_lowbit = plain_lowbit["fwd_sparse_kernel"]
     if not torch.equal(lut, argument(plain_lowbit, "LUT")):
         raise RuntimeError("the int8-fp8 forward built a different LUT")

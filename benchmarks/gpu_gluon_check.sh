@@ -3,11 +3,11 @@
 # compile-and-launch probe, its GPU tests (every schedule: one program per tile or persistent, serial or
 # overlapped loop; "none" and "int8-fp8"), then the sparse loop alone (plain / warp-specialized / five Gluon
 # schedules; plain and Gluon int8-fp8; the yardsticks) at (1, 12, 32760, 128), 97% and 90%, then the whole-op
-# forward at 97% with the default launch and with sparse_gluon=2 (the candidate default) against cuDNN and
-# Flash SDPA.  A failing step does not stop the ones after it.
+# forward at 97% with the plain launch (sparse_gluon=0) and with the default (sparse_gluon=2) against cuDNN
+# and Flash SDPA.  A failing step does not stop the ones after it.
 # Six files go to $OUT/gluon (default ./bench_out/gluon):
 #   check.log        everything printed, in order          pytest.log      the GPU tests' summary
-#   sparse_loop.md   sparse-loop table (.json beside it)    attention_default.md / attention_gluon.md
+#   sparse_loop.md   sparse-loop table (.json beside it)    attention_plain.md / attention_default.md
 #
 #   bash benchmarks/gpu_gluon_check.sh          # sources benchmarks/gpu_setup.sh itself
 source benchmarks/gpu_setup.sh
@@ -34,10 +34,10 @@ TMP=$(mktemp -d)
     | tee "$DIR/pytest.log" | grep -v "^  " | tail -60
   timeout 180 python3 benchmarks/bench_sparse_loop.py --topk 0.03 0.1 --reps 30 $SKIP_GLUON --out "$TMP/loop"
   cp "$TMP"/loop/sparse_loop.md "$TMP"/loop/sparse_loop.json "$DIR"/
-  launches=$([ -n "$SKIP_GLUON" ] && echo default || echo default gluon)
+  launches=$([ -n "$SKIP_GLUON" ] && echo plain || echo plain default)
   for launch in $launches; do
-    # sparse_gluon=2, the candidate default: Gluon for "none" and "int8-fp8", the plain launch for "int8"
-    config=$([ "$launch" = gluon ] && echo '{"sparse_gluon": 2}' || echo '')
+    # the default (sparse_gluon=2): Gluon for "none" and "int8-fp8", the plain launch for "int8"
+    config=$([ "$launch" = plain ] && echo '{"sparse_gluon": 0}' || echo '')
     timeout 40 python3 benchmarks/bench_attention.py --quick --no-check --topk 0.03 --rep 50 --config "$config" --out "$TMP/$launch"
     cp "$TMP/$launch/bench_attention.md" "$DIR/attention_$launch.md"
   done

@@ -31,9 +31,9 @@ reads zeros past N (TMA bounds) and stores nothing there; logits of keys past N 
 top-k are runtime values: a new resolution or sparsity never recompiles.  The descriptors live in global
 scratch from the allocator :func:`launch_sparse_gluon` installs (128 bytes each per program).
 
-Selected with ``LaunchConfig(sparse_gluon=1)``, where :func:`check_supported` raises
-:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run, or with
-``sparse_gluon=2`` where it :func:`applies` (the plain launch elsewhere).
+Selected by the default ``LaunchConfig(sparse_gluon=2)`` where it :func:`applies` (the plain launch
+elsewhere), or always with ``sparse_gluon=1``, where :func:`check_supported` raises
+:class:`GluonUnavailableError` for what the kernel does not compute or the device cannot run.
 Gluon kernels do not run under ``TRITON_INTERPRET``: CPU tests compile this one for sm_90a
 (``tests/test_kernel_codegen.py``) and the GPU tests compare it with the reference (``tests/test_kernels.py``).
 """
