@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slaconv.errors import UsageError
-from slaconv.quality import candidates, common, metrics
+from slaconv.quality import candidate_merge, candidates, common, metrics
 from slaconv.quality import synthvideo as sv
 from slaconv.quality.candidate_row import heldout_digest
 from slaconv.quality.tail_report import paired_bootstrap
@@ -92,3 +92,45 @@ def test_definitions_and_names_are_checked(smoke_original, tmp_path):
     with pytest.raises(UsageError, match="unknown candidate 'nope'"):
         candidates.run(smoke_original / "model", tmp_path, smoke=True, names=["nope"], device="cpu",
                        log=lambda *_: None)
+
+
+def test_runs_at_other_sparsities_merge_into_one_comparison(smoke_original, tmp_path, capsys):
+    """Two runs of one sparsity each become one table and plot with both sparsities and every statistic as its
+    run computed it; runs on another footing, or the same (candidate, sparsity) twice, stop with one line."""
+    runs = []
+    for topk in (0.1, 0.2):
+        out = tmp_path / f"top{topk}"
+        candidates.run(smoke_original / "model", out, classifier_dir=smoke_original / "clf", smoke=True,
+                       settings_override={"seeds": [0], "topks": [topk], "sample_topks": [topk]}, names=["paper"],
+                       device="cpu", log=lambda *_: None)
+        runs.append(json.loads((out / "results.json").read_text()))
+    merged_dir = tmp_path / "merged"
+    candidate_merge.main([str(tmp_path / "top0.1"), str(tmp_path / "top0.2" / "results.json"), "--out",
+                          str(merged_dir)])
+    merged = json.loads((merged_dir / "results.json").read_text())
+    entries = {(e["candidate"], e["topk"]): e for e in merged["summary"]}
+    assert set(entries) == {("dense control", 1.0), ("paper", 0.1), ("paper", 0.2)}
+    for run, topk in zip(runs, (0.1, 0.2)):
+        own = next(e for e in run["summary"] if e["candidate"] == "paper")
+        assert entries[("paper", topk)] == own and own["topk"] == topk and "vs_control" in own
+    assert entries[("dense control", 1.0)] == next(e for e in runs[0]["summary"] if e["candidate"] == "dense control")
+    ids = [r["id"] for r in merged["rows"]]
+    assert len(ids) == 4 and len(set(ids)) == 4 and "dense control/dense/s0 (run 2)" in ids
+    md = (merged_dir / "results.md").read_text()
+    assert "| candidate | 80% | 90% |" in md and md.count("| paper | 80% |") == 1  # both runs' samples
+    assert (merged_dir / "loss_vs_sparsity.png").stat().st_size > 0
+
+    def refused(*paths):
+        with pytest.raises(SystemExit) as exc:
+            candidate_merge.main([*map(str, paths), "--out", str(tmp_path / "refused")])
+        assert exc.value.code == 3
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        return err
+
+    other = dict(runs[1], settings={**runs[1]["settings"], "stage2": {**runs[1]["settings"]["stage2"], "steps": 7}})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "settings.stage2 differs" in refused(tmp_path / "top0.1", tmp_path / "other.json")
+    assert "paper at top-k 0.1 is in two runs" in refused(tmp_path / "top0.1", tmp_path / "top0.1" / "results.json")
+    assert "no results.json" in refused(tmp_path / "nowhere")
+    assert not (tmp_path / "refused").exists()

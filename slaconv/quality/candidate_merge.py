@@ -1,0 +1,115 @@
+"""Several candidate runs as one comparison: one table and one loss-vs-sparsity plot.
+
+    python -m slaconv.quality.candidate_merge RUN [RUN ...] --out DIR
+
+A GPU call fits one sparsity of the candidate comparison (:mod:`slaconv.quality.candidates`), so the grid
+85 / 90 / 95 / 97% comes from several runs.  Each RUN is a run's folder or its ``results.json``.  The runs must
+stand on the same footing: the same held-out triples of the same original (their digest) and the same
+training and evaluation settings; anything else stops the merge with a one-line error naming the setting
+(exit code 3, as for any unusable input).
+Every statistic is kept as its run computed it (each row against the dense control of its own run); the
+merged table shows the first run's control.  Writes results.md, results.json and loss_vs_sparsity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from slaconv.errors import InputError
+from slaconv.quality import candidate_report
+from slaconv.quality.candidate_report import CONTROL
+from slaconv.quality.command_line import one_line_errors
+
+# settings that decide what a row's numbers mean; the sparsities, candidates, job slots and device may differ
+FOOTING = ("block_q", "block_k", "quant", "calib_samples", "stage1", "stage2", "timestep_shift", "heldout_samples",
+           "sample_per_class", "sample_steps", "guidance", "calib_null_every", "seeds", "objective", "frames")
+
+
+def load_run(path: Path) -> dict:
+    """A run's results.json (``path`` is the file or the run's folder)."""
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{path}: no results.json of a candidate run there")
+    try:
+        result = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{file}: not JSON ({exc})") from None
+    missing = [k for k in ("settings", "original", "rows", "summary", "row_state") if k not in result]
+    if missing:
+        raise InputError(f"{file}: not a candidate run's results (no {', '.join(missing)})")
+    result["_source"] = str(file)
+    return result
+
+
+def _check_footing(first: dict, other: dict) -> None:
+    where = f"{other['_source']} against {first['_source']}"
+    if other["original"]["heldout_digest"] != first["original"]["heldout_digest"]:
+        raise InputError(f"{where}: scored on other held-out triples (another original or held-out set)")
+    for key in FOOTING:
+        a, b = first["settings"].get(key), other["settings"].get(key)
+        if a != b:
+            raise InputError(f"{where}: settings.{key} differs ({b!r} against {a!r})")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result in the shape :func:`candidate_report.markdown` and :func:`candidate_report.plot` read."""
+    if not results:
+        raise InputError("no runs to merge")
+    first = results[0]
+    for other in results[1:]:
+        _check_footing(first, other)
+    summary, seen, control = [], {}, None
+    rows, row_state, skipped = [], {}, {}
+    for index, result in enumerate(results, 1):
+        for entry in result["summary"]:
+            if entry["candidate"] == CONTROL:
+                control = control or entry
+                continue
+            key = (entry["candidate"], entry["topk"])
+            if key in seen:
+                raise InputError(f"{entry['candidate']} at top-k {entry['topk']:g} is in two runs: "
+                                 f"{seen[key]} and {result['_source']}")
+            seen[key] = result["_source"]
+            summary.append(entry)
+        # the controls of every run keep their rows; ids that repeat across runs are told apart by run
+        taken = {r["id"] for r in rows}
+        for row in result["rows"]:
+            row = dict(row)
+            if row["id"] in taken:
+                row["id"] = f"{row['id']} (run {index})"
+            rows.append(row)
+        for row_id, state in result["row_state"].items():
+            row_state[row_id if row_id not in row_state else f"{row_id} (run {index})"] = state
+        skipped.update(result.get("skipped") or {})
+    if control is not None:
+        summary.insert(0, control)
+    settings = dict(first["settings"])
+    settings["topks"] = sorted({t for r in results for t in r["settings"]["topks"]}, reverse=True)
+    settings["device"] = ", ".join(dict.fromkeys(_device(r) for r in results))
+    return {"settings": settings, "skipped": skipped, "row_state": row_state, "original": first["original"],
+            "original_loss": first["original_loss"], "original_samples": first["original_samples"],
+            "rows": rows, "summary": summary, "seconds_total": round(sum(r["seconds_total"] for r in results), 1),
+            "runs": [{"source": r["_source"], "device": _device(r), "topks": r["settings"]["topks"],
+                      "seconds_total": r["seconds_total"]} for r in results]}
+
+
+def _device(result: dict) -> str:
+    return (result.get("env") or {}).get("gpu") or result["settings"].get("device", "?")
+
+
+@one_line_errors
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders or their results.json")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    merged = merge([load_run(p) for p in args.runs])
+    args.out.mkdir(parents=True, exist_ok=True)
+    candidate_report.write(args.out, merged)
+    print(candidate_report.markdown(merged))
+
+
+if __name__ == "__main__":
+    main()
