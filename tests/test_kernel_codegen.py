@@ -158,3 +158,20 @@ def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout, 
                 f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3"} <= set(g["mma"]), g["mma"]
     assert g["spill_instructions"] == 0 and g["scalar_16bit_loads"] == 0, g
     assert g["shared_bytes"] <= 232448 - 1024, g
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("quant", ["none", "int8-fp8"])
+def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, quant):
+    """Hedgehog features and alpha per query in the Gluon epilogue (sparse_gluon=1; a forward that saves the
+    LSE and alpha per row): still a producer and two consumer warpgroups, wgmma for QK^T, PV and the mix, no
+    spills, and shared memory within an H100's."""
+    rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query", "--backward",
+                   "--config", json.dumps({"sparse_gluon": 1}))
+    names = {r["kernel"] for r in rows}
+    assert {"fwd_sparse_gluon_kernel", "tail_lse_kernel", "q_prepass"} <= names and "fwd_sparse_kernel" not in names
+    g = next(r for r in rows if r["kernel"] == "fwd_sparse_gluon_kernel")
+    assert g["warp_specialize"] >= 1 and g["total_warps"] == 12, g
+    assert len([m for m in g["mma"] if m.startswith("wgmma")]) >= 2, g["mma"]
+    assert g["spill_instructions"] == 0 and g["scalar_16bit_loads"] == 0, g
+    assert g["shared_bytes"] <= 232448 - 1024, g

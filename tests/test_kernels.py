@@ -25,6 +25,7 @@ from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E4
 from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
 from slaconv.kernels.launch import DEFAULT_LAUNCH, PLAIN_LAUNCH, LaunchConfig  # noqa: E402
 from slaconv.kernels.ops import sla2_attention  # noqa: E402
+from slaconv.kernels.sla2_triton_linear import signed_weights  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -489,11 +490,10 @@ def test_linear_options_are_checked():
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w)
     with pytest.raises(ValueError, match=r"\(H, D, D/2\)"):
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w[..., :16], feature_k=w)
-    for launch in (WS_LAUNCH, GLUON_LAUNCH):
-        with pytest.raises(ValueError, match="per head only"):
-            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=launch)
-        with pytest.raises(ValueError, match="per head only"):
-            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=launch)
+    with pytest.raises(ValueError, match="per head only"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=WS_LAUNCH)
+    with pytest.raises(ValueError, match="per head only"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=WS_LAUNCH)
 
 
 def test_default_launch_runs_the_linear_options_on_the_plain_loop(monkeypatch):
@@ -670,6 +670,38 @@ def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
         got = _to_bhnd(o, layout)[:, :, rows]
         assert rel_l2(got, ref) <= 5e-2, _mismatch(f"O vs reference, top-k {topk}", got, ref,
                                                    ("batch", "head", "token", "channel"), 2e-1)
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("quant", ["none", "int8-fp8"])
+@pytest.mark.parametrize("hedgehog,mixing", [(True, "head"), (False, "query"), (True, "query")])
+def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing):
+    """Hedgehog features and alpha per query in the Gluon epilogue (sparse_gluon=1): against the plain launch
+    with the same options on every row (O to 16-bit rounding; psi is rounded before and after its per-row
+    (1 - alpha) with alpha per query), the LSE, 1/den and alpha per row, at a ragged N and at Wan2.1-1.3B's
+    (1, 12, 32760, 128), 90% and 97%."""
+    for b, h, n in ((2, 3, 4001), (1, 12, 32760)):
+        seed = int(torch.randint(1 << 30, ()))
+        q, k, v, rq, rk, al = _inputs(b, h, n, 128, layout, dtype=torch.bfloat16, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        weights = [signed_weights((0.3 * torch.randn(h, 128, 64, generator=g)).to(DEVICE), h, 128, torch.bfloat16)
+                   if hedgehog else None for _ in range(2)]
+        for topk in (0.1, 0.03):
+            args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
+            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing)
+            gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints(), *weights, mixing)
+            assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
+            o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
+            rows = ("batch*head", "token")
+            for name, i, dims, rel, tol in (("O", 0, o_dims, 5e-3, 3e-2), ("LSE", 2, rows, 1e-5, 1e-3),
+                                            ("1/den", 3, rows, 1e-5, 1e-4), ("alpha per row", 6, rows, 1e-5, 1e-4)):
+                got, want = gluon[i], plain[i]
+                assert got.shape == want.shape, name
+                if want.numel():
+                    assert rel_l2(got, want) <= rel and torch.isfinite(got).all(), (
+                        seed, topk, _mismatch(name, got, want, dims, tol))
+            assert gluon[6].numel() == (b * h * n if mixing == "query" else 0)
 
 
 @needs_hopper

@@ -26,24 +26,51 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 LINEAR_EPS = gl.constexpr(1e-6)  # equal to reference.LINEAR_EPS
+LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def linear_tail_weights(q, alpha, z_rest_ptr, has_lin, D: gl.constexpr, LAYOUT: gl.constexpr):
-    """The linear branch's row weights for one warpgroup's 64 rows: the one function that knows how the tail
-    beyond the selected blocks is estimated (the epilogue then adds psi H_rest to alpha O_s in one MMA).
+def query_features(q_tile, PHI_Q, row_offsets, row_valid, HEDGEHOG: gl.constexpr, D: gl.constexpr,
+                   LAYOUT: gl.constexpr):
+    """phi(Q) of one warpgroup's 64 rows (fp32, ``LAYOUT``): softmax over the head dim of the 16-bit Q tile in
+    shared memory, or with HEDGEHOG the rows the q pre-pass wrote to PHI_Q (``row_offsets`` = (batch * head)
+    * N + row, (B*H, N, D) contiguous); rows past N read 0."""
+    if HEDGEHOG:
+        channels = gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT))
+        offsets = gl.expand_dims(row_offsets.to(gl.int64) * D, 1) + gl.expand_dims(channels, 0)
+        valid = gl.expand_dims(row_valid, 1) & gl.expand_dims(channels < D, 0)
+        return gl.load(PHI_Q + offsets, mask=valid, other=0.0).to(gl.float32)
+    else:
+        qf = q_tile.load(LAYOUT).to(gl.float32)
+        e = gl.exp(qf - gl.expand_dims(gl.max(qf, axis=1), 1))
+        return e / gl.expand_dims(gl.sum(e, axis=1), 1)
 
-    ``q`` is the 16-bit Q rows (``LAYOUT``), ``z_rest_ptr`` the routing block's z_rest.  Returns
+
+@gluon.jit
+def linear_tail_weights(phi_q, alpha, z_rest_ptr, has_lin, D: gl.constexpr, LAYOUT: gl.constexpr):
+    """The linear branch's row weights for one warpgroup's 64 rows: with :func:`query_features` the one place
+    that knows how the tail beyond the selected blocks is estimated (the epilogue then adds psi H_rest to
+    alpha O_s in one MMA).
+
+    ``phi_q`` is phi(Q) of the rows (fp32, ``LAYOUT``), ``z_rest_ptr`` the routing block's z_rest.  Returns
     psi = (1 - alpha) phi(Q) / den (fp32; the caller rounds it to 16 bits for the MMA, as
     ``fwd_sparse_kernel`` does) with den = phi(Q) z_rest + eps, and 1/den per row (0 when every block is
-    selected: then the linear branch is exactly 0)."""
-    qf = q.to(gl.float32)
-    e = gl.exp(qf - gl.expand_dims(gl.max(qf, axis=1), 1))
-    phi_q = e / gl.expand_dims(gl.sum(e, axis=1), 1)
+    selected: then the linear branch is exactly 0).  ``alpha`` = 0 leaves (1 - alpha) for the epilogue (alpha
+    per row is known only after the loop)."""
     z_rest = gl.load(z_rest_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT)))
     den = gl.sum(phi_q * gl.expand_dims(z_rest, 0), axis=1) + LINEAR_EPS
     inv_den = (has_lin != 0).to(gl.float32) / den
     return phi_q * gl.expand_dims((1.0 - alpha) * inv_den, 1), inv_den
+
+
+@gluon.jit
+def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, row_offsets, row_valid, has_lin):
+    """alpha per query row: sigmoid(LSE_sel - LSE_tail + alpha_logit), both log-sum-exps in log2 units and in
+    the loop's frame (LSE_tail from the forward's tail launch); 1 when every block is selected."""
+    lse_tail = gl.load(LSE_TAIL + row_offsets, mask=row_valid, other=float("-inf"))
+    ratio = 1.0 / (1.0 + gl.exp(-((lse_sel - lse_tail) * LN2 + alpha_logit)))
+    lin = (has_lin != 0).to(gl.float32)
+    return lin * ratio + (1.0 - lin)
 
 
 @gluon.jit
@@ -245,15 +272,19 @@ def pipelined_loop(q, p_tile, k_ring, v_ring, ready, empty, q_free, my_turn, the
 @gluon.jit
 def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
              my_turn, their_turn, o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE, V_ABSMAX, K_SUM,
-             n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+             PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
              WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr, QUANT: gl.constexpr, S_LAYOUT: gl.constexpr,
-             O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, MIX_LAYOUT: gl.constexpr):
+             SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr, QUANT: gl.constexpr, HEDGEHOG: gl.constexpr,
+             MIX_ROWS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
+             MIX_LAYOUT: gl.constexpr):
     """One warpgroup's 64 query rows of each item: psi from Q first (staged in shared memory for the mix, so
     the Q buffer is free for the next tile as soon as the last QK^T is done), the online softmax over the
     ring, then the mix O = alpha O_s + psi H_rest and the TMA store of O from the same staging buffer.
     QUANT == 2: QK^T in INT8 on the INT8 Q, PV in FP8; O_s is scaled back by V's per-channel scale and the
-    LSE is corrected by q . mean(K) qk_scale (the INT8 logits use K - mean(K))."""
+    LSE is corrected by q . mean(K) qk_scale (the INT8 logits use K - mean(K)).  HEDGEHOG: phi(Q) from the q
+    pre-pass (PHI_Q) instead of softmax over the head dim.  MIX_ROWS: ALPHA holds the head's logit and alpha
+    is one per row from the loop's log-sum-exp and LSE_TAIL (:func:`row_mix_ratio`), stored in ALPHA_ROWS
+    when SAVE_LSE; psi is staged without its (1 - alpha) before the loop and scaled by it after."""
     ROW: gl.constexpr = gl.SliceLayout(1, MIX_LAYOUT)
     CHANNELS: gl.constexpr = gl.SliceLayout(0, MIX_LAYOUT)
     q = q_tiles.index(WG)
@@ -269,10 +300,14 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
         bh = item.to(gl.int64) // nq
         rows = tile * 128 + WG * 64 + gl.arange(0, 64, layout=ROW)
         row_valid = rows < N
-        alpha = gl.load(ALPHA + h)
+        alpha = gl.load(ALPHA + h)  # with MIX_ROWS the head's logit
+        if MIX_ROWS:
+            psi_alpha = 0.0 * alpha
+        else:
+            psi_alpha = alpha
         mbarrier.wait(q_ready, lap & 1)
-        psi, inv_den = linear_tail_weights(q.load(MIX_LAYOUT), alpha, Z_REST + item.to(gl.int64) * D, has_lin, D,
-                                           MIX_LAYOUT)
+        phi_q = query_features(q, PHI_Q, bh * N + rows, row_valid, HEDGEHOG, D, MIX_LAYOUT)
+        psi, inv_den = linear_tail_weights(phi_q, psi_alpha, Z_REST + item.to(gl.int64) * D, has_lin, D, MIX_LAYOUT)
         gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
         tma.store_wait(0)  # the previous item's O has left the staging buffer
         stage.store(psi.to(dtype))
@@ -296,17 +331,29 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
                                                           their_turn, lut_row, k_scale_row, N, n_sel, q_scale,
                                                           step, turn_phase, dtype, D, BLOCK_N, STAGES, QUANT,
                                                           S_LAYOUT, O_LAYOUT, P_LAYOUT)
+        lse_loop = gl.convert_layout(m_i + gl.log2(l_i), ROW)  # the loop's frame (K - mean(K) for INT8)
         if SAVE_LSE:
-            lse = gl.convert_layout(m_i + gl.log2(l_i), ROW)
             if QUANT == 2:
-                lse += lse_shift
-            gl.store(LSE + bh * N + rows, lse, mask=row_valid)
+                gl.store(LSE + bh * N + rows, lse_loop + lse_shift, mask=row_valid)
+            else:
+                gl.store(LSE + bh * N + rows, lse_loop, mask=row_valid)
         o_s = gl.convert_layout(acc, MIX_LAYOUT) / gl.expand_dims(gl.convert_layout(l_i, ROW), 1)
         if QUANT == 2:
             v_scale = gl.maximum(gl.load(V_ABSMAX + bh * D + gl.arange(0, D, layout=CHANNELS)), 1e-8) / 448.0
             o_s = o_s * gl.expand_dims(v_scale / 448.0, 0)
+        if MIX_ROWS:
+            alpha_rows = row_mix_ratio(lse_loop, LSE_TAIL, alpha, bh * N + rows, row_valid, has_lin)
+            if SAVE_LSE:
+                gl.store(ALPHA_ROWS + bh * N + rows, alpha_rows, mask=row_valid)
+            # each thread rescales the psi elements it wrote (same layout), so no barrier is needed first
+            psi = stage.load(MIX_LAYOUT).to(gl.float32) * gl.expand_dims(1.0 - alpha_rows, 1)
+            stage.store(psi.to(dtype))
+            fence_async_shared()
+            o_sparse = o_s * gl.expand_dims(alpha_rows, 1)
+        else:
+            o_sparse = o_s * alpha
         mbarrier.wait(h_ready, lap & 1)
-        o = warpgroup_mma(stage, h_rest, o_s * alpha)
+        o = warpgroup_mma(stage, h_rest, o_sparse)
         mbarrier.arrive(h_free)
         stage.store(o.to(dtype))
         fence_async_shared()

@@ -181,14 +181,14 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     hedgehog, mix_rows = feature_q is not None, mixing == "query"
     if (feature_k is not None) != hedgehog:
         raise ValueError("feature_q and feature_k must be given together")
-    if (hedgehog or mix_rows) and (launch.sparse_ws or launch.sparse_gluon == 1):
-        raise ValueError("the warp-specialized and Gluon sparse launches compute softmax features and alpha "
-                         "per head only")
+    if (hedgehog or mix_rows) and launch.sparse_ws:
+        raise ValueError("the warp-specialized sparse launch computes softmax features and alpha per head only")
     if launch.sparse_ws:
         ws_kernels.check_supported(q.dtype, spec.quant)
     if launch.sparse_gluon == 1:
         gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant)
-    # sparse_gluon 2: the Gluon launch where it applies (softmax features, alpha per head among the conditions)
+    # sparse_gluon 2: the Gluon launch where it applies; the linear-branch options take it only when asked for
+    # (sparse_gluon 1) until a GPU has checked them there against the plain launch
     use_gluon = launch.sparse_gluon == 1 or (
         launch.sparse_gluon == 2 and not launch.sparse_ws and not (hedgehog or mix_rows)
         and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
@@ -278,7 +278,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
             (q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum),
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
-            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant,
+            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if hedgehog else None,
+            lse_tail=lse_tail if mix_rows else None, alpha_rows=alpha_rows if alpha_rows.numel() else None,
         )
         return o, lut, lse, inv_den, h_all, z_all, alpha_rows
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
