@@ -1,6 +1,6 @@
 """What the linear branch's options cost in the Triton kernels: Hedgehog features and alpha per query.
 
-    python benchmarks/bench_linear_options.py [--topk 0.03 0.05] [--rep 100] [--out DIR] [--no-check]
+    python benchmarks/bench_linear_options.py [--topk 0.03 0.05] [--rep 100] [--out DIR] [--no-check] [--config JSON]
 
 At (1, 12, 32760, 128) bf16 (Wan2.1-1.3B), for each top-k: the whole SLA2 op with softmax or Hedgehog
 features and alpha per head or per query, in 16 bits (``none``) and ``int8-fp8``, forward and forward +
@@ -9,6 +9,8 @@ same mode.  Then a per-kernel profile (torch.profiler) of Hedgehog / per query a
 shows the feature pre-passes, the tail log-sum-exp launch and the feature-gradient GEMMs on their own (GPU
 ms per call of each kernel).
 Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
+``--config`` overrides fields of the launch settings (``'{"sparse_gluon": 1}'``: every row on the Gluon sparse
+loop, which the default keeps for softmax features with alpha per head).
 Writes bench_linear_options.json and .md to --out (default $OUT or ./bench_out).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_attention import launch_config
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -46,11 +49,14 @@ def make_inputs(b, h, n, d, seed=0):
     return q, k, v, eye, eye.clone(), al, wq, wk
 
 
+LAUNCH = None  # the launch settings of every row: main() sets them from --config
+
+
 def run(tensors, topk, quant, feature, mixing):
     q, k, v, rq, rk, al, wq, wk = tensors
     weights = (wq, wk) if feature == "hedgehog" else (None, None)
     return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout="bnhd",
-                                   feature_q=weights[0], feature_k=weights[1], mixing=mixing)
+                                   feature_q=weights[0], feature_k=weights[1], mixing=mixing, launch=LAUNCH)
 
 
 def bench_forward(fn, rep):
@@ -123,7 +129,7 @@ def kernel_times(label, fn, calls=3):
 
 def markdown(results):
     lines = [f"{results['date']} {results['card']} torch {results['torch']} triton {results['triton']}",
-             f"command: {results['command']}", "",
+             f"command: {results['command']}", f"launch: {results['launch']}", "",
              f"cuDNN SDPA: forward {results['cudnn']['fwd']:.3f} ms, forward+backward {results['cudnn']['fb']:.3f} ms",
              "", "| top-k | quant | features | alpha | fwd ms | vs softmax/head | x cuDNN | fwd+bwd ms | vs softmax/head "
              "| x cuDNN |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -140,11 +146,14 @@ def main():
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--config", default="", help="JSON overrides of the launch settings (LaunchConfig)")
     args = ap.parse_args()
+    global LAUNCH
+    LAUNCH = launch_config(args.config)
     card = torch.cuda.get_device_name()
     results = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), shape=SHAPE,
-                   check=[], rows=[], profile={})
+                   launch=str(LAUNCH), check=[], rows=[], profile={})
     tensors = make_inputs(*SHAPE, seed=2)
     go = torch.randn_like(tensors[0])
     if not args.no_check:

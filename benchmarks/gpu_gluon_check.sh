@@ -30,7 +30,7 @@ TMP=$(mktemp -d)
   elif [ $probe -ne 0 ]; then
     echo "the Gluon probe failed (exit $probe, no hang): the benchmarks still time the Gluon rows"
   fi
-  timeout 210 python3 -m pytest -v tests/test_kernels.py -k "gluon and not compiles_once" -p no:cacheprovider 2>&1 \
+  timeout 210 python3 -m pytest -v tests/test_kernels.py -k "gluon and not compiles_once and not linear_options" -p no:cacheprovider 2>&1 \
     | tee "$DIR/pytest.log" | grep -v "^  " | tail -60
   timeout 180 python3 benchmarks/bench_sparse_loop.py --topk 0.03 0.1 --reps 30 $SKIP_GLUON --out "$TMP/loop"
   cp "$TMP"/loop/sparse_loop.md "$TMP"/loop/sparse_loop.json "$DIR"/
