@@ -256,9 +256,9 @@ def tail_lse_kernel(
     did *not* select of q . kbar_j / sqrt(D) + ln n_j (kbar_j the block's mean key, n_j its tokens), the
     mass estimate of per-query mixing; -inf when every block is selected.  CHUNK key blocks per step, one
     (BLOCK_M x D) x (D x CHUNK) MMA each: the whole pass is 1/block_k of a dense Q K^T.  SELECTED is the
-    (B*H*nq, nk) int8 selection table of the LUT; K_MEAN the (B*H, nk, D) block means in Q's dtype.
-    SHIFTED (the low-bit modes, whose sparse loop sees K - mean(K)): LSE_tail in that frame, i.e. minus
-    q . mean(K) log2(e)/sqrt(D), so the sparse launch compares it with its own LSE without Q in 16 bits."""
+    (B*H*nq, nk) int8 selection table of the LUT; K_MEAN the (B*H, nk, D) block means minus mean(K), in Q's
+    dtype, so the MMA gives the logits in the frame of K - mean(K).  SHIFTED (the low-bit modes, whose sparse
+    loop sees K - mean(K)) keeps that frame; otherwise q . mean(K) log2(e)/sqrt(D) is added back in fp32."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows, row_valid = common.block_rows(tile, BLOCK_M, N)
@@ -280,9 +280,9 @@ def tail_lse_kernel(
         m_i = m_new
     # l_i >= 1 once any block counted (its max term is exp2(0))
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
-    if SHIFTED:
+    if not SHIFTED:
         k_token_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
-        lse -= tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
+        lse += tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
     tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
 
 

@@ -49,21 +49,24 @@ def signed_weight_grad(x: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     return sum(torch.bmm(x[b].transpose(1, 2), dlogits[b]).float() for b in range(x.shape[0]))
 
 
-def tail_lse(q, q_strides, k_mean, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
-             tile_m: int, launch_options: dict, k_sum: torch.Tensor | None = None) -> torch.Tensor:
+def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
+             tile_m: int, launch_options: dict, shifted: bool) -> torch.Tensor:
     """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
     not select, log2-sum-exp of q . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) the block
-    means, ``lut`` (B, H, nq, n_sel)); -inf where every block is selected.  Given ``k_sum`` (B*H, D), the
-    token sums of K, it is shifted into the low-bit sparse loop's frame (logits of K - mean(K))."""
+    means, ``k_sum`` (B*H, D) the token sums of K, ``lut`` (B, H, nq, n_sel)); -inf where every block is
+    selected.  ``shifted``: in the low-bit sparse loop's frame (logits of K - mean(K)) instead."""
     bh, nk, d = k_mean.shape
     nq, n_sel = lut.shape[-2:]
     selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
     selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
     lse_tail = torch.empty(bh, n, device=q.device, dtype=torch.float32)
-    # every tile reads all block means: in Q's dtype that traffic halves, and they are MMA operands anyway
+    # every tile reads all block means: in Q's dtype that traffic halves, and they are MMA operands anyway.
+    # Centred first: keys often share a large mean, which 16 bits would round coarsely (bf16: 0.016 near 2)
+    # and the logits would then cancel; the mean's own term is added back in fp32 where it is wanted
+    k_centred = (k_mean - (k_sum / n).unsqueeze(1)).to(q.dtype)
     forward_kernels.tail_lse_kernel[(-(-n // tile_m), bh)](
-        q, k_mean.to(q.dtype), selected, k_mean if k_sum is None else k_sum, lse_tail, *q_strides, n, heads, nq,
+        q, k_centred, selected, k_sum, lse_tail, *q_strides, n, heads, nq,
         nk, block_q, block_k, qk_scale, 1.0 / n,
-        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, SHIFTED=k_sum is not None, **launch_options,
+        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, SHIFTED=shifted, **launch_options,
     )
     return lse_tail
