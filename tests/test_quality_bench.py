@@ -451,6 +451,11 @@ def test_tail_estimators_match_an_independent_fp64_computation():
         torch.testing.assert_close(te.kernel_tail(phi(q), phi(k), v, lut, bq, bk).double(), expect, rtol=0, atol=1e-5)
     torch.testing.assert_close(te.kernel_tail(te.constant_features(q), te.constant_features(k), v, lut, bq, bk).double(),
                                (rest @ vd) / rest.sum(-1, keepdim=True), rtol=0, atol=1e-5)
+    # over every key block: plain linear attention, the same for any LUT
+    kern = te.softmax_features(q).double() @ te.softmax_features(k).double().transpose(-1, -2)
+    torch.testing.assert_close(te.kernel_tail(te.softmax_features(q), te.softmax_features(k), v, lut, bq, bk,
+                                              over_all=True).double(),
+                               (kern @ vd) / (kern.sum(-1, keepdim=True) + 1e-6), rtol=0, atol=1e-5)
 
     w_hh = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
     feats = te.hedgehog_features(q, w_hh)

@@ -156,18 +156,22 @@ def block_states(phi_k: torch.Tensor, v: torch.Tensor, block_k: int) -> tuple[to
 
 
 def kernel_tail(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int,
-                block_k: int, eps: float = reference.LINEAR_EPS, states=None) -> torch.Tensor:
+                block_k: int, eps: float = reference.LINEAR_EPS, states=None, over_all: bool = False) -> torch.Tensor:
     """Linear attention over exactly the unselected key blocks, as the kernels compute it.
 
     ``phi(q_i) H_i / (phi(q_i) . z_i + eps)`` with ``H_i = H_all - sum_{j in M_i} phi(K_j)^T V_j`` and ``z_i``
     likewise; phi_q (B, H, Nq, F) for the query blocks of ``lut``, phi_k (B, H, N, F), v (B, H, N, D).
     ``states``: :func:`block_states` of phi_k and v when the caller has them (phi_k and v are then unused).
+    ``over_all``: over every key block instead (H_all, z_all: no per-query-block state to build).
     """
     states, sums = block_states(phi_k, v, block_k) if states is None else states
     b, h, _, f, d = states.shape
     nq = lut.shape[2]
-    h_rest = states.sum(dim=2, keepdim=True) - _gather_blocks(states, lut).sum(dim=3)  # (B, H, nq, F, D)
-    z_rest = sums.sum(dim=2, keepdim=True) - _gather_blocks(sums, lut).sum(dim=3)  # (B, H, nq, F)
+    h_rest = states.sum(dim=2, keepdim=True)  # (B, H, 1, F, D)
+    z_rest = sums.sum(dim=2, keepdim=True)  # (B, H, 1, F)
+    if not over_all:
+        h_rest = h_rest - _gather_blocks(states, lut).sum(dim=3)  # (B, H, nq, F, D)
+        z_rest = z_rest - _gather_blocks(sums, lut).sum(dim=3)  # (B, H, nq, F)
     fq = phi_q.reshape(b, h, nq, block_q, f)
     num = fq @ h_rest
     den = (fq @ z_rest.unsqueeze(-1)) + eps

@@ -25,7 +25,8 @@ class Row:
 
     key: str
     label: str
-    tail: str  # "exact", "linear", "mean", "hedgehog", "hedgehog_one", "pooled", "pooled_bias"
+    tail: str  # "exact", "linear", "mean", "hedgehog", "hedgehog_one", "pooled", "pooled_bias"; "_all": every
+    #            key block in the linear branch, the selected ones too
     mixing: str  # "one" (alpha = 1), "head", "head_qblock", "qblock_input", "query", "converter", "shared",
     #              or one of tail_mixing.MIXINGS (fitted on training videos)
     loss: bool = False  # also measured as held-out loss with the replacement in every layer
@@ -47,6 +48,10 @@ ROWS = (
     Row("hedgehog_head", "g. Hedgehog phi, fitted on training videos, alpha per head", "hedgehog", "head", True),
     Row("hedgehog_one_head", "g. Hedgehog phi, fitted on one training video, alpha per head", "hedgehog_one", "head"),
     Row("hedgehog_query", "g. Hedgehog phi (training videos), alpha per query (closed form)", "hedgehog", "query"),
+    Row("linear_all_head", "i. linear branch over every key block (no per-block state), alpha per head", "linear_all",
+        "head", True),
+    Row("hedgehog_all_head", "i. Hedgehog phi over every key block (no per-block state), alpha per head",
+        "hedgehog_all", "head", True),
     *(Row(f"{tail}_{mixing}", f"h. {name}, {how}", tail, mixing)
       for tail, name in (("exact", "exact tail"), ("linear", "linear branch"), ("hedgehog", "Hedgehog phi"))
       for mixing, how in (
@@ -56,7 +61,7 @@ ROWS = (
           ("mass", "alpha per query, per-head shift = mean log gap of the pooled tail mass (training)")))
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
-MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one")
+MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one", "linear_all", "hedgehog_all")
 SHARED_TAILS = ("pooled", "pooled_bias")
 DIRECT_ROWS = tuple(r.key for r in ROWS if r.mixing in ("shared", *tm.MIXINGS))  # errors measured, not fitted
 DENSE_KEY = "dense_fp32"  # losses of the study's own fp32 dense attention through the same hook (row c)

@@ -84,6 +84,8 @@ def tail_output(kind: str, q, k, v, lut, o_s, lse_s, dense, params: dict, block_
     if kind in ("pooled", "pooled_bias"):
         t, gap = te.pooled_parts(q, k, v, lut, lse_s, block_q, block_k)
         return te.pooled_mix(o_s, t, gap, params["bias"] if kind == "pooled_bias" else 0.0)
+    over_all = kind.endswith("_all")  # the linear branch over every key block, selected ones included
+    kind = kind.removesuffix("_all")
     if kind == "linear":
         fq, fk = te.softmax_features(q), te.softmax_features(k)
     elif kind == "mean":
@@ -91,7 +93,7 @@ def tail_output(kind: str, q, k, v, lut, o_s, lse_s, dense, params: dict, block_
     else:  # hedgehog, hedgehog_one
         wq, wk = params[kind]
         fq, fk = te.hedgehog_features(q, wq), te.hedgehog_features(k, wk)
-    return te.kernel_tail(fq, fk, v, lut, block_q, block_k)
+    return te.kernel_tail(fq, fk, v, lut, block_q, block_k, over_all=over_all)
 
 
 # ---------------------------------------------------------------------------------------- fitting
