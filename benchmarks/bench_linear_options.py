@@ -1,9 +1,10 @@
-"""What the linear branch's options cost in the Triton kernels: Hedgehog features and alpha per query.
+"""What the linear branch's options cost in the Triton kernels: Hedgehog features, alpha per query, all keys.
 
     python benchmarks/bench_linear_options.py [--topk 0.03 0.05] [--rep 100] [--out DIR] [--no-check] [--config JSON]
 
 At (1, 12, 32760, 128) bf16 (Wan2.1-1.3B), for each top-k: the whole SLA2 op with softmax or Hedgehog
-features and alpha per head or per query, in 16 bits (``none``) and ``int8-fp8``, forward and forward +
+features, alpha per head or per query, and the linear branch over the unselected or all key blocks
+(:data:`OPTIONS`), in 16 bits (``none``) and ``int8-fp8``, forward and forward +
 backward, beside cuDNN SDPA timed in the same run; each row's overhead is against softmax / per head in the
 same mode.  Then a per-kernel profile (torch.profiler) of Hedgehog / per query at the first top-k, which
 shows the feature pre-passes, the tail log-sum-exp launch and the feature-gradient GEMMs on their own (GPU
@@ -35,7 +36,9 @@ from slaconv.kernels import sla2_triton as S
 from slaconv.kernels.spec import AttentionSpec
 
 SHAPE = (1, 12, 32760, 128)
-OPTIONS = [("softmax", "head"), ("hedgehog", "head"), ("softmax", "query"), ("hedgehog", "query")]
+OPTIONS = [("softmax", "head", "unselected"), ("hedgehog", "head", "unselected"), ("softmax", "query", "unselected"),
+           ("hedgehog", "query", "unselected"), ("softmax", "head", "all"), ("hedgehog", "query", "all")]
+"""(features, alpha, linear keys) of each row; the first is the paper's form, every row's baseline."""
 QUANTS = ("none", "int8-fp8")
 
 
@@ -52,23 +55,24 @@ def make_inputs(b, h, n, d, seed=0):
 LAUNCH = None  # the launch settings of every row: main() sets them from --config
 
 
-def run(tensors, topk, quant, feature, mixing):
+def run(tensors, topk, quant, feature, mixing, linear_keys="unselected"):
     q, k, v, rq, rk, al, wq, wk = tensors
     weights = (wq, wk) if feature == "hedgehog" else (None, None)
     return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout="bnhd",
-                                   feature_q=weights[0], feature_k=weights[1], mixing=mixing, launch=LAUNCH)
+                                   feature_q=weights[0], feature_k=weights[1], mixing=mixing, launch=LAUNCH,
+                                   linear_keys=linear_keys)
 
 
 def bench_forward(fn, rep):
     return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
 
 
-def bench_forward_backward(tensors, topk, quant, feature, mixing, go, rep):
+def bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, rep):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     leaves[3], leaves[4] = tensors[3], tensors[4]  # the router gets no gradient
 
     def step():
-        run(leaves, topk, quant, feature, mixing).backward(go)
+        run(leaves, topk, quant, feature, mixing, linear_keys).backward(go)
 
     grads = [t for i, t in enumerate(leaves) if i not in (3, 4)]
     return triton.testing.do_bench(step, warmup=max(10, rep // 4), rep=2 * rep, grad_to_none=grads,
@@ -131,10 +135,12 @@ def markdown(results):
     lines = [f"{results['date']} {results['card']} torch {results['torch']} triton {results['triton']}",
              f"command: {results['command']}", f"launch: {results['launch']}", "",
              f"cuDNN SDPA: forward {results['cudnn']['fwd']:.3f} ms, forward+backward {results['cudnn']['fb']:.3f} ms",
-             "", "| top-k | quant | features | alpha | fwd ms | vs softmax/head | x cuDNN | fwd+bwd ms | vs softmax/head "
-             "| x cuDNN |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| top-k | quant | features | alpha | linear keys | fwd ms | vs softmax/head | x cuDNN | fwd+bwd ms "
+             "| vs softmax/head "
+             "| x cuDNN |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
-        lines.append(f"| {r['topk']} | {r['quant']} | {r['feature']} | {r['mixing']} | {r['fwd']:.3f} | "
+        lines.append(f"| {r['topk']} | {r['quant']} | {r['feature']} | {r['mixing']} | {r['linear_keys']} | "
+                     f"{r['fwd']:.3f} | "
                      f"{100 * r['fwd_overhead']:+.1f}% | {r['x_cudnn_fwd']:.1f} | {r['fb']:.3f} | "
                      f"{100 * r['fb_overhead']:+.1f}% | {r['x_cudnn_fb']:.1f} |")
     return "\n".join(lines)
@@ -164,11 +170,12 @@ def main():
     for topk in args.topk:
         for quant in QUANTS:
             base = None
-            for feature, mixing in OPTIONS:
-                fwd = bench_forward(lambda: run(tensors, topk, quant, feature, mixing), args.rep)  # noqa: B023
-                fb = bench_forward_backward(tensors, topk, quant, feature, mixing, go, args.rep)
+            for feature, mixing, linear_keys in OPTIONS:
+                fwd = bench_forward(lambda: run(tensors, topk, quant, feature, mixing, linear_keys),  # noqa: B023
+                                    args.rep)
+                fb = bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, args.rep)
                 base = base or (fwd, fb)
-                row = dict(topk=topk, quant=quant, feature=feature, mixing=mixing, fwd=fwd, fb=fb,
+                row = dict(topk=topk, quant=quant, feature=feature, mixing=mixing, linear_keys=linear_keys, fwd=fwd, fb=fb,
                            fwd_overhead=fwd / base[0] - 1, fb_overhead=fb / base[1] - 1,
                            x_cudnn_fwd=cudnn_fwd / fwd, x_cudnn_fb=cudnn_fb / fb)
                 results["rows"].append(row)

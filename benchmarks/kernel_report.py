@@ -1,7 +1,8 @@
 """Compile every SLA2 kernel for Hopper offline (no GPU needed) and report what the hardware will run.
 
     python benchmarks/kernel_report.py [--shape B,H,N,D] [--topk 0.03] [--quant none] [--arch 90]
-                                       [--backward] [--hedgehog] [--mixing head|query] [--json FILE]
+                                       [--backward] [--hedgehog] [--mixing head|query]
+                                       [--linear-keys unselected|all] [--json FILE]
 
 The SLA2 forward (and optionally backward) is driven exactly as in production, but every Triton launch is
 intercepted: the arguments are recorded and each kernel is compiled for ``sm_<arch>`` with the
@@ -73,9 +74,10 @@ class _Recorder:
 
 
 def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_LAUNCH, dtype=torch.bfloat16,
-                    hedgehog=False, mixing="head"):
+                    hedgehog=False, mixing="head", linear_keys="unselected"):
     """Run the production driver on CPU tensors with every kernel replaced by a recorder; ``hedgehog`` and
-    ``mixing`` pick the linear branch's feature map and alpha (:func:`sla2_triton.sla2_attention_triton`)."""
+    ``mixing`` pick the linear branch's feature map and alpha, ``linear_keys`` its keys
+    (:func:`sla2_triton.sla2_attention_triton`)."""
     B, H, N, D = shape
     launches = []
     saved = [(module, name, obj) for module in KERNEL_MODULES for name, obj in vars(module).items()
@@ -92,11 +94,12 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
         alpha = torch.zeros(H)
         spec = AttentionSpec(topk, 128, 64, quant)
         features = [torch.randn(H, D, D, generator=g).to(dtype) for _ in range(2)] if hedgehog else [None, None]
-        out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch, *features, mixing)
+        out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch, *features, mixing,
+                                  linear_keys)
         if backward:
             o, lut, lse, inv_den, h_all, z_all, alpha_rows = out
             sla2_triton.backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, inv_den, h_all, z_all, 128, 64,
-                                 layout, launch, *features, alpha_rows)
+                                 layout, launch, *features, alpha_rows, linear_keys)
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
@@ -205,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
     ap.add_argument("--hedgehog", action="store_true", help="Hedgehog features instead of softmax")
     ap.add_argument("--mixing", default="head", choices=["head", "query"], help="alpha per head or per query")
+    ap.add_argument("--linear-keys", default="unselected", choices=["unselected", "all"],
+                    help="the linear branch over the unselected key blocks or all")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--config", default="",
@@ -215,7 +220,8 @@ def main(argv=None):
     rows = []
     print(f"triton {triton.__version__}, sm_{a.arch}, shape {shape}, topk {a.topk}, quant {a.quant}, {a.layout}")
     for fn, grid, args, kwargs in record_launches(shape, a.topk, a.quant, a.backward, a.layout, launch,
-                                                  hedgehog=a.hedgehog, mixing=a.mixing):
+                                                  hedgehog=a.hedgehog, mixing=a.mixing,
+                                                  linear_keys=a.linear_keys):
         const = {k: v for k, v in kwargs.items() if k.isupper()}
         info = analyse(compile_launch(fn, args, kwargs, a.arch))
         info |= {"kernel": fn.__name__, "grid": list(grid), "constexprs": const,

@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .command_group import INTERRUPTED_EXIT_CODE, SlaconvGroup
-from .config import BLOCK_SIZES, FEATURE_MAPS, KERNEL_HEAD_DIMS, MIXINGS, QUANT_MODES
+from .config import BLOCK_SIZES, FEATURE_MAPS, KERNEL_HEAD_DIMS, LINEAR_KEYS, MIXINGS, QUANT_MODES
 from .errors import EXIT_CODES
 from .recipe import OBJECTIVES
 
@@ -130,6 +130,8 @@ def main(ctx, offline, quiet, verbose):
 @click.option("--quant", type=click.Choice(QUANT_MODES), help="Low-bit mode of the sparse branch.")
 @click.option("--feature-map", type=click.Choice(FEATURE_MAPS), help="Linear-branch feature map (sla2.feature_map).")
 @click.option("--mixing", type=click.Choice(MIXINGS), help="Alpha per head or per query (sla2.mixing).")
+@click.option("--linear-keys", type=click.Choice(LINEAR_KEYS),
+              help="Keys of the linear branch: the unselected ones or all (sla2.linear_keys).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data for the alpha pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing work dir at OUTPUT.")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
@@ -138,21 +140,22 @@ def main(ctx, offline, quiet, verbose):
 @dry_run_option
 @json_option
 @click.pass_context
-def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, quant, feature_map, mixing, data_dir,
-            overwrite, seed, recipe, device, dry_run, as_json):
+def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, quant, feature_map, mixing, linear_keys,
+            data_dir, overwrite, seed, recipe, device, dry_run, as_json):
     """Install SLA2 on MODEL (Hub id or local folder) and write a work dir."""
     from . import convert as stage
 
     _common(ctx, as_json)
     rec = _recipe(recipe, None, {"sla2.topk": topk, "sla2.block_q": block_q, "sla2.block_k": block_k,
                                  "sla2.quant": quant, "sla2.feature_map": feature_map, "sla2.mixing": mixing,
-                                 "calibration.seed": seed})
+                                 "sla2.linear_keys": linear_keys, "calibration.seed": seed})
     if dry_run:
         plan = stage.plan(model, rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"])
         _emit(ctx, {"dry_run": True, **plan},
               f"would convert {plan['num_layers']} {plan['family']} layers of {model} "
               f"(topk {rec.sla2.topk}, blocks {rec.sla2.block_q}x{rec.sla2.block_k}, "
-              f"quant {rec.sla2.quant}, feature map {rec.sla2.feature_map}, mixing {rec.sla2.mixing}):\n  "
+              f"quant {rec.sla2.quant}, feature map {rec.sla2.feature_map}, mixing {rec.sla2.mixing}, "
+              f"linear keys {rec.sla2.linear_keys}):\n  "
               + "\n  ".join(plan["layers"]))
         return
     out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],

@@ -39,7 +39,13 @@ query row, ``sigmoid(lse_sel - lse_tail + alpha_logit)`` from the sparse branch'
 estimate of the unselected keys' softmax mass (docs/design.md section 1)."""
 
 
-WRITTEN_WHEN_SET = ("mixing",)
+LINEAR_KEYS = ("unselected", "all")
+"""Which key blocks the linear branch covers: those a query block did not select (the SLA2 paper; a d x d state
+per query block, built from the routing), or every key block (one state per head, nothing per block to build;
+the selected blocks' share of the linear estimate is left to alpha; docs/design.md section 1)."""
+
+
+WRITTEN_WHEN_SET = ("mixing", "linear_keys")
 """Settings :meth:`SLA2Config.to_dict` leaves out at their default (work dirs written before them read the same)."""
 
 
@@ -69,6 +75,7 @@ class SLA2Config:
     feature_map: str = "softmax"
     alpha_granularity: str = "head"
     mixing: str = "head"
+    linear_keys: str = "unselected"
     topk_per_layer: Mapping[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -87,7 +94,7 @@ class SLA2Config:
             if getattr(self, key) not in BLOCK_SIZES:
                 raise ConfigError(f"{key} must be one of {BLOCK_SIZES}, got {getattr(self, key)!r}")
         choices = {"quant": QUANT_MODES, "feature_map": FEATURE_MAPS, "alpha_granularity": ALPHA_GRANULARITIES,
-                   "mixing": MIXINGS}
+                   "mixing": MIXINGS, "linear_keys": LINEAR_KEYS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")

@@ -98,7 +98,8 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
         measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
         if proc.config.mixing == "query":
             shifts[proc.layer_name] = reference.fit_query_shift(qh, kh, v.transpose(1, 2), mask, proc.block_q,
-                                                                proc.block_k, proc.feature_q, proc.feature_k)
+                                                                proc.block_k, proc.feature_q, proc.feature_k,
+                                                                linear_keys=proc.config.linear_keys)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
     with observing(procs.values(), observe):

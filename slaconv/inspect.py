@@ -58,6 +58,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         "base_model": config.base_model,
         "block_q": attention.block_q, "block_k": attention.block_k, "topk": attention.topk,
         "quant": attention.quant, "feature_map": attention.feature_map, "mixing": attention.mixing,
+        "linear_keys": attention.linear_keys,
         "budget": (config.budget or {}).get("method", "uniform"),
         "layers": layers,
         "calibration": config.calibration,
@@ -72,7 +73,8 @@ def render(info: dict) -> str:
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
-        f"feature map {info['feature_map']}, alpha per {info['mixing']}, {len(info['layers'])} SLA2 layers",
+        f"feature map {info['feature_map']}, alpha per {info['mixing']}, linear branch over {info['linear_keys']} "
+        f"keys, {len(info['layers'])} SLA2 layers",
     ]
     if info["budget"] != "uniform":
         lines.append(f"budget {info['budget']}: each layer's top-k and key blocks allocated at convert")

@@ -186,6 +186,7 @@ def _settings_table(sla2: dict) -> list[str]:
         ("quant", "sparse-branch quantization (Q,K / P,V)"),
         ("alpha_granularity", "sparse/linear mix granularity"),
         ("mixing", "sparse/linear mix: alpha per"),
+        ("linear_keys", "linear branch over keys"),
     ]:
         if sla2.get(key) is not None:
             rows.append((label, sla2[key]))

@@ -128,6 +128,7 @@ class SLA2Processor(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, head_dim={self.head_dim}, topk={self.topk}, "
                 f"blocks=({self.block_q}, {self.block_k}), quant={self.quant}, mixing={self.config.mixing}, "
+                f"linear_keys={self.config.linear_keys}, "
                 f"mode={self.mode}")
 
     def sla2_state(self) -> dict[str, torch.Tensor]:
@@ -156,7 +157,7 @@ class SLA2Processor(torch.nn.Module):
         out = sla2_attention(
             q, k, v, self.router_q, self.router_k, self.alpha_logit, topk=self.topk, block_q=self.block_q,
             block_k=self.block_k, layout="bnhd", always_kept=self.always_kept(span), feature_q=self.feature_q,
-            feature_k=self.feature_k, mixing=self.config.mixing, **kwargs,
+            feature_k=self.feature_k, mixing=self.config.mixing, linear_keys=self.config.linear_keys, **kwargs,
         )
         start, stop = span
         if start == stop:

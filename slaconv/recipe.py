@@ -116,6 +116,9 @@ class SLA2Settings(_Section):
     mixing: str = field(default=SLA2Config.mixing, metadata={WRITTEN_WHEN_SET: True})
     """How alpha mixes the branches: ``head`` (one per head) or ``query`` (per query row from the estimated tail
     mass, the per-head alpha logit a log-scale correction of it)."""
+    linear_keys: str = field(default=SLA2Config.linear_keys, metadata={WRITTEN_WHEN_SET: True})
+    """The keys the linear branch covers: ``unselected`` (those its query block did not select) or ``all``
+    (every key: one state per head, no per-block state to build)."""
     alpha_init: str | float = "calibrate"
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
     budget: str = field(default="uniform", metadata={WRITTEN_WHEN_SET: True})
@@ -144,7 +147,7 @@ class SLA2Settings(_Section):
         """The attention settings these give every converted layer."""
         try:
             return SLA2Config(topk=self.topk, block_q=self.block_q, block_k=self.block_k, quant=self.quant,
-                              feature_map=self.feature_map, mixing=self.mixing,
+                              feature_map=self.feature_map, mixing=self.mixing, linear_keys=self.linear_keys,
                               topk_per_layer=self.topk_per_layer or {})
         except ConfigError as exc:
             raise RecipeError(f"sla2.{exc}") from None

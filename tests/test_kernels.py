@@ -337,7 +337,7 @@ def test_forward_against_dense_fp64(topk, bq, kept):
 
 
 def _fp64_linear_options(q, k, v, blocks, alpha_logit, block_q, block_k, feature_q=None, feature_k=None,
-                         mixing="head"):
+                         mixing="head", linear_keys="unselected"):
     """SLA2 on (B, H, N, D) in fp64 from the block selection ``blocks`` (B, H, nq, nk) bool, with Hedgehog
     features [softmax(x W), softmax(-x W)] when weights are given and alpha per head or, with
     ``mixing="query"``, per row: sigmoid(LSE_sel - LSE_tail + alpha_logit) with LSE_tail over the unselected
@@ -356,7 +356,9 @@ def _fp64_linear_options(q, k, v, blocks, alpha_logit, block_q, block_k, feature
         proj = torch.einsum("bhnd,hde->bhne", x, w.double())
         return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
 
-    kern = (feats(q, feature_q) @ feats(k, feature_k).transpose(-1, -2)) * (~mask)
+    kern = feats(q, feature_q) @ feats(k, feature_k).transpose(-1, -2)
+    if linear_keys == "unselected":  # else every key, the selected ones too
+        kern = kern * (~mask)
     o_l = (kern @ v) / (kern.sum(-1, keepdim=True) + 1e-6)
     logit = alpha_logit.double().view(1, h, 1, 1)
     if mixing == "query":
@@ -384,19 +386,22 @@ def _linear_option_inputs(n, d, block_q, topk, layout, dtype, hedgehog, seed):
 
 
 LINEAR_OPTION_CASES = [
-    # (layout, N, D, block_q, topk, mixing, hedgehog)
-    ("bnhd", 333, 64, 128, 0.3, "head", True),
-    ("bhnd", 200, 128, 64, 0.5, "query", False),
-    ("bnhd", 333, 64, 64, 0.2, "query", True),
-    ("bhnd", 200, 64, 64, 1.0, "query", True),  # every block selected: alpha 1, no alpha gradient
+    # (layout, N, D, block_q, topk, mixing, hedgehog, linear_keys)
+    ("bnhd", 333, 64, 128, 0.3, "head", True, "unselected"),
+    ("bhnd", 200, 128, 64, 0.5, "query", False, "unselected"),
+    ("bnhd", 333, 64, 64, 0.2, "query", True, "unselected"),
+    ("bhnd", 200, 64, 64, 1.0, "query", True, "unselected"),  # every block selected: alpha 1, no alpha gradient
+    ("bnhd", 333, 64, 128, 0.3, "head", False, "all"),
+    ("bhnd", 333, 128, 64, 0.2, "query", True, "all"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
 @pytest.mark.parametrize("case", LINEAR_OPTION_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_hedgehog_and_query_mixing_forward_backward_match_fp64(case, dtype):
-    """O and the gradients of q, k, v, the alpha logit and both Hedgehog weights against fp64 autograd."""
-    layout, n, d, block_q, topk, mixing, hedgehog = case
+def test_linear_branch_options_forward_backward_match_fp64(case, dtype):
+    """Hedgehog features, alpha per query and the linear branch over every key block: O and the gradients of
+    q, k, v, the alpha logit and both Hedgehog weights against fp64 autograd."""
+    layout, n, d, block_q, topk, mixing, hedgehog, linear_keys = case
     if dtype != torch.float32 and not (hedgehog and mixing == "query"):
         pytest.skip("16 bits: one case with both options keeps the interpreter time small")
     seed = int(torch.randint(1 << 30, ()))
@@ -405,10 +410,10 @@ def test_hedgehog_and_query_mixing_forward_backward_match_fp64(case, dtype):
     leaves = _leaf(q, k, v, al) + [w.clone().requires_grad_(True) for w in weights if w is not None]
     feats = leaves[4:] if hedgehog else [None, None]
     out = S.sla2_attention_triton(*leaves[:3], rq, rk, leaves[3], AttentionSpec(topk, block_q, 64), layout=layout,
-                                  feature_q=feats[0], feature_k=feats[1], mixing=mixing)
+                                  feature_q=feats[0], feature_k=feats[1], mixing=mixing, linear_keys=linear_keys)
     oracle = [t.detach().double().requires_grad_(True) for t in leaves]
     want, _ = _fp64_linear_options(*(_to_bhnd(t, layout) for t in oracle[:3]), blocks, oracle[3], block_q, 64,
-                                   *(oracle[4:] if hedgehog else []), mixing=mixing)
+                                   *(oracle[4:] if hedgehog else []), mixing=mixing, linear_keys=linear_keys)
     want = _to_bhnd(want, layout)
     out_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 and not HAS_CUDA else (1e-2, 2e-2)
     assert rel_l2(out, want) <= out_tol, (seed, rel_l2(out, want))
@@ -494,23 +499,28 @@ def test_linear_options_are_checked():
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w)
     with pytest.raises(ValueError, match=r"\(H, D, D/2\)"):
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w[..., :16], feature_k=w)
-    with pytest.raises(ValueError, match="per head only"):
-        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", mixing="query", launch=WS_LAUNCH)
-    with pytest.raises(ValueError, match="per head only"):
-        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", feature_q=w, feature_k=w, launch=WS_LAUNCH)
+    for options in (dict(mixing="query"), dict(feature_q=w, feature_k=w), dict(linear_keys="all")):
+        with pytest.raises(ValueError, match="warp-specialized sparse launch computes softmax features"):
+            S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", launch=WS_LAUNCH, **options)
+    with pytest.raises(ValueError, match="linear_keys must be one of"):
+        S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", linear_keys="selected")
 
 
 def test_default_launch_runs_the_linear_options_on_the_plain_loop(monkeypatch):
-    """The default launch (sparse_gluon=2) with Hedgehog features or alpha per query: the plain launch, bit for bit."""
+    """The default launch (sparse_gluon=2) with Hedgehog features, alpha per query or the linear branch over every
+    key block: the plain launch, bit for bit."""
     launched = []
     real = gluon_kernels.launch_sparse_gluon
     monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
     (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 128, 0.3, "bnhd", WS_DTYPE, True, 7)
-    for (feature_q, feature_k), mixing in (((wq, wk), "head"), ((None, None), "query")):
+    for (feature_q, feature_k), mixing, linear_keys in (((wq, wk), "head", "unselected"),
+                                                        ((None, None), "query", "unselected"),
+                                                        ((None, None), "head", "all")):
         outs = [S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(0.3), layout="bnhd", launch=launch,
-                                        feature_q=feature_q, feature_k=feature_k, mixing=mixing)
+                                        feature_q=feature_q, feature_k=feature_k, mixing=mixing,
+                                        linear_keys=linear_keys)
                 for launch in (DEFAULT_LAUNCH, PLAIN_LAUNCH)]
-        assert torch.equal(*outs) and not launched, mixing
+        assert torch.equal(*outs) and not launched, (mixing, linear_keys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,12 +689,14 @@ def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
 @needs_hopper
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 @pytest.mark.parametrize("quant", ["none", "int8-fp8"])
-@pytest.mark.parametrize("hedgehog,mixing", [(True, "head"), (False, "query"), (True, "query")])
-def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing):
-    """Hedgehog features and alpha per query in the Gluon epilogue (sparse_gluon=1): against the plain launch
-    with the same options on every row (O to 16-bit rounding; psi is rounded before and after its per-row
-    (1 - alpha) with alpha per query), the LSE, 1/den and alpha per row, at a ragged N and at Wan2.1-1.3B's
-    (1, 12, 32760, 128), 90% and 97%."""
+@pytest.mark.parametrize("hedgehog,mixing,linear_keys", [(True, "head", "unselected"), (False, "query", "unselected"),
+                                                        (True, "query", "unselected"), (False, "head", "all"),
+                                                        (True, "query", "all")])
+def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing, linear_keys):
+    """Hedgehog features, alpha per query and the linear branch over every key block in the Gluon epilogue
+    (sparse_gluon=1): against the plain launch with the same options on every row (O to 16-bit rounding; psi
+    is rounded before and after its per-row (1 - alpha) with alpha per query), the LSE, 1/den and alpha per
+    row, at a ragged N and at Wan2.1-1.3B's (1, 12, 32760, 128), 90% and 97%."""
     for b, h, n in ((2, 3, 4001), (1, 12, 32760)):
         seed = int(torch.randint(1 << 30, ()))
         q, k, v, rq, rk, al = _inputs(b, h, n, 128, layout, dtype=torch.bfloat16, seed=seed)
@@ -693,8 +705,8 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
                    if hedgehog else None for _ in range(2)]
         for topk in (0.1, 0.03):
             args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
-            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing)
-            gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints(), *weights, mixing)
+            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys)
+            gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints(), *weights, mixing, linear_keys)
             assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
             o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
             rows = ("batch*head", "token")

@@ -74,7 +74,7 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
                    launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0),
                    feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                   mixing: str = "head") -> torch.Tensor:
+                   mixing: str = "head", linear_keys: str = "unselected") -> torch.Tensor:
     """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
@@ -86,7 +86,9 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
     feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
     ``mixing``: ``head`` (alpha per head) or ``query`` (alpha per query row from the estimated tail mass,
-    :data:`slaconv.config.MIXINGS`).
+    :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
+    a query block did not select) or ``all`` (over every key block: no per-block state;
+    :data:`slaconv.config.LINEAR_KEYS`).
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
@@ -94,13 +96,13 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
-            feature_q=feature_q, feature_k=feature_k, mixing=mixing,
+            feature_q=feature_q, feature_k=feature_k, mixing=mixing, linear_keys=linear_keys,
         )
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = reference.sla2_attention_reference(
         q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
         quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks, always_kept=spec.always_kept,
-        feature_q=feature_q, feature_k=feature_k, mixing=mixing,
+        feature_q=feature_q, feature_k=feature_k, mixing=mixing, linear_keys=linear_keys,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

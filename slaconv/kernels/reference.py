@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ..config import MIXINGS, QUANT_MODES
+from ..config import LINEAR_KEYS, MIXINGS, QUANT_MODES
 
 LOG2E = 1.4426950408889634
 FP8_E4M3_MAX = 448.0
@@ -231,7 +231,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              q_blocks: torch.Tensor | None = None, chunk_q_blocks: int = 8,
                              mask: torch.Tensor | None = None, always_kept: tuple[int, int] = (0, 0),
                              feature_q: torch.Tensor | None = None,
-                             feature_k: torch.Tensor | None = None, mixing: str = "head") -> torch.Tensor:
+                             feature_k: torch.Tensor | None = None, mixing: str = "head",
+                             linear_keys: str = "unselected") -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
@@ -251,6 +252,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mixing: ``head`` (alpha per head) or ``query`` (alpha per row from the estimated tail mass, with
             ``alpha_logit`` a per-head log-scale correction; the sparse log row sum is taken from the same,
             possibly quantised, scores the sparse branch uses).
+        linear_keys: ``unselected`` (the linear branch over the keys the row's block did not select, weighted
+            by ``1 - mask`` when it is soft) or ``all`` (over every key).
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
@@ -258,6 +261,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError("feature_q and feature_k must be given together")
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+    if linear_keys not in LINEAR_KEYS:
+        raise ValueError(f"linear_keys must be one of {LINEAR_KEYS}, got {linear_keys!r}")
     b, h, n, d = q.shape
     nq = block_count(n, block_q)
     if mask is None:
@@ -310,7 +315,9 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             alpha = head_alpha
 
         phi_q = feature_map(q[:, :, rows], feature_q)
-        kern = (phi_q @ phi_k.transpose(-1, -2)) * (1.0 - w)
+        kern = phi_q @ phi_k.transpose(-1, -2)
+        if linear_keys == "unselected":
+            kern = kern * (1.0 - w)
         o_l = (kern @ vf) / (kern.sum(dim=-1, keepdim=True) + LINEAR_EPS)
         # a row that selects every key block leaves the linear branch nothing: its output is O_s alone
         # (and alpha gets no gradient from it)
@@ -364,12 +371,13 @@ SHIFT_GRID = (-8.0, 8.0, 0.02)
 @torch.no_grad()
 def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_q: int,
                     block_k: int, feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                    max_q_blocks: int = 8) -> torch.Tensor:
+                    max_q_blocks: int = 8, linear_keys: str = "unselected") -> torch.Tensor:
     """Per head, the ``alpha_logit`` of ``mixing: query`` that minimises the squared error of SLA2's output against
     full attention on (a sample of) ``max_q_blocks`` query blocks, searched on :data:`SHIFT_GRID`: (H,) fp32.
 
     The mix is ``alpha_i O_s + (1 - alpha_i) O_l`` with ``alpha_i = sigmoid(lse_sel - lse_tail + c)``, so the
-    error is a quadratic in alpha_i per row and each candidate costs a pass over per-row scalars.
+    error is a quadratic in alpha_i per row and each candidate costs a pass over per-row scalars.  ``linear_keys``
+    is the linear branch's setting (:func:`sla2_attention_reference`).
     """
     b, h, n, d = q.shape
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -379,7 +387,8 @@ def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     for name, logit in (("sparse", math.inf), ("linear", -math.inf)):
         branch[name] = sla2_attention_reference(
             q, k, v, eye, eye, torch.full((h,), logit, device=q.device), topk=1.0, block_q=block_q,
-            block_k=block_k, q_blocks=blocks, mask=mask, feature_q=feature_q, feature_k=feature_k).float()
+            block_k=block_k, q_blocks=blocks, mask=mask, feature_q=feature_q, feature_k=feature_k,
+            linear_keys=linear_keys).float()
     rows = (blocks.view(-1, 1) * block_q + torch.arange(block_q, device=q.device).view(1, -1)).view(-1)
     rows = rows[rows < n]
     dense = full_attention_reference(q, k, v, q_rows=rows).float()

@@ -81,13 +81,13 @@ class GluonUnavailableError(UsageError):
     """The Gluon sparse launch was asked for where it cannot run: no Hopper GPU, or inputs it does not take."""
 
 
-@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "nk", "npad", "qk_scale", "inv_n", "has_lin"])
+@gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "nk", "npad", "qk_scale", "inv_n", "has_lin", "lin_div"])
 def fwd_sparse_gluon_kernel(
     Q, K, V, O, LUT, ALPHA, H_REST, Z_REST, LSE, INV_DEN, Q_INT8, Q_SCALE, K_INT8, K_SCALE, V_FP8, V_ABSMAX, K_SUM,
     PHI_Q, LSE_TAIL, ALPHA_ROWS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    N, B, H, n_sel, nq, nk, npad, qk_scale, inv_n, has_lin,
+    N, B, H, n_sel, nq, nk, npad, qk_scale, inv_n, has_lin, lin_div,
     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr,
     QUANT: gl.constexpr, HEDGEHOG: gl.constexpr, MIX_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ROWS_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, SQUARE_LAYOUT: gl.constexpr,
@@ -101,13 +101,14 @@ def fwd_sparse_gluon_kernel(
     schedule, one per item for the plain one).  QUANT == 2 (``int8-fp8``) reads the forward's INT8 Q and K
     and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read.  HEDGEHOG reads phi(Q) from
     PHI_Q; MIX_ROWS mixes with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits) and, with
-    SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read."""
+    SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
+    work item i at i // lin_div: one per routing block (1) or one per (batch, head) (nq)."""
     q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
     o_desc = tma.make_tensor_descriptor(O, [B, H, N, D], [stride_ob, stride_oh, stride_on, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
     n_items = B * H * nq
-    h_desc = tma.make_tensor_descriptor(H_REST, [n_items * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
+    h_desc = tma.make_tensor_descriptor(H_REST, [(n_items // lin_div) * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
     dtype: gl.constexpr = Q.dtype.element_ty
     q_tiles = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)
     if QUANT == 2:
@@ -150,16 +151,17 @@ def fwd_sparse_gluon_kernel(
 
     gl.warp_specialize([
         (producer, (q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
-                    q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, D, BLOCK_N, STAGES, QUANT)),
+                    q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div, D, BLOCK_N, STAGES,
+                    QUANT)),
         (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
                     turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
                     V_ABSMAX, K_SUM, PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n,
-                    has_lin, 0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, HEDGEHOG, MIX_ROWS, S_LAYOUT, O_LAYOUT,
+                    has_lin, lin_div, 0, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, HEDGEHOG, MIX_ROWS, S_LAYOUT, O_LAYOUT,
                     P_LAYOUT, MIX_LAYOUT)),
         (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
                     turns.index(1), turns.index(0), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
                     V_ABSMAX, K_SUM, PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n,
-                    has_lin, 1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, HEDGEHOG, MIX_ROWS, S_LAYOUT, O_LAYOUT,
+                    has_lin, lin_div, 1, D, BLOCK_N, STAGES, SAVE_LSE, OVERLAP, QUANT, HEDGEHOG, MIX_ROWS, S_LAYOUT, O_LAYOUT,
                     P_LAYOUT, MIX_LAYOUT)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -254,8 +256,8 @@ def persistent_programs(n_items: int, device: torch.device) -> int:
 
 def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, lowbit, strides, N, H, n_sel,
                         nq, nk, qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, quant: str = "none",
-                        phi_q=None, lse_tail=None, alpha_rows=None, persistent: bool = True, overlap: bool = True,
-                        ring_slots: int = GLUON_RING_SLOTS):
+                        phi_q=None, lse_tail=None, alpha_rows=None, lin_per_head: bool = False,
+                        persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
     """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
     are the (batch, head, token) strides of q, k, v and o in that order; ``lowbit`` is the forward's
     (q_int8, q_scale, k_int8, k_scale, v_fp8 (B*H, D, npad), v_absmax, k_sum), read for
@@ -265,7 +267,9 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     ``ring_slots``: K/V slots (:func:`ring_stages`).  The linear-branch options, as ``fwd_sparse_kernel`` takes
     them: ``phi_q`` (B*H, N, D) Hedgehog features of Q from the q pre-pass (None: softmax over the head dim);
     ``lse_tail`` (B*H, N) for alpha per row (None: alpha per head), ``alpha`` then the heads' logits, and
-    ``alpha_rows`` (B*H, N) where SAVE_LSE stores it.  The caller has run :func:`check_supported`."""
+    ``alpha_rows`` (B*H, N) where SAVE_LSE stores it.  ``lin_per_head``: ``h_rest`` / ``z_rest`` are one
+    state per (batch, head) (the linear branch over every key block).  The caller has run
+    :func:`check_supported`."""
     hedgehog, mix_rows = phi_q is not None, lse_tail is not None
     if mix_rows and SAVE_LSE and alpha_rows is None:
         raise ValueError("alpha per row with SAVE_LSE needs alpha_rows to store it in")
@@ -276,7 +280,7 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     fwd_sparse_gluon_kernel[(programs, )](
         q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *lowbit,
         phi_q if hedgehog else q, lse_tail if mix_rows else inv_den, alpha_rows if mix_rows and SAVE_LSE else inv_den,
-        *strides, N, bh // H, H, n_sel, nq, nk, nk * BLOCK_N, qk_scale, 1.0 / N, has_lin,
+        *strides, N, bh // H, H, n_sel, nq, nk, nk * BLOCK_N, qk_scale, 1.0 / N, has_lin, nq if lin_per_head else 1,
         D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots, quant), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
         QUANT=GLUON_QUANT_IDS[quant], HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, CONSUMER_REGS=CONSUMER_REGS,
         num_warps=PRODUCER_WARPS,

@@ -97,12 +97,13 @@ def tile3(buf, ROWS: gl.constexpr, COLS: gl.constexpr):
 
 @gluon.jit
 def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
-             q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel,
+             q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div,
              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QUANT: gl.constexpr):
     """TMA loads, item after item: the tile's Q (and its INT8 copy when QUANT) once both consumers are past
     their last QK^T of the previous tile, its selected K and V blocks into the ring (one ring for all items,
     so the next tile's first blocks arrive while the consumers finish the current one), then its H_rest once
-    the previous mix is done.  QUANT == 2 loads INT8 K - mean(K) and FP8 V^T (token-contiguous) blocks."""
+    the previous mix is done (item i's is row block i // lin_div: one per routing block or per (batch, head)).
+    QUANT == 2 loads INT8 K - mean(K) and FP8 V^T (token-contiguous) blocks."""
     step = 0
     lap = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -132,7 +133,7 @@ def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring,
             step += 1
         mbarrier.wait(h_free, (lap & 1) ^ 1)
         mbarrier.expect(h_ready, h_desc.block_type.nbytes)
-        _tma_load(h_desc, [item * D, 0], h_ready, h_rest)
+        _tma_load(h_desc, [(item // lin_div) * D, 0], h_ready, h_rest)
         lap += 1
 
 
@@ -272,7 +273,7 @@ def pipelined_loop(q, p_tile, k_ring, v_ring, ready, empty, q_free, my_turn, the
 @gluon.jit
 def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
              my_turn, their_turn, o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE, V_ABSMAX, K_SUM,
-             PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin,
+             PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n, has_lin, lin_div,
              WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              SAVE_LSE: gl.constexpr, OVERLAP: gl.constexpr, QUANT: gl.constexpr, HEDGEHOG: gl.constexpr,
              MIX_ROWS: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
@@ -307,7 +308,8 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
             psi_alpha = alpha
         mbarrier.wait(q_ready, lap & 1)
         phi_q = query_features(q, PHI_Q, bh * N + rows, row_valid, HEDGEHOG, D, MIX_LAYOUT)
-        psi, inv_den = linear_tail_weights(phi_q, psi_alpha, Z_REST + item.to(gl.int64) * D, has_lin, D, MIX_LAYOUT)
+        psi, inv_den = linear_tail_weights(phi_q, psi_alpha, Z_REST + (item // lin_div).to(gl.int64) * D, has_lin,
+                                           D, MIX_LAYOUT)
         gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
         tma.store_wait(0)  # the previous item's O has left the staging buffer
         stage.store(psi.to(dtype))

@@ -170,19 +170,24 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 
 
 def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layout: str, save: bool,
-            launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head"):
+            launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head",
+            linear_keys: str = "unselected"):
     """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``save`` writes the LSE (and with ``mixing="query"`` alpha per row) the backward needs; otherwise they
     come back with 0 columns.  ``feature_q``, ``feature_k``: the Hedgehog signed stacks (H, D, D)
-    (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features)."""
+    (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features).  ``linear_keys="all"``:
+    the linear branch over every key block, from H_all and z_all (no linear launch)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
+    linear.check_linear_keys(linear_keys)
     hedgehog, mix_rows = feature_q is not None, mixing == "query"
     if (feature_k is not None) != hedgehog:
         raise ValueError("feature_q and feature_k must be given together")
-    if (hedgehog or mix_rows) and launch.sparse_ws:
-        raise ValueError("the warp-specialized sparse launch computes softmax features and alpha per head only")
+    lin_per_head = linear_keys == "all"
+    if (hedgehog or mix_rows or lin_per_head) and launch.sparse_ws:
+        raise ValueError("the warp-specialized sparse launch computes softmax features, alpha per head and the "
+                         "linear branch over the unselected blocks only")
     if launch.sparse_ws:
         ws_kernels.check_supported(q.dtype, spec.quant)
     if launch.sparse_gluon == 1:
@@ -190,7 +195,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     # sparse_gluon 2: the Gluon launch where it applies; the linear-branch options take it only when asked for
     # (sparse_gluon 1) until a GPU has checked them there against the plain launch
     use_gluon = launch.sparse_gluon == 1 or (
-        launch.sparse_gluon == 2 and not launch.sparse_ws and not (hedgehog or mix_rows)
+        launch.sparse_gluon == 2 and not launch.sparse_ws and not (hedgehog or mix_rows or lin_per_head)
         and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
     q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     (B, H, N, D), q_strides = _dims(q, layout)
@@ -244,13 +249,16 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             k, v, k_sum, v_absmax, k_int8, k_scale, v_fp8, *k_strides, *v_strides, N, H, nk, npad, 1.0 / N,
             D=D, BLOCK_N=spec.block_k, QUANT=quant, FP8_EMULATE=fp8_emulate,
         )
-    # 6. linear launch: H_rest and z_rest per query block
-    h_rest = torch.empty(BH, nq, D, D, device=dev, dtype=q.dtype)
-    z_rest = torch.empty(BH, nq, D, device=dev, dtype=f32)
-    forward_kernels.fwd_lin_kernel[(nq, BH)](
-        v, neg_phi_k, z_block, lut, h_all, z_all, h_rest, z_rest, *v_strides, N, H, n_sel, nq, nk,
-        D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
-    )
+    # 6. linear launch: H_rest and z_rest per query block (over every key block: H_all and z_all per head)
+    if lin_per_head:
+        h_rest, z_rest = h_all.to(q.dtype), z_all
+    else:
+        h_rest = torch.empty(BH, nq, D, D, device=dev, dtype=q.dtype)
+        z_rest = torch.empty(BH, nq, D, device=dev, dtype=f32)
+        forward_kernels.fwd_lin_kernel[(nq, BH)](
+            v, neg_phi_k, z_block, lut, h_all, z_all, h_rest, z_rest, *v_strides, N, H, n_sel, nq, nk,
+            D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
+        )
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
     if mix_rows:
         lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k, qk_scale,
@@ -280,6 +288,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
             D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if hedgehog else None,
             lse_tail=lse_tail if mix_rows else None, alpha_rows=alpha_rows if alpha_rows.numel() else None,
+            lin_per_head=lin_per_head,
         )
         return o, lut, lse, inv_den, h_all, z_all, alpha_rows
     forward_kernels.fwd_sparse_kernel[(n_tiles, BH)](
@@ -289,17 +298,20 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         *q_strides, *k_strides, *v_strides, *o_strides,
         N, H, n_sel, nq, nk, spec.block_q, qk_scale, 1.0 / N, npad, int(n_sel < nk),
         D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, QUANT=quant, FP8_EMULATE=fp8_emulate, SAVE_LSE=save,
-        HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, **_warps_stages(launch.num_warps, launch.num_stages),
+        HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, LIN_PER_HEAD=lin_per_head,
+        **_warps_stages(launch.num_warps, launch.num_stages),
     )
     return o, lut, lse, inv_den, h_all, z_all, alpha_rows
 
 
 def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q: int, block_k: int,
-             layout: str, launch: LaunchConfig, feature_q=None, feature_k=None, alpha_rows=None):
+             layout: str, launch: LaunchConfig, feature_q=None, feature_k=None, alpha_rows=None,
+             linear_keys: str = "unselected"):
     """Every launch of one backward: returns (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), 16-bit
     math on the original Q, K, V.  ``feature_q``, ``feature_k``: the forward's Hedgehog signed stacks or
     None (their gradients are then None); ``alpha_rows``: the forward's alpha per row with
-    ``mixing="query"``, else None or empty."""
+    ``mixing="query"``, else None or empty.  ``linear_keys="all"``: the forward's linear branch covered every
+    key block, so the linear launches subtract nothing (no selected blocks, an empty inverted index)."""
     do, q, k, v, o = (_unit_head_stride(t) for t in (do, q, k, v, o))
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
@@ -348,7 +360,7 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     w = torch.empty(BH, N, device=dev, dtype=f32)
     backward_kernels.bwd_dq_lin_kernel[(_cdiv(N, lin_tile_m), BH)](
         v, do, dq, z_block, lut, w, inv_den, h_all, z_all, alpha, phi_q, phi_k, feature_q_arg, dlogits_q,
-        *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q,
+        *v_strides, *do_strides, *dq_strides, N, H, 0 if linear_keys == "all" else n_sel, nq, nk, block_q,
         D=D, BLOCK_M=lin_tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, **linear_launch,
     )
     # 3. per row: delta for the sparse launches; per tile: partial b totals and the alpha gradient
@@ -377,8 +389,10 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     )
     # 6. dK and dV over the inverted index: the linear part, then the sparse part of each
     tile_offsets, tile_ids = inverted_index(lut, N, block_q, nk, tile_m)
+    # over every key block the linear part of each block's gradient takes every query tile: none to subtract
+    lin_offsets = torch.zeros_like(tile_offsets) if linear_keys == "all" else tile_offsets
     backward_kernels.bwd_dkdv_lin_kernel[(nk, BH)](
-        v, do, dk, dv, tile_offsets, tile_ids, w, a_all, b_all, psi, phi_k,
+        v, do, dk, dv, lin_offsets, tile_ids, w, a_all, b_all, psi, phi_k,
         *v_strides, *do_strides, *dk_strides, *dv_strides, N, H, nk, feature_k_arg, dlogits_k,
         D=D, BLOCK_M=tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, **linear_launch,
     )
@@ -404,20 +418,21 @@ def sla2_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: torch.Tensor, router_k: torch.Tensor,
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, kept_start: int,
     kept_end: int, layout: str, save: bool, launch: list[int], feature_q: torch.Tensor | None = None,
-    feature_k: torch.Tensor | None = None, mixing: str = "head",
+    feature_k: torch.Tensor | None = None, mixing: str = "head", linear_keys: str = "unselected",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`;
-    ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head" or "query"."""
+    ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head" or "query";
+    ``linear_keys`` "unselected" or "all"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch),
-                   feature_q, feature_k, mixing)
+                   feature_q, feature_k, mixing, linear_keys)
 
 
 @sla2_fwd.register_fake
 def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, kept_start, kept_end, layout, save,
-      launch, feature_q=None, feature_k=None, mixing="head"):
+      launch, feature_q=None, feature_k=None, mixing="head", linear_keys="unselected"):
     _check_tensors(q, k, v, layout)
     (B, H, N, D), _ = _dims(q, layout)
     nq, nk = _cdiv(N, block_q), _cdiv(N, block_k)
@@ -440,13 +455,13 @@ def sla2_bwd(
     lut: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, inv_den: torch.Tensor, h_all: torch.Tensor,
     z_all: torch.Tensor, block_q: int, block_k: int, layout: str, launch: list[int],
     feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-    alpha_rows: torch.Tensor | None = None,
+    alpha_rows: torch.Tensor | None = None, linear_keys: str = "unselected",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`backward` as a custom op: (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), straight-through
     for the low-bit modes; the feature gradients are empty without Hedgehog features."""
     dq, dk, dv, dalpha, dfq, dfk = backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q,
                                             block_k, layout, LaunchConfig.from_ints(launch), feature_q, feature_k,
-                                            alpha_rows)
+                                            alpha_rows, linear_keys)
     if dfq is None:
         dfq, dfk = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dalpha, dfq, dfk
@@ -454,7 +469,7 @@ def sla2_bwd(
 
 @sla2_bwd.register_fake
 def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, block_k, layout, launch,
-      feature_q=None, feature_k=None, alpha_rows=None):
+      feature_q=None, feature_k=None, alpha_rows=None, linear_keys="unselected"):
     def feature_grad(w):
         return q.new_empty(0) if w is None else w.new_empty(w.shape, dtype=torch.float32)
 
@@ -464,21 +479,22 @@ def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, blo
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, _kept_start, _kept_end, layout, \
-        _save, launch, feature_q, feature_k, _mixing = inputs
+        _save, launch, feature_q, feature_k, _mixing, linear_keys = inputs
     o, lut, lse, inv_den, h_all, z_all, alpha_rows = output
     ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows)
     ctx.settings = (block_q, block_k, layout, launch)
+    ctx.linear_keys = linear_keys
 
 
 def _autograd_backward(ctx, do, *_unused):
     q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows = ctx.saved_tensors
     dq, dk, dv, dalpha, dfq, dfk = sla2_bwd(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all,
-                                            *ctx.settings, feature_q, feature_k, alpha_rows)
+                                            *ctx.settings, feature_q, feature_k, alpha_rows, ctx.linear_keys)
     if feature_q is None:
         dfq = dfk = None
     else:
         dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
-    return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None)
+    return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None)
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -488,16 +504,18 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
                           router_k: torch.Tensor, alpha_logit: torch.Tensor, spec: AttentionSpec, *,
                           layout: str = "bnhd", launch: LaunchConfig | None = None,
                           feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                          mixing: str = "head") -> torch.Tensor:
+                          mixing: str = "head", linear_keys: str = "unselected") -> torch.Tensor:
     """SLA2 attention with the Triton kernels on q, k, v in ``layout``; returns the output in that layout
     and dtype.  ``spec`` holds the settings (:class:`AttentionSpec`), ``launch`` the tile sizes, warps and
     stages (:data:`DEFAULT_LAUNCH` if None).  ``feature_q``, ``feature_k`` (H, D, D/2): the Hedgehog feature
     map's weights (both or neither; softmax features without).  ``mixing``: ``"head"`` (alpha =
     sigmoid(alpha_logit) per head) or ``"query"`` (alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit)
-    per query row, both log-sum-exps detached).  Differentiable w.r.t. q, k, v, alpha_logit and the feature
-    weights (the hard top-k router gets no gradient)."""
+    per query row, both log-sum-exps detached).  ``linear_keys``: ``"unselected"`` (the linear branch over
+    the key blocks a query block did not select) or ``"all"`` (over every key block).  Differentiable w.r.t.
+    q, k, v, alpha_logit and the feature weights (the hard top-k router gets no gradient)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
+    linear.check_linear_keys(linear_keys)
     if (feature_q is None) != (feature_k is None):
         raise ValueError("feature_q and feature_k must be given together")
     launch = DEFAULT_LAUNCH if launch is None else launch
@@ -510,4 +528,4 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     kept_start, kept_end = spec.always_kept
     return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(spec.topk), int(spec.block_q),
                     int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints(),
-                    feature_q, feature_k, mixing)[0]
+                    feature_q, feature_k, mixing, linear_keys)[0]

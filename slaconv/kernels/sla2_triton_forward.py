@@ -322,7 +322,7 @@ def fwd_sparse_kernel(
     N, H, n_sel, nq, nk, block_q, qk_scale, inv_n, npad, has_lin,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     FP8_EMULATE: tl.constexpr, SAVE_LSE: tl.constexpr, HEDGEHOG: tl.constexpr = False,
-    MIX_ROWS: tl.constexpr = False,
+    MIX_ROWS: tl.constexpr = False, LIN_PER_HEAD: tl.constexpr = False,
 ):
     """One query tile: the sparse branch over its LUT row (online softmax in exp2; QK^T in INT8 and PV in
     FP8 for the low-bit modes), then the epilogue that finishes the linear branch from the routing
@@ -332,7 +332,8 @@ def fwd_sparse_kernel(
     phi(Q) is softmax over the head dim of the Q tile, or with HEDGEHOG read from PHI_Q (q_prepass).
     alpha is ALPHA[h] (sigmoid of the head's logit, from the host), or with MIX_ROWS one per row from the
     loop's own log-sum-exp, LSE_TAIL and the head's logit ALPHA[h] (:func:`row_mix_ratio`), stored in
-    ALPHA_ROWS when SAVE_LSE."""
+    ALPHA_ROWS when SAVE_LSE.  H_REST / Z_REST hold one state per routing block or, with LIN_PER_HEAD (the
+    linear branch over every key block), one per (batch, head): H_all and z_all."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_N)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -404,5 +405,9 @@ def fwd_sparse_kernel(
         phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, row_valid, D).to(tl.float32)
     else:
         phi_q = common.phi(q16.to(tl.float32))
-    mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, state, rows, row_valid, stride_on, N, has_lin,
+    if LIN_PER_HEAD:
+        lin_state = bh
+    else:
+        lin_state = state
+    mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, lin_state, rows, row_valid, stride_on, N, has_lin,
                   D, MIX_ROWS)

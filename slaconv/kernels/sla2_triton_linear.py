@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from ..config import LINEAR_KEYS
 from . import sla2_triton_forward as forward_kernels
 
-__all__ = ["MIXINGS", "check_mixing", "signed_weights", "signed_weight_grad", "tail_lse"]
+__all__ = ["LINEAR_KEYS", "MIXINGS", "check_linear_keys", "check_mixing", "signed_weights", "signed_weight_grad",
+           "tail_lse"]
 
 MIXINGS = ("head", "query")
 """How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
@@ -30,6 +32,12 @@ def check_mixing(mixing: str) -> None:
     """Raise ``ValueError`` unless ``mixing`` is one of :data:`MIXINGS`."""
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+
+
+def check_linear_keys(linear_keys: str) -> None:
+    """Raise ``ValueError`` unless ``linear_keys`` is one of :data:`LINEAR_KEYS`."""
+    if linear_keys not in LINEAR_KEYS:
+        raise ValueError(f"linear_keys must be one of {LINEAR_KEYS}, got {linear_keys!r}")
 
 
 def signed_weights(weight: torch.Tensor, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
