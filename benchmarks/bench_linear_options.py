@@ -10,8 +10,8 @@ same mode.  Then a per-kernel profile (torch.profiler) of Hedgehog / per query a
 shows the feature pre-passes, the tail log-sum-exp launch and the feature-gradient GEMMs on their own (GPU
 ms per call of each kernel).
 Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
-``--config`` overrides fields of the launch settings (``'{"sparse_gluon": 1}'``: every row on the Gluon sparse
-loop, which the default keeps for softmax features with alpha per head).
+``--config`` overrides fields of the launch settings (``'{"sparse_gluon": 0}'``: every row on the plain sparse
+loop; the default takes the Gluon loop for every option on a Hopper GPU).
 Writes bench_linear_options.json and .md to --out (default $OUT or ./bench_out).
 """
 

@@ -3,11 +3,10 @@
 # Hopper GPU, at most 9 minutes: the GPU tests of the Gluon epilogue's options against the plain launch (ragged N
 # and (1, 12, 32760, 128), both layouts, "none" and "int8-fp8", 90% and 97%), then
 # benchmarks/bench_linear_options.py at 97% twice in the same run:
-# with the default launch (the options on the plain Triton loop) and with sparse_gluon=1 (every row on Gluon),
-# each beside cuDNN SDPA.  If the tests pass and the Gluon rows are faster, LaunchConfig.sparse_gluon=2 can take
-# the Gluon loop for the options too (the condition in sla2_triton.forward).
+# with the default launch (every option on the Gluon loop) and with sparse_gluon=0 (every row on the plain Triton
+# loop), each beside cuDNN SDPA.
 # Files in $OUT/gluon_options (default ./bench_out/gluon_options): check.log, pytest.log,
-# options_default.md, options_gluon.md (each with its .json).
+# options_default.md, options_plain.md (each with its .json).
 #
 #   bash benchmarks/gpu_gluon_options.sh          # sources benchmarks/gpu_setup.sh itself
 source benchmarks/gpu_setup.sh
@@ -20,8 +19,8 @@ TMP=$(mktemp -d)
   nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
   timeout 180 python3 -m pytest -v tests/test_kernels.py -k "gluon_linear_options or default_launch" \
     -p no:cacheprovider 2>&1 | tee "$DIR/pytest.log" | grep -v "^  " | tail -30
-  for launch in default gluon; do
-    config=$([ "$launch" = gluon ] && echo '{"sparse_gluon": 1}' || echo '')
+  for launch in default plain; do
+    config=$([ "$launch" = plain ] && echo '{"sparse_gluon": 0}' || echo '')
     timeout 150 python3 benchmarks/bench_linear_options.py --topk 0.03 --rep 30 --no-check --config "$config" \
       --out "$TMP/$launch"
     cp "$TMP/$launch/bench_linear_options.md" "$DIR/options_$launch.md"

@@ -506,21 +506,26 @@ def test_linear_options_are_checked():
         S.sla2_attention_triton(q, q, q, rq, rq, al, spec, layout="bhnd", linear_keys="selected")
 
 
-def test_default_launch_runs_the_linear_options_on_the_plain_loop(monkeypatch):
+def test_default_launch_runs_the_linear_options_where_gluon_applies(monkeypatch):
     """The default launch (sparse_gluon=2) with Hedgehog features, alpha per query or the linear branch over every
-    key block: the plain launch, bit for bit."""
+    key block: on a Hopper GPU the Gluon launch (sparse_gluon=1's outputs, bit for bit), elsewhere the plain
+    launch (sparse_gluon=0's, bit for bit)."""
     launched = []
     real = gluon_kernels.launch_sparse_gluon
     monkeypatch.setattr(gluon_kernels, "launch_sparse_gluon", lambda *a, **kw: launched.append(1) or real(*a, **kw))
     (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 128, 0.3, "bnhd", WS_DTYPE, True, 7)
     for (feature_q, feature_k), mixing, linear_keys in (((wq, wk), "head", "unselected"),
                                                         ((None, None), "query", "unselected"),
-                                                        ((None, None), "head", "all")):
-        outs = [S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(0.3), layout="bnhd", launch=launch,
-                                        feature_q=feature_q, feature_k=feature_k, mixing=mixing,
-                                        linear_keys=linear_keys)
-                for launch in (DEFAULT_LAUNCH, PLAIN_LAUNCH)]
-        assert torch.equal(*outs) and not launched, (mixing, linear_keys)
+                                                        ((None, None), "head", "all"),
+                                                        ((wq, wk), "query", "all")):
+        outs = []
+        for launch in (DEFAULT_LAUNCH, GLUON_LAUNCH if IS_HOPPER else PLAIN_LAUNCH):
+            launched.clear()
+            outs.append(S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(0.3), layout="bnhd",
+                                                launch=launch, feature_q=feature_q, feature_k=feature_k,
+                                                mixing=mixing, linear_keys=linear_keys))
+            assert len(launched) == int(IS_HOPPER), (mixing, linear_keys, launch)
+        assert torch.equal(*outs), (mixing, linear_keys)
 
 
 # --------------------------------------------------------------------------------------------------

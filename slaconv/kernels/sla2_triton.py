@@ -192,10 +192,9 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         ws_kernels.check_supported(q.dtype, spec.quant)
     if launch.sparse_gluon == 1:
         gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant)
-    # sparse_gluon 2: the Gluon launch where it applies; the linear-branch options take it only when asked for
-    # (sparse_gluon 1) until a GPU has checked them there against the plain launch
+    # sparse_gluon 2: the Gluon launch wherever it applies, the linear-branch options included
     use_gluon = launch.sparse_gluon == 1 or (
-        launch.sparse_gluon == 2 and not launch.sparse_ws and not (hedgehog or mix_rows or lin_per_head)
+        launch.sparse_gluon == 2 and not launch.sparse_ws
         and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
     q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     (B, H, N, D), q_strides = _dims(q, layout)
