@@ -261,7 +261,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
     if mix_rows:
         lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k, qk_scale,
-                                   tile_m, _warps_stages(launch.num_warps, 2), shifted=quant > 0)
+                                   tile_m, shifted=quant > 0)
         alpha = alpha_logit.detach().float().contiguous()  # the kernel adds each row's log mass ratio
     else:
         lse_tail = k_mean  # not read

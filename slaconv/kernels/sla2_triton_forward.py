@@ -264,6 +264,12 @@ def tail_lse_kernel(
     rows, row_valid = common.block_rows(tile, BLOCK_M, N)
     q = common.load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, row_valid, D)
     selected_row = SELECTED + (bh * nq + (tile * BLOCK_M) // block_q) * nk
+    # the frame shift q . mean(K), taken before the loop: after it, q in fp32 would be live beside the
+    # (BLOCK_M x CHUNK) logits and spill at CHUNK = 128
+    frame_shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if not SHIFTED:
+        k_token_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
+        frame_shift = tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
     # a finite start: a chunk with every block selected leaves exp2(-inf - m) = 0, never nan
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -279,10 +285,7 @@ def tail_lse_kernel(
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
     # l_i >= 1 once any block counted (its max term is exp2(0))
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
-    if not SHIFTED:
-        k_token_mean = tl.load(K_SUM + bh * D + offs_d) * inv_n
-        lse += tl.sum(q.to(tl.float32) * k_token_mean[None, :], axis=1) * qk_scale
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf")) + frame_shift
     tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
 
 

@@ -25,7 +25,12 @@ __all__ = ["LINEAR_KEYS", "MIXINGS", "check_linear_keys", "check_mixing", "signe
 MIXINGS = ("head", "query")
 """How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
 
-TAIL_CHUNK = 64  # key blocks per MMA step of tail_lse_kernel
+# Launch of tail_lse_kernel: key blocks per MMA step, warps and stages.  At (1, 12, 32760, 128), 97% on an H100
+# (benchmarks/bench_tail_lse.py) 64 blocks at 4 warps and 3 stages took 0.29 ms, at the sparse loop's 8 warps
+# 0.33; 128 blocks per step at 4 warps 0.25, but they spill registers in the 16-bit frame.
+TAIL_CHUNK = 64
+TAIL_WARPS = 4
+TAIL_STAGES = 3
 
 
 def check_mixing(mixing: str) -> None:
@@ -58,11 +63,15 @@ def signed_weight_grad(x: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
 
 
 def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
-             tile_m: int, launch_options: dict, shifted: bool) -> torch.Tensor:
+             tile_m: int, shifted: bool, launch_options: dict | None = None, chunk: int = TAIL_CHUNK) -> torch.Tensor:
     """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
     not select, log2-sum-exp of q . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) the block
     means, ``k_sum`` (B*H, D) the token sums of K, ``lut`` (B, H, nq, n_sel)); -inf where every block is
-    selected.  ``shifted``: in the low-bit sparse loop's frame (logits of K - mean(K)) instead."""
+    selected.  ``shifted``: in the low-bit sparse loop's frame (logits of K - mean(K)) instead.  ``tile_m``
+    query rows (at most block_q, a divisor of it), ``chunk`` key blocks per MMA step and ``launch_options``
+    (``num_warps``, ``num_stages``; default :data:`TAIL_WARPS`, :data:`TAIL_STAGES`): launch settings only."""
+    if launch_options is None:
+        launch_options = dict(num_warps=TAIL_WARPS, num_stages=TAIL_STAGES)
     bh, nk, d = k_mean.shape
     nq, n_sel = lut.shape[-2:]
     selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
@@ -75,6 +84,6 @@ def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int,
     forward_kernels.tail_lse_kernel[(-(-n // tile_m), bh)](
         q, k_centred, selected, k_sum, lse_tail, *q_strides, n, heads, nq,
         nk, block_q, block_k, qk_scale, 1.0 / n,
-        D=d, BLOCK_M=tile_m, CHUNK=TAIL_CHUNK, SHIFTED=shifted, **launch_options,
+        D=d, BLOCK_M=tile_m, CHUNK=chunk, SHIFTED=shifted, **launch_options,
     )
     return lse_tail
