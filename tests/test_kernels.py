@@ -434,13 +434,18 @@ def test_query_mixing_alpha_per_row_matches_fp64(quant, dtype, key_mean):
     """The forward's alpha per row (LSE_sel from the sparse loop, LSE_tail from the block means) itself; in
     the low-bit modes LSE_sel comes from the INT8 logits of K - mean(K), and LSE_tail is shifted to match.
     Keys with a large common mean in 16 bits: the tail's block means are centred before they are rounded
-    (uncentred, fp16 block means near 16 put alpha 1e-3 off, bf16 ones near 2 as far)."""
+    (uncentred, fp16 block means near 16 put alpha 1e-3 off, bf16 ones near 2 as far).  The oracle takes the
+    kernel's own selection: shifted keys rounded to 16 bits (bf16 steps of 1/8 near 16) can flip the router's
+    near-ties, and a different block moves a whole query block's alpha; the router is tested on its own."""
     n, d, block_q, topk = 333, 64, 128, 0.3
     seed = int(torch.randint(1 << 30, ()))
-    (q, k, v, rq, rk, al), _, blocks = _linear_option_inputs(n, d, block_q, topk, "bhnd", dtype, False, seed)
+    (q, k, v, rq, rk, al), _, _ = _linear_option_inputs(n, d, block_q, topk, "bhnd", dtype, False, seed)
     k = k + key_mean  # the shift moves LSE_sel by several units
-    alpha_rows = S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, 64, quant, 0, 0, "bhnd", True,
-                            DEFAULT_LAUNCH.as_ints(), None, None, "query")[-1]
+    _, lut, *_, alpha_rows = S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, 64, quant, 0, 0, "bhnd", True,
+                                        DEFAULT_LAUNCH.as_ints(), None, None, "query")
+    nk = -(-n // 64)
+    blocks = torch.zeros(*lut.shape[:-1], nk, dtype=torch.bool, device=lut.device).scatter_(-1, lut.long(), True)
+    assert (blocks.sum(-1) == lut.shape[-1]).all()  # n_sel distinct blocks per query block
     _, want = _fp64_linear_options(q, k, v, blocks, al, block_q, 64, mixing="query")
     assert alpha_rows.shape == (2, n)
     assert (want.std(dim=-1) > 0.01).all()  # alpha differs between rows
