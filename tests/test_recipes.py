@@ -34,6 +34,10 @@ def test_recipe_loads_and_hashes_stably(path: Path, tmp_path: Path):
     assert load_recipe(tmp_path / "resolved.yaml").hash() == h
     # A CLI-style override changes the hash.
     assert load_recipe(path, {"sla2.topk": "0.07"}).hash() != h  # a top-k no recipe uses
+    # Every shipped recipe takes the linear branch over all key blocks (measured equal quality, faster forward);
+    # the setting's own default stays the paper's form, which work dirs written without it mean.
+    assert r.sla2.linear_keys == "all"
+    assert "linear_keys: all" in (tmp_path / "resolved.yaml").read_text()
 
 
 @pytest.mark.parametrize("path", WAN_FILES, ids=lambda p: p.stem)
