@@ -56,9 +56,10 @@ class LaunchConfig:
     TMA producer and two ping-ponging wgmma consumer warpgroups with QK^T(j+1) overlapping softmax(j); Hopper
     GPUs, 16-bit inputs, ``quant="none"`` or ``"int8-fp8"``, 128-query and 64-key blocks; its own K/V ring
     depth), and refuses calls it does not compute.  2, the default: the Gluon kernel where it applies, the
-    plain launch elsewhere (other GPUs, ``quant="int8"``, Hedgehog features, alpha per query, and where
+    plain launch elsewhere (other GPUs, ``quant="int8"``, 32-bit inputs, other block sizes, and where
     ``sparse_ws`` asks for the warp-specialized one); at 97% on an H200 it makes the whole forward 18% faster
-    in bf16 and 8% in ``int8-fp8``.  0: the plain Triton launch everywhere (:data:`PLAIN_LAUNCH`)."""
+    in bf16 and 8% in ``int8-fp8``, and it computes every linear-branch option (Hedgehog features, alpha per
+    query, the branch over all key blocks).  0: the plain Triton launch everywhere (:data:`PLAIN_LAUNCH`)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
