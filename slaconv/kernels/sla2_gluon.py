@@ -40,6 +40,8 @@ Gluon kernels do not run under ``TRITON_INTERPRET``: CPU tests compile this one 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -218,8 +220,10 @@ def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: in
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_layouts(dtype: torch.dtype, head_dim: int, block_k: int, quant: str) -> dict:
-    """The kernel's layout constexprs: NVMMA shared layouts (swizzles) of the Q / psi / O tiles, K/V blocks and
+    """The kernel's layout constexprs (built once per argument set: every launch would otherwise pay for them on
+    the host): NVMMA shared layouts (swizzles) of the Q / psi / O tiles, K/V blocks and
     H_rest, of the same tiles as boxes of the 4-d descriptors, of the INT8 / FP8 tiles and their 3-d boxes;
     and the wgmma register layouts of S, O and P (8-bit operands take k = 32 and P k_width 4) and of the
     16-bit mix."""
