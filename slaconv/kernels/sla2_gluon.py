@@ -220,7 +220,7 @@ def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: in
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_layouts(dtype: torch.dtype, head_dim: int, block_k: int, quant: str) -> dict:
     """The kernel's layout constexprs (built once per argument set: every launch would otherwise pay for them on
     the host): NVMMA shared layouts (swizzles) of the Q / psi / O tiles, K/V blocks and
