@@ -134,3 +134,44 @@ def test_runs_at_other_sparsities_merge_into_one_comparison(smoke_original, tmp_
     assert "paper at top-k 0.1 is in two runs" in refused(tmp_path / "top0.1", tmp_path / "top0.1" / "results.json")
     assert "no results.json" in refused(tmp_path / "nowhere")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_row_with_a_non_finite_loss_is_flagged_and_kept_out_of_the_summary():
+    """One held-out triple of the seed-0 control scored NaN: every statistic that would read it says so instead of
+    turning into NaN; the summary pairs the candidate's seeds with the usable control seeds only."""
+    from slaconv.quality import candidate_report
+
+    g = torch.Generator().manual_seed(3)
+    base = (0.05 + 0.01 * torch.rand(32, generator=g, dtype=torch.float64)).tolist()
+    original = {"heldout_losses": base, "heldout_digest": "d"}
+
+    def row(candidate, topk, seed, scale):
+        losses = [x * scale * (1 + 0.02 * float(torch.rand((), generator=g))) for x in base]
+        tag = "dense" if topk == 1.0 else f"{round((1 - topk) * 100)}"
+        return {"id": f"{candidate}/{tag}/s{seed}", "candidate": candidate, "topk": topk, "seed": seed,
+                "heldout_digest": "d", "heldout_losses": losses, "seconds": 1.0}
+
+    rows = [row("dense control", 1.0, 0, 1.1), row("dense control", 1.0, 1, 1.1),
+            row("paper", 0.03, 0, 1.6), row("paper", 0.03, 1, 1.6)]
+    rows[0]["heldout_losses"][7] = float("nan")
+    stats = candidate_report.statistics(rows, original)
+    by_id = {r["id"]: r for r in stats["rows"]}
+    assert by_id["dense control/dense/s0"]["non_finite"] == [7] and by_id["paper/97/s0"]["non_finite"] == []
+    assert "vs_control" not in by_id["paper/97/s0"] and "vs_control" in by_id["paper/97/s1"]
+    entries = {(e["candidate"], e["topk"]): e for e in stats["summary"]}
+    control, paper = entries[("dense control", 1.0)], entries[("paper", 0.03)]
+    assert control["seeds"] == [1] and paper["seeds"] == [0, 1] and paper["control_seeds"] == [1]
+    want = paired_bootstrap(torch.tensor(rows[3]["heldout_losses"], dtype=torch.float64),
+                            torch.tensor(rows[1]["heldout_losses"], dtype=torch.float64))
+    assert paper["vs_control"] == want and want["difference"] > 0
+    for stat in (paper["vs_original"], paper["vs_control"], control["vs_original"]):
+        assert all(v == v for v in [stat["ratio"], *stat["ratio_ci"], stat["difference"]])  # no NaN anywhere
+    result = {**stats, "original_samples": {"accuracy": None}, "skipped": {}, "seconds_total": 1,
+              "row_state": {r["id"]: "done" for r in rows},
+              "settings": {"heldout_samples": 32, "seeds": [0, 1], "quant": "int8-fp8", "objective": "diffusion",
+                           "device": "cpu", "stage1": {"steps": 1}, "stage2": {"steps": 1, "batch_size": 1, "lr": 1e-4}}}
+    md = candidate_report.markdown(result)
+    assert "non-finite held-out loss in 1 row(s)" in md and "- dense control/dense/s0: 1 of 32 triples (7)" in md
+    assert md.index("non-finite") < md.index("## Held-out loss")
+    control_table = md[md.index("## Held-out loss minus"):md.index("## Every row")]
+    assert "(seed 1)" in control_table and "nan" not in md.split("## Every row")[0]

@@ -30,8 +30,7 @@ def sample_scores(folder: Path, reference: torch.Tensor, classify) -> dict:
 
 
 def summarize(rows: list[dict], original: dict, out: Path, classifier_dir: Path | None, spec, device) -> dict:
-    """Per-row and per-(candidate, sparsity) statistics of the finished ``rows``."""
-    base = torch.tensor(original["heldout_losses"], dtype=torch.float64)
+    """Per-row and per-(candidate, sparsity) statistics of the finished ``rows``, with their samples scored."""
     reference = torch.load(out / "original_samples.pt")
     labels = metrics.sampling_set(spec, reference.shape[0] // spec.num_classes)["labels"]
     clf = metrics.load_classifier(classifier_dir, device) if classifier_dir else None
@@ -42,41 +41,59 @@ def summarize(rows: list[dict], original: dict, out: Path, classifier_dir: Path 
         scores = metrics.classifier_scores(clf, videos, labels)
         return {"accuracy": scores["accuracy"], "accuracy_se": scores["accuracy_se"]}
 
-    controls = {r["seed"]: torch.tensor(r["heldout_losses"], dtype=torch.float64)
-                for r in rows if r["candidate"] == CONTROL}
+    samples = {r["id"]: sample_scores(Path(r["folder"]), reference, classify) for r in rows if r.get("has_samples")}
+    return {**statistics(rows, original, samples), "original_samples": classify(reference)}
+
+
+def statistics(rows: list[dict], original: dict, samples: dict | None = None) -> dict:
+    """The paired statistics of ``rows`` against the original and the dense control (``samples``: scores of the
+    rows that drew samples, by row id).  A row scored on other triples, or with a non-finite loss on any triple
+    (``non_finite`` lists them), is kept in the row list but left out of every summary and of the controls; a
+    summary's difference to the control pairs seeds, over those with a usable control (``control_seeds``)."""
+    samples = samples or {}
+    base = torch.tensor(original["heldout_losses"], dtype=torch.float64)
     out_rows = []
     for r in rows:
         est = torch.tensor(r["heldout_losses"], dtype=torch.float64)
         row = {k: v for k, v in r.items() if k not in ("heldout_losses", "cli_calls")}
         row["same_triples"] = r["heldout_digest"] == original["heldout_digest"]
+        row["non_finite"] = [i for i, finite in enumerate(torch.isfinite(est).tolist()) if not finite]
         row["loss"] = float(est.mean())
         row["vs_original"] = paired_bootstrap(est, base)
-        if r["seed"] in controls and r["candidate"] != CONTROL:
-            row["vs_control"] = paired_bootstrap(est, controls[r["seed"]])
-        if r.get("has_samples"):
-            row["samples"] = sample_scores(Path(r["folder"]), reference, classify)
+        if r["id"] in samples:
+            row["samples"] = samples[r["id"]]
         row["heldout_losses"] = r["heldout_losses"]
         out_rows.append(row)
+    usable = [r for r in out_rows if r["same_triples"] and not r["non_finite"]]
+    controls = {r["seed"]: torch.tensor(r["heldout_losses"], dtype=torch.float64)
+                for r in usable if r["candidate"] == CONTROL}
+    for row in out_rows:
+        if row["seed"] in controls and row["candidate"] != CONTROL:
+            row["vs_control"] = paired_bootstrap(torch.tensor(row["heldout_losses"], dtype=torch.float64),
+                                                 controls[row["seed"]])
+
+    def mean_losses(members):
+        return torch.stack([torch.tensor(m["heldout_losses"], dtype=torch.float64) for m in members]).mean(0)
 
     summary = []
-    control_mean = torch.stack(list(controls.values())).mean(0) if controls else None
     groups: dict[tuple[str, float], list[dict]] = {}
-    for row in out_rows:
-        if row["same_triples"]:
-            groups.setdefault((row["candidate"], row["topk"]), []).append(row)
+    for row in usable:
+        groups.setdefault((row["candidate"], row["topk"]), []).append(row)
     for (name, topk), members in groups.items():
-        est = torch.stack([torch.tensor(m["heldout_losses"], dtype=torch.float64) for m in members]).mean(0)
+        est = mean_losses(members)
         entry = {"candidate": name, "topk": topk, "seeds": sorted(m["seed"] for m in members),
                  "loss": float(est.mean()), "loss_per_seed": [m["loss"] for m in members],
                  "vs_original": paired_bootstrap(est, base)}
-        if control_mean is not None and name != CONTROL:
-            entry["vs_control"] = paired_bootstrap(est, control_mean)
+        paired = [m for m in members if m["seed"] in controls]
+        if paired and name != CONTROL:
+            entry["control_seeds"] = sorted(m["seed"] for m in paired)
+            control = torch.stack([controls[m["seed"]] for m in paired]).mean(0)
+            entry["vs_control"] = paired_bootstrap(mean_losses(paired), control)
         scored = [m["samples"] for m in members if "samples" in m]
         if scored:
             entry["samples"] = {key: _mean([s[key] for s in scored]) for key in ("psnr", "ssim", "accuracy")}
         summary.append(entry)
-    return {"original_loss": float(base.mean()), "original_samples": classify(reference),
-            "rows": out_rows, "summary": summary}
+    return {"original_loss": float(base.mean()), "rows": out_rows, "summary": summary}
 
 
 def _mean(values: list) -> float | None:
@@ -104,6 +121,12 @@ def markdown(result: dict) -> str:
         lines += [f"- {k}: {v}" for k, v in unfinished.items()] + [""]
     if not all(r["same_triples"] for r in result["rows"]):
         lines += ["**WARNING: some rows were scored on other held-out triples and are left out of the summary.**", ""]
+    broken = [r for r in result["rows"] if r.get("non_finite")]
+    if broken:
+        lines += [f"**WARNING: non-finite held-out loss in {len(broken)} row(s), left out of the summary and of "
+                  "the controls**:", ""]
+        lines += [f"- {r['id']}: {len(r['non_finite'])} of {len(r['heldout_losses'])} triples "
+                  f"({', '.join(map(str, r['non_finite'][:10]))})" for r in broken] + [""]
     lines += [f"Original: held-out loss {result['original_loss']:.4f} on {s['heldout_samples']} (video, noise, "
               f"sigma) triples. Every row: stage 1 {s['stage1']['steps']} steps, stage 2 {s['stage2']['steps']} "
               f"steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']:g}, objective {s['objective']}), "
@@ -116,14 +139,25 @@ def markdown(result: dict) -> str:
     rule = "|---|" + "---:|" * len(topks)
     control = next((e for e in result["summary"] if e["candidate"] == CONTROL), None)
     lines += ["## Held-out loss over the original's", "", header, rule]
-    lines += [f"| {n} | " + " | ".join(_interval(cell.get((n, t), {}).get("vs_original"), "ratio") for t in topks)
-              + " |" for n in names]
+    seeds = sorted(s["seeds"])
+
+    def seeds_note(used: list | None) -> str:
+        return "" if used is None or sorted(used) == seeds else f" (seed {', '.join(map(str, used))})"
+
+    def ratio_cell(e: dict | None) -> str:
+        return _interval(e["vs_original"], "ratio") + seeds_note(e["seeds"]) if e else ""
+
+    def control_cell(e: dict | None) -> str:
+        if not e or "vs_control" not in e:
+            return ""
+        return _interval(e["vs_control"], "difference", 4) + seeds_note(e.get("control_seeds"))
+
+    lines += [f"| {n} | " + " | ".join(ratio_cell(cell.get((n, t))) for t in topks) + " |" for n in names]
     if control:
-        lines += [f"| {CONTROL} (any sparsity) | {_interval(control['vs_original'], 'ratio')} |"
+        lines += [f"| {CONTROL} (any sparsity) | {ratio_cell(control)} |"
                   + " |" * (len(topks) - 1)]
     lines += ["", "## Held-out loss minus the dense control's", "", header, rule]
-    lines += [f"| {n} | " + " | ".join(_interval(cell.get((n, t), {}).get("vs_control"), "difference", 4)
-                                         for t in topks) + " |" for n in names]
+    lines += [f"| {n} | " + " | ".join(control_cell(cell.get((n, t))) for t in topks) + " |" for n in names]
     sampled = [e for e in result["summary"] if e.get("samples")]
     if sampled:
         acc = result["original_samples"].get("accuracy")
