@@ -5,10 +5,11 @@
 At (1, 12, 32760, 128) bf16 (Wan2.1-1.3B), for each top-k: the whole SLA2 op with softmax or Hedgehog
 features, alpha per head or per query, and the linear branch over the unselected or all key blocks
 (:data:`OPTIONS`), in 16 bits (``none``) and ``int8-fp8``, forward and forward +
-backward, beside cuDNN SDPA timed in the same run; each row's overhead is against softmax / per head in the
-same mode.  Then a per-kernel profile (torch.profiler) of Hedgehog / per query at the first top-k, which
-shows the feature pre-passes, the tail log-sum-exp launch and the feature-gradient GEMMs on their own (GPU
-ms per call of each kernel).
+backward, beside cuDNN SDPA timed in the same run, and the CPU time of issuing one forward ("host": where it
+exceeds the kernels' time, the forward is bound by the Python launches, not the GPU); each row's overhead is against softmax / per head in the
+same mode.  Then a per-kernel profile (torch.profiler) at the first top-k: the forward of every row, and
+forward + backward of Hedgehog / per query, which show the pre-passes, the tail log-sum-exp launch and the
+feature-gradient GEMMs on their own (GPU ms per call of each kernel).
 Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
 ``--config`` overrides fields of the launch settings (``'{"sparse_gluon": 0}'``: every row on the plain sparse
 loop; the default takes the Gluon loop for every option on a Hopper GPU).
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +67,20 @@ def run(tensors, topk, quant, feature, mixing, linear_keys="unselected"):
 
 def bench_forward(fn, rep):
     return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+
+
+def host_time(fn, calls=20, repeats=5):
+    """CPU ms per call of issuing ``fn``'s work (median of ``repeats`` runs of ``calls`` back-to-back calls, the
+    GPU idle at the start of each): the forward's wall time cannot fall below it, whatever the kernels take."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
 
 
 def bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, rep):
@@ -135,12 +151,11 @@ def markdown(results):
     lines = [f"{results['date']} {results['card']} torch {results['torch']} triton {results['triton']}",
              f"command: {results['command']}", f"launch: {results['launch']}", "",
              f"cuDNN SDPA: forward {results['cudnn']['fwd']:.3f} ms, forward+backward {results['cudnn']['fb']:.3f} ms",
-             "", "| top-k | quant | features | alpha | linear keys | fwd ms | vs softmax/head | x cuDNN | fwd+bwd ms "
-             "| vs softmax/head "
-             "| x cuDNN |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| top-k | quant | features | alpha | linear keys | fwd ms | fwd host ms | vs softmax/head | x cuDNN "
+             "| fwd+bwd ms | vs softmax/head | x cuDNN |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['topk']} | {r['quant']} | {r['feature']} | {r['mixing']} | {r['linear_keys']} | "
-                     f"{r['fwd']:.3f} | "
+                     f"{r['fwd']:.3f} | {r['fwd_host']:.3f} | "
                      f"{100 * r['fwd_overhead']:+.1f}% | {r['x_cudnn_fwd']:.1f} | {r['fb']:.3f} | "
                      f"{100 * r['fb_overhead']:+.1f}% | {r['x_cudnn_fb']:.1f} |")
     return "\n".join(lines)
@@ -173,17 +188,22 @@ def main():
             for feature, mixing, linear_keys in OPTIONS:
                 fwd = bench_forward(lambda: run(tensors, topk, quant, feature, mixing, linear_keys),  # noqa: B023
                                     args.rep)
+                host = host_time(lambda: run(tensors, topk, quant, feature, mixing, linear_keys))  # noqa: B023
                 fb = bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, args.rep)
                 base = base or (fwd, fb)
                 row = dict(topk=topk, quant=quant, feature=feature, mixing=mixing, linear_keys=linear_keys, fwd=fwd, fb=fb,
+                           fwd_host=host,
                            fwd_overhead=fwd / base[0] - 1, fb_overhead=fb / base[1] - 1,
                            x_cudnn_fwd=cudnn_fwd / fwd, x_cudnn_fb=cudnn_fb / fb)
                 results["rows"].append(row)
                 print(json.dumps(row))
                 torch.cuda.empty_cache()
     topk = args.topk[0]
-    results["profile"]["fwd hedgehog/query"] = kernel_times(
-        "forward, hedgehog / query", lambda: run(tensors, topk, "none", "hedgehog", "query"))
+    for quant in QUANTS:
+        for feature, mixing, linear_keys in OPTIONS:
+            label = f"forward, {quant}, {feature} / {mixing} / {linear_keys}"
+            results["profile"][label] = kernel_times(
+                label, lambda: run(tensors, topk, quant, feature, mixing, linear_keys))  # noqa: B023
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     results["profile"]["fwd+bwd hedgehog/query"] = kernel_times(
         "forward + backward, hedgehog / query",
