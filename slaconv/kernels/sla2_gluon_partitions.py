@@ -59,7 +59,8 @@ def linear_tail_weights(phi_q, alpha, z_rest_ptr, has_lin, D: gl.constexpr, LAYO
     per row is known only after the loop)."""
     z_rest = gl.load(z_rest_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT)))
     den = gl.sum(phi_q * gl.expand_dims(z_rest, 0), axis=1) + LINEAR_EPS
-    inv_den = (has_lin != 0).to(gl.float32) / den
+    # a select, not 0 / den: when every block is selected z_rest is rounding residue and den can land on 0
+    inv_den = gl.where(has_lin != 0, 1.0 / den, 0.0)
     return phi_q * gl.expand_dims((1.0 - alpha) * inv_den, 1), inv_den
 
 
