@@ -4,10 +4,11 @@
 
 At (1, 12, 32760, 128) bf16 (Wan2.1-1.3B), for each top-k: the whole SLA2 op with softmax or Hedgehog
 features, alpha per head or per query, and the linear branch over the unselected or all key blocks
-(:data:`OPTIONS`), in 16 bits (``none``) and ``int8-fp8``, forward and forward +
-backward, beside cuDNN SDPA timed in the same run, and the CPU time of issuing one forward ("host": where it
-exceeds the kernels' time, the forward is bound by the Python launches, not the GPU); each row's overhead is against softmax / per head in the
-same mode.  Then a per-kernel profile (torch.profiler) at the first top-k: the forward of every row, and
+(:data:`OPTIONS`), in 16 bits (``none``) and ``int8-fp8``, forward and forward + backward, beside cuDNN SDPA
+timed in the same run; also the CPU time of issuing one forward ("host": where it exceeds the kernels' time, the
+forward is bound by the Python launches, not the GPU) and the forward replayed from a CUDA graph ("graph": the
+kernels alone, as ``torch.compile(mode="reduce-overhead")`` would run them).  Each row's overhead is against
+softmax / per head in the same mode.  Then a per-kernel profile (torch.profiler) at the first top-k: the forward of every row, and
 forward + backward of Hedgehog / per query, which show the pre-passes, the tail log-sum-exp launch and the
 feature-gradient GEMMs on their own (GPU ms per call of each kernel).
 Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
@@ -83,6 +84,24 @@ def host_time(fn, calls=20, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, rep):
+    """ms per call of ``fn`` replayed from a CUDA graph (no host work per call: the kernels' time back to back),
+    or the capture's error as a string: an op that cannot be captured is a finding, not a crash."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture: compiles, allocator pools
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_forward(graph.replay, rep)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
 def bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, rep):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     leaves[3], leaves[4] = tensors[3], tensors[4]  # the router gets no gradient
@@ -147,15 +166,20 @@ def kernel_times(label, fn, calls=3):
     return times
 
 
+def _ms(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else f"failed ({value})"
+
+
 def markdown(results):
     lines = [f"{results['date']} {results['card']} torch {results['torch']} triton {results['triton']}",
              f"command: {results['command']}", f"launch: {results['launch']}", "",
              f"cuDNN SDPA: forward {results['cudnn']['fwd']:.3f} ms, forward+backward {results['cudnn']['fb']:.3f} ms",
-             "", "| top-k | quant | features | alpha | linear keys | fwd ms | fwd host ms | vs softmax/head | x cuDNN "
-             "| fwd+bwd ms | vs softmax/head | x cuDNN |", "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| top-k | quant | features | alpha | linear keys | fwd ms | fwd host ms | fwd graph ms | vs softmax/head "
+             "| x cuDNN | fwd+bwd ms | vs softmax/head | x cuDNN |",
+             "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['topk']} | {r['quant']} | {r['feature']} | {r['mixing']} | {r['linear_keys']} | "
-                     f"{r['fwd']:.3f} | {r['fwd_host']:.3f} | "
+                     f"{r['fwd']:.3f} | {r['fwd_host']:.3f} | {_ms(r['fwd_graph'])} | "
                      f"{100 * r['fwd_overhead']:+.1f}% | {r['x_cudnn_fwd']:.1f} | {r['fb']:.3f} | "
                      f"{100 * r['fb_overhead']:+.1f}% | {r['x_cudnn_fb']:.1f} |")
     return "\n".join(lines)
@@ -189,10 +213,12 @@ def main():
                 fwd = bench_forward(lambda: run(tensors, topk, quant, feature, mixing, linear_keys),  # noqa: B023
                                     args.rep)
                 host = host_time(lambda: run(tensors, topk, quant, feature, mixing, linear_keys))  # noqa: B023
+                graphed = graph_time(lambda: run(tensors, topk, quant, feature, mixing, linear_keys),  # noqa: B023
+                                     args.rep)
                 fb = bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, args.rep)
                 base = base or (fwd, fb)
                 row = dict(topk=topk, quant=quant, feature=feature, mixing=mixing, linear_keys=linear_keys, fwd=fwd, fb=fb,
-                           fwd_host=host,
+                           fwd_host=host, fwd_graph=graphed,
                            fwd_overhead=fwd / base[0] - 1, fb_overhead=fb / base[1] - 1,
                            x_cudnn_fwd=cudnn_fwd / fwd, x_cudnn_fb=cudnn_fb / fb)
                 results["rows"].append(row)
