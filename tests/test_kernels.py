@@ -324,8 +324,7 @@ def test_forward_against_dense_fp64(topk, bq, kept):
     q, k, v, rq, rk, al = _inputs(b, h, n, 64, "bhnd", seed=11)
     out, lut, *_ = _forward_outputs(q, k, v, rq, rk, al, topk, bq, 64, "none", "bhnd", kept)
     nk = reference.block_count(n, 64)
-    blk = torch.zeros(b, h, lut.shape[2], nk, dtype=torch.bool, device=lut.device)
-    blk.scatter_(-1, lut.long(), True)
+    blk = reference.lut_to_mask(lut, nk)
     mask_tok = blk.repeat_interleave(bq, dim=2)[:, :, :n].repeat_interleave(64, dim=3)[..., :n]
     want = _dense_fp64(q, k, v, mask_tok, al)
     assert rel_l2(out, want) <= (1e-5 if DTYPE == torch.float32 else 1e-2)
@@ -443,8 +442,7 @@ def test_query_mixing_alpha_per_row_matches_fp64(quant, dtype, key_mean):
     k = k + key_mean  # the shift moves LSE_sel by several units
     _, lut, *_, alpha_rows = S.sla2_fwd(q, k, v, rq, rk, al, topk, block_q, 64, quant, 0, 0, "bhnd", True,
                                         DEFAULT_LAUNCH.as_ints(), None, None, "query")
-    nk = -(-n // 64)
-    blocks = torch.zeros(*lut.shape[:-1], nk, dtype=torch.bool, device=lut.device).scatter_(-1, lut.long(), True)
+    blocks = reference.lut_to_mask(lut, reference.block_count(n, 64))
     assert (blocks.sum(-1) == lut.shape[-1]).all()  # n_sel distinct blocks per query block
     _, want = _fp64_linear_options(q, k, v, blocks, al, block_q, 64, mixing="query")
     assert alpha_rows.shape == (2, n)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from slaconv.errors import InputError, UsageError
+from slaconv.kernels import reference
 from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
 from slaconv.quality.render import render
@@ -420,7 +421,7 @@ def test_tail_estimators_match_an_independent_fp64_computation():
     q, k, v = _tail_inputs()
     bq, bk, n = 64, 32, q.shape[2]
     lut = te.heuristic_lut(q, k, 3, bq, bk)
-    keep = te.lut_mask(lut, n // bk).repeat_interleave(bq, 2).repeat_interleave(bk, 3)  # (1, H, N, N) tokens
+    keep = reference.lut_to_mask(lut, n // bk).repeat_interleave(bq, 2).repeat_interleave(bk, 3)  # (1, H, N, N)
     assert lut.shape == (1, 2, n // bq, 3) and int(keep[0, 0, 0].sum()) == 3 * bk
     s = q.double() @ k.double().transpose(-1, -2) / 4.0
     p = torch.softmax(s, dim=-1)
@@ -543,7 +544,7 @@ def test_pooled_mass_alpha_fits_minimise_the_error_on_their_rows():
         for delta in (-0.01, 0.01):
             assert bool((err("head_train", p["head_train"]) <= err("head_train", p["head_train"] + delta) + 1e-9).all())
     s = rows.q.double() @ k.double().transpose(-1, -2) / 4.0
-    selected = te.lut_mask(lut, 16).repeat_interleave(64, 2).repeat_interleave(32, 3)
+    selected = reference.lut_to_mask(lut, 16).repeat_interleave(64, 2).repeat_interleave(32, 3)
     lse_tail = torch.logsumexp(s.masked_fill(selected, float("-inf")), dim=-1)
     lse_pool = rows.lse_s[0.1].double() - gap.double()
     torch.testing.assert_close(fits["linear"]["mass"], (lse_pool - lse_tail).mean(dim=(0, 2)), rtol=0, atol=1e-4)

@@ -45,6 +45,7 @@ __all__ = [
     "soft_topk_mask",
     "selection_mask",
     "mask_to_lut",
+    "lut_to_mask",
     "feature_map",
     "pooled_tail_lse",
     "fake_quant_int8_blocks",
@@ -170,6 +171,12 @@ def mask_to_lut(mask: torch.Tensor) -> torch.Tensor:
     n = int(mask[0, 0, 0].sum()) if mask.numel() else 0
     idx = torch.topk(mask.to(torch.int8), n, dim=-1).indices
     return idx.sort(dim=-1).values.to(torch.int32)
+
+
+def lut_to_mask(lut: torch.Tensor, n_kblocks: int) -> torch.Tensor:
+    """The inverse of :func:`mask_to_lut`: key-block ids (..., nq, n) -> boolean block mask (..., nq, n_kblocks)."""
+    mask = torch.zeros(*lut.shape[:-1], n_kblocks, dtype=torch.bool, device=lut.device)
+    return mask.scatter_(-1, lut.long(), True)
 
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -53,12 +53,6 @@ def lut_of(mask: torch.Tensor) -> torch.Tensor:
     return reference.mask_to_lut(mask).long()
 
 
-def lut_mask(lut: torch.Tensor, n_kblocks: int) -> torch.Tensor:
-    """The boolean (..., nq, nk) block mask of a LUT."""
-    shape = (*lut.shape[:-1], n_kblocks)
-    return torch.zeros(shape, dtype=torch.bool, device=lut.device).scatter_(-1, lut, True)
-
-
 def _gather_blocks(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """x (B, H, nk, ...) per key block, lut (B, H, nq, s) -> (B, H, nq, s, ...)."""
     b, h, nq, s = lut.shape
@@ -206,7 +200,7 @@ def pooled_logits(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, block_q: 
     nk = k.shape[2] // block_k
     k_bar = k.view(b, h, nk, block_k, d).mean(dim=3)
     logits = (q @ k_bar.transpose(-1, -2)) / math.sqrt(d) + math.log(block_k)
-    selected = lut_mask(lut, nk).repeat_interleave(block_q, dim=2)
+    selected = reference.lut_to_mask(lut, nk).repeat_interleave(block_q, dim=2)
     return logits.masked_fill(selected, float("-inf"))
 
 
