@@ -7,9 +7,9 @@ block did not select: a (BLOCK_M x D) x (D x CHUNK) MMA per step over all key-bl
 Q K^T.  At (1, 12, 32760, 128) that is 51.5 GFLOP and 201 M exponentials per call, so at the sparse loop's
 ~300 TFLOP/s it should take ~0.2 ms.  Each row here times the whole host call (``sla2_triton_linear.tail_lse``:
 selection table, centred block means, the launch) for one (tile rows, CHUNK, warps, stages) setting on the same
-bf16 inputs and LUT, and checks its output against an fp32 PyTorch computation on 8 query blocks (the first and
-the ragged last included; max abs difference in log2 units).  Writes bench_tail_lse.json and .md to --out
-(default $OUT or ./bench_out).
+bf16 inputs and LUT, and checks its output against the PyTorch reference (``reference.pooled_tail_lse``, fp32)
+on 8 query blocks (the first and the ragged last included; max abs difference in log2 units).  Writes
+bench_tail_lse.json and .md to --out (default $OUT or ./bench_out).
 """
 
 from __future__ import annotations
@@ -41,33 +41,28 @@ SETTINGS = [FORWARD] + [s for s in (dict(tile_m=m, chunk=c, num_warps=w, num_sta
 
 
 def make_inputs(topk: float, seed: int = 0):
+    """bf16 Q and K in (B, N, H, D) (keys off centre, as real ones are), K's block means and token sums in the
+    launch's (B*H, ...) layout, and a random LUT of ``topk`` of the key blocks per query block."""
     b, h, n, d = SHAPE
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     q = torch.randn(b, n, h, d, generator=g, device=DEVICE, dtype=torch.bfloat16)
     k = torch.randn(b, n, h, d, generator=g, device=DEVICE, dtype=torch.bfloat16) + 0.5
-    nq, nk = -(-n // BLOCK_Q), -(-n // BLOCK_K)
-    k_bhnd = k.transpose(1, 2).float().reshape(b * h, n, d)
-    pad = nk * BLOCK_K - n
-    padded = torch.nn.functional.pad(k_bhnd, (0, 0, 0, pad))
-    counts = torch.full((nk,), float(BLOCK_K), device=DEVICE)
-    counts[-1] = BLOCK_K - pad
-    k_mean = padded.view(b * h, nk, BLOCK_K, d).sum(2) / counts[None, :, None]
-    k_sum = k_bhnd.sum(1)
+    k_bhnd = k.transpose(1, 2)
+    k_mean = reference.block_mean(k_bhnd, BLOCK_K).reshape(b * h, -1, d)
+    k_sum = k_bhnd.float().sum(2).reshape(b * h, d)
+    nq, nk = reference.block_count(n, BLOCK_Q), k_mean.shape[1]
     n_sel = max(1, round(topk * nk))
     lut = torch.rand(b, h, nq, nk, generator=g, device=DEVICE).topk(n_sel, dim=-1).indices.int()
-    return q, k_mean, k_sum, lut, counts
+    return q, k, k_mean, k_sum, lut
 
 
-def expected(q, k_mean, k_sum, lut, counts, q_blocks):
-    """fp32 LSE_tail (log2 units) of the rows of ``q_blocks``: (B*H, rows)."""
+def expected(q, k, lut, q_blocks):
+    """LSE_tail (log2 units) of the rows of ``q_blocks`` from the PyTorch reference, fp32: (B*H, rows)."""
     b, h, n, d = SHAPE
-    scale = reference.LOG2E / math.sqrt(d)
     rows = torch.cat([torch.arange(i * BLOCK_Q, min(n, (i + 1) * BLOCK_Q), device=DEVICE) for i in q_blocks])
-    qf = q.transpose(1, 2).float().reshape(b * h, n, d)[:, rows]
-    logits = qf @ k_mean.transpose(1, 2) * scale + torch.log2(counts)[None, None, :]
-    lut_rows = lut.reshape(b * h, -1, lut.shape[-1])[:, rows // BLOCK_Q]
-    logits.scatter_(2, lut_rows.long(), float("-inf"))
-    return torch.logsumexp(logits / reference.LOG2E, dim=-1) * reference.LOG2E, rows
+    selected = reference.lut_to_mask(lut, reference.block_count(n, BLOCK_K))[:, :, rows // BLOCK_Q]
+    lse = reference.pooled_tail_lse(q.transpose(1, 2)[:, :, rows], k.transpose(1, 2), selected, BLOCK_K)
+    return (lse[..., 0] * reference.LOG2E).reshape(b * h, -1), rows
 
 
 def main():
@@ -77,11 +72,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     b, h, n, d = SHAPE
-    q, k_mean, k_sum, lut, counts = make_inputs(args.topk)
+    q, k, k_mean, k_sum, lut = make_inputs(args.topk)
     _, q_strides = S._dims(q, "bnhd")
     qk_scale = reference.LOG2E / math.sqrt(d)
     nq = -(-n // BLOCK_Q)
-    want, rows = expected(q, k_mean, k_sum, lut, counts, [0, 1, 37, 100, 128, 200, nq - 2, nq - 1])
+    want, rows = expected(q, k, lut, [0, 1, 37, 100, 128, 200, nq - 2, nq - 1])
     results = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    command=" ".join(sys.argv), shape=SHAPE, topk=args.topk, rows=[])
