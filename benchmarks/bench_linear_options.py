@@ -8,9 +8,9 @@ features, alpha per head or per query, and the linear branch over the unselected
 timed in the same run; also the CPU time of issuing one forward ("host": where it exceeds the kernels' time, the
 forward is bound by the Python launches, not the GPU) and the forward replayed from a CUDA graph ("graph": the
 kernels alone, as ``torch.compile(mode="reduce-overhead")`` would run them).  Each row's overhead is against
-softmax / per head in the same mode.  Then a per-kernel profile (torch.profiler) at the first top-k: the forward of every row, and
-forward + backward of Hedgehog / per query, which show the pre-passes, the tail log-sum-exp launch and the
-feature-gradient GEMMs on their own (GPU ms per call of each kernel).
+softmax / per head in the same mode.  Then a per-kernel profile (torch.profiler) at the first top-k: the forward
+of every row, and forward + backward of Hedgehog / per query, which show the pre-passes, the tail log-sum-exp
+launch and the feature-gradient GEMMs on their own (GPU ms per call of each kernel).
 Before timing, Hedgehog / per head is checked against the PyTorch reference on a subset of query blocks.
 ``--config`` overrides fields of the launch settings (``'{"sparse_gluon": 0}'``: every row on the plain sparse
 loop; the default takes the Gluon loop for every option on a Hopper GPU).
