@@ -40,7 +40,8 @@ from slaconv.kernels.spec import AttentionSpec
 
 SHAPE = (1, 12, 32760, 128)
 OPTIONS = [("softmax", "head", "unselected"), ("hedgehog", "head", "unselected"), ("softmax", "query", "unselected"),
-           ("hedgehog", "query", "unselected"), ("softmax", "head", "all"), ("hedgehog", "query", "all")]
+           ("hedgehog", "query", "unselected"), ("softmax", "head", "all"), ("hedgehog", "head", "all"),
+           ("hedgehog", "query", "all")]
 """(features, alpha, linear keys) of each row; the first is the paper's form, every row's baseline."""
 QUANTS = ("none", "int8-fp8")
 
