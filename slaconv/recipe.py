@@ -28,6 +28,7 @@ from .utils.messages import first_line
 
 OBJECTIVES = ("diffusion", "distill")
 TEACHER_MODES = ("online", "precompute")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -204,6 +205,9 @@ class Stage2Settings(_Section):
     lr: float = 1e-5
     weight_decay: float = 0.01
     warmup_steps: int = 5
+    lr_schedule: str = field(default="constant", metadata={WRITTEN_WHEN_SET: True})
+    """After the warm-up: ``constant`` keeps ``lr``; ``cosine`` decays it to 0 at the last step, so the run
+    ends settled in a minimum rather than at the step noise of a full learning rate."""
     grad_clip: float = 1.0
     batch_size: int = 1
     grad_accum: int = 1
@@ -229,6 +233,7 @@ class Stage2Settings(_Section):
             value = getattr(self, key)
             _check(_is_number(value) and value >= 0, f"calibration.stage2.{key} must be a number >= 0")
         _check(_is_int(self.warmup_steps, 0), "calibration.stage2.warmup_steps must be an integer >= 0")
+        _check(self.lr_schedule in LR_SCHEDULES, f"calibration.stage2.lr_schedule must be one of {LR_SCHEDULES}")
         _check(isinstance(self.gradient_checkpointing, bool),
                "calibration.stage2.gradient_checkpointing must be true/false")
         _check(isinstance(self.train_alpha, bool), "calibration.stage2.train_alpha must be true/false")

@@ -32,7 +32,7 @@ def test_comparison_end_to_end(smoke_original, tmp_path):
     extra = candidates.parse_definition("slow-router:calibration.stage1.lr=1e-5")
     unknown = candidates.parse_definition("tail-sampler:sla2.tail_sampler=pooled")
     res = candidates.run(smoke_original / "model", out, classifier_dir=smoke_original / "clf", smoke=True,
-                         settings_override={"seeds": [0]},
+                         settings_override={"seeds": [0], "recipe_set": {"calibration.stage2.lr_schedule": "cosine"}},
                          names=["paper", "tail-sampler", "slow-router"], defined=[extra, unknown], device="cpu",
                          log=lambda *_: None)
     assert json.loads((out / "results.json").read_text())["skipped"] == res["skipped"]
@@ -61,6 +61,9 @@ def test_comparison_end_to_end(smoke_original, tmp_path):
         assert row["samples"]["psnr"] is not None and 0 <= row["samples"]["accuracy"] <= 1
     assert "vs_control" not in rows["dense control/dense/s0"]
     assert rows["slow-router/90/s0"]["calibration"]["stage1"]["lr"] == 1e-5  # the override reached the CLI
+    # the run's own keys reach every row, the dense control's too, and the report says so
+    assert {r["calibration"]["stage2"]["lr_schedule"] for r in rows.values()} == {"cosine"}
+    assert "every row `calibration.stage2.lr_schedule: cosine`" in md
     assert {(e["candidate"], e["topk"]) for e in res["summary"]} == {
         ("dense control", 1.0), ("paper", 0.10), ("slow-router", 0.10)}
 
@@ -89,6 +92,8 @@ def test_definitions_and_names_are_checked(smoke_original, tmp_path):
     assert c.name == "mine" and c.overrides == {"sla2.feature_map": "hedgehog", "calibration.stage1.steps": 3}
     with pytest.raises(UsageError, match="expected NAME:key=value"):
         candidates.parse_definition("no-colon")
+    with pytest.raises(UsageError, match="--set 'a=1,b': 'b' is not key=value"):
+        candidates.parse_assignments("a=1,b", "--set", "a=1,b")
     with pytest.raises(UsageError, match="unknown candidate 'nope'"):
         candidates.run(smoke_original / "model", tmp_path, smoke=True, names=["nope"], device="cpu",
                        log=lambda *_: None)

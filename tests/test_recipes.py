@@ -155,6 +155,7 @@ def _variant(tmp_path: Path, patch: dict) -> Path:
     ({"sla2": {"feature_map": "cosine"}}, "sla2.feature_map must be one of"),
     ({"calibration": {"stage1": {"feature_lr": -1.0}}}, "calibration.stage1.feature_lr must be >= 0"),
     ({"calibration": {"stage2": {"objective": "mse"}}}, "objective must be one of"),
+    ({"calibration": {"stage2": {"lr_schedule": "linear"}}}, "calibration.stage2.lr_schedule must be one of"),
     ({"calibration": {"stage2": {"lr": "1e-5"}}}, "stage2.lr must be > 0"),  # YAML string, not a float
     ({"data": {"height": 0}}, "data.height must be a positive integer"),
     ({"sla2": "dense"}, "'sla2' must be a mapping"),

@@ -9,6 +9,7 @@ import pytest
 
 import slaconv.calibrate as cal
 from helpers import kill_after_checkpoint, run, write_recipe
+from slaconv.calibrate.stage2 import lr_factor
 from slaconv.workdir import WorkDir
 
 
@@ -17,10 +18,11 @@ def _losses(work, stage):
     return [json.loads(line)[key] for line in (work / "logs" / f"stage{stage}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, monkeypatch, stage):
+@pytest.mark.parametrize("stage,schedule", [(1, None), (2, None), (2, "cosine")])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, monkeypatch, stage, schedule):
+    extra = {"calibration.stage2.lr_schedule": schedule, "calibration.stage2.warmup_steps": 1} if schedule else {}
     recipe = write_recipe(tmp_path / "r.yaml", **{f"calibration.stage{stage}.steps": 5,
-                                                  "calibration.checkpoint_every": 2})
+                                                  "calibration.checkpoint_every": 2, **extra})
     fresh, killed = tmp_path / "fresh", tmp_path / "killed"
     run("convert", tiny_wan_dir, "-o", fresh, "--recipe", recipe)
     shutil.copytree(fresh, killed)
@@ -32,6 +34,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, mon
 
     run("calibrate", killed, "--stage", stage, "--resume", "latest")
     assert _losses(killed, stage) == _losses(fresh, stage)
+    if schedule:  # the resumed run continues the schedule where the checkpoint left it
+        lrs = [json.loads(line)["lr"] for line in (killed / "logs" / "stage2.jsonl").read_text().splitlines()]
+        base = WorkDir(killed).read_recipe().calibration.stage2.lr
+        assert lrs == pytest.approx([base * lr_factor(step, warmup=1, steps=5, schedule=schedule)
+                                     for step in range(5)], rel=1e-12)
     assert (killed / "sla2.safetensors").read_bytes() == (fresh / "sla2.safetensors").read_bytes()
     # the summary describes the whole run: where it started, and the time of both segments
     a, b = (json.loads((w / "sla2_config.json").read_text())["calibration"][f"stage{stage}"] for w in (fresh, killed))
@@ -39,6 +46,17 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_wan_dir, mon
     assert b[before] == a[before] is not None
     step_seconds = sum(json.loads(line)["seconds"] for line in (killed / "logs" / f"stage{stage}.jsonl").open())
     assert b["seconds"] >= step_seconds - 0.01, (b["seconds"], step_seconds)
+
+
+def test_stage2_learning_rate_schedules():
+    """Linear warm-up, then constant or a half cosine that is still above 0 at the last step."""
+    constant = [lr_factor(s, warmup=4, steps=20, schedule="constant") for s in range(20)]
+    assert constant == [0.25, 0.5, 0.75] + [1.0] * 17
+    cosine = [lr_factor(s, warmup=4, steps=20, schedule="cosine") for s in range(20)]
+    assert cosine[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert all(a > b for a, b in zip(cosine[4:], cosine[5:])) and 0 < cosine[-1] < 0.01
+    assert cosine[12] == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(0, warmup=0, steps=3, schedule="cosine") == 1.0
 
 
 def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_wan_dir):

@@ -40,6 +40,18 @@ from .sampler import StepSampler
 from .teacher import TeacherTargets, stage2_target
 
 
+def lr_factor(step: int, *, warmup: int, steps: int, schedule: str) -> float:
+    """The learning rate of (0-based) ``step`` over the recipe's ``lr``: linear warm-up over ``warmup`` steps,
+    then 1 (``constant``) or a half cosine that reaches 0 one step past the last (``cosine``; diffusers'
+    convention, so the last step still moves the weights)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def _final_model(workdir: Path, state: dict, dtype: str, device, quant: str):
     """A fresh model in the recipe dtype (the modules diffusers keeps in fp32 stay fp32, as after
     ``convert``) holding the trained weights ``state``."""
@@ -80,8 +92,8 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    warmup = max(cfg.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=cfg.warmup_steps, steps=cfg.steps, schedule=cfg.lr_schedule))
     model_config = work.read_model_config()
     sampler = StepSampler(family, model_config, recipe, cfg.batch_size, data_dir,
                           rank=accelerator.process_index, world=accelerator.num_processes)
@@ -149,13 +161,14 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += float(loss.detach()) / cfg.grad_accum
+        lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean"))
         done = step + 1  # the weights in memory are this step's, finite or not
         if not math.isfinite(step_loss):
             diverged = f"the stage-2 loss became {step_loss} at step {done}"
             break
-        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+        record = {"step": done, "loss": step_loss, "lr": lr_used,
                   "seconds": round(time.time() - t_step, 3)}
         diverged = start.end_step(record, calibration, cfg.steps, functools.partial(score, model), log_path,
                                   accelerator.is_main_process)
@@ -186,7 +199,7 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         del kept_state
     del full_state
     first_last = checkpoints.first_last_loss(log_path)
-    summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr,
+    summary = {"stage2": {"steps": cfg.steps, "objective": cfg.objective, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
                           "teacher": cfg.teacher if cfg.objective == "distill" else None,
                           "heldout_loss_before": measured.before, "heldout_loss_after": heldout_after,
                           "quant": quant, "batch_size": cfg.batch_size,

@@ -24,7 +24,8 @@ from slaconv.quality.command_line import one_line_errors
 
 # settings that decide what a row's numbers mean; the sparsities, candidates, job slots and device may differ
 FOOTING = ("block_q", "block_k", "quant", "calib_samples", "stage1", "stage2", "timestep_shift", "heldout_samples",
-           "sample_per_class", "sample_steps", "guidance", "calib_null_every", "seeds", "objective", "frames")
+           "sample_per_class", "sample_steps", "guidance", "calib_null_every", "seeds", "objective", "frames",
+           "recipe_set")
 
 
 def load_run(path: Path) -> dict:

@@ -130,8 +130,10 @@ def markdown(result: dict) -> str:
     lines += [f"Original: held-out loss {result['original_loss']:.4f} on {s['heldout_samples']} (video, noise, "
               f"sigma) triples. Every row: stage 1 {s['stage1']['steps']} steps, stage 2 {s['stage2']['steps']} "
               f"steps x batch {s['stage2']['batch_size']} (lr {s['stage2']['lr']:g}, objective {s['objective']}), "
-              f"seeds {s['seeds']}; evaluated `{s['quant']}`. Intervals: paired bootstrap 95% over the triples, "
-              f"each triple's loss averaged over the seeds first.", ""]
+              f"seeds {s['seeds']}; evaluated `{s['quant']}`"
+              + "".join(f"; every row `{k}: {v}`" for k, v in s.get("recipe_set", {}).items())
+              + ". Intervals: paired bootstrap 95% over the triples, each triple's loss averaged over the seeds "
+              "first.", ""]
     topks = sorted({e["topk"] for e in result["summary"] if e["candidate"] != CONTROL}, reverse=True)
     names = list(dict.fromkeys(e["candidate"] for e in result["summary"] if e["candidate"] != CONTROL))
     cell = {(e["candidate"], e["topk"]): e for e in result["summary"]}

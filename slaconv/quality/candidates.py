@@ -103,17 +103,14 @@ SETTINGS = {
 SMOKE = {"topks": [0.10], "seeds": [0, 1], "sample_topks": [0.10], "jobs": 2}
 
 
-def parse_definition(text: str) -> Candidate:
-    """``NAME:key=value,key=value`` (values parsed as YAML, and numbers such as ``1e-5`` as numbers) -> a
-    :class:`Candidate` with those overrides."""
-    name, sep, body = text.partition(":")
-    if not sep or not name.strip():
-        raise UsageError(f"--define {text!r}: expected NAME:key=value[,key=value]")
+def parse_assignments(body: str, flag: str, text: str) -> dict[str, Any]:
+    """``key=value,key=value`` (values parsed as YAML, and numbers such as ``1e-5`` as numbers) -> a dict of
+    dotted recipe keys; ``flag`` and ``text`` name the argument in the error."""
     overrides = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise UsageError(f"--define {text!r}: {item!r} is not key=value")
+            raise UsageError(f"{flag} {text!r}: {item!r} is not key=value")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # YAML reads 1e-5 (no dot) as a string
             try:
@@ -121,16 +118,25 @@ def parse_definition(text: str) -> Candidate:
             except ValueError:
                 pass
         overrides[key.strip()] = parsed
-    return Candidate(name.strip(), overrides)
+    return overrides
+
+
+def parse_definition(text: str) -> Candidate:
+    """``NAME:key=value,key=value`` -> a :class:`Candidate` with those overrides (:func:`parse_assignments`)."""
+    name, sep, body = text.partition(":")
+    if not sep or not name.strip():
+        raise UsageError(f"--define {text!r}: expected NAME:key=value[,key=value]")
+    return Candidate(name.strip(), parse_assignments(body, "--define", text))
 
 
 def candidate_recipe(path: Path, settings: dict, spec, candidate: Candidate, topk: float, seed: int,
                      objective: str) -> str | None:
-    """Write the candidate's recipe; returns why the installed recipe schema rejects it, or None."""
+    """Write the candidate's recipe: the table's, then the run's ``recipe_set`` keys (every row's, the dense
+    control's too), then the candidate's; returns why the installed recipe schema rejects it, or None."""
     base = {**settings, "quant": "none"} if candidate is DENSE_CONTROL else settings
     write_recipe(path, base, spec, topk=topk, objective=objective, seed=seed)
     tree = yaml.safe_load(path.read_text())
-    for key, value in candidate.overrides.items():
+    for key, value in {**settings.get("recipe_set", {}), **candidate.overrides}.items():
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -281,6 +287,9 @@ def main(argv=None) -> None:
     ap.add_argument("--candidates", help=f"comma-separated names (default: all of {', '.join(CANDIDATES)})")
     ap.add_argument("--define", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="a further candidate from dotted recipe keys, e.g. 'lr3:calibration.stage1.lr=3e-4'")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE,...", dest="recipe_set",
+                    help="dotted recipe keys for every row, the dense control included (the candidates' own keys "
+                         "come after), e.g. 'calibration.stage2.lr_schedule=cosine'")
     ap.add_argument("--topk", type=fraction, action="append", help="sparsities as top-k fractions (repeat)")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--sample-topk", type=fraction, action="append",
@@ -305,6 +314,8 @@ def main(argv=None) -> None:
     for stage in ("stage1", "stage2"):
         if getattr(args, f"{stage}_steps") is not None:
             over[stage]["steps"] = getattr(args, f"{stage}_steps")
+    for text in args.recipe_set:
+        over.setdefault("recipe_set", {}).update(parse_assignments(text, "--set", text))
     res = run(args.model, args.out, classifier_dir=args.classifier, smoke=args.smoke, settings_override=over,
               names=args.candidates.split(",") if args.candidates else None,
               defined=[parse_definition(d) for d in args.define], objective=args.objective, device=args.device,
