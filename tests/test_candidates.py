@@ -87,7 +87,7 @@ def test_row_end_states_name_the_cause(tmp_path):
     assert int(env["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 4)
 
 
-def test_definitions_and_names_are_checked(smoke_original, tmp_path):
+def test_definitions_and_names_are_checked(smoke_original, tmp_path, monkeypatch):
     c = candidates.parse_definition("mine:sla2.feature_map=hedgehog, calibration.stage1.steps=3")
     assert c.name == "mine" and c.overrides == {"sla2.feature_map": "hedgehog", "calibration.stage1.steps": 3}
     with pytest.raises(UsageError, match="expected NAME:key=value"):
@@ -97,6 +97,15 @@ def test_definitions_and_names_are_checked(smoke_original, tmp_path):
     with pytest.raises(UsageError, match="unknown candidate 'nope'"):
         candidates.run(smoke_original / "model", tmp_path, smoke=True, names=["nope"], device="cpu",
                        log=lambda *_: None)
+    # the command line's --set reaches every row's settings
+    seen = {}
+    monkeypatch.setattr(candidates, "run", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(candidates.candidate_report, "markdown", lambda res: "")
+    candidates.main(["--model", str(tmp_path), "--out", str(tmp_path), "--set", "calibration.stage2.lr_schedule=cosine",
+                     "--set", "calibration.stage2.lr=3e-5,calibration.seed=2", "--stage2-steps", "7"])
+    assert seen["settings_override"]["recipe_set"] == {"calibration.stage2.lr_schedule": "cosine",
+                                                       "calibration.stage2.lr": 3e-5, "calibration.seed": 2}
+    assert seen["settings_override"]["stage2"] == {"steps": 7}
 
 
 def test_runs_at_other_sparsities_merge_into_one_comparison(smoke_original, tmp_path, capsys):
