@@ -17,6 +17,7 @@ from slaconv.kernels import reference
 from slaconv.quality import common, metrics
 from slaconv.quality import synthvideo as sv
 from slaconv.quality.render import render
+from slaconv.recipe import load_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,7 @@ def test_frame_accuracy_standard_error_is_over_videos():
 
 def test_calibration_noise_shift_is_its_own_setting(tmp_path):
     """--calib-shift changes only the calibration noise levels (the recipe's calibration.stage2.timestep_shift);
-    sampling and validate keep theirs."""
+    sampling and validate keep theirs.  --stage2-lr-schedule reaches the recipe too."""
     import copy
 
     import yaml
@@ -179,6 +180,13 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
     assert shifted["calibration"]["stage2"]["timestep_shift"] == 1.0
     assert (shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"]
             == settings["timestep_shift"])
+    # a key the recipe writes only when set: absent by default, there when the table asks for it
+    settings["stage2"]["lr_schedule"] = "cosine"
+    cosine = yaml.safe_load(quality_table.write_recipe(tmp_path / "c.yaml", settings, sv.SMOKE_SPEC,
+                                                       topk=0.5).read_text())
+    assert "lr_schedule" not in default["calibration"]["stage2"]
+    assert cosine["calibration"]["stage2"]["lr_schedule"] == "cosine"
+    assert load_recipe(tmp_path / "c.yaml").calibration.stage2.lr_schedule == "cosine"
 
 
 def test_design_choices_reach_every_converted_row_and_bad_ones_stop_the_table(tmp_path):
@@ -191,6 +199,7 @@ def test_design_choices_reach_every_converted_row_and_bad_ones_stop_the_table(tm
 
     args = quality_table.argparse.Namespace(**{k: None for k in (
         "topk", "stage1_steps", "stage1_lr", "stage2_steps", "stage2_batch_size", "stage2_lr", "calib_shift",
+        "stage2_lr_schedule",
         "block_q", "guidance", "rows", "frames", "heldout_samples", "sample_steps", "sample_per_class",
         "calib_samples")}, sla2=["feature_map=hedgehog", "mixing = query"])
     over = quality_table.settings_from_args(args)

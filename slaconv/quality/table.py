@@ -100,6 +100,8 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
     # the design choices (--sla2) go in as given: the schema, not this filter, judges them (a recipe
     # leaves out keys at their defaults, so the filter's reference does not list them)
     known["sla2"].update(settings.get("sla2", {}))
+    if s2.get("lr_schedule"):  # likewise a key the reference leaves out at its default
+        known["calibration"]["stage2"]["lr_schedule"] = s2["lr_schedule"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(known, sort_keys=False))
     return path
@@ -305,7 +307,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         over["topks"] = args.topk
     for flag, stage, key in (("stage1_steps", "stage1", "steps"), ("stage1_lr", "stage1", "lr"),
                              ("stage2_steps", "stage2", "steps"), ("stage2_batch_size", "stage2", "batch_size"),
-                             ("stage2_lr", "stage2", "lr"), ("calib_shift", "stage2", "timestep_shift")):
+                             ("stage2_lr", "stage2", "lr"), ("stage2_lr_schedule", "stage2", "lr_schedule"),
+                             ("calib_shift", "stage2", "timestep_shift")):
         if getattr(args, flag) is not None:
             over[stage][key] = getattr(args, flag)
     for key in ("block_q", "guidance", "rows", "frames", "heldout_samples", "sample_steps", "sample_per_class",
@@ -344,6 +347,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-steps", type=positive_int)
     ap.add_argument("--stage2-batch-size", type=positive_int)
     ap.add_argument("--stage2-lr", type=positive_float)
+    ap.add_argument("--stage2-lr-schedule", choices=["constant", "cosine"],
+                    help="stage 2's learning rate after the warm-up (default constant)")
     ap.add_argument("--calib-shift", type=positive_float,
                     help="timestep shift of the calibration noise levels (recipe calibration.stage2.timestep_shift, "
                          "which stage 1's sampler reads too; default: the sampling shift; 1 = uniform sigma, which "
