@@ -206,8 +206,8 @@ class Stage2Settings(_Section):
     weight_decay: float = 0.01
     warmup_steps: int = 5
     lr_schedule: str = field(default="constant", metadata={WRITTEN_WHEN_SET: True})
-    """After the warm-up: ``constant`` keeps ``lr``; ``cosine`` decays it to 0 at the last step, so the run
-    ends settled in a minimum rather than at the step noise of a full learning rate."""
+    """After the warm-up: ``constant`` keeps ``lr``; ``cosine`` decays it along a half cosine to nearly 0 at
+    the last step, so the run ends settled in a minimum rather than at the step noise of a full rate."""
     grad_clip: float = 1.0
     batch_size: int = 1
     grad_accum: int = 1

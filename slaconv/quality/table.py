@@ -58,6 +58,7 @@ from slaconv.quality.scoring import Evaluator
 from slaconv.quality.slaconv_cli import SlaconvCLI, StepFailed, stage_summary
 from slaconv.quality.table_settings import table_settings
 from slaconv.quality.workdirs import PIN, alpha_range, copy_workdir, edit_sla2_state, load_sla2
+from slaconv.recipe import LR_SCHEDULES
 from slaconv.utils.devices import release_memory
 from slaconv.utils.files import read_json
 
@@ -347,7 +348,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stage2-steps", type=positive_int)
     ap.add_argument("--stage2-batch-size", type=positive_int)
     ap.add_argument("--stage2-lr", type=positive_float)
-    ap.add_argument("--stage2-lr-schedule", choices=["constant", "cosine"],
+    ap.add_argument("--stage2-lr-schedule", choices=LR_SCHEDULES,
                     help="stage 2's learning rate after the warm-up (default constant)")
     ap.add_argument("--calib-shift", type=positive_float,
                     help="timestep shift of the calibration noise levels (recipe calibration.stage2.timestep_shift, "
