@@ -52,14 +52,15 @@ default, so the recipe files and hashes of earlier work dirs stay as they were."
 class _Section:
     """Behaviour shared by every recipe section (all frozen dataclasses)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested mapping, keys in recipe order (what ``recipe.yaml`` holds)."""
+    def to_dict(self, every_key: bool = False) -> dict[str, Any]:
+        """Plain nested mapping, keys in recipe order (what ``recipe.yaml`` holds); ``every_key`` also lists
+        the keys left out at their defaults (:data:`WRITTEN_WHEN_SET`): the whole schema."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get(WRITTEN_WHEN_SET) and value == f.default:
+            if not every_key and f.metadata.get(WRITTEN_WHEN_SET) and value == f.default:
                 continue
-            out[f.name] = value.to_dict() if isinstance(value, _Section) else _plain(value)
+            out[f.name] = value.to_dict(every_key) if isinstance(value, _Section) else _plain(value)
         return out
 
     def _updated(self, changes: Mapping[str, Any], where: str) -> _Section:

@@ -180,11 +180,11 @@ def test_calibration_noise_shift_is_its_own_setting(tmp_path):
     assert shifted["calibration"]["stage2"]["timestep_shift"] == 1.0
     assert (shifted["validation"]["timestep_shift"] == default["validation"]["timestep_shift"]
             == settings["timestep_shift"])
-    # a key the recipe writes only when set: absent by default, there when the table asks for it
+    # a key a recipe leaves out at its default: the table writes it, and what it asks for
     settings["stage2"]["lr_schedule"] = "cosine"
     cosine = yaml.safe_load(quality_table.write_recipe(tmp_path / "c.yaml", settings, sv.SMOKE_SPEC,
                                                        topk=0.5).read_text())
-    assert "lr_schedule" not in default["calibration"]["stage2"]
+    assert default["calibration"]["stage2"]["lr_schedule"] == "constant"
     assert cosine["calibration"]["stage2"]["lr_schedule"] == "cosine"
     assert load_recipe(tmp_path / "c.yaml").calibration.stage2.lr_schedule == "cosine"
 

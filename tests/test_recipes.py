@@ -275,12 +275,17 @@ def test_keys_added_later_are_written_only_when_set(tmp_path: Path):
     r.save(tmp_path / "r.yaml")
     back = load_recipe(tmp_path / "r.yaml")
     assert back == r and back.calibration.divergence_factor == 3.0 and back.calibration.heldout_tolerance == 0.1
-    for key, value in (("sla2.feature_map", "hedgehog"), ("calibration.stage1.feature_lr", 0.1)):
+    for key, value in (("sla2.feature_map", "hedgehog"), ("calibration.stage1.feature_lr", 0.1),
+                       ("calibration.stage2.lr_schedule", "cosine")):
         assert key.rsplit(".", 1)[1] not in Recipe().dump()
         changed = Recipe().override({key: value})
         assert changed.hash() != Recipe().hash()
         changed.save(tmp_path / "r.yaml")
         assert load_recipe(tmp_path / "r.yaml") == changed
+    # the whole schema, for tools that filter recipes against it, lists them at their defaults too
+    every = Recipe().to_dict(every_key=True)
+    assert every["calibration"]["stage2"]["lr_schedule"] == "constant" and every["sla2"]["feature_map"] == "softmax"
+    assert every["calibration"]["divergence_factor"] == 2.0
 
 
 def test_stage1_with_only_the_feature_rate_trains_a_hedgehog_map_only():

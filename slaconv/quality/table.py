@@ -82,7 +82,8 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
             "stage2": {"steps": s2["steps"], "lr": s2["lr"], "weight_decay": 0.0, "warmup_steps": s2["warmup_steps"],
                        "grad_clip": 1.0, "batch_size": s2["batch_size"], "grad_accum": 1, "objective": objective,
                        "quant": stage2_quant, "gradient_checkpointing": False,
-                       "timestep_shift": s2.get("timestep_shift", settings["timestep_shift"])},
+                       "timestep_shift": s2.get("timestep_shift", settings["timestep_shift"]),
+                       "lr_schedule": s2.get("lr_schedule", "constant")},
         },
         "validation": {"seed": 1234, "num_samples": settings["validate_samples"], "timesteps": [900, 600, 300, 100],
                        "sample_steps": 4, "timestep_shift": settings["timestep_shift"]},  # the default gates
@@ -97,12 +98,10 @@ def write_recipe(path: Path, settings: dict, spec: sv.VideoSpec, *, topk: float,
                       if isinstance(v, dict) and isinstance(ref[k], dict) and k != "topk_per_layer" else v)
         return out
 
-    known = keep_known(recipe, Recipe().to_dict())
-    # the design choices (--sla2) go in as given: the schema, not this filter, judges them (a recipe
-    # leaves out keys at their defaults, so the filter's reference does not list them)
+    known = keep_known(recipe, Recipe().to_dict(every_key=True))
+    # the design choices (--sla2) go in as given: the schema, not this filter, judges them (an unknown one
+    # stops the table with the schema's message, check_sla2_choices)
     known["sla2"].update(settings.get("sla2", {}))
-    if s2.get("lr_schedule"):  # likewise a key the reference leaves out at its default
-        known["calibration"]["stage2"]["lr_schedule"] = s2["lr_schedule"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(known, sort_keys=False))
     return path
