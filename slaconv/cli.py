@@ -89,6 +89,17 @@ def _int_choice(ctx, param, value):
     return None if value is None else int(value)
 
 
+def _token_tile(ctx, param, value):
+    """``--token-tile 4x4x4`` as the recipe's list [4, 4, 4]."""
+    from .errors import RecipeError
+    from .token_order import parse_tile
+
+    try:
+        return None if value is None else list(parse_tile(value))
+    except RecipeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout (for scripts).")
 recipe_option = click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
 device_option = click.option("--device", type=DeviceType(), default="auto", show_default=True,
@@ -132,6 +143,9 @@ def main(ctx, offline, quiet, verbose):
 @click.option("--mixing", type=click.Choice(MIXINGS), help="Alpha per head or per query (sla2.mixing).")
 @click.option("--linear-keys", type=click.Choice(LINEAR_KEYS),
               help="Keys of the linear branch: the unselected ones or all (sla2.linear_keys).")
+@click.option("--token-tile", metavar="FxHxW", callback=_token_tile,
+              help="Regroup the video tokens into tiles of F frames x H rows x W columns, e.g. 4x4x4 "
+                   "(sla2.token_tile).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Calibration data for the alpha pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing work dir at OUTPUT.")
 @click.option("--seed", type=int, help="Seed (calibration.seed).")
@@ -141,21 +155,23 @@ def main(ctx, offline, quiet, verbose):
 @json_option
 @click.pass_context
 def convert(ctx, model, output, subfolder, revision, topk, block_q, block_k, quant, feature_map, mixing, linear_keys,
-            data_dir, overwrite, seed, recipe, device, dry_run, as_json):
+            token_tile, data_dir, overwrite, seed, recipe, device, dry_run, as_json):
     """Install SLA2 on MODEL (Hub id or local folder) and write a work dir."""
     from . import convert as stage
+    from .token_order import describe
 
     _common(ctx, as_json)
     rec = _recipe(recipe, None, {"sla2.topk": topk, "sla2.block_q": block_q, "sla2.block_k": block_k,
                                  "sla2.quant": quant, "sla2.feature_map": feature_map, "sla2.mixing": mixing,
-                                 "sla2.linear_keys": linear_keys, "calibration.seed": seed})
+                                 "sla2.linear_keys": linear_keys, "sla2.token_tile": token_tile,
+                                 "calibration.seed": seed})
     if dry_run:
         plan = stage.plan(model, rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"])
         _emit(ctx, {"dry_run": True, **plan},
               f"would convert {plan['num_layers']} {plan['family']} layers of {model} "
               f"(topk {rec.sla2.topk}, blocks {rec.sla2.block_q}x{rec.sla2.block_k}, "
               f"quant {rec.sla2.quant}, feature map {rec.sla2.feature_map}, mixing {rec.sla2.mixing}, "
-              f"linear keys {rec.sla2.linear_keys}):\n  "
+              f"linear keys {rec.sla2.linear_keys}, token order {describe(rec.sla2.token_tile)}):\n  "
               + "\n  ".join(plan["layers"]))
         return
     out = stage.convert(model, Path(output), rec, subfolder=subfolder, revision=revision, offline=ctx.obj["offline"],

@@ -16,7 +16,10 @@ from typing import Any
 from .errors import UsageError
 
 FORMAT_NAME = "slaconv-sla2"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this slaconv reads and writes.  Version 2 adds ``token_tile``, which a reader that ignores it
+would run with wrong block groups; a model is written as version 1 unless it uses a version-2 setting, so
+earlier slaconv releases keep reading every model they can run and refuse the others by name."""
 
 QUANT_MODES = ("none", "int8", "int8-fp8")
 """Low-bit forward of the sparse branch: bf16, INT8 QK^T with bf16 PV, INT8 QK^T with FP8 PV."""
@@ -45,7 +48,7 @@ per query block, built from the routing), or every key block (one state per head
 the selected blocks' share of the linear estimate is left to alpha; docs/design.md section 1)."""
 
 
-WRITTEN_WHEN_SET = ("mixing", "linear_keys")
+WRITTEN_WHEN_SET = ("mixing", "linear_keys", "token_tile")
 """Settings :meth:`SLA2Config.to_dict` leaves out at their default (work dirs written before them read the same)."""
 
 
@@ -77,10 +80,18 @@ class SLA2Config:
     mixing: str = "head"
     linear_keys: str = "unselected"
     topk_per_layer: Mapping[str, float] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    token_tile: tuple[int, int, int] | None = None
+    """Video tokens regrouped into tiles of (frames, rows, columns) before attention, so that a block is a compact
+    piece of the video (:mod:`slaconv.token_order`); None keeps the model's raster order."""
+    format_version: int = 1
+    """The format the settings are written in: 1, or 2 where a version-2 setting is used (raised on creation)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "topk_per_layer", dict(self.topk_per_layer))
+        if isinstance(self.token_tile, list):
+            object.__setattr__(self, "token_tile", tuple(self.token_tile))
+        if self.token_tile is not None and isinstance(self.format_version, int):
+            object.__setattr__(self, "format_version", max(self.format_version, 2))
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +109,10 @@ class SLA2Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        tile = self.token_tile
+        if tile is not None and not (isinstance(tile, tuple) and len(tile) == 3
+                                     and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tile)):
+            raise ConfigError(f"token_tile must be three positive integers (frames, rows, columns), got {tile!r}")
         if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
             raise ConfigError(f"format_version {self.format_version!r} is not one this slaconv reads "
                               f"(1 to {FORMAT_VERSION})")
@@ -117,6 +132,8 @@ class SLA2Config:
         from their default, so a model that does not use them keeps the same ``sla2_config.json`` and digests."""
         out = dataclasses.asdict(self)
         out["topk_per_layer"] = dict(self.topk_per_layer)
+        if self.token_tile is not None:
+            out["token_tile"] = list(self.token_tile)
         for name in WRITTEN_WHEN_SET:
             if out[name] == _DEFAULTS[name]:
                 del out[name]

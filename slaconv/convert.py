@@ -23,6 +23,7 @@ from .kernels import reference
 from .observe import observing
 from .recipe import Recipe
 from .source import ModelSource, content_hash, load_model, resolve_model, sla_checkpoint_info
+from .token_order import check_supported
 from .utils.devices import DTYPES
 from .utils.files import atomic_dir
 from .workdir import WorkDir, new_config
@@ -72,6 +73,7 @@ def plan(model: str, recipe: Recipe, *, subfolder=None, revision=None, offline=F
     source = resolve_model(model, subfolder=subfolder, revision=revision, offline=offline)
     refuse_converted(source, model)
     family = detect_family(source.config, recipe.model.family)
+    check_supported(family, recipe.sla2.token_tile)
     layers = resolve_targets(skeleton(source, family), family, recipe.sla2.targets, recipe.sla2.ignore)
     return {"model": model, "path": str(source.path), "family": family.name, "layers": layers,
             "num_layers": len(layers), "sla2": recipe.sla2.to_dict()}

@@ -10,6 +10,7 @@ from .checksums import CHECKSUMS_FILE
 from .config import FORMAT_NAME
 from .hubfetch import fetch_snapshot
 from .text_table import fields, number, table
+from .token_order import describe
 from .validation_state import hub_validation_state, validation_state
 from .workdir import WorkDir
 
@@ -59,6 +60,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
         "block_q": attention.block_q, "block_k": attention.block_k, "topk": attention.topk,
         "quant": attention.quant, "feature_map": attention.feature_map, "mixing": attention.mixing,
         "linear_keys": attention.linear_keys,
+        "token_order": describe(attention.token_tile),
         "budget": (config.budget or {}).get("method", "uniform"),
         "layers": layers,
         "calibration": config.calibration,
@@ -74,7 +76,7 @@ def render(info: dict) -> str:
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
         f"feature map {info['feature_map']}, alpha per {info['mixing']}, linear branch over {info['linear_keys']} "
-        f"keys, {len(info['layers'])} SLA2 layers",
+        f"keys, token order {info['token_order']}, {len(info['layers'])} SLA2 layers",
     ]
     if info["budget"] != "uniform":
         lines.append(f"budget {info['budget']}: each layer's top-k and key blocks allocated at convert")

@@ -14,6 +14,7 @@ from .config import SLA2Config
 from .errors import RecipeError
 from .families import Family, detect_family, get_family
 from .processor import MODES, SLA2Processor
+from .token_order import check_supported, install_token_order
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -44,7 +45,9 @@ def resolve_targets(model: torch.nn.Module, family: Family, targets: Iterable[st
 def install_sla2(model: torch.nn.Module, family: Family, layers: list[str],
                  config: SLA2Config) -> dict[str, SLA2Processor]:
     """Put a fresh SLA2 processor (identity router, alpha 0.5) running with ``config`` on each of
-    ``layers``; returns them by name."""
+    ``layers``; returns them by name.  With ``config.token_tile`` the model's tokens are regrouped into tiles
+    (:mod:`slaconv.token_order`) for every layer, converted or not."""
+    check_supported(family, config.token_tile)
     modules = dict(model.named_modules())
     installed = {}
     param = next(model.parameters())
@@ -54,6 +57,7 @@ def install_sla2(model: torch.nn.Module, family: Family, layers: list[str],
         attn.set_processor(proc)
         installed[name] = proc
     _tell_processors_the_text(model, family, list(installed.values()))
+    install_token_order(model, family, config.token_tile)
     return installed
 
 

@@ -187,6 +187,7 @@ def _settings_table(sla2: dict) -> list[str]:
         ("alpha_granularity", "sparse/linear mix granularity"),
         ("mixing", "sparse/linear mix: alpha per"),
         ("linear_keys", "linear branch over keys"),
+        ("token_tile", "tokens grouped in tiles of (frames, rows, columns)"),
     ]:
         if sla2.get(key) is not None:
             rows.append((label, sla2[key]))

@@ -121,6 +121,10 @@ class SLA2Settings(_Section):
     linear_keys: str = field(default=SLA2Config.linear_keys, metadata={WRITTEN_WHEN_SET: True})
     """The keys the linear branch covers: ``unselected`` (those its query block did not select) or ``all``
     (every key: one state per head, no per-block state to build)."""
+    token_tile: tuple[int, int, int] | None = field(default=None, metadata={WRITTEN_WHEN_SET: True})
+    """Regroup the video tokens into tiles of ``[frames, rows, columns]`` (or ``"4x4x4"``) so that each attention
+    block is a compact piece of the video (``[4, 4, 4]``: 64 tokens, one key block); unset keeps the model's raster
+    order."""
     alpha_init: str | float = "calibrate"
     """``calibrate``: alpha from the selected full-attention mass on a calibration pass; or a number."""
     budget: str = field(default="uniform", metadata={WRITTEN_WHEN_SET: True})
@@ -137,6 +141,12 @@ class SLA2Settings(_Section):
             object.__setattr__(self, key, tuple(value))
         _check(self.topk_per_layer is None or isinstance(self.topk_per_layer, Mapping),
                "sla2.topk_per_layer must be a mapping of layer name to top-k")
+        if isinstance(self.token_tile, str):  # "4x4x4", as on the command line
+            from .token_order import parse_tile  # here: it imports torch, which reading a recipe otherwise does not
+
+            object.__setattr__(self, "token_tile", parse_tile(self.token_tile))
+        if isinstance(self.token_tile, list):
+            object.__setattr__(self, "token_tile", tuple(self.token_tile))
         self.attention_config()
         _check(self.budget in BUDGETS, f"sla2.budget must be one of {BUDGETS}, got {self.budget!r}")
         _check(self.budget == "uniform" or not self.topk_per_layer,
@@ -150,7 +160,7 @@ class SLA2Settings(_Section):
         try:
             return SLA2Config(topk=self.topk, block_q=self.block_q, block_k=self.block_k, quant=self.quant,
                               feature_map=self.feature_map, mixing=self.mixing, linear_keys=self.linear_keys,
-                              topk_per_layer=self.topk_per_layer or {})
+                              topk_per_layer=self.topk_per_layer or {}, token_tile=self.token_tile)
         except ConfigError as exc:
             raise RecipeError(f"sla2.{exc}") from None
 

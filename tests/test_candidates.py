@@ -29,7 +29,7 @@ def smoke_original(tmp_path_factory):
 
 def test_comparison_end_to_end(smoke_original, tmp_path):
     out = tmp_path / "cmp"
-    extra = candidates.parse_definition("slow-router:calibration.stage1.lr=1e-5")
+    extra = candidates.parse_definition("slow-router:calibration.stage1.lr=1e-5,sla2.token_tile=2x2x4")
     unknown = candidates.parse_definition("tail-sampler:sla2.tail_sampler=pooled")
     res = candidates.run(smoke_original / "model", out, classifier_dir=smoke_original / "clf", smoke=True,
                          settings_override={"seeds": [0], "recipe_set": {"calibration.stage2.lr_schedule": "cosine"}},
@@ -60,7 +60,9 @@ def test_comparison_end_to_end(smoke_original, tmp_path):
         assert lo <= row["vs_original"]["ratio"] <= hi
         assert row["samples"]["psnr"] is not None and 0 <= row["samples"]["accuracy"] <= 1
     assert "vs_control" not in rows["dense control/dense/s0"]
-    assert rows["slow-router/90/s0"]["calibration"]["stage1"]["lr"] == 1e-5  # the override reached the CLI
+    assert rows["slow-router/90/s0"]["calibration"]["stage1"]["lr"] == 1e-5  # the overrides reached the CLI
+    assert json.loads((out / "rows" / "slow-router_90_s0" / "work" / "sla2_config.json").read_text()
+                      )["token_tile"] == [2, 2, 4]
     # the run's own keys reach every row, the dense control's too, and the report says so
     assert {r["calibration"]["stage2"]["lr_schedule"] for r in rows.values()} == {"cosine"}
     assert "every row `calibration.stage2.lr_schedule: cosine`" in md

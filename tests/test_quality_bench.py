@@ -374,8 +374,11 @@ def test_attention_mass_capture_and_block_pooling():
         assert am.captured_mass(mass, mass, count) >= am.captured_mass(mass, scores, count) - 1e-7
     assert am.captured_mass(mass, mass, 1) < am.captured_mass(mass, mass, 3) <= 1 + 1e-6
     assert am.blocks_for(mass, 0.9) >= 1 and am.blocks_for(mass, 1.0 - 1e-9) <= mass.shape[1]
-    order = am.tile_order(2, 8, 8, 4)
-    assert torch.equal(order.sort().values, torch.arange(128)) and order[:16].tolist()[:4] == [0, 1, 2, 3]
+    assert am.tile_argument("4") == (1, 4, 4) and am.tile_argument("2x4x8") == (2, 4, 8)
+    two_frames = torch.tensor([[0.7, 0.3], [0.2, 0.8]])  # 32-token blocks, one frame each in raster order
+    assert am.own_frame_mass(two_frames, 32, 32, 32) == pytest.approx(0.75)
+    interleaved = torch.stack([torch.arange(32), torch.arange(32, 64)], dim=1).reshape(-1)  # both blocks start in frame 0
+    assert am.own_frame_mass(two_frames, 32, 32, 32, order=interleaved) == pytest.approx(1.0)
 
 
 def test_attention_mass_token_bounds_on_a_peaked_row():

@@ -54,6 +54,10 @@ class Family:
     :class:`~slaconv.processor.JointText` every SLA2 processor is told before the blocks run."""
     check_target: Callable[[torch.nn.Module, str], None] | None = None
     """``check_target(attn, layer_name)`` raises for an attention module that must not be converted."""
+    reorder_tokens: Callable[[torch.nn.Module, Any], list] | None = None
+    """``reorder_tokens(model, order)`` registers the forward hooks that put the video tokens in the
+    :class:`~slaconv.token_order.TokenOrder` ``order`` and back, returning their handles; None where the family
+    keeps raster order (``sla2.token_tile`` unset)."""
 
     def load_class(self) -> type:
         """The diffusers model class (imported on the first call)."""

@@ -52,6 +52,40 @@ def _self_attention_only(attn, layer_name: str) -> None:
         raise InputError("SLA2 targets must be self-attention modules (attn1), not cross-attention")
 
 
+def _reorder_tokens(model, order) -> list:
+    """Hooks that run a ``WanTransformer3DModel``'s blocks on tokens in ``order`` (:mod:`slaconv.token_order`):
+    the patch embedding's output, the rotary embedding and a per-token timestep (Wan2.2 TI2V) enter in tile
+    order, and the output projection's tokens return to raster order before the model unpatchifies them."""
+    p_t, p_h, p_w = model.config.patch_size
+
+    def set_grid(module, args, kwargs):
+        latents = args[0] if args else kwargs["hidden_states"]
+        _, _, frames, height, width = latents.shape
+        order.set_grid((frames // p_t, height // p_h, width // p_w), latents.device)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:  # one timestep per token
+            if len(args) > 1:
+                args = (args[0], order.to_tiles(timestep, 1), *args[2:])
+            else:
+                kwargs = {**kwargs, "timestep": order.to_tiles(timestep, 1)}
+        return args, kwargs
+
+    def patches_to_tiles(module, args, out):
+        # (B, C, F, H, W) -> (B, C, N, 1, 1): the model's flatten(2) then gives the tokens in tile order
+        return order.to_tiles(out.flatten(2), 2)[..., None, None]
+
+    def rotary_to_tiles(module, args, out):
+        return tuple(order.to_tiles(freqs, 1) for freqs in out)  # (1, N, 1, D) cos and sin
+
+    def output_to_raster(module, args, out):
+        return order.to_raster(out, 1)  # (B, N, C) before the unpatchify
+
+    return [model.register_forward_pre_hook(set_grid, with_kwargs=True),
+            model.patch_embedding.register_forward_hook(patches_to_tiles),
+            model.rope.register_forward_hook(rotary_to_tiles),
+            model.proj_out.register_forward_hook(output_to_raster)]
+
+
 def _make_inputs(model, latents, timestep, prompt_embeds, image_embeds=None) -> dict:
     kwargs = {
         "hidden_states": latents,
@@ -80,5 +114,6 @@ WAN = register(
         pipeline=lambda cfg: (("WanImageToVideoPipeline", "image-to-video") if cfg.get("image_dim")
                               else ("WanPipeline", "text-to-video")),
         check_target=_self_attention_only,
+        reorder_tokens=_reorder_tokens,
     )
 )

@@ -17,13 +17,14 @@ This module measures how much of the DENSE softmax probability mass those blocks
     projections (what ``slaconv convert`` starts from before stage 1 learns the router);
 * plus, per query block, how many oracle blocks 90 % of the mass needs and the share of mass that
   stays in the query's own frame (tokens are in (frame, row, column) raster order, as the model and
-  the SLA2 kernels see them; ``--tile 8`` re-blocks them into 8 x 8 spatial patches instead), and
+  the SLA2 kernels see them; ``--tile 8`` re-blocks them into 8 x 8 spatial patches of a frame instead and
+  ``--tile 4x4x4`` into 4 x 4 patches over 4 frames, the order ``sla2.token_tile`` gives a converted model), and
   the block-free bound: the mass of each query's own top 3 % keys (every 8th query).
 
 Run (CPU, ~3 min on 2 cores with the defaults):
 
     python -m slaconv.quality.attention_stats --model MODEL --out OUT                # 4 videos x sigma 0.2/0.5/0.8
-    python -m slaconv.quality.attention_stats --model MODEL --tile 8 --out OUT_TILES
+    python -m slaconv.quality.attention_stats --model MODEL --tile 4x4x4 --out OUT_TILES
     python -m slaconv.quality.attention_stats --model MODEL --frames 16 --videos 2 --out OUT_16F
 
 ``--frames 16`` runs the same model on 16-frame videos (16,384 tokens, 256 key blocks): a longer
@@ -41,9 +42,11 @@ from pathlib import Path
 
 import torch
 
+from slaconv.errors import RecipeError
 from slaconv.kernels import reference
 from slaconv.quality import common, metrics
-from slaconv.quality.command_line import fraction, non_negative_int, one_line_errors, positive_int
+from slaconv.quality.command_line import fraction, one_line_errors, positive_int
+from slaconv.token_order import describe, parse_tile, tile_permutation
 
 SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 
@@ -182,15 +185,12 @@ def tail_stable_ranks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: i
     return full, stable_rank(p.masked_fill_(mask, 0.0))
 
 
-def tile_order(frames: int, height: int, width: int, tile: int) -> torch.Tensor:
-    """Token permutation from raster (frame, row, col) to (frame, tile row, tile col, row, col) order.
-
-    With tile 8 a 64-key block is one 8 x 8 patch of a frame and a 128-query block two side-by-side ones.
-    """
-    if height % tile or width % tile:
-        raise ValueError(f"{height} x {width} tokens do not tile by {tile}")
-    idx = torch.arange(frames * height * width).view(frames, height // tile, tile, width // tile, tile)
-    return idx.permute(0, 1, 3, 2, 4).reshape(-1)
+def tile_argument(text: str) -> tuple[int, int, int]:
+    """``--tile``: ``N`` (N x N patches of one frame) or ``FxHxW`` (:func:`slaconv.token_order.parse_tile`)."""
+    try:
+        return (1, int(text), int(text)) if text.strip().isdigit() and int(text) > 0 else parse_tile(text)
+    except RecipeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def captured_mass(mass: torch.Tensor, scores: torch.Tensor, n_select: int) -> float:
@@ -205,26 +205,29 @@ def blocks_for(mass: torch.Tensor, share: float = 0.9) -> float:
     return float(((cum < share).sum(dim=-1) + 1).float().mean())
 
 
-def own_frame_mass(mass: torch.Tensor, block_q: int, block_k: int, tokens_per_frame: int) -> float:
-    """Mean share of a query block's mass on keys of its own frame (raster (frame, row, col) order)."""
+def own_frame_mass(mass: torch.Tensor, block_q: int, block_k: int, tokens_per_frame: int,
+                   order: torch.Tensor | None = None) -> float:
+    """Mean share of a query block's mass on key blocks of its own frame, a block's frame being that of its first
+    token: in raster (frame, row, col) order, or in ``order`` (raster indices in sequence order) when given."""
     nq, nk = mass.shape
-    fq = torch.arange(nq, device=mass.device) * block_q // tokens_per_frame
-    fk = torch.arange(nk, device=mass.device) * block_k // tokens_per_frame
+    n = nk * block_k
+    frames = (torch.arange(n) if order is None else order.cpu()) // tokens_per_frame
+    fq, fk = frames[::block_q][:nq].to(mass.device), frames[::block_k][:nk].to(mass.device)
     return float((mass * (fq[:, None] == fk[None, :])).sum(dim=-1).mean())
 
 
 def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int,
-                 mass: torch.Tensor | None = None) -> dict:
-    """All numbers for one (layer, video, sigma, head): q, k are (N, D); ``mass`` is their
-    :func:`block_mass` when the caller has it already."""
+                 mass: torch.Tensor | None = None, order: torch.Tensor | None = None) -> dict:
+    """All numbers for one (layer, video, sigma, head): q, k are (N, D), in the token ``order`` when one is given
+    (raster indices in sequence order); ``mass`` is their :func:`block_mass` when the caller has it already."""
     n = q.shape[0]
     nk = reference.block_count(n, args.block_k)
     if mass is None:
         mass = block_mass(q, k, args.block_q, args.block_k)
     eye = torch.eye(q.shape[1], device=q.device).unsqueeze(0)
     heur = reference.router_scores(q[None, None], k[None, None], eye, eye, args.block_q, args.block_k)[0, 0]
-    rec = {"blocks_for_90": blocks_for(mass, 0.9), "own_frame": own_frame_mass(mass, args.block_q, args.block_k,
-                                                                                tokens_per_frame)}
+    rec = {"blocks_for_90": blocks_for(mass, 0.9),
+           "own_frame": own_frame_mass(mass, args.block_q, args.block_k, tokens_per_frame, order)}
     for f in SPARSITIES:
         n_sel = reference.topk_count(f, nk)
         rec[f"oracle_{f:g}"] = captured_mass(mass, mass, n_sel)
@@ -302,8 +305,9 @@ def main(argv=None) -> None:
     ap.add_argument("--frames", type=positive_int, default=None, help="override the trained spec's frame count")
     ap.add_argument("--block-q", type=positive_int, default=128)
     ap.add_argument("--block-k", type=positive_int, default=64)
-    ap.add_argument("--tile", type=non_negative_int, default=0,
-                    help="reorder tokens into tile x tile spatial patches per frame before blocking (0 = raster)")
+    ap.add_argument("--tile", type=tile_argument, default=None,
+                    help="reorder tokens into tiles before blocking: N (N x N patches of a frame) or FxHxW "
+                         "(F frames x H rows x W columns); default raster order")
     ap.add_argument("--token-topk", action=argparse.BooleanOptionalAction, default=True,
                     help="also the block-free per-query top-k key mass (every 8th query)")
     ap.add_argument("--tail-rank", action=argparse.BooleanOptionalAction, default=True,
@@ -325,11 +329,10 @@ def main(argv=None) -> None:
     if n_tokens % args.block_q or n_tokens % args.block_k:
         ap.error(f"{n_tokens} tokens do not tile into --block-q {args.block_q} / --block-k {args.block_k} blocks")
     grid = (spec.frames // patch[0], spec.size // patch[1], spec.size // patch[2])
-    if args.tile and (grid[1] % args.tile or grid[2] % args.tile):
-        ap.error(f"--tile {args.tile} does not divide the {grid[1]} x {grid[2]} tokens of a frame")
-    order = tile_order(*grid, args.tile) if args.tile else None
+    order = tile_permutation(grid, args.tile) if args.tile else None
+    order_name = describe(args.tile)
     print(f"{spec.frames} frames x {spec.size}^2 -> {n_tokens} tokens, {nk} key blocks; keep {kcounts}; "
-          f"token order {f'tiles of {args.tile}' if args.tile else 'raster'}")
+          f"token order {order_name}")
 
     records = []
     for sigma in args.sigmas:
@@ -340,7 +343,7 @@ def main(argv=None) -> None:
                 q, k = q[:, :, order], k[:, :, order]
             for b in range(q.shape[0]):
                 for h in range(q.shape[1]):
-                    rec = measure_head(q[b, h], k[b, h], args, tokens_per_frame)
+                    rec = measure_head(q[b, h], k[b, h], args, tokens_per_frame, order=order)
                     records.append({"sigma": sigma, "video": b, "layer": layer, "head": h, **rec})
             last = [r for r in records if r["sigma"] == sigma and r["layer"] == layer]
             print(f"sigma {sigma} layer {layer}: oracle 97% {mean(r['oracle_0.03'] for r in last):.3f}, "
@@ -349,7 +352,7 @@ def main(argv=None) -> None:
     by_layer, by_sigma = summarize(records, "layer"), summarize(records, "sigma")
     md = (f"# Attention mass captured by top-k key blocks ({args.model})\n\n"
           f"{args.videos} held-out videos (stream {args.seed}) x sigma {args.sigmas}; {spec.frames} frames x "
-          f"{spec.size}x{spec.size} = {n_tokens} tokens ({f'tiles of {args.tile} tokens' if args.tile else 'raster'} "
+          f"{spec.size}x{spec.size} = {n_tokens} tokens ({order_name} "
           f"order); blocks {args.block_q} q x {args.block_k} k, {nk} key "
           f"blocks per row.  Mean over heads, videos and sigmas; min head = the head (layer, head) with the "
           f"lowest mean.\n\n## By layer\n\n{table(by_layer, 'layer', kcounts)}\n\n"
