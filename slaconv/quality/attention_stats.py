@@ -54,6 +54,25 @@ SPARSITIES = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 # ---------------------------------------------------------------------------------------- capture
 
 
+_TOKEN_ORDER: list[torch.Tensor] = []  # the order set by tile_order_context, innermost last
+
+
+@contextmanager
+def tile_order_context(order: torch.Tensor | None):
+    """Within the block, :func:`self_attention_hook`'s hooks see Q, K and V with their tokens in ``order`` (raster
+    indices in sequence order, :func:`slaconv.token_order.tile_permutation`) and a replacement output they
+    return is put back in raster order: the attention a converted model with ``sla2.token_tile`` computes,
+    exact because attention is permutation-equivariant.  None: raster order."""
+    if order is None:
+        yield
+        return
+    _TOKEN_ORDER.append(order)
+    try:
+        yield
+    finally:
+        _TOKEN_ORDER.pop()
+
+
 @contextmanager
 def self_attention_hook(n_tokens: int, hook):
     """Call ``hook(index, query, key, value)`` at every attention call whose key length is ``n_tokens``.
@@ -62,7 +81,7 @@ def self_attention_hook(n_tokens: int, hook):
     with (B, N, H, D) tensors after norm_q/norm_k and RoPE; cross-attention keys are the 4 class tokens,
     so the key length picks the self-attention (attn1) calls.  ``index`` counts those calls from 0 (in
     layer order, forward after forward).  The hook returns None to keep the layer's own attention output,
-    or a (B, N, H, D) tensor that replaces it.
+    or a (B, N, H, D) tensor that replaces it.  Inside :func:`tile_order_context` the tokens are in tile order.
     """
     from diffusers.models.transformers import transformer_wan as tw
 
@@ -73,7 +92,13 @@ def self_attention_hook(n_tokens: int, hook):
         nonlocal count
         if key.shape[1] == n_tokens:
             index, count = count, count + 1
-            out = hook(index, query, key, value)
+            if _TOKEN_ORDER:
+                order = _TOKEN_ORDER[-1].to(query.device)
+                out = hook(index, *(x[:, order] for x in (query, key, value)))
+                if out is not None:
+                    return out[:, torch.argsort(order)]
+            else:
+                out = hook(index, query, key, value)
             if out is not None:
                 return out
         return original(query, key, value, *args, **kwargs)
@@ -337,10 +362,9 @@ def main(argv=None) -> None:
     records = []
     for sigma in args.sigmas:
         hs = metrics.heldout_set(spec, args.videos, seed=args.seed, sigmas=(sigma,))  # same x0/noise per sigma
-        layers = capture_qk(model, hs, n_tokens)
+        with tile_order_context(order):
+            layers = capture_qk(model, hs, n_tokens)
         for layer, (q, k) in enumerate(layers):
-            if order is not None:
-                q, k = q[:, :, order], k[:, :, order]
             for b in range(q.shape[0]):
                 for h in range(q.shape[1]):
                     rec = measure_head(q[b, h], k[b, h], args, tokens_per_frame, order=order)

@@ -48,6 +48,7 @@ from slaconv.quality import tail_fit as tf
 from slaconv.quality import tail_mixing as tm
 from slaconv.quality import tail_report as tr
 from slaconv.quality.command_line import fraction, non_negative_int, one_line_errors, positive_float, positive_int
+from slaconv.token_order import describe, tile_permutation
 
 FRACTIONS = (0.10, 0.05, 0.03)  # top-k fractions: 90 / 95 / 97 % sparsity
 TRAIN_SIGMAS = (0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4)  # training sample i at TRAIN_SIGMAS[i % 8]
@@ -245,6 +246,8 @@ def main(argv=None) -> None:
                     help="wall-clock budget: shortens the Hedgehog fits and the held-out sets to end in time")
     ap.add_argument("--block-q", type=positive_int, default=128)
     ap.add_argument("--block-k", type=positive_int, default=64)
+    ap.add_argument("--tile", type=am.tile_argument, default=None,
+                    help="tokens in tiles of FxHxW (sla2.token_tile) before blocking; default raster order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (a GPU runs the model under bf16 autocast)")
@@ -274,6 +277,15 @@ def main(argv=None) -> None:
     stats_args = SimpleNamespace(block_q=args.block_q, block_k=args.block_k, tail_rank=True, token_topk=True)
     log(f"{n_tokens} tokens, {nk} key blocks; keep {list(counts.values())} per query block")
 
+    order = tile_permutation((spec.frames // patch[0], spec.size // patch[1], spec.size // patch[2]),
+                             args.tile) if args.tile else None
+    with am.tile_order_context(order):
+        study(model, spec, n_tokens, counts, args, budget, timer, log, stats_args, tokens_per_frame, order)
+
+
+def study(model, spec, n_tokens, counts, args, budget, timer, log, stats_args, tokens_per_frame, order) -> None:
+    """Fit the learned estimators, measure every estimator's attention error and held-out loss, write the
+    results (the tokens in ``order`` when one is given)."""
     params, fit_summary = fit_parameters(model, spec, n_tokens, counts, args, budget, log)
 
     hs = metrics.heldout_set(spec, args.heldout)
@@ -291,7 +303,8 @@ def main(argv=None) -> None:
                 masses = torch.stack([am.block_mass(q[0, h], k[0, h], args.block_q, args.block_k)
                                       for h in range(q.shape[1])]).unsqueeze(0)
                 for h in range(q.shape[1]):
-                    rec = am.measure_head(q[0, h], k[0, h], stats_args, tokens_per_frame, mass=masses[0, h])
+                    rec = am.measure_head(q[0, h], k[0, h], stats_args, tokens_per_frame, mass=masses[0, h],
+                                          order=order)
                     head_records.append({"sample": i, "layer": layer, "head": h, **rec})
                 luts.update({("oracle", f): te.lut_of(reference.hard_topk_mask(masses, c)) for f, c in counts.items()})
             heuristic = {key: lut for key, lut in luts.items() if key[0] == "heuristic"}
@@ -358,7 +371,7 @@ def write_results(args, spec, n_tokens, counts, timer, fit_summary, cells, error
     stats_samples = [i for i in args.stats_videos if i < args.error_samples]
     md = [f"# Tail estimators at fixed sparsity, no training ({args.model})", "",
           f"{datetime.date.today()}, {device_words(args)}, {timer():.0f} s.  {n_tokens} tokens, blocks "
-          f"{args.block_q} q x {args.block_k} k, key blocks kept per query block {list(counts.values())} "
+          f"{args.block_q} q x {args.block_k} k, token order {describe(args.tile)}, key blocks kept per query block {list(counts.values())} "
           f"({' / '.join(tr.pct(f) for f in counts)}).  Attention errors on the first {args.error_samples} "
           f"samples of the benchmark's held-out stream (sigma cycling 0.15 ... 0.95), held-out loss on the first "
           f"{args.loss_samples}; statistics and oracle router on samples {stats_samples}; pooled bias and Hedgehog "
