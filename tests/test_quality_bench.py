@@ -593,3 +593,32 @@ def test_tail_study_runs_end_to_end(tmp_path):
     assert len(original) == 2 and res["losses"]["linear_converter"]["0.03"]["per_sample"] != original
     assert all(v["0.03"]["ratio_ci"][0] <= v["0.03"]["ratio"] <= v["0.03"]["ratio_ci"][1]
                for v in res["losses"].values())
+
+
+def test_tile_order_context_hands_hooks_tiled_tokens_and_is_exact():
+    """Inside tile_order_context a hook sees Q, K, V in tile order, and a dense replacement computed there gives
+    the model's own output: what the tail study measures with --tile is what a tiled model computes."""
+    from slaconv.quality import attention_stats as am
+    from slaconv.quality import tail_study
+    from slaconv.token_order import tile_permutation
+
+    model = common.build_model({**common.SMOKE_MODEL_CONFIG, "num_layers": 1}, seed=0).eval()
+    spec = sv.SMOKE_SPEC
+    hs = metrics.heldout_set(spec, 1)
+    s = hs["sigma"].view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * hs["x0"] + s * hs["noise"]
+    n = spec.tokens((1, 2, 2))
+    order = tile_permutation((spec.frames, spec.size // 2, spec.size // 2), (2, 4, 4))
+    seen = []
+
+    def dense(index, q, k, v):
+        seen.append(q.clone())
+        return tail_study.dense_output(q, k, v)
+
+    with torch.no_grad():
+        with am.record_self_attention(n, values=True) as raster:
+            want = common.velocity(model, x_t, hs["sigma"], hs["emb"])
+        with am.tile_order_context(order), am.self_attention_hook(n, dense):
+            got = common.velocity(model, x_t, hs["sigma"], hs["emb"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[0].float().transpose(1, 2), raster[0][0][:, :, order])
