@@ -32,9 +32,15 @@ def test_tiles_are_contiguous_and_compact(grid, tile):
     assert torch.equal(order.sort().values, torch.arange(grid[0] * grid[1] * grid[2]))
     f, h, w = (c[order] for c in _coords(grid))
     tile_id = [(int(a) // tile[0], int(b) // tile[1], int(c) // tile[2]) for a, b, c in zip(f, h, w)]
-    runs = [tile_id[0]] + [t for prev, t in zip(tile_id, tile_id[1:]) if t != prev]
+    starts = [0] + [i for i in range(1, len(tile_id)) if tile_id[i] != tile_id[i - 1]]
+    runs = [tile_id[i] for i in starts]
     assert len(runs) == len(set(runs))  # each tile's tokens are one run of the sequence
-    assert runs == sorted(runs)  # tiles in raster order
+    whole = [all((t + 1) * s <= g for t, s, g in zip(r, tile, grid)) for r in runs]
+    assert whole == sorted(whole, reverse=True)  # whole tiles first, then the edge pieces
+    for part in (True, False):  # each group in raster order of the tiles
+        assert [r for r, w_ in zip(runs, whole) if w_ == part] == sorted(r for r, w_ in zip(runs, whole) if w_ == part)
+    volume = tile[0] * tile[1] * tile[2]
+    assert all(start % volume == 0 for start, w_ in zip(starts, whole) if w_)  # whole tiles stay block-aligned
     if tile == (1, 1, 1):
         assert torch.equal(order, torch.arange(order.numel()))
 
