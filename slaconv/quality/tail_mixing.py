@@ -13,7 +13,11 @@ per-head ``c_h`` on training rows, and one refinement, a per-head affine map ``s
 * ``mass``: the mean over rows of ``lse_pool - lse_tail`` (the exact tail's log mass), so that alpha_i is on
   average the selected mass in log-odds: the counterpart of ``convert``'s selected-mass start of a per-head alpha;
 * ``head_train``: no per-query alpha, a per-head least-squares alpha fitted on the same training rows (the fair
-  per-head comparison: the study's other per-head rows fit alpha on the held-out samples themselves).
+  per-head comparison: the study's other per-head rows fit alpha on the held-out samples themselves);
+* ``query_linear``: no mass estimate at all, ``sigmoid(w_h . q_i / sqrt(d) + c_h)``, a learned linear function of
+  the query row (d + 1 parameters per head, by L-BFGS from the per-head least-squares alpha): whether the query
+  itself says how much of its attention the selected blocks miss, with no pass over the unselected keys;
+* ``gap_query_linear``: both, ``sigmoid(a_h gap_i + w_h . q_i / sqrt(d) + c_h)`` (from the affine fit).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from slaconv.quality import tail_estimators as te
 
 TAILS = ("exact", "linear", "hedgehog")
-MIXINGS = ("shift", "affine", "mass", "head_train")
+MIXINGS = ("shift", "affine", "mass", "head_train", "query_linear", "gap_query_linear")
 SHIFT_GRID = torch.arange(-8.0, 8.0 + 1e-9, 0.02)
 
 
@@ -76,23 +80,57 @@ def _fit_affine(a2, a1, a0, gap, shift) -> torch.Tensor:
     return params.detach()
 
 
-def fit(a2, a1, a0, gap, log_mass_error) -> dict[str, torch.Tensor]:
+def _query_logit(params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor, with_gap: bool) -> torch.Tensor:
+    """``[a_h gap +] w_h . q / sqrt(d) + c_h`` per row: ``params`` (H, d + 1 [+ 1]) = (w, c[, a]); ``gap`` (..., H, R),
+    ``q`` (..., H, R, d)."""
+    d = q.shape[-1]
+    logit = (q.double() * params[:, :d].unsqueeze(-2)).sum(-1) / d ** 0.5 + params[:, d].unsqueeze(-1)
+    return logit + params[:, d + 1].unsqueeze(-1) * gap if with_gap else logit
+
+
+def _fit_query_linear(a2, a1, a0, gap, q, start: torch.Tensor, with_gap: bool) -> torch.Tensor:
+    params = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([params], max_iter=200, line_search_fn="strong_wolfe")
+    scale = float(_error(a2, a1, a0, torch.sigmoid(_query_logit(start, gap, q, with_gap))).sum().clamp_min(1e-30))
+
+    def closure():
+        opt.zero_grad()
+        loss = _error(a2, a1, a0, torch.sigmoid(_query_logit(params, gap, q, with_gap))).sum() / scale
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return params.detach()
+
+
+def fit(a2, a1, a0, gap, log_mass_error, q) -> dict[str, torch.Tensor]:
     """Every mixing's per-head parameters from training rows (H, R) in float64; ``log_mass_error`` is
-    ``lse_pool - lse_tail`` per row (nan where the selected blocks hold all of the mass)."""
+    ``lse_pool - lse_tail`` per row (nan where the selected blocks hold all of the mass); ``q`` the rows' queries
+    (H, R, d)."""
     shift = _fit_shift(a2, a1, a0, gap)
-    return {"shift": shift, "affine": _fit_affine(a2, a1, a0, gap, shift),
-            "mass": log_mass_error.nanmean(dim=-1),
-            "head_train": te.least_squares_alpha(a2.sum(dim=-1), a1.sum(dim=-1))}
+    affine = _fit_affine(a2, a1, a0, gap, shift)
+    head = te.least_squares_alpha(a2.sum(dim=-1), a1.sum(dim=-1))
+    heads, d = q.shape[0], q.shape[-1]
+    zeros = torch.zeros(heads, d, dtype=torch.float64, device=q.device)
+    logit_head = torch.logit(head.double().clamp(1e-4, 1 - 1e-4)).view(heads, 1)
+    linear = _fit_query_linear(a2, a1, a0, gap, q, torch.cat([zeros, logit_head], dim=1), with_gap=False)
+    both = _fit_query_linear(a2, a1, a0, gap, q, torch.cat([zeros, affine[1].view(heads, 1), affine[0].view(heads, 1)],
+                                                             dim=1), with_gap=True)
+    return {"shift": shift, "affine": affine, "mass": log_mass_error.nanmean(dim=-1), "head_train": head,
+            "query_linear": linear, "gap_query_linear": both}
 
 
-def alpha(mixing: str, params: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """Alpha per row (B, H, N, 1) of ``mixing`` with its fitted per-head ``params``, from ``gap`` (B, H, N)."""
+def alpha(mixing: str, params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """Alpha per row (B, H, N, 1) of ``mixing`` with its fitted per-head ``params``, from ``gap`` (B, H, N) and,
+    for the query-linear mixings, the queries ``q`` (B, H, N, d)."""
     gap = gap.double()
     if mixing == "head_train":
         return params.view(1, -1, 1, 1).expand(*gap.shape, 1)
     if mixing == "affine":
         a, c = params[0].view(1, -1, 1), params[1].view(1, -1, 1)
         return torch.sigmoid(a * gap + c).unsqueeze(-1)
+    if mixing in ("query_linear", "gap_query_linear"):
+        return torch.sigmoid(_query_logit(params, gap, q, mixing == "gap_query_linear")).unsqueeze(-1)
     return torch.sigmoid(gap + params.view(1, -1, 1)).unsqueeze(-1)
 
 
@@ -113,17 +151,19 @@ def fit_layer(data, features, fractions, block_q: int, block_k: int) -> dict:
                 lse_tail = r.lse.double() + torch.log1p(-m)
                 lse_pool = r.lse_s[f].double() - gap
                 parts.append((*row_terms(r.o, r.o_s[f], tail), gap, torch.where(m < 1 - 1e-6, lse_pool - lse_tail,
-                                                                                 torch.nan)))
-            stacked = [torch.cat([p[i][0] for p in parts], dim=-1) for i in range(5)]  # (H, R)
+                                                                                 torch.nan), r.q.double()))
+            stacked = [torch.cat([p[i][0] for p in parts], dim=1) for i in range(6)]  # (H, R) and q (H, R, d)
             out.setdefault(f, {})[kind] = fit(*stacked)
     return out
 
 
-def measure(o, o_s, tails: dict, gap: torch.Tensor, params: dict, block_q: int) -> dict[str, torch.Tensor]:
-    """Squared error per (B, H, query block) of every (tail, mixing) on one held-out layer: {"tail_mixing": ...}."""
+def measure(o, o_s, tails: dict, gap: torch.Tensor, params: dict, block_q: int,
+            q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Squared error per (B, H, query block) of every (tail, mixing) on one held-out layer: {"tail_mixing": ...};
+    ``q`` (B, H, N, d) the layer's queries."""
     out = {}
     for kind in TAILS:
         for mixing in MIXINGS:
-            a = alpha(mixing, params[kind][mixing], gap).to(o.dtype)
+            a = alpha(mixing, params[kind][mixing], gap, q).to(o.dtype)
             out[f"{kind}_{mixing}"] = te.squared_error_per_block(o, a * o_s + (1 - a) * tails[kind], block_q)
     return out

@@ -58,7 +58,9 @@ ROWS = (
           ("head_train", "alpha per head fitted on training videos"),
           ("shift", "alpha per query from the pooled tail mass, per-head shift fitted on training videos"),
           ("affine", "alpha per query, per-head affine map of the pooled log-odds (training videos)"),
-          ("mass", "alpha per query, per-head shift = mean log gap of the pooled tail mass (training)")))
+          ("mass", "alpha per query, per-head shift = mean log gap of the pooled tail mass (training)"),
+          ("query_linear", "alpha per query = sigmoid(w . q + c), no mass estimate (training videos)"),
+          ("gap_query_linear", "alpha per query from the pooled log-odds and w . q (training videos)")))
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one", "linear_all", "hedgehog_all")
