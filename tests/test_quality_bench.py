@@ -586,7 +586,7 @@ def test_tail_study_runs_end_to_end(tmp_path):
             for tail in ("exact", "linear", "mean", "hedgehog"):
                 assert rows[f"{tail}_query"]["mean"] <= rows[f"{tail}_head"]["mean"] + 1e-9
             for tail in ("linear", "hedgehog"):  # alphas fitted on other rows: worse than the closed form here
-                for mixing in ("head_train", "shift", "affine", "mass"):
+                for mixing in ("head_train", "shift", "affine", "mass", "query_linear", "gap_query_linear"):
                     assert rows[f"{tail}_query"]["mean"] <= rows[f"{tail}_{mixing}"]["mean"] + 1e-9
             assert rows["exact_head"]["mean"] <= rows["sparse"]["mean"] + 1e-9
     original = res["original_losses"]
@@ -622,3 +622,27 @@ def test_tile_order_context_hands_hooks_tiled_tokens_and_is_exact():
             got = common.velocity(model, x_t, hs["sigma"], hs["emb"])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(seen[0].float().transpose(1, 2), raster[0][0][:, :, order])
+
+
+def test_query_linear_alpha_recovers_an_alpha_that_depends_on_the_query():
+    """Rows whose best alpha is sigmoid(w . q / sqrt(d) + c): the query-linear fit gets the training error near 0,
+    far below the best per-head alpha, and the gap-free fit ignores the gap."""
+    from slaconv.quality import tail_mixing as tm
+
+    g = torch.Generator().manual_seed(0)
+    heads, rows, d = 2, 512, 8
+    q = torch.randn(heads, rows, d, generator=g, dtype=torch.float64)
+    w = torch.randn(heads, d, generator=g, dtype=torch.float64)
+    best = torch.sigmoid((q * w.unsqueeze(1)).sum(-1) / d ** 0.5 + 0.3)  # (H, R)
+    # squared error a2 alpha^2 + 2 a1 alpha + a0 with its minimum at alpha = best: a1 = -a2 best
+    a2 = torch.rand(heads, rows, generator=g, dtype=torch.float64) + 0.5
+    a1, a0 = -a2 * best, a2 * best.square()
+    gap = torch.randn(heads, rows, generator=g, dtype=torch.float64)
+    params = tm.fit(a2, a1, a0, gap, torch.full_like(gap, float("nan")), q)
+
+    def error(mixing):
+        alpha = tm.alpha(mixing, params[mixing], gap.unsqueeze(0), q.unsqueeze(0))[0, ..., 0]
+        return float((a2 * alpha.square() + 2 * a1 * alpha + a0).sum())
+
+    assert error("query_linear") < 1e-3 * error("head_train")
+    assert error("gap_query_linear") < 1e-3 * error("head_train")
