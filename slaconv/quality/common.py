@@ -133,6 +133,20 @@ def sample(model, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: flo
     return torch.cat(outs)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that freed CPU tensors left in glibc's heap back to the system (``malloc_trim``; a no-op
+    elsewhere).  Studies that build and drop N x N maps per sample otherwise keep growing: glibc raises its mmap
+    threshold after the first large frees, so later maps come from a heap it rarely returns."""
+    if platform.system() != "Linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def file_mb(folder: Path) -> float:
     """Size of the folder's safetensors files in MiB."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20

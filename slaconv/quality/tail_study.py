@@ -312,6 +312,7 @@ def study(model, spec, n_tokens, counts, args, budget, timer, log, stats_args, t
             measure_layer(q, k, v, heuristic, params[layer], cells[layer], args.block_q, args.block_k)
             if oracle:
                 measure_layer(q, k, v, oracle, params[layer], cells[layer], args.block_q, args.block_k)
+        common.release_freed_memory()
         log(f"held-out sample {i} (sigma {float(hs['sigma'][i]):.2f}): loss {float(original[-1][0]):.4f}, "
             f"errors measured")
     hs = {key: val[: len(original)] for key, val in hs.items()}
@@ -343,6 +344,7 @@ def study(model, spec, n_tokens, counts, args, budget, timer, log, stats_args, t
                 with am.self_attention_hook(n_tokens, replaced_output(row, f, counts[f], params, per_layer, args)):
                     est = metrics.heldout_losses(model, hs, args.device, batch_size=1)
                 losses.setdefault(row.key, {})[f] = {**tr.paired_bootstrap(est, original), "per_sample": est.tolist()}
+                common.release_freed_memory()
                 log(f"loss {row.key} at {tr.pct(f)}: ratio {losses[row.key][f]['ratio']:.3f} "
                     f"{losses[row.key][f]['ratio_ci']}")
 
