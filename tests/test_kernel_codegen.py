@@ -179,6 +179,34 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 
 
 @pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("quant,mixing", [("none", "query"), ("int8-fp8", "head"), ("int8-fp8", "query")])
+def test_gluon_query_features_in_launch_compile_for_sm90(tmp_path, python, quant, mixing):
+    """LaunchConfig.gluon_query_features: the q pre-pass no longer computes Hedgehog features (no MMA left in
+    it), the Gluon launch loads the weights by TMA (a second 2-d load beside H_rest's) and runs one more wgmma
+    of m64 x D per warpgroup; the consumers keep 232 registers so the producer, which now also places the
+    weights, gets 40.  No spills, except loop-invariant wgmma descriptors that Triton 3.9 (not 3.6, the GPU
+    machines') spills in int8-fp8 with alpha per query: scalars reloaded beside an MMA, bounded here."""
+    rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", mixing, "--backward",
+                   "--config", json.dumps({"sparse_gluon": 1, "gluon_query_features": 1}))
+    by_name = {r["kernel"]: r for r in rows}
+    assert not by_name["q_prepass"]["mma"], by_name["q_prepass"]
+    g = by_name["fwd_sparse_gluon_kernel"]
+    assert g["loads"].get("cp.async.bulk.tensor.2d.shared", 0) == 2, g["loads"]
+    assert sorted(g["setmaxnreg"])[0] == 40 and 232 in g["setmaxnreg"], g["setmaxnreg"]
+    mix = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
+    baseline = {r["kernel"]: r for r in _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", mixing,
+                                                "--backward", "--config", json.dumps({"sparse_gluon": 1}))}
+    assert g["mma"][mix] > baseline["fwd_sparse_gluon_kernel"]["mma"][mix], (g["mma"], baseline)
+    is_triton36 = python == TRITON36
+    spills_allowed = 96 if (quant, mixing) == ("int8-fp8", "query") and not is_triton36 else 0
+    assert g["spill_instructions"] <= spills_allowed, g
+    assert g["shared_bytes"] <= 232448 - 1024, g
+    for r in rows:
+        if r["kernel"] != "fwd_sparse_gluon_kernel":
+            assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("config", [{"sparse_gluon": 0}, {"sparse_gluon": 1}], ids=["plain", "gluon"])
 def test_linear_branch_over_every_key_block_compiles_for_sm90(tmp_path, python, config):
     """sla2.linear_keys: all: no linear launch in the forward, the sparse launch (plain and Gluon) reading one

@@ -741,14 +741,18 @@ def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
 @needs_hopper
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 @pytest.mark.parametrize("quant", ["none", "int8-fp8"])
-@pytest.mark.parametrize("hedgehog,mixing,linear_keys", [(True, "head", "unselected"), (False, "query", "unselected"),
-                                                        (True, "query", "unselected"), (False, "head", "all"),
-                                                        (True, "query", "all")])
-def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing, linear_keys):
+@pytest.mark.parametrize("hedgehog,mixing,linear_keys,query_features", [
+    (True, "head", "unselected", 0), (False, "query", "unselected", 0), (True, "query", "unselected", 0),
+    (False, "head", "all", 0), (True, "query", "all", 0),
+    (True, "head", "unselected", 1), (True, "query", "all", 1)])
+def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing, linear_keys, query_features):
     """Hedgehog features, alpha per query and the linear branch over every key block in the Gluon epilogue
     (sparse_gluon=1): against the plain launch with the same options on every row (O to 16-bit rounding; psi
     is rounded before and after its per-row (1 - alpha) with alpha per query), the LSE, 1/den and alpha per
-    row, at a ragged N and at Wan2.1-1.3B's (1, 12, 32760, 128), 90% and 97%."""
+    row, at a ragged N and at Wan2.1-1.3B's (1, 12, 32760, 128), 90% and 97%.  ``query_features``: the
+    Hedgehog phi(Q) computed inside the Gluon launch (LaunchConfig.gluon_query_features) instead of read from
+    the q pre-pass; rounded to 16 bits as the pre-pass stores it, so the same tolerances hold."""
+    gluon_launch = dataclasses.replace(GLUON_LAUNCH, gluon_query_features=query_features)
     for b, h, n in ((2, 3, 4001), (1, 12, 32760)):
         seed = int(torch.randint(1 << 30, ()))
         q, k, v, rq, rk, al = _inputs(b, h, n, 128, layout, dtype=torch.bfloat16, seed=seed)
@@ -758,7 +762,7 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
         for topk in (0.1, 0.03):
             args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
             plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys)
-            gluon = S.sla2_fwd(*args, GLUON_LAUNCH.as_ints(), *weights, mixing, linear_keys)
+            gluon = S.sla2_fwd(*args, gluon_launch.as_ints(), *weights, mixing, linear_keys)
             assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
             o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
             rows = ("batch*head", "token")
@@ -830,6 +834,44 @@ def test_gluon_schedules_agree(layout, quant, topk, monkeypatch):
                                                (5e-3, 1e-6, 0.0), (3e-2, 1e-4, 0.0)):
         assert rel_l2(got, want) <= rel, _mismatch(name, got, want, dims, tol)
     _check_gluon_against_plain(q, k, v, rq, rk, al, topk, layout, quant)
+
+
+@needs_hopper
+@pytest.mark.parametrize("quant,topk", [("none", 0.03), ("none", 0.3), ("int8-fp8", 0.1), ("none", 1 / 63)])
+def test_gluon_query_features_in_launch_across_schedules(quant, topk, monkeypatch):
+    """LaunchConfig.gluon_query_features: the H_rest buffer holds the head's Hedgehog weights, then H_rest, each
+    item (two phases of its barriers per item).  Per-item and persistent programs (as many as SMs, and 5 with
+    a 2-slot ring, so the weights load inside a ring that runs on across ~40 items; top-k 1/63 leaves one
+    selected block, the weights then loading after the first) are bit-identical, and agree with phi(Q) read
+    from the q pre-pass to 16-bit rounding (O, LSE, 1/den, alpha per row)."""
+    b, h, n = 2, 3, 4001
+    q, k, v, rq, rk, al = _inputs(b, h, n, 128, "bnhd", dtype=torch.bfloat16, seed=977)
+    g = torch.Generator().manual_seed(978)
+    weights = [signed_weights((0.3 * torch.randn(h, 128, 64, generator=g)).to(DEVICE), h, 128, torch.bfloat16)
+               for _ in range(2)]
+    in_launch = dataclasses.replace(GLUON_LAUNCH, gluon_query_features=1)
+
+    def run(launch, **schedule):
+        original = gluon_kernels.launch_sparse_gluon
+        with monkeypatch.context() as m:
+            m.setattr(gluon_kernels, "launch_sparse_gluon", functools.partial(original, **schedule))
+            out = S.sla2_fwd(q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, "bnhd", True, launch.as_ints(),
+                             *weights, "query", "unselected")
+        return [out[i] for i in (0, 2, 3, 6)]
+
+    per_item = run(in_launch, persistent=False)
+    per_sm = run(in_launch, persistent=True)
+    with monkeypatch.context() as m:
+        m.setattr(gluon_kernels, "persistent_programs", lambda n_items, device: min(n_items, 5))
+        five = run(in_launch, persistent=True, ring_slots=2)
+    prepass = run(GLUON_LAUNCH)
+    rows = ("batch*head", "token")
+    for name, a, b_, c, d, dims, rel, tol in zip(
+            ("O", "LSE", "1/den", "alpha per row"), per_item, per_sm, five, prepass,
+            (("batch", "token", "head", "channel"), rows, rows, rows), (5e-3, 1e-5, 1e-4, 1e-4),
+            (3e-2, 1e-3, 1e-3, 1e-3)):
+        assert torch.isfinite(a).all() and torch.equal(a, b_) and torch.equal(a, c), name
+        assert rel_l2(a, d) <= rel, _mismatch(name, a, d, dims, tol)
 
 
 def test_default_launch_is_gluon_where_it_applies_and_plain_elsewhere(monkeypatch):

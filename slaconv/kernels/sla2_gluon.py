@@ -19,6 +19,8 @@ the schedule to Triton, this kernel states it (FlashAttention-3's structure):
   exponentials of block j+1 run (FlashAttention-3's two-stage pipeline);
 * **ping-pong**: a pair of turn mbarriers lets only one consumer run its exponentials at a time, so one
   warpgroup's softmax overlaps the other's tensor-core work;
+* Hedgehog features of Q come from the q pre-pass, or (``query_weights``) from one more wgmma per warpgroup
+  on the Q tile and the head's weights, which the producer loads into the H_rest buffer before H_rest;
 * the epilogue mixes in one wgmma, O = alpha O_s + psi H_rest (``linear_tail_weights`` is the one
   place that knows the linear branch), and stores O through TMA from the psi buffer.
 
@@ -70,6 +72,9 @@ PRODUCER_WARPS = 4
 CONSUMER_REGS = 240
 """Registers per thread the consumers claim with setmaxnreg; the producer keeps 24 (4 x 24 + 8 x 240 warps'
 worth fits the SM's 64K registers at one program per SM)."""
+CONSUMER_REGS_QUERY_FEATURES = 232
+"""The consumers' registers where the launch computes Hedgehog phi(Q) itself: the producer, which then also
+places the weights, gets 40 instead of 24 (4 x 40 + 8 x 232 warps' worth still fits 64K); at 24 it spills."""
 SHARED_BYTES_LIMIT = 227 * 1024 - 2048
 """Shared memory the tiles and the ring may fill: an H100 gives a program 227 KiB, less room for the
 mbarriers and alignment.  Slots beyond it are dropped."""
@@ -101,9 +106,10 @@ def fwd_sparse_gluon_kernel(
     """The B*H*nq work items (one 128-row query tile = one routing block of one (batch, head)) on a 1-d grid
     of any size: program p runs items p, p + P, p + 2P, ...  (P programs: as many as SMs for the persistent
     schedule, one per item for the plain one).  QUANT == 2 (``int8-fp8``) reads the forward's INT8 Q and K
-    and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read.  HEDGEHOG reads phi(Q) from
-    PHI_Q; MIX_ROWS mixes with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits) and, with
-    SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
+    and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read.  HEDGEHOG == 1 reads phi(Q)
+    from PHI_Q; HEDGEHOG == 2 computes it from Q and the signed weight stacks PHI_Q (H, D, D).  MIX_ROWS mixes
+    with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits) and, with SAVE_LSE, stores it in
+    ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
     work item i at i // lin_div: one per routing block (1) or one per (batch, head) (nq)."""
     q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
@@ -111,6 +117,10 @@ def fwd_sparse_gluon_kernel(
                                         ROWS4_LAYOUT)
     n_items = B * H * nq
     h_desc = tma.make_tensor_descriptor(H_REST, [(n_items // lin_div) * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
+    if HEDGEHOG == 2:  # PHI_Q holds the signed weight stacks (H, D, D)
+        w_desc = tma.make_tensor_descriptor(PHI_Q, [H * D, D], [D, 1], [D, D], SQUARE_LAYOUT)
+    else:
+        w_desc = h_desc
     dtype: gl.constexpr = Q.dtype.element_ty
     q_tiles = gl.allocate_shared_memory(dtype, [2, 64, D], ROWS_LAYOUT)
     if QUANT == 2:
@@ -152,9 +162,9 @@ def fwd_sparse_gluon_kernel(
     mbarrier.arrive(turns.index(0))  # consumer 0 takes the first softmax turn
 
     gl.warp_specialize([
-        (producer, (q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
-                    q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div, D, BLOCK_N, STAGES,
-                    QUANT)),
+        (producer, (q_desc, q8_desc, k_desc, v_desc, h_desc, w_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest,
+                    ready, empty, q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div, D, BLOCK_N,
+                    STAGES, QUANT, HEDGEHOG)),
         (consumer, (q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready, empty, q_ready, q_free, h_ready, h_free,
                     turns.index(0), turns.index(1), o_desc, LUT, Z_REST, ALPHA, LSE, INV_DEN, Q_SCALE, K_SCALE,
                     V_ABSMAX, K_SUM, PHI_Q, LSE_TAIL, ALPHA_ROWS, n_items, nq, nk, H, N, n_sel, qk_scale, inv_n,
@@ -260,7 +270,7 @@ def persistent_programs(n_items: int, device: torch.device) -> int:
 
 def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, lowbit, strides, N, H, n_sel,
                         nq, nk, qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, quant: str = "none",
-                        phi_q=None, lse_tail=None, alpha_rows=None, lin_per_head: bool = False,
+                        phi_q=None, query_weights=None, lse_tail=None, alpha_rows=None, lin_per_head: bool = False,
                         persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
     """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
     are the (batch, head, token) strides of q, k, v and o in that order; ``lowbit`` is the forward's
@@ -269,12 +279,16 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     fp32 buffer when SAVE_LSE is false).  ``persistent``: one program per SM loops over the items (else one
     program per item); ``overlap``: QK^T(j+1) runs during softmax(j) (else each MMA is waited for at once);
     ``ring_slots``: K/V slots (:func:`ring_stages`).  The linear-branch options, as ``fwd_sparse_kernel`` takes
-    them: ``phi_q`` (B*H, N, D) Hedgehog features of Q from the q pre-pass (None: softmax over the head dim);
+    them: ``phi_q`` (B*H, N, D) Hedgehog features of Q from the q pre-pass, or ``query_weights`` (H, D, D) the
+    signed weight stacks the kernel computes them from (neither: softmax over the head dim);
     ``lse_tail`` (B*H, N) for alpha per row (None: alpha per head), ``alpha`` then the heads' logits, and
     ``alpha_rows`` (B*H, N) where SAVE_LSE stores it.  ``lin_per_head``: ``h_rest`` / ``z_rest`` are one
     state per (batch, head) (the linear branch over every key block).  The caller has run
     :func:`check_supported`."""
-    hedgehog, mix_rows = phi_q is not None, lse_tail is not None
+    if phi_q is not None and query_weights is not None:
+        raise ValueError("phi_q and query_weights are two sources of the same features: give one")
+    hedgehog = 1 if phi_q is not None else 2 if query_weights is not None else 0
+    mix_rows = lse_tail is not None
     if mix_rows and SAVE_LSE and alpha_rows is None:
         raise ValueError("alpha per row with SAVE_LSE needs alpha_rows to store it in")
     tiles, bh = grid
@@ -283,10 +297,12 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     triton.set_allocator(scratch_allocator(q.device))
     fwd_sparse_gluon_kernel[(programs, )](
         q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *lowbit,
-        phi_q if hedgehog else q, lse_tail if mix_rows else inv_den, alpha_rows if mix_rows and SAVE_LSE else inv_den,
+        phi_q if hedgehog == 1 else query_weights if hedgehog == 2 else q, lse_tail if mix_rows else inv_den,
+        alpha_rows if mix_rows and SAVE_LSE else inv_den,
         *strides, N, bh // H, H, n_sel, nq, nk, nk * BLOCK_N, qk_scale, 1.0 / N, has_lin, nq if lin_per_head else 1,
         D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots, quant), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,
-        QUANT=GLUON_QUANT_IDS[quant], HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, CONSUMER_REGS=CONSUMER_REGS,
+        QUANT=GLUON_QUANT_IDS[quant], HEDGEHOG=hedgehog, MIX_ROWS=mix_rows,
+        CONSUMER_REGS=CONSUMER_REGS_QUERY_FEATURES if hedgehog == 2 else CONSUMER_REGS,
         num_warps=PRODUCER_WARPS,
         **kernel_layouts(q.dtype, D, BLOCK_N, quant),
     )

@@ -33,9 +33,10 @@ LN2 = gl.constexpr(0.6931471805599453)
 def query_features(q_tile, PHI_Q, row_offsets, row_valid, HEDGEHOG: gl.constexpr, D: gl.constexpr,
                    LAYOUT: gl.constexpr):
     """phi(Q) of one warpgroup's 64 rows (fp32, ``LAYOUT``): softmax over the head dim of the 16-bit Q tile in
-    shared memory, or with HEDGEHOG the rows the q pre-pass wrote to PHI_Q (``row_offsets`` = (batch * head)
-    * N + row, (B*H, N, D) contiguous); rows past N read 0."""
-    if HEDGEHOG:
+    shared memory, or with HEDGEHOG == 1 the rows the q pre-pass wrote to PHI_Q (``row_offsets`` = (batch *
+    head) * N + row, (B*H, N, D) contiguous); rows past N read 0.  (HEDGEHOG == 2 is
+    :func:`hedgehog_features`, from the weights in shared memory.)"""
+    if HEDGEHOG == 1:
         channels = gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT))
         offsets = gl.expand_dims(row_offsets.to(gl.int64) * D, 1) + gl.expand_dims(channels, 0)
         valid = gl.expand_dims(row_valid, 1) & gl.expand_dims(channels < D, 0)
@@ -44,6 +45,22 @@ def query_features(q_tile, PHI_Q, row_offsets, row_valid, HEDGEHOG: gl.constexpr
         qf = q_tile.load(LAYOUT).to(gl.float32)
         e = gl.exp(qf - gl.expand_dims(gl.max(qf, axis=1), 1))
         return e / gl.expand_dims(gl.sum(e, axis=1), 1)
+
+
+@gluon.jit
+def hedgehog_features(q_tile, w_tile, dtype: gl.constexpr, D: gl.constexpr, LAYOUT: gl.constexpr):
+    """The Hedgehog phi(Q) = [softmax(Q W), softmax(-Q W)] of one warpgroup's 64 rows from the 16-bit Q tile
+    and this head's signed stack [W, -W] (D x D), both in shared memory: one wgmma gives both halves' logits,
+    each half is normalised on its own.  Rounded to the input dtype as the q pre-pass stores it, so this and
+    the pre-pass path agree (and with the backward, which recomputes the same 16-bit features)."""
+    logits = warpgroup_mma(q_tile, w_tile, gl.zeros([64, D], gl.float32, LAYOUT), use_acc=False)
+    upper = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT)) >= D // 2, 0)
+    max_lo = gl.expand_dims(gl.max(gl.where(upper, float("-inf"), logits), axis=1), 1)
+    max_hi = gl.expand_dims(gl.max(gl.where(upper, logits, float("-inf")), axis=1), 1)
+    e = gl.exp(logits - gl.where(upper, max_hi, max_lo))
+    sum_lo = gl.expand_dims(gl.sum(gl.where(upper, 0.0, e), axis=1), 1)
+    sum_hi = gl.expand_dims(gl.sum(gl.where(upper, e, 0.0), axis=1), 1)
+    return (e / gl.where(upper, sum_hi, sum_lo)).to(dtype).to(gl.float32)
 
 
 @gluon.jit
@@ -97,14 +114,20 @@ def tile3(buf, ROWS: gl.constexpr, COLS: gl.constexpr):
 
 
 @gluon.jit
-def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready, empty,
-             q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div,
-             D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QUANT: gl.constexpr):
+def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, w_desc, q_tiles, q8_tiles, k_ring, v_ring, h_rest, ready,
+             empty, q_ready, q_free, h_ready, h_free, LUT, n_items, nq, H, n_sel, lin_div,
+             D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QUANT: gl.constexpr,
+             HEDGEHOG: gl.constexpr):
     """TMA loads, item after item: the tile's Q (and its INT8 copy when QUANT) once both consumers are past
     their last QK^T of the previous tile, its selected K and V blocks into the ring (one ring for all items,
     so the next tile's first blocks arrive while the consumers finish the current one), then its H_rest once
     the previous mix is done (item i's is row block i // lin_div: one per routing block or per (batch, head)).
-    QUANT == 2 loads INT8 K - mean(K) and FP8 V^T (token-contiguous) blocks."""
+    QUANT == 2 loads INT8 K - mean(K) and FP8 V^T (token-contiguous) blocks.
+
+    HEDGEHOG == 2: the H_rest buffer first holds the head's Hedgehog weights for the consumers' phi(Q), two
+    uses per item (h_ready and h_free complete twice, so the weights wait on phase 0 and H_rest on phase 1).
+    The weights go in once the previous mix is done, after as many K/V blocks as the ring holds: those slots
+    wait only on the previous item's loop, so the ring fills across the item boundary as without them."""
     step = 0
     lap = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -120,6 +143,7 @@ def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring,
             if QUANT == 2:
                 _tma_load(q8_desc, [bh, tile * 128 + half * 64, 0], q_ready, tile3(q8_tiles.index(half), 64, D))
         lut_row = LUT + item.to(gl.int64) * n_sel
+        weights_after = gl.minimum(n_sel, STAGES) - 1
         for j in range(n_sel):
             slot = step % STAGES
             mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
@@ -132,7 +156,15 @@ def producer(q_desc, q8_desc, k_desc, v_desc, h_desc, q_tiles, q8_tiles, k_ring,
                 _tma_load(k_desc, [b, h, block * BLOCK_N, 0], ready.index(slot), tile4(k_ring.index(slot), BLOCK_N, D))
                 _tma_load(v_desc, [b, h, block * BLOCK_N, 0], ready.index(slot), tile4(v_ring.index(slot), BLOCK_N, D))
             step += 1
-        mbarrier.wait(h_free, (lap & 1) ^ 1)
+            if HEDGEHOG == 2:
+                if j == weights_after:
+                    mbarrier.wait(h_free, 1)  # the previous item's mix has read H_rest
+                    mbarrier.expect(h_ready, w_desc.block_type.nbytes)
+                    _tma_load(w_desc, [h * D, 0], h_ready, h_rest)
+        if HEDGEHOG == 2:
+            mbarrier.wait(h_free, 0)  # both consumers have their phi(Q)
+        else:
+            mbarrier.wait(h_free, (lap & 1) ^ 1)
         mbarrier.expect(h_ready, h_desc.block_type.nbytes)
         _tma_load(h_desc, [(item // lin_div) * D, 0], h_ready, h_rest)
         lap += 1
@@ -284,7 +316,8 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
     ring, then the mix O = alpha O_s + psi H_rest and the TMA store of O from the same staging buffer.
     QUANT == 2: QK^T in INT8 on the INT8 Q, PV in FP8; O_s is scaled back by V's per-channel scale and the
     LSE is corrected by q . mean(K) qk_scale (the INT8 logits use K - mean(K)).  HEDGEHOG: phi(Q) from the q
-    pre-pass (PHI_Q) instead of softmax over the head dim.  MIX_ROWS: ALPHA holds the head's logit and alpha
+    pre-pass (PHI_Q) instead of softmax over the head dim, or with HEDGEHOG == 2 from Q and the head's weights
+    (the producer's first load into the H_rest buffer).  MIX_ROWS: ALPHA holds the head's logit and alpha
     is one per row from the loop's log-sum-exp and LSE_TAIL (:func:`row_mix_ratio`), stored in ALPHA_ROWS
     when SAVE_LSE; psi is staged without its (1 - alpha) before the loop and scaled by it after."""
     ROW: gl.constexpr = gl.SliceLayout(1, MIX_LAYOUT)
@@ -308,7 +341,12 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
         else:
             psi_alpha = alpha
         mbarrier.wait(q_ready, lap & 1)
-        phi_q = query_features(q, PHI_Q, bh * N + rows, row_valid, HEDGEHOG, D, MIX_LAYOUT)
+        if HEDGEHOG == 2:
+            mbarrier.wait(h_ready, 0)  # the weights, in the H_rest buffer
+            phi_q = hedgehog_features(q, h_rest, dtype, D, MIX_LAYOUT)
+            mbarrier.arrive(h_free)
+        else:
+            phi_q = query_features(q, PHI_Q, bh * N + rows, row_valid, HEDGEHOG, D, MIX_LAYOUT)
         psi, inv_den = linear_tail_weights(phi_q, psi_alpha, Z_REST + (item // lin_div).to(gl.int64) * D, has_lin,
                                            D, MIX_LAYOUT)
         gl.store(INV_DEN + bh * N + rows, inv_den, mask=row_valid)
@@ -355,7 +393,10 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
             o_sparse = o_s * gl.expand_dims(alpha_rows, 1)
         else:
             o_sparse = o_s * alpha
-        mbarrier.wait(h_ready, lap & 1)
+        if HEDGEHOG == 2:
+            mbarrier.wait(h_ready, 1)
+        else:
+            mbarrier.wait(h_ready, lap & 1)
         o = warpgroup_mma(stage, h_rest, o_sparse)
         mbarrier.arrive(h_free)
         stage.store(o.to(dtype))

@@ -242,10 +242,12 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     q_mean = torch.empty(BH, nq, D, device=dev, dtype=f32)
     q_int8 = torch.empty(BH, N, D, device=dev, dtype=torch.int8) if quant else q_mean
     q_scale = torch.empty(BH, nq, device=dev, dtype=f32) if quant else q_mean
-    phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype) if hedgehog else q_mean
-    forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if hedgehog else q_mean, phi_q,
+    # (the Gluon launch may compute phi(Q) itself from the weights)
+    phi_q_prepass = hedgehog and not (use_gluon and launch.gluon_query_features)
+    phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype) if phi_q_prepass else q_mean
+    forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if phi_q_prepass else q_mean, phi_q,
                                         *q_strides, N, H, nq, qk_scale,
-                                        D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=hedgehog)
+                                        D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
                      router_q, router_k, n_sel, spec.always_kept)
@@ -295,7 +297,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (n_tiles, BH), q, k, v, lut, alpha, h_rest, z_rest, o, lse if save else inv_den, inv_den,
             (q_int8, q_scale, k_int8, k_scale, v_fp8, v_absmax, k_sum),
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
-            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if hedgehog else None,
+            D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if phi_q_prepass else None,
+            query_weights=feature_q if hedgehog and not phi_q_prepass else None,
             lse_tail=lse_tail if mix_rows else None, alpha_rows=alpha_rows if alpha_rows.numel() else None,
             lin_per_head=lin_per_head,
         )
