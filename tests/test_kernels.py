@@ -283,50 +283,6 @@ def test_launch_config_is_checked_and_round_trips_through_the_op_arguments():
         dataclasses.replace(DEFAULT_LAUNCH, lin_state=False)  # a removed variant is an unknown field
 
 
-@pytest.mark.parametrize("hedgehog,quant", [(False, 0), (True, 2)], ids=["softmax", "hedgehog-absmax"])
-def test_fused_key_state_pass_equals_feature_and_outer_passes(hedgehog, quant):
-    """``k_state`` (the linear branch over every key block) against ``k_feats`` then ``kv_outer``: the same
-    block statistics and split-K partials of H_all, bit for bit, on a ragged N and a strided layout."""
-    b, h, n, d, block_k = 1, 2, 333, 64, 64
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
-    k, v = ((torch.randn(b, n, h, d, generator=g) + 0.5).to(DEVICE, HALF).transpose(1, 2) for _ in range(2))
-    w_half = 0.3 * torch.randn(h, d, d // 2, generator=g)
-    w = signed_weights(w_half, h, d, HALF).to(DEVICE) if hedgehog else None
-    nk, bh, n_splits = -(-n // block_k), b * h, 3
-    strides = [s for x in (k, v) for s in (x.stride(0), x.stride(1), x.stride(2))]
-
-    def buffers():
-        return [torch.full((bh, nk, d), float("nan"), device=DEVICE) for _ in range(4)] + [
-            torch.full((bh, n_splits, d, d), float("nan"), device=DEVICE)]
-
-    separate, fused = buffers(), buffers()
-    weights = w if hedgehog else separate[0]
-    neg_phi_k = torch.empty(bh, n, d, device=DEVICE, dtype=HALF)
-    forward_kernels.k_feats[(nk, bh)](k, v, *separate[:4], neg_phi_k, weights, *strides, n, h, nk, D=d,
-                                      BLOCK_N=block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog)
-    forward_kernels.kv_outer[(n_splits, bh)](neg_phi_k, v, separate[4], *strides[3:], n, h, nk, n_splits, D=d,
-                                             BLOCK_N=block_k)
-    forward_kernels.k_state[(n_splits, bh)](k, v, *fused[:4], w if hedgehog else fused[0], fused[4], *strides,
-                                            n, h, nk, n_splits, D=d, BLOCK_N=block_k, NEED_V_ABSMAX=quant == 2,
-                                            HEDGEHOG=hedgehog)
-    names = ["k_mean", "k_sum", "z", "v_absmax", "h_partial"]
-    for name, want, got in zip(names, separate, fused):
-        if name == "v_absmax" and quant != 2:
-            assert torch.isnan(got).all() and torch.isnan(want).all(), "max|V| written though not asked for"
-            continue
-        assert torch.isfinite(want).all(), name
-        assert torch.equal(got, want), (name, (got - want).abs().max().item())
-    # and H_all itself against fp64 (16-bit phi(K) and weights: a 16-bit tolerance)
-    kd, vd = k.double().cpu(), v.double().cpu()
-    if hedgehog:
-        logits = torch.einsum("bhnd,hde->bhne", kd, w_half.to(HALF).double())
-        phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
-    else:
-        phi = torch.softmax(kd, dim=-1)
-    want = torch.einsum("bhnd,bhne->bhde", phi, vd).reshape(bh, d, d)
-    assert rel_l2(fused[4].sum(dim=1).cpu(), want) < (1e-2 if HAS_CUDA else 2e-3)
-
-
 def test_inverted_index():
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk, n_sel, bq = 2, 3, 5, 9, 4, 128

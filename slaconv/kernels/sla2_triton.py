@@ -209,32 +209,22 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     npad = nk * spec.block_k
     fp8_emulate = _interpreting()
 
-    # 1. per key block: mean and sum of K, z = column sums of phi(K), max|V| (FP8 scale); and
-    # 2. H_all = sum phi(K)^T V as a split-K GEMM, summed over the splits.  The linear branch over the unselected
-    # blocks also needs phi(K) itself (stored negated, so its loop accumulates H_all - H_sel); over every block,
-    # one fused pass keeps phi(K) in registers
+    # 1. per key block: mean and sum of K, -phi(K), z = column sums of phi(K), max|V| (FP8 scale)
     k_mean = torch.empty(BH, nk, D, device=dev, dtype=f32)
     block_sums = torch.empty(2, BH, nk, D, device=dev, dtype=f32)  # K sums and z: one reduction for both
     k_block_sum, z_block = block_sums[0], block_sums[1]
     v_absmax_block = torch.empty(BH, nk, D, device=dev, dtype=f32) if quant == 2 else z_block
-    weights_k = feature_k if hedgehog else k_mean
+    neg_phi_k = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+    forward_kernels.k_feats[(nk, BH)](
+        k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, feature_k if hedgehog else k_mean,
+        *k_strides, *v_strides, N, H, nk,
+        D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog, **_row_pass(),
+    )
+    # 2. H_all = sum phi(K)^T V as a split-K GEMM; the totals over key blocks
     n_splits = _split_count(BH, nk)
     h_partial = torch.empty(BH, n_splits, D, D, device=dev, dtype=f32)
-    if lin_per_head:
-        forward_kernels.k_state[(n_splits, BH)](
-            k, v, k_mean, k_block_sum, z_block, v_absmax_block, weights_k, h_partial, *k_strides, *v_strides,
-            N, H, nk, n_splits, D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, HEDGEHOG=hedgehog,
-            **_reduction_pass(D),
-        )
-    else:
-        neg_phi_k = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-        forward_kernels.k_feats[(nk, BH)](
-            k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, weights_k, *k_strides, *v_strides,
-            N, H, nk, D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog,
-            **_row_pass(),
-        )
-        forward_kernels.kv_outer[(n_splits, BH)](neg_phi_k, v, h_partial, *v_strides, N, H, nk, n_splits,
-                                                 D=D, BLOCK_N=spec.block_k, **_reduction_pass(D))
+    forward_kernels.kv_outer[(n_splits, BH)](neg_phi_k, v, h_partial, *v_strides, N, H, nk, n_splits,
+                                     D=D, BLOCK_N=spec.block_k, **_reduction_pass(D))
     h_all = h_partial.sum(dim=1)
     k_sum, z_all = block_sums.sum(dim=2)
     v_absmax = v_absmax_block.amax(dim=1) if quant == 2 else k_sum  # k_sum: a stand-in, not read

@@ -169,20 +169,6 @@ def q_prepass(
         common.store_rows(PHI_Q + bh * N * D, rows, D, valid, common.hedgehog(q16, W_SIGNED + h * D * D, D), D)
 
 
-@triton.jit
-def store_key_block_stats(k, phi_k16, v, stats, count, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX,
-                          NEED_V_ABSMAX: tl.constexpr):
-    """One key block's statistics at offset ``stats`` of the (B*H, nk, D) buffers: the mean of K (router) and
-    its sum (for mean(K)), z = the column sums of the 16-bit phi(K) the loops multiply with, and, if
-    NEED_V_ABSMAX, max|V| per channel (``v`` is not read otherwise).  Rows past N are zero in every tile."""
-    block_sum = tl.sum(k.to(tl.float32), axis=0)
-    tl.store(K_SUM + stats, block_sum)
-    tl.store(K_MEAN + stats, block_sum / count)
-    tl.store(Z_BLOCK + stats, tl.sum(phi_k16.to(tl.float32), axis=0))
-    if NEED_V_ABSMAX:
-        tl.store(V_ABSMAX + stats, tl.max(tl.abs(v.to(tl.float32)), axis=0))
-
-
 @triton.jit(do_not_specialize=["N", "H", "nk"])
 def k_feats(
     K, V, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX, PHI_K, W_SIGNED,
@@ -190,56 +176,33 @@ def k_feats(
     D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_V_ABSMAX: tl.constexpr, NEGATE_PHI: tl.constexpr,
     HEDGEHOG: tl.constexpr = False,
 ):
-    """Per key block, one program each (no loop, so the pass runs at full occupancy): the block's statistics
-    (:func:`store_key_block_stats`) and phi(K), stored.  The caller reduces the per-block rows (deterministic
-    torch sums).  NEGATE_PHI (the forward): PHI_K holds -phi(K), so the linear loop accumulates H_all - H_sel
-    directly; z per block stays positive.  phi is softmax over the head dim, or with HEDGEHOG the Hedgehog map
-    of this head's signed weights W_SIGNED (H, D, D) (:func:`common.features`)."""
+    """Per key block, one program each (no loop, so the pass runs at full occupancy): the block's mean of K
+    (router) and sum (for mean(K)), phi(K) (stored), its column sums z (Z_BLOCK) and, if NEED_V_ABSMAX,
+    the block's max|V| per channel.  The caller reduces the per-block rows (deterministic torch sums).
+    NEGATE_PHI (the forward): PHI_K holds -phi(K), so the linear loop accumulates H_all - H_sel directly;
+    z per block stays positive.  phi is softmax over the head dim, or with HEDGEHOG the Hedgehog map of this
+    head's signed weights W_SIGNED (H, D, D) (:func:`common.features`)."""
     kb, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
+    offs_d = tl.arange(0, D)
     rows, valid = common.block_rows(kb, BLOCK_N, N)
     k = common.load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, valid, D)
-    phi_k16 = tl.where(valid[:, None], common.features(k, W_SIGNED + h * D * D, HEDGEHOG, D), 0.0).to(k.dtype)
+    k32 = k.to(tl.float32)
+    count = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
+    block_sum = tl.sum(k32, axis=0)
+    stats = (bh * nk + kb) * D + offs_d
+    tl.store(K_SUM + stats, block_sum)
+    tl.store(K_MEAN + stats, block_sum / count)
+    phi_k32 = tl.where(valid[:, None], common.features(k, W_SIGNED + h * D * D, HEDGEHOG, D), 0.0)
+    if NEGATE_PHI:
+        stored = -phi_k32
+    else:
+        stored = phi_k32
+    common.store_rows(PHI_K + bh * N * D, rows, D, valid, stored.to(k.dtype), D)
+    # z of the 16-bit phi(K) the loops multiply with
+    tl.store(Z_BLOCK + stats, tl.sum(phi_k32.to(k.dtype).to(tl.float32), axis=0))
     if NEED_V_ABSMAX:
         v = common.load_rows(V + b * stride_vb + h * stride_vh, rows, stride_vn, valid, D)
-    else:
-        v = k
-    count = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-    store_key_block_stats(k, phi_k16, v, (bh * nk + kb) * D + tl.arange(0, D), count, K_MEAN, K_SUM, Z_BLOCK,
-                          V_ABSMAX, NEED_V_ABSMAX)
-    if NEGATE_PHI:
-        stored = -phi_k16
-    else:
-        stored = phi_k16
-    common.store_rows(PHI_K + bh * N * D, rows, D, valid, stored, D)
-
-
-@triton.jit(do_not_specialize=["N", "H", "nk", "n_splits"])
-def k_state(
-    K, V, K_MEAN, K_SUM, Z_BLOCK, V_ABSMAX, W_SIGNED, H_PARTIAL,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, N, H, nk, n_splits,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_V_ABSMAX: tl.constexpr, HEDGEHOG: tl.constexpr = False,
-):
-    """:func:`k_feats` and :func:`kv_outer` in one pass, for the linear branch over every key block, which
-    needs phi(K) only inside sum phi(K)^T V: per contiguous run of key blocks (split-K, one program each),
-    every block's statistics and the partial H_all of the run, with phi(K) never leaving registers.  Saves
-    writing and re-reading phi(K) (one (N, D) 16-bit tensor per head each way) and a launch.  The partials
-    equal kv_outer's bit for bit (the same 16-bit phi(K), the same MMA order)."""
-    split, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    offs_d = tl.arange(0, D)
-    blocks_per_split = tl.cdiv(nk, n_splits)
-    acc = tl.zeros((D, D), dtype=tl.float32)
-    for kb in range(split * blocks_per_split, tl.minimum(nk, split * blocks_per_split + blocks_per_split)):
-        rows, valid = common.block_rows(kb, BLOCK_N, N)
-        k = common.load_rows(K, rows, stride_kn, valid, D)
-        v = common.load_rows(V, rows, stride_vn, valid, D)
-        phi_k16 = tl.where(valid[:, None], common.features(k, W_SIGNED + h * D * D, HEDGEHOG, D), 0.0).to(k.dtype)
-        count = tl.minimum(N - kb * BLOCK_N, BLOCK_N).to(tl.float32)
-        store_key_block_stats(k, phi_k16, v, (bh * nk + kb) * D + offs_d, count, K_MEAN, K_SUM, Z_BLOCK,
-                              V_ABSMAX, NEED_V_ABSMAX)
-        acc = tl.dot(tl.trans(phi_k16), v, acc)
-    common.store_square(H_PARTIAL + (bh * n_splits + split) * D * D, acc, D)
+        tl.store(V_ABSMAX + stats, tl.max(tl.abs(v.to(tl.float32)), axis=0))
 
 
 @triton.jit(do_not_specialize=["N", "H", "nk", "n_splits"])
