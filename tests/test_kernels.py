@@ -754,8 +754,8 @@ def _gluon_outputs(q, k, v, rq, rk, al, topk, layout, quant, **schedule):
     launch = gluon_kernels.launch_sparse_gluon
     gluon_kernels.launch_sparse_gluon = functools.partial(launch, **schedule)
     try:
-        o, _, lse, inv_den, _, _ = S.sla2_fwd(q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True,
-                                              GLUON_LAUNCH.as_ints())
+        o, _, lse, inv_den = S.sla2_fwd(q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True,
+                                        GLUON_LAUNCH.as_ints())[:4]
     finally:
         gluon_kernels.launch_sparse_gluon = launch
     return o, lse, inv_den
