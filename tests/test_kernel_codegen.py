@@ -165,10 +165,12 @@ def test_gluon_sparse_launch_compiles_for_sm90(tmp_path, python, shape, layout, 
 @pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("quant", ["none", "int8-fp8"])
 def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, quant):
-    """Hedgehog features and alpha per query in the Gluon epilogue, which the default launch takes on sm_90 (a
-    forward that saves the LSE and alpha per row): still a producer and two consumer warpgroups, wgmma for QK^T,
-    PV and the mix, no spills, and shared memory within an H100's."""
-    rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query", "--backward")
+    """Hedgehog features and alpha per query in the Gluon epilogue with phi(Q) from the q pre-pass
+    (``gluon_query_features=0``; the default computes it in the launch, checked below) in a forward that saves
+    the LSE and alpha per row: still a producer and two consumer warpgroups, wgmma for QK^T, PV and the mix,
+    no spills, and shared memory within an H100's."""
+    rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query", "--backward",
+                   "--config", json.dumps({"gluon_query_features": 0}))
     names = {r["kernel"] for r in rows}
     assert {"fwd_sparse_gluon_kernel", "tail_lse_kernel", "q_prepass"} <= names and "fwd_sparse_kernel" not in names
     g = next(r for r in rows if r["kernel"] == "fwd_sparse_gluon_kernel")
@@ -181,7 +183,7 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 @pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("quant,mixing", [("none", "query"), ("int8-fp8", "head"), ("int8-fp8", "query")])
 def test_gluon_query_features_in_launch_compile_for_sm90(tmp_path, python, quant, mixing):
-    """LaunchConfig.gluon_query_features: the q pre-pass no longer computes Hedgehog features (no MMA left in
+    """LaunchConfig.gluon_query_features, the default: the q pre-pass no longer computes Hedgehog features (no MMA left in
     it), the Gluon launch loads the weights by TMA (a second 2-d load beside H_rest's) and runs one more wgmma
     of m64 x D per warpgroup; the consumers keep 232 registers so the producer, which now also places the
     weights, gets 40.  No spills, except loop-invariant wgmma descriptors that Triton 3.9 (not 3.6, the GPU
@@ -195,7 +197,8 @@ def test_gluon_query_features_in_launch_compile_for_sm90(tmp_path, python, quant
     assert sorted(g["setmaxnreg"])[0] == 40 and 232 in g["setmaxnreg"], g["setmaxnreg"]
     mix = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
     baseline = {r["kernel"]: r for r in _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", mixing,
-                                                "--backward", "--config", json.dumps({"sparse_gluon": 1}))}
+                                                "--backward", "--config",
+                                                json.dumps({"sparse_gluon": 1, "gluon_query_features": 0}))}
     assert g["mma"][mix] > baseline["fwd_sparse_gluon_kernel"]["mma"][mix], (g["mma"], baseline)
     is_triton36 = python == TRITON36
     spills_allowed = 96 if (quant, mixing) == ("int8-fp8", "query") and not is_triton36 else 0

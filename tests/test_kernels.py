@@ -795,7 +795,7 @@ def test_gluon_schedules_agree(layout, quant, topk, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("quant,topk", [("none", 0.03), ("none", 0.3), ("int8-fp8", 0.1), ("none", 1 / 63)])
 def test_gluon_query_features_in_launch_across_schedules(quant, topk, monkeypatch):
-    """LaunchConfig.gluon_query_features: the H_rest buffer holds the head's Hedgehog weights, then H_rest, each
+    """LaunchConfig.gluon_query_features (the default): the H_rest buffer holds the head's Hedgehog weights, then H_rest, each
     item (two phases of its barriers per item).  Per-item and persistent programs (as many as SMs, and 5 with
     a 2-slot ring, so the weights load inside a ring that runs on across ~40 items; top-k 1/63 leaves one
     selected block, the weights then loading after the first) are bit-identical, and agree with phi(Q) read
@@ -820,7 +820,7 @@ def test_gluon_query_features_in_launch_across_schedules(quant, topk, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(gluon_kernels, "persistent_programs", lambda n_items, device: min(n_items, 5))
         five = run(in_launch, persistent=True, ring_slots=2)
-    prepass = run(GLUON_LAUNCH)
+    prepass = run(dataclasses.replace(GLUON_LAUNCH, gluon_query_features=0))
     rows = ("batch*head", "token")
     for name, a, b_, c, d, dims, rel, tol in zip(
             ("O", "LSE", "1/den", "alpha per row"), per_item, per_sm, five, prepass,
