@@ -154,8 +154,9 @@ def test_all_blocks_selected_gives_the_sparse_branch_alone(dtype):
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (qk, kk, vk, ak), go)
     want = torch.autograd.grad(full, oracle, go.double())
+    grad_tol = (5e-3 if HAS_CUDA else 1e-4) if dtype == torch.float32 else 2e-2  # TF32 on the GPU, as above
     for name, g, gr in zip("qkv", grads, want):
-        assert rel_l2(g, gr) <= (1e-4 if dtype == torch.float32 else 2e-2), (seed, name, rel_l2(g, gr))
+        assert rel_l2(g, gr) <= grad_tol, (seed, name, rel_l2(g, gr))
     assert torch.count_nonzero(grads[3]) == 0
 
 
