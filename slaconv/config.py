@@ -36,10 +36,14 @@ time from calibration samples (:mod:`slaconv.budget`): each block where it holds
 blocks in proportion to the mass a layer's uniform count leaves out."""
 ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
-MIXINGS = ("head", "query")
-"""How the mix ``alpha O_s + (1 - alpha) O_l`` takes alpha: one per head, ``sigmoid(alpha_logit)``, or one per
+MIXINGS = ("head", "query", "query-linear")
+"""How the mix ``alpha O_s + (1 - alpha) O_l`` takes alpha: one per head, ``sigmoid(alpha_logit)``; one per
 query row, ``sigmoid(lse_sel - lse_tail + alpha_logit)`` from the sparse branch's log row sum and a block-pooled
-estimate of the unselected keys' softmax mass (docs/design.md section 1)."""
+estimate of the unselected keys' softmax mass; or one per query row from the query alone,
+``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)`` with a learned (d,) weight per head (docs/design.md
+section 1)."""
+KERNEL_MIXINGS = ("head", "query")
+"""The mixings the Triton kernels compute; ``query-linear`` runs on the PyTorch reference."""
 
 
 LINEAR_KEYS = ("unselected", "all")

@@ -85,7 +85,8 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
     """Set each layer's alpha to the full-attention mass selected by its initial (identity) router.
 
     With ``mixing: query`` the alpha logit is instead, per head, the one that minimises the attention error of
-    the per-query mix on the same pass (:func:`reference.fit_query_shift`).
+    the per-query mix on the same pass (:func:`reference.fit_query_shift`); with ``mixing: query-linear`` the
+    query weight starts at 0, so alpha starts per head at the measured mass as with ``head``.
     Returns (sigmoid of each head's alpha logit, the measured selected mass per head)."""
     gen = torch.Generator().manual_seed(recipe.calibration.seed)
     batch = next(batches(family, model_config, recipe.data, 1, gen, data_dir))

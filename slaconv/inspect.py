@@ -69,13 +69,17 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
     }
 
 
+MIXING_WORDS = {"head": "per head", "query": "per query (from the tail mass)",
+                "query-linear": "per query (from the query)"}
+
+
 def render(info: dict) -> str:
     """The human-readable text of :func:`inspect_target`'s result: aligned tables, 4 significant digits."""
     base = info.get("base_model") or {}
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
-        f"feature map {info['feature_map']}, alpha per {info['mixing']}, linear branch over {info['linear_keys']} "
+        f"feature map {info['feature_map']}, alpha {MIXING_WORDS[info['mixing']]}, linear branch over {info['linear_keys']} "
         f"keys, token order {info['token_order']}, {len(info['layers'])} SLA2 layers",
     ]
     if info["budget"] != "uniform":

@@ -185,7 +185,7 @@ def _settings_table(sla2: dict) -> list[str]:
         ("feature_map", "linear-branch feature map"),
         ("quant", "sparse-branch quantization (Q,K / P,V)"),
         ("alpha_granularity", "sparse/linear mix granularity"),
-        ("mixing", "sparse/linear mix: alpha per"),
+        ("mixing", "sparse/linear mix: alpha per head, per query from the tail mass, or per query from the query"),
         ("linear_keys", "linear branch over keys"),
         ("token_tile", "tokens grouped in tiles of (frames, rows, columns)"),
     ]:

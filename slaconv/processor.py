@@ -1,8 +1,8 @@
 """The family-independent half of an SLA2 attention processor.
 
 An :class:`SLA2Processor` is an ``nn.Module`` so its parameters (``router_q``, ``router_k``
-[H, d, d], ``alpha_logit`` [H], and with the hedgehog feature map ``feature_q``, ``feature_k`` [H, d, d/2], all
-fp32) live in the model's state and follow ``.to()``,
+[H, d, d], ``alpha_logit`` [H], with the hedgehog feature map ``feature_q``, ``feature_k`` [H, d, d/2], and with
+``mixing: query-linear`` ``alpha_weight`` [H, d], all fp32) live in the model's state and follow ``.to()``,
 ``requires_grad_`` and wrappers such as FSDP.  A family subclass computes Q, K, V exactly as the
 stock processor does and calls :meth:`attend` (self-attention) or :meth:`attend_joint` (text and
 visual tokens in one sequence), which run SLA2 (or dense attention while the processor is in
@@ -87,6 +87,9 @@ class SLA2Processor(torch.nn.Module):
             self.feature_k = torch.nn.Parameter(hedgehog_init(heads, head_dim))
         else:
             self.feature_q = self.feature_k = None
+        # zero: alpha starts per head, sigmoid(alpha_logit), and stage 1 learns how it varies with the query
+        self.alpha_weight = (torch.nn.Parameter(torch.zeros(heads, head_dim)) if config.mixing == "query-linear"
+                             else None)
         self.layer_name = layer_name
         self.config = config
         self.mode = "sla2"
@@ -107,6 +110,9 @@ class SLA2Processor(torch.nn.Module):
         if (config.feature_map == "hedgehog") != (self.feature_q is not None):
             raise ValueError(f"{self.layer_name or 'SLA2 processor'}: cannot switch the feature map to "
                              f"{config.feature_map!r} on an installed processor (its learned state differs)")
+        if (config.mixing == "query-linear") != (self.alpha_weight is not None):
+            raise ValueError(f"{self.layer_name or 'SLA2 processor'}: cannot switch the mixing to "
+                             f"{config.mixing!r} on an installed processor (its learned state differs)")
         self._config = config
         # A plain float, not a lookup by layer name: torch.compile then guards on the value, which every
         # layer shares, instead of on the name, which would recompile each block.
@@ -133,10 +139,12 @@ class SLA2Processor(torch.nn.Module):
 
     def sla2_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors by name: ``router_q``, ``router_k``, ``alpha_logit`` (and ``feature_q``,
-        ``feature_k`` with the hedgehog feature map)."""
+        ``feature_k`` with the hedgehog feature map, ``alpha_weight`` with ``mixing: query-linear``)."""
         state = {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
         if self.feature_q is not None:
             state.update(feature_q=self.feature_q, feature_k=self.feature_k)
+        if self.alpha_weight is not None:
+            state.update(alpha_weight=self.alpha_weight)
         return state
 
     def always_kept(self, text_span: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -157,7 +165,8 @@ class SLA2Processor(torch.nn.Module):
         out = sla2_attention(
             q, k, v, self.router_q, self.router_k, self.alpha_logit, topk=self.topk, block_q=self.block_q,
             block_k=self.block_k, layout="bnhd", always_kept=self.always_kept(span), feature_q=self.feature_q,
-            feature_k=self.feature_k, mixing=self.config.mixing, linear_keys=self.config.linear_keys, **kwargs,
+            feature_k=self.feature_k, mixing=self.config.mixing, linear_keys=self.config.linear_keys,
+            alpha_weight=self.alpha_weight, **kwargs,
         )
         start, stop = span
         if start == stop:

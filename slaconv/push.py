@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .checksums import CHECKSUMS_FILE, write_checksums
+from .config import SLA2Config
 from .errors import HubError, InputError, UsageError
 from .modelcard import CARD_MARKER, build_model_card
 from .utils.files import write_text_atomic
 from .validation_state import ValidationState, require_validated, validation_state
-from .workdir import HEDGEHOG_TENSORS, SLA2_TENSORS, WorkDir
+from .workdir import HEDGEHOG_TENSORS, QUERY_LINEAR_TENSORS, SLA2_TENSORS, WorkDir
 
 README = "README.md"
 REQUIRED = (WorkDir.MODEL_CONFIG, WorkDir.SLA2_STATE, WorkDir.SLA2_CONFIG)
@@ -89,11 +90,12 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...], feature_map: str) -> None:
+def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...], attention: SLA2Config) -> None:
     """Every layer listed in sla2_config.json has router_q, router_k and alpha_logit (and with the hedgehog
-    feature map feature_q and feature_k) in sla2.safetensors."""
+    feature map feature_q and feature_k, with ``mixing: query-linear`` alpha_weight) in sla2.safetensors."""
     keys = set(read_safetensors_header(work.sla2_state_path)) - {"__metadata__"}
-    leaves = SLA2_TENSORS + (HEDGEHOG_TENSORS if feature_map == "hedgehog" else ())
+    leaves = (SLA2_TENSORS + (HEDGEHOG_TENSORS if attention.feature_map == "hedgehog" else ())
+              + (QUERY_LINEAR_TENSORS if attention.mixing == "query-linear" else ()))
     for layer in layers:
         for leaf in leaves:
             if f"{layer}.{leaf}" not in keys:
@@ -120,7 +122,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     for name in WorkDir(root).weight_files():
         if name.endswith(".safetensors"):
             read_safetensors_header(root / name)
-    _check_sla2_tensors(work, config.layers, config.attention.feature_map)
+    _check_sla2_tensors(work, config.layers, config.attention)
     return root.resolve()
 
 

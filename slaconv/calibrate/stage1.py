@@ -61,7 +61,7 @@ def run_stage1(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
             p.requires_grad_(True)
             params.append(p)
     routers = [p for proc in procs.values() for p in (proc.router_q, proc.router_k)]
-    alphas = [proc.alpha_logit for proc in procs.values()]
+    alphas = [p for proc in procs.values() for p in (proc.alpha_logit, proc.alpha_weight) if p is not None]
     features = [p for proc in procs.values() if proc.feature_q is not None for p in (proc.feature_q, proc.feature_k)]
     groups = [{"params": routers, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}]
     if features:

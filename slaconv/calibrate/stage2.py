@@ -88,6 +88,8 @@ def run_stage2(workdir: Path, recipe: dict, *, data_dir=None, resume=None, devic
         proc.router_q.requires_grad_(False)
         proc.router_k.requires_grad_(False)
         proc.alpha_logit.requires_grad_(bool(cfg.train_alpha))
+        if proc.alpha_weight is not None:  # alpha per query from the query: part of alpha
+            proc.alpha_weight.requires_grad_(bool(cfg.train_alpha))
     if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..config import KERNEL_HEAD_DIMS
+from ..config import KERNEL_HEAD_DIMS, KERNEL_MIXINGS
 from . import reference
 from .launch import LaunchConfig
 from .spec import AttentionSpec, check_layout
@@ -41,10 +41,22 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
+_warned_mixings: set[str] = set()
+
+
+def _warn_reference_mixing(mixing: str) -> None:
+    if mixing not in _warned_mixings:
+        _warned_mixings.add(mixing)
+        warnings.warn(f"SLA2: the Triton kernels do not compute mixing {mixing!r} yet; running the PyTorch "
+                      "reference on the GPU (correct, much slower)", stacklevel=3)
+
+
+def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
+                   mixing: str = "head") -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
 
-    The kernels cover hard top-k over every query block, with softmax or Hedgehog features.
+    The kernels cover hard top-k over every query block, with softmax or Hedgehog features and the
+    mixings of :data:`slaconv.config.KERNEL_MIXINGS`.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -58,6 +70,7 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         and q.shape[-1] in KERNEL_HEAD_DIMS
         and not soft
         and not partial
+        and mixing in KERNEL_MIXINGS
     )
     if requested == "triton":
         if not kernel_ok:
@@ -65,6 +78,8 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         return "triton"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
+    elif q.is_cuda and not soft and not partial and mixing not in KERNEL_MIXINGS:
+        _warn_reference_mixing(mixing)
     return "triton" if kernel_ok and q.is_cuda else "reference"
 
 
@@ -74,7 +89,8 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
                    q_blocks: torch.Tensor | None = None, backend: str = "auto",
                    launch: LaunchConfig | None = None, always_kept: tuple[int, int] = (0, 0),
                    feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                   mixing: str = "head", linear_keys: str = "unselected") -> torch.Tensor:
+                   mixing: str = "head", linear_keys: str = "unselected",
+                   alpha_weight: torch.Tensor | None = None) -> torch.Tensor:
     """SLA2 attention (docs/design.md section 1) on Q, K, V in ``layout`` ("bnhd" as diffusers passes
     them, or "bhnd"); returns the output in the same layout and dtype.
 
@@ -85,14 +101,16 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
     feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
-    ``mixing``: ``head`` (alpha per head) or ``query`` (alpha per query row from the estimated tail mass,
-    :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
+    ``mixing``: ``head`` (alpha per head), ``query`` (alpha per query row from the estimated tail mass) or
+    ``query-linear`` (alpha per query row from the query and ``alpha_weight`` (H, D); the reference computes
+    it, :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
     a query block did not select) or ``all`` (over every key block: no per-block state;
     :data:`slaconv.config.LINEAR_KEYS`).
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
-    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
+    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
+                            mixing=mixing)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
@@ -103,6 +121,6 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     out = reference.sla2_attention_reference(
         q, k, v, router_q, router_k, alpha_logit, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
         quant=spec.quant, soft_tau=soft_tau, q_blocks=q_blocks, always_kept=spec.always_kept,
-        feature_q=feature_q, feature_k=feature_k, mixing=mixing, linear_keys=linear_keys,
+        feature_q=feature_q, feature_k=feature_k, mixing=mixing, linear_keys=linear_keys, alpha_weight=alpha_weight,
     )
     return out.transpose(1, 2) if layout == "bnhd" else out

@@ -12,8 +12,9 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
 * ``O = alpha * O_s + (1 - alpha) * O_l`` with, per ``mixing``, ``alpha = sigmoid(alpha_logit)`` per head
   (``head``) or per query row ``alpha_i = sigmoid(lse_sel,i - lse_tail,i + alpha_logit)`` (``query``), where
   ``lse_sel`` is the sparse branch's own log row sum and ``lse_tail`` the log-sum-exp over the unselected key
-  blocks of the pooled logits ``q . mean(K_j) / sqrt(d) + ln n_j`` (both detached, :func:`pooled_tail_lse`);
-  a row that selects every key block has no linear branch, and its output is ``O_s``.
+  blocks of the pooled logits ``q . mean(K_j) / sqrt(d) + ln n_j`` (both detached, :func:`pooled_tail_lse`),
+  or ``alpha_i = sigmoid(q_i . w / sqrt(d) + alpha_logit)`` with a learned weight ``w`` (d,) per head
+  (``query-linear``); a row that selects every key block has no linear branch, and its output is ``O_s``.
 
 Memory stays bounded: queries are processed a chunk of query blocks at a time, so the largest
 temporary is ``(B, H, chunk * b_q, N)``, never a whole ``N x N`` map per head.  A soft block mask
@@ -239,7 +240,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              mask: torch.Tensor | None = None, always_kept: tuple[int, int] = (0, 0),
                              feature_q: torch.Tensor | None = None,
                              feature_k: torch.Tensor | None = None, mixing: str = "head",
-                             linear_keys: str = "unselected") -> torch.Tensor:
+                             linear_keys: str = "unselected", alpha_weight: torch.Tensor | None = None,
+                             ) -> torch.Tensor:
     """SLA2 attention on (B, H, N, D) tensors; returns (B, H, N, D) in ``q.dtype``.
 
     ``topk``, ``block_q``, ``block_k`` and ``quant`` mean what they mean in
@@ -258,7 +260,9 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             for queries and keys (:func:`feature_map`); both or neither (then phi is softmax over d).
         mixing: ``head`` (alpha per head) or ``query`` (alpha per row from the estimated tail mass, with
             ``alpha_logit`` a per-head log-scale correction; the sparse log row sum is taken from the same,
-            possibly quantised, scores the sparse branch uses).
+            possibly quantised, scores the sparse branch uses), or ``query-linear`` (alpha per row from the
+            query alone, ``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)``).
+        alpha_weight: the (H, d) weights of ``query-linear`` (required by it, refused otherwise).
         linear_keys: ``unselected`` (the linear branch over the keys the row's block did not select, weighted
             by ``1 - mask`` when it is soft) or ``all`` (over every key).
     """
@@ -271,6 +275,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if linear_keys not in LINEAR_KEYS:
         raise ValueError(f"linear_keys must be one of {LINEAR_KEYS}, got {linear_keys!r}")
     b, h, n, d = q.shape
+    check_alpha_weight(alpha_weight, mixing, h, d)
     nq = block_count(n, block_q)
     if mask is None:
         scores = router_scores(q, k, router_q, router_k, block_q, block_k)
@@ -318,6 +323,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             lse_sel = (row_max + torch.log2(denom.detach())) / LOG2E
             lse_tail = pooled_tail_lse(q[:, :, rows], k_pooled, weights[:, :, row_block], block_k)
             alpha = torch.sigmoid(lse_sel - lse_tail + alpha_logit.float().view(1, h, 1, 1))
+        elif mixing == "query-linear":
+            alpha = query_linear_alpha(q[:, :, rows], alpha_weight, alpha_logit)
         else:
             alpha = head_alpha
 
@@ -331,6 +338,25 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         row_alpha = torch.where((w >= 1).all(dim=-1, keepdim=True), torch.ones_like(alpha), alpha)
         outs.append(row_alpha * o_s + (1.0 - row_alpha) * o_l)
     return torch.cat(outs, dim=2).to(q.dtype)
+
+
+def check_alpha_weight(alpha_weight: torch.Tensor | None, mixing: str, heads: int, head_dim: int) -> None:
+    """Raise ``ValueError`` unless ``alpha_weight`` is an (H, d) tensor and ``mixing`` is ``query-linear``, or
+    it is None and ``mixing`` is anything else."""
+    if mixing == "query-linear":
+        if alpha_weight is None or tuple(alpha_weight.shape) != (heads, head_dim):
+            got = None if alpha_weight is None else tuple(alpha_weight.shape)
+            raise ValueError(f"mixing 'query-linear' needs alpha_weight of shape ({heads}, {head_dim}), got {got}")
+    elif alpha_weight is not None:
+        raise ValueError(f"alpha_weight is read only with mixing 'query-linear', not {mixing!r}")
+
+
+def query_linear_alpha(q: torch.Tensor, alpha_weight: torch.Tensor, alpha_logit: torch.Tensor) -> torch.Tensor:
+    """alpha per query row of ``mixing: query-linear``, ``sigmoid(q . w_h / sqrt(d) + a_h)``: q (B, H, R, d),
+    ``alpha_weight`` (H, d), ``alpha_logit`` (H,); returns (B, H, R, 1) fp32, differentiable in all three."""
+    d = q.shape[-1]
+    logits = torch.einsum("bhrd,hd->bhr", q.float(), alpha_weight.float()) / math.sqrt(d)
+    return torch.sigmoid(logits + alpha_logit.float().view(1, -1, 1)).unsqueeze(-1)
 
 
 def full_attention_reference(

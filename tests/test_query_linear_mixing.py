@@ -1,0 +1,151 @@
+"""Alpha per query from the query alone (``mixing: query-linear``): the reference against an fp64 oracle written
+from docs/design.md section 1, its gradients, and the setting through processor, recipe, work dir, inspect,
+stage 1 and the push check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import slaconv
+from helpers import run, write_recipe
+from slaconv.config import SLA2Config
+from slaconv.kernels import reference as R
+from slaconv.kernels.ops import sla2_attention
+from slaconv.processor import SLA2Processor
+from slaconv.push import check_workdir
+from slaconv.recipe import Recipe
+
+
+def random_inputs(b, h, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    wq = torch.eye(d) + 0.3 * torch.randn(h, d, d, generator=g)
+    wk = torch.eye(d) + 0.3 * torch.randn(h, d, d, generator=g)
+    weight = torch.randn(h, d, generator=g, dtype=torch.float64)
+    return q, k, v, wq, wk, torch.randn(h, generator=g, dtype=torch.float64), weight
+
+
+def fp64_query_linear(q, k, v, block_mask, alpha_logit, weight, bq, bk):
+    """Per row, with explicit loops over heads and rows: O_s over the selected keys, O_l (phi = softmax over d)
+    over the others, alpha_i = sigmoid(q_i . w_h / sqrt(d) + a_h), and O_s alone for a row with every key
+    selected.  Differentiable in every input."""
+    b, h, n, d = q.shape
+    rows = []
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                keys = torch.tensor([bool(block_mask[bi, hi, i // bq, t // bk]) for t in range(n)])
+                s = k[bi, hi] @ q[bi, hi, i] / math.sqrt(d)
+                o_s = torch.softmax(s[keys], dim=0) @ v[bi, hi][keys]
+                if keys.all():
+                    rows.append(o_s)
+                    continue
+                a = torch.sigmoid(q[bi, hi, i] @ weight[hi] / math.sqrt(d) + alpha_logit[hi])
+                kern = torch.softmax(k[bi, hi], dim=-1)[~keys] @ torch.softmax(q[bi, hi, i], dim=0)
+                o_l = (kern @ v[bi, hi][~keys]) / (kern.sum() + R.LINEAR_EPS)
+                rows.append(a * o_s + (1 - a) * o_l)
+    return torch.stack(rows).view(b, h, n, d)
+
+
+@pytest.mark.parametrize("n,bq,bk,topk", [(256, 64, 64, 0.25), (333, 128, 64, 0.3), (200, 64, 64, 1.0)])
+def test_query_linear_mixing_and_its_gradients_match_fp64(n, bq, bk, topk):
+    seed = int(torch.randint(1 << 30, ()))
+    q, k, v, wq, wk, logit, weight = random_inputs(1, 2, n, 16, seed)
+    mask = R.hard_topk_mask(R.router_scores(q.float(), k.float(), wq, wk, bq, bk),
+                            R.topk_count(topk, math.ceil(n / bk)))
+    leaves = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
+    oracle = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
+    out = R.sla2_attention_reference(leaves[0].float(), k.float(), v.float(), wq, wk, leaves[1].float(), topk=topk,
+                                     block_q=bq, block_k=bk, mixing="query-linear", alpha_weight=leaves[2].float(),
+                                     mask=mask)
+    want = fp64_query_linear(oracle[0], k, v, mask, oracle[1], oracle[2], bq, bk)
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5, seed
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, go.float(), allow_unused=True, materialize_grads=True)
+    expected = torch.autograd.grad(want, oracle, go, allow_unused=True, materialize_grads=True)
+    for name, g, e in zip(("q", "alpha_logit", "alpha_weight"), got, expected):
+        if topk == 1.0 and name != "q":  # no linear branch: alpha has no effect and no gradient
+            assert torch.count_nonzero(g) == 0, name
+            continue
+        assert e.norm() > 0 and ((g.double() - e).norm() / e.norm()).item() < 1e-4, (seed, name)
+
+
+def test_zero_weight_is_alpha_per_head():
+    q, k, v, wq, wk, logit, weight = (t.float() for t in random_inputs(2, 3, 300, 32, 3))
+    common = dict(topk=0.2, block_q=64, block_k=64)
+    per_head = R.sla2_attention_reference(q, k, v, wq, wk, logit, **common)
+    linear = R.sla2_attention_reference(q, k, v, wq, wk, logit, mixing="query-linear",
+                                        alpha_weight=torch.zeros_like(weight), **common)
+    assert torch.allclose(linear, per_head, rtol=0, atol=1e-6)
+    moved = R.sla2_attention_reference(q, k, v, wq, wk, logit, mixing="query-linear", alpha_weight=weight, **common)
+    assert (moved - per_head).abs().max() > 1e-2
+
+
+def test_alpha_weight_is_checked():
+    q, k, v, wq, wk, logit, weight = (t.float() for t in random_inputs(1, 2, 128, 16, 4))
+    with pytest.raises(ValueError, match="needs alpha_weight of shape"):
+        R.sla2_attention_reference(q, k, v, wq, wk, logit, topk=0.5, block_q=64, block_k=64, mixing="query-linear")
+    with pytest.raises(ValueError, match="needs alpha_weight of shape"):
+        R.sla2_attention_reference(q, k, v, wq, wk, logit, topk=0.5, block_q=64, block_k=64, mixing="query-linear",
+                                   alpha_weight=weight[:, :8])
+    with pytest.raises(ValueError, match="read only with mixing 'query-linear'"):
+        R.sla2_attention_reference(q, k, v, wq, wk, logit, topk=0.5, block_q=64, block_k=64, alpha_weight=weight)
+
+
+def test_the_kernels_are_not_asked_for_it():
+    """The Triton kernels do not compute it: asking for them is an error (they do take alpha per head here),
+    and the default backend runs the reference."""
+    q, k, v, wq, wk, logit, weight = (t.float() for t in random_inputs(1, 2, 128, 64, 5))
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N, H, D)
+    args = (q, k, v, wq, wk, logit)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sla2_attention(*args, topk=0.5, backend="triton")
+    with pytest.raises(RuntimeError, match="cannot run this call"):
+        sla2_attention(*args, topk=0.5, backend="triton", mixing="query-linear", alpha_weight=weight)
+    out = sla2_attention(*args, topk=0.5, mixing="query-linear", alpha_weight=weight)
+    ref = R.sla2_attention_reference(*(t.transpose(1, 2) for t in (q, k, v)), wq, wk, logit, topk=0.5,
+                                     mixing="query-linear", alpha_weight=weight)
+    assert torch.equal(out, ref.transpose(1, 2))
+
+
+def test_processor_holds_the_weight_and_refuses_a_switch():
+    proc = SLA2Processor(4, 32, SLA2Config(mixing="query-linear"))
+    assert torch.equal(proc.alpha_weight, torch.zeros(4, 32)) and "alpha_weight" in proc.sla2_state()
+    assert "alpha_weight" not in SLA2Processor(4, 32, SLA2Config()).sla2_state()
+    with pytest.raises(ValueError, match="cannot switch the mixing"):
+        proc.config = SLA2Config(mixing="head")
+    assert Recipe().override({"sla2.mixing": "query-linear"}).sla2.attention_config().mixing == "query-linear"
+
+
+def test_query_linear_work_dir_converts_calibrates_inspects_and_round_trips(tmp_path, tiny_wan_dir):
+    work, saved = tmp_path / "w", tmp_path / "saved"
+    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage2.steps": 0})
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", "query-linear")
+    assert json.loads((work / "sla2_config.json").read_text())["mixing"] == "query-linear"
+    start = load_file(str(work / "sla2.safetensors"))
+    weights = [key for key in start if key.endswith(".alpha_weight")]
+    assert weights and all(torch.count_nonzero(start[key]) == 0 for key in weights)
+    s1 = json.loads(run("calibrate", work, "--stage", "1", "--json").stdout)["stage1"]
+    assert s1["heldout_attention_rel_mse_after"] <= s1["heldout_attention_rel_mse_before"] * 1.02, s1
+    stored = load_file(str(work / "sla2.safetensors"))
+    assert all(torch.count_nonzero(stored[key]) > 0 for key in weights)  # stage 1 trains them
+    assert "alpha per query (from the query)" in run("inspect", work).stdout
+    check_workdir(work)
+    save_file({key: t for key, t in stored.items() if key != weights[0]}, str(tmp_path / "partial.safetensors"))
+    model = slaconv.from_pretrained(work)
+    model.save_pretrained(saved)
+    again = slaconv.from_pretrained(saved)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 18, 22, generator=g), timestep=torch.tensor([321.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 16, generator=g), return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], again(**inputs)[0])
+    (work / "sla2.safetensors").write_bytes((tmp_path / "partial.safetensors").read_bytes())
+    with pytest.raises(slaconv.errors.InputError, match="lacks .*alpha_weight"):
+        check_workdir(work)
