@@ -41,30 +41,33 @@ from slaconv.kernels.spec import AttentionSpec
 SHAPE = (1, 12, 32760, 128)
 OPTIONS = [("softmax", "head", "unselected"), ("hedgehog", "head", "unselected"), ("softmax", "query", "unselected"),
            ("hedgehog", "query", "unselected"), ("softmax", "head", "all"), ("hedgehog", "head", "all"),
-           ("hedgehog", "query", "all")]
+           ("hedgehog", "query", "all"),
+           ("hedgehog", "query-linear", "all")]
 """(features, alpha, linear keys) of each row; the first is the paper's form, every row's baseline."""
 QUANTS = ("none", "int8-fp8")
 
 
 def make_inputs(b, h, n, d, seed=0):
-    """bf16 Q, K, V in (B, N, H, D), identity routers, alpha logits and Hedgehog weights (H, D, D/2)."""
+    """bf16 Q, K, V in (B, N, H, D), identity routers, alpha logits, Hedgehog weights (H, D, D/2) and the query
+    weights of alpha per query from the query (H, D)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(b, n, h, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     eye = torch.eye(d, device="cuda").repeat(h, 1, 1)
     al = torch.randn(h, generator=g, device="cuda")
     wq, wk = (torch.randn(h, d, d // 2, generator=g, device="cuda") / math.sqrt(d) for _ in range(2))
-    return q, k, v, eye, eye.clone(), al, wq, wk
+    aw = torch.randn(h, d, generator=g, device="cuda") / math.sqrt(d)
+    return q, k, v, eye, eye.clone(), al, wq, wk, aw
 
 
 LAUNCH = None  # the launch settings of every row: main() sets them from --config
 
 
 def run(tensors, topk, quant, feature, mixing, linear_keys="unselected"):
-    q, k, v, rq, rk, al, wq, wk = tensors
+    q, k, v, rq, rk, al, wq, wk, aw = tensors
     weights = (wq, wk) if feature == "hedgehog" else (None, None)
     return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout="bnhd",
                                    feature_q=weights[0], feature_k=weights[1], mixing=mixing, launch=LAUNCH,
-                                   linear_keys=linear_keys)
+                                   linear_keys=linear_keys, alpha_weight=aw if mixing == "query-linear" else None)
 
 
 def bench_forward(fn, rep):
@@ -117,7 +120,7 @@ def bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, g
 
 def check_hedgehog(tensors, results):
     """Hedgehog / per head against the reference on four query blocks, 16 bits and int8-fp8, at 97%."""
-    q, k, v, rq, rk, al, wq, wk = tensors
+    q, k, v, rq, rk, al, wq, wk, _ = tensors
     n = q.shape[1]
     blocks = torch.tensor([0, 37, 128, reference.block_count(n, 128) - 1], device="cuda")
     rows = (blocks.view(-1, 1) * 128 + torch.arange(128, device="cuda")).view(-1)

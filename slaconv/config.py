@@ -42,8 +42,6 @@ query row, ``sigmoid(lse_sel - lse_tail + alpha_logit)`` from the sparse branch'
 estimate of the unselected keys' softmax mass; or one per query row from the query alone,
 ``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)`` with a learned (d,) weight per head (docs/design.md
 section 1)."""
-KERNEL_MIXINGS = ("head", "query")
-"""The mixings the Triton kernels compute; ``query-linear`` runs on the PyTorch reference."""
 
 
 LINEAR_KEYS = ("unselected", "all")

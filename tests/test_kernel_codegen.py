@@ -181,6 +181,29 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 
 
 @pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("config", [{"sparse_gluon": 0}, {"sparse_gluon": 1}], ids=["plain", "gluon"])
+def test_query_linear_mixing_compiles_for_sm90(tmp_path, python, config):
+    """mixing: query-linear (each row's alpha logit read where the tail log-sum-exp would be): no tail launch,
+    the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
+    sm_90 without spills or scalar 16-bit loads, with Hedgehog features and in int8-fp8 (except, as with alpha
+    per query from the tail mass, a few loop-invariant wgmma descriptors Triton 3.9 spills in the Gluon
+    launch's int8-fp8 form; none with Triton 3.6)."""
+    for quant, extra in (("none", ["--backward"]), ("int8-fp8", [])):
+        rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query-linear", "--linear-keys",
+                       "all", *extra, "--config", json.dumps(config))
+        names = {r["kernel"] for r in rows}
+        sparse = "fwd_sparse_gluon_kernel" if config["sparse_gluon"] else "fwd_sparse_kernel"
+        assert sparse in names and "tail_lse_kernel" not in names, names
+        if extra:
+            assert "bwd_rows" in names, names
+        for r in rows:
+            lowbit_gluon_on_39 = (r["kernel"] == "fwd_sparse_gluon_kernel" and quant == "int8-fp8"
+                                  and python != TRITON36)
+            assert r["spill_instructions"] <= (96 if lowbit_gluon_on_39 else 0), r
+            assert r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("quant,mixing", [("none", "query"), ("int8-fp8", "head"), ("int8-fp8", "query")])
 def test_gluon_query_features_in_launch_compile_for_sm90(tmp_path, python, quant, mixing):
     """LaunchConfig.gluon_query_features, the default: the q pre-pass no longer computes Hedgehog features (no MMA left in

@@ -337,11 +337,12 @@ def test_forward_against_dense_fp64(topk, bq, kept):
 
 
 def _fp64_linear_options(q, k, v, blocks, alpha_logit, block_q, block_k, feature_q=None, feature_k=None,
-                         mixing="head", linear_keys="unselected"):
+                         mixing="head", linear_keys="unselected", alpha_weight=None):
     """SLA2 on (B, H, N, D) in fp64 from the block selection ``blocks`` (B, H, nq, nk) bool, with Hedgehog
     features [softmax(x W), softmax(-x W)] when weights are given and alpha per head or, with
     ``mixing="query"``, per row: sigmoid(LSE_sel - LSE_tail + alpha_logit) with LSE_tail over the unselected
-    blocks of q . kbar_j / sqrt(d) + ln n_j (both detached).  Returns (O, alpha per row)."""
+    blocks of q . kbar_j / sqrt(d) + ln n_j (both detached), or with ``mixing="query-linear"``
+    sigmoid(q . alpha_weight_h / sqrt(d) + alpha_logit).  Returns (O, alpha per row)."""
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
     nk = blocks.shape[-1]
@@ -370,6 +371,8 @@ def _fp64_linear_options(q, k, v, blocks, alpha_logit, block_q, block_k, feature
             lse_tail = torch.logsumexp(tail.masked_fill(row_blocks, float("-inf")), dim=-1, keepdim=True)
             mass_ratio = torch.logsumexp(s_sel, dim=-1, keepdim=True) - lse_tail
         logit = logit + mass_ratio
+    elif mixing == "query-linear":
+        logit = logit + (q @ alpha_weight.double().unsqueeze(-1)) / math.sqrt(d)
     alpha = torch.where(mask.all(dim=-1, keepdim=True), torch.ones_like(logit), torch.sigmoid(logit))
     return alpha * o_s + (1 - alpha) * o_l, alpha.expand(b, h, n, 1)[..., 0]
 
@@ -426,6 +429,45 @@ def test_linear_branch_options_forward_backward_match_fp64(case, dtype):
             assert torch.count_nonzero(g) == 0
             continue
         assert rel_l2(g, gw) <= grad_tol, (seed, name, rel_l2(g, gw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+@pytest.mark.parametrize("layout,n,d,block_q,topk,hedgehog,linear_keys", [
+    ("bnhd", 333, 64, 128, 0.3, False, "unselected"), ("bhnd", 200, 128, 64, 0.2, True, "all"),
+    ("bhnd", 200, 64, 64, 1.0, False, "unselected")])
+def test_query_linear_mixing_forward_backward_match_fp64(layout, n, d, block_q, topk, hedgehog, linear_keys, dtype):
+    """mixing="query-linear": the rows' alpha logits q . w_h / sqrt(d) + a_h formed on the host, read per row by
+    the sparse launch, their gradient per row from the backward's row pass: O and the gradients of q, k, v, the
+    alpha logit, the query weight (and the Hedgehog weights) against fp64 autograd."""
+    if dtype != torch.float32 and not hedgehog:
+        pytest.skip("16 bits: the Hedgehog case keeps the interpreter time small")
+    seed = int(torch.randint(1 << 30, ()))
+    inputs, weights, blocks = _linear_option_inputs(n, d, block_q, topk, layout, dtype, hedgehog, seed)
+    q, k, v, rq, rk, al = inputs
+    g = torch.Generator().manual_seed(seed + 2)
+    alpha_weight = torch.randn(2, d, generator=g).to(DEVICE)
+    leaves = _leaf(q, k, v, al) + [alpha_weight.clone().requires_grad_(True)]
+    leaves += [w.clone().requires_grad_(True) for w in weights if w is not None]
+    feats = leaves[5:] if hedgehog else [None, None]
+    out = S.sla2_attention_triton(*leaves[:3], rq, rk, leaves[3], AttentionSpec(topk, block_q, 64), layout=layout,
+                                  feature_q=feats[0], feature_k=feats[1], mixing="query-linear",
+                                  linear_keys=linear_keys, alpha_weight=leaves[4])
+    oracle = [t.detach().double().requires_grad_(True) for t in leaves]
+    want, _ = _fp64_linear_options(*(_to_bhnd(t, layout) for t in oracle[:3]), blocks, oracle[3], block_q, 64,
+                                   *(oracle[5:] if hedgehog else []), mixing="query-linear", linear_keys=linear_keys,
+                                   alpha_weight=oracle[4])
+    want = _to_bhnd(want, layout)
+    out_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 and not HAS_CUDA else (1e-2, 2e-2)
+    assert rel_l2(out, want) <= out_tol, (seed, rel_l2(out, want))
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, leaves, go)
+    grads_want = torch.autograd.grad(want, oracle, go.double(), allow_unused=True, materialize_grads=True)
+    for name, got, gw in zip("q k v alpha_logit alpha_weight feature_q feature_k".split(), grads, grads_want):
+        assert got.shape == gw.shape and torch.isfinite(got).all(), name
+        if topk == 1.0 and name in ("alpha_logit", "alpha_weight"):  # no linear branch: alpha has no effect
+            assert torch.count_nonzero(got) == 0, name
+            continue
+        assert rel_l2(got, gw) <= grad_tol, (seed, name, rel_l2(got, gw))
 
 
 @pytest.mark.parametrize("quant,dtype,key_mean", [("none", DTYPE, 2.0), ("int8", DTYPE, 2.0), ("none", HALF, 16.0),
@@ -701,7 +743,7 @@ def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
 @pytest.mark.parametrize("hedgehog,mixing,linear_keys,query_features", [
     (True, "head", "unselected", 0), (False, "query", "unselected", 0), (True, "query", "unselected", 0),
     (False, "head", "all", 0), (True, "query", "all", 0),
-    (True, "head", "unselected", 1), (True, "query", "all", 1)])
+    (True, "head", "unselected", 1), (True, "query", "all", 1), (True, "query-linear", "all", 1)])
 def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing, linear_keys, query_features):
     """Hedgehog features, alpha per query and the linear branch over every key block in the Gluon epilogue
     (sparse_gluon=1): against the plain launch with the same options on every row (O to 16-bit rounding; psi
@@ -716,10 +758,11 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
         g = torch.Generator().manual_seed(seed + 1)
         weights = [signed_weights((0.3 * torch.randn(h, 128, 64, generator=g)).to(DEVICE), h, 128, torch.bfloat16)
                    if hedgehog else None for _ in range(2)]
+        row_logits = torch.randn(b * h, n, generator=g).to(DEVICE) if mixing == "query-linear" else None
         for topk in (0.1, 0.03):
             args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
-            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys)
-            gluon = S.sla2_fwd(*args, gluon_launch.as_ints(), *weights, mixing, linear_keys)
+            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys, row_logits)
+            gluon = S.sla2_fwd(*args, gluon_launch.as_ints(), *weights, mixing, linear_keys, row_logits)
             assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
             o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
             rows = ("batch*head", "token")
@@ -730,7 +773,7 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
                 if want.numel():
                     assert rel_l2(got, want) <= rel and torch.isfinite(got).all(), (
                         seed, topk, _mismatch(name, got, want, dims, tol))
-            assert gluon[6].numel() == (b * h * n if mixing == "query" else 0)
+            assert gluon[6].numel() == (b * h * n if mixing in ("query", "query-linear") else 0)
 
 
 @needs_hopper

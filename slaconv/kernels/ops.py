@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..config import KERNEL_HEAD_DIMS, KERNEL_MIXINGS
+from ..config import KERNEL_HEAD_DIMS
 from . import reference
 from .launch import LaunchConfig
 from .spec import AttentionSpec, check_layout
@@ -41,22 +41,10 @@ def _warn_reference_on_gpu(head_dim: int) -> None:
                       "running the PyTorch reference on the GPU (correct, much slower)", stacklevel=3)
 
 
-_warned_mixings: set[str] = set()
-
-
-def _warn_reference_mixing(mixing: str) -> None:
-    if mixing not in _warned_mixings:
-        _warned_mixings.add(mixing)
-        warnings.warn(f"SLA2: the Triton kernels do not compute mixing {mixing!r} yet; running the PyTorch "
-                      "reference on the GPU (correct, much slower)", stacklevel=3)
-
-
-def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto",
-                   mixing: str = "head") -> str:
+def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str = "auto") -> str:
     """``triton`` when the tensors are on CUDA and the call is one the kernels cover, else ``reference``.
 
-    The kernels cover hard top-k over every query block, with softmax or Hedgehog features and the
-    mixings of :data:`slaconv.config.KERNEL_MIXINGS`.
+    The kernels cover hard top-k over every query block, with softmax or Hedgehog features.
 
     ``SLACONV_BACKEND=reference|triton`` overrides ``auto`` (useful to compare the two).
     """
@@ -70,7 +58,6 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         and q.shape[-1] in KERNEL_HEAD_DIMS
         and not soft
         and not partial
-        and mixing in KERNEL_MIXINGS
     )
     if requested == "triton":
         if not kernel_ok:
@@ -78,8 +65,6 @@ def choose_backend(q: torch.Tensor, *, soft: bool, partial: bool, requested: str
         return "triton"
     if q.is_cuda and not kernel_ok and not soft and not partial and q.shape[-1] not in KERNEL_HEAD_DIMS:
         _warn_reference_on_gpu(q.shape[-1])
-    elif q.is_cuda and not soft and not partial and mixing not in KERNEL_MIXINGS:
-        _warn_reference_mixing(mixing)
     return "triton" if kernel_ok and q.is_cuda else "reference"
 
 
@@ -102,19 +87,19 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
     feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
     ``mixing``: ``head`` (alpha per head), ``query`` (alpha per query row from the estimated tail mass) or
-    ``query-linear`` (alpha per query row from the query and ``alpha_weight`` (H, D); the reference computes
-    it, :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
+    ``query-linear`` (alpha per query row from the query and ``alpha_weight`` (H, D);
+    :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
     a query block did not select) or ``all`` (over every key block: no per-block state;
     :data:`slaconv.config.LINEAR_KEYS`).
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)
-    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend,
-                            mixing=mixing)
+    chosen = choose_backend(q, soft=soft_tau is not None, partial=q_blocks is not None, requested=backend)
     if chosen == "triton":
         return _kernel_backend().sla2_attention_triton(
             q, k, v, router_q, router_k, alpha_logit, spec, layout=layout, launch=launch,
             feature_q=feature_q, feature_k=feature_k, mixing=mixing, linear_keys=linear_keys,
+            alpha_weight=alpha_weight,
         )
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

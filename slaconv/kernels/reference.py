@@ -351,12 +351,18 @@ def check_alpha_weight(alpha_weight: torch.Tensor | None, mixing: str, heads: in
         raise ValueError(f"alpha_weight is read only with mixing 'query-linear', not {mixing!r}")
 
 
-def query_linear_alpha(q: torch.Tensor, alpha_weight: torch.Tensor, alpha_logit: torch.Tensor) -> torch.Tensor:
-    """alpha per query row of ``mixing: query-linear``, ``sigmoid(q . w_h / sqrt(d) + a_h)``: q (B, H, R, d),
-    ``alpha_weight`` (H, d), ``alpha_logit`` (H,); returns (B, H, R, 1) fp32, differentiable in all three."""
+def query_linear_alpha_logits(q: torch.Tensor, alpha_weight: torch.Tensor, alpha_logit: torch.Tensor) -> torch.Tensor:
+    """The alpha logits per query row of ``mixing: query-linear``, ``q . w_h / sqrt(d) + a_h``: q (B, H, R, d),
+    ``alpha_weight`` (H, d), ``alpha_logit`` (H,); returns (B, H, R) fp32, differentiable in all three."""
     d = q.shape[-1]
     logits = torch.einsum("bhrd,hd->bhr", q.float(), alpha_weight.float()) / math.sqrt(d)
-    return torch.sigmoid(logits + alpha_logit.float().view(1, -1, 1)).unsqueeze(-1)
+    return logits + alpha_logit.float().view(1, -1, 1)
+
+
+def query_linear_alpha(q: torch.Tensor, alpha_weight: torch.Tensor, alpha_logit: torch.Tensor) -> torch.Tensor:
+    """alpha per query row of ``mixing: query-linear``, ``sigmoid`` of :func:`query_linear_alpha_logits`, as
+    (B, H, R, 1)."""
+    return torch.sigmoid(query_linear_alpha_logits(q, alpha_weight, alpha_logit)).unsqueeze(-1)
 
 
 def full_attention_reference(

@@ -108,8 +108,8 @@ def fwd_sparse_gluon_kernel(
     schedule, one per item for the plain one).  QUANT == 2 (``int8-fp8``) reads the forward's INT8 Q and K
     and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read.  HEDGEHOG == 1 reads phi(Q)
     from PHI_Q; HEDGEHOG == 2 computes it from Q and the signed weight stacks PHI_Q (H, D, D).  MIX_ROWS mixes
-    with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits) and, with SAVE_LSE, stores it in
-    ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
+    with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits; MIX_ROWS == 2: LSE_TAIL holds each
+    row's whole logit) and, with SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
     work item i at i // lin_div: one per routing block (1) or one per (batch, head) (nq)."""
     q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
@@ -270,7 +270,8 @@ def persistent_programs(n_items: int, device: torch.device) -> int:
 
 def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_den, lowbit, strides, N, H, n_sel,
                         nq, nk, qk_scale, has_lin, *, D: int, BLOCK_N: int, SAVE_LSE: bool, quant: str = "none",
-                        phi_q=None, query_weights=None, lse_tail=None, alpha_rows=None, lin_per_head: bool = False,
+                        phi_q=None, query_weights=None, lse_tail=None, row_logits=None, alpha_rows=None,
+                        lin_per_head: bool = False,
                         persistent: bool = True, overlap: bool = True, ring_slots: int = GLUON_RING_SLOTS):
     """The sparse forward for ``grid`` = (tiles of 128 rows, B*H) work items in one Gluon launch.  ``strides``
     are the (batch, head, token) strides of q, k, v and o in that order; ``lowbit`` is the forward's
@@ -281,14 +282,17 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     ``ring_slots``: K/V slots (:func:`ring_stages`).  The linear-branch options, as ``fwd_sparse_kernel`` takes
     them: ``phi_q`` (B*H, N, D) Hedgehog features of Q from the q pre-pass, or ``query_weights`` (H, D, D) the
     signed weight stacks the kernel computes them from (neither: softmax over the head dim);
-    ``lse_tail`` (B*H, N) for alpha per row (None: alpha per head), ``alpha`` then the heads' logits, and
+    ``lse_tail`` (B*H, N) for alpha per row (None: alpha per head), ``alpha`` then the heads' logits, or
+    ``row_logits`` (B*H, N) the rows' whole alpha logits (``mixing: query-linear``), and
     ``alpha_rows`` (B*H, N) where SAVE_LSE stores it.  ``lin_per_head``: ``h_rest`` / ``z_rest`` are one
     state per (batch, head) (the linear branch over every key block).  The caller has run
     :func:`check_supported`."""
     if phi_q is not None and query_weights is not None:
         raise ValueError("phi_q and query_weights are two sources of the same features: give one")
     hedgehog = 1 if phi_q is not None else 2 if query_weights is not None else 0
-    mix_rows = lse_tail is not None
+    if lse_tail is not None and row_logits is not None:
+        raise ValueError("lse_tail and row_logits are two sources of alpha per row: give one")
+    mix_rows = 1 if lse_tail is not None else 2 if row_logits is not None else 0
     if mix_rows and SAVE_LSE and alpha_rows is None:
         raise ValueError("alpha per row with SAVE_LSE needs alpha_rows to store it in")
     tiles, bh = grid
@@ -297,7 +301,8 @@ def launch_sparse_gluon(grid, q, k, v, lut, alpha, h_rest, z_rest, o, lse, inv_d
     triton.set_allocator(scratch_allocator(q.device))
     fwd_sparse_gluon_kernel[(programs, )](
         q, k, v, o, lut, alpha, h_rest, z_rest, lse, inv_den, *lowbit,
-        phi_q if hedgehog == 1 else query_weights if hedgehog == 2 else q, lse_tail if mix_rows else inv_den,
+        phi_q if hedgehog == 1 else query_weights if hedgehog == 2 else q,
+        lse_tail if mix_rows == 1 else row_logits if mix_rows == 2 else inv_den,
         alpha_rows if mix_rows and SAVE_LSE else inv_den,
         *strides, N, bh // H, H, n_sel, nq, nk, nk * BLOCK_N, qk_scale, 1.0 / N, has_lin, nq if lin_per_head else 1,
         D=D, BLOCK_N=BLOCK_N, STAGES=ring_stages(D, BLOCK_N, ring_slots, quant), SAVE_LSE=SAVE_LSE, OVERLAP=overlap,

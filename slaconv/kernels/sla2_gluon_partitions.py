@@ -82,11 +82,17 @@ def linear_tail_weights(phi_q, alpha, z_rest_ptr, has_lin, D: gl.constexpr, LAYO
 
 
 @gluon.jit
-def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, row_offsets, row_valid, has_lin):
+def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, row_offsets, row_valid, has_lin, MIX_ROWS: gl.constexpr):
     """alpha per query row: sigmoid(LSE_sel - LSE_tail + alpha_logit), both log-sum-exps in log2 units and in
-    the loop's frame (LSE_tail from the forward's tail launch); 1 when every block is selected."""
-    lse_tail = gl.load(LSE_TAIL + row_offsets, mask=row_valid, other=float("-inf"))
-    ratio = 1.0 / (1.0 + gl.exp(-((lse_sel - lse_tail) * LN2 + alpha_logit)))
+    the loop's frame (LSE_tail from the forward's tail launch), or with MIX_ROWS == 2 (``mixing:
+    query-linear``) sigmoid of the row's whole logit, which LSE_TAIL then holds; 1 when every block is
+    selected."""
+    if MIX_ROWS == 2:
+        logit = gl.load(LSE_TAIL + row_offsets, mask=row_valid, other=0.0)
+    else:
+        lse_tail = gl.load(LSE_TAIL + row_offsets, mask=row_valid, other=float("-inf"))
+        logit = (lse_sel - lse_tail) * LN2 + alpha_logit
+    ratio = 1.0 / (1.0 + gl.exp(-logit))
     lin = (has_lin != 0).to(gl.float32)
     return lin * ratio + (1.0 - lin)
 
@@ -383,7 +389,7 @@ def consumer(q_tiles, q8_tiles, p_tiles, staging, k_ring, v_ring, h_rest, ready,
             v_scale = gl.maximum(gl.load(V_ABSMAX + bh * D + gl.arange(0, D, layout=CHANNELS)), 1e-8) / 448.0
             o_s = o_s * gl.expand_dims(v_scale / 448.0, 0)
         if MIX_ROWS:
-            alpha_rows = row_mix_ratio(lse_loop, LSE_TAIL, alpha, bh * N + rows, row_valid, has_lin)
+            alpha_rows = row_mix_ratio(lse_loop, LSE_TAIL, alpha, bh * N + rows, row_valid, has_lin, MIX_ROWS)
             if SAVE_LSE:
                 gl.store(ALPHA_ROWS + bh * N + rows, alpha_rows, mask=row_valid)
             # each thread rescales the psi elements it wrote (same layout), so no barrier is needed first

@@ -171,17 +171,20 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 
 def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layout: str, save: bool,
             launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head",
-            linear_keys: str = "unselected"):
+            linear_keys: str = "unselected", row_logits=None):
     """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``save`` writes the LSE (and with ``mixing="query"`` alpha per row) the backward needs; otherwise they
     come back with 0 columns.  ``feature_q``, ``feature_k``: the Hedgehog signed stacks (H, D, D)
     (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features).  ``linear_keys="all"``:
-    the linear branch over every key block, from H_all and z_all (no linear launch)."""
+    the linear branch over every key block, from H_all and z_all (no linear launch).  ``mixing="query-linear"``
+    takes ``row_logits`` (B*H, N) fp32, each row's whole alpha logit (no tail launch)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
     linear.check_linear_keys(linear_keys)
-    hedgehog, mix_rows = feature_q is not None, mixing == "query"
+    hedgehog, mix_rows = feature_q is not None, mixing in ("query", "query-linear")
+    if (mixing == "query-linear") != (row_logits is not None):
+        raise ValueError("row_logits go with mixing 'query-linear', and only with it")
     if (feature_k is not None) != hedgehog:
         raise ValueError("feature_q and feature_k must be given together")
     lin_per_head = linear_keys == "all"
@@ -261,7 +264,10 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
         )
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
-    if mix_rows:
+    if mixing == "query-linear":
+        lse_tail = row_logits.float().contiguous()  # the kernels read each row's logit where LSE_tail would be
+        alpha = alpha_logit.detach().float().contiguous()  # not read
+    elif mix_rows:
         lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k, qk_scale,
                                    tile_m, shifted=quant > 0)
         alpha = alpha_logit.detach().float().contiguous()  # the kernel adds each row's log mass ratio
@@ -289,7 +295,9 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
             D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if phi_q_prepass else None,
             query_weights=feature_q if hedgehog and not phi_q_prepass else None,
-            lse_tail=lse_tail if mix_rows else None, alpha_rows=alpha_rows if alpha_rows.numel() else None,
+            lse_tail=lse_tail if mixing == "query" else None,
+            row_logits=lse_tail if mixing == "query-linear" else None,
+            alpha_rows=alpha_rows if alpha_rows.numel() else None,
             lin_per_head=lin_per_head,
         )
         return o, lut, lse, inv_den, h_all, z_all, alpha_rows
@@ -300,7 +308,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         *q_strides, *k_strides, *v_strides, *o_strides,
         N, H, n_sel, nq, nk, spec.block_q, qk_scale, 1.0 / N, npad, int(n_sel < nk),
         D=D, BLOCK_M=tile_m, BLOCK_N=spec.block_k, QUANT=quant, FP8_EMULATE=fp8_emulate, SAVE_LSE=save,
-        HEDGEHOG=hedgehog, MIX_ROWS=mix_rows, LIN_PER_HEAD=lin_per_head,
+        HEDGEHOG=hedgehog, MIX_ROWS=2 if mixing == "query-linear" else int(mix_rows), LIN_PER_HEAD=lin_per_head,
         **_warps_stages(launch.num_warps, launch.num_stages),
     )
     return o, lut, lse, inv_den, h_all, z_all, alpha_rows
@@ -308,11 +316,12 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
 
 def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q: int, block_k: int,
              layout: str, launch: LaunchConfig, feature_q=None, feature_k=None, alpha_rows=None,
-             linear_keys: str = "unselected"):
+             linear_keys: str = "unselected", row_grads: bool = False):
     """Every launch of one backward: returns (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), 16-bit
     math on the original Q, K, V.  ``feature_q``, ``feature_k``: the forward's Hedgehog signed stacks or
     None (their gradients are then None); ``alpha_rows``: the forward's alpha per row with
-    ``mixing="query"``, else None or empty.  ``linear_keys="all"``: the forward's linear branch covered every
+    ``mixing="query"`` or ``"query-linear"``, else None or empty.  ``row_grads`` (``"query-linear"``): the
+    fourth result is instead the gradient of each row's alpha logit, (B*H, N) fp32.  ``linear_keys="all"``: the forward's linear branch covered every
     key block, so the linear launches subtract nothing (no selected blocks, an empty inverted index)."""
     do, q, k, v, o = (_unit_head_stride(t) for t in (do, q, k, v, o))
     (B, H, N, D), q_strides = _dims(q, layout)
@@ -369,9 +378,11 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     delta = torch.empty(BH, N, device=dev, dtype=f32)
     b_partial = torch.empty(BH, n_tiles, D, device=dev, dtype=f32)
     dalpha_partial = torch.empty(BH, n_tiles, device=dev, dtype=f32)
+    dlogit_rows = torch.empty(BH, N if row_grads else 0, device=dev, dtype=f32)
     backward_kernels.bwd_rows[(n_tiles, BH)](phi_q, do, o, w, inv_den, alpha, delta, b_partial, dalpha_partial,
+                                             dlogit_rows if row_grads else dalpha_partial,
                                              *do_strides, *o_strides, N, H, n_tiles, D=D, BLOCK_M=tile_m,
-                                             MIX_ROWS=mix_rows, **_row_pass())
+                                             MIX_ROWS=mix_rows, ROW_GRADS=row_grads, **_row_pass())
     # 4. psi = (1 - alpha) phi(Q) / den in phi(Q)'s buffer; A_all = sum psi^T dO as a split-K GEMM
     backward_kernels.phi_to_psi[(n_tiles, BH)](phi_q, inv_den, alpha, N, H, D=D, BLOCK=tile_m, MIX_ROWS=mix_rows,
                                                **_row_pass())
@@ -382,7 +393,10 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
                                       D=D, BLOCK_M=tile_m, **_reduction_pass(D))
     a_all = a_partial.sum(dim=1)
     b_all = b_partial.sum(dim=1)
-    dalpha = dalpha_partial.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
+    if row_grads:
+        dalpha = dlogit_rows
+    else:
+        dalpha = dalpha_partial.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
     # 5. sparse part of dQ over the LUT
     backward_kernels.bwd_dq_kernel[(n_tiles, BH)](
         q, k, v, do, dq, lut, lse, delta, alpha,
@@ -421,20 +435,22 @@ def sla2_fwd(
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, kept_start: int,
     kept_end: int, layout: str, save: bool, launch: list[int], feature_q: torch.Tensor | None = None,
     feature_k: torch.Tensor | None = None, mixing: str = "head", linear_keys: str = "unselected",
+    row_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`;
-    ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head" or "query";
-    ``linear_keys`` "unselected" or "all"."""
+    ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head", "query" or
+    "query-linear" (with ``row_logits`` (B*H, N), each row's alpha logit); ``linear_keys`` "unselected" or
+    "all"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch),
-                   feature_q, feature_k, mixing, linear_keys)
+                   feature_q, feature_k, mixing, linear_keys, row_logits)
 
 
 @sla2_fwd.register_fake
 def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, kept_start, kept_end, layout, save,
-      launch, feature_q=None, feature_k=None, mixing="head", linear_keys="unselected"):
+      launch, feature_q=None, feature_k=None, mixing="head", linear_keys="unselected", row_logits=None):
     _check_tensors(q, k, v, layout)
     (B, H, N, D), _ = _dims(q, layout)
     nq, nk = _cdiv(N, block_q), _cdiv(N, block_k)
@@ -447,7 +463,7 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, k
         q.new_empty((B * H, N), dtype=f32),
         q.new_empty((B * H, D, D), dtype=f32),
         q.new_empty((B * H, D), dtype=f32),
-        q.new_empty((B * H, N if save and mixing == "query" else 0), dtype=f32),
+        q.new_empty((B * H, N if save and mixing in ("query", "query-linear") else 0), dtype=f32),
     )
 
 
@@ -457,13 +473,14 @@ def sla2_bwd(
     lut: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, inv_den: torch.Tensor, h_all: torch.Tensor,
     z_all: torch.Tensor, block_q: int, block_k: int, layout: str, launch: list[int],
     feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-    alpha_rows: torch.Tensor | None = None, linear_keys: str = "unselected",
+    alpha_rows: torch.Tensor | None = None, linear_keys: str = "unselected", row_grads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`backward` as a custom op: (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), straight-through
-    for the low-bit modes; the feature gradients are empty without Hedgehog features."""
+    for the low-bit modes; the feature gradients are empty without Hedgehog features.  ``row_grads``: the
+    fourth output is the gradient of each row's alpha logit (B*H, N) instead (``mixing: query-linear``)."""
     dq, dk, dv, dalpha, dfq, dfk = backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q,
                                             block_k, layout, LaunchConfig.from_ints(launch), feature_q, feature_k,
-                                            alpha_rows, linear_keys)
+                                            alpha_rows, linear_keys, row_grads)
     if dfq is None:
         dfq, dfk = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dalpha, dfq, dfk
@@ -471,32 +488,39 @@ def sla2_bwd(
 
 @sla2_bwd.register_fake
 def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, block_k, layout, launch,
-      feature_q=None, feature_k=None, alpha_rows=None, linear_keys="unselected"):
+      feature_q=None, feature_k=None, alpha_rows=None, linear_keys="unselected", row_grads=False):
     def feature_grad(w):
         return q.new_empty(0) if w is None else w.new_empty(w.shape, dtype=torch.float32)
 
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), alpha_logit.new_empty(alpha_logit.shape),
+    dalpha = (alpha_rows.new_empty(alpha_rows.shape, dtype=torch.float32) if row_grads
+              else alpha_logit.new_empty(alpha_logit.shape))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dalpha,
             feature_grad(feature_q), feature_grad(feature_k))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, _kept_start, _kept_end, layout, \
-        _save, launch, feature_q, feature_k, _mixing, linear_keys = inputs
+        _save, launch, feature_q, feature_k, _mixing, linear_keys, row_logits = inputs
     o, lut, lse, inv_den, h_all, z_all, alpha_rows = output
     ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows)
     ctx.settings = (block_q, block_k, layout, launch)
     ctx.linear_keys = linear_keys
+    ctx.row_grads = row_logits is not None
 
 
 def _autograd_backward(ctx, do, *_unused):
     q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows = ctx.saved_tensors
     dq, dk, dv, dalpha, dfq, dfk = sla2_bwd(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all,
-                                            *ctx.settings, feature_q, feature_k, alpha_rows, ctx.linear_keys)
+                                            *ctx.settings, feature_q, feature_k, alpha_rows, ctx.linear_keys,
+                                            ctx.row_grads)
     if feature_q is None:
         dfq = dfk = None
     else:
         dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
-    return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None)
+    # query-linear: the rows' logits carry alpha (and the head's logit inside them); the op's alpha_logit is unused
+    dalpha, drows = (None, dalpha) if ctx.row_grads else (dalpha, None)
+    return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None,
+            drows)
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -506,28 +530,38 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
                           router_k: torch.Tensor, alpha_logit: torch.Tensor, spec: AttentionSpec, *,
                           layout: str = "bnhd", launch: LaunchConfig | None = None,
                           feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                          mixing: str = "head", linear_keys: str = "unselected") -> torch.Tensor:
+                          mixing: str = "head", linear_keys: str = "unselected",
+                          alpha_weight: torch.Tensor | None = None) -> torch.Tensor:
     """SLA2 attention with the Triton kernels on q, k, v in ``layout``; returns the output in that layout
     and dtype.  ``spec`` holds the settings (:class:`AttentionSpec`), ``launch`` the tile sizes, warps and
     stages (:data:`DEFAULT_LAUNCH` if None).  ``feature_q``, ``feature_k`` (H, D, D/2): the Hedgehog feature
     map's weights (both or neither; softmax features without).  ``mixing``: ``"head"`` (alpha =
     sigmoid(alpha_logit) per head) or ``"query"`` (alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit)
-    per query row, both log-sum-exps detached).  ``linear_keys``: ``"unselected"`` (the linear branch over
+    per query row, both log-sum-exps detached) or ``"query-linear"`` (alpha_i = sigmoid(q_i . w_h / sqrt(D) +
+    alpha_logit) with ``alpha_weight`` w (H, D), the logits formed here and read per row by the kernels).
+    ``linear_keys``: ``"unselected"`` (the linear branch over
     the key blocks a query block did not select) or ``"all"`` (over every key block).  Differentiable w.r.t.
-    q, k, v, alpha_logit and the feature weights (the hard top-k router gets no gradient)."""
+    q, k, v, alpha_logit, the feature weights and ``alpha_weight`` (the hard top-k router gets no gradient)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
     linear.check_linear_keys(linear_keys)
     if (feature_q is None) != (feature_k is None):
         raise ValueError("feature_q and feature_k must be given together")
     launch = DEFAULT_LAUNCH if launch is None else launch
+    row_logits = None
+    if mixing == "query-linear" or alpha_weight is not None:
+        (batch, heads, n, head_dim), _ = _dims(q, layout)
+        reference.check_alpha_weight(alpha_weight, mixing, heads, head_dim)
+        # fp32 like the reference; autograd takes the rows' gradient on to q, alpha_weight and alpha_logit
+        row_logits = reference.query_linear_alpha_logits(_as_bhnd(q, layout), alpha_weight, alpha_logit)
+        row_logits = row_logits.reshape(batch * heads, n).contiguous()
     if feature_q is not None:
         (_, heads, _, head_dim), _ = _dims(q, layout)
         feature_q, feature_k = (linear.signed_weights(w, heads, head_dim, q.dtype) for w in (feature_q, feature_k))
     # the tensors only the backward reads are written only when a backward can follow
-    grad_inputs = [t for t in (q, k, v, alpha_logit, feature_q, feature_k) if t is not None]
+    grad_inputs = [t for t in (q, k, v, alpha_logit, feature_q, feature_k, row_logits) if t is not None]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs)
     kept_start, kept_end = spec.always_kept
     return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(spec.topk), int(spec.block_q),
                     int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints(),
-                    feature_q, feature_k, mixing, linear_keys)[0]
+                    feature_q, feature_k, mixing, linear_keys, row_logits)[0]

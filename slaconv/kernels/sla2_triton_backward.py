@@ -55,16 +55,18 @@ def phi_to_psi(
 
 @triton.jit(do_not_specialize=["N", "H", "n_tiles"])
 def bwd_rows(
-    PHI_Q, DO, O, W, INV_DEN, ALPHA, DELTA, B_PARTIAL, DALPHA_PARTIAL,
+    PHI_Q, DO, O, W, INV_DEN, ALPHA, DELTA, B_PARTIAL, DALPHA_PARTIAL, DLOGIT_ROWS,
     stride_dob, stride_doh, stride_don, stride_ob, stride_oh, stride_on, N, H, n_tiles,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, MIX_ROWS: tl.constexpr = False,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, MIX_ROWS: tl.constexpr = False, ROW_GRADS: tl.constexpr = False,
 ):
     """Per row of one query tile (one program each, no loop), from the output O (not O_s: O is kept by the
     next layer anyway) and w = rowsum(dO * O_l) from the dQ-linear launch, with u = (1 - alpha) w and
     c = -u / den: delta = alpha rowsum(dO * O_s) = rowsum(dO * O) - u.  Per-tile partials (summed by the
     caller, deterministic): b = sum c phi(q) and the alpha-logit gradient
     alpha (1 - alpha) sum dO (O_s - O_l) = sum (1 - alpha) rowsum(dO * O) - u, which with MIX_ROWS (alpha
-    per row; its two log-sum-exps carry no gradient) is the same sum with each row's alpha."""
+    per row; its two log-sum-exps carry no gradient) is the same sum with each row's alpha.  ROW_GRADS
+    (``mixing: query-linear``) also stores each row's term, the gradient of the row's alpha logit, in
+    DLOGIT_ROWS."""
     tile, bh, b, h = common.program_coords(H, D, BLOCK_M, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows, valid = common.block_rows(tile, BLOCK_M, N)
@@ -76,9 +78,12 @@ def bwd_rows(
     u = (1.0 - alpha) * tl.load(W + per_row, mask=valid, other=0.0)
     c = -u * tl.load(INV_DEN + per_row, mask=valid, other=0.0)
     tl.store(DELTA + per_row, do_dot_o - u, mask=valid)
-    tl.store(DALPHA_PARTIAL + bh * n_tiles + tile, tl.sum((1.0 - alpha) * do_dot_o - u, axis=0))
+    dlogit = (1.0 - alpha) * do_dot_o - u  # rows past N read 0 for dO, O and w: 0 here
+    tl.store(DALPHA_PARTIAL + bh * n_tiles + tile, tl.sum(dlogit, axis=0))
     phi_q = common.load_rows(PHI_Q + bh * N * D, rows, D, valid, D).to(tl.float32)
     tl.store(B_PARTIAL + (bh * n_tiles + tile) * D + offs_d, tl.sum(c[:, None] * phi_q, axis=0))
+    if ROW_GRADS:
+        tl.store(DLOGIT_ROWS + per_row, dlogit, mask=valid)
 
 
 @triton.jit(do_not_specialize=["N", "H", "n_tiles", "n_splits"])

@@ -94,12 +94,16 @@ def mix_and_store(o_s, phi_q, alpha, H_REST, Z_REST, O, INV_DEN, bh, state, rows
 
 
 @triton.jit
-def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, per_row, row_valid, has_lin):
+def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, per_row, row_valid, has_lin, MIX_ROWS: tl.constexpr = 1):
     """alpha per query row: sigmoid(LSE_sel - LSE_tail + alpha_logit) with both log-sum-exps in log2 units
-    (LSE_tail of the blocks the row's query block did not select, from :func:`tail_lse_kernel`); 1 when
-    every block is selected."""
-    lse_tail = tl.load(LSE_TAIL + per_row, mask=row_valid, other=float("-inf"))
-    logit = (lse_sel - lse_tail) * LN2 + alpha_logit
+    (LSE_tail of the blocks the row's query block did not select, from :func:`tail_lse_kernel`), or with
+    MIX_ROWS == 2 (``mixing: query-linear``) sigmoid of the row's whole logit, which LSE_TAIL then holds; 1
+    when every block is selected."""
+    if MIX_ROWS == 2:
+        logit = tl.load(LSE_TAIL + per_row, mask=row_valid, other=0.0)
+    else:
+        lse_tail = tl.load(LSE_TAIL + per_row, mask=row_valid, other=float("-inf"))
+        logit = (lse_sel - lse_tail) * LN2 + alpha_logit
     return tl.where(has_lin != 0, 1.0 / (1.0 + tl.exp(-logit)), 1.0)
 
 
@@ -389,7 +393,7 @@ def fwd_sparse_kernel(
     # (K - mean(K) in the low-bit modes), the frame the tail launch gives LSE_tail in
     lse = m_i + tl.log2(l_i)
     if MIX_ROWS:
-        alpha = row_mix_ratio(lse, LSE_TAIL, tl.load(ALPHA + h), bh * N + rows, row_valid, has_lin)
+        alpha = row_mix_ratio(lse, LSE_TAIL, tl.load(ALPHA + h), bh * N + rows, row_valid, has_lin, MIX_ROWS)
         if SAVE_LSE:
             tl.store(ALPHA_ROWS + bh * N + rows, alpha, mask=row_valid)
     else:

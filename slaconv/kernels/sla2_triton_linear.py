@@ -22,8 +22,9 @@ from . import sla2_triton_forward as forward_kernels
 __all__ = ["LINEAR_KEYS", "MIXINGS", "check_linear_keys", "check_mixing", "signed_weights", "signed_weight_grad",
            "tail_lse"]
 
-MIXINGS = ("head", "query")
-"""How alpha is resolved: one per head, or one per query row from the selected and unselected mass."""
+MIXINGS = ("head", "query", "query-linear")
+"""How alpha is resolved: one per head, one per query row from the selected and unselected mass, or one per
+query row from the query alone (its logits computed on the host, the kernels read them per row)."""
 
 # Launch of tail_lse_kernel: key blocks per MMA step, warps and stages.  At (1, 12, 32760, 128), 97% on an H100
 # (benchmarks/bench_tail_lse.py) 64 blocks at 4 warps and 3 stages took 0.29 ms, at the sparse loop's 8 warps
