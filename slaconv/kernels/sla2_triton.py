@@ -174,7 +174,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             linear_keys: str = "unselected", row_logits=None):
     """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
-    ``save`` writes the LSE (and with ``mixing="query"`` alpha per row) the backward needs; otherwise they
+    ``save`` writes the LSE (and with alpha per query row, alpha per row) the backward needs; otherwise they
     come back with 0 columns.  ``feature_q``, ``feature_k``: the Hedgehog signed stacks (H, D, D)
     (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features).  ``linear_keys="all"``:
     the linear branch over every key block, from H_all and z_all (no linear launch).  ``mixing="query-linear"``
@@ -321,8 +321,9 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     math on the original Q, K, V.  ``feature_q``, ``feature_k``: the forward's Hedgehog signed stacks or
     None (their gradients are then None); ``alpha_rows``: the forward's alpha per row with
     ``mixing="query"`` or ``"query-linear"``, else None or empty.  ``row_grads`` (``"query-linear"``): the
-    fourth result is instead the gradient of each row's alpha logit, (B*H, N) fp32.  ``linear_keys="all"``: the forward's linear branch covered every
-    key block, so the linear launches subtract nothing (no selected blocks, an empty inverted index)."""
+    fourth result is instead the gradient of each row's alpha logit, (B*H, N) fp32.  ``linear_keys="all"``:
+    the forward's linear branch covered every key block, so the linear launches subtract nothing (no selected
+    blocks, an empty inverted index)."""
     do, q, k, v, o = (_unit_head_stride(t) for t in (do, q, k, v, o))
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
