@@ -1046,30 +1046,35 @@ def test_torch_compile_fullgraph_no_graph_break(launch):
     assert explain.graph_break_count == 0
 
 
-def test_torch_compile_with_hedgehog_and_query_mixing():
-    """The custom ops' fake implementations cover the optional feature weights and alpha per row: one graph,
-    and the compiled gradients (the weights' included) equal the eager ones."""
+@pytest.mark.parametrize("mixing", ["query", "query-linear"])
+def test_torch_compile_with_hedgehog_and_query_mixing(mixing):
+    """The custom ops' fake implementations cover the optional feature weights, alpha per row and the rows'
+    alpha logits of query-linear: one graph, and the compiled gradients (the weights' included) equal the eager
+    ones."""
     (q, k, v, rq, rk, al), (wq, wk), _ = _linear_option_inputs(200, 64, 64, 0.3, "bnhd", DTYPE, True, 43)
+    aw = torch.randn(2, 64, generator=torch.Generator().manual_seed(44)).to(DEVICE)
 
     class Attn(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.alpha_logit, self.wq, self.wk = (torch.nn.Parameter(t.clone()) for t in (al, wq, wk))
+            self.alpha_logit, self.wq, self.wk, self.aw = (torch.nn.Parameter(t.clone()) for t in (al, wq, wk, aw))
 
         def forward(self, q, k, v):
             return S.sla2_attention_triton(q, k, v, rq, rk, self.alpha_logit, AttentionSpec(0.3, 64), layout="bnhd",
-                                           feature_q=self.wq, feature_k=self.wk, mixing="query")
+                                           feature_q=self.wq, feature_k=self.wk, mixing=mixing,
+                                           alpha_weight=self.aw if mixing == "query-linear" else None)
 
     torch._dynamo.reset()
     mod = Attn()
+    params = [mod.alpha_logit, mod.wq, mod.wk] + ([mod.aw] if mixing == "query-linear" else [])
     grads = []
     for fn in (torch.compile(mod, fullgraph=True, backend="aot_eager"), mod):
         mod.zero_grad()
         leaves = _leaf(q, k, v)
         fn(*leaves).float().square().sum().backward()
-        grads.append([t.grad.clone() for t in (*leaves, mod.alpha_logit, mod.wq, mod.wk)])
-    for name, compiled, eager in zip("q k v alpha_logit feature_q feature_k".split(), *grads):
-        assert rel_l2(compiled, eager) < 1e-6, name
+        grads.append([t.grad.clone() for t in (*leaves, *params)])
+    for name, compiled, eager in zip("q k v alpha_logit feature_q feature_k alpha_weight".split(), *grads):
+        assert torch.count_nonzero(eager) > 0 and rel_l2(compiled, eager) < 1e-6, name
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the interpreter has no compile cache to count; checked on the GPU run")
