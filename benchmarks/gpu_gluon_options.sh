@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Hedgehog features, alpha per query and the linear branch over every key block on the Gluon sparse loop, on one
+# Hedgehog features, alpha per query (from the tail mass or from the query) and the linear branch over every key
+# block on the Gluon sparse loop, on one
 # Hopper GPU, at most 9 minutes: the GPU tests of the Gluon epilogue's options against the plain launch (ragged N
 # and (1, 12, 32760, 128), both layouts, "none" and "int8-fp8", 90% and 97%), then
 # benchmarks/bench_linear_options.py at 97% twice in the same run:
@@ -17,7 +18,8 @@ mkdir -p "$DIR"
 TMP=$(mktemp -d)
 {
   nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
-  timeout 180 python3 -m pytest -v tests/test_kernels.py -k "gluon_linear_options or default_launch" \
+  timeout 200 python3 -m pytest -v tests/test_kernels.py \
+    -k "gluon_linear_options or default_launch or query_linear or query_features" \
     -p no:cacheprovider 2>&1 | tee "$DIR/pytest.log" | grep -v "^  " | tail -30
   for launch in default plain; do
     config=$([ "$launch" = plain ] && echo '{"sparse_gluon": 0}' || echo '')
