@@ -38,6 +38,7 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
     layers = []
     for name in config.layers:
         logit = state.get(f"{name}.alpha_logit")
+        weight = state.get(f"{name}.alpha_weight")
         rq = state.get(f"{name}.router_q")
         eye = torch.eye(rq.shape[-1]).expand_as(rq) if rq is not None else None
         layers.append({
@@ -45,6 +46,8 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
             "topk": config.attention.topk_for(name),
             "blocks": allocated.get(name, {}).get("blocks"),
             "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
+            # query-linear: how far alpha moves with the query, |w_h| per head (the logit moves by |w| |q| / sqrt(d))
+            "alpha_weight_norm": None if weight is None else [round(float(x), 4) for x in weight.norm(dim=-1)],
             "initial_mass": (round(sum(initial_mass[name]) / len(initial_mass[name]), 4)
                              if initial_mass.get(name) else None),
             "router_moved": None if rq is None else round(float((rq - eye).norm() / eye.norm()), 4),
@@ -79,8 +82,9 @@ def render(info: dict) -> str:
     lines = [
         f"{info['target']}: {info['format']}, family {info['family']}, base {base.get('id') or base.get('name')}",
         f"blocks {info['block_q']}x{info['block_k']}, topk {info['topk']}, quant {info['quant']}, "
-        f"feature map {info['feature_map']}, alpha {MIXING_WORDS[info['mixing']]}, linear branch over {info['linear_keys']} "
-        f"keys, token order {info['token_order']}, {len(info['layers'])} SLA2 layers",
+        f"feature map {info['feature_map']}, alpha {MIXING_WORDS[info['mixing']]}, "
+        f"linear branch over {info['linear_keys']} keys, token order {info['token_order']}, "
+        f"{len(info['layers'])} SLA2 layers",
     ]
     if info["budget"] != "uniform":
         lines.append(f"budget {info['budget']}: each layer's top-k and key blocks allocated at convert")
@@ -89,7 +93,13 @@ def render(info: dict) -> str:
              number(x["sparsity"]), number(x["attention_rel_l2"]),
              number(x.get("initial_mass")), number(x["router_moved"]),
              " ".join(f"{a:.2f}" for a in (x["alpha"] or [])) or "-"] for x in info["layers"]]
-    lines += table(["layer", "topk", "sparsity", "rel. L2", "init mass", "router moved", "alpha per head"], rows)
+    headers = ["layer", "topk", "sparsity", "rel. L2", "init mass", "router moved", "alpha per head"]
+    if any(x.get("alpha_weight_norm") for x in info["layers"]):
+        headers[-1] = "alpha at q = 0"
+        headers.append("|alpha weight|")
+        for row, x in zip(rows, info["layers"]):
+            row.append(" ".join(f"{a:.2f}" for a in (x.get("alpha_weight_norm") or [])) or "-")
+    lines += table(headers, rows)
     calibration = info.get("calibration") or {}
     if calibration:
         lines += ["", "calibration:", *fields({k: v for k, v in calibration.items() if not isinstance(v, dict)})]

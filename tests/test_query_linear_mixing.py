@@ -131,7 +131,10 @@ def test_query_linear_work_dir_converts_calibrates_inspects_and_round_trips(tmp_
     assert s1["heldout_attention_rel_mse_after"] <= s1["heldout_attention_rel_mse_before"] * 1.02, s1
     stored = load_file(str(work / "sla2.safetensors"))
     assert all(torch.count_nonzero(stored[key]) > 0 for key in weights)  # stage 1 trains them
-    assert "alpha per query (from the query)" in run("inspect", work).stdout
+    shown = run("inspect", work).stdout
+    assert "alpha per query (from the query)" in shown and "|alpha weight|" in shown
+    norms = json.loads(run("inspect", work, "--json").stdout)["layers"][0]["alpha_weight_norm"]
+    assert len(norms) == stored[weights[0]].shape[0] and min(norms) > 0
     check_workdir(work)
     save_file({key: t for key, t in stored.items() if key != weights[0]}, str(tmp_path / "partial.safetensors"))
     model = slaconv.from_pretrained(work)
