@@ -216,6 +216,11 @@ def test_design_choices_reach_every_converted_row_and_bad_ones_stop_the_table(tm
     for bad in ("topk=0.5", "feature_map", "feature_map="):
         with pytest.raises(UsageError, match="--sla2"):
             quality_table.sla2_setting(bad)
+    assert quality_table.sla2_setting("token_tile=4x4x4") == ("token_tile", "4x4x4")
+    tiled = table_settings(True, {"sla2": {"token_tile": "4x4x4"}})
+    quality_table.check_sla2_choices(tmp_path / "tiled.yaml", tiled, sv.SMOKE_SPEC)
+    assert yaml.safe_load(quality_table.write_recipe(tmp_path / "t.yaml", tiled, sv.SMOKE_SPEC,
+                                                     topk=0.05).read_text())["sla2"]["token_tile"] in ("4x4x4", [4, 4, 4])
 
 
 def test_ssim_and_psnr():

@@ -320,7 +320,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     return over
 
 
-SLA2_ROW_KEYS = ("feature_map", "mixing", "linear_keys", "budget")
+SLA2_ROW_KEYS = ("feature_map", "mixing", "linear_keys", "budget", "token_tile")
 """The ``sla2`` recipe keys ``--sla2`` may set: the design choices.  Top-k, blocks and quantisation are the
 table's own axes and have their own flags."""
 
