@@ -191,3 +191,31 @@ def test_a_row_with_a_non_finite_loss_is_flagged_and_kept_out_of_the_summary():
     assert md.index("non-finite") < md.index("## Held-out loss")
     control_table = md[md.index("## Held-out loss minus"):md.index("## Every row")]
     assert "(seed 1)" in control_table and "nan" not in md.split("## Every row")[0]
+
+
+def test_compare_pairs_two_candidates_on_the_seeds_both_have():
+    """--compare A:B: per sparsity, A's per-triple losses over B's, each averaged over the seeds both have (a seed
+    only one has is left out), a non-finite row is left out, and a candidate with no rows is a one-line error."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+
+    def row(candidate, topk, seed, scale, non_finite=False):
+        return {"candidate": candidate, "topk": topk, "seed": seed, "non_finite": non_finite,
+                "heldout_losses": (base * scale + 0.01 * seed).tolist()}
+
+    result = {"rows": [row("a", 0.03, 0, 0.9), row("a", 0.03, 1, 0.9), row("b", 0.03, 0, 1.0), row("b", 0.03, 1, 1.0),
+                       row("a", 0.05, 0, 0.8), row("b", 0.05, 0, 1.0), row("b", 0.05, 1, 5.0),
+                       row("a", 0.10, 0, 0.5, non_finite=True), row("b", 0.10, 0, 1.0)]}
+    got = {c["topk"]: c for c in candidate_merge.compare(result, "a", "b")}
+    assert set(got) == {0.03, 0.05}  # 0.10: a's only row is non-finite
+    assert got[0.03]["seeds"] == [0, 1] and got[0.05]["seeds"] == [0]
+    want = (base * 0.9 + 0.005).mean() / (base + 0.005).mean()
+    assert got[0.03]["ratio"] == pytest.approx(float(want), rel=1e-12)
+    assert got[0.05]["ratio"] == pytest.approx(float((base * 0.8).mean() / base.mean()), rel=1e-12)
+    lo, hi = got[0.03]["ratio_ci"]
+    assert lo < got[0.03]["ratio"] < hi < 1.0
+    assert "| `a` over `b` |" in candidate_merge.comparisons_markdown(list(got.values()))
+    with pytest.raises(UsageError, match="no finished rows of candidate 'c'"):
+        candidate_merge.compare(result, "a", "c")
+    with pytest.raises(UsageError, match="expected CANDIDATE:CANDIDATE"):
+        candidate_merge.compare_argument("a-b")

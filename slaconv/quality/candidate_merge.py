@@ -1,6 +1,6 @@
 """Several candidate runs as one comparison: one table and one loss-vs-sparsity plot.
 
-    python -m slaconv.quality.candidate_merge RUN [RUN ...] --out DIR
+    python -m slaconv.quality.candidate_merge RUN [RUN ...] --out DIR [--compare A:B ...]
 
 A GPU call fits one sparsity of the candidate comparison (:mod:`slaconv.quality.candidates`), so the grid
 85 / 90 / 95 / 97% comes from several runs.  Each RUN is a run's folder or its ``results.json``.  The runs must
@@ -8,7 +8,10 @@ stand on the same footing: the same held-out triples of the same original (their
 training and evaluation settings; anything else stops the merge with a one-line error naming the setting
 (exit code 3, as for any unusable input).
 Every statistic is kept as its run computed it (each row against the dense control of its own run); the
-merged table shows the first run's control.  Writes results.md, results.json and loss_vs_sparsity.png.
+merged table shows the first run's control.  ``--compare A:B`` adds, per sparsity where both candidates have
+rows, A's held-out loss over B's paired on the same triples (each triple averaged over the seeds both have),
+with a bootstrap 95% interval: whether an option pays against the row without it.  Writes results.md,
+results.json and loss_vs_sparsity.png.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import argparse
 import json
 from pathlib import Path
 
-from slaconv.errors import InputError
+import torch
+
+from slaconv.errors import InputError, UsageError
 from slaconv.quality import candidate_report
 from slaconv.quality.candidate_report import CONTROL
 from slaconv.quality.command_line import one_line_errors
+from slaconv.quality.tail_report import paired_bootstrap
 
 # settings that decide what a row's numbers mean; the sparsities, candidates, job slots and device may differ
 FOOTING = ("block_q", "block_k", "quant", "calib_samples", "stage1", "stage2", "timestep_shift", "heldout_samples",
@@ -96,6 +102,59 @@ def merge(results: list[dict]) -> dict:
                       "seconds_total": r["seconds_total"]} for r in results]}
 
 
+def compare(result: dict, first: str, second: str) -> list[dict]:
+    """``first``'s held-out loss over ``second``'s per sparsity both have finished rows at, paired on the same
+    triples: each triple's loss averaged over the seeds both candidates have there, then
+    :func:`paired_bootstrap` (ratio and difference of the means with 95% intervals).  Rows with a non-finite
+    loss are left out, as the report leaves them out."""
+    losses: dict[tuple[str, float], dict[int, list[float]]] = {}
+    for row in result["rows"]:
+        if not row.get("non_finite"):
+            losses.setdefault((row["candidate"], row["topk"]), {})[row["seed"]] = row["heldout_losses"]
+    found = {name for name, _ in losses}
+    for name in (first, second):
+        if name not in found:
+            raise UsageError(f"--compare: no finished rows of candidate {name!r} (have: {', '.join(sorted(found))})")
+    comparisons = []
+    for topk in sorted({t for c, t in losses if c == first} & {t for c, t in losses if c == second}):
+        a, b = losses[(first, topk)], losses[(second, topk)]
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+
+        mean_a, mean_b = (torch.tensor([runs[s] for s in seeds], dtype=torch.float64).mean(dim=0) for runs in (a, b))
+        comparisons.append({"first": first, "second": second, "topk": topk, "seeds": seeds,
+                            **paired_bootstrap(mean_a, mean_b)})
+    return comparisons
+
+
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    """One line per pair, one column per sparsity: the ratio with its interval (and the seeds, when not all)."""
+    topks = sorted({c["topk"] for c in comparisons}, reverse=True)
+    pairs = list(dict.fromkeys((c["first"], c["second"]) for c in comparisons))
+    cells = {(c["first"], c["second"], c["topk"]): c for c in comparisons}
+    lines = ["## Paired comparisons", "",
+             "A's held-out loss over B's on the same triples (each averaged over the seeds both have), bootstrap 95%.",
+             "", "| A over B | " + " | ".join(candidate_report.pct(t) for t in topks) + " |",
+             "|---|" + "---:|" * len(topks)]
+    for first, second in pairs:
+        row = []
+        for t in topks:
+            c = cells.get((first, second, t))
+            row.append("" if c is None else f"{c['ratio']:.3f} [{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}]"
+                       f" (seeds {', '.join(map(str, c['seeds']))})")
+        lines.append(f"| `{first}` over `{second}` | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_argument(text: str) -> tuple[str, str]:
+    """``A:B`` of ``--compare`` -> (A, B)."""
+    first, colon, second = text.partition(":")
+    if not colon or not first.strip() or not second.strip():
+        raise UsageError(f"--compare {text!r}: expected CANDIDATE:CANDIDATE, e.g. hedgehog+linear-all:linear-all")
+    return first.strip(), second.strip()
+
+
 def _device(result: dict) -> str:
     return (result.get("env") or {}).get("gpu") or result["settings"].get("device", "?")
 
@@ -105,11 +164,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders or their results.json")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--compare", action="append", default=[], metavar="A:B",
+                    help="A's loss over B's, paired, per sparsity (repeat)")
     args = ap.parse_args(argv)
+    pairs = [compare_argument(text) for text in args.compare]
     merged = merge([load_run(p) for p in args.runs])
+    merged["comparisons"] = [c for first, second in pairs for c in compare(merged, first, second)]
     args.out.mkdir(parents=True, exist_ok=True)
     candidate_report.write(args.out, merged)
-    print(candidate_report.markdown(merged))
+    text = candidate_report.markdown(merged)
+    if merged["comparisons"]:
+        text += "\n" + comparisons_markdown(merged["comparisons"])
+        (args.out / "results.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
