@@ -22,6 +22,26 @@ WAN_TEST_CONFIG = {
 }
 
 
+def tiny_wan_inputs(seed: int = 0) -> dict:
+    """Forward keyword arguments for :func:`make_wan`'s model: a (1, 4, 2, 18, 22) latent, a timestep and text."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 4, 2, 18, 22, generator=g), timestep=torch.tensor([321.0]),
+                encoder_hidden_states=torch.randn(1, 6, 16, generator=g), return_dict=False)
+
+
+def assert_saved_copy_runs_alike(work: Path, saved: Path):
+    """Load the converted model in ``work``, save it to ``saved``, load that, and check both give the same output
+    bit for bit; returns (model, copy)."""
+    import slaconv
+
+    model = slaconv.from_pretrained(work)
+    model.save_pretrained(saved)
+    again = slaconv.from_pretrained(saved)
+    with torch.no_grad():
+        assert torch.equal(model(**tiny_wan_inputs())[0], again(**tiny_wan_inputs())[0])
+    return model, again
+
+
 def make_wan(seed: int = 0, **overrides):
     """A tiny randomly initialised ``WanTransformer3DModel`` (``WAN_TEST_CONFIG`` plus ``overrides``), in eval mode."""
     from diffusers import WanTransformer3DModel

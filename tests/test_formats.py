@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import slaconv
-from helpers import run, write_recipe
+from helpers import run, tiny_wan_inputs, write_recipe
 from slaconv.config import SLA2Config
 from slaconv.errors import InputError
 from slaconv.install import sla2_processors
@@ -29,12 +29,6 @@ def calibrated(tmp_path, tiny_wan_dir):
     return work
 
 
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(1, 4, 2, 18, 22, generator=g), timestep=torch.tensor([321.0]),
-                encoder_hidden_states=torch.randn(1, 6, 16, generator=g), return_dict=False)
-
-
 def test_plain_diffusers_loads_without_errors_or_warnings(calibrated, caplog):
     from diffusers import WanTransformer3DModel
 
@@ -44,7 +38,7 @@ def test_plain_diffusers_loads_without_errors_or_warnings(calibrated, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "diffusers" in r.name]
     assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
     with torch.no_grad():
-        assert torch.isfinite(model(**_inputs())[0]).all()
+        assert torch.isfinite(model(**tiny_wan_inputs())[0]).all()
 
 
 def test_config_json_has_no_quantization_config(calibrated):
@@ -71,7 +65,7 @@ def test_save_load_round_trip_is_bit_exact(calibrated, tmp_path):
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     with torch.no_grad():
-        assert torch.equal(a(**_inputs())[0], b(**_inputs())[0])
+        assert torch.equal(a(**tiny_wan_inputs())[0], b(**tiny_wan_inputs())[0])
     trained = load_file(str(calibrated / "sla2.safetensors"))
     for name, proc in sla2_processors(b).items():
         assert torch.equal(proc.router_q.detach(), trained[f"{name}.router_q"])
@@ -89,7 +83,7 @@ def test_save_pretrained_of_a_loaded_model_round_trips(calibrated, tmp_path):
     state_a, state_b = model.state_dict(), again.state_dict()
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     with torch.no_grad():
-        assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
+        assert torch.equal(model(**tiny_wan_inputs())[0], again(**tiny_wan_inputs())[0])
     _, info = WanTransformer3DModel.from_pretrained(saved, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
     original, copy = (json.loads((d / "sla2_config.json").read_text()) for d in (calibrated, saved))
@@ -110,7 +104,7 @@ def test_save_pretrained_of_a_model_converted_in_memory(tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = slaconv.from_pretrained(tmp_path / "m")
     with torch.no_grad():
-        assert torch.equal(model(**_inputs())[0], loaded(**_inputs())[0])
+        assert torch.equal(model(**tiny_wan_inputs())[0], loaded(**tiny_wan_inputs())[0])
     assert sla2_processors(loaded)["blocks.1.attn1"].config == SLA2Config(topk=0.5, block_q=64, block_k=64,
                                                                            quant="none")
 
@@ -133,7 +127,7 @@ def test_hedgehog_work_dir_stores_feature_weights_and_round_trips(tmp_path, tiny
     model.save_pretrained(saved)
     again = slaconv.from_pretrained(saved)
     with torch.no_grad():
-        assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
+        assert torch.equal(model(**tiny_wan_inputs())[0], again(**tiny_wan_inputs())[0])
     assert (saved / "sla2.safetensors").read_bytes() == (work / "sla2.safetensors").read_bytes()
     check_workdir(work)
     stored.pop("blocks.0.attn1.feature_k")
@@ -263,7 +257,7 @@ def test_work_dir_written_by_earlier_slaconv_loads_bit_exact_and_rewrites_unchan
     state = ours.state_dict()
     assert all(torch.equal(state[k], v) for k, v in theirs.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(ours(**_inputs())[0], theirs(**_inputs())[0])
+        assert torch.equal(ours(**tiny_wan_inputs())[0], theirs(**tiny_wan_inputs())[0])
 
     work = WorkDir(calibrated)
     config = work.read_sla2_config()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import slaconv
-from helpers import run, write_recipe
+from helpers import assert_saved_copy_runs_alike, run, write_recipe
 from slaconv.config import SLA2Config
 from slaconv.kernels import reference as R
 from slaconv.kernels.ops import sla2_attention
@@ -137,14 +137,7 @@ def test_query_linear_work_dir_converts_calibrates_inspects_and_round_trips(tmp_
     assert len(norms) == stored[weights[0]].shape[0] and min(norms) > 0
     check_workdir(work)
     save_file({key: t for key, t in stored.items() if key != weights[0]}, str(tmp_path / "partial.safetensors"))
-    model = slaconv.from_pretrained(work)
-    model.save_pretrained(saved)
-    again = slaconv.from_pretrained(saved)
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 2, 18, 22, generator=g), timestep=torch.tensor([321.0]),
-                  encoder_hidden_states=torch.randn(1, 6, 16, generator=g), return_dict=False)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs)[0], again(**inputs)[0])
+    assert_saved_copy_runs_alike(work, saved)
     (work / "sla2.safetensors").write_bytes((tmp_path / "partial.safetensors").read_bytes())
     with pytest.raises(slaconv.errors.InputError, match="lacks .*alpha_weight"):
         check_workdir(work)
