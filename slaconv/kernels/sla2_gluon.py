@@ -109,8 +109,9 @@ def fwd_sparse_gluon_kernel(
     and FP8 V^T copies (Q_INT8 ... K_SUM); otherwise those arguments are not read.  HEDGEHOG == 1 reads phi(Q)
     from PHI_Q; HEDGEHOG == 2 computes it from Q and the signed weight stacks PHI_Q (H, D, D).  MIX_ROWS mixes
     with alpha per row from LSE_TAIL (ALPHA then holds the heads' logits; MIX_ROWS == 2: LSE_TAIL holds each
-    row's whole logit) and, with SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read.  H_REST / Z_REST hold the linear state of
-    work item i at i // lin_div: one per routing block (1) or one per (batch, head) (nq)."""
+    row's whole logit) and, with SAVE_LSE, stores it in ALPHA_ROWS; otherwise those are not read.  H_REST /
+    Z_REST hold the linear state of work item i at i // lin_div: one per routing block (1) or one per (batch,
+    head) (nq)."""
     q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, 64, D],
                                         ROWS4_LAYOUT)
     o_desc = tma.make_tensor_descriptor(O, [B, H, N, D], [stride_ob, stride_oh, stride_on, 1], [1, 1, 64, D],

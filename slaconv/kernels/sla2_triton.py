@@ -264,13 +264,13 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             D=D, BLOCK_N=spec.block_k, **_warps_stages(launch.lin_warps, launch.lin_stages),
         )
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
-    if mixing == "query-linear":
-        lse_tail = row_logits.float().contiguous()  # the kernels read each row's logit where LSE_tail would be
-        alpha = alpha_logit.detach().float().contiguous()  # not read
-    elif mix_rows:
-        lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k, qk_scale,
-                                   tile_m, shifted=quant > 0)
-        alpha = alpha_logit.detach().float().contiguous()  # the kernel adds each row's log mass ratio
+    if mix_rows:
+        if mixing == "query-linear":  # the kernels read each row's whole logit where they would read LSE_tail
+            lse_tail = row_logits.float().contiguous()
+        else:
+            lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k,
+                                       qk_scale, tile_m, shifted=quant > 0)
+        alpha = alpha_logit.detach().float().contiguous()  # query: the kernel adds each row's log mass ratio
     else:
         lse_tail = k_mean  # not read
         alpha = _mix_ratio(alpha_logit, n_sel, nk)

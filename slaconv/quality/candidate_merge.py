@@ -174,8 +174,10 @@ def main(argv=None) -> None:
     candidate_report.write(args.out, merged)
     text = candidate_report.markdown(merged)
     if merged["comparisons"]:
-        text += "\n" + comparisons_markdown(merged["comparisons"])
-        (args.out / "results.md").write_text(text)
+        extra = "\n" + comparisons_markdown(merged["comparisons"])
+        with open(args.out / "results.md", "a") as md:
+            md.write(extra)
+        text += extra
     print(text)
 
 
