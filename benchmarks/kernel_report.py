@@ -94,13 +94,13 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
         alpha = torch.zeros(H)
         spec = AttentionSpec(topk, 128, 64, quant)
         features = [torch.randn(H, D, D, generator=g).to(dtype) for _ in range(2)] if hedgehog else [None, None]
-        row_logits = torch.randn(B * H, N, generator=g) if mixing == "query-linear" else None
+        alpha_weight = torch.randn(H, D, generator=g) if mixing == "query-linear" else None
         out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch, *features, mixing,
-                                  linear_keys, row_logits)
+                                  linear_keys, alpha_weight)
         if backward:
             o, lut, lse, inv_den, h_all, z_all, alpha_rows = out
             sla2_triton.backward(torch.randn_like(q), q, k, v, alpha, lut, o, lse, inv_den, h_all, z_all, 128, 64,
-                                 layout, launch, *features, alpha_rows, linear_keys, row_logits is not None)
+                                 layout, launch, *features, alpha_rows, linear_keys, alpha_weight is not None)
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)

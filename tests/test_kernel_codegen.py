@@ -183,7 +183,8 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 @pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("config", [{"sparse_gluon": 0}, {"sparse_gluon": 1}], ids=["plain", "gluon"])
 def test_query_linear_mixing_compiles_for_sm90(tmp_path, python, config):
-    """mixing: query-linear (each row's alpha logit read where the tail log-sum-exp would be): no tail launch,
+    """mixing: query-linear (each row's alpha logit formed by the Q pre-pass and read where the tail
+    log-sum-exp would be): no tail launch,
     the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
     sm_90 without spills or scalar 16-bit loads, with Hedgehog features and in int8-fp8 (except, as with alpha
     per query from the tail mass, a few loop-invariant wgmma descriptors Triton 3.9 spills in the Gluon

@@ -436,9 +436,10 @@ def test_linear_branch_options_forward_backward_match_fp64(case, dtype):
     ("bnhd", 333, 64, 128, 0.3, False, "unselected"), ("bhnd", 200, 128, 64, 0.2, True, "all"),
     ("bhnd", 200, 64, 64, 1.0, False, "unselected")])
 def test_query_linear_mixing_forward_backward_match_fp64(layout, n, d, block_q, topk, hedgehog, linear_keys, dtype):
-    """mixing="query-linear": the rows' alpha logits q . w_h / sqrt(d) + a_h formed on the host, read per row by
-    the sparse launch, their gradient per row from the backward's row pass: O and the gradients of q, k, v, the
-    alpha logit, the query weight (and the Hedgehog weights) against fp64 autograd."""
+    """mixing="query-linear": the rows' alpha logits q . w_h / sqrt(d) + a_h formed by the Q pre-pass, read per
+    row by the sparse launch, their gradient per row from the backward's row pass and taken on to q, w and a:
+    O and the gradients of q, k, v, the alpha logit, the query weight (and the Hedgehog weights) against fp64
+    autograd."""
     if dtype != torch.float32 and not hedgehog:
         pytest.skip("16 bits: the Hedgehog case keeps the interpreter time small")
     seed = int(torch.randint(1 << 30, ()))
@@ -758,11 +759,11 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
         g = torch.Generator().manual_seed(seed + 1)
         weights = [signed_weights((0.3 * torch.randn(h, 128, 64, generator=g)).to(DEVICE), h, 128, torch.bfloat16)
                    if hedgehog else None for _ in range(2)]
-        row_logits = torch.randn(b * h, n, generator=g).to(DEVICE) if mixing == "query-linear" else None
+        alpha_weight = torch.randn(h, 128, generator=g).to(DEVICE) if mixing == "query-linear" else None
         for topk in (0.1, 0.03):
             args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
-            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys, row_logits)
-            gluon = S.sla2_fwd(*args, gluon_launch.as_ints(), *weights, mixing, linear_keys, row_logits)
+            plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys, alpha_weight)
+            gluon = S.sla2_fwd(*args, gluon_launch.as_ints(), *weights, mixing, linear_keys, alpha_weight)
             assert torch.equal(plain[1], gluon[1])  # the same LUT drives both
             o_dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
             rows = ("batch*head", "token")

@@ -171,20 +171,21 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 
 def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layout: str, save: bool,
             launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head",
-            linear_keys: str = "unselected", row_logits=None):
+            linear_keys: str = "unselected", alpha_weight=None):
     """Every launch of one forward: returns (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``save`` writes the LSE (and with alpha per query row, alpha per row) the backward needs; otherwise they
     come back with 0 columns.  ``feature_q``, ``feature_k``: the Hedgehog signed stacks (H, D, D)
     (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features).  ``linear_keys="all"``:
     the linear branch over every key block, from H_all and z_all (no linear launch).  ``mixing="query-linear"``
-    takes ``row_logits`` (B*H, N) fp32, each row's whole alpha logit (no tail launch)."""
+    takes ``alpha_weight`` (H, D): the Q pre-pass forms each row's whole alpha logit q . w_h / sqrt(D) + a_h
+    (no tail launch)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
     linear.check_linear_keys(linear_keys)
     hedgehog, mix_rows = feature_q is not None, mixing in ("query", "query-linear")
-    if (mixing == "query-linear") != (row_logits is not None):
-        raise ValueError("row_logits go with mixing 'query-linear', and only with it")
+    if (mixing == "query-linear") != (alpha_weight is not None):
+        raise ValueError("alpha_weight goes with mixing 'query-linear', and only with it")
     if (feature_k is not None) != hedgehog:
         raise ValueError("feature_q and feature_k must be given together")
     lin_per_head = linear_keys == "all"
@@ -238,9 +239,19 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     # (the Gluon launch may compute phi(Q) itself from the weights)
     phi_q_prepass = hedgehog and not (use_gluon and launch.gluon_query_features)
     phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype) if phi_q_prepass else q_mean
+    # query-linear: each row's alpha logit, formed where Q is read anyway (the kernels read it where they
+    # would read LSE_tail)
+    query_linear = mixing == "query-linear"
+    if query_linear:
+        row_weights = (alpha_weight.detach().float() / math.sqrt(D)).contiguous()
+        row_bias = alpha_logit.detach().float().contiguous()
+        row_logits = torch.empty(BH, N, device=dev, dtype=f32)
+    else:
+        row_weights = row_bias = row_logits = q_mean  # not read
     forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if phi_q_prepass else q_mean, phi_q,
-                                        *q_strides, N, H, nq, qk_scale,
-                                        D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass)
+                                        row_weights, row_bias, row_logits, *q_strides, N, H, nq, qk_scale,
+                                        D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass,
+                                        QUERY_LINEAR=query_linear)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
                      router_q, router_k, n_sel, spec.always_kept)
@@ -265,8 +276,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         )
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
     if mix_rows:
-        if mixing == "query-linear":  # the kernels read each row's whole logit where they would read LSE_tail
-            lse_tail = row_logits.float().contiguous()
+        if query_linear:
+            lse_tail = row_logits
         else:
             lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k,
                                        qk_scale, tile_m, shifted=quant > 0)
@@ -436,22 +447,23 @@ def sla2_fwd(
     alpha_logit: torch.Tensor, topk: float, block_q: int, block_k: int, quant: str, kept_start: int,
     kept_end: int, layout: str, save: bool, launch: list[int], feature_q: torch.Tensor | None = None,
     feature_k: torch.Tensor | None = None, mixing: str = "head", linear_keys: str = "unselected",
-    row_logits: torch.Tensor | None = None,
+    alpha_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` as a custom op: (O, LUT, LSE, 1/den, H_all, z_all, alpha per row).
 
     ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`;
     ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head", "query" or
-    "query-linear" (with ``row_logits`` (B*H, N), each row's alpha logit); ``linear_keys`` "unselected" or
+    "query-linear" (with ``alpha_weight`` (H, D), alpha_i = sigmoid(q_i . w_h / sqrt(D) + alpha_logit_h));
+    ``linear_keys`` "unselected" or
     "all"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch),
-                   feature_q, feature_k, mixing, linear_keys, row_logits)
+                   feature_q, feature_k, mixing, linear_keys, alpha_weight)
 
 
 @sla2_fwd.register_fake
 def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, kept_start, kept_end, layout, save,
-      launch, feature_q=None, feature_k=None, mixing="head", linear_keys="unselected", row_logits=None):
+      launch, feature_q=None, feature_k=None, mixing="head", linear_keys="unselected", alpha_weight=None):
     _check_tensors(q, k, v, layout)
     (B, H, N, D), _ = _dims(q, layout)
     nq, nk = _cdiv(N, block_q), _cdiv(N, block_k)
@@ -501,16 +513,18 @@ def _(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q, blo
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _router_q, _router_k, alpha_logit, _topk, block_q, block_k, _quant, _kept_start, _kept_end, layout, \
-        _save, launch, feature_q, feature_k, _mixing, linear_keys, row_logits = inputs
+        _save, launch, feature_q, feature_k, _mixing, linear_keys, alpha_weight = inputs
     o, lut, lse, inv_den, h_all, z_all, alpha_rows = output
-    ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows)
+    ctx.save_for_backward(q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows,
+                          alpha_weight)
     ctx.settings = (block_q, block_k, layout, launch)
     ctx.linear_keys = linear_keys
-    ctx.row_grads = row_logits is not None
+    ctx.row_grads = alpha_weight is not None
 
 
 def _autograd_backward(ctx, do, *_unused):
-    q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows = ctx.saved_tensors
+    q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, feature_q, feature_k, alpha_rows, alpha_weight = \
+        ctx.saved_tensors
     dq, dk, dv, dalpha, dfq, dfk = sla2_bwd(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all,
                                             *ctx.settings, feature_q, feature_k, alpha_rows, ctx.linear_keys,
                                             ctx.row_grads)
@@ -518,10 +532,24 @@ def _autograd_backward(ctx, do, *_unused):
         dfq = dfk = None
     else:
         dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
-    # query-linear: the rows' logits carry alpha (and the head's logit inside them); the op's alpha_logit is unused
-    dalpha, drows = (None, dalpha) if ctx.row_grads else (dalpha, None)
+    dweight = None
+    if ctx.row_grads:  # query-linear: the gradient of each row's logit q . w_h / sqrt(D) + a_h, on to q, w and a
+        dq, dweight, dalpha = _query_linear_grads(dalpha, q, alpha_weight, alpha_logit, dq, ctx.settings[2])
     return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None,
-            drows)
+            dweight)
+
+
+def _query_linear_grads(drows, q, alpha_weight, alpha_logit, dq, layout):
+    """(dQ, d alpha_weight, d alpha_logit) from the gradient of every row's alpha logit ``drows`` (B*H, N) under
+    ``mixing: query-linear``, dQ added in place to the attention's own ``dq``.  One pass over dQ and one over Q
+    in their own dtype: an fp32 copy of Q or of the rank-one term would cost more than the rest of the mixing."""
+    q_bhnd, dq_bhnd = _as_bhnd(q, layout), _as_bhnd(dq, layout)
+    batch, heads, n, head_dim = q_bhnd.shape
+    drows = drows.view(batch, heads, n)
+    weight = alpha_weight.float() / math.sqrt(head_dim)
+    dq_bhnd.addcmul_(drows.unsqueeze(-1), weight.view(1, heads, 1, head_dim))
+    dweight = torch.einsum("bhn,bhnd->hd", drows.to(q.dtype), q_bhnd).float() / math.sqrt(head_dim)
+    return dq, dweight.to(alpha_weight.dtype), drows.sum(dim=(0, 2)).to(alpha_logit.dtype)
 
 
 sla2_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -539,7 +567,7 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     map's weights (both or neither; softmax features without).  ``mixing``: ``"head"`` (alpha =
     sigmoid(alpha_logit) per head) or ``"query"`` (alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit)
     per query row, both log-sum-exps detached) or ``"query-linear"`` (alpha_i = sigmoid(q_i . w_h / sqrt(D) +
-    alpha_logit) with ``alpha_weight`` w (H, D), the logits formed here and read per row by the kernels).
+    alpha_logit) with ``alpha_weight`` w (H, D), each row's logit formed by the Q pre-pass).
     ``linear_keys``: ``"unselected"`` (the linear branch over
     the key blocks a query block did not select) or ``"all"`` (over every key block).  Differentiable w.r.t.
     q, k, v, alpha_logit, the feature weights and ``alpha_weight`` (the hard top-k router gets no gradient)."""
@@ -549,20 +577,16 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     if (feature_q is None) != (feature_k is None):
         raise ValueError("feature_q and feature_k must be given together")
     launch = DEFAULT_LAUNCH if launch is None else launch
-    row_logits = None
     if mixing == "query-linear" or alpha_weight is not None:
-        (batch, heads, n, head_dim), _ = _dims(q, layout)
+        (_, heads, _, head_dim), _ = _dims(q, layout)
         reference.check_alpha_weight(alpha_weight, mixing, heads, head_dim)
-        # fp32 like the reference; autograd takes the rows' gradient on to q, alpha_weight and alpha_logit
-        row_logits = reference.query_linear_alpha_logits(_as_bhnd(q, layout), alpha_weight, alpha_logit)
-        row_logits = row_logits.reshape(batch * heads, n).contiguous()
     if feature_q is not None:
         (_, heads, _, head_dim), _ = _dims(q, layout)
         feature_q, feature_k = (linear.signed_weights(w, heads, head_dim, q.dtype) for w in (feature_q, feature_k))
     # the tensors only the backward reads are written only when a backward can follow
-    grad_inputs = [t for t in (q, k, v, alpha_logit, feature_q, feature_k, row_logits) if t is not None]
+    grad_inputs = [t for t in (q, k, v, alpha_logit, feature_q, feature_k, alpha_weight) if t is not None]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs)
     kept_start, kept_end = spec.always_kept
     return sla2_fwd(q, k, v, router_q, router_k, alpha_logit, float(spec.topk), int(spec.block_q),
                     int(spec.block_k), spec.quant, int(kept_start), int(kept_end), layout, save, launch.as_ints(),
-                    feature_q, feature_k, mixing, linear_keys, row_logits)[0]
+                    feature_q, feature_k, mixing, linear_keys, alpha_weight)[0]

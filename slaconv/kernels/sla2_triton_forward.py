@@ -150,13 +150,16 @@ def topk_lut(SCORES, LUT, nk, n_sel, kept_start, kept_end, NK_P: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "H", "nq", "scale"])
 def q_prepass(
-    Q, Q_MEAN, Q_INT8, Q_SCALE, W_SIGNED, PHI_Q,
+    Q, Q_MEAN, Q_INT8, Q_SCALE, W_SIGNED, PHI_Q, ALPHA_W, ALPHA_LOGIT, ROW_LOGITS,
     stride_qb, stride_qh, stride_qn, N, H, nq, scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr, HEDGEHOG: tl.constexpr = False,
+    QUERY_LINEAR: tl.constexpr = False,
 ):
-    """Per query block: its mean (for the router), if QUANT INT8 of Q * scale with one scale per block, and
+    """Per query block: its mean (for the router), if QUANT INT8 of Q * scale with one scale per block,
     if HEDGEHOG the Hedgehog features of Q (:func:`common.hedgehog`, this head's signed weights
-    W_SIGNED (H, D, D)) stored in Q's dtype for the sparse launch's epilogue."""
+    W_SIGNED (H, D, D)) stored in Q's dtype for the sparse launch's epilogue, and if QUERY_LINEAR each row's
+    alpha logit q . w_h + a_h into ROW_LOGITS (B*H, N) fp32 (ALPHA_W (H, D) fp32, already divided by sqrt(D);
+    ALPHA_LOGIT (H,) fp32)."""
     qb, bh, b, h = common.program_coords(H, D, BLOCK_Q, BLOCK_Q)
     Q += b * stride_qb + h * stride_qh
     offs_d = tl.arange(0, D)
@@ -165,6 +168,10 @@ def q_prepass(
     q = q16.to(tl.float32)
     count = tl.minimum(N - qb * BLOCK_Q, BLOCK_Q).to(tl.float32)
     tl.store(Q_MEAN + (bh * nq + qb) * D + offs_d, tl.sum(q, axis=0) / count)
+    if QUERY_LINEAR:  # before the rest, so the fp32 tile is not held through the Hedgehog product
+        w = tl.load(ALPHA_W + h * D + offs_d)
+        logits = tl.sum(q * w[None, :], axis=1) + tl.load(ALPHA_LOGIT + h)
+        tl.store(ROW_LOGITS + bh * N + rows, logits, mask=valid)
     if QUANT > 0:
         q_int8, q_scale = _int8_tile(q * scale)
         common.store_rows(Q_INT8 + bh * N * D, rows, D, valid, q_int8, D)
