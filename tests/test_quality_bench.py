@@ -7,6 +7,7 @@ table driver running every row through the real slaconv CLI at tiny size.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -627,6 +628,66 @@ def test_tile_order_context_hands_hooks_tiled_tokens_and_is_exact():
             got = common.velocity(model, x_t, hs["sigma"], hs["emb"])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(seen[0].float().transpose(1, 2), raster[0][0][:, :, order])
+
+
+def test_block_mass_gap_pools_the_tail_from_each_query_blocks_mean_query():
+    """The block-pooled log-odds: each row's own lse_sel minus the log-sum-exp, over the key blocks its query
+    block did not select, of mean(q over the block) . mean(K_j) / sqrt(d) + log(block_k), in fp64 loops."""
+    from slaconv.quality import tail_estimators as te
+    from slaconv.quality import tail_mixing as tm
+
+    q, k, v = (x.double() for x in _tail_inputs())
+    block_q, block_k = 64, 32
+    lut = te.heuristic_lut(q, k, 3, block_q, block_k)
+    lse_s = te.sparse_branch(q, k, v, lut, block_q, block_k)[1]
+    got = tm.block_mass_gap(q, k, lut, lse_s, block_q, block_k)
+    n, d = q.shape[2], q.shape[3]
+    want = torch.empty_like(got)
+    for h in range(q.shape[1]):
+        for qb in range(n // block_q):
+            rows = slice(qb * block_q, (qb + 1) * block_q)
+            q_bar = q[0, h, rows].mean(dim=0)
+            chosen = set(lut[0, h, qb].tolist())
+            pooled = [q_bar @ k[0, h, j * block_k:(j + 1) * block_k].mean(dim=0) / d ** 0.5 + math.log(block_k)
+                      for j in range(n // block_k) if j not in chosen]
+            want[0, h, rows] = lse_s[0, h, rows] - torch.logsumexp(torch.stack(pooled), dim=0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, tm.mass_gap(q, k, lut, lse_s, block_q, block_k))  # per row it differs
+
+
+def test_block_pooled_alpha_fits_recover_an_alpha_built_from_the_block_gap():
+    """Rows whose best alpha is sigmoid(a gap_block + w . q / sqrt(d) + c): block_gap_query_linear gets the
+    training error near 0; block_affine, without w . q, cannot, nor block_query_linear (a fixed at 1), which
+    recovers rows built with a = 1."""
+    from slaconv.quality import tail_mixing as tm
+
+    g = torch.Generator().manual_seed(1)
+    heads, rows, d = 2, 512, 8
+    q = torch.randn(heads, rows, d, generator=g, dtype=torch.float64)
+    w = torch.randn(heads, d, generator=g, dtype=torch.float64)
+    gap, gap_block = (torch.randn(heads, rows, generator=g, dtype=torch.float64) for _ in range(2))
+    best = torch.sigmoid(0.7 * gap_block + (q * w.unsqueeze(1)).sum(-1) / d ** 0.5 - 0.2)
+    best_unit = torch.sigmoid(gap_block + (q * w.unsqueeze(1)).sum(-1) / d ** 0.5 - 0.2)
+    a2 = torch.rand(heads, rows, generator=g, dtype=torch.float64) + 0.5
+    a1, a0 = -a2 * best, a2 * best.square()
+    params = tm.fit(a2, a1, a0, gap, torch.full_like(gap, float("nan")), q, gap_block=gap_block)
+
+    def error(mixing):
+        alpha = tm.alpha(mixing, params[mixing], gap.unsqueeze(0), q.unsqueeze(0), gap_block.unsqueeze(0))
+        alpha = alpha[0, ..., 0]
+        return float((a2 * alpha.square() + 2 * a1 * alpha + a0).sum())
+
+    assert error("block_gap_query_linear") < 1e-3 * error("head_train")
+    assert error("block_affine") > 10 * error("block_gap_query_linear")
+    assert error("block_shift") >= error("block_affine") * (1 - 1e-6)
+    assert error("gap_query_linear") > 10 * error("block_gap_query_linear")  # the per-row gap is not this one
+    assert error("block_query_linear") > 10 * error("block_gap_query_linear")  # its gap has scale 1, not 0.7
+
+    a1_unit, a0_unit = -a2 * best_unit, a2 * best_unit.square()
+    unit = tm.fit(a2, a1_unit, a0_unit, gap, torch.full_like(gap, float("nan")), q, gap_block=gap_block)
+    alpha = tm.alpha("block_query_linear", unit["block_query_linear"], gap.unsqueeze(0), q.unsqueeze(0),
+                     gap_block.unsqueeze(0))[0, ..., 0]
+    assert torch.allclose(alpha, best_unit, atol=1e-3)
 
 
 def test_query_linear_alpha_recovers_an_alpha_that_depends_on_the_query():

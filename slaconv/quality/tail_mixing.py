@@ -17,7 +17,15 @@ per-head ``c_h`` on training rows, and one refinement, a per-head affine map ``s
 * ``query_linear``: no mass estimate at all, ``sigmoid(w_h . q_i / sqrt(d) + c_h)``, a learned linear function of
   the query row (d + 1 parameters per head, by L-BFGS from the per-head least-squares alpha): whether the query
   itself says how much of its attention the selected blocks miss, with no pass over the unselected keys;
-* ``gap_query_linear``: both, ``sigmoid(a_h gap_i + w_h . q_i / sqrt(d) + c_h)`` (from the affine fit).
+* ``gap_query_linear``: both, ``sigmoid(a_h gap_i + w_h . q_i / sqrt(d) + c_h)`` (from the affine fit);
+* ``block_shift``, ``block_affine`` and ``block_gap_query_linear``: ``shift``, ``affine`` and ``gap_query_linear``
+  with the pooled tail's
+  log-sum-exp taken once per query block, from the block's mean query (:func:`block_mass_gap`; the row keeps
+  its own ``lse_sel``): whether the tail pass over every key block for every row can shrink to one per query
+  block (an nq x nk product, the size of the router's) without losing what the per-row estimate gives;
+* ``block_query_linear``: ``sigmoid(gap_block,i + w_h . q_i / sqrt(d) + c_h)``, the block-pooled log-odds at
+  unit scale: the form the sparse launch's per-query mix computes as it stands, if the value it reads per row
+  in place of the tail log-sum-exp is the block's pooled one minus the query's linear term.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import torch
 from slaconv.quality import tail_estimators as te
 
 TAILS = ("exact", "linear", "hedgehog")
-MIXINGS = ("shift", "affine", "mass", "head_train", "query_linear", "gap_query_linear")
+MIXINGS = ("shift", "affine", "mass", "head_train", "query_linear", "gap_query_linear", "block_shift",
+           "block_affine", "block_gap_query_linear", "block_query_linear")
 SHIFT_GRID = torch.arange(-8.0, 8.0 + 1e-9, 0.02)
 
 
@@ -42,6 +51,15 @@ def mass_gap(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, lse_s: torch.T
              block_k: int) -> torch.Tensor:
     """``lse_sel - lse_pool`` per row (B, H, Nq): the log-odds of the selected blocks against the pooled tail."""
     return lse_s - torch.logsumexp(te.pooled_logits(q, k, lut, block_q, block_k), dim=-1)
+
+
+def block_mass_gap(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, lse_s: torch.Tensor, block_q: int,
+                   block_k: int) -> torch.Tensor:
+    """:func:`mass_gap` with the pooled tail's log-sum-exp from each query block's mean query, the same for
+    every row of the block (``lse_sel`` stays the row's own)."""
+    b, h, n, d = q.shape
+    q_bar = q.view(b, h, n // block_q, block_q, d).mean(dim=3).repeat_interleave(block_q, dim=2)
+    return lse_s - torch.logsumexp(te.pooled_logits(q_bar, k, lut, block_q, block_k), dim=-1)
 
 
 def tail_of(kind: str, q, k, v, lut, block_q: int, block_k: int, features) -> torch.Tensor:
@@ -80,15 +98,17 @@ def _fit_affine(a2, a1, a0, gap, shift) -> torch.Tensor:
     return params.detach()
 
 
-def _query_logit(params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor, with_gap: bool) -> torch.Tensor:
+def _query_logit(params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor, with_gap: bool | str) -> torch.Tensor:
     """``[a_h gap +] w_h . q / sqrt(d) + c_h`` per row: ``params`` (H, d + 1 [+ 1]) = (w, c[, a]); ``gap`` (..., H, R),
-    ``q`` (..., H, R, d)."""
+    ``q`` (..., H, R, d); ``with_gap="unit"``: ``gap`` added at scale 1 (no a_h)."""
     d = q.shape[-1]
     logit = (q.double() * params[:, :d].unsqueeze(-2)).sum(-1) / d ** 0.5 + params[:, d].unsqueeze(-1)
+    if with_gap == "unit":
+        return logit + gap
     return logit + params[:, d + 1].unsqueeze(-1) * gap if with_gap else logit
 
 
-def _fit_query_linear(a2, a1, a0, gap, q, start: torch.Tensor, with_gap: bool) -> torch.Tensor:
+def _fit_query_linear(a2, a1, a0, gap, q, start: torch.Tensor, with_gap: bool | str) -> torch.Tensor:
     params = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([params], max_iter=200, line_search_fn="strong_wolfe")
     scale = float(_error(a2, a1, a0, torch.sigmoid(_query_logit(start, gap, q, with_gap))).sum().clamp_min(1e-30))
@@ -103,10 +123,12 @@ def _fit_query_linear(a2, a1, a0, gap, q, start: torch.Tensor, with_gap: bool) -
     return params.detach()
 
 
-def fit(a2, a1, a0, gap, log_mass_error, q) -> dict[str, torch.Tensor]:
+def fit(a2, a1, a0, gap, log_mass_error, q, gap_block=None) -> dict[str, torch.Tensor]:
     """Every mixing's per-head parameters from training rows (H, R) in float64; ``log_mass_error`` is
     ``lse_pool - lse_tail`` per row (nan where the selected blocks hold all of the mass); ``q`` the rows' queries
-    (H, R, d)."""
+    (H, R, d); ``gap_block`` the block-pooled gap of the ``block_*`` mixings (:func:`block_mass_gap`; default
+    ``gap``)."""
+    gap_block = gap if gap_block is None else gap_block
     shift = _fit_shift(a2, a1, a0, gap)
     affine = _fit_affine(a2, a1, a0, gap, shift)
     head = te.least_squares_alpha(a2.sum(dim=-1), a1.sum(dim=-1))
@@ -116,13 +138,25 @@ def fit(a2, a1, a0, gap, log_mass_error, q) -> dict[str, torch.Tensor]:
     linear = _fit_query_linear(a2, a1, a0, gap, q, torch.cat([zeros, logit_head], dim=1), with_gap=False)
     both = _fit_query_linear(a2, a1, a0, gap, q, torch.cat([zeros, affine[1].view(heads, 1), affine[0].view(heads, 1)],
                                                              dim=1), with_gap=True)
+    block_shift = _fit_shift(a2, a1, a0, gap_block)
+    block_affine = _fit_affine(a2, a1, a0, gap_block, block_shift)
+    block_both = _fit_query_linear(a2, a1, a0, gap_block, q, torch.cat(
+        [zeros, block_affine[1].view(heads, 1), block_affine[0].view(heads, 1)], dim=1), with_gap=True)
+    block_unit = _fit_query_linear(a2, a1, a0, gap_block, q, torch.cat([zeros, block_shift.view(heads, 1)], dim=1),
+                                   with_gap="unit")
     return {"shift": shift, "affine": affine, "mass": log_mass_error.nanmean(dim=-1), "head_train": head,
-            "query_linear": linear, "gap_query_linear": both}
+            "query_linear": linear, "gap_query_linear": both, "block_shift": block_shift, "block_affine": block_affine,
+            "block_gap_query_linear": block_both, "block_query_linear": block_unit}
 
 
-def alpha(mixing: str, params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
-    """Alpha per row (B, H, N, 1) of ``mixing`` with its fitted per-head ``params``, from ``gap`` (B, H, N) and,
-    for the query-linear mixings, the queries ``q`` (B, H, N, d)."""
+def alpha(mixing: str, params: torch.Tensor, gap: torch.Tensor, q: torch.Tensor | None = None,
+          gap_block: torch.Tensor | None = None) -> torch.Tensor:
+    """Alpha per row (B, H, N, 1) of ``mixing`` with its fitted per-head ``params``, from ``gap`` (B, H, N) (for
+    the ``block_*`` mixings ``gap_block``) and, for the query-linear mixings, the queries ``q`` (B, H, N, d)."""
+    if mixing == "block_query_linear":
+        return torch.sigmoid(_query_logit(params, gap_block.double(), q, "unit")).unsqueeze(-1)
+    if mixing.startswith("block_"):
+        mixing, gap = mixing.removeprefix("block_"), gap_block
     gap = gap.double()
     if mixing == "head_train":
         return params.view(1, -1, 1, 1).expand(*gap.shape, 1)
@@ -147,23 +181,25 @@ def fit_layer(data, features, fractions, block_q: int, block_k: int) -> dict:
                 else:
                     tail = tail_of(kind, r.q, r.k, r.v, r.luts[f], block_q, block_k, features)
                 gap = mass_gap(r.q, r.k, r.luts[f], r.lse_s[f], block_q, block_k).double()
+                gap_block = block_mass_gap(r.q, r.k, r.luts[f], r.lse_s[f], block_q, block_k).double()
                 m = torch.exp(r.lse_s[f] - r.lse).clamp(max=1.0).double()
                 lse_tail = r.lse.double() + torch.log1p(-m)
                 lse_pool = r.lse_s[f].double() - gap
                 parts.append((*row_terms(r.o, r.o_s[f], tail), gap, torch.where(m < 1 - 1e-6, lse_pool - lse_tail,
-                                                                                 torch.nan), r.q.double()))
-            stacked = [torch.cat([p[i][0] for p in parts], dim=1) for i in range(6)]  # (H, R) and q (H, R, d)
+                                                                                 torch.nan), r.q.double(), gap_block))
+            stacked = [torch.cat([p[i][0] for p in parts], dim=1) for i in range(7)]  # (H, R) and q (H, R, d)
             out.setdefault(f, {})[kind] = fit(*stacked)
     return out
 
 
 def measure(o, o_s, tails: dict, gap: torch.Tensor, params: dict, block_q: int,
-            q: torch.Tensor) -> dict[str, torch.Tensor]:
+            q: torch.Tensor, gap_block: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Squared error per (B, H, query block) of every (tail, mixing) on one held-out layer: {"tail_mixing": ...};
-    ``q`` (B, H, N, d) the layer's queries."""
+    ``q`` (B, H, N, d) the layer's queries; ``gap_block`` that of the ``block_*`` mixings (default ``gap``)."""
+    gap_block = gap if gap_block is None else gap_block
     out = {}
     for kind in TAILS:
         for mixing in MIXINGS:
-            a = alpha(mixing, params[kind][mixing], gap, q).to(o.dtype)
+            a = alpha(mixing, params[kind][mixing], gap, q, gap_block).to(o.dtype)
             out[f"{kind}_{mixing}"] = te.squared_error_per_block(o, a * o_s + (1 - a) * tails[kind], block_q)
     return out

@@ -60,7 +60,11 @@ ROWS = (
           ("affine", "alpha per query, per-head affine map of the pooled log-odds (training videos)"),
           ("mass", "alpha per query, per-head shift = mean log gap of the pooled tail mass (training)"),
           ("query_linear", "alpha per query = sigmoid(w . q + c), no mass estimate (training videos)"),
-          ("gap_query_linear", "alpha per query from the pooled log-odds and w . q (training videos)")))
+          ("gap_query_linear", "alpha per query from the pooled log-odds and w . q (training videos)"),
+          ("block_shift", "alpha per query from the log-odds with the tail pooled per query block, per-head shift"),
+          ("block_affine", "alpha per query, affine map of the log-odds with the tail pooled per query block"),
+          ("block_gap_query_linear", "alpha per query from the block-pooled log-odds and w . q (training videos)"),
+          ("block_query_linear", "alpha per query from the block-pooled log-odds at scale 1 and w . q (training)")))
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 MIXED_TAILS = ("exact", "linear", "mean", "hedgehog", "hedgehog_one", "linear_all", "hedgehog_all")

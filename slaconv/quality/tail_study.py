@@ -158,7 +158,9 @@ def measure_layer(q, k, v, luts: dict, params: dict, cells: dict, block_q: int, 
             tails[kind] = tail_output(kind, q, k, v, lut, o_s, lse_s, dense, params, block_q, block_k)
             cell["stats"][kind].append(te.mix_stats(o, o_s, tails[kind], block_q))
         gap = tm.mass_gap(q, k, lut, lse_s, block_q, block_k)
-        for name, err in tm.measure(o, o_s, tails, gap, params["query_alpha"][key[1]], block_q, q).items():
+        gap_block = tm.block_mass_gap(q, k, lut, lse_s, block_q, block_k)
+        for name, err in tm.measure(o, o_s, tails, gap, params["query_alpha"][key[1]], block_q, q,
+                                    gap_block).items():
             cell["direct"][name].append(err)
         for kind in tr.SHARED_TAILS:
             est = tail_output(kind, q, k, v, lut, o_s, lse_s, dense, {"bias": params["bias"][key[1]]}, block_q,
