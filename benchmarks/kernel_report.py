@@ -1,7 +1,7 @@
 """Compile every SLA2 kernel for Hopper offline (no GPU needed) and report what the hardware will run.
 
     python benchmarks/kernel_report.py [--shape B,H,N,D] [--topk 0.03] [--quant none] [--arch 90]
-                                       [--backward] [--hedgehog] [--mixing head|query|query-linear]
+                                       [--backward] [--hedgehog] [--mixing head|query|query-linear|query-block]
                                        [--linear-keys unselected|all] [--json FILE]
 
 The SLA2 forward (and optionally backward) is driven exactly as in production, but every Triton launch is
@@ -94,7 +94,7 @@ def record_launches(shape, topk, quant, backward, layout="bnhd", launch=DEFAULT_
         alpha = torch.zeros(H)
         spec = AttentionSpec(topk, 128, 64, quant)
         features = [torch.randn(H, D, D, generator=g).to(dtype) for _ in range(2)] if hedgehog else [None, None]
-        alpha_weight = torch.randn(H, D, generator=g) if mixing == "query-linear" else None
+        alpha_weight = torch.randn(H, D, generator=g) if mixing in ("query-linear", "query-block") else None
         out = sla2_triton.forward(q, k, v, eye, eye, alpha, spec, layout, backward, launch, *features, mixing,
                                   linear_keys, alpha_weight)
         if backward:
@@ -208,7 +208,7 @@ def main(argv=None):
     ap.add_argument("--layout", default="bnhd", choices=["bnhd", "bhnd"])
     ap.add_argument("--backward", action="store_true", help="also the backward kernels")
     ap.add_argument("--hedgehog", action="store_true", help="Hedgehog features instead of softmax")
-    ap.add_argument("--mixing", default="head", choices=["head", "query", "query-linear"],
+    ap.add_argument("--mixing", default="head", choices=["head", "query", "query-linear", "query-block"],
                     help="alpha per head, per query from the tail mass, or per query from the query")
     ap.add_argument("--linear-keys", default="unselected", choices=["unselected", "all"],
                     help="the linear branch over the unselected key blocks or all")

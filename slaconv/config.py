@@ -36,12 +36,15 @@ time from calibration samples (:mod:`slaconv.budget`): each block where it holds
 blocks in proportion to the mass a layer's uniform count leaves out."""
 ALPHA_GRANULARITIES = ("head",)
 """How finely the sparse/linear mixing ratio alpha is learned: one per (layer, head)."""
-MIXINGS = ("head", "query", "query-linear")
+MIXINGS = ("head", "query", "query-linear", "query-block")
 """How the mix ``alpha O_s + (1 - alpha) O_l`` takes alpha: one per head, ``sigmoid(alpha_logit)``; one per
 query row, ``sigmoid(lse_sel - lse_tail + alpha_logit)`` from the sparse branch's log row sum and a block-pooled
-estimate of the unselected keys' softmax mass; or one per query row from the query alone,
-``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)`` with a learned (d,) weight per head (docs/design.md
-section 1)."""
+estimate of the unselected keys' softmax mass; one per query row from the query alone,
+``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)`` with a learned (d,) weight per head; or one per query row
+from both, with the tail's mass pooled once per query block from its mean query,
+``sigmoid(lse_sel - lse_pool_block + q . alpha_weight / sqrt(d) + alpha_logit)`` (docs/design.md section 1)."""
+ROW_WEIGHT_MIXINGS = ("query-linear", "query-block")
+"""The mixings with a learned (H, d) ``alpha_weight`` per layer."""
 
 
 LINEAR_KEYS = ("unselected", "all")

@@ -85,8 +85,9 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
     """Set each layer's alpha to the full-attention mass selected by its initial (identity) router.
 
     With ``mixing: query`` the alpha logit is instead, per head, the one that minimises the attention error of
-    the per-query mix on the same pass (:func:`reference.fit_query_shift`); with ``mixing: query-linear`` the
-    query weight starts at 0, so alpha starts per head at the measured mass as with ``head``.
+    the per-query mix on the same pass (:func:`reference.fit_query_shift`; ``query-block`` likewise, its query
+    weight starting at 0); with ``mixing: query-linear`` the query weight starts at 0, so alpha starts per
+    head at the measured mass as with ``head``.
     Returns (sigmoid of each head's alpha logit, the measured selected mass per head)."""
     gen = torch.Generator().manual_seed(recipe.calibration.seed)
     batch = next(batches(family, model_config, recipe.data, 1, gen, data_dir))
@@ -99,10 +100,11 @@ def calibrate_alpha(model, family, model_config: dict, recipe: Recipe, data_dir=
         mask = proc.block_mask(q, k)
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
         measured[proc.layer_name] = reference.initial_alpha(qh, kh, mask, proc.block_q, proc.block_k)
-        if proc.config.mixing == "query":
+        if proc.config.mixing in ("query", "query-block"):
             shifts[proc.layer_name] = reference.fit_query_shift(qh, kh, v.transpose(1, 2), mask, proc.block_q,
                                                                 proc.block_k, proc.feature_q, proc.feature_k,
-                                                                linear_keys=proc.config.linear_keys)
+                                                                linear_keys=proc.config.linear_keys,
+                                                                mixing=proc.config.mixing)
         return proc.dense_attention(q, k, v)  # downstream layers see the original activations
 
     with observing(procs.values(), observe):

@@ -46,7 +46,8 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
             "topk": config.attention.topk_for(name),
             "blocks": allocated.get(name, {}).get("blocks"),
             "alpha": [round(float(a), 4) for a in torch.sigmoid(logit)] if logit is not None else None,
-            # query-linear: how far alpha moves with the query, |w_h| per head (the logit moves by |w| |q| / sqrt(d))
+            # query-linear, query-block: how far alpha moves with the query, |w_h| per head (the logit moves by
+            # |w| |q| / sqrt(d))
             "alpha_weight_norm": None if weight is None else [round(float(x), 4) for x in weight.norm(dim=-1)],
             "initial_mass": (round(sum(initial_mass[name]) / len(initial_mass[name]), 4)
                              if initial_mass.get(name) else None),
@@ -73,7 +74,8 @@ def inspect_target(target: str, revision: str | None = None) -> dict:
 
 
 MIXING_WORDS = {"head": "per head", "query": "per query (from the tail mass)",
-                "query-linear": "per query (from the query)"}
+                "query-linear": "per query (from the query)",
+                "query-block": "per query (from the query and its block's tail mass)"}
 
 
 def render(info: dict) -> str:

@@ -2,7 +2,7 @@
 
 An :class:`SLA2Processor` is an ``nn.Module`` so its parameters (``router_q``, ``router_k``
 [H, d, d], ``alpha_logit`` [H], with the hedgehog feature map ``feature_q``, ``feature_k`` [H, d, d/2], and with
-``mixing: query-linear`` ``alpha_weight`` [H, d], all fp32) live in the model's state and follow ``.to()``,
+``mixing: query-linear`` or ``query-block`` ``alpha_weight`` [H, d], all fp32) live in the model's state and follow ``.to()``,
 ``requires_grad_`` and wrappers such as FSDP.  A family subclass computes Q, K, V exactly as the
 stock processor does and calls :meth:`attend` (self-attention) or :meth:`attend_joint` (text and
 visual tokens in one sequence), which run SLA2 (or dense attention while the processor is in
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import SLA2Config
+from .config import ROW_WEIGHT_MIXINGS, SLA2Config
 from .kernels import reference
 from .kernels.ops import sla2_attention
 
@@ -88,8 +88,8 @@ class SLA2Processor(torch.nn.Module):
         else:
             self.feature_q = self.feature_k = None
         # zero: alpha starts per head, sigmoid(alpha_logit), and stage 1 learns how it varies with the query
-        self.alpha_weight = (torch.nn.Parameter(torch.zeros(heads, head_dim)) if config.mixing == "query-linear"
-                             else None)
+        self.alpha_weight = (torch.nn.Parameter(torch.zeros(heads, head_dim))
+                             if config.mixing in ROW_WEIGHT_MIXINGS else None)
         self.layer_name = layer_name
         self.config = config
         self.mode = "sla2"
@@ -110,7 +110,7 @@ class SLA2Processor(torch.nn.Module):
         if (config.feature_map == "hedgehog") != (self.feature_q is not None):
             raise ValueError(f"{self.layer_name or 'SLA2 processor'}: cannot switch the feature map to "
                              f"{config.feature_map!r} on an installed processor (its learned state differs)")
-        if (config.mixing == "query-linear") != (self.alpha_weight is not None):
+        if (config.mixing in ROW_WEIGHT_MIXINGS) != (self.alpha_weight is not None):
             raise ValueError(f"{self.layer_name or 'SLA2 processor'}: cannot switch the mixing to "
                              f"{config.mixing!r} on an installed processor (its learned state differs)")
         self._config = config
@@ -139,7 +139,8 @@ class SLA2Processor(torch.nn.Module):
 
     def sla2_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors by name: ``router_q``, ``router_k``, ``alpha_logit`` (and ``feature_q``,
-        ``feature_k`` with the hedgehog feature map, ``alpha_weight`` with ``mixing: query-linear``)."""
+        ``feature_k`` with the hedgehog feature map, ``alpha_weight`` with ``mixing: query-linear`` or
+        ``query-block``)."""
         state = {"router_q": self.router_q, "router_k": self.router_k, "alpha_logit": self.alpha_logit}
         if self.feature_q is not None:
             state.update(feature_q=self.feature_q, feature_k=self.feature_k)

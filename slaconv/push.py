@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checksums import CHECKSUMS_FILE, write_checksums
-from .config import SLA2Config
+from .config import ROW_WEIGHT_MIXINGS, SLA2Config
 from .errors import HubError, InputError, UsageError
 from .modelcard import CARD_MARKER, build_model_card
 from .utils.files import write_text_atomic
@@ -92,10 +92,11 @@ def read_safetensors_header(path: Path) -> dict:
 
 def _check_sla2_tensors(work: WorkDir, layers: tuple[str, ...], attention: SLA2Config) -> None:
     """Every layer listed in sla2_config.json has router_q, router_k and alpha_logit (and with the hedgehog
-    feature map feature_q and feature_k, with ``mixing: query-linear`` alpha_weight) in sla2.safetensors."""
+    feature map feature_q and feature_k, with ``mixing: query-linear`` or ``query-block`` alpha_weight) in
+    sla2.safetensors."""
     keys = set(read_safetensors_header(work.sla2_state_path)) - {"__metadata__"}
     leaves = (SLA2_TENSORS + (HEDGEHOG_TENSORS if attention.feature_map == "hedgehog" else ())
-              + (QUERY_LINEAR_TENSORS if attention.mixing == "query-linear" else ()))
+              + (QUERY_LINEAR_TENSORS if attention.mixing in ROW_WEIGHT_MIXINGS else ()))
     for layer in layers:
         for leaf in leaves:
             if f"{layer}.{leaf}" not in keys:

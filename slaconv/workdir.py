@@ -46,7 +46,7 @@ SLA2_TENSORS = ("router_q", "router_k", "alpha_logit")
 HEDGEHOG_TENSORS = ("feature_q", "feature_k")
 """The learned tensors a layer has besides :data:`SLA2_TENSORS` when its feature map is hedgehog."""
 QUERY_LINEAR_TENSORS = ("alpha_weight",)
-"""The learned tensor a layer has besides :data:`SLA2_TENSORS` with ``mixing: query-linear``."""
+"""The learned tensor a layer has besides :data:`SLA2_TENSORS` with ``mixing: query-linear`` or ``query-block``."""
 ROUTER = {"projections": "per-head d x d, no bias", "init": "identity"}
 _REQUIRED_KEYS = ("layers", "block_q", "block_k", "topk", "quant")
 # sla2_config.json's keys, in the order slaconv has always written them; the SLA2Config fields are the settings.

@@ -182,15 +182,17 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 
 @pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("config", [{"sparse_gluon": 0}, {"sparse_gluon": 1}], ids=["plain", "gluon"])
-def test_query_linear_mixing_compiles_for_sm90(tmp_path, python, config):
+@pytest.mark.parametrize("mixing", ["query-linear", "query-block"])
+def test_row_weight_mixings_compile_for_sm90(tmp_path, python, config, mixing):
     """mixing: query-linear (each row's alpha logit formed by the Q pre-pass and read where the tail
-    log-sum-exp would be): no tail launch,
-    the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
+    log-sum-exp would be) and query-block (the row's q . w term from the Q pre-pass, the tail's block-pooled
+    log-sum-exp from the router's block means on the host): no tail launch, the Q pre-pass with the row
+    term, the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
     sm_90 without spills or scalar 16-bit loads, with Hedgehog features and in int8-fp8 (except, as with alpha
     per query from the tail mass, a few loop-invariant wgmma descriptors Triton 3.9 spills in the Gluon
     launch's int8-fp8 form; none with Triton 3.6)."""
     for quant, extra in (("none", ["--backward"]), ("int8-fp8", [])):
-        rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", "query-linear", "--linear-keys",
+        rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", mixing, "--linear-keys",
                        "all", *extra, "--config", json.dumps(config))
         names = {r["kernel"] for r in rows}
         sparse = "fwd_sparse_gluon_kernel" if config["sparse_gluon"] else "fwd_sparse_kernel"

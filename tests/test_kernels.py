@@ -744,7 +744,8 @@ def test_gluon_int8_fp8_matches_plain_launch_and_reference(layout, b, h, n):
 @pytest.mark.parametrize("hedgehog,mixing,linear_keys,query_features", [
     (True, "head", "unselected", 0), (False, "query", "unselected", 0), (True, "query", "unselected", 0),
     (False, "head", "all", 0), (True, "query", "all", 0),
-    (True, "head", "unselected", 1), (True, "query", "all", 1), (True, "query-linear", "all", 1)])
+    (True, "head", "unselected", 1), (True, "query", "all", 1), (True, "query-linear", "all", 1),
+    (True, "query-block", "all", 1)])
 def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing, linear_keys, query_features):
     """Hedgehog features, alpha per query and the linear branch over every key block in the Gluon epilogue
     (sparse_gluon=1): against the plain launch with the same options on every row (O to 16-bit rounding; psi
@@ -759,7 +760,8 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
         g = torch.Generator().manual_seed(seed + 1)
         weights = [signed_weights((0.3 * torch.randn(h, 128, 64, generator=g)).to(DEVICE), h, 128, torch.bfloat16)
                    if hedgehog else None for _ in range(2)]
-        alpha_weight = torch.randn(h, 128, generator=g).to(DEVICE) if mixing == "query-linear" else None
+        alpha_weight = (torch.randn(h, 128, generator=g).to(DEVICE) if mixing in ("query-linear", "query-block")
+                        else None)
         for topk in (0.1, 0.03):
             args = (q, k, v, rq, rk, al, topk, 128, 64, quant, 0, 0, layout, True)
             plain = S.sla2_fwd(*args, PLAIN_LAUNCH.as_ints(), *weights, mixing, linear_keys, alpha_weight)
@@ -774,7 +776,7 @@ def test_gluon_linear_options_match_plain_launch(layout, quant, hedgehog, mixing
                 if want.numel():
                     assert rel_l2(got, want) <= rel and torch.isfinite(got).all(), (
                         seed, topk, _mismatch(name, got, want, dims, tol))
-            assert gluon[6].numel() == (b * h * n if mixing in ("query", "query-linear") else 0)
+            assert gluon[6].numel() == (b * h * n if mixing in ("query", "query-linear", "query-block") else 0)
 
 
 @needs_hopper

@@ -86,11 +86,11 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, router_q: 
     launches' tiles, warps and stages (:class:`slaconv.kernels.launch.LaunchConfig`; the measured
     defaults if None); the reference ignores it.  ``feature_q``, ``feature_k`` (H, D, D/2): the hedgehog
     feature map's weights (:func:`slaconv.kernels.reference.feature_map`), both or neither.
-    ``mixing``: ``head`` (alpha per head), ``query`` (alpha per query row from the estimated tail mass) or
-    ``query-linear`` (alpha per query row from the query and ``alpha_weight`` (H, D);
-    :data:`slaconv.config.MIXINGS`).  ``linear_keys``: ``unselected`` (the linear branch over the key blocks
-    a query block did not select) or ``all`` (over every key block: no per-block state;
-    :data:`slaconv.config.LINEAR_KEYS`).
+    ``mixing``: ``head`` (alpha per head), ``query`` (alpha per query row from the estimated tail mass),
+    ``query-linear`` (alpha per query row from the query and ``alpha_weight`` (H, D)) or ``query-block`` (from
+    both, the tail mass estimated per query block; :data:`slaconv.config.MIXINGS`).  ``linear_keys``:
+    ``unselected`` (the linear branch over the key blocks a query block did not select) or ``all`` (over every
+    key block: no per-block state; :data:`slaconv.config.LINEAR_KEYS`).
     """
     spec = AttentionSpec(topk, block_q, block_k, quant, tuple(always_kept))
     check_layout(layout)

@@ -14,7 +14,9 @@ Everything here works on tensors in (B, H, N, D) layout; :mod:`slaconv.kernels.o
   ``lse_sel`` is the sparse branch's own log row sum and ``lse_tail`` the log-sum-exp over the unselected key
   blocks of the pooled logits ``q . mean(K_j) / sqrt(d) + ln n_j`` (both detached, :func:`pooled_tail_lse`),
   or ``alpha_i = sigmoid(q_i . w / sqrt(d) + alpha_logit)`` with a learned weight ``w`` (d,) per head
-  (``query-linear``); a row that selects every key block has no linear branch, and its output is ``O_s``.
+  (``query-linear``), or both, ``alpha_i = sigmoid(lse_sel,i - lse_pool,b + q_i . w / sqrt(d) + alpha_logit)``
+  with ``lse_pool,b`` the pooled tail log-sum-exp of the row's query block b from its mean query (detached,
+  ``query-block``); a row that selects every key block has no linear branch, and its output is ``O_s``.
 
 Memory stays bounded: queries are processed a chunk of query blocks at a time, so the largest
 temporary is ``(B, H, chunk * b_q, N)``, never a whole ``N x N`` map per head.  A soft block mask
@@ -28,7 +30,7 @@ import math
 
 import torch
 
-from ..config import LINEAR_KEYS, MIXINGS, QUANT_MODES
+from ..config import LINEAR_KEYS, MIXINGS, QUANT_MODES, ROW_WEIGHT_MIXINGS
 
 LOG2E = 1.4426950408889634
 FP8_E4M3_MAX = 448.0
@@ -260,9 +262,11 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             for queries and keys (:func:`feature_map`); both or neither (then phi is softmax over d).
         mixing: ``head`` (alpha per head) or ``query`` (alpha per row from the estimated tail mass, with
             ``alpha_logit`` a per-head log-scale correction; the sparse log row sum is taken from the same,
-            possibly quantised, scores the sparse branch uses), or ``query-linear`` (alpha per row from the
-            query alone, ``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)``).
-        alpha_weight: the (H, d) weights of ``query-linear`` (required by it, refused otherwise).
+            possibly quantised, scores the sparse branch uses), ``query-linear`` (alpha per row from the
+            query alone, ``sigmoid(q . alpha_weight / sqrt(d) + alpha_logit)``) or ``query-block`` (both, the
+            tail mass estimated once per query block from its mean query).
+        alpha_weight: the (H, d) weights of ``query-linear`` and ``query-block`` (required by them, refused
+            otherwise).
         linear_keys: ``unselected`` (the linear branch over the keys the row's block did not select, weighted
             by ``1 - mask`` when it is soft) or ``all`` (over every key).
     """
@@ -301,6 +305,8 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         v_sparse = vf
     phi_k = feature_map(k, feature_k)
     head_alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
+    q_block_means = block_mean(q.detach(), block_q) if mixing == "query-block" else None
+    key_mean = kf.detach().mean(dim=2, keepdim=True)
 
     outs = []
     for start in range(0, len(q_blocks), chunk_q_blocks):
@@ -319,10 +325,20 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if quant == "int8-fp8":
             p = fake_quant_fp8(p, torch.tensor(1.0 / FP8_E4M3_MAX, device=q.device))
         o_s = (p @ v_sparse) / denom
-        if mixing == "query":  # the pooled estimate keys by the same K as the scores, so the two logs agree
+        if mixing in ("query", "query-block"):
             lse_sel = (row_max + torch.log2(denom.detach())) / LOG2E
-            lse_tail = pooled_tail_lse(q[:, :, rows], k_pooled, weights[:, :, row_block], block_k)
-            alpha = torch.sigmoid(lse_sel - lse_tail + alpha_logit.float().view(1, h, 1, 1))
+            if mixing == "query":  # the pooled estimate keys by the same K as the scores, so the logs agree
+                lse_tail = pooled_tail_lse(q[:, :, rows], k_pooled, weights[:, :, row_block], block_k)
+                alpha = torch.sigmoid(lse_sel - lse_tail + alpha_logit.float().view(1, h, 1, 1))
+            else:
+                # one estimate per query block, from its mean query, in the keys' own frame; moved into the
+                # low-bit frame (keys less their mean) by the row's own q . mean(K), as lse_sel is, so alpha
+                # does not depend on the frame
+                lse_tail = pooled_tail_lse(q_block_means[:, :, row_block], kf, weights[:, :, row_block], block_k)
+                if quant != "none":
+                    lse_tail = lse_tail - (q[:, :, rows].detach().float() @ key_mean.transpose(-1, -2)) * sm_scale
+                row_logits = query_linear_alpha_logits(q[:, :, rows], alpha_weight, alpha_logit).unsqueeze(-1)
+                alpha = torch.sigmoid(lse_sel - lse_tail + row_logits)
         elif mixing == "query-linear":
             alpha = query_linear_alpha(q[:, :, rows], alpha_weight, alpha_logit)
         else:
@@ -341,14 +357,15 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def check_alpha_weight(alpha_weight: torch.Tensor | None, mixing: str, heads: int, head_dim: int) -> None:
-    """Raise ``ValueError`` unless ``alpha_weight`` is an (H, d) tensor and ``mixing`` is ``query-linear``, or
-    it is None and ``mixing`` is anything else."""
-    if mixing == "query-linear":
+    """Raise ``ValueError`` unless ``alpha_weight`` is an (H, d) tensor and ``mixing`` one of
+    :data:`~slaconv.config.ROW_WEIGHT_MIXINGS`, or it is None and ``mixing`` is anything else."""
+    if mixing in ROW_WEIGHT_MIXINGS:
         if alpha_weight is None or tuple(alpha_weight.shape) != (heads, head_dim):
             got = None if alpha_weight is None else tuple(alpha_weight.shape)
-            raise ValueError(f"mixing 'query-linear' needs alpha_weight of shape ({heads}, {head_dim}), got {got}")
+            raise ValueError(f"mixing {mixing!r} needs alpha_weight of shape ({heads}, {head_dim}), got {got}")
     elif alpha_weight is not None:
-        raise ValueError(f"alpha_weight is read only with mixing 'query-linear', not {mixing!r}")
+        raise ValueError(f"alpha_weight is read only with mixing {' or '.join(map(repr, ROW_WEIGHT_MIXINGS))}, "
+                         f"not {mixing!r}")
 
 
 def query_linear_alpha_logits(q: torch.Tensor, alpha_weight: torch.Tensor, alpha_logit: torch.Tensor) -> torch.Tensor:
@@ -410,13 +427,14 @@ SHIFT_GRID = (-8.0, 8.0, 0.02)
 @torch.no_grad()
 def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_q: int,
                     block_k: int, feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
-                    max_q_blocks: int = 8, linear_keys: str = "unselected") -> torch.Tensor:
+                    max_q_blocks: int = 8, linear_keys: str = "unselected", mixing: str = "query") -> torch.Tensor:
     """Per head, the ``alpha_logit`` of ``mixing: query`` that minimises the squared error of SLA2's output against
     full attention on (a sample of) ``max_q_blocks`` query blocks, searched on :data:`SHIFT_GRID`: (H,) fp32.
 
     The mix is ``alpha_i O_s + (1 - alpha_i) O_l`` with ``alpha_i = sigmoid(lse_sel - lse_tail + c)``, so the
     error is a quadratic in alpha_i per row and each candidate costs a pass over per-row scalars.  ``linear_keys``
-    is the linear branch's setting (:func:`sla2_attention_reference`).
+    is the linear branch's setting (:func:`sla2_attention_reference`); ``mixing="query-block"`` pools the tail
+    from each query block's mean query (its query weight is 0 at this point, so that is its whole logit).
     """
     b, h, n, d = q.shape
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -434,7 +452,8 @@ def fit_query_shift(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     row_mask = mask.float()[:, :, rows // block_q]
     s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
     lse_sel = torch.logsumexp(s + torch.log(_expand_blocks(row_mask, block_k, n)), dim=-1)
-    gap = (lse_sel - pooled_tail_lse(q[:, :, rows], k, row_mask, block_k)[..., 0]).double()
+    q_tail = q[:, :, rows] if mixing == "query" else block_mean(q, block_q)[:, :, rows // block_q]
+    gap = (lse_sel - pooled_tail_lse(q_tail, k, row_mask, block_k)[..., 0]).double()
     x = (branch["sparse"] - branch["linear"]).double()
     a2, a1 = x.square().sum(-1), (x * (branch["linear"] - dense).double()).sum(-1)  # (B, H, R)
     grid = torch.arange(*SHIFT_GRID, dtype=torch.float64, device=q.device)

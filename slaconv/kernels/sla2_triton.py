@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 
-from ..config import KERNEL_HEAD_DIMS
+from ..config import KERNEL_HEAD_DIMS, ROW_WEIGHT_MIXINGS
 from . import reference
 from . import sla2_gluon as gluon_kernels
 from . import sla2_triton_backward as backward_kernels
@@ -179,13 +179,15 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     (:func:`sla2_triton_linear.signed_weights`), both or neither (softmax features).  ``linear_keys="all"``:
     the linear branch over every key block, from H_all and z_all (no linear launch).  ``mixing="query-linear"``
     takes ``alpha_weight`` (H, D): the Q pre-pass forms each row's whole alpha logit q . w_h / sqrt(D) + a_h
-    (no tail launch)."""
+    (no tail launch); ``mixing="query-block"`` too, and the tail log-sum-exp is pooled per query block from
+    the block means the router already has (no tail launch either)."""
     _check_tensors(q, k, v, layout)
     linear.check_mixing(mixing)
     linear.check_linear_keys(linear_keys)
-    hedgehog, mix_rows = feature_q is not None, mixing in ("query", "query-linear")
-    if (mixing == "query-linear") != (alpha_weight is not None):
-        raise ValueError("alpha_weight goes with mixing 'query-linear', and only with it")
+    hedgehog, mix_rows = feature_q is not None, mixing in ("query", "query-linear", "query-block")
+    if (mixing in ROW_WEIGHT_MIXINGS) != (alpha_weight is not None):
+        raise ValueError(f"alpha_weight goes with mixing {' or '.join(map(repr, ROW_WEIGHT_MIXINGS))}, and only "
+                         "with them")
     if (feature_k is not None) != hedgehog:
         raise ValueError("feature_q and feature_k must be given together")
     lin_per_head = linear_keys == "all"
@@ -240,11 +242,16 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     phi_q_prepass = hedgehog and not (use_gluon and launch.gluon_query_features)
     phi_q = torch.empty(BH, N, D, device=dev, dtype=q.dtype) if phi_q_prepass else q_mean
     # query-linear: each row's alpha logit, formed where Q is read anyway (the kernels read it where they
-    # would read LSE_tail)
-    query_linear = mixing == "query-linear"
+    # would read LSE_tail); query-block: the row's q . w term alone (the kernels add alpha_logit themselves),
+    # in the low-bit frame with q . mean(K) added, which moves the block estimate into the frame of LSE_sel
+    query_linear = mixing in ROW_WEIGHT_MIXINGS
     if query_linear:
-        row_weights = (alpha_weight.detach().float() / math.sqrt(D)).contiguous()
-        row_bias = alpha_logit.detach().float().contiguous()
+        row_weights = (alpha_weight.detach().float() / math.sqrt(D)).repeat(B, 1)
+        if mixing == "query-block" and quant:
+            row_weights = row_weights + k_sum / (N * math.sqrt(D))
+        row_weights = row_weights.contiguous()
+        row_bias = (alpha_logit.detach().float() if mixing == "query-linear"
+                    else torch.zeros(H, device=dev, dtype=f32)).contiguous()
         row_logits = torch.empty(BH, N, device=dev, dtype=f32)
     else:
         row_weights = row_bias = row_logits = q_mean  # not read
@@ -276,8 +283,11 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         )
     # 7. sparse launch and the epilogue that mixes in the linear branch (per query: from the mass estimate)
     if mix_rows:
-        if query_linear:
+        if mixing == "query-linear":
             lse_tail = row_logits
+        elif mixing == "query-block":  # LSE_pool - q . w / sqrt(D) in log2 units: the kernels' sigmoid adds it
+            lse_tail = linear.block_tail_lse(q_mean, k_mean, lut, N, spec.block_q, spec.block_k,
+                                             qk_scale) - row_logits / math.log(2.0)
         else:
             lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k,
                                        qk_scale, tile_m, shifted=quant > 0)
@@ -306,7 +316,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
             (*q_strides, *k_strides, *v_strides, *o_strides), N, H, n_sel, nq, nk, qk_scale, int(n_sel < nk),
             D=D, BLOCK_N=spec.block_k, SAVE_LSE=save, quant=spec.quant, phi_q=phi_q if phi_q_prepass else None,
             query_weights=feature_q if hedgehog and not phi_q_prepass else None,
-            lse_tail=lse_tail if mixing == "query" else None,
+            lse_tail=lse_tail if mixing in ("query", "query-block") else None,
             row_logits=lse_tail if mixing == "query-linear" else None,
             alpha_rows=alpha_rows if alpha_rows.numel() else None,
             lin_per_head=lin_per_head,
@@ -331,7 +341,7 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     """Every launch of one backward: returns (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), 16-bit
     math on the original Q, K, V.  ``feature_q``, ``feature_k``: the forward's Hedgehog signed stacks or
     None (their gradients are then None); ``alpha_rows``: the forward's alpha per row with
-    ``mixing="query"`` or ``"query-linear"``, else None or empty.  ``row_grads`` (``"query-linear"``): the
+    a per-row mixing, else None or empty.  ``row_grads`` (``"query-linear"``, ``"query-block"``): the
     fourth result is instead the gradient of each row's alpha logit, (B*H, N) fp32.  ``linear_keys="all"``:
     the forward's linear branch covered every key block, so the linear launches subtract nothing (no selected
     blocks, an empty inverted index)."""
@@ -453,7 +463,8 @@ def sla2_fwd(
 
     ``kept_start``, ``kept_end`` are :attr:`AttentionSpec.always_kept`; ``launch`` is :meth:`LaunchConfig.as_ints`;
     ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head", "query" or
-    "query-linear" (with ``alpha_weight`` (H, D), alpha_i = sigmoid(q_i . w_h / sqrt(D) + alpha_logit_h));
+    "query-linear" (with ``alpha_weight`` (H, D), alpha_i = sigmoid(q_i . w_h / sqrt(D) + alpha_logit_h)) or
+    "query-block" (with ``alpha_weight``: alpha per row from both, the tail mass pooled per query block);
     ``linear_keys`` "unselected" or
     "all"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
@@ -476,7 +487,7 @@ def _(q, k, v, router_q, router_k, alpha_logit, topk, block_q, block_k, quant, k
         q.new_empty((B * H, N), dtype=f32),
         q.new_empty((B * H, D, D), dtype=f32),
         q.new_empty((B * H, D), dtype=f32),
-        q.new_empty((B * H, N if save and mixing in ("query", "query-linear") else 0), dtype=f32),
+        q.new_empty((B * H, N if save and mixing in ("query", "query-linear", "query-block") else 0), dtype=f32),
     )
 
 
@@ -490,7 +501,8 @@ def sla2_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`backward` as a custom op: (dQ, dK, dV, d alpha_logit, d feature_q, d feature_k), straight-through
     for the low-bit modes; the feature gradients are empty without Hedgehog features.  ``row_grads``: the
-    fourth output is the gradient of each row's alpha logit (B*H, N) instead (``mixing: query-linear``)."""
+    fourth output is the gradient of each row's alpha logit (B*H, N) instead (``mixing: query-linear`` and
+    ``query-block``)."""
     dq, dk, dv, dalpha, dfq, dfk = backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block_q,
                                             block_k, layout, LaunchConfig.from_ints(launch), feature_q, feature_k,
                                             alpha_rows, linear_keys, row_grads)
@@ -533,7 +545,7 @@ def _autograd_backward(ctx, do, *_unused):
     else:
         dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
     dweight = None
-    if ctx.row_grads:  # query-linear: the gradient of each row's logit q . w_h / sqrt(D) + a_h, on to q, w and a
+    if ctx.row_grads:  # the gradient of each row's logit [detached gap +] q . w_h / sqrt(D) + a_h, on to q, w, a
         dq, dweight, dalpha = _query_linear_grads(dalpha, q, alpha_weight, alpha_logit, dq, ctx.settings[2])
     return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None,
             dweight)
@@ -541,7 +553,7 @@ def _autograd_backward(ctx, do, *_unused):
 
 def _query_linear_grads(drows, q, alpha_weight, alpha_logit, dq, layout):
     """(dQ, d alpha_weight, d alpha_logit) from the gradient of every row's alpha logit ``drows`` (B*H, N) under
-    ``mixing: query-linear``, dQ added in place to the attention's own ``dq``.  One pass over dQ and one over Q
+    ``mixing: query-linear`` or ``query-block``, dQ added in place to the attention's own ``dq``.  One pass over dQ and one over Q
     in their own dtype: an fp32 copy of Q or of the rank-one term would cost more than the rest of the mixing."""
     q_bhnd, dq_bhnd = _as_bhnd(q, layout), _as_bhnd(dq, layout)
     batch, heads, n, head_dim = q_bhnd.shape
@@ -567,7 +579,9 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     map's weights (both or neither; softmax features without).  ``mixing``: ``"head"`` (alpha =
     sigmoid(alpha_logit) per head) or ``"query"`` (alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit)
     per query row, both log-sum-exps detached) or ``"query-linear"`` (alpha_i = sigmoid(q_i . w_h / sqrt(D) +
-    alpha_logit) with ``alpha_weight`` w (H, D), each row's logit formed by the Q pre-pass).
+    alpha_logit) with ``alpha_weight`` w (H, D), each row's logit formed by the Q pre-pass) or ``"query-block"``
+    (alpha_i = sigmoid(LSE_sel_i - LSE_pool_b + q_i . w_h / sqrt(D) + alpha_logit), LSE_pool_b the tail's pooled
+    log-sum-exp from the mean query of row i's block b, both log-sum-exps detached).
     ``linear_keys``: ``"unselected"`` (the linear branch over
     the key blocks a query block did not select) or ``"all"`` (over every key block).  Differentiable w.r.t.
     q, k, v, alpha_logit, the feature weights and ``alpha_weight`` (the hard top-k router gets no gradient)."""
@@ -577,7 +591,7 @@ def sla2_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rou
     if (feature_q is None) != (feature_k is None):
         raise ValueError("feature_q and feature_k must be given together")
     launch = DEFAULT_LAUNCH if launch is None else launch
-    if mixing == "query-linear" or alpha_weight is not None:
+    if mixing in ROW_WEIGHT_MIXINGS or alpha_weight is not None:
         (_, heads, _, head_dim), _ = _dims(q, layout)
         reference.check_alpha_weight(alpha_weight, mixing, heads, head_dim)
     if feature_q is not None:

@@ -9,10 +9,14 @@ alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its
 * **Per-query mixing**: ``alpha_i = sigmoid(LSE_sel_i - LSE_tail_i + alpha_logit_h)``.  The sparse launch
   has LSE_sel (its own running max and sum); LSE_tail, over the key blocks a row's query block did not
   select, comes from ``tail_lse_kernel`` (:func:`tail_lse`), one pass of 1/block_k the cost of a dense
-  Q K^T.
+  Q K^T.  ``mixing="query-block"`` pools that estimate once per query block, from the block's mean query
+  (:func:`block_tail_lse`, a product of the router's size), and the row's own term q . w / sqrt(D) moves it
+  per row.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,9 +26,11 @@ from . import sla2_triton_forward as forward_kernels
 __all__ = ["LINEAR_KEYS", "MIXINGS", "check_linear_keys", "check_mixing", "signed_weights", "signed_weight_grad",
            "tail_lse"]
 
-MIXINGS = ("head", "query", "query-linear")
-"""How alpha is resolved: one per head, one per query row from the selected and unselected mass, or one per
-query row from the query alone (its logits computed on the host, the kernels read them per row)."""
+MIXINGS = ("head", "query", "query-linear", "query-block")
+"""How alpha is resolved: one per head, one per query row from the selected and unselected mass, one per query
+row from the query alone (its logits formed by the Q pre-pass, the kernels read them per row), or one per query
+row from both, the unselected mass pooled per query block (the kernels read it per row as they read the tail
+log-sum-exp)."""
 
 # Launch of tail_lse_kernel: key blocks per MMA step, warps and stages.  At (1, 12, 32760, 128), 97% on an H100
 # (benchmarks/bench_tail_lse.py) 64 blocks at 4 warps and 3 stages took 0.29 ms, at the sparse loop's 8 warps
@@ -88,3 +94,20 @@ def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int,
         D=d, BLOCK_M=tile_m, CHUNK=chunk, SHIFTED=shifted, **launch_options,
     )
     return lse_tail
+
+
+def block_tail_lse(q_mean: torch.Tensor, k_mean: torch.Tensor, lut: torch.Tensor, n: int, block_q: int,
+                   block_k: int, qk_scale: float) -> torch.Tensor:
+    """LSE_pool per query row (B*H, N) fp32 in log2 units for ``mixing="query-block"``: :func:`tail_lse`'s
+    estimate with every row of a query block taking the block's mean query ``q_mean`` (B*H, nq, D): over the
+    key blocks the block did not select, log2-sum-exp of qbar . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean``
+    (B*H, nk, D), ``lut`` (B, H, nq, n_sel)); -inf where every block is selected.  In the keys' own frame: the
+    low-bit loop's frame (keys less their mean) differs per row, by q_i . mean(K), which the caller adds."""
+    bh, nk, _ = k_mean.shape
+    nq, n_sel = lut.shape[-2:]
+    counts = (n - block_k * torch.arange(nk, device=k_mean.device)).clamp(max=block_k).float()
+    logits = torch.baddbmm(counts.log2().expand(bh, nq, nk), q_mean, k_mean.transpose(1, 2), alpha=qk_scale)
+    logits.view(bh * nq, nk).scatter_(1, lut.reshape(bh * nq, n_sel).long(), float("-inf"))
+    lse = torch.logsumexp(logits * math.log(2.0), dim=-1) / math.log(2.0)
+    return lse.repeat_interleave(block_q, dim=1)[:, :n].contiguous()
+

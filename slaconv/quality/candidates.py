@@ -12,6 +12,7 @@ stage-1 and stage-2 budget (steps, batch, lr, data, seed) at every sparsity and 
     linear-all             sla2.linear_keys: all (the linear branch over every key block, no per-block state)
     hedgehog+query-alpha+linear-all   all three
     hedgehog+query-linear+linear-all  alpha per query from the query alone (sla2.mixing: query-linear)
+    hedgehog+query-block+linear-all   alpha per query from the query and its block's pooled tail mass
     uneven-budget          sla2.budget: per_layer (the same key blocks in all, each where it holds most mass)
     uneven-budget-tail     sla2.budget: per_layer_tail (blocks in proportion to the mass left out: diffuse first)
     sparse-only            alpha pinned to 1 before and after stage 1
@@ -90,6 +91,8 @@ CANDIDATES = {c.name: c for c in (
                                                   "sla2.linear_keys": "all"}),
     Candidate("hedgehog+query-linear+linear-all", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query-linear",
                                                    "sla2.linear_keys": "all"}),
+    Candidate("hedgehog+query-block+linear-all", {"sla2.feature_map": "hedgehog", "sla2.mixing": "query-block",
+                                                  "sla2.linear_keys": "all"}),
     Candidate("uneven-budget", {"sla2.budget": "per_layer"}),
     Candidate("uneven-budget-tail", {"sla2.budget": "per_layer_tail"}),
     Candidate("sparse-only", pin_alpha=True),
