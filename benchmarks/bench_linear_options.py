@@ -42,7 +42,7 @@ SHAPE = (1, 12, 32760, 128)
 OPTIONS = [("softmax", "head", "unselected"), ("hedgehog", "head", "unselected"), ("softmax", "query", "unselected"),
            ("hedgehog", "query", "unselected"), ("softmax", "head", "all"), ("hedgehog", "head", "all"),
            ("hedgehog", "query", "all"),
-           ("hedgehog", "query-linear", "all")]
+           ("hedgehog", "query-linear", "all"), ("hedgehog", "query-block", "all")]
 """(features, alpha, linear keys) of each row; the first is the paper's form, every row's baseline."""
 QUANTS = ("none", "int8-fp8")
 
@@ -67,7 +67,8 @@ def run(tensors, topk, quant, feature, mixing, linear_keys="unselected"):
     weights = (wq, wk) if feature == "hedgehog" else (None, None)
     return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout="bnhd",
                                    feature_q=weights[0], feature_k=weights[1], mixing=mixing, launch=LAUNCH,
-                                   linear_keys=linear_keys, alpha_weight=aw if mixing == "query-linear" else None)
+                                   linear_keys=linear_keys,
+                                   alpha_weight=aw if mixing in ("query-linear", "query-block") else None)
 
 
 def bench_forward(fn, rep):

@@ -18,8 +18,8 @@ mkdir -p "$DIR"
 TMP=$(mktemp -d)
 {
   nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
-  timeout 200 python3 -m pytest -v tests/test_kernels.py \
-    -k "gluon_linear_options or default_launch or query_linear or query_features" \
+  timeout 200 python3 -m pytest -v tests/test_kernels.py tests/test_query_block_mixing.py \
+    -k "gluon_linear_options or default_launch or query_linear or query_features or triton" \
     -p no:cacheprovider 2>&1 | tee "$DIR/pytest.log" | grep -v "^  " | tail -30
   for launch in default plain; do
     config=$([ "$launch" = plain ] && echo '{"sparse_gluon": 0}' || echo '')
