@@ -4,6 +4,7 @@ folder snapshots and CLI invocations. Fixtures live in ``conftest.py``; this mod
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from slaconv.cli import main
+from slaconv.kernels import reference as R
 
 # diffusers' tests/models/transformers/test_models_transformer_wan.py init dict, with head dim 24 so
 # that both blocks of 64 tokens and RoPE's t/h/w split work.
@@ -126,3 +128,26 @@ def kill_after_checkpoint(monkeypatch, kill_step: int, *args, stage: int | None 
             CliRunner().invoke(main, ["-q", "calibrate", *map(str, args)])
     finally:
         monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+
+
+def assert_row_mixing_matches_oracle(mixing: str, oracle, inputs, bq: int, bk: int, topk: float, seed: int):
+    """The reference's output under a mixing with a learned ``alpha_weight`` (``query-linear``, ``query-block``)
+    and its gradients in q, alpha_logit and alpha_weight against ``oracle(q, k, v, mask, alpha_logit, weight,
+    bq, bk)`` in fp64; ``inputs`` = (q, k, v, router_q, router_k, alpha_logit, weight) in fp64."""
+    q, k, v, wq, wk, logit, weight = inputs
+    n = q.shape[2]
+    mask = R.hard_topk_mask(R.router_scores(q.float(), k.float(), wq, wk, bq, bk), R.topk_count(topk, math.ceil(n / bk)))
+    leaves = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
+    exact = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
+    out = R.sla2_attention_reference(leaves[0].float(), k.float(), v.float(), wq, wk, leaves[1].float(), topk=topk,
+                                     block_q=bq, block_k=bk, mixing=mixing, alpha_weight=leaves[2].float(), mask=mask)
+    want = oracle(exact[0], k, v, mask, exact[1], exact[2], bq, bk)
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5, seed
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, go.float(), allow_unused=True, materialize_grads=True)
+    expected = torch.autograd.grad(want, exact, go, allow_unused=True, materialize_grads=True)
+    for name, g, e in zip(("q", "alpha_logit", "alpha_weight"), got, expected):
+        if topk == 1.0 and name != "q":  # no linear branch: alpha has no effect and no gradient
+            assert torch.count_nonzero(g) == 0, name
+            continue
+        assert e.norm() > 0 and ((g.double() - e).norm() / e.norm()).item() < 1e-4, (seed, name)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_saved_copy_runs_alike, run, write_recipe
+from helpers import assert_row_mixing_matches_oracle, assert_saved_copy_runs_alike, run, write_recipe
 from slaconv.config import SLA2Config
 from slaconv.kernels import reference as R
 from slaconv.kernels.ops import sla2_attention
@@ -71,23 +71,8 @@ def _mask(q, k, wq, wk, bq, bk, topk):
 @pytest.mark.parametrize("n,bq,bk,topk", [(256, 64, 64, 0.25), (333, 128, 64, 0.3), (200, 64, 64, 1.0)])
 def test_query_block_mixing_and_its_gradients_match_fp64(n, bq, bk, topk):
     seed = int(torch.randint(1 << 30, ()))
-    q, k, v, wq, wk, logit, weight = random_inputs(1, 2, n, 16, seed)
-    mask = _mask(q, k, wq, wk, bq, bk, topk)
-    leaves = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
-    oracle = [t.clone().requires_grad_(True) for t in (q, logit, weight)]
-    out = R.sla2_attention_reference(leaves[0].float(), k.float(), v.float(), wq, wk, leaves[1].float(), topk=topk,
-                                     block_q=bq, block_k=bk, mixing="query-block", alpha_weight=leaves[2].float(),
-                                     mask=mask)
-    want = fp64_query_block(oracle[0], k, v, mask, oracle[1], oracle[2], bq, bk)
-    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5, seed
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, go.float(), allow_unused=True, materialize_grads=True)
-    expected = torch.autograd.grad(want, oracle, go, allow_unused=True, materialize_grads=True)
-    for name, g, e in zip(("q", "alpha_logit", "alpha_weight"), got, expected):
-        if topk == 1.0 and name != "q":  # no linear branch: alpha has no effect and no gradient
-            assert torch.count_nonzero(g) == 0, name
-            continue
-        assert e.norm() > 0 and ((g.double() - e).norm() / e.norm()).item() < 1e-4, (seed, name)
+    assert_row_mixing_matches_oracle("query-block", fp64_query_block, random_inputs(1, 2, n, 16, seed), bq, bk, topk,
+                                     seed)
 
 
 def test_query_block_differs_from_query_and_from_query_linear():
