@@ -1,24 +1,21 @@
 """Alpha per query from the query and its block's pooled tail mass (``mixing: query-block``): the reference
 against an fp64 oracle written from docs/design.md section 1, its gradients, the Triton kernels against the
-oracle (forward and every gradient) and the reference (low-bit), and the setting through convert, stage 1,
-inspect and the saved copy."""
+oracle (forward and every gradient) and the reference (low-bit), and the processor.  The setting through
+convert, stage 1, inspect and a saved copy: tests/test_query_linear_mixing.py, with query-linear's."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import assert_row_mixing_matches_oracle, assert_saved_copy_runs_alike, run, write_recipe
+from helpers import assert_row_mixing_matches_oracle
 from slaconv.config import SLA2Config
 from slaconv.kernels import reference as R
 from slaconv.kernels.ops import sla2_attention
 from slaconv.processor import SLA2Processor
-from slaconv.push import check_workdir
 
 needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                    reason="the Triton kernels need CUDA or the interpreter")
@@ -142,20 +139,3 @@ def test_processor_holds_the_weight():
     assert torch.equal(proc.alpha_weight, torch.zeros(4, 32)) and "alpha_weight" in proc.sla2_state()
     with pytest.raises(ValueError, match="cannot switch the mixing"):
         proc.config = SLA2Config(mixing="query")
-
-
-def test_query_block_work_dir_converts_calibrates_inspects_and_round_trips(tmp_path, tiny_wan_dir):
-    work, saved = tmp_path / "w", tmp_path / "saved"
-    recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage2.steps": 0})
-    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", "query-block")
-    assert json.loads((work / "sla2_config.json").read_text())["mixing"] == "query-block"
-    start = load_file(str(work / "sla2.safetensors"))
-    weights = [key for key in start if key.endswith(".alpha_weight")]
-    assert weights and all(torch.count_nonzero(start[key]) == 0 for key in weights)
-    s1 = json.loads(run("calibrate", work, "--stage", "1", "--json").stdout)["stage1"]
-    assert s1["heldout_attention_rel_mse_after"] <= s1["heldout_attention_rel_mse_before"] * 1.02, s1
-    stored = load_file(str(work / "sla2.safetensors"))
-    assert all(torch.count_nonzero(stored[key]) > 0 for key in weights)  # stage 1 trains them
-    assert "alpha per query (from the query and its block's tail mass)" in run("inspect", work).stdout
-    check_workdir(work)
-    assert_saved_copy_runs_alike(work, saved)

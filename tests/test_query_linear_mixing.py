@@ -103,11 +103,15 @@ def test_processor_holds_the_weight_and_refuses_a_switch():
     assert Recipe().override({"sla2.mixing": "query-linear"}).sla2.attention_config().mixing == "query-linear"
 
 
-def test_query_linear_work_dir_converts_calibrates_inspects_and_round_trips(tmp_path, tiny_wan_dir):
+@pytest.mark.parametrize("mixing,words", [("query-linear", "alpha per query (from the query)"),
+                                          ("query-block", "alpha per query (from the query and its block's tail mass)")])
+def test_row_weight_work_dir_converts_calibrates_inspects_and_round_trips(tmp_path, tiny_wan_dir, mixing, words):
+    """Both mixings with a learned alpha_weight (query-linear; query-block in tests/test_query_block_mixing.py)
+    through convert, stage 1, inspect, the push check and a saved copy."""
     work, saved = tmp_path / "w", tmp_path / "saved"
     recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage2.steps": 0})
-    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", "query-linear")
-    assert json.loads((work / "sla2_config.json").read_text())["mixing"] == "query-linear"
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", mixing)
+    assert json.loads((work / "sla2_config.json").read_text())["mixing"] == mixing
     start = load_file(str(work / "sla2.safetensors"))
     weights = [key for key in start if key.endswith(".alpha_weight")]
     assert weights and all(torch.count_nonzero(start[key]) == 0 for key in weights)
@@ -116,7 +120,7 @@ def test_query_linear_work_dir_converts_calibrates_inspects_and_round_trips(tmp_
     stored = load_file(str(work / "sla2.safetensors"))
     assert all(torch.count_nonzero(stored[key]) > 0 for key in weights)  # stage 1 trains them
     shown = run("inspect", work).stdout
-    assert "alpha per query (from the query)" in shown and "|alpha weight|" in shown
+    assert words in shown and "|alpha weight|" in shown
     norms = json.loads(run("inspect", work, "--json").stdout)["layers"][0]["alpha_weight_norm"]
     assert len(norms) == stored[weights[0]].shape[0] and min(norms) > 0
     check_workdir(work)
