@@ -141,7 +141,8 @@ def main(ctx, offline, quiet, verbose):
 @click.option("--quant", type=click.Choice(QUANT_MODES), help="Low-bit mode of the sparse branch.")
 @click.option("--feature-map", type=click.Choice(FEATURE_MAPS), help="Linear-branch feature map (sla2.feature_map).")
 @click.option("--mixing", type=click.Choice(MIXINGS),
-              help="Alpha per head, per query from the tail mass, or per query from the query (sla2.mixing).")
+              help="Alpha per head, per query from the tail mass, per query from the query, or per query from "
+                   "the query and its block's tail mass (sla2.mixing).")
 @click.option("--linear-keys", type=click.Choice(LINEAR_KEYS),
               help="Keys of the linear branch: the unselected ones or all (sla2.linear_keys).")
 @click.option("--token-tile", metavar="FxHxW", callback=_token_tile,
