@@ -244,8 +244,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     # query-linear: each row's alpha logit, formed where Q is read anyway (the kernels read it where they
     # would read LSE_tail); query-block: the row's q . w term alone (the kernels add alpha_logit themselves),
     # in the low-bit frame with q . mean(K) added, which moves the block estimate into the frame of LSE_sel
-    query_linear = mixing in ROW_WEIGHT_MIXINGS
-    if query_linear:
+    row_terms = mixing in ROW_WEIGHT_MIXINGS
+    if row_terms:
         row_weights = (alpha_weight.detach().float() / math.sqrt(D)).repeat(B, 1)
         if mixing == "query-block" and quant:
             row_weights = row_weights + k_sum / (N * math.sqrt(D))
@@ -258,7 +258,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if phi_q_prepass else q_mean, phi_q,
                                         row_weights, row_bias, row_logits, *q_strides, N, H, nq, qk_scale,
                                         D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass,
-                                        QUERY_LINEAR=query_linear)
+                                        QUERY_LINEAR=row_terms)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
                      router_q, router_k, n_sel, spec.always_kept)
@@ -465,8 +465,7 @@ def sla2_fwd(
     ``feature_q``, ``feature_k`` the Hedgehog signed stacks (H, D, D) or None; ``mixing`` "head", "query" or
     "query-linear" (with ``alpha_weight`` (H, D), alpha_i = sigmoid(q_i . w_h / sqrt(D) + alpha_logit_h)) or
     "query-block" (with ``alpha_weight``: alpha per row from both, the tail mass pooled per query block);
-    ``linear_keys`` "unselected" or
-    "all"."""
+    ``linear_keys`` "unselected" or "all"."""
     spec = AttentionSpec(topk, block_q, block_k, quant, (kept_start, kept_end))
     return forward(q, k, v, router_q, router_k, alpha_logit, spec, layout, save, LaunchConfig.from_ints(launch),
                    feature_q, feature_k, mixing, linear_keys, alpha_weight)
@@ -546,12 +545,12 @@ def _autograd_backward(ctx, do, *_unused):
         dfq, dfk = dfq.to(feature_q.dtype), dfk.to(feature_k.dtype)
     dweight = None
     if ctx.row_grads:  # the gradient of each row's logit [detached gap +] q . w_h / sqrt(D) + a_h, on to q, w, a
-        dq, dweight, dalpha = _query_linear_grads(dalpha, q, alpha_weight, alpha_logit, dq, ctx.settings[2])
+        dq, dweight, dalpha = _row_term_grads(dalpha, q, alpha_weight, alpha_logit, dq, ctx.settings[2])
     return (dq, dk, dv, None, None, dalpha, None, None, None, None, None, None, None, None, None, dfq, dfk, None, None,
             dweight)
 
 
-def _query_linear_grads(drows, q, alpha_weight, alpha_logit, dq, layout):
+def _row_term_grads(drows, q, alpha_weight, alpha_logit, dq, layout):
     """(dQ, d alpha_weight, d alpha_logit) from the gradient of every row's alpha logit ``drows`` (B*H, N) under
     ``mixing: query-linear`` or ``query-block``, dQ added in place to the attention's own ``dq``.  One pass over dQ and one over Q
     in their own dtype: an fp32 copy of Q or of the rank-one term would cost more than the rest of the mixing."""
