@@ -306,7 +306,6 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     phi_k = feature_map(k, feature_k)
     head_alpha = torch.sigmoid(alpha_logit.float()).view(1, h, 1, 1)
     q_block_means = block_mean(q.detach(), block_q) if mixing == "query-block" else None
-    key_mean = kf.detach().mean(dim=2, keepdim=True)
 
     outs = []
     for start in range(0, len(q_blocks), chunk_q_blocks):
@@ -336,6 +335,7 @@ def sla2_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                 # does not depend on the frame
                 lse_tail = pooled_tail_lse(q_block_means[:, :, row_block], kf, weights[:, :, row_block], block_k)
                 if quant != "none":
+                    key_mean = kf.detach().mean(dim=2, keepdim=True)
                     lse_tail = lse_tail - (q[:, :, rows].detach().float() @ key_mean.transpose(-1, -2)) * sm_scale
                 row_logits = query_linear_alpha_logits(q[:, :, rows], alpha_weight, alpha_logit).unsqueeze(-1)
                 alpha = torch.sigmoid(lse_sel - lse_tail + row_logits)
