@@ -1,14 +1,18 @@
 """SLA2 Triton attention vs torch SDPA (cuDNN and FlashAttention backends), same run, same card.
 
-    python benchmarks/bench_attention.py [--quick] [--out DIR] [--config JSON] [--auto | --sweep | --profile]
+    python benchmarks/bench_attention.py [--quick] [--out DIR] [--config JSON] [--linear-keys all|unselected]
+                                         [--auto | --sweep | --profile]
 
 Prints one table (ms = triton.testing.do_bench median; speed-up vs each SDPA backend; dense-equivalent
 TFLOPS = 4*B*H*N^2*D / t, x2.5 for the backward; peak memory above the inputs) and writes JSON +
 markdown to --out (default $OUT or ./bench_out).  The whole SLA2 op is timed: router, LUT, quantisation
-pre-passes, kernels and mix.  Before timing it checks the kernel against the reference on a subset of
-query blocks at the realistic size.  ``--config`` overrides fields of the kernels' launch settings
-(``slaconv.kernels.launch.LaunchConfig``), e.g. ``'{"lin_stages": 4}'``; ``--auto`` sweeps a few launch variants
-first and builds the table with the fastest.  Needs the package installed (``pip install -e .``).
+pre-passes, kernels and mix; each forward is also replayed from a CUDA graph ("graph ms": the kernels
+alone, without the Python launch work that bounds the eager call at 97%).  ``--linear-keys`` picks the linear
+branch's keys (default ``all``, the shipped recipes' form; ``unselected`` is the paper's). Before timing it checks
+the kernel against the reference on a subset of query blocks at the realistic size. ``--config`` overrides fields
+of the kernels' launch settings (``slaconv.kernels.launch.LaunchConfig``), e.g. ``'{"lin_stages": 4}'``; ``--auto``
+sweeps a few launch variants first and builds the table with the fastest. Needs the package installed (``pip
+install -e .``).
 """
 
 from __future__ import annotations
@@ -45,9 +49,13 @@ def launch_config(overrides_json: str) -> LaunchConfig:
         raise SystemExit(str(exc)) from None
 
 
+LINEAR_KEYS = "all"  # the linear branch's keys in every row: main() sets it from --linear-keys
+
+
 def sla2(q, k, v, rq, rk, al, topk, quant="none", layout="bnhd", launch=None):
     """The SLA2 op as the benchmark times it (128-query / 64-key blocks)."""
-    return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout=layout, launch=launch)
+    return S.sla2_attention_triton(q, k, v, rq, rk, al, AttentionSpec(topk, quant=quant), layout=layout, launch=launch,
+                                   linear_keys=LINEAR_KEYS)
 
 
 def rel_l2(a, b):
@@ -66,6 +74,24 @@ def make_inputs(b, h, n, d, seed=0, layout="bnhd"):
 
 def bench(fn, rep_ms):
     return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def graph_time(fn, rep_ms):
+    """ms per call of ``fn`` replayed from a CUDA graph (no host work per call: the kernels' time back to back),
+    or the capture's error as a string: an op that cannot be captured is a finding, not a crash."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture: compiles, allocator pools
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay, rep_ms)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
 def peak_mem(fn):
@@ -90,7 +116,8 @@ def check_correctness(results, launch, n=32760, h=12, d=128):
                 rows = (qb.view(-1, 1) * 128 + torch.arange(128, device="cuda")).view(-1)
                 rows = rows[rows < n]
                 ref = reference.sla2_attention_reference(
-                    qh, kh, vh, rq, rk, al, topk=topk, quant=quant, q_blocks=qb, chunk_q_blocks=2
+                    qh, kh, vh, rq, rk, al, topk=topk, quant=quant, q_blocks=qb, chunk_q_blocks=2,
+                    linear_keys=LINEAR_KEYS,
                 )
                 r = rel_l2(oh[:, :, rows], ref)
                 cos = torch.nn.functional.cosine_similarity(
@@ -149,7 +176,13 @@ def run_shape(results, b, h, n, d, topks, rep_small, launch):
         for quant in ("none", "int8", "int8-fp8"):
             f = lambda: sla2(q, k, v, rq, rk, al, topk, quant, launch=launch)  # noqa: E731
             ms = bench(f, rep)
-            row(f"sla2 {quant} fwd top{topk}", ms, flops_fwd, peak_mem(f), speedups(ms, "fwd"))
+            graph = graph_time(f, rep)
+            extra = speedups(ms, "fwd")
+            if isinstance(graph, float):
+                extra.update(graph_ms=graph, **{f"graph_x_{bn}": base[bn]["fwd"] / graph for bn in base})
+            else:
+                extra.update(graph_error=graph)
+            row(f"sla2 {quant} fwd top{topk}", ms, flops_fwd, peak_mem(f), extra)
         qg, kg, vg, ag = (t.detach().clone().requires_grad_(True) for t in (q, k, v, al))
 
         def fb():
@@ -268,14 +301,19 @@ def sweep(results, base, n=32760, h=12, d=128, topk=0.03, variants_on=True):
 def fmt_table(rows, card):
     lines = [
         f"card: {card}",
-        "| shape | op | ms | x cuDNN | x Flash | dense-eq TFLOPS | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| shape | op | ms | x cuDNN | x Flash | graph ms | graph x cuDNN | graph x Flash | dense-eq TFLOPS | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else ""
+
     for r in rows:
-        xc = f"{r['x_cudnn']:.1f}" if "x_cudnn" in r else ""
-        xf = f"{r['x_flash']:.1f}" if "x_flash" in r else ""
         mem = "" if r["mem_gib"] != r["mem_gib"] else f"{r['mem_gib']:.2f}"
-        lines.append(f"| {r['shape']} | {r['name']} | {r['ms']:.3f} | {xc} | {xf} | {r['tflops']:.0f} | {mem} |")
+        graph = cell(r, "graph_ms", ".3f") or r.get("graph_error", "")
+        lines.append(f"| {r['shape']} | {r['name']} | {r['ms']:.3f} | {cell(r, 'x_cudnn', '.1f')} | "
+                     f"{cell(r, 'x_flash', '.1f')} | {graph} | {cell(r, 'graph_x_cudnn', '.1f')} | "
+                     f"{cell(r, 'graph_x_flash', '.1f')} | {r['tflops']:.0f} | {mem} |")
     return "\n".join(lines)
 
 
@@ -290,12 +328,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="profile + launch-config sweep at (1,12,32760,128), no table")
     ap.add_argument("--auto", action="store_true", help="sweep first, then the table with the best launch config")
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel profile + resources first, then the table")
+    ap.add_argument("--linear-keys", choices=("all", "unselected"), default="all",
+                    help="the linear branch's keys: every key block (the shipped recipes) or the unselected ones")
     args = ap.parse_args()
+    global LINEAR_KEYS
+    LINEAR_KEYS = args.linear_keys
     launch = launch_config(args.config)
     card = torch.cuda.get_device_name()
     results = dict(
         card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
+        torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), linear_keys=LINEAR_KEYS,
         config=dataclasses.asdict(launch), correctness=[], rows=[],
     )
     if args.auto:
@@ -322,7 +364,7 @@ def main():
     table = fmt_table(results["rows"], card)
     (out / "bench_attention.md").write_text(
         f"{results['date']} {card} torch {results['torch']} triton {results['triton']}\n"
-        f"command: {results['command']}\nconfig: {results['config']}\n\n{table}\n"
+        f"command: {results['command']}\nlinear keys: {LINEAR_KEYS}\nconfig: {results['config']}\n\n{table}\n"
     )
     print()
     print(table)

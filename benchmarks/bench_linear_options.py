@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_attention import launch_config
+from bench_attention import graph_time, launch_config
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -87,24 +87,6 @@ def host_time(fn, calls=20, repeats=5):
         times.append((time.perf_counter() - start) * 1e3 / calls)
     torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]
-
-
-def graph_time(fn, rep):
-    """ms per call of ``fn`` replayed from a CUDA graph (no host work per call: the kernels' time back to back),
-    or the capture's error as a string: an op that cannot be captured is a finding, not a crash."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture: compiles, allocator pools
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return bench_forward(graph.replay, rep)
-    except Exception as exc:  # noqa: BLE001 - reported in the row
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
 def bench_forward_backward(tensors, topk, quant, feature, mixing, linear_keys, go, rep):
