@@ -19,6 +19,9 @@ from slaconv.processor import SLA2Processor
 
 needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                    reason="the Triton kernels need CUDA or the interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOLERANCES = (1e-4, 1e-3) if DEVICE == "cpu" else (1e-2, 2e-2)
+"""(output, gradient) relative L2 bounds of the fp32 kernels: exact fp32 in the interpreter, TF32 products on a GPU."""
 
 
 def random_inputs(b, h, n, d, seed):
@@ -93,27 +96,28 @@ def test_triton_forward_and_gradients_match_fp64(layout):
     seed = int(torch.randint(1 << 30, ()))
     q, k, v, wq, wk, logit, weight = random_inputs(1, 2, n, 64, seed)
     mask = _mask(q, k, wq, wk, bq, bk, topk)
-    leaves = [t.float().clone().requires_grad_(True) for t in (q, k, v, logit, weight)]
+    leaves = [t.float().to(DEVICE).requires_grad_(True) for t in (q, k, v, logit, weight)]
     qkv = [t.transpose(1, 2) if layout == "bnhd" else t for t in leaves[:3]]
-    out = sla2_attention(*qkv, wq, wk, leaves[3], topk=topk, block_q=bq, block_k=bk, backend="triton",
-                         layout=layout, mixing="query-block", alpha_weight=leaves[4])
-    out = out.transpose(1, 2) if layout == "bnhd" else out
+    out = sla2_attention(*qkv, wq.to(DEVICE), wk.to(DEVICE), leaves[3], topk=topk, block_q=bq, block_k=bk,
+                         backend="triton", layout=layout, mixing="query-block", alpha_weight=leaves[4])
+    out = (out.transpose(1, 2) if layout == "bnhd" else out).cpu()
     oracle = [t.clone().requires_grad_(True) for t in (q, k, v, logit, weight)]
     # the oracle takes the router's mask as the kernels computed it: the router is tested on its own
     want = fp64_query_block(oracle[0], oracle[1], oracle[2], mask, oracle[3], oracle[4], bq, bk)
-    assert ((out.double() - want).norm() / want.norm()).item() < 1e-4, seed
+    out_tol, grad_tol = FP32_TOLERANCES
+    assert ((out.double() - want).norm() / want.norm()).item() < out_tol, seed
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     got = torch.autograd.grad(out, leaves, go.float())
     expected = torch.autograd.grad(want, oracle, go)
     for name, g, e in zip(("q", "k", "v", "alpha_logit", "alpha_weight"), got, expected):
-        assert ((g.double() - e).norm() / e.norm()).item() < 1e-3, (seed, name)
+        assert ((g.double().cpu() - e).norm() / e.norm()).item() < grad_tol, (seed, name)
 
 
 @needs_kernels
 def test_triton_lowbit_matches_the_reference():
     """INT8 QK: the block estimate in the low-bit loop's frame (keys less their mean), against the reference's
     emulation of the same mode."""
-    q, k, v, wq, wk, logit, weight = (t.float() for t in random_inputs(1, 2, 333, 64, 11))
+    q, k, v, wq, wk, logit, weight = (t.float().to(DEVICE) for t in random_inputs(1, 2, 333, 64, 11))
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     args = (q, k, v, wq, wk, logit)
     common = dict(topk=0.3, block_q=128, block_k=64, quant="int8", mixing="query-block", alpha_weight=weight)

@@ -86,12 +86,14 @@ def test_alpha_weight_is_checked():
                     reason="the Triton kernels need CUDA or the interpreter")
 def test_triton_and_reference_agree():
     """The kernels' path (host-side row logits, read per row by the sparse launch) against the reference."""
-    q, k, v, wq, wk, logit, weight = (t.float() for t in random_inputs(1, 2, 256, 64, 5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, wq, wk, logit, weight = (t.float().to(device) for t in random_inputs(1, 2, 256, 64, 5))
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N, H, D)
     args = (q, k, v, wq, wk, logit)
     kernel = sla2_attention(*args, topk=0.25, backend="triton", mixing="query-linear", alpha_weight=weight)
     ref = sla2_attention(*args, topk=0.25, backend="reference", mixing="query-linear", alpha_weight=weight)
-    assert ((kernel - ref).norm() / ref.norm()).item() < 1e-5
+    tolerance = 1e-5 if device == "cpu" else 1e-2  # TF32 products on a GPU
+    assert ((kernel - ref).norm() / ref.norm()).item() < tolerance
 
 
 def test_processor_holds_the_weight_and_refuses_a_switch():
