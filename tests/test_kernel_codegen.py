@@ -186,7 +186,8 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 def test_row_weight_mixings_compile_for_sm90(tmp_path, python, config, mixing):
     """mixing: query-linear (each row's alpha logit formed by the Q pre-pass and read where the tail
     log-sum-exp would be) and query-block (the row's q . w term from the Q pre-pass, the tail's block-pooled
-    log-sum-exp from the router's block means on the host): no tail launch, the Q pre-pass with the row
+    log-sum-exp from the router's block means in one small launch per query block): no tail launch over
+    every row, the Q pre-pass with the row
     term, the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
     sm_90 without spills or scalar 16-bit loads, with Hedgehog features and in int8-fp8 (except, as with alpha
     per query from the tail mass, a few loop-invariant wgmma descriptors Triton 3.9 spills in the Gluon
@@ -197,6 +198,7 @@ def test_row_weight_mixings_compile_for_sm90(tmp_path, python, config, mixing):
         names = {r["kernel"] for r in rows}
         sparse = "fwd_sparse_gluon_kernel" if config["sparse_gluon"] else "fwd_sparse_kernel"
         assert sparse in names and "tail_lse_kernel" not in names, names
+        assert ("block_tail_lse_kernel" in names) == (mixing == "query-block"), names
         if extra:
             assert "bwd_rows" in names, names
         for r in rows:

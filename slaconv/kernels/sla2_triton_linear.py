@@ -16,7 +16,7 @@ alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 
@@ -96,18 +96,25 @@ def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int,
     return lse_tail
 
 
-def block_tail_lse(q_mean: torch.Tensor, k_mean: torch.Tensor, lut: torch.Tensor, n: int, block_q: int,
-                   block_k: int, qk_scale: float) -> torch.Tensor:
-    """LSE_pool per query row (B*H, N) fp32 in log2 units for ``mixing="query-block"``: :func:`tail_lse`'s
-    estimate with every row of a query block taking the block's mean query ``q_mean`` (B*H, nq, D): over the
-    key blocks the block did not select, log2-sum-exp of qbar . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean``
-    (B*H, nk, D), ``lut`` (B, H, nq, n_sel)); -inf where every block is selected.  In the keys' own frame: the
-    low-bit loop's frame (keys less their mean) differs per row, by q_i . mean(K), which the caller adds."""
-    bh, nk, _ = k_mean.shape
-    nq, n_sel = lut.shape[-2:]
-    counts = (n - block_k * torch.arange(nk, device=k_mean.device)).clamp(max=block_k).float()
-    logits = torch.baddbmm(counts.log2().expand(bh, nq, nk), q_mean, k_mean.transpose(1, 2), alpha=qk_scale)
-    logits.view(bh * nq, nk).scatter_(1, lut.reshape(bh * nq, n_sel).long(), float("-inf"))
-    lse = torch.logsumexp(logits * math.log(2.0), dim=-1) / math.log(2.0)
-    return lse.repeat_interleave(block_q, dim=1)[:, :n].contiguous()
+BLOCK_TAIL_CHUNK = 64
+"""Key blocks per step of ``block_tail_lse_kernel`` (and the LUT entries it compares with them at a time: 16)."""
 
+
+def block_tail_lse(q_mean: torch.Tensor, k_mean: torch.Tensor, lut: torch.Tensor, row_logits: torch.Tensor, n: int,
+                   block_q: int, block_k: int, qk_scale: float) -> torch.Tensor:
+    """What the sparse launch reads per row for ``mixing="query-block"`` (B*H, N) fp32 in log2 units: LSE_pool
+    - ``row_logits`` log2(e), LSE_pool being :func:`tail_lse`'s estimate with every row of a query block taking
+    the block's mean query ``q_mean`` (B*H, nq, D) fp32: over the key blocks the block did not select,
+    log2-sum-exp of qbar . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) fp32, ``lut`` (B, H, nq,
+    n_sel)); -inf where every block is selected.  ``row_logits`` (B*H, N): each row's q . w / sqrt(D), which in
+    the low-bit modes also carries the frame shift q . mean(K) / sqrt(D).  One launch, a program per query
+    block."""
+    bh, nk, d = k_mean.shape
+    nq, n_sel = lut.shape[-2:]
+    out = torch.empty(bh, n, device=q_mean.device, dtype=torch.float32)
+    forward_kernels.block_tail_lse_kernel[(nq, bh)](
+        q_mean, k_mean, lut, row_logits, out, n, nq, nk, n_sel, block_k, qk_scale,
+        D=d, BLOCK_Q=block_q, CHUNK=BLOCK_TAIL_CHUNK, SEL_CHUNK=16,
+        **({} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 1}),
+    )
+    return out
