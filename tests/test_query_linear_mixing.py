@@ -112,12 +112,13 @@ def test_row_weight_work_dir_converts_calibrates_inspects_and_round_trips(tmp_pa
     through convert, stage 1, inspect, the push check and a saved copy."""
     work, saved = tmp_path / "w", tmp_path / "saved"
     recipe = write_recipe(tmp_path / "r.yaml", **{"calibration.stage2.steps": 0})
-    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", mixing)
+    # the tiny model's head dim (24) is not one the kernels take: on a GPU machine too it runs on the CPU
+    run("convert", tiny_wan_dir, "-o", work, "--recipe", recipe, "--mixing", mixing, "--device", "cpu")
     assert json.loads((work / "sla2_config.json").read_text())["mixing"] == mixing
     start = load_file(str(work / "sla2.safetensors"))
     weights = [key for key in start if key.endswith(".alpha_weight")]
     assert weights and all(torch.count_nonzero(start[key]) == 0 for key in weights)
-    s1 = json.loads(run("calibrate", work, "--stage", "1", "--json").stdout)["stage1"]
+    s1 = json.loads(run("calibrate", work, "--stage", "1", "--json", "--device", "cpu").stdout)["stage1"]
     assert s1["heldout_attention_rel_mse_after"] <= s1["heldout_attention_rel_mse_before"] * 1.02, s1
     stored = load_file(str(work / "sla2.safetensors"))
     assert all(torch.count_nonzero(stored[key]) > 0 for key in weights)  # stage 1 trains them

@@ -300,48 +300,45 @@ def tail_lse_kernel(
     tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["N", "nq", "nk", "n_sel", "block_k", "qk_scale"])
+@triton.jit(do_not_specialize=["N", "nq", "nk", "block_k", "qk_scale"])
 def block_tail_lse_kernel(
-    Q_MEAN, K_MEAN, LUT, ROW_LOGITS, LSE_TAIL, N, nq, nk, n_sel, block_k, qk_scale,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, SEL_CHUNK: tl.constexpr,
+    Q_MEAN, K_MEAN, SELECTED, ROW_LOGITS, LSE_TAIL, N, nq, nk, block_k, qk_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """``mixing="query-block"``'s per-row input to the sparse launch, for every row of one query block (log2
-    units): LSE_pool - ROW_LOGITS[row] log2(e), where LSE_pool is the log-sum-exp over the key blocks j the
-    block did *not* select of qbar . kbar_j / sqrt(D) + ln n_j (qbar the block's mean query, Q_MEAN (B*H, nq,
-    D) fp32; kbar_j K_MEAN (B*H, nk, D) fp32; n_j the block's tokens), -inf when every block is selected, and
-    ROW_LOGITS (B*H, N) each row's q . w / sqrt(D) (natural units) from the Q pre-pass.  LUT (B*H, nq, n_sel)
-    names the selected blocks; SEL_CHUNK of its entries are compared with CHUNK key blocks at a time."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    """``mixing="query-block"``'s per-row input to the sparse launch, for every row of GROUP query blocks (log2
+    units): LSE_pool - ROW_LOGITS[row] log2(e), where LSE_pool is the log-sum-exp over the key blocks j a
+    query block did *not* select of qbar . kbar_j / sqrt(D) + ln n_j (qbar the block's mean query, Q_MEAN
+    (B*H, nq, D) fp32; kbar_j K_MEAN (B*H, nk, D) fp32; n_j the block's tokens), -inf when every block is
+    selected, and ROW_LOGITS (B*H, N) each row's q . w / sqrt(D) (natural units) from the Q pre-pass.
+    SELECTED is the (B*H*nq, nk) int8 selection table of the LUT.  A group of query blocks shares each chunk
+    of block means (one (GROUP x D) x (D x CHUNK) product in fp32): one program per query block would read
+    every block mean once per query block."""
+    group, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, D)
-    q_bar = tl.load(Q_MEAN + (bh * nq + qb) * D + offs_d)
-    lut_row = LUT + (bh * nq + qb) * n_sel
-    # per lane of the chunk, so that no scalar is carried through the loop; a finite start (as tail_lse_kernel)
-    m_i = tl.full((CHUNK,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((CHUNK,), dtype=tl.float32)
+    q_blocks = group * GROUP + tl.arange(0, GROUP)
+    q_valid = q_blocks < nq
+    q_bar = tl.load(Q_MEAN + (bh * nq + q_blocks)[:, None] * D + offs_d[None, :], mask=q_valid[:, None], other=0.0)
+    selected_rows = SELECTED + (bh * nq + q_blocks)[:, None] * nk
+    # a finite start, as in tail_lse_kernel: a chunk with every block selected leaves exp2(-inf - m) = 0
+    m_i = tl.full((GROUP,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((GROUP,), dtype=tl.float32)
     for start in range(0, nk, CHUNK):
         blocks = start + tl.arange(0, CHUNK)
         exists = blocks < nk
         k_bar = tl.load(K_MEAN + (bh * nk + blocks)[:, None] * D + offs_d[None, :], mask=exists[:, None], other=0.0)
-        chosen = tl.zeros((CHUNK,), dtype=tl.int32)
-        for sel_start in range(0, n_sel, SEL_CHUNK):
-            entries = sel_start + tl.arange(0, SEL_CHUNK)
-            picked = tl.load(lut_row + entries, mask=entries < n_sel, other=-1)
-            chosen = tl.maximum(chosen, tl.max((blocks[:, None] == picked[None, :]).to(tl.int32), axis=1))
+        rest = tl.load(selected_rows + blocks[None, :], mask=q_valid[:, None] & exists[None, :], other=1) == 0
         log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
-        s = tl.sum(k_bar * q_bar[None, :], axis=1) * qk_scale + log2_count
-        s = tl.where(exists & (chosen == 0), s, float("-inf"))
-        m_new = tl.maximum(m_i, s)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(s - m_new)
+        s = tl.dot(q_bar, tl.trans(k_bar), input_precision="ieee") * qk_scale + log2_count[None, :]
+        s = tl.where(rest, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    m = tl.max(m_i, axis=0)
-    total = tl.sum(l_i * tl.exp2(m_i - m), axis=0)
-    # total >= 1 once any block counted (its max term is exp2(0))
-    lse = tl.where(total > 0, m + tl.log2(tl.maximum(total, 1.0)), float("-inf"))
-    rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_valid = rows < N
+    # l_i >= 1 once any block counted (its max term is exp2(0))
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
+    rows = q_blocks[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    row_valid = q_valid[:, None] & (rows < N)
     row_logits = tl.load(ROW_LOGITS + bh * N + rows, mask=row_valid, other=0.0)
-    tl.store(LSE_TAIL + bh * N + rows, lse - row_logits * 1.4426950408889634, mask=row_valid)
+    tl.store(LSE_TAIL + bh * N + rows, lse[:, None] - row_logits * 1.4426950408889634, mask=row_valid)
 
 
 # --------------------------------------------------------------------------------------------------
