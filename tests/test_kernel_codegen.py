@@ -186,12 +186,14 @@ def test_gluon_launch_with_linear_options_compiles_for_sm90(tmp_path, python, qu
 def test_row_weight_mixings_compile_for_sm90(tmp_path, python, config, mixing):
     """mixing: query-linear (each row's alpha logit formed by the Q pre-pass and read where the tail
     log-sum-exp would be) and query-block (the row's q . w term from the Q pre-pass, the tail's block-pooled
-    log-sum-exp from the router's block means in one small launch per query block): no tail launch over
+    log-sum-exp from the router's block means, here in its own small launch): no tail launch over
     every row, the Q pre-pass with the row
     term, the sparse launch (plain and Gluon) and the backward's row pass with its per-row gradient compile for
     sm_90 without spills or scalar 16-bit loads, with Hedgehog features and in int8-fp8 (except, as with alpha
     per query from the tail mass, a few loop-invariant wgmma descriptors Triton 3.9 spills in the Gluon
     launch's int8-fp8 form; none with Triton 3.6)."""
+    if mixing == "query-block":  # the estimate's own launch (LaunchConfig.block_tail_launch) compiles too
+        config = {**config, "block_tail_launch": 1}
     for quant, extra in (("none", ["--backward"]), ("int8-fp8", [])):
         rows = _report(tmp_path, python, "--quant", quant, "--hedgehog", "--mixing", mixing, "--linear-keys",
                        "all", *extra, "--config", json.dumps(config))

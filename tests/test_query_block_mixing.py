@@ -5,6 +5,7 @@ convert, stage 1, inspect and a saved copy: tests/test_query_linear_mixing.py, w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -14,6 +15,7 @@ import torch
 from helpers import assert_row_mixing_matches_oracle
 from slaconv.config import SLA2Config
 from slaconv.kernels import reference as R
+from slaconv.kernels.launch import DEFAULT_LAUNCH
 from slaconv.kernels.ops import sla2_attention
 from slaconv.processor import SLA2Processor
 
@@ -87,11 +89,14 @@ def test_query_block_differs_from_query_and_from_query_linear():
 
 
 @needs_kernels
+@pytest.mark.parametrize("block_tail_launch", [0, 1], ids=["torch", "one-launch"])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
-def test_triton_forward_and_gradients_match_fp64(layout):
-    """The kernels' path (the block estimate on the host from the router's block means, the row term from the
-    Q pre-pass, read per row by the sparse launch; the rows' logit gradients from the backward's row pass)
-    against the fp64 oracle: O and the gradients of q, k, v, alpha_logit and alpha_weight."""
+def test_triton_forward_and_gradients_match_fp64(layout, block_tail_launch):
+    """The kernels' path (the block estimate from the router's block means, by torch operations or in one
+    launch; the row term from the Q pre-pass, read per row by the sparse launch; the rows' logit gradients from
+    the backward's row pass) against the fp64 oracle: O and the gradients of q, k, v, alpha_logit and
+    alpha_weight."""
+    launch = dataclasses.replace(DEFAULT_LAUNCH, block_tail_launch=block_tail_launch)
     n, bq, bk, topk = 333, 128, 64, 0.3
     seed = int(torch.randint(1 << 30, ()))
     q, k, v, wq, wk, logit, weight = random_inputs(1, 2, n, 64, seed)
@@ -99,7 +104,7 @@ def test_triton_forward_and_gradients_match_fp64(layout):
     leaves = [t.float().to(DEVICE).requires_grad_(True) for t in (q, k, v, logit, weight)]
     qkv = [t.transpose(1, 2) if layout == "bnhd" else t for t in leaves[:3]]
     out = sla2_attention(*qkv, wq.to(DEVICE), wk.to(DEVICE), leaves[3], topk=topk, block_q=bq, block_k=bk,
-                         backend="triton", layout=layout, mixing="query-block", alpha_weight=leaves[4])
+                         backend="triton", layout=layout, mixing="query-block", alpha_weight=leaves[4], launch=launch)
     out = (out.transpose(1, 2) if layout == "bnhd" else out).cpu()
     oracle = [t.clone().requires_grad_(True) for t in (q, k, v, logit, weight)]
     # the oracle takes the router's mask as the kernels computed it: the router is tested on its own
@@ -114,14 +119,16 @@ def test_triton_forward_and_gradients_match_fp64(layout):
 
 
 @needs_kernels
-def test_triton_lowbit_matches_the_reference():
+@pytest.mark.parametrize("block_tail_launch", [0, 1], ids=["torch", "one-launch"])
+def test_triton_lowbit_matches_the_reference(block_tail_launch):
     """INT8 QK: the block estimate in the low-bit loop's frame (keys less their mean), against the reference's
     emulation of the same mode."""
+    launch = dataclasses.replace(DEFAULT_LAUNCH, block_tail_launch=block_tail_launch)
     q, k, v, wq, wk, logit, weight = (t.float().to(DEVICE) for t in random_inputs(1, 2, 333, 64, 11))
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     args = (q, k, v, wq, wk, logit)
     common = dict(topk=0.3, block_q=128, block_k=64, quant="int8", mixing="query-block", alpha_weight=weight)
-    kernel = sla2_attention(*args, backend="triton", **common)
+    kernel = sla2_attention(*args, backend="triton", launch=launch, **common)
     ref = sla2_attention(*args, backend="reference", **common)
     assert ((kernel - ref).norm() / ref.norm()).item() < 2e-2
 

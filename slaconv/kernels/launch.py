@@ -66,13 +66,20 @@ class LaunchConfig:
     instead of the q pre-pass writing phi(Q) for the epilogue to read back (a B*H*N*D 16-bit write and read):
     0.05-0.09 ms less per forward at (1, 12, 32760, 128) on an H100.  0: the pre-pass path, as the plain launch
     always takes it."""
+    block_tail_launch: int = 0
+    """With ``mixing="query-block"``: 1 forms the pooled tail estimate per query block in one launch
+    (``block_tail_lse_kernel``, 16 query blocks per program sharing each chunk of key-block means) after the
+    LUT's selection table; 0, the default, with about 20 torch operations on the router's block means (0.081 ms
+    of kernels at (1, 12, 32760, 128) on an H100, and host work that makes the eager call host-bound).  A first
+    form of the launch, one program per query block, took 0.15 ms there; the grouped form has not been timed
+    on a GPU yet, so it is not the default."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
-            elif f.name in ("sparse_ws", "gluon_query_features"):
+            elif f.name in ("sparse_ws", "gluon_query_features", "block_tail_launch"):
                 allowed = (0, 1)
             elif f.name == "sparse_gluon":
                 allowed = (0, 1, 2)

@@ -286,7 +286,8 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
         if mixing == "query-linear":
             lse_tail = row_logits
         elif mixing == "query-block":  # LSE_pool - q . w / sqrt(D) in log2 units: the kernels' sigmoid adds it
-            lse_tail = linear.block_tail_lse(q_mean, k_mean, lut, row_logits, N, spec.block_q, spec.block_k, qk_scale)
+            lse_tail = linear.block_tail_lse(q_mean, k_mean, lut, row_logits, N, spec.block_q, spec.block_k, qk_scale,
+                                             one_launch=bool(launch.block_tail_launch))
         else:
             lse_tail = linear.tail_lse(q, q_strides, k_mean, k_sum, lut, N, H, spec.block_q, spec.block_k,
                                        qk_scale, tile_m, shifted=quant > 0)

@@ -16,6 +16,7 @@ alpha per query (``mixing="query"``).  ``sla2_triton.py`` calls these around its
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -105,16 +106,23 @@ BLOCK_TAIL_CHUNK = 64
 
 
 def block_tail_lse(q_mean: torch.Tensor, k_mean: torch.Tensor, lut: torch.Tensor, row_logits: torch.Tensor, n: int,
-                   block_q: int, block_k: int, qk_scale: float) -> torch.Tensor:
+                   block_q: int, block_k: int, qk_scale: float, one_launch: bool) -> torch.Tensor:
     """What the sparse launch reads per row for ``mixing="query-block"`` (B*H, N) fp32 in log2 units: LSE_pool
     - ``row_logits`` log2(e), LSE_pool being :func:`tail_lse`'s estimate with every row of a query block taking
     the block's mean query ``q_mean`` (B*H, nq, D) fp32: over the key blocks the block did not select,
     log2-sum-exp of qbar . kbar_j log2(e)/sqrt(D) + log2 n_j (``k_mean`` (B*H, nk, D) fp32, ``lut`` (B, H, nq,
     n_sel)); -inf where every block is selected.  ``row_logits`` (B*H, N): each row's q . w / sqrt(D), which in
-    the low-bit modes also carries the frame shift q . mean(K) / sqrt(D).  One launch after the LUT's
-    selection table."""
+    the low-bit modes also carries the frame shift q . mean(K) / sqrt(D).  ``one_launch``
+    (``LaunchConfig.block_tail_launch``): ``block_tail_lse_kernel`` after the LUT's selection table; otherwise
+    torch operations (a batched product of the block means and a masked log-sum-exp)."""
     bh, nk, d = k_mean.shape
     nq, n_sel = lut.shape[-2:]
+    if not one_launch:
+        counts = (n - block_k * torch.arange(nk, device=k_mean.device)).clamp(max=block_k).float()
+        logits = torch.baddbmm(counts.log2().expand(bh, nq, nk), q_mean, k_mean.transpose(1, 2), alpha=qk_scale)
+        logits.view(bh * nq, nk).scatter_(1, lut.reshape(bh * nq, n_sel).long(), float("-inf"))
+        lse_pool = torch.logsumexp(logits * math.log(2.0), dim=-1) / math.log(2.0)
+        return lse_pool.repeat_interleave(block_q, dim=1)[:, :n] - row_logits / math.log(2.0)
     selected = torch.zeros(bh * nq, nk, device=q_mean.device, dtype=torch.int8)
     selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
     out = torch.empty(bh, n, device=q_mean.device, dtype=torch.float32)
