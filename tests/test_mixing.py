@@ -157,15 +157,16 @@ def test_triton_and_reference_agree_on_query_mixing():
     """The op reaches the kernels' per-query alpha and gives the reference's output (fp32, interpreter)."""
     from slaconv.kernels.ops import sla2_attention
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 320, 2, 64, generator=g) for _ in range(3))
-    router = [torch.randn(2, 64, 64, generator=g) / 8 for _ in range(2)]
-    alpha_logit = torch.randn(2, generator=g)
+    q, k, v = (torch.randn(1, 320, 2, 64, generator=g).to(device) for _ in range(3))
+    router = [(torch.randn(2, 64, 64, generator=g) / 8).to(device) for _ in range(2)]
+    alpha_logit = torch.randn(2, generator=g).to(device)
     outs = [sla2_attention(q, k, v, *router, alpha_logit, topk=0.4, block_q=64, block_k=64, mixing="query",
                            backend=backend) for backend in ("reference", "triton")]
     head = sla2_attention(q, k, v, *router, alpha_logit, topk=0.4, block_q=64, block_k=64, backend="triton")
     err = (outs[1] - outs[0]).norm() / outs[0].norm()
-    assert float(err) < 1e-4, float(err)
+    assert float(err) < (1e-4 if device == "cpu" else 1e-2), float(err)  # TF32 products on a GPU
     assert not torch.allclose(outs[1], head, atol=1e-3)
 
 
