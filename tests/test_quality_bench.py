@@ -401,6 +401,22 @@ def test_attention_mass_token_bounds_on_a_peaked_row():
     assert top > 0.999 and above == pytest.approx(1 / n)
 
 
+def test_top_p_spends_the_top_k_budget_unevenly():
+    """top_p_captured_mass: on a map with one concentrated and one flat query block, top-p at a mean of 2 blocks
+    gives the flat block 3 and the concentrated one 1 (one p for the map), and holds the mass of exactly those
+    blocks; the best spread of the same total is the map's largest entries."""
+    from slaconv.quality import attention_stats as am
+
+    mass = torch.tensor([[0.70, 0.10, 0.10, 0.05, 0.05], [0.22, 0.21, 0.20, 0.19, 0.18]])
+    held, count = am.top_p_captured_mass(mass, mass.log(), n_select=2)
+    assert count == pytest.approx(2.0)
+    assert held == pytest.approx((0.70 + 0.22 + 0.21 + 0.20) / 2)
+    top_k = float(mass.topk(2, dim=-1).values.sum(dim=-1).mean())
+    assert top_k == pytest.approx((0.80 + 0.43) / 2) and held > top_k
+    best = float(mass.flatten().topk(4).values.sum() / 2)
+    assert best == pytest.approx((0.70 + 0.22 + 0.21 + 0.20) / 2)
+
+
 def test_stable_rank_matches_svd_and_the_tail_drops_the_kept_blocks():
     """stable_rank equals ||A||_F^2 / sigma_max^2 from an exact SVD, and the tail is P with each query block's
     top-mass key blocks zeroed (checked against an SVD of that map built independently)."""

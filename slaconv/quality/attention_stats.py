@@ -224,6 +224,30 @@ def captured_mass(mass: torch.Tensor, scores: torch.Tensor, n_select: int) -> fl
     return float(mass.gather(-1, idx).sum(dim=-1).mean())
 
 
+def top_p_captured_mass(mass: torch.Tensor, scores: torch.Tensor, n_select: int) -> tuple[float, float]:
+    """Top-p selection at the top-k budget: each query block keeps its best-scoring key blocks until their
+    estimated share (softmax of ``scores`` over the row) reaches p, one p for the whole map, set by bisection
+    so the mean count is the first at or above ``n_select``.  Returns (mean true ``mass`` held, mean count):
+    how much a per-query-block budget would gain over the same number of blocks spent evenly."""
+    est, order = torch.softmax(scores.float(), dim=-1).sort(dim=-1, descending=True)
+    cum_est = est.cumsum(dim=-1)
+    nk = mass.shape[-1]
+
+    def counts(p: float) -> torch.Tensor:
+        return ((cum_est < p).sum(dim=-1) + 1).clamp(max=nk)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if counts(mid).float().mean() < n_select:
+            lo = mid
+        else:
+            hi = mid
+    kept = counts(hi)
+    held = mass.gather(-1, order).cumsum(dim=-1).gather(-1, (kept - 1).unsqueeze(-1))
+    return float(held.mean()), float(kept.float().mean())
+
+
 def blocks_for(mass: torch.Tensor, share: float = 0.9) -> float:
     """Mean over query blocks of the number of (oracle-ordered) key blocks needed to reach ``share``."""
     cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
@@ -257,6 +281,14 @@ def measure_head(q: torch.Tensor, k: torch.Tensor, args, tokens_per_frame: int,
         n_sel = reference.topk_count(f, nk)
         rec[f"oracle_{f:g}"] = captured_mass(mass, mass, n_sel)
         rec[f"heuristic_{f:g}"] = captured_mass(mass, heur, n_sel)
+    if args.top_p:
+        for f in SPARSITIES:
+            n_sel = reference.topk_count(f, nk)
+            rec[f"topp_oracle_{f:g}"], rec[f"topp_oracle_count_{f:g}"] = top_p_captured_mass(
+                mass, mass.clamp_min(1e-30).log(), n_sel)
+            rec[f"topp_heuristic_{f:g}"], rec[f"topp_heuristic_count_{f:g}"] = top_p_captured_mass(mass, heur, n_sel)
+            # the most any spread of the same total over the query blocks can hold: the map's largest entries
+            rec[f"spread_oracle_{f:g}"] = float(mass.flatten().topk(mass.shape[0] * n_sel).values.sum() / mass.shape[0])
     if args.tail_rank:
         rec["rank_full"], rec["rank_tail"] = tail_stable_ranks(q, k, args.block_q, args.block_k,
                                                                reference.topk_count(SPARSITIES[-1], nk))
@@ -275,6 +307,9 @@ COLUMNS = ([f"oracle_{f:g}" for f in SPARSITIES] + [f"heuristic_{f:g}" for f in 
 TOKEN = f"token_{SPARSITIES[-1]:g}"  # optional columns: per-query top 3 % keys, no blocks,
 TOKEN_COLUMNS = (TOKEN, "above_mean")  # and the share of weights above 1/N
 RANK_COLUMNS = ("rank_full", "rank_tail")  # optional: stable rank of the map and of its 97 % tail
+TOP_P_COLUMNS = tuple(f"topp_{kind}{part}_{f:g}" for kind in ("oracle", "heuristic") for part in ("", "_count")
+                      for f in SPARSITIES) + tuple(f"spread_oracle_{f:g}" for f in SPARSITIES)
+# optional: the same budgets spent by top-p, and the best spread of them over the query blocks
 
 
 def mean(xs) -> float:
@@ -288,7 +323,8 @@ def summarize(records: list[dict], key: str) -> dict:
     out = {}
     for g in groups:
         rs = [r for r in records if g == "all" or r[key] == g]
-        row = {c: mean(r[c] for r in rs) for c in COLUMNS + list(TOKEN_COLUMNS) + list(RANK_COLUMNS) if c in rs[0]}
+        row = {c: mean(r[c] for r in rs)
+               for c in COLUMNS + list(TOKEN_COLUMNS) + list(RANK_COLUMNS) + list(TOP_P_COLUMNS) if c in rs[0]}
         heads = {(r["layer"], r["head"]) for r in rs}
         per_head = {h: [r for r in rs if (r["layer"], r["head"]) == h] for h in heads}
         for c in (f"oracle_{SPARSITIES[-1]:g}", f"heuristic_{SPARSITIES[-1]:g}"):
@@ -316,6 +352,20 @@ def table(summary: dict, first: str, kcounts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def top_p_table(summary: dict, first: str, kcounts: list[int]) -> str:
+    """Top-k against top-p at the same mean number of key blocks, oracle and heuristic scores."""
+    pct = [f"{round(100 * (1 - f))}%" for f in SPARSITIES]
+    head = ([first] + [f"{kind} {p} (k={k}): top-k / top-p (blocks)" for kind in ("oracle", "heuristic")
+                       for p, k in zip(pct, kcounts)] + [f"best spread {p}" for p in pct])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, row in summary.items():
+        cells = [f"{row[f'{kind}_{f:g}']:.3f} / {row[f'topp_{kind}_{f:g}']:.3f} ({row[f'topp_{kind}_count_{f:g}']:.2f})"
+                 for kind in ("oracle", "heuristic") for f in SPARSITIES]
+        cells += [f"{row[f'spread_oracle_{f:g}']:.3f}" for f in SPARSITIES]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -337,6 +387,9 @@ def main(argv=None) -> None:
                     help="also the block-free per-query top-k key mass (every 8th query)")
     ap.add_argument("--tail-rank", action=argparse.BooleanOptionalAction, default=True,
                     help="also the stable rank of the dense map and of what the 97%% oracle blocks leave out")
+    ap.add_argument("--top-p", action=argparse.BooleanOptionalAction, default=False,
+                    help="also the mass that top-p selection holds at each top-k budget (one p per head map, "
+                         "set so the mean count matches)")
     ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -381,7 +434,12 @@ def main(argv=None) -> None:
           f"blocks per row.  Mean over heads, videos and sigmas; min head = the head (layer, head) with the "
           f"lowest mean.\n\n## By layer\n\n{table(by_layer, 'layer', kcounts)}\n\n"
           f"## By noise level (all layers)\n\n{table(by_sigma, 'sigma', kcounts)}\n\n"
-          f"Runtime {timer():.0f} s on {args.threads} CPU threads.\n")
+          + (f"## Top-k against top-p at the same budget\n\nPer query block, the best-scoring key blocks until "
+             f"their estimated share (softmax of the scores over the row) reaches p, one p per head map set so the "
+             f"mean count (in brackets) is the first at or above k; best spread: the most mass any split of the "
+             f"same total over the query blocks holds (the map's largest entries).\n\n{top_p_table(by_layer, 'layer', kcounts)}\n\n"
+             if args.top_p else "")
+          + f"Runtime {timer():.0f} s on {args.threads} CPU threads.\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(md)
     common.write_json(args.out / "results.json", {
