@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,8 @@ def test_runs_at_other_sparsities_merge_into_one_comparison(smoke_original, tmp_
     assert entries[("dense control", 1.0)] == next(e for e in runs[0]["summary"] if e["candidate"] == "dense control")
     ids = [r["id"] for r in merged["rows"]]
     assert len(ids) == 4 and len(set(ids)) == 4 and "dense control/dense/s0 (run 2)" in ids
+    assert all(r["folder"].startswith("rows/") for r in merged["rows"])  # no path of the machine it ran on
+    assert not any(Path(run["source"]).is_absolute() for run in merged["runs"])
     md = (merged_dir / "results.md").read_text()
     assert "| candidate | 80% | 90% |" in md and md.count("| paper | 80% |") == 1  # both runs' samples
     assert (merged_dir / "loss_vs_sparsity.png").stat().st_size > 0

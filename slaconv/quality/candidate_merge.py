@@ -60,6 +60,12 @@ def _check_footing(first: dict, other: dict) -> None:
             raise InputError(f"{where}: settings.{key} differs ({b!r} against {a!r})")
 
 
+def _portable(source: str) -> str:
+    """A run's path as the merged file keeps it: relative paths as given, absolute ones by their last two parts."""
+    path = Path(source)
+    return source if not path.is_absolute() else str(Path(*path.parts[-2:]))
+
+
 def merge(results: list[dict]) -> dict:
     """One result in the shape :func:`candidate_report.markdown` and :func:`candidate_report.plot` read."""
     if not results:
@@ -83,7 +89,8 @@ def merge(results: list[dict]) -> dict:
         # the controls of every run keep their rows; ids that repeat across runs are told apart by run
         taken = {r["id"] for r in rows}
         for row in result["rows"]:
-            row = dict(row)
+            # a row's folder by its name in its run: where a run ran is no part of a comparison kept elsewhere
+            row = {**row, "folder": str(Path("rows") / Path(row["folder"]).name)}
             if row["id"] in taken:
                 row["id"] = f"{row['id']} (run {index})"
             rows.append(row)
@@ -98,7 +105,7 @@ def merge(results: list[dict]) -> dict:
     return {"settings": settings, "skipped": skipped, "row_state": row_state, "original": first["original"],
             "original_loss": first["original_loss"], "original_samples": first["original_samples"],
             "rows": rows, "summary": summary, "seconds_total": round(sum(r["seconds_total"] for r in results), 1),
-            "runs": [{"source": r["_source"], "device": _device(r), "topks": r["settings"]["topks"],
+            "runs": [{"source": _portable(r["_source"]), "device": _device(r), "topks": r["settings"]["topks"],
                       "seconds_total": r["seconds_total"]} for r in results]}
 
 
