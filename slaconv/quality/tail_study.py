@@ -276,7 +276,8 @@ def main(argv=None) -> None:
     nk = n_tokens // args.block_k
     counts = {f: reference.topk_count(f, nk) for f in args.fractions}
     tokens_per_frame = n_tokens // (spec.frames // patch[0])
-    stats_args = SimpleNamespace(block_q=args.block_q, block_k=args.block_k, tail_rank=True, token_topk=True)
+    stats_args = SimpleNamespace(block_q=args.block_q, block_k=args.block_k, tail_rank=True, token_topk=True,
+                                 top_p=False)
     log(f"{n_tokens} tokens, {nk} key blocks; keep {list(counts.values())} per query block")
 
     order = tile_permutation((spec.frames // patch[0], spec.size // patch[1], spec.size // patch[2]),
