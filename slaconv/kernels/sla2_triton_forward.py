@@ -57,6 +57,21 @@ def softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
+def lse_step(s, m_i, l_i):
+    """One step of a running log2-sum-exp over the columns of ``s`` (rows x chunk, log2 units), per row; a finite
+    start for ``m_i`` keeps rows whose chunk is all -inf at exp2(-inf - m) = 0, never nan."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def lse_total(m_i, l_i):
+    """The log2-sum-exp of :func:`lse_step`'s running state; -inf for a row that counted nothing (l_i >= 1 once
+    any column counted: its max term is exp2(0))."""
+    return tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _psi(phi_q, alpha, Z_REST, INV_DEN, bh, state, rows, row_valid, N, has_lin, D: tl.constexpr):
     """psi = (1 - alpha) phi(Q) / den (fp32) from the features of a query tile, den = phi(Q) z_rest + eps
     (1/den = 0 if every block is selected); stores 1/den per row.  ``alpha``: a scalar or one per row."""
@@ -292,11 +307,8 @@ def tail_lse_kernel(
         log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
         s = tl.dot(q, tl.trans(k_bar.to(q.dtype))) * qk_scale + log2_count[None, :]
         s = tl.where(rest[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    # l_i >= 1 once any block counted (its max term is exp2(0))
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf")) + frame_shift
+        m_i, l_i = lse_step(s, m_i, l_i)
+    lse = lse_total(m_i, l_i) + frame_shift
     tl.store(LSE_TAIL + bh * N + rows, lse, mask=row_valid)
 
 
@@ -330,11 +342,8 @@ def block_tail_lse_kernel(
         log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
         s = tl.dot(q_bar, tl.trans(k_bar), input_precision="ieee") * qk_scale + log2_count[None, :]
         s = tl.where(rest, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    # l_i >= 1 once any block counted (its max term is exp2(0))
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))
+        m_i, l_i = lse_step(s, m_i, l_i)
+    lse = lse_total(m_i, l_i)
     rows = q_blocks[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     row_valid = q_valid[:, None] & (rows < N)
     row_logits = tl.load(ROW_LOGITS + bh * N + rows, mask=row_valid, other=0.0)
