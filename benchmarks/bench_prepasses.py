@@ -1,11 +1,14 @@
-"""The forward's two key passes under their launch settings, beside a copy of K (the memory-bandwidth floor).
+"""The forward's key passes under their launch settings, beside a copy of K (the memory-bandwidth floor).
 
     python benchmarks/bench_prepasses.py [--out DIR]
 
 At (1, 12, 32760, 128) bf16, (B, N, H, D) layout, 64-key blocks: ``k_feats`` (block means and sums of K, -phi(K)
 with softmax features, the column sums z; with ``vabs=1`` also max|V| per block, as ``int8-fp8`` runs it) at 1, 2,
 4 and 8 warps and 1 or 2 stages, and ``kv_outer`` (the split-K H_all = sum phi(K)^T V) at 22, 44 and 88 splits
-per head, 4 or 8 warps, 2 to 4 stages; beside ``K.clone()`` (reads and writes K once) and a torch softmax of K.
+per head, 4 or 8 warps, 2 to 4 stages; ``key_pass`` (both in one launch, phi(K) never written: what the linear
+branch over every key block needs) at 11, 22 and 44 splits per head, 8 or 16 warps, 2 or 3 stages, with and
+without max|V| and with Hedgehog features; beside ``K.clone()`` (reads and writes K once), ``torch.add(K, V,
+out=...)`` (reads both, writes one) and a torch softmax of K.
 ms = ``triton.testing.do_bench`` median.  Writes bench_prepasses.json to --out (default $OUT or ./bench_out).
 """
 
@@ -40,7 +43,9 @@ def main():
     sums = torch.empty(2, bh, nk, D, device="cuda")
     v_absmax = torch.empty(bh, nk, D, device="cuda")
     neg_phi_k = torch.empty(bh, N, D, device="cuda", dtype=k.dtype)
+    kv_sum = torch.empty_like(k)
     res = {"card": torch.cuda.get_device_name(), "torch_copy_K_ms": bench(lambda: k.clone()),
+           "torch_add_K_V_ms": bench(lambda: torch.add(k, v, out=kv_sum)),
            "torch_softmax_K_ms": bench(lambda: torch.softmax(k, dim=-1))}
     for need_v in (False, True):
         for warps in (1, 2, 4, 8):
@@ -58,6 +63,20 @@ def main():
                     lambda: forward_kernels.kv_outer[(splits, bh)](  # noqa: B023
                         neg_phi_k, v, partial, *strides, N, H, nk, splits, D=D, BLOCK_N=BLOCK_K,  # noqa: B023
                         num_warps=warps, num_stages=stages))  # noqa: B023
+    w_signed = (0.3 * torch.randn(H, D, D, device="cuda")).to(k.dtype)
+    for splits in (11, 22, 44):
+        partial = torch.empty(bh, splits, D, D, device="cuda")
+        sums = torch.empty(3, bh, splits, D, device="cuda")
+        for hedgehog, need_v in ((False, False), (False, True), (True, False)):
+            for warps in (8, 16):
+                for stages in (2, 3):
+                    name = f"key_pass splits={splits} hedgehog={int(hedgehog)} vabs={int(need_v)} warps={warps} " \
+                           f"stages={stages}"
+                    res[name] = bench(
+                        lambda: forward_kernels.key_pass[(splits, bh)](  # noqa: B023
+                            k, v, k_mean, partial, sums[0], sums[1], sums[2], w_signed, *strides, *strides,  # noqa: B023
+                            N, H, nk, splits, D=D, BLOCK_N=BLOCK_K, NEED_V_ABSMAX=need_v,  # noqa: B023
+                            HEDGEHOG=hedgehog, num_warps=warps, num_stages=stages))  # noqa: B023
     for name, ms in res.items():
         print(name, ms)
     out = Path(args.out)

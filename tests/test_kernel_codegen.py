@@ -251,3 +251,19 @@ def test_linear_branch_over_every_key_block_compiles_for_sm90(tmp_path, python, 
     assert {"bwd_dq_lin_kernel", "bwd_dkdv_lin_kernel"} <= names, names
     for r in rows:
         assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("quant,hedgehog", [("none", False), ("int8-fp8", False), ("none", True)])
+def test_key_pass_compiles_for_sm90(tmp_path, python, quant, hedgehog):
+    """LaunchConfig.key_pass with the linear branch over every key block: one launch replaces k_feats and
+    kv_outer, its K and V loads are pipelined (cp.async), phi(K)^T V and the ones-MMA sums run on wgmma, and
+    nothing spills."""
+    rows = _report(tmp_path, python, "--quant", quant, *(["--hedgehog"] if hedgehog else []), "--linear-keys", "all",
+                   "--config", json.dumps({"key_pass": 1}))
+    names = {r["kernel"] for r in rows}
+    assert "key_pass" in names and not {"k_feats", "kv_outer"} & names, names
+    r = next(r for r in rows if r["kernel"] == "key_pass")
+    assert r["loads"].get("cp.async.cg.shared.global", 0) > 0, r["loads"]
+    assert any(m.startswith("wgmma") for m in r["mma"]), r["mma"]
+    assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r

@@ -500,6 +500,48 @@ def test_query_mixing_alpha_per_row_matches_fp64(quant, dtype, key_mean):
                                      f"{divmod(worst, n)}, got {alpha_rows.flatten()[worst].item():.4f}")
 
 
+class _LaunchRecorder:
+    """Stands in for a Triton kernel and logs its name at every launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("quant,hedgehog", [("none", False), ("none", True), ("int8-fp8", False)])
+def test_key_pass_matches_the_two_key_launches(layout, quant, hedgehog, monkeypatch):
+    """LaunchConfig.key_pass (the key statistics in one launch, phi(K) never written) against k_feats +
+    kv_outer, with the linear branch over every key block: the same LUT, H_all, z_all and 1/den, and the same
+    O (to reduction order; in ``int8-fp8`` also to the INT8 rounding of K - mean(K), whose mean is summed in
+    another order), at a ragged N; and O against the fp64 oracle."""
+    launched = []
+    for name in ("k_feats", "kv_outer", "key_pass"):
+        monkeypatch.setattr(forward_kernels, name, _LaunchRecorder(getattr(forward_kernels, name), name, launched))
+    n, d = (4001, 128) if HAS_CUDA else (333, 64)
+    seed = int(torch.randint(1 << 30, ()))
+    (q, k, v, rq, rk, al), weights, blocks = _linear_option_inputs(n, d, 64, 0.2, layout, DTYPE, hedgehog, seed)
+    signed = [signed_weights(w, 2, d, DTYPE) if hedgehog else None for w in weights]
+    args = (q, k, v, rq, rk, al, 0.2, 64, 64, quant, 0, 0, layout, True)
+    two = S.sla2_fwd(*args, DEFAULT_LAUNCH.as_ints(), *signed, "head", "all", None)
+    assert launched == ["k_feats", "kv_outer"], launched
+    launched.clear()
+    one = S.sla2_fwd(*args, dataclasses.replace(DEFAULT_LAUNCH, key_pass=1).as_ints(), *signed, "head", "all", None)
+    assert launched == ["key_pass"], launched
+    assert torch.equal(two[1], one[1]), seed  # the same block means route the same blocks
+    for name, i in (("H_all", 4), ("z_all", 5), ("1/den", 3)):
+        assert rel_l2(one[i], two[i]) <= 1e-5, (seed, name, rel_l2(one[i], two[i]))
+    o_tol = 1e-3 if quant != "none" else (1e-6 if DTYPE == torch.float32 else 1e-3)
+    assert rel_l2(one[0], two[0]) <= o_tol, (seed, rel_l2(one[0], two[0]))
+    want, _ = _fp64_linear_options(*(_to_bhnd(t, layout) for t in (q, k, v)), blocks, al, 64, 64, *weights,
+                                   linear_keys="all")
+    oracle_tol = 5e-2 if quant != "none" else (1e-5 if DTYPE == torch.float32 else 1e-2)
+    assert rel_l2(one[0], _to_bhnd(want, layout)) <= oracle_tol, (seed, rel_l2(one[0], _to_bhnd(want, layout)))
+
+
 @pytest.mark.parametrize("quant", ["int8", "int8-fp8"])
 def test_lowbit_forward_with_hedgehog_and_query_mixing(quant):
     """The low-bit forwards with both options: within the quantisation error of the fp64 oracle."""

@@ -74,12 +74,18 @@ class LaunchConfig:
     form of the launch, one program per query block, took 0.15 ms there; the grouped form has not been timed
     on a GPU yet, so it is not the default."""
 
+    key_pass: int = 0
+    """With ``linear_keys="all"``: 1 computes the key statistics the forward needs (the key blocks' means,
+    H_all, z_all, mean(K), max|V|) in one launch, ``key_pass``, which reads K and V once and never writes
+    phi(K); 0, the default, runs ``k_feats`` (which writes phi(K)) and ``kv_outer`` (which reads it back), the
+    pair the branch over the unselected blocks needs anyway.  Not timed on a GPU yet, so not the default."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
-            elif f.name in ("sparse_ws", "gluon_query_features", "block_tail_launch"):
+            elif f.name in ("sparse_ws", "gluon_query_features", "block_tail_launch", "key_pass"):
                 allowed = (0, 1)
             elif f.name == "sparse_gluon":
                 allowed = (0, 1, 2)

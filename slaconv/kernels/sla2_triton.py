@@ -85,10 +85,25 @@ def _unit_head_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _split_count(bh: int, n_blocks: int) -> int:
-    """Programs per (b, h) for the split-K pre-passes: enough to fill the GPU, at most one per block."""
-    target = 16 if _interpreting() else 264
+def _split_count(bh: int, n_blocks: int, target: int = 264) -> int:
+    """Programs per (b, h) for the split-K pre-passes: about ``target`` programs in all (enough to fill the
+    GPU), at most one per block."""
+    target = 16 if _interpreting() else target
     return max(1, min(n_blocks, -(-target // bh)))
+
+
+KEY_PASS_WARPS = {False: 16, True: 8}
+"""Warps of ``key_pass`` by feature map (Hedgehog or not).  Softmax features: 16 warps hold the D x D
+accumulator and the feature tile in 128 registers (8 warps need 204, and one program per SM).  Hedgehog
+features: 8 warps, 255 registers and no spills (at 16 they spill)."""
+
+
+def _key_pass_programs(device: torch.device) -> int:
+    """``key_pass`` programs in all: one per SM (each holds a whole SM's registers), so one wave.  Off a GPU
+    (the interpreter, or the offline compile report on CPU tensors): 16, and an H100's 132 SMs."""
+    if _interpreting():
+        return 16
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _check_tensors(q, k, v, layout: str) -> None:
@@ -169,6 +184,27 @@ def inverted_index(lut: torch.Tensor, n: int, block_q: int, nk: int, tile_m: int
 # --------------------------------------------------------------------------------------------------
 
 
+def _key_pass(k, v, k_strides, v_strides, feature_k, N: int, H: int, nk: int, block_k: int, need_v_absmax: bool):
+    """The forward's key statistics in one launch (``key_pass``): the key blocks' means (B*H, nk, D), H_all
+    (B*H, D, D), the token sums of K and z_all (B*H, D each), all fp32, and max|V| per channel (B*H, D) if
+    ``need_v_absmax`` (else a stand-in that is not read)."""
+    BH, D, dev, f32 = k.shape[0] * H, k.shape[-1], k.device, torch.float32
+    n_splits = _split_count(BH, nk, target=_key_pass_programs(dev))
+    k_mean = torch.empty(BH, nk, D, device=dev, dtype=f32)
+    h_partial = torch.empty(BH, n_splits, D, D, device=dev, dtype=f32)
+    sums = torch.empty(2, BH, n_splits, D, device=dev, dtype=f32)  # K and phi(K): one reduction for both
+    v_absmax_partial = torch.empty(BH, n_splits, D, device=dev, dtype=f32) if need_v_absmax else sums[1]
+    forward_kernels.key_pass[(n_splits, BH)](
+        k, v, k_mean, h_partial, sums[0], sums[1], v_absmax_partial, k_mean if feature_k is None else feature_k,
+        *k_strides, *v_strides, N, H, nk, n_splits,
+        D=D, BLOCK_N=block_k, NEED_V_ABSMAX=need_v_absmax, HEDGEHOG=feature_k is not None,
+        **_warps_stages(KEY_PASS_WARPS[feature_k is not None], 2),
+    )
+    k_sum, z_all = sums.sum(dim=2)
+    v_absmax = v_absmax_partial.amax(dim=1) if need_v_absmax else k_sum
+    return k_mean, h_partial.sum(dim=1), k_sum, z_all, v_absmax
+
+
 def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layout: str, save: bool,
             launch: LaunchConfig, feature_q=None, feature_k=None, mixing: str = "head",
             linear_keys: str = "unselected", alpha_weight=None):
@@ -215,25 +251,30 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     npad = nk * spec.block_k
     fp8_emulate = _interpreting()
 
-    # 1. per key block: mean and sum of K, -phi(K), z = column sums of phi(K), max|V| (FP8 scale)
-    k_mean = torch.empty(BH, nk, D, device=dev, dtype=f32)
-    block_sums = torch.empty(2, BH, nk, D, device=dev, dtype=f32)  # K sums and z: one reduction for both
-    k_block_sum, z_block = block_sums[0], block_sums[1]
-    v_absmax_block = torch.empty(BH, nk, D, device=dev, dtype=f32) if quant == 2 else z_block
-    neg_phi_k = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
-    forward_kernels.k_feats[(nk, BH)](
-        k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, feature_k if hedgehog else k_mean,
-        *k_strides, *v_strides, N, H, nk,
-        D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog, **_row_pass(),
-    )
-    # 2. H_all = sum phi(K)^T V as a split-K GEMM; the totals over key blocks
-    n_splits = _split_count(BH, nk)
-    h_partial = torch.empty(BH, n_splits, D, D, device=dev, dtype=f32)
-    forward_kernels.kv_outer[(n_splits, BH)](neg_phi_k, v, h_partial, *v_strides, N, H, nk, n_splits,
-                                     D=D, BLOCK_N=spec.block_k, **_reduction_pass(D))
-    h_all = h_partial.sum(dim=1)
-    k_sum, z_all = block_sums.sum(dim=2)
-    v_absmax = v_absmax_block.amax(dim=1) if quant == 2 else k_sum  # k_sum: a stand-in, not read
+    if lin_per_head and launch.key_pass:
+        # 1 + 2 in one pass: the branch over every key block needs phi(K) only inside H_all and z_all
+        k_mean, h_all, k_sum, z_all, v_absmax = _key_pass(k, v, k_strides, v_strides, feature_k, N, H, nk, spec.block_k,
+                                                          need_v_absmax=quant == 2)
+    else:
+        # 1. per key block: mean and sum of K, -phi(K), z = column sums of phi(K), max|V| (FP8 scale)
+        k_mean = torch.empty(BH, nk, D, device=dev, dtype=f32)
+        block_sums = torch.empty(2, BH, nk, D, device=dev, dtype=f32)  # K sums and z: one reduction for both
+        k_block_sum, z_block = block_sums[0], block_sums[1]
+        v_absmax_block = torch.empty(BH, nk, D, device=dev, dtype=f32) if quant == 2 else z_block
+        neg_phi_k = torch.empty(BH, N, D, device=dev, dtype=q.dtype)
+        forward_kernels.k_feats[(nk, BH)](
+            k, v, k_mean, k_block_sum, z_block, v_absmax_block, neg_phi_k, feature_k if hedgehog else k_mean,
+            *k_strides, *v_strides, N, H, nk,
+            D=D, BLOCK_N=spec.block_k, NEED_V_ABSMAX=quant == 2, NEGATE_PHI=True, HEDGEHOG=hedgehog, **_row_pass(),
+        )
+        # 2. H_all = sum phi(K)^T V as a split-K GEMM; the totals over key blocks
+        n_splits = _split_count(BH, nk)
+        h_partial = torch.empty(BH, n_splits, D, D, device=dev, dtype=f32)
+        forward_kernels.kv_outer[(n_splits, BH)](neg_phi_k, v, h_partial, *v_strides, N, H, nk, n_splits,
+                                                 D=D, BLOCK_N=spec.block_k, **_reduction_pass(D))
+        h_all = h_partial.sum(dim=1)
+        k_sum, z_all = block_sums.sum(dim=2)
+        v_absmax = v_absmax_block.amax(dim=1) if quant == 2 else k_sum  # k_sum: a stand-in, not read
     # 3. per query block: mean of Q (router), INT8 Q, Hedgehog features of Q
     q_mean = torch.empty(BH, nq, D, device=dev, dtype=f32)
     q_int8 = torch.empty(BH, N, D, device=dev, dtype=torch.int8) if quant else q_mean

@@ -246,6 +246,56 @@ def kv_outer(
     common.store_square(H_PARTIAL + (bh * n_splits + split) * D * D, -acc, D)
 
 
+@triton.jit(do_not_specialize=["N", "H", "nk", "n_splits"])
+def key_pass(
+    K, V, K_MEAN, H_PARTIAL, K_SUM_PARTIAL, Z_PARTIAL, V_ABSMAX_PARTIAL, W_SIGNED,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, N, H, nk, n_splits,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, NEED_V_ABSMAX: tl.constexpr, HEDGEHOG: tl.constexpr = False,
+):
+    """``k_feats`` and ``kv_outer`` in one pass, for a forward whose linear branch runs over every key block:
+    that branch needs phi(K) only inside H_all and z_all, so K and V are read once and phi(K) is never
+    written.  Over one contiguous run of key blocks (split ``program_id(0)`` of ``n_splits``): each block's
+    mean of K (router); this split's partial H = sum phi(K)^T V, token sums of K (for mean(K)) and of phi(K)
+    (z) and, if NEED_V_ABSMAX, max|V| per channel.  The caller reduces the partials (deterministic torch
+    sums)."""
+    split, bh, b, h = common.program_coords(H, D, BLOCK_N, BLOCK_N)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    offs_d = tl.arange(0, D)
+    blocks_per_split = tl.cdiv(nk, n_splits)
+    first = split * blocks_per_split
+    # Sums over a block's rows are MMAs with a ones operand, and max|V| a running elementwise max: no
+    # reduction across warps inside the loop.  The 16 rows of a ones-MMA result are equal; row 0 is stored.
+    ones_rows = tl.full((16, BLOCK_N), 1.0, K.dtype.element_ty)
+    ones_cols = tl.full((BLOCK_N, 16), 1.0, K.dtype.element_ty)
+    first_row = (tl.arange(0, 16) == 0)[:, None]
+    acc_h = tl.zeros((D, D), dtype=tl.float32)
+    acc_z = tl.zeros((D, 16), dtype=tl.float32)
+    acc_k = tl.zeros((16, D), dtype=tl.float32)
+    v_absmax = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    for block in range(first, tl.minimum(nk, first + blocks_per_split)):
+        rows, valid = common.block_rows(block, BLOCK_N, N)
+        k = common.load_rows(K, rows, stride_kn, valid, D)
+        v = common.load_rows(V, rows, stride_vn, valid, D)
+        block_sum = tl.dot(ones_rows, k)
+        acc_k += block_sum
+        count = tl.minimum(N - block * BLOCK_N, BLOCK_N).to(tl.float32)
+        tl.store(K_MEAN + (bh * nk + block) * D + offs_d[None, :] + 0 * first_row, block_sum / count, mask=first_row)
+        # the 16-bit phi(K) the MMA multiplies with; z sums the same 16-bit values (as k_feats' z)
+        phi_k_t = tl.trans(tl.where(valid[:, None], common.features(k, W_SIGNED + h * D * D, HEDGEHOG, D),
+                                    0.0).to(k.dtype))
+        acc_h = tl.dot(phi_k_t, v, acc_h)
+        acc_z = tl.dot(phi_k_t, ones_cols, acc_z)
+        if NEED_V_ABSMAX:
+            v_absmax = tl.maximum(v_absmax, tl.abs(v.to(tl.float32)))
+    partial = bh * n_splits + split
+    common.store_square(H_PARTIAL + partial * D * D, acc_h, D)
+    tl.store(K_SUM_PARTIAL + partial * D + offs_d[None, :] + 0 * first_row, acc_k, mask=first_row)
+    tl.store(Z_PARTIAL + partial * D + offs_d, tl.sum(acc_z, axis=1) / 16)
+    if NEED_V_ABSMAX:
+        tl.store(V_ABSMAX_PARTIAL + partial * D + offs_d, tl.max(v_absmax, axis=0))
+
+
 @triton.jit(do_not_specialize=["N", "H", "nk", "inv_n"])
 def kv_quant(
     K, V, K_SUM, V_ABSMAX, K_INT8, K_SCALE, V_FP8,
