@@ -100,9 +100,10 @@ def model_inputs(net, arch: Architecture, latents_shape, device: str) -> dict:
                               randn(1, arch.text_len, family.text_dim(net.config)), **conditioning)
 
 
-def set_attention(net, family, mode: str, topk: float = 0.05, quant: str = "none", launch=None):
-    """Stock processors on every SLA2 layer (``dense``), or SLA2 with ``topk`` and ``quant`` (installed with an
-    identity router on the family's default layers the first time)."""
+def set_attention(net, family, mode: str, topk: float = 0.05, quant: str = "none", launch=None,
+                  linear_keys: str = "all"):
+    """Stock processors on every SLA2 layer (``dense``), or SLA2 with ``topk``, ``quant`` and ``linear_keys``
+    (installed with an identity router on the family's default layers the first time)."""
     import slaconv
     from slaconv.install import sla2_processors
 
@@ -113,7 +114,7 @@ def set_attention(net, family, mode: str, topk: float = 0.05, quant: str = "none
         return
     processors = sla2_processors(net) or slaconv.sla2_(net, slaconv.SLA2Config(block_q=128, block_k=64), family=family)
     for proc in processors.values():
-        proc.config = proc.config.replace(topk=topk, quant=quant)
+        proc.config = proc.config.replace(topk=topk, quant=quant, linear_keys=linear_keys)
         if launch is not None:  # the kernels' launch settings, passed on every call of this processor
             proc.sparse_attention = functools.partial(type(proc).sparse_attention, proc, launch=launch)
 
@@ -151,6 +152,9 @@ def main() -> None:
     ap.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.03])
     ap.add_argument("--quant", nargs="+", default=["none", "int8-fp8"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--linear-keys", choices=("all", "unselected"), default="all",
+                    help="the linear branch over every key block (the shipped recipes) or the unselected ones (the "
+                         "paper's form)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the repeated blocks (dense and SLA2 alike) to fuse the non-attention ops")
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -217,7 +221,7 @@ def main() -> None:
     measure_dense("forward", forward)
     for topk in args.topk:
         for quant in args.quant:
-            set_attention(net, family, "sla2", topk, quant, launch)
+            set_attention(net, family, "sla2", topk, quant, launch, args.linear_keys)
             measure(f"forward SLA2 {1 - topk:.0%} {quant}", forward)
 
     if args.train:
@@ -231,7 +235,7 @@ def main() -> None:
             net.zero_grad(set_to_none=True)
 
         measure_dense("train step", step, reps=2)
-        set_attention(net, family, "sla2", args.topk[-1], args.quant[-1], launch)
+        set_attention(net, family, "sla2", args.topk[-1], args.quant[-1], launch, args.linear_keys)
         measure(f"train step SLA2 {1 - args.topk[-1]:.0%} {args.quant[-1]}", step, reps=2)
 
     base = rows[0]["ms"]
