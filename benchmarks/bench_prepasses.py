@@ -3,10 +3,10 @@
     python benchmarks/bench_prepasses.py [--out DIR]
 
 At (1, 12, 32760, 128) bf16, (B, N, H, D) layout, 64-key blocks: ``k_feats`` (block means and sums of K, -phi(K)
-with softmax features, the column sums z; with ``vabs=1`` also max|V| per block, as ``int8-fp8`` runs it) at 1, 2,
-4 and 8 warps and 1 or 2 stages, and ``kv_outer`` (the split-K H_all = sum phi(K)^T V) at 22, 44 and 88 splits
-per head, 4 or 8 warps, 2 to 4 stages; ``key_pass`` (both in one launch, phi(K) never written: what the linear
-branch over every key block needs) at 11, 22 and 44 splits per head, 8 or 16 warps, 2 or 3 stages, with and
+with softmax features, the column sums z; with ``vabs=1`` also max|V| per block, as ``int8-fp8`` runs it) at 2
+and 4 warps, and ``kv_outer`` (the split-K H_all = sum phi(K)^T V) at 22 and 44 splits per head, 8 warps, 2 or 3
+stages (the settings an earlier, wider sweep found best); ``key_pass`` (both in one launch, phi(K) never written:
+what the linear branch over every key block needs) at 11 and 22 splits per head, 8 or 16 warps, 2 or 3 stages, with and
 without max|V| and with Hedgehog features; beside ``K.clone()`` (reads and writes K once), ``torch.add(K, V,
 out=...)`` (reads both, writes one) and a torch softmax of K.
 ms = ``triton.testing.do_bench`` median.  Writes bench_prepasses.json to --out (default $OUT or ./bench_out).
@@ -48,23 +48,23 @@ def main():
            "torch_add_K_V_ms": bench(lambda: torch.add(k, v, out=kv_sum)),
            "torch_softmax_K_ms": bench(lambda: torch.softmax(k, dim=-1))}
     for need_v in (False, True):
-        for warps in (1, 2, 4, 8):
-            for stages in (1, 2):
+        for warps in (2, 4):
+            for stages in (1,):
                 res[f"k_feats vabs={int(need_v)} warps={warps} stages={stages}"] = bench(
                     lambda: forward_kernels.k_feats[(nk, bh)](  # noqa: B023
                         k, v, k_mean, sums[0], sums[1], v_absmax if need_v else sums[1], neg_phi_k, k_mean,  # noqa: B023
                         *strides, *strides, N, H, nk, D=D, BLOCK_N=BLOCK_K, NEED_V_ABSMAX=need_v,  # noqa: B023
                         NEGATE_PHI=True, HEDGEHOG=False, num_warps=warps, num_stages=stages))  # noqa: B023
-    for splits in (22, 44, 88):
+    for splits in (22, 44):
         partial = torch.empty(bh, splits, D, D, device="cuda")
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
+        for warps in (8,):
+            for stages in (2, 3):
                 res[f"kv_outer splits={splits} warps={warps} stages={stages}"] = bench(
                     lambda: forward_kernels.kv_outer[(splits, bh)](  # noqa: B023
                         neg_phi_k, v, partial, *strides, N, H, nk, splits, D=D, BLOCK_N=BLOCK_K,  # noqa: B023
                         num_warps=warps, num_stages=stages))  # noqa: B023
     w_signed = (0.3 * torch.randn(H, D, D, device="cuda")).to(k.dtype)
-    for splits in (11, 22, 44):
+    for splits in (11, 22):
         partial = torch.empty(bh, splits, D, D, device="cuda")
         sums = torch.empty(3, bh, splits, D, device="cuda")
         for hedgehog, need_v in ((False, False), (False, True), (True, False)):
