@@ -299,7 +299,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
     forward_kernels.q_prepass[(nq, BH)](q, q_mean, q_int8, q_scale, feature_q if phi_q_prepass else q_mean, phi_q,
                                         row_weights, row_bias, row_logits, *q_strides, N, H, nq, qk_scale,
                                         D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass,
-                                        QUERY_LINEAR=row_terms)
+                                        ROW_TERMS=row_terms)
     # 4. router -> LUT of the n_sel key blocks of every query block
     lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
                      router_q, router_k, n_sel, spec.always_kept)

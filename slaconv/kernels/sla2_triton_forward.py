@@ -168,13 +168,14 @@ def q_prepass(
     Q, Q_MEAN, Q_INT8, Q_SCALE, W_SIGNED, PHI_Q, ALPHA_W, ALPHA_LOGIT, ROW_LOGITS,
     stride_qb, stride_qh, stride_qn, N, H, nq, scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, QUANT: tl.constexpr, HEDGEHOG: tl.constexpr = False,
-    QUERY_LINEAR: tl.constexpr = False,
+    ROW_TERMS: tl.constexpr = False,
 ):
     """Per query block: its mean (for the router), if QUANT INT8 of Q * scale with one scale per block,
     if HEDGEHOG the Hedgehog features of Q (:func:`common.hedgehog`, this head's signed weights
-    W_SIGNED (H, D, D)) stored in Q's dtype for the sparse launch's epilogue, and if QUERY_LINEAR each row's
-    alpha logit q . w + a_h into ROW_LOGITS (B*H, N) fp32 (ALPHA_W (B*H, D) fp32, the head's weight already
-    divided by sqrt(D); ALPHA_LOGIT (H,) fp32)."""
+    W_SIGNED (H, D, D)) stored in Q's dtype for the sparse launch's epilogue, and if ROW_TERMS each row's
+    alpha term q . w + a_h into ROW_LOGITS (B*H, N) fp32 (ALPHA_W (B*H, D) fp32, the head's weight already
+    divided by sqrt(D); ALPHA_LOGIT (H,) fp32): ``mixing="query-linear"``'s whole alpha logit, or with a_h = 0
+    ``"query-block"``'s per-row term beside its pooled tail."""
     qb, bh, b, h = common.program_coords(H, D, BLOCK_Q, BLOCK_Q)
     Q += b * stride_qb + h * stride_qh
     offs_d = tl.arange(0, D)
@@ -183,7 +184,7 @@ def q_prepass(
     q = q16.to(tl.float32)
     count = tl.minimum(N - qb * BLOCK_Q, BLOCK_Q).to(tl.float32)
     tl.store(Q_MEAN + (bh * nq + qb) * D + offs_d, tl.sum(q, axis=0) / count)
-    if QUERY_LINEAR:  # before the rest, so the fp32 tile is not held through the Hedgehog product
+    if ROW_TERMS:  # before the rest, so the fp32 tile is not held through the Hedgehog product
         w = tl.load(ALPHA_W + bh * D + offs_d)
         logits = tl.sum(q * w[None, :], axis=1) + tl.load(ALPHA_LOGIT + h)
         tl.store(ROW_LOGITS + bh * N + rows, logits, mask=valid)
