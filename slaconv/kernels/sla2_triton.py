@@ -93,9 +93,10 @@ def _split_count(bh: int, n_blocks: int, target: int = 264) -> int:
 
 
 KEY_PASS_WARPS = {False: 16, True: 8}
-"""Warps of ``key_pass`` by feature map (Hedgehog or not).  Softmax features: 16 warps hold the D x D
-accumulator and the feature tile in 128 registers (8 warps need 204, and one program per SM).  Hedgehog
-features: 8 warps, 255 registers and no spills (at 16 they spill)."""
+"""Warps of ``key_pass`` by feature map (Hedgehog or not), from sm_90 compiles at D = 128 (Triton 3.6 / 3.9):
+softmax features, 16 warps in 117 / 100 registers (8 warps: 178 / 179, the whole SM's registers for half the
+warps); Hedgehog features, whose logits MMA adds a second (b_k x D) fp32 tile, 8 warps in 219 / 220 registers
+without spills (16 warps spill with Triton 3.9).  Not yet timed on a GPU."""
 
 
 def _key_pass_programs(device: torch.device) -> int:
