@@ -70,6 +70,15 @@ def signed_weight_grad(x: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     return sum(torch.bmm(x[b].transpose(1, 2), dlogits[b]).float() for b in range(x.shape[0]))
 
 
+def selection_table(lut: torch.Tensor, nk: int) -> torch.Tensor:
+    """The LUT (B, H, nq, n_sel) as a (B*H*nq, nk) int8 table, 1 where a query block selected the key block: what
+    the tail launches read to skip the selected blocks."""
+    n_sel = lut.shape[-1]
+    rows = lut.numel() // n_sel
+    selected = torch.zeros(rows, nk, device=lut.device, dtype=torch.int8)
+    return selected.scatter_(1, lut.reshape(rows, n_sel).long(), 1)
+
+
 def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int, block_k: int, qk_scale: float,
              tile_m: int, shifted: bool, launch_options: dict | None = None, chunk: int = TAIL_CHUNK) -> torch.Tensor:
     """LSE_tail per query row (B*H, N) fp32 in log2 units: over the key blocks each row's query block did
@@ -81,9 +90,8 @@ def tail_lse(q, q_strides, k_mean, k_sum, lut, n: int, heads: int, block_q: int,
     if launch_options is None:
         launch_options = dict(num_warps=TAIL_WARPS, num_stages=TAIL_STAGES)
     bh, nk, d = k_mean.shape
-    nq, n_sel = lut.shape[-2:]
-    selected = torch.zeros(bh * nq, nk, device=q.device, dtype=torch.int8)
-    selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
+    nq = lut.shape[-2]
+    selected = selection_table(lut, nk)
     lse_tail = torch.empty(bh, n, device=q.device, dtype=torch.float32)
     # every tile reads all block means: in Q's dtype that traffic halves, and they are MMA operands anyway.
     # Centred first: keys often share a large mean, which 16 bits would round coarsely (bf16: 0.016 near 2)
@@ -123,8 +131,7 @@ def block_tail_lse(q_mean: torch.Tensor, k_mean: torch.Tensor, lut: torch.Tensor
         logits.view(bh * nq, nk).scatter_(1, lut.reshape(bh * nq, n_sel).long(), float("-inf"))
         lse_pool = torch.logsumexp(logits * math.log(2.0), dim=-1) / math.log(2.0)
         return lse_pool.repeat_interleave(block_q, dim=1)[:, :n] - row_logits / math.log(2.0)
-    selected = torch.zeros(bh * nq, nk, device=q_mean.device, dtype=torch.int8)
-    selected.scatter_(1, lut.reshape(bh * nq, n_sel).long(), 1)
+    selected = selection_table(lut, nk)
     out = torch.empty(bh, n, device=q_mean.device, dtype=torch.float32)
     forward_kernels.block_tail_lse_kernel[(-(-nq // BLOCK_TAIL_GROUP), bh)](
         q_mean, k_mean, selected, row_logits, out, n, nq, nk, block_k, qk_scale,
