@@ -62,7 +62,7 @@ def test_every_launch_loads_tiles_vectorised_on_sm90(tmp_path, python, quant, la
     rows = _report(tmp_path, python, "--quant", quant, "--layout", layout, *(["--backward"] if quant == "none" else []),
                    "--config", json.dumps({"sparse_gluon": 0}))
     names = {r["kernel"] for r in rows}
-    assert {"fwd_sparse_kernel", "fwd_lin_kernel", "k_feats", "kv_outer", "topk_lut"} <= names
+    assert {"fwd_sparse_kernel", "fwd_lin_kernel", "k_feats", "kv_outer", "router_key_proj", "router_topk"} <= names
     if quant == "none":
         assert {"bwd_dq_kernel", "bwd_dkdv_kernel", "bwd_dkdv_lin_kernel", "bwd_dq_lin_kernel"} <= names
     else:
@@ -267,3 +267,16 @@ def test_key_pass_compiles_for_sm90(tmp_path, python, quant, hedgehog):
     assert r["loads"].get("cp.async.cg.shared.global", 0) > 0, r["loads"]
     assert any(m.startswith("wgmma") for m in r["mma"]), r["mma"]
     assert r["spill_instructions"] == 0 and r["scalar_16bit_loads"] == 0, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("n", [1000, 32760, 75600])
+def test_router_compiles_without_spills_for_sm90(tmp_path, python, n):
+    """The router's two launches from a handful of key blocks to the 14B 720p sequence (1182 key blocks, whose
+    top-k holds its integer keys four rows at a time): 3-pass TF32 MMAs, no spills."""
+    rows = _report(tmp_path, python, "--shape", f"1,2,{n},128", "--topk", "0.03")
+    routers = [r for r in rows if r["kernel"] in ("router_key_proj", "router_topk")]
+    assert {r["kernel"] for r in routers} == {"router_key_proj", "router_topk"}, rows
+    for r in routers:
+        assert any("tf32" in m for m in r["mma"]), r["mma"]
+        assert r["spill_instructions"] == 0 and r["registers"] <= 255, r

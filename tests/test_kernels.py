@@ -170,20 +170,51 @@ def test_router_lut_matches_reference_router():
     assert torch.equal(lut.cpu(), want.cpu())
 
 
-@pytest.mark.parametrize("nk,n_sel", [(9, 1), (9, 4), (9, 9), (300, 37), (512, 15)])
-def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
-    """The bisection top-k kernel picks the same blocks as torch.topk, in ascending order, including rows
-    with negative scores, -0.0/+0.0, large magnitudes and exact ties (lowest index wins a tie)."""
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_router_lut_matches_fp64_top_k_over_several_programs(weights_dtype):
+    """Many query and key blocks per (batch, head), neither a multiple of the router's rows per program, two
+    batches of three heads with their own projections: the LUT holds each row's best blocks by fp64 scores."""
+    g = torch.Generator().manual_seed(11)
+    b, h, nq, nk, d, n_sel, n = 2, 3, 37, 70, 64, 9, 500
+    q_mean, k_mean = torch.randn(b, h, nq, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    k_sum = torch.randn(b, h, d, generator=g) * n
+    rq, rk = (torch.randn(h, d, d, generator=g).to(weights_dtype) for _ in range(2))
+    lut = S.router_lut(q_mean.to(DEVICE), k_mean.to(DEVICE), k_sum.to(DEVICE), n, rq.to(DEVICE), rk.to(DEVICE),
+                       n_sel).cpu()
+    k_proj = torch.einsum("bhkd,hde->bhke", k_mean.double() - k_sum.double().unsqueeze(2) / n, rk.double())
+    scores = torch.einsum("bhqd,hde,bhke->bhqk", q_mean.double(), rq.double(), k_proj)
+    top = torch.topk(scores, n_sel + 1, dim=-1).values
+    gap = (top[..., -2] - top[..., -1]) / scores.abs().amax(dim=-1)
+    assert gap.min() > 1e-5  # no near-tie at the cut that fp32 rounding could flip: the data is fit to compare on
+    want = torch.topk(scores, n_sel, dim=-1).indices.sort(dim=-1).values.int()
+    assert torch.equal(lut, want)
+
+
+def _route_scores(rows: torch.Tensor, n_sel: int, kept=(0, 0)) -> torch.Tensor:
+    """The router launches on given block scores ``rows`` (R, nk): query block r is the one-hot e_r and key
+    block j holds rows[:, j] in its first R channels, so with identity projections and no token mean every
+    score is exactly ``rows``'s; returns the (R, n_sel) LUT."""
+    r, nk = rows.shape
+    d = 64
+    k_mean = torch.zeros(1, 1, nk, d)
+    k_mean[0, 0, :, :r] = rows.T
+    eye = torch.eye(d).view(1, d, d).to(DEVICE)
+    lut = S.router_lut(torch.eye(r, d).view(1, 1, r, d).to(DEVICE), k_mean.to(DEVICE),
+                       torch.zeros(1, 1, d, device=DEVICE), 1, eye, eye, n_sel, kept)
+    return lut.view(r, n_sel).cpu()
+
+
+@pytest.mark.parametrize("nk,n_sel", [(9, 1), (9, 4), (9, 9), (300, 37), (512, 15), (1100, 40)])
+def test_router_top_k_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
+    """The router's bisection top-k picks the same blocks as torch.topk, in ascending order, including rows
+    with negative scores, signed zeros, large magnitudes and exact ties (lowest index wins a tie)."""
     g = torch.Generator().manual_seed(nk * 31 + n_sel)
     rows = torch.randn(6, nk, generator=g) * torch.tensor([1e-3, 1.0, 1e4, 1.0, 1.0, 1.0]).view(-1, 1)
     rows[3] = -rows[3].abs()  # all negative
     rows[4, : nk // 2] = 0.0
-    rows[4, nk // 2 :] = -0.0  # signed zeros only (+0.0 ranks above -0.0): the first n_sel indices win
+    rows[4, nk // 2 :] = -0.0  # zeros only: the first n_sel indices win
     rows[5] = torch.round(rows[5] * 2) / 2  # many exact ties
-    scores = rows.to(DEVICE).contiguous()
-    lut = torch.empty(6, n_sel, dtype=torch.int32, device=DEVICE)
-    forward_kernels.topk_lut[(6,)](scores, lut, nk, n_sel, 0, 0, NK_P=triton.next_power_of_2(nk))
-    lut = lut.cpu()
+    lut = _route_scores(rows, n_sel)
     for r in range(6):
         got = lut[r].tolist()
         assert got == sorted(got) and len(set(got)) == n_sel, (r, got)
@@ -197,19 +228,17 @@ def test_topk_lut_matches_torch_topk_with_ties_and_negatives(nk, n_sel):
 
 @pytest.mark.parametrize("nk,n_sel,kept", [(9, 5, (2, 5)), (9, 3, (0, 3)), (9, 9, (0, 9)), (300, 40, (291, 300)),
                                            (64, 20, (10, 11))])
-def test_topk_lut_always_kept_range(nk, n_sel, kept):
+def test_router_always_kept_range(nk, n_sel, kept):
     """Blocks of the always-kept range are in every row whatever their scores (set to the row's lowest here),
     and the other slots go to the best of the remaining blocks, as torch.topk ranks them."""
     g = torch.Generator().manual_seed(nk + n_sel)
     rows = torch.randn(4, nk, generator=g)
     rows[:, kept[0]:kept[1]] = rows.min() - 1.0
     rows[3] = torch.round(rows[3])  # ties among the routed blocks too
-    lut = torch.empty(4, n_sel, dtype=torch.int32, device=DEVICE)
-    forward_kernels.topk_lut[(4,)](rows.to(DEVICE).contiguous(), lut, nk, n_sel, *kept,
-                                   NK_P=triton.next_power_of_2(nk))
+    lut = _route_scores(rows, n_sel, kept)
     others = [j for j in range(nk) if not kept[0] <= j < kept[1]]
     for r in range(4):
-        got = lut[r].cpu().tolist()
+        got = lut[r].tolist()
         assert got == sorted(got) and len(set(got)) == n_sel, (r, got)
         routed = sorted(others, key=lambda j: (-rows[r, j].item(), j))[: n_sel - (kept[1] - kept[0])]
         assert set(got) == set(range(*kept)) | set(routed), (r, got)

@@ -136,23 +136,40 @@ def _mix_ratio(alpha_logit: torch.Tensor, n_sel: int, nk: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def router_lut(q_mean, k_mean, k_token_mean, router_q, router_k, n_sel, always_kept=(0, 0)):
+ROUTER_ROWS = 16  # query (or key) blocks per router program: the smallest MMA tile
+ROUTER_KEYS = 64  # key blocks per step of the router's score GEMM
+ROUTER_CHUNK = 16  # the router projections' steps over the head dim
+ROUTER_SELECT_KEYS = 8192  # integer keys the top-k holds at once (32 per thread at 8 warps)
+
+
+def router_lut(q_mean, k_mean, k_sum, n_tokens, router_q, router_k, n_sel, always_kept=(0, 0)):
     """Pooled router -> sorted int32 LUT (B, H, nq, n_sel) of the key blocks each query block attends to.
 
-    ``q_mean`` (B, H, nq, D) and ``k_mean`` (B, H, nk, D) are the block means, ``k_token_mean`` (B, H, D)
-    the token mean of K, which the router removes from the key side.  The key blocks of the ``always_kept``
-    range ``[start, end)`` are in every row; the other ``n_sel - (end - start)`` are the best-scoring."""
-    # fp32 whatever the caller's autocast (stage 2 runs under bf16 autocast): the ranking needs it
-    with torch.autocast(device_type=q_mean.device.type, enabled=False):
-        q_proj = torch.matmul(q_mean.float(), router_q.float())
-        k_proj = torch.matmul(k_mean.float() - k_token_mean.float().unsqueeze(2), router_k.float())
-        scores = torch.matmul(q_proj, k_proj.transpose(-1, -2)).contiguous()  # 1/sqrt(d) keeps the order
-    *lead, nq, nk = scores.shape
-    lut = torch.empty(*lead, nq, n_sel, device=scores.device, dtype=torch.int32)
-    # one program per row: bisection for the n_sel-th score + prefix-sum compaction
-    forward_kernels.topk_lut[(scores.numel() // nk,)](scores, lut, nk, n_sel, *always_kept,
-                                                      NK_P=triton.next_power_of_2(nk),
-                                                      **({} if _interpreting() else {"num_warps": 4}))
+    ``q_mean`` (B, H, nq, D) and ``k_mean`` (B, H, nk, D) are the block means in fp32, ``k_sum`` (B, H, D) the
+    token sums of K over ``n_tokens`` tokens: the router removes the token mean from the key side.  The
+    projections and scores are fp32-accurate (3-pass TF32 MMAs) whatever the caller's autocast: the ranking
+    needs it.  The key blocks of the ``always_kept`` range ``[start, end)`` are in every row; the other
+    ``n_sel - (end - start)`` are the best-scoring.  Two launches: the key projections, then the query
+    projections, scores and top-k of ``ROUTER_ROWS`` query blocks per program."""
+    *lead, nq, d = q_mean.shape
+    nk = k_mean.shape[-2]
+    bh = q_mean[..., 0, 0].numel()
+    heads = router_q.shape[0]
+    dev = q_mean.device
+    k_proj = torch.empty(bh, nk, d, device=dev, dtype=torch.float32)
+    router_q, router_k = router_q.detach().contiguous(), router_k.detach().contiguous()
+    forward_kernels.router_key_proj[(_cdiv(nk, ROUTER_ROWS), bh)](
+        k_mean.contiguous(), k_sum.contiguous(), router_k, k_proj, nk, heads, 1.0 / n_tokens,
+        D=d, ROWS=ROUTER_ROWS, CHUNK=ROUTER_CHUNK, **({} if _interpreting() else {"num_warps": 4}))
+    nk_p = max(triton.next_power_of_2(nk), ROUTER_KEYS)
+    programs = _cdiv(nq, ROUTER_ROWS)
+    scores = torch.empty(bh, programs * ROUTER_ROWS, nk_p, device=dev, dtype=torch.float32)
+    lut = torch.empty(*lead, nq, n_sel, device=dev, dtype=torch.int32)
+    forward_kernels.router_topk[(programs, bh)](
+        q_mean.contiguous(), router_q, k_proj, scores, lut, nq, nk, n_sel, *always_kept, heads,
+        D=d, ROWS=ROUTER_ROWS, NK_P=nk_p, KEYS=ROUTER_KEYS, CHUNK=ROUTER_CHUNK,
+        SELECT_ROWS=max(1, min(ROUTER_ROWS, ROUTER_SELECT_KEYS // nk_p)),
+        **({} if _interpreting() else {"num_warps": 8, "num_stages": 2}))
     return lut
 
 
@@ -302,7 +319,7 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
                                         D=D, BLOCK_Q=spec.block_q, QUANT=quant, HEDGEHOG=phi_q_prepass,
                                         ROW_TERMS=row_terms)
     # 4. router -> LUT of the n_sel key blocks of every query block
-    lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D) / N,
+    lut = router_lut(q_mean.view(B, H, nq, D), k_mean.view(B, H, nk, D), k_sum.view(B, H, D), N,
                      router_q, router_k, n_sel, spec.always_kept)
     # 5. low-bit copies: INT8 of the smoothed K, FP8 of V (token-contiguous)
     k_int8 = torch.empty(BH, N, D, device=dev, dtype=torch.int8) if quant else k_sum

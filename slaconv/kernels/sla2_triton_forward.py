@@ -127,35 +127,90 @@ def row_mix_ratio(lse_sel, LSE_TAIL, alpha_logit, per_row, row_valid, has_lin, M
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["nk", "n_sel", "kept_start", "kept_end"])
-def topk_lut(SCORES, LUT, nk, n_sel, kept_start, kept_end, NK_P: tl.constexpr):
-    """One row of router scores -> its ``n_sel`` highest key blocks, written in ascending block order.
+@triton.jit(do_not_specialize=["nk", "H", "inv_n"])
+def router_key_proj(K_MEAN, K_SUM, W_K, K_PROJ, nk, H, inv_n, D: tl.constexpr, ROWS: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """The router's key side for ``ROWS`` key blocks: (mean_j(K) - mean(K)) W_k in fp32 into K_PROJ (B*H, nk, D).
 
-    The n_sel-th largest score is found by a 32-step bisection on order-preserving integer keys (cost
-    independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum
-    gives each selected block its slot, so the LUT row comes out sorted.  Blocks in ``[kept_start, kept_end)``
-    rank above every score (their key lies beyond the bisection's range), so they are always taken."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, NK_P)
-    valid = offs < nk
-    x = tl.load(SCORES + row * nk + offs, mask=valid, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order == integer order
-    key = tl.where(valid, key, -(2**40))
-    key = tl.where((offs >= kept_start) & (offs < kept_end), 2**40, key)
-    lo = tl.full((), -(2**31), tl.int64)  # count(key >= lo) >= n_sel always holds
-    hi = tl.full((), 2**31 - 1, tl.int64)
+    K_MEAN (B*H, nk, D) fp32 holds the block means, K_SUM (B*H, D) fp32 the token sums (times ``inv_n``: the
+    token mean), W_K (H, D, D) this head's projection in any float dtype."""
+    common.check_head_dim(D)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    rows, valid = common.block_rows(tl.program_id(0), ROWS, nk)
+    k_mean = common.load_rows(K_MEAN + bh * nk * D, rows, D, valid, D)
+    k_centred = k_mean - tl.load(K_SUM + bh * D + offs_d)[None, :] * inv_n
+    for c in range(0, D, CHUNK):  # over output columns: one (D, CHUNK) slice of the weight at a time
+        cols = c + tl.arange(0, CHUNK)
+        w = tl.load(W_K + h * D * D + offs_d[:, None] * D + cols[None, :]).to(tl.float32)
+        proj = tl.dot(k_centred, w, input_precision="tf32x3")
+        tl.store(K_PROJ + (bh * nk + rows[:, None]) * D + cols[None, :], proj, mask=valid[:, None])
+
+
+@triton.jit(do_not_specialize=["nq", "nk", "n_sel", "kept_start", "kept_end", "H"])
+def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kept_end, H, D: tl.constexpr,
+                ROWS: tl.constexpr, NK_P: tl.constexpr, KEYS: tl.constexpr, CHUNK: tl.constexpr,
+                SELECT_ROWS: tl.constexpr):
+    """The router for ``ROWS`` query blocks: block scores (mean_i(Q) W_q) K_PROJ^T in fp32 (1/sqrt(D) left
+    out: it keeps the order), then each row's ``n_sel`` highest key blocks, written in ascending order to
+    LUT (B*H, nq, n_sel).
+
+    The scores go through this program's (ROWS, NK_P) slice of SCORES, written ``KEYS`` key blocks at a time
+    and read back ``SELECT_ROWS`` rows at a time, so only those rows' integer keys are ever held whole.  The
+    n_sel-th largest score of a row is found by a 32-step
+    bisection on order-preserving integer keys (cost independent of n_sel, no sort); blocks above it are
+    taken, ties at it by lowest index; a prefix sum gives each selected block its slot, so the row comes out
+    sorted.  Blocks in ``[kept_start, kept_end)`` get the largest key, above every score's, so they are always
+    taken."""
+    common.check_head_dim(D)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    rows, row_valid = common.block_rows(tl.program_id(0), ROWS, nq)
+    q_proj = tl.zeros((ROWS, D), dtype=tl.float32)
+    for c in range(0, D, CHUNK):  # over the contraction, so neither operand is held whole
+        inner = c + tl.arange(0, CHUNK)
+        q_mean = tl.load(Q_MEAN + (bh * nq + rows[:, None]) * D + inner[None, :], mask=row_valid[:, None], other=0.0)
+        w = tl.load(W_Q + h * D * D + inner[:, None] * D + offs_d[None, :]).to(tl.float32)
+        q_proj = tl.dot(q_mean, w, q_proj, input_precision="tf32x3")
+    slab = SCORES + (bh * tl.num_programs(0) + tl.program_id(0)) * ROWS * NK_P
+    for k0 in range(0, NK_P, KEYS):
+        offs = k0 + tl.arange(0, KEYS)
+        k_proj_t = tl.load(K_PROJ + (bh * nk + offs[None, :]) * D + offs_d[:, None], mask=(offs < nk)[None, :],
+                           other=0.0)
+        tl.store(slab + tl.arange(0, ROWS)[:, None] * NK_P + offs[None, :], tl.dot(q_proj, k_proj_t, input_precision="tf32x3"))
+    tl.debug_barrier()  # the slab's stores by every thread before any thread reads a whole row back
+    for r0 in range(0, ROWS, SELECT_ROWS):
+        sub = tl.program_id(0) * ROWS + r0 + tl.arange(0, SELECT_ROWS)
+        _select_top_k(slab + r0 * NK_P, LUT + (bh * nq + sub[:, None]) * n_sel, sub < nq, nk, n_sel,
+                      kept_start, kept_end, SELECT_ROWS, NK_P)
+
+
+@triton.jit
+def _select_top_k(SCORES, LUT_ROWS, row_valid, nk, n_sel, kept_start, kept_end, ROWS: tl.constexpr,
+                  NK_P: tl.constexpr):
+    """Rows of scores (row stride NK_P) -> each row's n_sel highest key blocks, ascending, at LUT_ROWS."""
+    offs_k = tl.arange(0, NK_P)
+    bits = tl.load(SCORES + tl.arange(0, ROWS)[:, None] * NK_P + offs_k[None, :]).to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == integer order
+    # the extremes are no float's key (-2^31 only a negative NaN's, 2^31 - 1 none): padding below, kept above
+    key = tl.where((offs_k < nk)[None, :], key, -(2**31))
+    key = tl.where(((offs_k >= kept_start) & (offs_k < kept_end))[None, :], 2**31 - 1, key)
+    lo = tl.full((ROWS,), -(2**31), tl.int64)  # count(key >= lo) >= n_sel always holds
+    hi = tl.full((ROWS,), 2**31 - 1, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= n_sel
+        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= n_sel
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    above = key > lo
-    tied = key == lo
-    room = n_sel - tl.sum(above.to(tl.int32), axis=0)
-    selected = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-    slot = tl.cumsum(selected.to(tl.int32), axis=0) - 1
-    tl.store(LUT + row * n_sel + slot, offs, mask=selected)
+    cut = lo.to(tl.int32)[:, None]
+    above = key > cut
+    tied = key == cut
+    room = n_sel - tl.sum(above.to(tl.int32), axis=1)
+    selected = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    slot = tl.cumsum(selected.to(tl.int32), axis=1) - 1
+    tl.store(LUT_ROWS + slot, offs_k[None, :] + 0 * slot, mask=selected & row_valid[:, None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +446,7 @@ def block_tail_lse_kernel(
         k_bar = tl.load(K_MEAN + (bh * nk + blocks)[:, None] * D + offs_d[None, :], mask=exists[:, None], other=0.0)
         rest = tl.load(selected_rows + blocks[None, :], mask=q_valid[:, None] & exists[None, :], other=1) == 0
         log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
-        s = tl.dot(q_bar, tl.trans(k_bar), input_precision="ieee") * qk_scale + log2_count[None, :]
+        s = tl.dot(q_bar, tl.trans(k_bar), input_precision="tf32x3") * qk_scale + log2_count[None, :]
         s = tl.where(rest, s, float("-inf"))
         m_i, l_i = lse_step(s, m_i, l_i)
     lse = lse_total(m_i, l_i)
