@@ -262,6 +262,8 @@ def sweep(results, base, n=32760, h=12, d=128, topk=0.03, variants_on=True):
         {},
         {"lin_stages": 4},  # linear loops: 2 tile buffers, smaller shared-memory footprint
         {"num_stages": 4},  # sparse loop: 4 K/V buffers (164 KB shared memory offline)
+        {"key_pass": 1},  # k_feats + kv_outer as one launch (linear branch over every key block only)
+        {"dkdv_gluon": 1, "dq_gluon": 1},  # the sparse backward's Gluon launches (Hopper)
     ]
     for changes in variants:
         launch = dataclasses.replace(base, **changes)
@@ -287,8 +289,8 @@ def sweep(results, base, n=32760, h=12, d=128, topk=0.03, variants_on=True):
     sw = results["sweep"]
     best_fwd = min(sw, key=lambda r: num(r["fwd_none"]) + num(r["fwd_int8-fp8"]))
     best_fb = min(sw, key=lambda r: num(r["fwd+bwd"]))
-    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "lin_warps", "lin_stages")
-    bwd_keys = ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd")
+    fwd_keys = ("tile_m_fwd", "num_warps", "num_stages", "lin_warps", "lin_stages", "key_pass")
+    bwd_keys = ("tile_m_bwd", "num_warps_bwd", "num_stages_bwd", "dkdv_gluon", "dq_gluon")
     best = {k: best_fwd.get(k, getattr(base, k)) for k in fwd_keys}
     best.update({k: best_fb.get(k, getattr(base, k)) for k in bwd_keys})
     results["best_config"] = best

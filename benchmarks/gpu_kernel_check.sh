@@ -14,7 +14,7 @@ set -o pipefail
 export OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv | tee "$OUT/bench_model.log"
-timeout 120 python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
+timeout 180 python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
 timeout 300 python3 benchmarks/bench_attention.py --auto --quick --topk 0.03 --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | grep -v "^resources"
 BEST=$(python3 -c "import json;print(json.dumps(json.load(open('$OUT/bench_attention.json'))['config']))" 2>/dev/null || echo '{}')
 echo "model benchmarks with launch settings $BEST" | tee -a "$OUT/bench_model.log"

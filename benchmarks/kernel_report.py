@@ -41,6 +41,7 @@ from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction 
 
 from slaconv.kernels import (  # noqa: E402
     sla2_gluon,
+    sla2_gluon_backward,
     sla2_triton,  # noqa: E402
     sla2_triton_backward,
     sla2_triton_forward,
@@ -49,7 +50,7 @@ from slaconv.kernels import (  # noqa: E402
 from slaconv.kernels.launch import DEFAULT_LAUNCH  # noqa: E402
 from slaconv.kernels.spec import AttentionSpec  # noqa: E402
 
-KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward, sla2_triton_ws, sla2_gluon)
+KERNEL_MODULES = (sla2_triton_forward, sla2_triton_backward, sla2_triton_ws, sla2_gluon, sla2_gluon_backward)
 _TORCH_TO_TRITON = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",

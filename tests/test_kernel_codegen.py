@@ -280,3 +280,22 @@ def test_router_compiles_without_spills_for_sm90(tmp_path, python, n):
     for r in routers:
         assert any("tf32" in m for m in r["mma"]), r["mma"]
         assert r["spill_instructions"] == 0 and r["registers"] <= 255, r
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("shape,layout,mixing", [("1,12,32760,128", "bnhd", "head"), ("2,3,4001,64", "bhnd", "head"),
+                                                 ("1,12,32760,128", "bhnd", "query-linear")])
+def test_gluon_backward_launches_compile_for_sm90(tmp_path, python, shape, layout, mixing):
+    """LaunchConfig.dkdv_gluon and dq_gluon: one Gluon launch replaces the two sparse dK / dV launches and one
+    the sparse dQ launch; their tiles come by TMA, every product runs on wgmma with an MMA left in flight past
+    a wait, and the accumulators fit one warpgroup without spills, two programs per SM."""
+    rows = _report(tmp_path, python, "--shape", shape, "--topk", "0.03", "--backward", "--layout", layout,
+                   "--mixing", mixing, "--config", json.dumps({"dkdv_gluon": 1, "dq_gluon": 1}))
+    names = {r["kernel"] for r in rows}
+    assert {"bwd_dkdv_gluon_kernel", "bwd_dq_gluon_kernel"} <= names, names
+    assert not {"bwd_dkdv_kernel", "bwd_dq_kernel"} & names, names
+    for r in rows:
+        if r["kernel"] in ("bwd_dkdv_gluon_kernel", "bwd_dq_gluon_kernel"):
+            assert r["tma_loads"] > 0 and any(m.startswith("wgmma") for m in r["mma"]), r
+            assert r["wgmma_waits"].get("1", 0) > 0, r["wgmma_waits"]
+            assert r["spill_instructions"] == 0 and r["ctas_per_sm"] >= 2, r

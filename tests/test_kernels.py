@@ -20,6 +20,7 @@ from slaconv.kernels import reference
 triton = pytest.importorskip("triton")
 
 from slaconv.kernels import sla2_gluon as gluon_kernels  # noqa: E402
+from slaconv.kernels import sla2_gluon_backward as gluon_backward  # noqa: E402
 from slaconv.kernels import sla2_triton as S  # noqa: E402
 from slaconv.kernels import sla2_triton_backward as backward_kernels  # noqa: E402
 from slaconv.kernels import sla2_triton_forward as forward_kernels  # noqa: E402
@@ -990,6 +991,53 @@ def test_gluon_sparse_launch_refuses_what_it_does_not_compute():
     assert issubclass(gluon_kernels.GluonUnavailableError, SlaconvError)
     with pytest.raises(ValueError, match="sparse_ws and sparse_gluon"):
         dataclasses.replace(GLUON_LAUNCH, sparse_ws=1)
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("b,h,n,d,mixing,linear_keys", [(2, 3, 4001, 64, "head", "unselected"),
+                                                        (2, 3, 4096, 128, "query-linear", "all"),
+                                                        (1, 12, 32760, 128, "head", "all")])
+def test_gluon_backward_launches_match_the_plain_ones(monkeypatch, layout, b, h, n, d, mixing, linear_keys):
+    """LaunchConfig.dkdv_gluon and dq_gluon: the Gluon dK / dV and dQ launches against the plain ones on the same
+    forward, ragged N and Wan2.1-1.3B's shape, both layouts, alpha per head and per query row: dQ, dK and dV
+    within 16-bit rounding, the alpha gradients unchanged (other launches)."""
+    launched = []
+    for name in ("launch_dkdv_gluon", "launch_dq_gluon"):
+        real = getattr(gluon_backward, name)
+        monkeypatch.setattr(gluon_backward, name,
+                            lambda *a, _real=real, _name=name, **kw: launched.append(_name) or _real(*a, **kw))
+    q, k, v, rq, rk, al = _inputs(b, h, n, d, layout, dtype=torch.bfloat16, seed=5 + n + d)
+    weight = torch.randn(h, d, generator=torch.Generator().manual_seed(n)).to(DEVICE) if mixing != "head" else None
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(d)).to(DEVICE, torch.bfloat16)
+    grads = []
+    for on in (0, 1):
+        leaves = _leaf(q, k, v, al, *([weight] if weight is not None else []))
+        out = S.sla2_attention_triton(*leaves[:3], rq, rk, leaves[3], AttentionSpec(0.03), layout=layout,
+                                      launch=dataclasses.replace(DEFAULT_LAUNCH, dkdv_gluon=on, dq_gluon=on),
+                                      mixing=mixing, linear_keys=linear_keys,
+                                      alpha_weight=leaves[4] if weight is not None else None)
+        grads.append(torch.autograd.grad(out, leaves, go))
+    assert sorted(launched) == ["launch_dkdv_gluon", "launch_dq_gluon"]
+    dims = ("batch", "token", "head", "channel") if layout == "bnhd" else ("batch", "head", "token", "channel")
+    for name, plain, fused in zip(("dQ", "dK", "dV", "dalpha", "dweight"), *grads):
+        assert torch.isfinite(fused).all(), name
+        assert rel_l2(fused, plain) <= 5e-3, (_mismatch(name, fused, plain, dims, 3e-2) if plain.dim() == 4
+                                              else (name, rel_l2(fused, plain)))
+
+
+def test_gluon_backward_applies_only_where_tma_can_read(monkeypatch):
+    """The Gluon backward launches are picked only for 16-bit inputs, head dim 64 / 128, 64-row tiles and blocks,
+    and strides TMA can take: a broadcast gradient (stride 0) or a row stride off 16 bytes takes the plain
+    launches."""
+    monkeypatch.setattr(gluon_kernels, "check_device", lambda device: None)
+    good = (32760 * 12 * 128, 128, 12 * 128)
+    assert gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, good)
+    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, (0, 128, 1536))
+    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, (1000, 128, 1540))
+    assert not gluon_backward.applies(torch.device("cuda"), torch.float32, 128, 64, 64, good)
+    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 128, 64, good)
+    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 96, 64, 64, good)
 
 
 # --------------------------------------------------------------------------------------------------

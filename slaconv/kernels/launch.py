@@ -80,12 +80,23 @@ class LaunchConfig:
     phi(K); 0, the default, runs ``k_feats`` (which writes phi(K)) and ``kv_outer`` (which reads it back), the
     pair the branch over the unselected blocks needs anyway.  Not timed on a GPU yet, so not the default."""
 
+    dkdv_gluon: int = 0
+    """1: on Hopper, with 16-bit inputs, head dim 64 or 128 and 64-row query tiles and key blocks, the sparse
+    parts of dK and dV run as one Gluon launch (``sla2_gluon_backward.py``: K and V in shared memory, both
+    accumulators in one warpgroup, S^T and P^T computed once) instead of two ``bwd_dkdv_kernel`` launches that
+    each recompute them; elsewhere the two launches.  Not timed on a GPU yet, so not the default."""
+    dq_gluon: int = 0
+    """1: under the conditions of ``dkdv_gluon``, the sparse part of dQ runs as the Gluon launch of the same module (Q and
+    dO in shared memory, the selected K / V blocks through a TMA ring, asynchronous wgmma) instead of
+    ``bwd_dq_kernel``.  Not timed on a GPU yet, so not the default."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.startswith("tile_m"):
                 allowed = _TILE_ROWS
-            elif f.name in ("sparse_ws", "gluon_query_features", "block_tail_launch", "key_pass"):
+            elif f.name in ("sparse_ws", "gluon_query_features", "block_tail_launch", "key_pass", "dkdv_gluon",
+                            "dq_gluon"):
                 allowed = (0, 1)
             elif f.name == "sparse_gluon":
                 allowed = (0, 1, 2)

@@ -34,6 +34,7 @@ import triton
 from ..config import KERNEL_HEAD_DIMS, ROW_WEIGHT_MIXINGS
 from . import reference
 from . import sla2_gluon as gluon_kernels
+from . import sla2_gluon_backward as gluon_backward
 from . import sla2_triton_backward as backward_kernels
 from . import sla2_triton_forward as forward_kernels
 from . import sla2_triton_linear as linear
@@ -479,11 +480,20 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
     else:
         dalpha = dalpha_partial.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
     # 5. sparse part of dQ over the LUT
-    backward_kernels.bwd_dq_kernel[(n_tiles, BH)](
-        q, k, v, do, dq, lut, lse, delta, alpha,
-        *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q, qk_scale,
-        sm_scale, D=D, BLOCK_M=tile_m, BLOCK_N=block_k, MIX_ROWS=mix_rows, **sparse_launch,
-    )
+    gluon_applies = (launch.dq_gluon or launch.dkdv_gluon) and gluon_backward.applies(
+        dev, q.dtype, D, tile_m, block_k, (*q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *dk_strides,
+                                           *dv_strides))
+    if launch.dq_gluon and gluon_applies:
+        gluon_backward.launch_dq_gluon(
+            q, k, v, do, dq, lut, lse, delta, alpha, (*q_strides, *k_strides, *v_strides, *do_strides, *dq_strides),
+            N, B, H, n_sel, nq, block_q, qk_scale, sm_scale, D=D, mix_rows=bool(mix_rows),
+        )
+    else:
+        backward_kernels.bwd_dq_kernel[(n_tiles, BH)](
+            q, k, v, do, dq, lut, lse, delta, alpha,
+            *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, N, H, n_sel, nq, nk, block_q, qk_scale,
+            sm_scale, D=D, BLOCK_M=tile_m, BLOCK_N=block_k, MIX_ROWS=mix_rows, **sparse_launch,
+        )
     # 6. dK and dV over the inverted index: the linear part, then the sparse part of each
     tile_offsets, tile_ids = inverted_index(lut, N, block_q, nk, tile_m)
     # over every key block the linear part of each block's gradient takes every query tile: none to subtract
@@ -493,12 +503,19 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
         *v_strides, *do_strides, *dk_strides, *dv_strides, N, H, nk, feature_k_arg, dlogits_k,
         D=D, BLOCK_M=tile_m, BLOCK_N=block_k, HEDGEHOG=hedgehog, **linear_launch,
     )
-    for grad, grad_strides, grad_k in ((dk, dk_strides, True), (dv, dv_strides, False)):
-        backward_kernels.bwd_dkdv_kernel[(nk, BH)](
-            q, k, v, do, grad, tile_offsets, tile_ids, lse, delta, alpha,
-            *q_strides, *k_strides, *v_strides, *do_strides, *grad_strides, N, H, nk, qk_scale, sm_scale,
-            D=D, BLOCK_M=tile_m, BLOCK_N=block_k, GRAD_K=grad_k, MIX_ROWS=mix_rows, **sparse_launch,
+    if launch.dkdv_gluon and gluon_applies:
+        gluon_backward.launch_dkdv_gluon(
+            q, k, v, do, dk, dv, tile_offsets, tile_ids, lse, delta, alpha,
+            (*q_strides, *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides), N, B, H, nk, qk_scale,
+            sm_scale, D=D, mix_rows=bool(mix_rows),
         )
+    else:
+        for grad, grad_strides, grad_k in ((dk, dk_strides, True), (dv, dv_strides, False)):
+            backward_kernels.bwd_dkdv_kernel[(nk, BH)](
+                q, k, v, do, grad, tile_offsets, tile_ids, lse, delta, alpha,
+                *q_strides, *k_strides, *v_strides, *do_strides, *grad_strides, N, H, nk, qk_scale, sm_scale,
+                D=D, BLOCK_M=tile_m, BLOCK_N=block_k, GRAD_K=grad_k, MIX_ROWS=mix_rows, **sparse_launch,
+            )
     if not hedgehog:
         return dq, dk, dv, dalpha, None, None
     return (dq, dk, dv, dalpha, linear.signed_weight_grad(_as_bhnd(q, layout), dlogits_q.view(B, H, N, D)),
