@@ -1026,18 +1026,26 @@ def test_gluon_backward_launches_match_the_plain_ones(monkeypatch, layout, b, h,
                                               else (name, rel_l2(fused, plain)))
 
 
-def test_gluon_backward_applies_only_where_tma_can_read(monkeypatch):
-    """The Gluon backward launches are picked only for 16-bit inputs, head dim 64 / 128, 64-row tiles and blocks,
-    and strides TMA can take: a broadcast gradient (stride 0) or a row stride off 16 bytes takes the plain
-    launches."""
+def test_gluon_launches_apply_only_where_tma_can_read(monkeypatch):
+    """The Gluon launches are picked only for 16-bit inputs, head dim 64 / 128, their block sizes and tensors TMA
+    can read: a broadcast tensor (stride 0), a row stride off 16 bytes or a start off 16 bytes takes the plain
+    launches, and forcing the Gluon forward on one is a one-line error."""
     monkeypatch.setattr(gluon_kernels, "check_device", lambda device: None)
-    good = (32760 * 12 * 128, 128, 12 * 128)
-    assert gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, good)
-    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, (0, 128, 1536))
-    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 64, 64, (1000, 128, 1540))
-    assert not gluon_backward.applies(torch.device("cuda"), torch.float32, 128, 64, 64, good)
-    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 128, 128, 64, good)
-    assert not gluon_backward.applies(torch.device("cuda"), torch.bfloat16, 96, 64, 64, good)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    good = torch.empty(1, 100, 12, 128, dtype=bf16)
+    broadcast = torch.empty(1, 1, 12, 128, dtype=bf16).expand(2, 100, 12, 128)
+    padded_rows = torch.empty(1, 100, 12, 132, dtype=bf16)[..., :128]
+    shifted = torch.empty(100 * 12 * 128 + 1, dtype=bf16)[1:].view(1, 100, 12, 128)
+    assert gluon_backward.applies(cuda, bf16, 128, 64, 64, (good, good))
+    assert gluon_kernels.applies(cuda, bf16, 128, 128, 64, "none", (good, good))
+    for bad in (broadcast, padded_rows, shifted):
+        assert not gluon_backward.applies(cuda, bf16, 128, 64, 64, (good, bad))
+        assert not gluon_kernels.applies(cuda, bf16, 128, 128, 64, "none", (bad, good))
+        with pytest.raises(gluon_kernels.GluonUnavailableError, match="16-byte aligned"):
+            gluon_kernels.check_supported(cuda, bf16, 128, 128, 64, "none", (bad, ))
+    assert not gluon_backward.applies(cuda, torch.float32, 128, 64, 64, (good, ))
+    assert not gluon_backward.applies(cuda, bf16, 128, 128, 64, (good, ))
+    assert not gluon_backward.applies(cuda, bf16, 96, 64, 64, (good, ))
 
 
 # --------------------------------------------------------------------------------------------------

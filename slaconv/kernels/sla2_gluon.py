@@ -215,17 +215,30 @@ def check_device(device: torch.device) -> None:
         raise GluonUnavailableError(f"the Gluon sparse launch needs a Hopper GPU (sm_90), got {where}")
 
 
+def check_tma_operands(tensors) -> None:
+    """Raise :class:`GluonUnavailableError` (one line) unless TMA can read every tensor: a 16-byte aligned start
+    and every stride but the last a positive multiple of 16 bytes (a tensor broadcast over a dimension has
+    stride 0 there; every layout diffusers passes qualifies)."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:-1]):
+            raise GluonUnavailableError(f"the Gluon launches read through TMA, which needs 16-byte aligned tensors "
+                                        f"and strides; got strides {tuple(t.stride())}")
+
+
 def check_supported(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,
-                    quant: str) -> None:
-    """:func:`check_inputs` and :func:`check_device`: what the forward calls before any launch."""
+                    quant: str, tensors=()) -> None:
+    """:func:`check_inputs`, :func:`check_tma_operands` on ``tensors`` and :func:`check_device`: what the forward
+    calls before any launch."""
     check_inputs(dtype, head_dim, block_q, block_k, quant)
+    check_tma_operands(tensors)
     check_device(device)
 
 
-def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str) -> bool:
+def applies(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, quant: str,
+            tensors=()) -> bool:
     """Whether the kernel computes this call on this device (``LaunchConfig.sparse_gluon=2`` picks it then)."""
     try:
-        check_supported(device, dtype, head_dim, block_q, block_k, quant)
+        check_supported(device, dtype, head_dim, block_q, block_k, quant, tensors)
     except GluonUnavailableError:
         return False
     return True

@@ -268,15 +268,12 @@ def check_inputs(dtype: torch.dtype, head_dim: int, tile_m: int, block_k: int) -
                                     f"blocks, got {tile_m} and {block_k}")
 
 
-def applies(device: torch.device, dtype: torch.dtype, head_dim: int, tile_m: int, block_k: int,
-            strides=()) -> bool:
-    """Whether the kernels compute this backward on this device; ``strides``, the (batch, head, token) strides
-    of the tensors they would read and write, must be positive multiples of 16 bytes (TMA's rule; a gradient
-    broadcast over a dimension has stride 0 there)."""
-    if any(stride <= 0 or stride * dtype.itemsize % 16 for stride in strides):
-        return False
+def applies(device: torch.device, dtype: torch.dtype, head_dim: int, tile_m: int, block_k: int, tensors=()) -> bool:
+    """Whether the kernels compute this backward on this device, reading and writing ``tensors`` through TMA
+    (:func:`sla2_gluon.check_tma_operands`)."""
     try:
         check_inputs(dtype, head_dim, tile_m, block_k)
+        forward_gluon.check_tma_operands(tensors)
         forward_gluon.check_device(device)
     except GluonUnavailableError:
         return False

@@ -251,13 +251,15 @@ def forward(q, k, v, router_q, router_k, alpha_logit, spec: AttentionSpec, layou
                          "linear branch over the unselected blocks only")
     if launch.sparse_ws:
         ws_kernels.check_supported(q.dtype, spec.quant)
+    q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
     if launch.sparse_gluon == 1:
-        gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant)
+        gluon_kernels.check_supported(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant,
+                                      (q, k, v))
     # sparse_gluon 2: the Gluon launch wherever it applies, the linear-branch options included
     use_gluon = launch.sparse_gluon == 1 or (
         launch.sparse_gluon == 2 and not launch.sparse_ws
-        and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant))
-    q, k, v = _unit_head_stride(q), _unit_head_stride(k), _unit_head_stride(v)
+        and gluon_kernels.applies(q.device, q.dtype, q.shape[-1], spec.block_q, spec.block_k, spec.quant,
+                                  (q, k, v)))
     (B, H, N, D), q_strides = _dims(q, layout)
     _, k_strides = _dims(k, layout)
     _, v_strides = _dims(v, layout)
@@ -481,8 +483,7 @@ def backward(do, q, k, v, alpha_logit, lut, o, lse, inv_den, h_all, z_all, block
         dalpha = dalpha_partial.sum(dim=1).view(B, H).sum(dim=0).to(alpha_logit.dtype)  # already d/d(alpha logit)
     # 5. sparse part of dQ over the LUT
     gluon_applies = (launch.dq_gluon or launch.dkdv_gluon) and gluon_backward.applies(
-        dev, q.dtype, D, tile_m, block_k, (*q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *dk_strides,
-                                           *dv_strides))
+        dev, q.dtype, D, tile_m, block_k, (q, k, v, do, dq, dk, dv))
     if launch.dq_gluon and gluon_applies:
         gluon_backward.launch_dq_gluon(
             q, k, v, do, dq, lut, lse, delta, alpha, (*q_strides, *k_strides, *v_strides, *do_strides, *dq_strides),
