@@ -158,11 +158,10 @@ def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kep
 
     The scores go through this program's (ROWS, NK_P) slice of SCORES, written ``KEYS`` key blocks at a time
     and read back ``SELECT_ROWS`` rows at a time, so only those rows' integer keys are ever held whole.  The
-    n_sel-th largest score of a row is found by a 32-step
-    bisection on order-preserving integer keys (cost independent of n_sel, no sort); blocks above it are
-    taken, ties at it by lowest index; a prefix sum gives each selected block its slot, so the row comes out
-    sorted.  Blocks in ``[kept_start, kept_end)`` get the largest key, above every score's, so they are always
-    taken."""
+    n_sel-th largest score of a row is found by a 32-step bisection on order-preserving integer keys (cost
+    independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum gives
+    each selected block its slot, so the row comes out sorted.  Blocks in ``[kept_start, kept_end)`` get the
+    largest key, above every score's, so they are always taken."""
     common.check_head_dim(D)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -171,7 +170,8 @@ def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kep
     q_proj = tl.zeros((ROWS, D), dtype=tl.float32)
     for c in range(0, D, CHUNK):  # over the contraction, so neither operand is held whole
         inner = c + tl.arange(0, CHUNK)
-        q_mean = tl.load(Q_MEAN + (bh * nq + rows[:, None]) * D + inner[None, :], mask=row_valid[:, None], other=0.0)
+        q_mean = tl.load(Q_MEAN + (bh * nq + rows[:, None]) * D + inner[None, :], mask=row_valid[:, None],
+                         other=0.0)
         w = tl.load(W_Q + h * D * D + inner[:, None] * D + offs_d[None, :]).to(tl.float32)
         q_proj = tl.dot(q_mean, w, q_proj, input_precision="tf32x3")
     slab = SCORES + (bh * tl.num_programs(0) + tl.program_id(0)) * ROWS * NK_P
@@ -179,7 +179,8 @@ def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kep
         offs = k0 + tl.arange(0, KEYS)
         k_proj_t = tl.load(K_PROJ + (bh * nk + offs[None, :]) * D + offs_d[:, None], mask=(offs < nk)[None, :],
                            other=0.0)
-        tl.store(slab + tl.arange(0, ROWS)[:, None] * NK_P + offs[None, :], tl.dot(q_proj, k_proj_t, input_precision="tf32x3"))
+        scores = tl.dot(q_proj, k_proj_t, input_precision="tf32x3")
+        tl.store(slab + tl.arange(0, ROWS)[:, None] * NK_P + offs[None, :], scores)
     tl.debug_barrier()  # the slab's stores by every thread before any thread reads a whole row back
     for r0 in range(0, ROWS, SELECT_ROWS):
         sub = tl.program_id(0) * ROWS + r0 + tl.arange(0, SELECT_ROWS)
@@ -446,7 +447,7 @@ def block_tail_lse_kernel(
         k_bar = tl.load(K_MEAN + (bh * nk + blocks)[:, None] * D + offs_d[None, :], mask=exists[:, None], other=0.0)
         rest = tl.load(selected_rows + blocks[None, :], mask=q_valid[:, None] & exists[None, :], other=1) == 0
         log2_count = tl.log2(tl.maximum(tl.minimum(N - blocks * block_k, block_k), 1).to(tl.float32))
-        s = tl.dot(q_bar, tl.trans(k_bar), input_precision="tf32x3") * qk_scale + log2_count[None, :]
+        s = tl.dot(q_bar, tl.trans(k_bar), input_precision="ieee") * qk_scale + log2_count[None, :]
         s = tl.where(rest, s, float("-inf"))
         m_i, l_i = lse_step(s, m_i, l_i)
     lse = lse_total(m_i, l_i)
