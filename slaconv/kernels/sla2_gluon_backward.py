@@ -52,6 +52,35 @@ D = 128) lets two programs share an SM."""
 
 
 @gluon.jit
+def _descriptors(Q, K, V, DO, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                 stride_vn, stride_dob, stride_doh, stride_don, B, H, N, D: gl.constexpr, BLOCK: gl.constexpr,
+                 LAYOUT: gl.constexpr):
+    """Device-side 4-d descriptors (batch, head, token, dim) of Q, K, V and dO with the tensors' strides, one
+    (1, 1, BLOCK, D) box each."""
+    q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, BLOCK, D], LAYOUT)
+    k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK, D], LAYOUT)
+    v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK, D], LAYOUT)
+    do_desc = tma.make_tensor_descriptor(DO, [B, H, N, D], [stride_dob, stride_doh, stride_don, 1], [1, 1, BLOCK, D],
+                                         LAYOUT)
+    return q_desc, k_desc, v_desc, do_desc
+
+
+@gluon.jit
+def _buffers(dtype: gl.constexpr, BLOCK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, LAYOUT: gl.constexpr):
+    """Shared memory of one program: two resident (BLOCK, D) tiles, two rings of STAGES such tiles, and
+    STAGES + 1 mbarriers (one per ring slot, the last for the resident tiles), initialised."""
+    first = gl.allocate_shared_memory(dtype, [BLOCK, D], LAYOUT)
+    second = gl.allocate_shared_memory(dtype, [BLOCK, D], LAYOUT)
+    first_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], LAYOUT)
+    second_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], LAYOUT)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
+    for bar in gl.static_range(STAGES + 1):
+        mbarrier.init(bars.index(bar), count=1)
+    fence_async_shared()
+    return first, second, first_ring, second_ring, bars
+
+
+@gluon.jit
 def _load_entry(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS, entry, i, b, h,
                 BLOCK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of inverted-index entry ``entry`` (the i-th of this key block) into slot i % STAGES."""
@@ -91,22 +120,10 @@ def bwd_dkdv_gluon_kernel(
     b = bh // H
     h = bh % H
     dtype: gl.constexpr = Q.dtype.element_ty
-    q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    do_desc = tma.make_tensor_descriptor(DO, [B, H, N, D], [stride_dob, stride_doh, stride_don, 1], [1, 1, BLOCK, D],
-                                         TILE4_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    k_tile = gl.allocate_shared_memory(dtype, [BLOCK, D], TILE_LAYOUT)
-    v_tile = gl.allocate_shared_memory(dtype, [BLOCK, D], TILE_LAYOUT)
-    q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], TILE_LAYOUT)
-    do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], TILE_LAYOUT)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
-    for bar in gl.static_range(STAGES + 1):
-        mbarrier.init(bars.index(bar), count=1)
-    fence_async_shared()
+    q_desc, k_desc, v_desc, do_desc = _descriptors(
+        Q, K, V, DO, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don, B, H, N, D, BLOCK, TILE4_LAYOUT)
+    k_tile, v_tile, q_ring, do_ring, bars = _buffers(dtype, BLOCK, D, STAGES, TILE_LAYOUT)
     kv_bar = bars.index(STAGES)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     _tma_load(k_desc, [b, h, kb * BLOCK, 0], kv_bar, tile4(k_tile, BLOCK, D))
@@ -199,22 +216,10 @@ def bwd_dq_gluon_kernel(
     b = bh // H
     h = bh % H
     dtype: gl.constexpr = Q.dtype.element_ty
-    q_desc = tma.make_tensor_descriptor(Q, [B, H, N, D], [stride_qb, stride_qh, stride_qn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    do_desc = tma.make_tensor_descriptor(DO, [B, H, N, D], [stride_dob, stride_doh, stride_don, 1], [1, 1, BLOCK, D],
-                                         TILE4_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K, [B, H, N, D], [stride_kb, stride_kh, stride_kn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V, [B, H, N, D], [stride_vb, stride_vh, stride_vn, 1], [1, 1, BLOCK, D],
-                                        TILE4_LAYOUT)
-    q_tile = gl.allocate_shared_memory(dtype, [BLOCK, D], TILE_LAYOUT)
-    do_tile = gl.allocate_shared_memory(dtype, [BLOCK, D], TILE_LAYOUT)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], TILE_LAYOUT)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, D], TILE_LAYOUT)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
-    for bar in gl.static_range(STAGES + 1):
-        mbarrier.init(bars.index(bar), count=1)
-    fence_async_shared()
+    q_desc, k_desc, v_desc, do_desc = _descriptors(
+        Q, K, V, DO, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don, B, H, N, D, BLOCK, TILE4_LAYOUT)
+    q_tile, do_tile, k_ring, v_ring, bars = _buffers(dtype, BLOCK, D, STAGES, TILE_LAYOUT)
     rows_bar = bars.index(STAGES)
     mbarrier.expect(rows_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     _tma_load(q_desc, [b, h, tile * BLOCK, 0], rows_bar, tile4(q_tile, BLOCK, D))
