@@ -164,7 +164,7 @@ def router_lut(q_mean, k_mean, k_sum, n_tokens, router_q, router_k, n_sel, alway
         D=d, ROWS=ROUTER_ROWS, CHUNK=ROUTER_CHUNK, **({} if _interpreting() else {"num_warps": 4}))
     nk_p = max(triton.next_power_of_2(nk), ROUTER_KEYS)
     programs = _cdiv(nq, ROUTER_ROWS)
-    scores = torch.empty(bh, programs * ROUTER_ROWS, nk_p, device=dev, dtype=torch.float32)
+    scores = torch.empty(bh, programs * ROUTER_ROWS, nk, device=dev, dtype=torch.float32)  # scratch
     lut = torch.empty(*lead, nq, n_sel, device=dev, dtype=torch.int32)
     forward_kernels.router_topk[(programs, bh)](
         q_mean.contiguous(), router_q, k_proj, scores, lut, nq, nk, n_sel, *always_kept, heads,

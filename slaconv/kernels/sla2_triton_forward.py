@@ -156,7 +156,7 @@ def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kep
     out: it keeps the order), then each row's ``n_sel`` highest key blocks, written in ascending order to
     LUT (B*H, nq, n_sel).
 
-    The scores go through this program's (ROWS, NK_P) slice of SCORES, written ``KEYS`` key blocks at a time
+    The scores go through this program's (ROWS, nk) slice of SCORES, written ``KEYS`` key blocks at a time
     and read back ``SELECT_ROWS`` rows at a time, so only those rows' integer keys are ever held whole.  The
     n_sel-th largest score of a row is found by a 32-step bisection on order-preserving integer keys (cost
     independent of n_sel, no sort); blocks above it are taken, ties at it by lowest index; a prefix sum gives
@@ -174,26 +174,27 @@ def router_topk(Q_MEAN, W_Q, K_PROJ, SCORES, LUT, nq, nk, n_sel, kept_start, kep
                          other=0.0)
         w = tl.load(W_Q + h * D * D + inner[:, None] * D + offs_d[None, :]).to(tl.float32)
         q_proj = tl.dot(q_mean, w, q_proj, input_precision="tf32x3")
-    slab = SCORES + (bh * tl.num_programs(0) + tl.program_id(0)) * ROWS * NK_P
+    slab = SCORES + (bh * tl.num_programs(0) + tl.program_id(0)) * ROWS * nk
     for k0 in range(0, NK_P, KEYS):
         offs = k0 + tl.arange(0, KEYS)
         k_proj_t = tl.load(K_PROJ + (bh * nk + offs[None, :]) * D + offs_d[:, None], mask=(offs < nk)[None, :],
                            other=0.0)
         scores = tl.dot(q_proj, k_proj_t, input_precision="tf32x3")
-        tl.store(slab + tl.arange(0, ROWS)[:, None] * NK_P + offs[None, :], scores)
+        tl.store(slab + tl.arange(0, ROWS)[:, None] * nk + offs[None, :], scores, mask=(offs < nk)[None, :])
     tl.debug_barrier()  # the slab's stores by every thread before any thread reads a whole row back
     for r0 in range(0, ROWS, SELECT_ROWS):
         sub = tl.program_id(0) * ROWS + r0 + tl.arange(0, SELECT_ROWS)
-        _select_top_k(slab + r0 * NK_P, LUT + (bh * nq + sub[:, None]) * n_sel, sub < nq, nk, n_sel,
+        _select_top_k(slab + r0 * nk, LUT + (bh * nq + sub[:, None]) * n_sel, sub < nq, nk, n_sel,
                       kept_start, kept_end, SELECT_ROWS, NK_P)
 
 
 @triton.jit
 def _select_top_k(SCORES, LUT_ROWS, row_valid, nk, n_sel, kept_start, kept_end, ROWS: tl.constexpr,
                   NK_P: tl.constexpr):
-    """Rows of scores (row stride NK_P) -> each row's n_sel highest key blocks, ascending, at LUT_ROWS."""
+    """Rows of scores (row stride nk) -> each row's n_sel highest key blocks, ascending, at LUT_ROWS."""
     offs_k = tl.arange(0, NK_P)
-    bits = tl.load(SCORES + tl.arange(0, ROWS)[:, None] * NK_P + offs_k[None, :]).to(tl.int32, bitcast=True)
+    bits = tl.load(SCORES + tl.arange(0, ROWS)[:, None] * nk + offs_k[None, :], mask=(offs_k < nk)[None, :],
+                   other=0.0).to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order == integer order
     # the extremes are no float's key (-2^31 only a negative NaN's, 2^31 - 1 none): padding below, kept above
     key = tl.where((offs_k < nk)[None, :], key, -(2**31))
