@@ -86,9 +86,9 @@ class LaunchConfig:
     accumulators in one warpgroup, S^T and P^T computed once) instead of two ``bwd_dkdv_kernel`` launches that
     each recompute them; elsewhere the two launches.  Not timed on a GPU yet, so not the default."""
     dq_gluon: int = 0
-    """1: under the conditions of ``dkdv_gluon``, the sparse part of dQ runs as the Gluon launch of the same module (Q and
-    dO in shared memory, the selected K / V blocks through a TMA ring, asynchronous wgmma) instead of
-    ``bwd_dq_kernel``.  Not timed on a GPU yet, so not the default."""
+    """1: under the conditions of ``dkdv_gluon``, the sparse part of dQ runs as the Gluon launch of the same
+    module (Q and dO in shared memory, the selected K / V blocks through a TMA ring, asynchronous wgmma) instead
+    of ``bwd_dq_kernel``.  Not timed on a GPU yet, so not the default."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -81,15 +81,22 @@ def _buffers(dtype: gl.constexpr, BLOCK: gl.constexpr, D: gl.constexpr, STAGES: 
 
 
 @gluon.jit
-def _load_entry(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS, entry, i, b, h,
-                BLOCK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of inverted-index entry ``entry`` (the i-th of this key block) into slot i % STAGES."""
+def _load_pair(desc_a, desc_b, dst_a, dst_b, bar, b, h, block, BLOCK: gl.constexpr, D: gl.constexpr):
+    """TMA loads of 64-row block ``block`` of (batch b, head h) of two tensors into two shared tiles, counted on
+    ``bar``."""
+    mbarrier.expect(bar, desc_a.block_type.nbytes + desc_b.block_type.nbytes)
+    _tma_load(desc_a, [b, h, block * BLOCK, 0], bar, tile4(dst_a, BLOCK, D))
+    _tma_load(desc_b, [b, h, block * BLOCK, 0], bar, tile4(dst_b, BLOCK, D))
+
+
+@gluon.jit
+def _load_into_ring(desc_a, desc_b, ring_a, ring_b, bars, block_ids, i, b, h, BLOCK: gl.constexpr,
+                    D: gl.constexpr, STAGES: gl.constexpr):
+    """The i-th block of the list ``block_ids`` (query tiles from the inverted index, or the LUT row's key
+    blocks) of two tensors into ring slot i % STAGES."""
     slot = i % STAGES
-    tile = gl.load(TILE_IDS + entry)
-    bar = bars.index(slot)
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    _tma_load(q_desc, [b, h, tile * BLOCK, 0], bar, tile4(q_ring.index(slot), BLOCK, D))
-    _tma_load(do_desc, [b, h, tile * BLOCK, 0], bar, tile4(do_ring.index(slot), BLOCK, D))
+    _load_pair(desc_a, desc_b, ring_a.index(slot), ring_b.index(slot), bars.index(slot), b, h,
+               gl.load(block_ids + i), BLOCK, D)
 
 
 @gluon.jit
@@ -125,15 +132,13 @@ def bwd_dkdv_gluon_kernel(
         stride_dob, stride_doh, stride_don, B, H, N, D, BLOCK, TILE4_LAYOUT)
     k_tile, v_tile, q_ring, do_ring, bars = _buffers(dtype, BLOCK, D, STAGES, TILE_LAYOUT)
     kv_bar = bars.index(STAGES)
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [b, h, kb * BLOCK, 0], kv_bar, tile4(k_tile, BLOCK, D))
-    _tma_load(v_desc, [b, h, kb * BLOCK, 0], kv_bar, tile4(v_tile, BLOCK, D))
+    _load_pair(k_desc, v_desc, k_tile, v_tile, kv_bar, b, h, kb, BLOCK, D)
 
     first = gl.load(TILE_OFFSETS + bh * nk + kb)
     n_entries = gl.load(TILE_OFFSETS + bh * nk + kb + 1) - first
     for i in gl.static_range(STAGES - 1):
         if i < n_entries:
-            _load_entry(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS, first + i, i, b, h, BLOCK, D, STAGES)
+            _load_into_ring(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS + first, i, b, h, BLOCK, D, STAGES)
     if not MIX_ROWS:
         alpha = gl.load(ALPHA + h)
     s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, S_LAYOUT)
@@ -144,7 +149,7 @@ def bwd_dkdv_gluon_kernel(
     for i in range(n_entries):
         ahead = i + STAGES - 1
         if ahead < n_entries:  # its slot was released when entry i - 1's MMAs were waited for
-            _load_entry(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS, first + ahead, ahead, b, h, BLOCK, D, STAGES)
+            _load_into_ring(q_desc, do_desc, q_ring, do_ring, bars, TILE_IDS + first, ahead, b, h, BLOCK, D, STAGES)
         slot = i % STAGES
         q_slot = q_ring.index(slot)
         do_slot = do_ring.index(slot)
@@ -185,18 +190,6 @@ def bwd_dkdv_gluon_kernel(
     _add_rows(DV + b.to(gl.int64) * stride_dvb + h * stride_dvh, stride_dvn, key_rows, dv * dv_scale, ACC_LAYOUT, D, N)
 
 
-@gluon.jit
-def _load_block(k_desc, v_desc, k_ring, v_ring, bars, lut_row, i, b, h, BLOCK: gl.constexpr, D: gl.constexpr,
-                STAGES: gl.constexpr):
-    """TMA loads of the i-th selected key block of ``lut_row`` (its K and V) into slot i % STAGES."""
-    slot = i % STAGES
-    block = gl.load(lut_row + i)
-    bar = bars.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [b, h, block * BLOCK, 0], bar, tile4(k_ring.index(slot), BLOCK, D))
-    _tma_load(v_desc, [b, h, block * BLOCK, 0], bar, tile4(v_ring.index(slot), BLOCK, D))
-
-
 @gluon.jit(do_not_specialize=["N", "B", "H", "n_sel", "nq", "block_q", "qk_scale", "sm_scale"])
 def bwd_dq_gluon_kernel(
     Q, K, V, DO, DQ, LUT, LSE, DELTA, ALPHA,
@@ -221,14 +214,12 @@ def bwd_dq_gluon_kernel(
         stride_dob, stride_doh, stride_don, B, H, N, D, BLOCK, TILE4_LAYOUT)
     q_tile, do_tile, k_ring, v_ring, bars = _buffers(dtype, BLOCK, D, STAGES, TILE_LAYOUT)
     rows_bar = bars.index(STAGES)
-    mbarrier.expect(rows_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    _tma_load(q_desc, [b, h, tile * BLOCK, 0], rows_bar, tile4(q_tile, BLOCK, D))
-    _tma_load(do_desc, [b, h, tile * BLOCK, 0], rows_bar, tile4(do_tile, BLOCK, D))
+    _load_pair(q_desc, do_desc, q_tile, do_tile, rows_bar, b, h, tile, BLOCK, D)
 
     lut_row = LUT + (bh.to(gl.int64) * nq + (tile * BLOCK) // block_q) * n_sel
     for i in gl.static_range(STAGES - 1):
         if i < n_sel:
-            _load_block(k_desc, v_desc, k_ring, v_ring, bars, lut_row, i, b, h, BLOCK, D, STAGES)
+            _load_into_ring(k_desc, v_desc, k_ring, v_ring, bars, lut_row, i, b, h, BLOCK, D, STAGES)
     rows = tile * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, S_LAYOUT))
     row_valid = rows < N
     lse = gl.expand_dims(gl.load(LSE + bh * N + rows, mask=row_valid, other=0.0), 1)
@@ -244,7 +235,7 @@ def bwd_dq_gluon_kernel(
     for i in range(n_sel):
         ahead = i + STAGES - 1
         if ahead < n_sel:  # its slot was released when block i - 1's MMAs were waited for
-            _load_block(k_desc, v_desc, k_ring, v_ring, bars, lut_row, ahead, b, h, BLOCK, D, STAGES)
+            _load_into_ring(k_desc, v_desc, k_ring, v_ring, bars, lut_row, ahead, b, h, BLOCK, D, STAGES)
         slot = i % STAGES
         k_slot = k_ring.index(slot)
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
